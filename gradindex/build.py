@@ -1,0 +1,294 @@
+"""The offline builder: checkpoints + training data → a finished index folder.
+
+Holds ``build_index``, which wires the pipeline in one direction:
+
+    load checkpoints → load + validate data → Embedder (gradients → aggregate → project)
+    → VectorStore rows, batch by batch → VectorIndex per method → manifest (written last)
+
+A build that stops early leaves ``build.json`` and no manifest, so the folder never looks
+complete; ``resume=True`` finishes it, skipping rows already marked done.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from gradindex.data import load_images, resolve_data_range, to_model_input
+from gradindex.embedding import Embedder
+from gradindex.errors import GradIndexError, IndexStateError, ModelError, SpecError
+from gradindex.layout import (
+    BUILD_STATE,
+    FORMAT_VERSION,
+    MANIFEST,
+    VECTORS,
+    faiss_file,
+    package_versions,
+    write_json_atomic,
+)
+from gradindex.models import CheckpointSource, load_checkpoints
+from gradindex.search import METHODS, VectorIndex
+from gradindex.spec import BuildSpec
+from gradindex.store import VectorStore
+
+if TYPE_CHECKING:
+    from gradindex.query import AttributionIndex
+
+logger = logging.getLogger(__name__)
+
+
+def build_index(
+    *,
+    checkpoints: list[CheckpointSource],
+    data: Any,
+    out: str | Path,
+    spec: BuildSpec | None = None,
+    model: torch.nn.Module | None = None,
+    scheduler: Any = None,
+    ids: np.ndarray | list | None = None,
+    index: str = "flat",
+    target_recall: float = 0.95,
+    device: str = "cpu",
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> AttributionIndex:
+    """Build an attribution index over ``data`` at ``checkpoints`` into the folder ``out``.
+
+    checkpoints: diffusers folders, ``(module, scheduler)`` pairs, or state dicts / weight files
+    applied to ``model``. data: an array, ``.npy``/``.npz``, ``file.h5:/dataset`` or an image
+    folder. index: the search index kind per method (``flat`` is exact).
+    """
+    from gradindex.query import AttributionIndex
+
+    started = time.perf_counter()
+    spec = spec or BuildSpec()
+    out = Path(out)
+    ckpts = load_checkpoints(_with_model(checkpoints, model), scheduler)
+    spec = _resolve_timesteps(spec, ckpts[0].num_train_timesteps)
+    spec.weights(len(ckpts))  # checks the count
+
+    images, data_ids = load_images(data)
+    row_ids = _resolve_ids(ids, data_ids, len(images))
+    if spec.data_range is None:
+        spec = spec.replace(data_range=resolve_data_range(images))
+    channels, height, width = ckpts[0].sample_shape()
+    prep = dict(
+        channels=channels, size=(height, width), data_range=spec.data_range, resize=spec.resize
+    )
+    for start in range(0, len(images), 4096):  # validate everything before writing anything
+        to_model_input(images[start : start + 4096], **prep)
+
+    state = {
+        "spec": spec.to_dict(),
+        "checkpoints": [c.fingerprint for c in ckpts],
+        "num_rows": len(images),
+        "format_version": FORMAT_VERSION,
+    }
+    _prepare_folder(out, state, resume=resume, overwrite=overwrite)
+
+    embedder = Embedder(ckpts, spec, device)
+    vec_path = out / VECTORS
+    if resume and vec_path.exists():
+        store = VectorStore.open(vec_path, "r+")
+        if store.dim != embedder.dim or store.num_rows != len(images):
+            store.close()
+            raise IndexStateError(f"{vec_path}: shape differs from this build; use --overwrite")
+    else:
+        store = VectorStore.create(
+            vec_path,
+            row_ids,
+            embedder.dim,
+            len(ckpts),
+            spec.num_draws,
+            spec.store_dtype,
+            {"spec": spec.to_json(), "format_version": FORMAT_VERSION},
+        )
+    try:
+        _fill_rows(store, embedder, images, prep, spec, progress)
+        flagged = store.flagged
+        vectors = {m: store.vectors(m) for m in METHODS}
+    finally:
+        store.close()
+
+    if flagged.any():
+        warnings.warn(
+            f"{int(flagged.sum())} training sample(s) had non-finite or zero gradients and are left "
+            "out of the search indexes (see vectors.h5:/flagged)",
+            stacklevel=2,
+        )
+    keep = np.flatnonzero(~flagged)
+    if keep.size == 0:
+        raise GradIndexError(
+            "every training sample had non-finite or zero gradients; nothing to index"
+        )
+    index_info = {}
+    for method in METHODS:
+        vindex = VectorIndex.build(
+            vectors[method][keep], method, kind=index, target_recall=target_recall
+        )
+        vindex.save(out / faiss_file(method))
+        index_info[method] = vindex.info
+
+    manifest = {
+        **state,
+        "complete": True,
+        "spec_fingerprint": spec.fingerprint(),
+        "checkpoints": [
+            {"source": c.source, "fingerprint": c.fingerprint, "weight": w}
+            for c, w in zip(ckpts, spec.weights(len(ckpts)), strict=True)
+        ],
+        "versions": package_versions(),
+        "dim": embedder.dim,
+        "proj_dim": embedder.block_dim,
+        "num_params": embedder.num_params,
+        "num_flagged": int(flagged.sum()),
+        "sample_shape": list(embedder.sample_shape),
+        "prediction_type": ckpts[0].prediction_type,
+        "timesteps": spec.timestep_values(),
+        "indexes": index_info,
+        "build_seconds": round(time.perf_counter() - started, 3),
+    }
+    write_json_atomic(out / MANIFEST, manifest)
+    (out / BUILD_STATE).unlink(missing_ok=True)
+    return AttributionIndex.open(out, checkpoints=ckpts, device=device)
+
+
+def _fill_rows(
+    store: VectorStore,
+    embedder: Embedder,
+    images: np.ndarray,
+    prep: dict[str, Any],
+    spec: BuildSpec,
+    progress: bool,
+) -> None:
+    """Embed every row not yet done, batch by batch, committing each batch to disk."""
+    done = store.done
+    todo = np.flatnonzero(~done)
+    bar = tqdm(
+        total=len(images),
+        initial=int(done.sum()),
+        unit="img",
+        desc="featurizing",
+        disable=not progress,
+        dynamic_ncols=True,
+    )
+    with bar:
+        for start, stop in _contiguous_batches(todo, spec.batch_size):
+            x0 = to_model_input(images[start:stop], **prep)
+            emb = embedder.embed(x0)
+            store.write_rows(start, emb.tracin, emb.retrac, emb.norms, emb.flagged)
+            bar.update(stop - start)
+
+
+def _contiguous_batches(rows: np.ndarray, size: int):
+    """(start, stop) runs of consecutive rows, at most ``size`` long."""
+    i = 0
+    while i < len(rows):
+        j = i
+        while j + 1 < len(rows) and j + 1 - i < size and rows[j + 1] == rows[j] + 1:
+            j += 1
+        yield int(rows[i]), int(rows[j]) + 1
+        i = j + 1
+
+
+def _prepare_folder(out: Path, state: dict[str, Any], *, resume: bool, overwrite: bool) -> None:
+    """Refuse to clobber a finished index or someone else's folder; check a resumed build
+    has the same spec, checkpoints and data size."""
+    import json
+
+    if out.exists() and not out.is_dir():
+        raise IndexStateError(f"{out}: exists and is not a folder; choose another --out")
+    if out.exists() and overwrite:
+        if any(out.iterdir()) and not ((out / MANIFEST).exists() or (out / BUILD_STATE).exists()):
+            raise IndexStateError(f"{out}: not an index folder; refusing to overwrite it")
+        shutil.rmtree(out)
+    if out.exists() and (out / MANIFEST).exists():
+        raise IndexStateError(
+            f"{out}: already holds a finished index; pass --overwrite to rebuild it"
+        )
+    if out.exists() and (out / BUILD_STATE).exists():
+        if not resume:
+            raise IndexStateError(
+                f"{out}: holds an unfinished build; pass --resume to finish it or --overwrite"
+            )
+        old = json.loads((out / BUILD_STATE).read_text())
+        diffs = sorted(k for k in state if old.get(k) != state[k])
+        spec_diffs = sorted(
+            k for k in state["spec"] if old.get("spec", {}).get(k) != state["spec"][k]
+        )
+        if diffs:
+            what = ", ".join(f"spec.{k}" for k in spec_diffs) if spec_diffs else ", ".join(diffs)
+            raise IndexStateError(
+                f"{out}: the unfinished build used different settings ({what}); "
+                "resume with the same ones or pass --overwrite"
+            )
+        return
+    if out.exists() and any(out.iterdir()):
+        raise IndexStateError(
+            f"{out}: folder is not empty and holds no index; choose another --out"
+        )
+    write_json_atomic(out / BUILD_STATE, state)
+
+
+def _resolve_timesteps(spec: BuildSpec, num_train_timesteps: int) -> BuildSpec:
+    if spec.num_train_timesteps is None:
+        return spec.replace(num_train_timesteps=num_train_timesteps)
+    if spec.num_train_timesteps != num_train_timesteps:
+        raise SpecError(
+            f"BuildSpec.num_train_timesteps={spec.num_train_timesteps} but the scheduler trains on "
+            f"{num_train_timesteps}; leave it unset"
+        )
+    return spec
+
+
+def _resolve_ids(ids: Any, data_ids: np.ndarray, n: int) -> np.ndarray:
+    if ids is None:
+        return data_ids
+    arr = np.asarray(ids)
+    if arr.ndim != 1 or len(arr) != n:
+        raise SpecError(
+            f"ids has shape {arr.shape} but there are {n} images; give one id per image"
+        )
+    if len(np.unique(arr)) != n:
+        raise SpecError("ids are not unique; give each training sample its own id")
+    return arr if arr.dtype.kind in "iu" else arr.astype(str)
+
+
+def _with_model(checkpoints: list[CheckpointSource], model: torch.nn.Module | None) -> list:
+    """State dicts / weight files become (module, scheduler)-less modules when a model is given."""
+    if model is None:
+        return list(checkpoints)
+    import copy
+
+    out: list[Any] = []
+    for c in checkpoints:
+        if isinstance(c, dict) or (isinstance(c, (str, Path)) and Path(c).is_file()):
+            state = c if isinstance(c, dict) else _load_state_file(Path(c))
+            m = copy.deepcopy(model)
+            try:
+                m.load_state_dict(state)
+            except RuntimeError as exc:
+                raise ModelError(
+                    f"checkpoint does not fit the model: {str(exc).splitlines()[0]}"
+                ) from None
+            out.append(m)
+        else:
+            out.append(c)
+    return out
+
+
+def _load_state_file(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    return torch.load(path, map_location="cpu", weights_only=True)

@@ -1,0 +1,279 @@
+"""The ``gradindex`` command line: thin commands over the library.
+
+Holds the click group and its commands (``build``, ``query``, ``info``, ``demo``). Each command
+opens the library object, calls it and prints; every ``GradIndexError`` becomes a one-line
+``Error: ...`` and exit code 1 in one place (``_Group.invoke``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+
+from gradindex.errors import GradIndexError
+from gradindex.spec import LOSSES, PROJECTIONS, RESIZE_MODES, STORE_DTYPES, BuildSpec
+
+
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", UserWarning)
+                try:
+                    return super().invoke(ctx)
+                finally:
+                    for w in caught:
+                        if not str(w.message).startswith("There is a performance drop"):
+                            click.echo(f"Warning: {w.message}", err=True)
+        except GradIndexError as exc:
+            raise click.ClickException(str(exc).splitlines()[0]) from None
+        except (FileNotFoundError, PermissionError, IsADirectoryError) as exc:
+            raise click.ClickException(f"{exc.filename}: {exc.strerror}") from None
+        except OSError as exc:
+            raise click.ClickException(f"{exc.strerror or exc}") from None
+
+
+@click.group(cls=_Group)
+@click.version_option(package_name="gradindex")
+def main() -> None:
+    """gradindex: a vector-search index for training-data attribution in diffusion models.
+
+    Build once (per-sample gradients at fixed timesteps and noise draws, projected and stored),
+    then ask which training images made the model produce an image, by Diffusion-TracIn or
+    Diffusion-ReTrac score, in milliseconds.
+
+    \b
+    Start with:  gradindex demo --out demo_out
+    """
+
+
+# -- spec options generated from BuildSpec fields, so its docs are the CLI's help -----------
+
+_CHOICES = {
+    "projection": PROJECTIONS,
+    "loss": LOSSES,
+    "store_dtype": STORE_DTYPES,
+    "resize": RESIZE_MODES,
+}
+_SKIP = {"num_train_timesteps"}
+
+
+def _spec_options(func: Any) -> Any:
+    for f in reversed(dataclasses.fields(BuildSpec)):
+        if f.name in _SKIP:
+            continue
+        name = "--" + f.name.replace("_", "-")
+        help_text = f.metadata.get("help", "")
+        if f.name in _CHOICES:
+            opt = click.option(
+                name, type=click.Choice(_CHOICES[f.name]), default=None, help=help_text
+            )
+        elif f.name in ("timesteps", "checkpoint_weights"):
+            opt = click.option(name, type=str, default=None, help=help_text + " Comma-separated.")
+        elif f.name == "params":
+            opt = click.option(name, type=str, multiple=True, help=help_text + " Repeatable.")
+        elif f.name == "data_range":
+            opt = click.option(name, type=(float, float), default=None, help=help_text)
+        else:
+            opt = click.option(name, type=int, default=None, help=help_text)
+        func = opt(func)
+    return func
+
+
+def _spec_from_options(config: str | None, options: dict[str, Any]) -> BuildSpec:
+    base = BuildSpec.from_json(Path(config).read_text()).to_dict() if config else {}
+    for f in dataclasses.fields(BuildSpec):
+        value = options.pop(f.name, None)
+        if value is None or value == ():
+            continue
+        if f.name == "timesteps":
+            parts = [p for p in value.split(",") if p.strip()]
+            value = int(parts[0]) if len(parts) == 1 else [int(p) for p in parts]
+        elif f.name == "checkpoint_weights":
+            value = [float(p) for p in value.split(",") if p.strip()]
+        elif f.name == "params":
+            value = list(value)
+        base[f.name] = value
+    return BuildSpec.from_dict(base)
+
+
+@main.command()
+@click.option(
+    "--checkpoint",
+    "-c",
+    "checkpoints",
+    multiple=True,
+    required=True,
+    help="A checkpoint folder (diffusers pipeline or model folder). Repeat, in training order.",
+)
+@click.option(
+    "--data",
+    "-d",
+    required=True,
+    help="Training images: .npy/.npz, file.h5:/dataset, or a folder of images.",
+)
+@click.option(
+    "--out", "-o", required=True, type=click.Path(file_okay=False), help="Index folder to write."
+)
+@click.option(
+    "--scheduler",
+    default=None,
+    type=click.Path(exists=True, file_okay=False),
+    help="Scheduler folder, if the checkpoints hold none.",
+)
+@click.option(
+    "--config",
+    default=None,
+    type=click.Path(exists=True, dir_okay=False),
+    help="A JSON file of BuildSpec fields; command-line options override it.",
+)
+@click.option(
+    "--index",
+    "index_kind",
+    default="flat",
+    show_default=True,
+    help="Search index per method: flat (exact), ivf, hnsw, auto, or a FAISS factory string.",
+)
+@click.option("--device", default="cpu", show_default=True, help="torch device for gradients.")
+@click.option("--resume", is_flag=True, help="Finish an interrupted build in --out.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing index in --out.")
+@click.option("--json", "as_json", is_flag=True, help="Print the index summary as JSON.")
+@_spec_options
+def build(
+    checkpoints: tuple[str, ...],
+    data: str,
+    out: str,
+    scheduler: str | None,
+    config: str | None,
+    index_kind: str,
+    device: str,
+    resume: bool,
+    overwrite: bool,
+    as_json: bool,
+    **spec_options: Any,
+) -> None:
+    """Build a TracIn + ReTrac index over training DATA at CHECKPOINTs."""
+    from gradindex.build import build_index
+
+    spec = _spec_from_options(config, spec_options)
+    idx = build_index(
+        checkpoints=list(checkpoints),
+        data=data,
+        out=out,
+        spec=spec,
+        scheduler=scheduler,
+        index=index_kind,
+        device=device,
+        resume=resume,
+        overwrite=overwrite,
+    )
+    _print_info(idx.info(), as_json)
+
+
+@main.command()
+@click.argument("index_dir", type=click.Path())
+@click.argument("images")
+@click.option(
+    "-k", "k", default=10, show_default=True, type=int, help="How many training samples per query."
+)
+@click.option(
+    "--method", type=click.Choice(["tracin", "retrac", "both"]), default="both", show_default=True
+)
+@click.option("--exact", is_flag=True, help="Force exact search (ignore approximate indexes).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON record per query and method.")
+def query(index_dir: str, images: str, k: int, method: str, exact: bool, as_json: bool) -> None:
+    """Top-k training samples for each test image in IMAGES (same formats as --data)."""
+    from gradindex.data import load_images
+    from gradindex.query import AttributionIndex, result_to_json
+
+    idx = AttributionIndex.open(index_dir)
+    arr, names = load_images(images)
+    vecs = idx.embed(arr)
+    methods = ["tracin", "retrac"] if method == "both" else [method]
+    for m in methods:
+        res = idx.search(vecs[m], k, m, exact=exact)
+        records = result_to_json(res, m)
+        for name, rec in zip(names, records, strict=True):
+            rec["query"] = name.item() if hasattr(name, "item") else name
+            if as_json:
+                click.echo(json.dumps(rec))
+            else:
+                pairs = ", ".join(
+                    f"{i}:{s:.4g}" for i, s in zip(rec["ids"], rec["scores"], strict=True)
+                )
+                click.echo(f"{m:6s} query {rec['query']}: {pairs}")
+
+
+@main.command()
+@click.argument("index_dir", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print the full manifest summary as JSON.")
+def info(index_dir: str, as_json: bool) -> None:
+    """Describe an index: rows, dimensions, spec, checkpoints, search settings."""
+    from gradindex.query import AttributionIndex
+
+    _print_info(AttributionIndex.open(index_dir).info(), as_json)
+
+
+@main.command()
+@click.option(
+    "--out",
+    "-o",
+    default="demo_out",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Folder for the trained model, the index, the pictures and summary.json.",
+)
+@click.option("--quick", is_flag=True, help="Tiny settings that finish in seconds (a smoke test).")
+def demo(out: str, quick: bool) -> None:
+    """Train a small DDPM on scikit-learn's digits, index it, attribute new samples.
+
+    Reuses a finished training run and index found in --out. Writes attribution.png,
+    timestep_norms.png and summary.json to --out.
+    """
+    from gradindex.demo import DemoSettings, format_summary, run_demo
+
+    summary = run_demo(out, DemoSettings.quick() if quick else DemoSettings())
+    click.echo(format_summary(summary))
+    click.echo(f"pictures: {Path(out) / 'attribution.png'}, {Path(out) / 'timestep_norms.png'}")
+
+
+def _print_info(info: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(info, indent=2, sort_keys=True, default=_json_default))
+        return
+    spec = info["spec"]
+    click.echo(f"index        {info['path']}")
+    click.echo(
+        f"rows         {info['num_rows']} ({info['num_flagged']} flagged, left out of search)"
+    )
+    click.echo(
+        f"dim          {info['dim']} = {len(info['checkpoints'])} checkpoint(s) x {info['proj_dim']}"
+    )
+    click.echo(f"params       {info['num_params']:,} ({spec['projection']} projection)")
+    click.echo(
+        f"draws        {len(info['timesteps'])} timesteps x {spec['noise_draws']} noise, loss {spec['loss']}"
+    )
+    for c in info["checkpoints"]:
+        click.echo(f"checkpoint   {c['source']}  w={c['weight']:g}  {c['fingerprint']}")
+    for m, meta in info["indexes"].items():
+        knobs = {k: v for k, v in meta.items() if k not in ("method", "n", "dim")}
+        click.echo(f"search       {m}: {json.dumps(knobs, default=_json_default)}")
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    return str(obj)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,31 @@
+"""Exception types for user-facing mistakes.
+
+Every error a user can cause derives from :class:`GradIndexError`; the CLI turns these into a
+one-line ``Error: ...`` message and a non-zero exit code in one place (``cli.py``).
+"""
+
+from __future__ import annotations
+
+
+class GradIndexError(Exception):
+    """Base class of every error gradindex raises on bad input or bad state."""
+
+
+class SpecError(GradIndexError, ValueError):
+    """A BuildSpec field has an invalid value."""
+
+
+class DataError(GradIndexError, ValueError):
+    """Images or arrays that do not fit the model or are malformed (shape, channels, NaN...)."""
+
+
+class ModelError(GradIndexError, ValueError):
+    """A checkpoint or scheduler that cannot be loaded or does not match the index."""
+
+
+class IndexStateError(GradIndexError):
+    """An index folder that is missing, incomplete, corrupted or of another format version."""
+
+
+class SearchError(GradIndexError, ValueError):
+    """A search request that cannot be answered as asked (bad k, unknown method, bad vectors)."""

@@ -1,0 +1,232 @@
+"""The query side: open a finished index, embed test images with its own spec, search.
+
+Holds ``AttributionIndex``:
+
+    idx = AttributionIndex.open(DIR)                 # checks manifest, files, format version
+    idx.embed(images)        -> {"tracin": [B, D], "retrac": [B, D]}
+    idx.search(vectors, k, method) -> SearchResult(scores [B, k], ids [B, k], rows [B, k])
+    idx.query(images, k, method)   -> the same, from images
+
+Checkpoints are loaded lazily (only ``embed``/``query`` need them) from the sources recorded in
+the manifest, or taken from the caller, and refused if their weights' fingerprint differs from
+the one the index was built with.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gradindex.data import to_model_input
+from gradindex.embedding import Embedder
+from gradindex.errors import IndexStateError, ModelError, SearchError
+from gradindex.layout import VECTORS, faiss_file, read_manifest
+from gradindex.models import Checkpoint, CheckpointSource, load_checkpoints
+from gradindex.search import METHODS, SearchResult, VectorIndex
+from gradindex.spec import BuildSpec
+from gradindex.store import VectorStore
+
+logger = logging.getLogger(__name__)
+
+
+class AttributionIndex:
+    """A finished TracIn + ReTrac index folder, opened read-only."""
+
+    def __init__(
+        self,
+        path: Path,
+        manifest: dict[str, Any],
+        checkpoints: list[CheckpointSource] | None,
+        scheduler: Any,
+        device: str,
+        mmap: bool,
+    ):
+        self.path = path
+        self.manifest = manifest
+        self.spec = BuildSpec.from_dict(manifest["spec"])
+        self.device = device
+        self._checkpoint_sources = checkpoints
+        self._scheduler = scheduler
+        self._embedder: Embedder | None = None
+        with VectorStore.open(path / VECTORS) as store:
+            self.ids: np.ndarray = store.ids
+            self.norms: np.ndarray = store.norms  # [N, C, K·M]
+            self.flagged: np.ndarray = store.flagged
+            if store.num_rows != manifest["num_rows"] or store.dim != manifest["dim"]:
+                raise IndexStateError(f"{path / VECTORS}: shape differs from the manifest; rebuild")
+            if not store.done.all():
+                raise IndexStateError(
+                    f"{path / VECTORS}: not every row was written; rebuild or resume"
+                )
+        self.index_rows = np.flatnonzero(~self.flagged)  # search-index row i → store row
+        self._indexes: dict[str, VectorIndex] = {}
+        for method in METHODS:
+            fpath = path / faiss_file(method)
+            if not fpath.exists():
+                raise IndexStateError(f"{fpath}: search index missing; rebuild the index")
+            self._indexes[method] = VectorIndex.load(fpath, mmap=mmap)
+            if self._indexes[method].ntotal != len(self.index_rows):
+                raise IndexStateError(
+                    f"{fpath}: holds {self._indexes[method].ntotal} rows, expected {len(self.index_rows)}"
+                )
+
+    @classmethod
+    def open(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        checkpoints: list[CheckpointSource] | None = None,
+        scheduler: Any = None,
+        device: str = "cpu",
+        mmap: bool = False,
+    ) -> AttributionIndex:
+        """Open an index folder. ``checkpoints`` overrides the recorded checkpoint sources
+        (needed when the index was built from in-memory models)."""
+        p = Path(path)
+        return cls(p, read_manifest(p), checkpoints, scheduler, device, mmap)
+
+    # -- stored data ---------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def dim(self) -> int:
+        return int(self.manifest["dim"])
+
+    def vectors(self, method: str) -> np.ndarray:
+        """Stored rows of one method, float32 [N, D] (flagged rows included, as stored)."""
+        _check_method(method)
+        with VectorStore.open(self.path / VECTORS) as store:
+            return store.vectors(method)
+
+    def info(self) -> dict[str, Any]:
+        m = self.manifest
+        return {
+            "path": str(self.path),
+            "num_rows": m["num_rows"],
+            "num_flagged": m.get("num_flagged", 0),
+            "dim": m["dim"],
+            "proj_dim": m["proj_dim"],
+            "num_params": m["num_params"],
+            "checkpoints": m["checkpoints"],
+            "timesteps": m["timesteps"],
+            "prediction_type": m["prediction_type"],
+            "spec": m["spec"],
+            "indexes": m["indexes"],
+            "versions": m["versions"],
+            "build_seconds": m.get("build_seconds"),
+        }
+
+    # -- embedding ----------------------------------------------------------------------
+
+    def _get_embedder(self) -> Embedder:
+        if self._embedder is None:
+            records = self.manifest["checkpoints"]
+            sources = self._checkpoint_sources
+            if sources is None:
+                memory = [r["source"] for r in records if r["source"].startswith("memory:")]
+                if memory:
+                    raise ModelError(
+                        "this index was built from in-memory models: pass them to "
+                        "AttributionIndex.open(path, checkpoints=[(model, scheduler), ...])"
+                    )
+                sources = [r["source"] for r in records]
+            if len(sources) != len(records):
+                raise ModelError(
+                    f"the index has {len(records)} checkpoints but {len(sources)} were given"
+                )
+            ckpts = load_checkpoints(list(sources), self._scheduler)
+            for i, (c, r) in enumerate(zip(ckpts, records, strict=True)):
+                if c.fingerprint != r["fingerprint"]:
+                    raise ModelError(
+                        f"checkpoint {i} ({c.source}) has fingerprint {c.fingerprint} but the index was "
+                        f"built with {r['fingerprint']}: the weights changed; rebuild the index"
+                    )
+            self.loaded_checkpoints: list[Checkpoint] = ckpts
+            self._embedder = Embedder(ckpts, self.spec, self.device)
+        return self._embedder
+
+    def prepare(self, images: Any) -> Any:
+        """Images (array/tensor, uint8 or float in the index's data range) → model input."""
+        c, h, w = self.manifest["sample_shape"]
+        return to_model_input(
+            images,
+            channels=c,
+            size=(h, w),
+            data_range=tuple(self.spec.data_range),
+            resize=self.spec.resize,
+        )
+
+    def embed(self, images: Any, batch_size: int | None = None) -> dict[str, np.ndarray]:
+        """Test images → {"tracin": [B, D], "retrac": [B, D]} float32, with the index's spec."""
+        x0 = self.prepare(images)
+        embedder = self._get_embedder()
+        bs = batch_size or self.spec.batch_size
+        parts = [embedder.embed(x0[i : i + bs]) for i in range(0, len(x0), bs)]
+        out = {m: np.concatenate([getattr(p, m) for p in parts]) for m in METHODS}
+        flagged = np.concatenate([p.flagged for p in parts])
+        if flagged.any():
+            raise SearchError(
+                f"{int(flagged.sum())} query image(s) gave non-finite or zero gradients; "
+                "they cannot be scored"
+            )
+        return out
+
+    # -- search -------------------------------------------------------------------------
+
+    def search(
+        self, vectors: np.ndarray, k: int = 10, method: str = "retrac", exact: bool = False
+    ) -> SearchResult:
+        """Top-k training samples for query rows ([B, D] or [D]), best first."""
+        _check_method(method)
+        q = np.asarray(vectors, dtype=np.float32)
+        if q.ndim == 1:
+            q = q[None]
+        if q.ndim != 2 or q.shape[1] != self.dim:
+            raise SearchError(f"query vectors have shape {q.shape}; expected [B, {self.dim}]")
+        if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k <= 0:
+            raise SearchError(f"k={k!r}: must be a positive integer")
+        if k > len(self.index_rows):
+            warnings.warn(
+                f"k={k} exceeds the {len(self.index_rows)} indexed samples; returning all of them",
+                stacklevel=2,
+            )
+            k = len(self.index_rows)
+        res = self._indexes[method].search(q, int(k), exact=exact)
+        rows = self.index_rows[res.rows]
+        return SearchResult(scores=res.scores, ids=self.ids[rows], rows=rows)
+
+    def query(
+        self, images: Any, k: int = 10, method: str = "retrac", exact: bool = False
+    ) -> SearchResult:
+        """Top-k training samples for test images, by TracIn or ReTrac score."""
+        _check_method(method)
+        return self.search(self.embed(images)[method], k, method, exact=exact)
+
+    def __repr__(self) -> str:
+        m = self.manifest
+        return f"AttributionIndex({str(self.path)!r}, rows={m['num_rows']}, dim={m['dim']})"
+
+
+def _check_method(method: str) -> None:
+    if method not in METHODS:
+        raise SearchError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
+
+
+def result_to_json(result: SearchResult, method: str) -> list[dict[str, Any]]:
+    """One JSON-able record per query row."""
+    return [
+        {
+            "method": method,
+            "ids": [x.item() if hasattr(x, "item") else x for x in ids],
+            "rows": rows.tolist(),
+            "scores": [float(s) for s in scores],
+        }
+        for scores, ids, rows in zip(result.scores, result.ids, result.rows, strict=True)
+    ]

@@ -1,0 +1,261 @@
+"""BuildSpec: every knob of an attribution index, validated, JSON round-trip, fingerprinted.
+
+Holds:
+- ``BuildSpec``: a frozen dataclass; each field's ``metadata["help"]`` doubles as CLI help.
+- ``BuildSpec.draws(sample_shape)``: the K·M (timestep, noise) draws, identical for every
+  sample (common random numbers), so a training image embedded at query time reproduces its
+  stored row exactly.
+- ``draw_seed``: the seed of one draw, a pure function of (seed, k, m).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from gradindex.errors import SpecError
+
+LOSSES = ("mse", "l1", "square")
+PROJECTIONS = ("identity", "gaussian", "sjlt")
+STORE_DTYPES = ("float32", "float16")
+RESIZE_MODES = ("bilinear", "nearest", "error")
+METHODS = ("tracin", "retrac")
+
+
+def _help(text: str, default: Any) -> Any:
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass(frozen=True)
+class BuildSpec:
+    """Everything that determines the stored vectors. Two indexes built with equal specs from
+    the same checkpoints and data hold the same numbers."""
+
+    proj_dim: int = _help("Projected dimension d per checkpoint (rows have C·d columns).", 4096)
+    projection: str = _help(
+        "Random projection: 'sjlt' (sparse JL, fast), 'gaussian', 'identity'.", "sjlt"
+    )
+    proj_seed: int = _help("Seed of the random projection (checkpoint c uses its own map).", 0)
+    sjlt_nnz: int = _help("Nonzeros per input coordinate of the sparse JL projection.", 4)
+    timesteps: int | tuple[int, ...] = _help(
+        "K timesteps: a count (evenly spaced grid over the training range) or an explicit list.", 10
+    )
+    noise_draws: int = _help("M noise draws per timestep (gradients averaged over them).", 1)
+    seed: int = _help(
+        "Seed of the noise draws; draw (k, m) uses a generator seeded by (seed, k, m).", 0
+    )
+    loss: str = _help(
+        "Per-sample loss: 'mse' (DDPM), 'l1' (ReTrac reference), 'square' (D-TRAK).", "mse"
+    )
+    params: tuple[str, ...] | None = _help(
+        "Glob patterns of parameter names to take gradients over (default: all).", None
+    )
+    checkpoint_weights: tuple[float, ...] | None = _help(
+        "TracIn weight w_c per checkpoint (learning rate × steps between checkpoints); default 1.",
+        None,
+    )
+    batch_size: int = _help("Training samples per gradient batch.", 16)
+    store_dtype: str = _help("dtype of the stored vectors: 'float32' or 'float16'.", "float32")
+    data_range: tuple[float, float] | None = _help(
+        "Value range of float input images, mapped linearly to the model's [-1, 1] "
+        "(uint8 images always use 0..255). Default: decided from the training data.",
+        None,
+    )
+    resize: str = _help(
+        "What to do with images whose size differs from the model's: 'bilinear', 'nearest', 'error'.",
+        "bilinear",
+    )
+    num_train_timesteps: int | None = _help(
+        "The scheduler's training range T (filled from the scheduler at build time).", None
+    )
+
+    def __post_init__(self) -> None:
+        # normalise list-valued fields to tuples so the dataclass stays hashable and round-trips
+        for name in ("timesteps", "params", "checkpoint_weights", "data_range"):
+            value = getattr(self, name)
+            if isinstance(value, (list, np.ndarray)) or (
+                isinstance(value, tuple) and name != "timesteps"
+            ):
+                object.__setattr__(
+                    self, name, tuple(value.tolist() if isinstance(value, np.ndarray) else value)
+                )
+        if isinstance(self.params, str):
+            object.__setattr__(self, "params", (self.params,))
+        self._validate()
+
+    def _validate(self) -> None:
+        def bad(name: str, why: str) -> SpecError:
+            return SpecError(f"BuildSpec.{name}={getattr(self, name)!r}: {why}")
+
+        if not _is_int(self.proj_dim) or self.proj_dim <= 0:
+            raise bad("proj_dim", "must be a positive integer (e.g. 4096)")
+        if self.projection not in PROJECTIONS:
+            raise bad("projection", f"must be one of {', '.join(PROJECTIONS)}")
+        if not _is_int(self.sjlt_nnz) or not 0 < self.sjlt_nnz <= self.proj_dim:
+            raise bad("sjlt_nnz", "must be a positive integer no larger than proj_dim")
+        if self.projection == "sjlt" and self.proj_dim % self.sjlt_nnz:
+            raise bad("proj_dim", f"must be a multiple of sjlt_nnz={self.sjlt_nnz} for 'sjlt'")
+        if _is_int(self.timesteps):
+            if self.timesteps <= 0:
+                raise bad("timesteps", "a count must be a positive integer")
+        elif isinstance(self.timesteps, tuple):
+            if not self.timesteps or not all(_is_int(t) and t >= 0 for t in self.timesteps):
+                raise bad("timesteps", "an explicit list must hold non-negative integers")
+            object.__setattr__(self, "timesteps", tuple(int(t) for t in self.timesteps))
+        else:
+            raise bad("timesteps", "must be a count or a list of integers")
+        if not _is_int(self.noise_draws) or self.noise_draws <= 0:
+            raise bad("noise_draws", "must be a positive integer")
+        if not _is_int(self.seed) or self.seed < 0:
+            raise bad("seed", "must be a non-negative integer")
+        if not _is_int(self.proj_seed) or self.proj_seed < 0:
+            raise bad("proj_seed", "must be a non-negative integer")
+        if self.loss not in LOSSES:
+            raise bad("loss", f"must be one of {', '.join(LOSSES)}")
+        if self.params is not None and (
+            not self.params or not all(isinstance(p, str) and p for p in self.params)
+        ):
+            raise bad("params", "must be a non-empty list of glob patterns such as 'up_blocks.*'")
+        if self.checkpoint_weights is not None:
+            w = self.checkpoint_weights
+            if not w or not all(
+                isinstance(x, (int, float)) and np.isfinite(x) and x > 0 for x in w
+            ):
+                raise bad(
+                    "checkpoint_weights", "must be positive finite numbers, one per checkpoint"
+                )
+            object.__setattr__(self, "checkpoint_weights", tuple(float(x) for x in w))
+        if not _is_int(self.batch_size) or self.batch_size <= 0:
+            raise bad("batch_size", "must be a positive integer")
+        if self.store_dtype not in STORE_DTYPES:
+            raise bad("store_dtype", f"must be one of {', '.join(STORE_DTYPES)}")
+        if self.data_range is not None:
+            r = self.data_range
+            if len(r) != 2 or not all(np.isfinite(v) for v in r) or not r[0] < r[1]:
+                raise bad("data_range", "must be two finite numbers (low, high) with low < high")
+            object.__setattr__(self, "data_range", (float(r[0]), float(r[1])))
+        if self.resize not in RESIZE_MODES:
+            raise bad("resize", f"must be one of {', '.join(RESIZE_MODES)}")
+        if self.num_train_timesteps is not None:
+            if not _is_int(self.num_train_timesteps) or self.num_train_timesteps <= 0:
+                raise bad("num_train_timesteps", "must be a positive integer")
+            if (
+                isinstance(self.timesteps, tuple)
+                and max(self.timesteps) >= self.num_train_timesteps
+            ):
+                raise bad("timesteps", f"must lie in [0, {self.num_train_timesteps - 1}]")
+            if _is_int(self.timesteps) and self.timesteps > self.num_train_timesteps:
+                raise bad(
+                    "timesteps", f"count exceeds the {self.num_train_timesteps} training timesteps"
+                )
+
+    # -- draws ------------------------------------------------------------------------------
+
+    @property
+    def num_timesteps(self) -> int:
+        """K."""
+        return self.timesteps if _is_int(self.timesteps) else len(self.timesteps)
+
+    @property
+    def num_draws(self) -> int:
+        """K·M, the number of (timestep, noise) draws per sample."""
+        return self.num_timesteps * self.noise_draws
+
+    def timestep_values(self) -> list[int]:
+        """The K timesteps. A count gives the centred grid t_k = floor((k + ½)·T / K)."""
+        if isinstance(self.timesteps, tuple):
+            return list(self.timesteps)
+        if self.num_train_timesteps is None:
+            raise SpecError(
+                "BuildSpec.num_train_timesteps is not set: build_index fills it from the scheduler; "
+                "set it yourself to call draws() directly"
+            )
+        T, K = self.num_train_timesteps, self.timesteps
+        return [int((k + 0.5) * T / K) for k in range(K)]
+
+    def draws(self, sample_shape: Sequence[int]) -> list[tuple[int, torch.Tensor]]:
+        """The K·M (timestep, noise) draws in order (k major, m minor); noise is float32 of
+        ``sample_shape`` from a CPU generator seeded only by (seed, k, m)."""
+        out = []
+        for k, t in enumerate(self.timestep_values()):
+            for m in range(self.noise_draws):
+                gen = torch.Generator().manual_seed(draw_seed(self.seed, k, m))
+                out.append(
+                    (t, torch.randn(tuple(sample_shape), generator=gen, dtype=torch.float32))
+                )
+        return out
+
+    def weights(self, num_checkpoints: int) -> tuple[float, ...]:
+        """w_c for each checkpoint, checking the count matches."""
+        if self.checkpoint_weights is None:
+            return (1.0,) * num_checkpoints
+        if len(self.checkpoint_weights) != num_checkpoints:
+            raise SpecError(
+                f"BuildSpec.checkpoint_weights has {len(self.checkpoint_weights)} values for "
+                f"{num_checkpoints} checkpoints: give one weight per checkpoint"
+            )
+        return self.checkpoint_weights
+
+    # -- serialisation ------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        for k, v in d.items():
+            if isinstance(v, tuple):
+                d[k] = list(v)
+        return d
+
+    def to_json(self) -> str:
+        """Canonical JSON: sorted keys, indented, so specs diff cleanly."""
+        return json.dumps(self.to_dict(), sort_keys=True, indent=2)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> BuildSpec:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise SpecError(f"unknown BuildSpec field(s): {', '.join(unknown)}")
+        data = dict(data)
+        for key in ("timesteps", "params", "checkpoint_weights", "data_range"):
+            if isinstance(data.get(key), list):
+                data[key] = tuple(data[key])
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str) -> BuildSpec:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise SpecError(f"spec is not valid JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise SpecError("spec JSON must be an object of BuildSpec fields")
+        return cls.from_dict(data)
+
+    def fingerprint(self) -> str:
+        """sha256 of the canonical JSON: equal specs have equal fingerprints."""
+        return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
+
+    def diff(self, other: BuildSpec) -> dict[str, tuple[Any, Any]]:
+        """Fields whose values differ, as {name: (self, other)}."""
+        a, b = self.to_dict(), other.to_dict()
+        return {k: (a[k], b[k]) for k in a if a[k] != b[k]}
+
+    def replace(self, **changes: Any) -> BuildSpec:
+        return dataclasses.replace(self, **changes)
+
+
+def draw_seed(seed: int, k: int, m: int) -> int:
+    """A 63-bit seed that depends only on (seed, k, m) (numpy SeedSequence mixing)."""
+    state = np.random.SeedSequence([int(seed), int(k), int(m)]).generate_state(2, dtype=np.uint32)
+    return int((int(state[0]) << 31) ^ int(state[1]))
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)

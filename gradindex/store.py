@@ -1,0 +1,157 @@
+"""HDF5 vector store: row-chunked datasets written as batches finish.
+
+Holds ``VectorStore`` over one ``vectors.h5`` file:
+
+    ids       [N]            int64 or UTF-8 strings — training-sample ids, row-aligned
+    tracin    [N, D]         stored dtype (float32/float16) — concat_c √w_c P_c a_c
+    retrac    [N, D]         stored dtype — concat_c √w_c P_c r_c / ‖P_c r_c‖
+    norms     [N, C, K·M]    float32 — per-draw full-space gradient norms
+    done      [N]            uint8 — 1 once the row is written and flushed (resume record)
+    flagged   [N]            uint8 — 1 if the row's gradient was non-finite or zero
+
+File attributes carry the spec JSON and the format version, so the file alone can be read with
+plain h5py by someone who never installed gradindex.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from gradindex.errors import IndexStateError
+
+METHOD_DATASETS = ("tracin", "retrac")
+ROW_CHUNK_BYTES = 1 << 20  # ~1 MiB chunks: whole rows, a few per chunk
+
+
+class VectorStore:
+    """Rows of both methods' vectors plus norms, ids and the done/flag masks."""
+
+    def __init__(self, path: str | os.PathLike[str], file: h5py.File):
+        self.path = Path(path)
+        self.file = file
+
+    # -- creation / opening ----------------------------------------------------------------
+
+    @classmethod
+    def create(
+        cls,
+        path: str | os.PathLike[str],
+        ids: np.ndarray,
+        dim: int,
+        num_checkpoints: int,
+        num_draws: int,
+        dtype: str,
+        attrs: dict[str, Any],
+    ) -> VectorStore:
+        n = len(ids)
+        f = h5py.File(path, "w")
+        if ids.dtype.kind in "iu":
+            f.create_dataset("ids", data=ids.astype(np.int64))
+        else:
+            f.create_dataset("ids", data=ids.astype(object), dtype=h5py.string_dtype("utf-8"))
+        itemsize = np.dtype(dtype).itemsize
+        rows = max(1, min(n, ROW_CHUNK_BYTES // max(1, dim * itemsize)))
+        for name in METHOD_DATASETS:
+            f.create_dataset(name, shape=(n, dim), dtype=dtype, chunks=(rows, dim))
+        f.create_dataset("norms", shape=(n, num_checkpoints, num_draws), dtype="float32")
+        f.create_dataset("done", shape=(n,), dtype="uint8", fillvalue=0)
+        f.create_dataset("flagged", shape=(n,), dtype="uint8", fillvalue=0)
+        for key, value in attrs.items():
+            f.attrs[key] = value if isinstance(value, (str, int, float)) else json.dumps(value)
+        f.flush()
+        return cls(path, f)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str], mode: str = "r") -> VectorStore:
+        p = Path(path)
+        if not p.exists():
+            raise IndexStateError(f"{p}: vector store missing")
+        try:
+            f = h5py.File(p, mode)
+        except OSError as exc:
+            raise IndexStateError(f"{p}: not a readable HDF5 file ({exc})") from None
+        missing = [n for n in (*METHOD_DATASETS, "ids", "norms", "done") if n not in f]
+        if missing:
+            f.close()
+            raise IndexStateError(f"{p}: damaged vector store, missing {', '.join(missing)}")
+        return cls(p, f)
+
+    def close(self) -> None:
+        if self.file.id.valid:
+            self.file.close()
+
+    def __enter__(self) -> VectorStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- writing ---------------------------------------------------------------------------
+
+    def write_rows(
+        self,
+        start: int,
+        tracin: np.ndarray,
+        retrac: np.ndarray,
+        norms: np.ndarray,
+        flagged: np.ndarray,
+    ) -> None:
+        """Write rows [start, start + B) and mark them done only after the data is flushed."""
+        stop = start + len(tracin)
+        self.file["tracin"][start:stop] = tracin
+        self.file["retrac"][start:stop] = retrac
+        self.file["norms"][start:stop] = norms
+        self.file["flagged"][start:stop] = flagged.astype(np.uint8)
+        self.file.flush()
+        self.file["done"][start:stop] = 1
+        self.file.flush()
+
+    # -- reading ---------------------------------------------------------------------------
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.file["ids"].shape[0])
+
+    @property
+    def dim(self) -> int:
+        return int(self.file["tracin"].shape[1])
+
+    @property
+    def ids(self) -> np.ndarray:
+        ids = self.file["ids"]
+        return ids.asstr()[()] if ids.dtype.kind == "O" else ids[()]
+
+    @property
+    def done(self) -> np.ndarray:
+        return self.file["done"][()].astype(bool)
+
+    @property
+    def flagged(self) -> np.ndarray:
+        return self.file["flagged"][()].astype(bool)
+
+    @property
+    def norms(self) -> np.ndarray:
+        return self.file["norms"][()]
+
+    def vectors(self, method: str, rows: slice | np.ndarray | None = None) -> np.ndarray:
+        """Stored rows of one method as float32 [N, D] (or the selected rows)."""
+        if method not in METHOD_DATASETS:
+            raise IndexStateError(f"unknown method {method!r}")
+        ds = self.file[method]
+        data = ds[()] if rows is None else ds[rows]
+        return np.ascontiguousarray(data, dtype=np.float32)
+
+    def iter_chunks(self, method: str, rows_per_chunk: int = 65536):
+        """Yield (start, float32 block) over the rows: for stores larger than RAM."""
+        ds = self.file[method]
+        for start in range(0, ds.shape[0], rows_per_chunk):
+            yield start, np.asarray(ds[start : start + rows_per_chunk], dtype=np.float32)
+
+    def attr(self, key: str) -> Any:
+        return self.file.attrs.get(key)

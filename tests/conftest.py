@@ -1,0 +1,58 @@
+"""Shared fixtures: tiny diffusers UNets built from config (no downloads) and small images."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDPMScheduler, UNet2DModel
+
+torch.set_num_threads(2)
+
+
+def tiny_unet(seed: int, sample_size: int = 8, channels: int = 1) -> UNet2DModel:
+    """A ~30k-parameter UNet2DModel with an attention block, randomly initialised under seed."""
+    torch.manual_seed(seed)
+    model = UNet2DModel(
+        sample_size=sample_size,
+        in_channels=channels,
+        out_channels=channels,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+        attention_head_dim=8,
+    )
+    # perturb so checkpoints differ beyond their initialisation and outputs are non-trivial
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model.eval()
+
+
+def scheduler(prediction_type: str = "epsilon") -> DDPMScheduler:
+    return DDPMScheduler(num_train_timesteps=1000, prediction_type=prediction_type)
+
+
+@pytest.fixture
+def images() -> np.ndarray:
+    """7 float images in [0, 1], [N, 1, 8, 8]."""
+    rng = np.random.default_rng(0)
+    return rng.random((7, 1, 8, 8), dtype=np.float32)
+
+
+@pytest.fixture
+def saved_checkpoints(tmp_path):
+    """Two checkpoint folders in diffusers' training layout plus the final pipeline folder."""
+    from diffusers import DDPMPipeline
+
+    run = tmp_path / "run"
+    paths = []
+    for i, seed in enumerate((1, 2)):
+        model = tiny_unet(seed)
+        ckpt = run / f"checkpoint-{(i + 1) * 10}"
+        model.save_pretrained(ckpt / "unet")
+        paths.append(ckpt)
+    DDPMPipeline(unet=tiny_unet(2), scheduler=scheduler()).save_pretrained(run)
+    return paths

@@ -1,0 +1,40 @@
+"""The demo pipeline runs end to end at tiny settings and writes what it claims."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from gradindex.cli import main
+from gradindex.demo import DemoSettings, run_demo
+
+
+@pytest.mark.slow
+def test_quick_demo_writes_pictures_and_summary(tmp_path):
+    out = tmp_path / "demo"
+    res = CliRunner().invoke(main, ["demo", "--out", str(out), "--quick"])
+    assert res.exit_code == 0, res.output
+    assert "distinct training images" in res.output
+    summary = json.loads((out / "summary.json").read_text())
+    s = DemoSettings.quick()
+    assert summary["num_train"] == s.num_train and summary["k"] == s.k
+    assert len(summary["checkpoints"]) == 3
+    for m in ("tracin", "retrac"):
+        assert 1 <= summary["distinct_in_topk"][m] <= min(s.num_train, s.num_queries * s.k)
+    for name in ("attribution.png", "timestep_norms.png"):
+        with Image.open(out / name) as im:
+            assert im.size[0] > 200 and im.size[1] > 100
+            assert np.asarray(im.convert("L")).std() > 5  # not a blank canvas
+    # a second run reuses the trained model and the finished index (neither is rewritten)
+    stamps = [
+        (out / p).stat().st_mtime_ns for p in ("model/train_config.json", "index/manifest.json")
+    ]
+    again = run_demo(out, s, progress=False)
+    assert stamps == [
+        (out / p).stat().st_mtime_ns for p in ("model/train_config.json", "index/manifest.json")
+    ]
+    assert again["distinct_in_topk"] == summary["distinct_in_topk"]

@@ -1,0 +1,218 @@
+"""Tests for gradindex.projection: projections against exact inner products and explicit matrices."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from gradindex import projection
+from gradindex.errors import DataError, SpecError
+from gradindex.projection import PROJECTIONS, make_projector
+
+RANDOM_KINDS = ("gaussian", "sjlt")
+
+
+def _pair(p: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two correlated vectors [p] (cosine 0.6), so <x, y> is far from 0."""
+    gen = torch.Generator().manual_seed(seed)
+    x, z = torch.randn(2, p, generator=gen, dtype=torch.float64)
+    y = 0.6 * x + 0.8 * z
+    return x, y
+
+
+def _matrix(proj: projection.Projector) -> torch.Tensor:
+    """The explicit [p, d] matrix M of a projector (rows P e_i), so project(x) = x @ M."""
+    return proj.project(torch.eye(proj.in_dim)).double()
+
+
+@pytest.mark.parametrize(("kind", "d"), [("gaussian", 64), ("sjlt", 64), ("sjlt", 66)])
+def test_unbiased_inner_product_and_norm(kind: str, d: int) -> None:
+    """Over 200 seeds the mean of <Px, Py> and of ||Px||^2 is within 4 standard errors of exact
+    (the mean of 200 draws is close to normal: a 4-SE miss has probability < 1e-4)."""
+    p, n_seeds = 1001, 200
+    x, y = _pair(p)
+    xy = torch.stack([x, y]).float()  # [2, p]
+    dots, sq = [], []
+    for seed in range(n_seeds):
+        px, py = make_projector(kind, p, d, seed).project(xy).double()  # [d] each
+        dots.append(px @ py)
+        sq.append(px @ px)
+    for values, exact in ((torch.stack(dots), x @ y), (torch.stack(sq), x @ x)):
+        se = values.std() / math.sqrt(n_seeds)
+        # The estimator's std is ~ ||x|| ||y|| sqrt(2/d): the check is not vacuous.
+        assert se < 0.25 * abs(exact)
+        assert abs(values.mean() - exact) < 4 * se, (values.mean().item(), exact.item())
+    if kind == "gaussian":
+        # Var <Px, Py> = (||x||^2 ||y||^2 + <x, y>^2) / d exactly; sample variance within 30%.
+        theory = ((x @ x) * (y @ y) + (x @ y) ** 2) / d
+        assert 0.7 < torch.stack(dots).var() / theory < 1.3
+
+
+@pytest.mark.parametrize("kind", RANDOM_KINDS)
+def test_johnson_lindenstrauss_norm_error(kind: str) -> None:
+    """At d = 4096 each ||Px||^2 / ||x||^2 is within 4 sqrt(2/d) of 1 (4 sigma of chi^2_d / d;
+    sparse JL with block construction has variance <= 2/d as well)."""
+    p, d = 3337, 4096
+    gen = torch.Generator().manual_seed(2)
+    x = torch.cat(
+        [
+            torch.randn(4, p, generator=gen),  # dense
+            # heavy-tailed: log-normal scales, a few coordinates dominate
+            torch.randn(2, p, generator=gen) * torch.randn(2, p, generator=gen).mul(1.5).exp(),
+            torch.rand(2, p, generator=gen),  # all-positive (no sign cancellation)
+        ]
+    )  # [8, p]
+    bound = 4 * math.sqrt(2 / d)
+    for seed in range(4):
+        px = make_projector(kind, p, d, seed).project(x).double()
+        ratio = (px * px).sum(1) / (x.double() ** 2).sum(1)  # [8]
+        assert (ratio - 1).abs().max() < bound, ratio
+
+
+def test_gaussian_equals_explicit_matrix(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Blocked projection (odd block size, partial last block) equals x @ M for the matrix M built
+    independently from the (seed, block) definition; entries have mean 0 and variance 1/d."""
+    monkeypatch.setattr(projection, "GAUSSIAN_BLOCK_ROWS", 97)
+    p, d, seed = 1001, 48, 5
+    proj = make_projector("gaussian", p, d, seed)
+    m = _matrix(proj)  # [p, d]
+    blocks = []
+    for b, start in enumerate(range(0, p, 97)):
+        gen = torch.Generator().manual_seed(projection._derived_seed("gaussian", seed, b))
+        blocks.append(torch.randn(min(97, p - start), d, generator=gen) / math.sqrt(d))
+    torch.testing.assert_close(m, torch.cat(blocks).double(), rtol=0, atol=1e-7)
+
+    x = torch.randn(7, p, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(proj.project(x).double(), x.double() @ m, rtol=1e-5, atol=1e-5)
+    n = m.numel()
+    assert abs(m.mean()) < 4 * math.sqrt(1 / d / n)
+    assert abs(m.var() * d - 1) < 4 * math.sqrt(2 / n)  # sample variance, relative SE sqrt(2/n)
+
+    # Without the cache (matrix over the memory budget) the blocks are regenerated identically.
+    monkeypatch.setattr(projection, "GAUSSIAN_CACHE_BYTES", 0)
+    uncached = make_projector("gaussian", p, d, seed)
+    assert not uncached._cache
+    assert torch.equal(uncached.project(x), proj.project(x))
+
+
+@pytest.mark.parametrize(("d", "nnz"), [(64, 4), (66, 4), (37, 3), (50, 1), (8, 8)])
+def test_sjlt_structure(d: int, nnz: int) -> None:
+    """P e_i has exactly nnz nonzeros of magnitude 1/sqrt(nnz), one per output block, so
+    ||P e_i|| = 1; signs are balanced."""
+    p = 1001
+    m = _matrix(make_projector("sjlt", p, d, 11, nnz=nnz)).float()  # [p, d]
+    nonzero = m != 0
+    assert torch.equal(nonzero.sum(1), torch.full((p,), nnz))
+    assert torch.equal(m[nonzero].abs(), torch.full((p * nnz,), 1 / math.sqrt(nnz)))
+    torch.testing.assert_close(m.double().norm(dim=1), torch.ones(p, dtype=torch.float64))
+    sizes = [d // nnz + (j < d % nnz) for j in range(nnz)]
+    for block in nonzero.split(sizes, dim=1):
+        assert torch.equal(block.sum(1), torch.ones(p, dtype=torch.long))
+    negative = (m < 0).sum().item() / (p * nnz)
+    assert abs(negative - 0.5) < 4 * math.sqrt(0.25 / (p * nnz))
+
+
+def test_sjlt_chunking_is_not_part_of_the_map(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Small odd CSR chunks give the same map as one chunk, and project(x) equals x @ M."""
+    p, d = 1001, 40
+    whole = make_projector("sjlt", p, d, 4)
+    monkeypatch.setattr(projection, "SJLT_CHUNK", 97)
+    chunked = make_projector("sjlt", p, d, 4)
+    assert len(chunked._chunks(torch.device("cpu"))) == math.ceil(p / 97)
+    m = _matrix(whole)
+    assert torch.equal(_matrix(chunked), m)
+    x = torch.randn(5, p, generator=torch.Generator().manual_seed(8))
+    torch.testing.assert_close(chunked.project(x).double(), x.double() @ m, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", PROJECTIONS)
+def test_deterministic_and_batch_invariant(kind: str) -> None:
+    p, d = 1001, 32
+    x = torch.randn(6, p, generator=torch.Generator().manual_seed(9))
+    out = make_projector(kind, p, d, 7).project(x)
+    assert out.dtype == torch.float32 and out.device == x.device
+    assert out.shape == (6, p if kind == "identity" else d)
+    assert torch.equal(make_projector(kind, p, d, 7).project(x), out)
+    proj = make_projector(kind, p, d, 7)
+    scale = out.abs().max().item()  # float32 rounding of a p-term sum is relative to this
+    for i in range(6):
+        torch.testing.assert_close(proj.project(x[i : i + 1])[0], out[i], rtol=0, atol=1e-5 * scale)
+    assert proj.project(x[:0]).shape == (0, out.shape[1])
+    if kind != "identity":
+        assert not torch.allclose(make_projector(kind, p, d, 8).project(x), out, atol=1e-2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("kind", PROJECTIONS)
+def test_same_numbers_on_cpu_and_gpu(kind: str) -> None:
+    p, d = 3337, 64
+    x = torch.randn(4, p, generator=torch.Generator().manual_seed(10))
+    cpu = make_projector(kind, p, d, 3).project(x)
+    gpu = make_projector(kind, p, d, 3, device="cuda").project(x.cuda())
+    assert gpu.device.type == "cuda"
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-5, atol=1e-5)
+    # A CPU-built projector also accepts GPU input.
+    torch.testing.assert_close(
+        make_projector(kind, p, d, 3).project(x.cuda()).cpu(), cpu, rtol=1e-5, atol=1e-5
+    )
+
+
+def test_identity_returns_x_and_ignores_out_dim() -> None:
+    x = torch.randn(3, 17)
+    proj = make_projector("identity", 17, 5, 0)
+    assert proj.out_dim == 17
+    assert proj.project(x) is x
+    x64 = x.double()
+    assert torch.equal(proj.project(x64), x64.float())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"kind": "dense"}, "kind"),
+        ({"in_dim": 0}, "in_dim"),
+        ({"in_dim": 10.0}, "in_dim"),
+        ({"out_dim": 0}, "out_dim"),
+        ({"out_dim": -3}, "out_dim"),
+        ({"out_dim": True}, "out_dim"),
+        ({"nnz": 0}, "nnz"),
+        ({"nnz": 17}, "nnz"),
+        ({"seed": -1}, "seed"),
+        ({"kind": "gaussian", "out_dim": 0}, "out_dim"),
+        ({"device": "nonsense"}, "device"),
+    ],
+)
+def test_bad_arguments_raise_spec_error(kwargs: dict, name: str) -> None:
+    args = {"kind": "sjlt", "in_dim": 10, "out_dim": 16, "seed": 0} | kwargs
+    with pytest.raises(SpecError, match=name) as info:
+        make_projector(args.pop("kind"), args.pop("in_dim"), args.pop("out_dim"), **args)
+    assert "\n" not in str(info.value)
+
+
+def test_gaussian_ignores_nnz() -> None:
+    assert make_projector("gaussian", 10, 2, 0, nnz=4).out_dim == 2
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+def test_unavailable_cuda_is_an_error() -> None:
+    with pytest.raises(SpecError, match="device"):
+        make_projector("sjlt", 10, 16, 0, device="cuda")
+
+
+@pytest.mark.parametrize("kind", PROJECTIONS)
+@pytest.mark.parametrize(
+    "x",
+    [
+        torch.zeros(10),
+        torch.zeros(2, 11),
+        torch.zeros(2, 10, 1),
+        torch.zeros(2, 10, dtype=torch.int64),
+    ],
+    ids=["1d", "wrong-width", "3d", "int"],
+)
+def test_bad_input_raises_data_error(kind: str, x: torch.Tensor) -> None:
+    proj = make_projector(kind, 10, 16, 0)
+    with pytest.raises(DataError, match="x must"):
+        proj.project(x)

@@ -1,0 +1,96 @@
+"""BuildSpec: validation messages, exact JSON round-trip, fingerprint, draws."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import gradindex as gi
+from gradindex.spec import draw_seed
+
+
+def test_json_round_trip_is_exact():
+    spec = gi.BuildSpec(
+        proj_dim=512,
+        projection="gaussian",
+        timesteps=(5, 50, 500),
+        noise_draws=3,
+        seed=4,
+        loss="l1",
+        params=("up_blocks.*", "mid_block.*"),
+        checkpoint_weights=(0.1, 0.3),
+        store_dtype="float16",
+        data_range=(0.0, 16.0),
+        num_train_timesteps=1000,
+    )
+    again = gi.BuildSpec.from_json(spec.to_json())
+    assert again == spec
+    assert again.fingerprint() == spec.fingerprint()
+    assert isinstance(again.timesteps, tuple) and isinstance(again.data_range[0], float)
+    assert json.loads(spec.to_json()) == spec.to_dict()
+
+
+def test_fingerprint_changes_with_any_field():
+    base = gi.BuildSpec()
+    assert base.fingerprint() != base.replace(seed=1).fingerprint()
+    assert base.fingerprint() != base.replace(timesteps=11).fingerprint()
+    assert base.diff(base.replace(loss="l1")) == {"loss": ("mse", "l1")}
+
+
+@pytest.mark.parametrize(
+    "kwargs,field",
+    [
+        (dict(proj_dim=0), "proj_dim"),
+        (dict(projection="pca"), "projection"),
+        (dict(timesteps=0), "timesteps"),
+        (dict(timesteps=(1, -2)), "timesteps"),
+        (dict(noise_draws=0), "noise_draws"),
+        (dict(loss="huber"), "loss"),
+        (dict(checkpoint_weights=(1.0, -1.0)), "checkpoint_weights"),
+        (dict(batch_size=0), "batch_size"),
+        (dict(store_dtype="int8"), "store_dtype"),
+        (dict(data_range=(1.0, 0.0)), "data_range"),
+        (dict(proj_dim=1000, sjlt_nnz=3), "proj_dim"),
+        (dict(timesteps=(10, 1000), num_train_timesteps=1000), "timesteps"),
+        (dict(params=()), "params"),
+    ],
+)
+def test_invalid_fields_name_the_field(kwargs, field):
+    with pytest.raises(gi.SpecError) as err:
+        gi.BuildSpec(**kwargs)
+    msg = str(err.value)
+    assert msg.startswith(f"BuildSpec.{field}=") and "\n" not in msg
+
+
+def test_unknown_field_in_json():
+    with pytest.raises(gi.SpecError, match="unknown BuildSpec field"):
+        gi.BuildSpec.from_json('{"proj_dims": 3}')
+
+
+def test_draws_are_the_same_for_every_call_and_depend_only_on_seed_k_m():
+    spec = gi.BuildSpec(timesteps=4, noise_draws=2, num_train_timesteps=1000, seed=3)
+    a, b = spec.draws((1, 8, 8)), spec.draws((1, 8, 8))
+    assert [t for t, _ in a] == [125, 125, 375, 375, 625, 625, 875, 875]
+    assert all(torch.equal(x, y) for (_, x), (_, y) in zip(a, b))
+    # draw (k, m) is a standard normal from a generator seeded by (seed, k, m) only
+    k, m = 2, 1
+    expected = torch.randn((1, 8, 8), generator=torch.Generator().manual_seed(draw_seed(3, k, m)))
+    assert torch.equal(a[k * 2 + m][1], expected)
+    # a different K keeps draw (k, m) of the earlier timesteps' noise identical
+    other = gi.BuildSpec(timesteps=5, noise_draws=2, num_train_timesteps=1000, seed=3).draws(
+        (1, 8, 8)
+    )
+    assert torch.equal(other[0][1], a[0][1])
+    assert not torch.equal(a[0][1], a[1][1])
+
+
+def test_draws_need_the_training_range():
+    with pytest.raises(gi.SpecError, match="num_train_timesteps"):
+        gi.BuildSpec(timesteps=3).draws((1, 4, 4))
+
+
+def test_weights_count_must_match_checkpoints():
+    with pytest.raises(gi.SpecError, match="one weight per checkpoint"):
+        gi.BuildSpec(checkpoint_weights=(1.0, 2.0)).weights(3)
