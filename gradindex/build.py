@@ -31,6 +31,7 @@ from gradindex.layout import (
     MANIFEST,
     VECTORS,
     faiss_file,
+    file_records,
     package_versions,
     write_json_atomic,
 )
@@ -116,6 +117,8 @@ def build_index(
         _fill_rows(store, embedder, images, prep, spec, progress)
         flagged = store.flagged
         vectors = {m: store.vectors(m) for m in METHODS}
+    except OSError as exc:
+        raise _write_error(out, exc) from None
     finally:
         store.close()
 
@@ -155,11 +158,27 @@ def build_index(
         "prediction_type": ckpts[0].prediction_type,
         "timesteps": spec.timestep_values(),
         "indexes": index_info,
+        "files": file_records(out),
         "build_seconds": round(time.perf_counter() - started, 3),
     }
     write_json_atomic(out / MANIFEST, manifest)
     (out / BUILD_STATE).unlink(missing_ok=True)
     return AttributionIndex.open(out, checkpoints=ckpts, device=device)
+
+
+def _write_error(out: Path, exc: OSError) -> IndexStateError:
+    """Disk full, quota, permissions: say so, and that committed rows survive a resume."""
+    import errno
+
+    why = (
+        "disk full"
+        if getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
+        else str(exc).splitlines()[0]
+    )
+    return IndexStateError(
+        f"{out}: writing failed ({why}); rows already committed are kept: free space or fix the "
+        "folder, then run the same build with --resume"
+    )
 
 
 def _fill_rows(

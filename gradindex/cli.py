@@ -214,11 +214,21 @@ def query(index_dir: str, images: str, k: int, method: str, exact: bool, as_json
 @main.command()
 @click.argument("index_dir", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print the full manifest summary as JSON.")
-def info(index_dir: str, as_json: bool) -> None:
+@click.option("--verify", is_flag=True, help="Recompute file checksums against the manifest.")
+def info(index_dir: str, as_json: bool, verify: bool) -> None:
     """Describe an index: rows, dimensions, spec, checkpoints, search settings."""
+    from gradindex.layout import check_files, read_manifest
     from gradindex.query import AttributionIndex
 
-    _print_info(AttributionIndex.open(index_dir).info(), as_json)
+    if verify:  # before opening, so a corrupted file is named rather than half-loaded
+        path = Path(index_dir)
+        problems = check_files(path, read_manifest(path), checksums=True)
+        if problems:
+            raise click.ClickException("; ".join(problems))
+    idx = AttributionIndex.open(index_dir)
+    _print_info(idx.info(), as_json)
+    if verify and not as_json:
+        click.echo(f"verified     {len(idx.manifest['files'])} files match their checksums")
 
 
 @main.command()

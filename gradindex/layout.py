@@ -12,6 +12,7 @@ and atomic JSON writing. One folder per index:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -86,3 +87,45 @@ def read_manifest(folder: Path) -> dict[str, Any]:
             f"{FORMAT_VERSION}; rebuild the index with this version"
         )
     return manifest
+
+
+def index_files(folder: Path) -> list[str]:
+    """Every data file of a finished index other than the manifest, in a fixed order."""
+    names = [VECTORS]
+    for method in ("tracin", "retrac"):
+        names += [faiss_file(method), faiss_file(method) + ".json"]
+    return [n for n in names if (folder / n).exists()]
+
+
+def file_digest(path: Path, chunk: int = 1 << 22) -> str:
+    """sha256 of a file's bytes, read in 4 MiB pieces."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_records(folder: Path) -> dict[str, dict[str, Any]]:
+    """{name: {"bytes", "sha256"}} for the manifest."""
+    return {
+        name: {"bytes": (folder / name).stat().st_size, "sha256": file_digest(folder / name)}
+        for name in index_files(folder)
+    }
+
+
+def check_files(folder: Path, manifest: dict[str, Any], *, checksums: bool) -> list[str]:
+    """Problems with the index's files, one line each naming the file: missing, wrong size
+    (truncated or grown), and with ``checksums`` a content mismatch (flipped bytes)."""
+    problems = []
+    for name, rec in manifest.get("files", {}).items():
+        path = folder / name
+        if not path.exists():
+            problems.append(f"{path}: missing")
+        elif path.stat().st_size != rec["bytes"]:
+            problems.append(
+                f"{path}: {path.stat().st_size} bytes, expected {rec['bytes']} (truncated or altered)"
+            )
+        elif checksums and file_digest(path) != rec["sha256"]:
+            problems.append(f"{path}: checksum mismatch (file corrupted)")
+    return problems

@@ -25,7 +25,7 @@ import numpy as np
 from gradindex.data import to_model_input
 from gradindex.embedding import Embedder
 from gradindex.errors import IndexStateError, ModelError, SearchError
-from gradindex.layout import VECTORS, faiss_file, read_manifest
+from gradindex.layout import VECTORS, check_files, faiss_file, read_manifest
 from gradindex.models import Checkpoint, CheckpointSource, load_checkpoints
 from gradindex.search import METHODS, SearchResult, VectorIndex
 from gradindex.spec import BuildSpec
@@ -53,6 +53,12 @@ class AttributionIndex:
         self._checkpoint_sources = checkpoints
         self._scheduler = scheduler
         self._embedder: Embedder | None = None
+        problems = check_files(path, manifest, checksums=False)  # sizes only: cheap
+        if problems:
+            raise IndexStateError(
+                f"{problems[0]}; rebuild the index"
+                + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else "")
+            )
         with VectorStore.open(path / VECTORS) as store:
             self.ids: np.ndarray = store.ids
             self.norms: np.ndarray = store.norms  # [N, C, K·M]
@@ -104,6 +110,12 @@ class AttributionIndex:
         _check_method(method)
         with VectorStore.open(self.path / VECTORS) as store:
             return store.vectors(method)
+
+    def verify(self) -> None:
+        """Recompute every file's checksum against the manifest; raise naming the bad files."""
+        problems = check_files(self.path, self.manifest, checksums=True)
+        if problems:
+            raise IndexStateError("; ".join(problems))
 
     def info(self) -> dict[str, Any]:
         m = self.manifest

@@ -9,6 +9,8 @@ Holds ``VectorStore`` over one ``vectors.h5`` file:
     done      [N]            uint8 — 1 once the row is written and flushed (resume record)
     flagged   [N]            uint8 — 1 if the row's gradient was non-finite or zero
 
+Row datasets are contiguous and allocated up front (see ``_preallocated``): a build killed at
+any instant leaves a readable file whose ``done`` mask tells which rows are committed.
 File attributes carry the spec JSON and the format version, so the file alone can be read with
 plain h5py by someone who never installed gradindex.
 """
@@ -26,7 +28,24 @@ import numpy as np
 from gradindex.errors import IndexStateError
 
 METHOD_DATASETS = ("tracin", "retrac")
-ROW_CHUNK_BYTES = 1 << 20  # ~1 MiB chunks: whole rows, a few per chunk
+
+
+def _preallocated(
+    f: h5py.File, name: str, shape: tuple[int, ...], dtype: str, zero_fill: bool = False
+) -> None:
+    """A contiguous dataset whose storage is allocated when it is created.
+
+    Later row writes then touch raw data only, never HDF5 metadata, so a build killed mid-write
+    leaves a structurally intact file: rows not marked done are simply rewritten on resume.
+    Without ``zero_fill`` the space is not initialised (instant, sparse on most filesystems)."""
+    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+    dcpl.set_fill_time(h5py.h5d.FILL_TIME_ALLOC if zero_fill else h5py.h5d.FILL_TIME_NEVER)
+    if zero_fill:
+        dcpl.set_fill_value(np.zeros((), dtype=dtype))
+    space = h5py.h5s.create_simple(shape)
+    tid = h5py.h5t.py_create(np.dtype(dtype), logical=True)
+    h5py.h5d.create(f.id, name.encode(), tid, space, dcpl=dcpl).close()
 
 
 class VectorStore:
@@ -55,13 +74,11 @@ class VectorStore:
             f.create_dataset("ids", data=ids.astype(np.int64))
         else:
             f.create_dataset("ids", data=ids.astype(object), dtype=h5py.string_dtype("utf-8"))
-        itemsize = np.dtype(dtype).itemsize
-        rows = max(1, min(n, ROW_CHUNK_BYTES // max(1, dim * itemsize)))
         for name in METHOD_DATASETS:
-            f.create_dataset(name, shape=(n, dim), dtype=dtype, chunks=(rows, dim))
-        f.create_dataset("norms", shape=(n, num_checkpoints, num_draws), dtype="float32")
-        f.create_dataset("done", shape=(n,), dtype="uint8", fillvalue=0)
-        f.create_dataset("flagged", shape=(n,), dtype="uint8", fillvalue=0)
+            _preallocated(f, name, (n, dim), dtype)
+        _preallocated(f, "norms", (n, num_checkpoints, num_draws), "float32")
+        _preallocated(f, "done", (n,), "uint8", zero_fill=True)
+        _preallocated(f, "flagged", (n,), "uint8", zero_fill=True)
         for key, value in attrs.items():
             f.attrs[key] = value if isinstance(value, (str, int, float)) else json.dumps(value)
         f.flush()
