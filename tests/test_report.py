@@ -1,0 +1,83 @@
+"""gradindex.report: the pure statistics against hand-computed values, and report() end to end."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import gradindex as gi
+from gradindex import report as rp
+from gradindex.errors import SearchError
+
+
+def test_norm_by_timestep_quantiles_and_spread():
+    # 3 samples, 1 checkpoint, draws at timesteps (10, 10, 500): M = 2 draws at t=10
+    norms = np.array([[[1.0, 3.0, 100.0]], [[2.0, 2.0, 200.0]], [[3.0, 1.0, 300.0]]])
+    out = rp.norm_by_timestep(norms, [10, 10, 500])
+    assert out["timesteps"] == [10, 500]
+    assert out["median"] == pytest.approx([2.0, 200.0])
+    assert out["median_max_over_min"] == pytest.approx(100.0)
+    assert out["argmax_timestep"] == 500 and out["argmin_timestep"] == 10
+    p10, p90 = np.quantile([100, 200, 300], [0.1, 0.9])
+    assert out["within_timestep_p90_over_p10"][1] == pytest.approx(p90 / p10)
+    with pytest.raises(SearchError, match="expected"):
+        rp.norm_by_timestep(norms, [10, 500])
+
+
+def test_topk_concentration_counts_distinct_and_top_share():
+    rows = np.array([[0, 1, 2], [0, 1, 3], [0, 4, 5], [0, 1, 6]])  # 12 slots, 7 distinct
+    c = rp.topk_concentration(rows, top=2)
+    assert c["distinct"] == 7 and c["slots"] == 12 and c["max_count"] == 4
+    assert c["top2_share"] == pytest.approx((4 + 3) / 12)
+    assert rp.reach(rows, 9).tolist() == [4, 3, 1, 1, 1, 1, 1, 0, 0]
+
+
+def test_reach_norm_correlation_sign():
+    norms = np.arange(1.0, 21.0)
+    up = rp.reach_norm_correlation(np.arange(20), norms)
+    down = rp.reach_norm_correlation(np.arange(20)[::-1], norms)
+    assert up["spearman_all"] == pytest.approx(1.0)
+    assert down["spearman_all"] == pytest.approx(-1.0)
+
+
+def test_drop_self_keeps_k_others():
+    rows = np.array([[5, 1, 2], [3, 4, 7]])
+    assert rp._drop_self(rows, np.array([5, 9]), 2).tolist() == [[1, 2], [3, 4]]
+
+
+@pytest.fixture
+def built(tmp_path, images, saved_checkpoints):
+    spec = gi.BuildSpec(proj_dim=64, timesteps=3, batch_size=8)
+    return gi.build_index(
+        checkpoints=saved_checkpoints, data=images, out=tmp_path / "idx", spec=spec, progress=False
+    )
+
+
+def test_report_on_a_tiny_index(built, tmp_path):
+    out = rp.report(built, k=3, out_dir=tmp_path / "figs")
+    json.dumps(out)  # JSON-able
+    n = len(built)
+    assert out["num_rows"] == n and out["num_queries"] == n
+    assert out["norm_by_timestep"]["timesteps"] == built.manifest["timesteps"]
+    for m in ("tracin", "retrac"):
+        conc = out["methods"][m]["concentration"]
+        assert conc["k"] == 3 and conc["slots"] == 3 * n and conc["distinct"] <= n
+        # ReTrac rows all have the same norm: each row is its own best match (cosine 1)
+        assert 0.0 <= out["methods"][m]["self_retrieval"]["rank1"] <= 1.0
+    assert out["methods"]["retrac"]["self_retrieval"]["rank1"] == 1.0
+    for f in out["figures"]:
+        assert (tmp_path / "figs").joinpath(f.split("/")[-1]).stat().st_size > 1000
+
+    # self-retrieval against brute force (one build serves every check: builds are slow)
+    x = built.vectors("tracin")
+    best = np.argmax(x @ x.T, axis=1)
+    got = rp.self_retrieval(built, np.arange(len(built)), "tracin")["rank1"]
+    assert got == pytest.approx(float(np.mean(best == np.arange(len(built)))))
+
+    qv = {m: built.vectors(m)[:2] for m in ("tracin", "retrac")}
+    out = rp.report(built, k=2, query_vectors=qv)
+    assert out["num_queries"] == 2 and out["queries"] == "query_vectors"
+    with pytest.raises(SearchError, match="k=0"):
+        rp.report(built, k=0)
