@@ -187,28 +187,94 @@ def build(
     "--method", type=click.Choice(["tracin", "retrac", "both"]), default="both", show_default=True
 )
 @click.option("--exact", is_flag=True, help="Force exact search (ignore approximate indexes).")
+@click.option(
+    "--vectors",
+    "from_vectors",
+    is_flag=True,
+    help="IMAGES holds query vectors instead: .npy [B, D] (used for every method) or .npz "
+    "with 'tracin' / 'retrac' arrays (as written by idx.embed).",
+)
+@click.option(
+    "--output",
+    "-o",
+    "output",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="Write results to a file instead of the terminal: .jsonl (one record per query "
+    "and method) or .npz (<method>_scores, <method>_rows, <method>_ids arrays).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON record per query and method.")
-def query(index_dir: str, images: str, k: int, method: str, exact: bool, as_json: bool) -> None:
-    """Top-k training samples for each test image in IMAGES (same formats as --data)."""
-    from gradindex.data import load_images
+def query(
+    index_dir: str,
+    images: str,
+    k: int,
+    method: str,
+    exact: bool,
+    from_vectors: bool,
+    output: str | None,
+    as_json: bool,
+) -> None:
+    """Top-k training samples for each test image in IMAGES (same formats as --data).
+
+    Thousands of queries are fine: embedding and search run in batches.
+    """
     from gradindex.query import AttributionIndex, result_to_json
 
+    if output and not output.endswith((".jsonl", ".npz")):
+        raise click.BadParameter("must end in .jsonl or .npz", param_hint="--output")
     idx = AttributionIndex.open(index_dir)
-    arr, names = load_images(images)
-    vecs = idx.embed(arr)
     methods = ["tracin", "retrac"] if method == "both" else [method]
-    for m in methods:
-        res = idx.search(vecs[m], k, m, exact=exact)
-        records = result_to_json(res, m)
-        for name, rec in zip(names, records, strict=True):
+    vecs, names = _query_vectors(idx, images, methods, from_vectors)
+    results = {m: idx.search(vecs[m], k, m, exact=exact) for m in methods}
+    if output and output.endswith(".npz"):
+        arrays = {}
+        for m, res in results.items():
+            arrays.update({f"{m}_scores": res.scores, f"{m}_rows": res.rows, f"{m}_ids": res.ids})
+        np.savez(output, query=names, **arrays)
+        click.echo(f"wrote {len(names)} queries x {len(methods)} method(s) to {output}")
+        return
+    lines = []
+    for m, res in results.items():
+        for name, rec in zip(names, result_to_json(res, m), strict=True):
             rec["query"] = name.item() if hasattr(name, "item") else name
-            if as_json:
-                click.echo(json.dumps(rec))
+            if as_json or output:
+                lines.append(json.dumps(rec))
             else:
                 pairs = ", ".join(
                     f"{i}:{s:.4g}" for i, s in zip(rec["ids"], rec["scores"], strict=True)
                 )
-                click.echo(f"{m:6s} query {rec['query']}: {pairs}")
+                lines.append(f"{m:6s} query {rec['query']}: {pairs}")
+    if output:
+        Path(output).write_text("\n".join(lines) + "\n")
+        click.echo(f"wrote {len(lines)} records to {output}")
+    else:
+        click.echo("\n".join(lines))
+
+
+def _query_vectors(idx: Any, source: str, methods: list[str], from_vectors: bool):
+    """{method: [B, D]} and the query names, from images or from stored vectors."""
+    from gradindex.data import load_images
+    from gradindex.errors import DataError
+
+    if not from_vectors:
+        arr, names = load_images(source)
+        return idx.embed(arr), names
+    path = Path(source)
+    if not path.exists():
+        raise DataError(f"{source}: no such file")
+    if path.suffix == ".npz":
+        with np.load(path) as z:
+            missing = [m for m in methods if m not in z]
+            if missing:
+                raise DataError(f"{source}: no array named {', '.join(missing)}")
+            vecs = {m: z[m] for m in methods}
+    elif path.suffix == ".npy":
+        arr = np.load(path)
+        vecs = {m: arr for m in methods}
+    else:
+        raise DataError(f"{source}: query vectors must be .npy or .npz")
+    n = len(next(iter(vecs.values())))
+    return vecs, np.arange(n)
 
 
 @main.command()
@@ -229,6 +295,34 @@ def info(index_dir: str, as_json: bool, verify: bool) -> None:
     _print_info(idx.info(), as_json)
     if verify and not as_json:
         click.echo(f"verified     {len(idx.manifest['files'])} files match their checksums")
+
+
+@main.command()
+@click.argument("index_dir", type=click.Path())
+@click.option(
+    "--queries",
+    default=None,
+    help="Test images to query (same formats as --data); "
+    "default: a sample of the training rows, each with its own match dropped.",
+)
+@click.option("-k", "k", default=10, show_default=True, type=int)
+@click.option(
+    "--figures",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="Folder for PNG figures (norms by timestep, reach vs norm).",
+)
+def report(index_dir: str, queries: str | None, k: int, figures: str | None) -> None:
+    """Diagnostics of an index as JSON: the timestep bias of gradient norms, generally
+    influential samples under TracIn vs ReTrac, self-retrieval."""
+    from gradindex.data import load_images
+    from gradindex.query import AttributionIndex
+    from gradindex.report import report as make_report
+
+    idx = AttributionIndex.open(index_dir)
+    images = load_images(queries)[0] if queries else None
+    result = make_report(idx, images, k=k, out_dir=Path(figures) if figures else None)
+    click.echo(json.dumps(result, indent=2, sort_keys=True, default=_json_default))
 
 
 @main.command()

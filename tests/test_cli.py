@@ -135,3 +135,46 @@ def test_k_larger_than_index_is_clamped_with_a_warning(built_dir, data_file):
     assert "Warning: k=50 exceeds the 7 indexed samples" in res.output
     first = json.loads([ln for ln in res.output.splitlines() if ln.startswith("{")][0])
     assert len(first["ids"]) == 7
+
+
+def test_bulk_query_from_vectors_to_files(tmp_path, built_dir):
+    import gradindex as gi
+
+    idx = gi.AttributionIndex.open(built_dir)
+    vec_file = tmp_path / "q.npz"
+    np.savez(vec_file, tracin=idx.vectors("tracin")[:5], retrac=idx.vectors("retrac")[:5])
+    out = tmp_path / "res.npz"
+    res = run("query", built_dir, vec_file, "--vectors", "-k", "2", "--output", out)
+    assert res.exit_code == 0, res.output
+    with np.load(out) as z:
+        assert z["retrac_rows"].shape == (5, 2)
+        np.testing.assert_array_equal(z["retrac_rows"][:, 0], np.arange(5))
+        brute = np.argsort(-(idx.vectors("tracin")[:5] @ idx.vectors("tracin").T), axis=1)[:, :2]
+        np.testing.assert_array_equal(z["tracin_rows"], brute)
+    jsonl = tmp_path / "res.jsonl"
+    res = run(
+        "query",
+        built_dir,
+        vec_file,
+        "--vectors",
+        "-k",
+        "2",
+        "--output",
+        jsonl,
+        "--method",
+        "retrac",
+    )
+    assert res.exit_code == 0, res.output
+    assert len(jsonl.read_text().splitlines()) == 5
+    assert (
+        "must end in .jsonl or .npz"
+        in run("query", built_dir, vec_file, "--vectors", "-o", tmp_path / "x.txt").output
+    )
+
+
+def test_report_command(tmp_path, built_dir):
+    res = run("report", built_dir, "-k", "2", "--figures", tmp_path / "fig")
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output)
+    assert isinstance(out, dict) and out
+    assert any((tmp_path / "fig").glob("*.png"))

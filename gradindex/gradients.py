@@ -1,0 +1,276 @@
+"""Per-sample, per-draw loss gradients and their aggregation into TracIn / ReTrac vectors.
+
+Holds:
+- ``select_parameters``: the parameters gradients are taken over (glob patterns on names).
+- ``diffusion_loss``: the per-sample denoising loss ℓ(θ; x0, t, ε) of DESIGN §1.
+- ``GradientFeaturizer``: for one checkpoint, turns a batch of clean images into
+  a_c (TracIn, raw mean over draws), r_c (ReTrac, mean over timesteps of unit-normalized
+  per-timestep means) and the per-draw gradient norms — all in full parameter space, before
+  any projection (projection is linear, so aggregating first costs one projection per vector).
+
+Per-item gradients come from one of two backends, over items that fold (timestep, sample,
+noise draw) into batches of at most ``max_items`` rows and ``max_bytes`` of gradients:
+- ``hooks`` (``gradindex.persample.HookGradients``): one batched forward/backward with module
+  hooks; needs a batch-independent model whose selected parameters sit in Linear, Conv2d,
+  GroupNorm or LayerNorm modules (a diffusers UNet2DModel qualifies). Close to the cost of a
+  plain batched backward.
+- ``vmap``: torch.func ``vmap(grad(loss))``; any model, but on CPU diffusers' attention has no
+  vmap batching rule, so it runs close to a per-item loop.
+``auto`` (the default) takes hooks when the model supports them, vmap otherwise.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch.func import functional_call, grad, vmap
+
+from gradindex.errors import ModelError, SpecError
+from gradindex.models import Checkpoint, model_output
+from gradindex.persample import HookGradients
+from gradindex.spec import BuildSpec
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "hooks", "vmap")
+
+
+class _Scratch:
+    """Reusable float32 buffers (per purpose and device) for the [I, p] per-item gradients and
+    the [B, p] per-timestep means, shared by every featurizer of the process (they run one at a
+    time). Fresh memory costs a page fault per 4 KiB on first touch (measured ~1 ms/MB here, as
+    much as forming the gradients), so the buffers are kept between calls; the larger holds at
+    most ``max_bytes`` (or one timestep's B·M rows)."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[str, torch.device], torch.Tensor] = {}
+
+    def get(self, name: str, rows: int, cols: int, device: torch.device) -> torch.Tensor:
+        key = (name, device)
+        buf = self._buffers.get(key)
+        if buf is None or buf.numel() < rows * cols:
+            self._buffers.pop(key, None)  # free the old one before allocating
+            buf = self._buffers[key] = torch.empty(rows * cols, device=device)
+        return buf[: rows * cols].view(rows, cols)
+
+
+_scratch = _Scratch()
+
+
+def select_parameters(model: torch.nn.Module, patterns: tuple[str, ...] | None) -> list[str]:
+    """Names of the trainable parameters matching any glob pattern (all when None), in
+    ``named_parameters`` order — the order of the flattened gradient vector."""
+    names = [n for n, p in model.named_parameters() if p.requires_grad or patterns is not None]
+    if patterns is None:
+        chosen = names
+    else:
+        chosen = [n for n in names if any(fnmatch.fnmatchcase(n, pat) for pat in patterns)]
+    if not chosen:
+        raise SpecError(
+            f"BuildSpec.params={list(patterns) if patterns else None!r} matches no parameter; "
+            f"names look like {names[:3]}"
+        )
+    return chosen
+
+
+def noisy_input_and_target(
+    x0: torch.Tensor,
+    eps: torch.Tensor,
+    t: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    prediction_type: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x_t = √ᾱ_t x0 + √(1-ᾱ_t) ε and the regression target of the scheduler's prediction type.
+    Shapes: x0, eps [I, C, H, W]; t [I] (long)."""
+    a = alphas_cumprod.to(x0.device, x0.dtype)[t].view(-1, 1, 1, 1)
+    sa, s1a = a.sqrt(), (1.0 - a).sqrt()
+    x_t = sa * x0 + s1a * eps
+    if prediction_type == "epsilon":
+        target = eps
+    elif prediction_type == "v_prediction":
+        target = sa * eps - s1a * x0
+    elif prediction_type == "sample":
+        target = x0
+    else:
+        raise SpecError(f"scheduler prediction_type {prediction_type!r} is not supported")
+    return x_t, target
+
+
+def diffusion_loss(output: torch.Tensor, target: torch.Tensor, loss: str) -> torch.Tensor:
+    """Loss reduced by the mean over one sample's elements."""
+    if loss == "mse":
+        return (output - target).pow(2).mean()
+    if loss == "l1":
+        return (output - target).abs().mean()
+    if loss == "square":
+        return output.pow(2).mean()
+    raise SpecError(f"unknown loss {loss!r}")
+
+
+def item_losses(output: torch.Tensor, target: torch.Tensor, loss: str) -> torch.Tensor:
+    """Per-item ``diffusion_loss`` of a batch: output, target [I, ...] → [I]."""
+    if loss == "mse":
+        return (output - target).pow(2).flatten(1).mean(1)
+    if loss == "l1":
+        return (output - target).abs().flatten(1).mean(1)
+    if loss == "square":
+        return output.pow(2).flatten(1).mean(1)
+    raise SpecError(f"unknown loss {loss!r}")
+
+
+@dataclass
+class Features:
+    """Full-space features of a batch for one checkpoint."""
+
+    tracin: torch.Tensor  # [B, p]  a_c = mean_k ḡ_k
+    retrac: torch.Tensor  # [B, p]  r_c = mean_k ḡ_k / ‖ḡ_k‖
+    norms: torch.Tensor  # [B, K·M] ‖g_{k,m}‖ per draw, draws in spec order
+
+
+class GradientFeaturizer:
+    """Per-sample gradients of one checkpoint over the selected parameters.
+
+    ``backend``: "auto" (hooks when the model supports them, else vmap), "hooks" or "vmap"; all
+    give the same numbers. ``max_items`` / ``max_bytes``: caps on the items (timestep × sample ×
+    noise draw) of one batched gradient call and on their [items, p] float32 gradients, which
+    bound memory (activations grow with items too); a call holds whole timesteps, so at least
+    the B·M items of one."""
+
+    def __init__(
+        self,
+        checkpoint: Checkpoint,
+        spec: BuildSpec,
+        device: str | torch.device = "cpu",
+        backend: str = "auto",
+        max_items: int = 128,
+        max_bytes: int = 512 * 2**20,
+    ):
+        if backend not in BACKENDS:
+            raise SpecError(f"backend={backend!r}: must be one of {', '.join(BACKENDS)}")
+        if not isinstance(max_items, int) or max_items <= 0:
+            raise SpecError(f"max_items={max_items!r}: must be a positive integer")
+        if not isinstance(max_bytes, int) or max_bytes <= 0:
+            raise SpecError(f"max_bytes={max_bytes!r}: must be a positive integer")
+        self.spec = spec
+        self.max_items = max_items
+        self.max_bytes = max_bytes
+        self.device = torch.device(device)
+        self.model = checkpoint.model.to(self.device).eval()
+        self.prediction_type = checkpoint.prediction_type
+        self.alphas_cumprod = checkpoint.scheduler.alphas_cumprod.to(self.device, torch.float32)
+        self.param_names = select_parameters(self.model, spec.params)
+        named = dict(self.model.named_parameters())
+        self.params = {n: named[n].detach() for n in self.param_names}
+        chosen = set(self.param_names)
+        self.frozen = {n: p.detach() for n, p in named.items() if n not in chosen}
+        self.frozen.update(dict(self.model.named_buffers()))
+        self.num_params = sum(p.numel() for p in self.params.values())
+        self._per_item_grad = vmap(grad(self._item_loss), in_dims=(None, 0, 0, 0))
+        self._hooks: HookGradients | None = None
+        supported = HookGradients.supports(self.model, self.param_names)
+        if backend == "hooks" and not supported:
+            raise ModelError(
+                "backend='hooks' needs a batch-independent model (no BatchNorm) whose selected "
+                "parameters belong to Linear, Conv2d, GroupNorm or LayerNorm modules; use 'vmap'"
+            )
+        if backend != "vmap" and supported:
+            self._hooks = HookGradients(
+                self.model,
+                self.param_names,
+                lambda out, target: item_losses(out, target, spec.loss),
+            )
+        self.backend = "hooks" if self._hooks is not None else "vmap"
+        logger.info(
+            "%s: per-item gradients via %s (%d parameters)",
+            checkpoint.source,
+            self.backend,
+            self.num_params,
+        )
+
+    def _item_loss(
+        self,
+        params: dict[str, torch.Tensor],
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        target: torch.Tensor,
+    ) -> torch.Tensor:
+        out = model_output(
+            lambda x, tt: functional_call(self.model, {**self.frozen, **params}, (x, tt)),
+            x_t[None],
+            t[None],
+        )
+        return diffusion_loss(out, target[None], self.spec.loss)
+
+    def item_gradients(
+        self,
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        target: torch.Tensor,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """[I, C, H, W], [I], [I, C, H, W] → flattened per-item gradients [I, p], columns in
+        ``param_names`` order; written into ``out`` ([I, p] float32) when given."""
+        if self._hooks is not None:
+            return self._hooks.item_gradients(x_t, t, target, out=out)
+        grads = self._per_item_grad(self.params, x_t, t, target)
+        flat = [grads[n].reshape(x_t.shape[0], -1) for n in self.param_names]
+        return torch.cat(flat, dim=1) if out is None else torch.cat(flat, dim=1, out=out)
+
+    def featurize(self, x0: torch.Tensor, draws: list[tuple[int, torch.Tensor]]) -> Features:
+        """x0: [B, C, H, W] in the model's range; draws: the spec's K·M (t, ε) pairs."""
+        spec = self.spec
+        K, M = spec.num_timesteps, spec.noise_draws
+        if len(draws) != K * M:
+            raise SpecError(f"expected {K * M} draws, got {len(draws)}")
+        x0 = x0.to(self.device, torch.float32)
+        B = x0.shape[0]
+        tracin = torch.zeros(B, self.num_params, device=self.device)
+        retrac = torch.zeros_like(tracin)
+        norms = torch.empty(B, K * M, device=self.device)
+        items = min(self.max_items, self.max_bytes // (4 * self.num_params))
+        step = max(1, min(K, items // (B * M)))  # timesteps per gradient call
+        buf = _scratch.get("items", step * B * M, self.num_params, self.device)  # [k·B·M, p]
+        g_sum = _scratch.get("mean", B, self.num_params, self.device) if M > 1 else None  # [B, p]
+        for k0 in range(0, K, step):
+            ks = range(k0, min(K, k0 + step))
+            # items ordered (k, b, m): a reshape gives [k, B, M, p]
+            eps = torch.stack([draws[k * M + m][1] for k in ks for m in range(M)]).to(
+                self.device
+            )  # [k·M, C, H, W]
+            shape = x0.shape[1:]  # (C, H, W)
+            eps_rep = eps.view(len(ks), 1, M, *shape).expand(
+                -1, B, -1, -1, -1, -1
+            )  # [k, B, M, C, H, W]
+            x_rep = x0.view(1, B, 1, *shape).expand(
+                len(ks), -1, M, -1, -1, -1
+            )  # [k, B, M, C, H, W]
+            ts = torch.tensor(
+                [[draws[k * M + m][0] for m in range(M)] for k in ks], device=self.device
+            )
+            t_rep = ts.view(len(ks), 1, M).expand(-1, B, -1).reshape(-1)  # [k·B·M] long
+            x_t, target = noisy_input_and_target(
+                x_rep.reshape(-1, *shape),
+                eps_rep.reshape(-1, *shape),
+                t_rep,
+                self.alphas_cumprod,
+                self.prediction_type,
+            )
+            rows = buf[: len(ks) * B * M]
+            g = self.item_gradients(x_t, t_rep, target, out=rows).view(
+                len(ks), B, M, -1
+            )  # [k, B, M, p]
+            for j, k in enumerate(ks):  # in place: [B, p] temporaries would page-fault too
+                draw_norms = g[j].norm(dim=2)  # [B, M]
+                norms[:, k * M : (k + 1) * M] = draw_norms
+                if g_sum is None:  # M = 1: ḡ_k is the draw itself
+                    s, s_norm = g[j, :, 0], draw_norms  # [B, p], [B, 1]
+                else:
+                    s = torch.sum(g[j], dim=1, out=g_sum)  # [B, p]  M·ḡ_k
+                    s_norm = s.norm(dim=1, keepdim=True)
+                tracin.add_(s, alpha=1.0 / (M * K))
+                retrac.addcmul_(s, 1.0 / (s_norm * K))  # ḡ_k / ‖ḡ_k‖ / K
+            del g
+        return Features(tracin=tracin, retrac=retrac, norms=norms)
