@@ -21,12 +21,11 @@ import numpy as np
 import torch
 
 from gradindex.errors import SpecError
+from gradindex.projection import PROJECTIONS
 
 LOSSES = ("mse", "l1", "square")
-PROJECTIONS = ("identity", "gaussian", "sjlt")
 STORE_DTYPES = ("float32", "float16")
 RESIZE_MODES = ("bilinear", "nearest", "error")
-METHODS = ("tracin", "retrac")
 
 
 def _help(text: str, default: Any) -> Any:
