@@ -299,7 +299,8 @@ def sample_images(
     if sampler not in SAMPLERS:
         raise DataError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
     try:
-        pipe = DDPMPipeline.from_pretrained(str(pipeline_dir))
+        # low_cpu_mem_usage=False: the small model loads directly (no `accelerate` needed or warned about)
+        pipe = DDPMPipeline.from_pretrained(str(pipeline_dir), low_cpu_mem_usage=False)
     except (OSError, ValueError) as exc:
         raise ModelError(f"{pipeline_dir}: not a DDPMPipeline folder ({exc})") from None
     if sampler == "ddim":
