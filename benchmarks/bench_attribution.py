@@ -245,13 +245,9 @@ def stage_fidelity() -> None:
     from gradindex.embedding import projection_seed
     from gradindex.projection import make_projector
     from gradindex.spec import BuildSpec
-    from gradindex.training import load_digits_images
 
     ckpt_dirs, weights = _full_checkpoints()
-    digits = load_digits_images(16)
-    rows = np.sort(np.random.default_rng(SEED).choice(len(digits), FIDELITY_N, replace=False))
-    queries = generated_queries("full")[:FIDELITY_Q]
-    images = np.concatenate([queries, digits[rows]])
+    images = _fidelity_images()
     spec = BuildSpec()
     t0 = time.perf_counter()
     f = _featurize_full_space(ckpt_dirs, images, spec)
@@ -259,6 +255,7 @@ def stage_fidelity() -> None:
     logger.info("fidelity: featurized %d images in %.0f s", len(images), feat_s)
     q, t = slice(0, FIDELITY_Q), slice(FIDELITY_Q, None)
     exact = _scores(f["A"], f["R"], weights, q, t)
+    np.savez(CACHE / "fidelity_exact.npz", **exact, norms=f["norms"], seconds=feat_s)
     results = []
     for kind in ("sjlt", "gaussian"):
         for d in FIDELITY_DIMS if kind == "sjlt" else GAUSSIAN_DIMS:
@@ -277,6 +274,65 @@ def stage_fidelity() -> None:
                 logger.info("fidelity %s", row)
             _save_json(CACHE / "fidelity.json", _fidelity_record(results, f, weights, feat_s))
     _save_json(CACHE / "fidelity.json", _fidelity_record(results, f, weights, feat_s))
+
+
+def _fidelity_images() -> np.ndarray:
+    """The fidelity stage's images: FIDELITY_Q generated queries, then FIDELITY_N digits."""
+    from gradindex.training import load_digits_images
+
+    digits = load_digits_images(16)
+    rows = np.sort(np.random.default_rng(SEED).choice(len(digits), FIDELITY_N, replace=False))
+    return np.concatenate([generated_queries("full")[:FIDELITY_Q], digits[rows]])
+
+
+def stage_fidelity_kronecker() -> None:
+    """Kronecker-factored projection (projected inside the hooks) against the exact scores the
+    fidelity stage cached, at d in {1024, 4096}; its norms must equal the exact ones."""
+    from gradindex.embedding import projection_seed
+    from gradindex.kronecker import KroneckerFeaturizer
+    from gradindex.models import load_checkpoints
+    from gradindex.spec import BuildSpec
+
+    if not (CACHE / "fidelity_exact.npz").exists():  # exact scores only, not the other projectors
+        ckpt_dirs, weights = _full_checkpoints()
+        t0 = time.perf_counter()
+        f = _featurize_full_space(ckpt_dirs, _fidelity_images(), BuildSpec())
+        exact = _scores(f["A"], f["R"], weights, slice(0, FIDELITY_Q), slice(FIDELITY_Q, None))
+        np.savez(CACHE / "fidelity_exact.npz", **exact, norms=f["norms"],
+                 seconds=time.perf_counter() - t0)  # fmt: skip
+        del f
+    with np.load(CACHE / "fidelity_exact.npz") as z:
+        exact = {m: z[m] for m in ("tracin", "retrac")}
+        exact_norms = z["norms"]
+    ckpt_dirs, weights = _full_checkpoints()
+    ckpts = load_checkpoints([str(c) for c in ckpt_dirs])
+    x0 = torch.from_numpy(_fidelity_images()) * 2.0 - 1.0
+    q, t = slice(0, FIDELITY_Q), slice(FIDELITY_Q, None)
+    fid = _load("fidelity")
+    results = [r for r in fid["rows"] if r["projection"] != "kronecker"]
+    for d in (1024, 4096):
+        spec = BuildSpec(projection="kronecker", proj_dim=d)
+        spec = spec.replace(num_train_timesteps=ckpts[0].num_train_timesteps)
+        draws = spec.draws(ckpts[0].sample_shape())
+        t1 = time.perf_counter()
+        PA, PR, norms = [], [], []
+        for c, ck in enumerate(ckpts):
+            feat = KroneckerFeaturizer(ck, spec, projection_seed(spec.proj_seed, c))
+            parts = [feat.featurize(x0[i : i + 16], draws) for i in range(0, len(x0), 16)]
+            PA.append(torch.cat([f.tracin for f in parts]).numpy())
+            PR.append(torch.cat([f.retrac for f in parts]).numpy())
+            norms.append(torch.cat([f.norms for f in parts]).numpy())
+        seconds = time.perf_counter() - t1
+        norm_err = float(np.max(np.abs(np.stack(norms, 1) - exact_norms) / exact_norms))
+        approx = _scores(np.stack(PA), np.stack(PR), weights, q, t)
+        for m in ("tracin", "retrac"):
+            row = {"projection": "kronecker", "d": d, "method": m, "project_seconds": None,
+                   "featurize_seconds": seconds, "max_rel_norm_error": norm_err}  # fmt: skip
+            row.update(_agreement(exact[m], approx[m]))
+            results.append(row)
+            logger.info("fidelity %s", row)
+    fid["rows"] = results
+    _save_json(CACHE / "fidelity.json", fid)
 
 
 def _fidelity_record(results: list, f: dict, weights: list[float], feat_s: float) -> dict:
@@ -637,8 +693,8 @@ def _plot_fidelity(fid: dict, path: Path) -> None:
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(9.0, 3.4))
     for (kind, m), style in zip(
-        [(k, m) for k in ("sjlt", "gaussian") for m in ("tracin", "retrac")],
-        ["o-", "s-", "o--", "s--"],
+        [(k, m) for k in ("sjlt", "gaussian", "kronecker") for m in ("tracin", "retrac")],
+        ["o-", "s-", "o--", "s--", "^:", "v:"],
         strict=True,
     ):
         rows = [r for r in fid["rows"] if r["projection"] == kind and r["method"] == m]
@@ -664,6 +720,12 @@ def _plot_fidelity(fid: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _proj_s(row: dict) -> str:
+    if row.get("project_seconds") is None:  # kronecker: projected inside the gradient hooks
+        return f"in hooks (featurize {row['featurize_seconds']:.0f} s)"
+    return f"{row['project_seconds']:.0f}"
 
 
 def _fmt(x: float, nd: int = 3) -> str:
@@ -703,7 +765,7 @@ def stage_summarize() -> None:
             md.append(
                 f"| {r['projection']} | {r['d']} | {r['method']} | {_fmt(r['spearman'], 4)} "
                 f"({_fmt(r['spearman_min'])}) | {_fmt(r['top10'])} ({_fmt(r['top10_min'], 1)}) | "
-                f"{_fmt(r['top100'])} ({_fmt(r['top100_min'], 2)}) | {r['project_seconds']:.0f} |"
+                f"{_fmt(r['top100'])} ({_fmt(r['top100_min'], 2)}) | {_proj_s(r)} |"
             )
         md.append("")
     if main_:
@@ -839,6 +901,7 @@ STAGES = {
     "train-outliers": stage_train_outliers,
     "queries": stage_queries,
     "fidelity": stage_fidelity,
+    "fidelity-kronecker": stage_fidelity_kronecker,
     "main": stage_main,
     "outliers": stage_outliers,
     "replay-rows": stage_replay_rows,

@@ -17,6 +17,7 @@ Writes ``benchmarks/results/search.json`` and ``benchmarks/results/search.md``.
 
     python benchmarks/bench_search.py                 # N = 1e4, 1e5
     python benchmarks/bench_search.py --large         # adds N = 1e6 (run once, record it)
+    python benchmarks/bench_search.py --sizes --large --dims 512 --name search_1e6  # 1e6 only
 """
 
 from __future__ import annotations
@@ -269,6 +270,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="FAISS threads (default: all)")
     ap.add_argument("--demo-rows", type=Path, default=HERE / "cache" / "demo_rows.npz")
     ap.add_argument("--out", type=Path, default=HERE / "results")
+    ap.add_argument("--name", default="search", help="results file stem (<name>.json, <name>.md)")
     args = ap.parse_args()
     threads = set_num_threads(args.threads)
     threadpool_limits(limits=threads, user_api="blas")  # numpy baseline: same thread count
@@ -307,10 +309,10 @@ def main() -> None:
     res["load_average_at_end"] = os.getloadavg()
     res["checks"] = checks(res)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "search.json").write_text(json.dumps(res, indent=2, sort_keys=True) + "\n")
-    (args.out / "search.md").write_text(to_markdown(res))
+    (args.out / f"{args.name}.json").write_text(json.dumps(res, indent=2, sort_keys=True) + "\n")
+    (args.out / f"{args.name}.md").write_text(to_markdown(res))
     print("\n".join(res["checks"]))
-    print(f"wrote {args.out / 'search.json'} and search.md in {res['total_seconds']:.0f} s")
+    print(f"wrote {args.out / args.name}.json and .md in {res['total_seconds']:.0f} s")
 
 
 if __name__ == "__main__":

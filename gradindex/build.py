@@ -12,6 +12,7 @@ complete; ``resume=True`` finishes it, skipping rows already marked done.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import time
 import warnings
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from gradindex.conditioning import Conditioner, ConditioningData, load_conditioning
 from gradindex.data import load_images, resolve_data_range, to_model_input
 from gradindex.embedding import Embedder
 from gradindex.errors import GradIndexError, IndexStateError, ModelError, SpecError
@@ -37,6 +39,7 @@ from gradindex.layout import (
 )
 from gradindex.models import CheckpointSource, load_checkpoints
 from gradindex.search import METHODS, VectorIndex
+from gradindex.shards import shard_rows
 from gradindex.spec import BuildSpec
 from gradindex.store import VectorStore
 
@@ -55,38 +58,60 @@ def build_index(
     model: torch.nn.Module | None = None,
     scheduler: Any = None,
     ids: np.ndarray | list | None = None,
+    labels: Any = None,
+    prompts: Any = None,
+    base_model: Any = None,
     index: str = "flat",
     target_recall: float = 0.95,
     device: str = "cpu",
     resume: bool = False,
     overwrite: bool = False,
     progress: bool = True,
+    shard: tuple[int, int] | None = None,
 ) -> AttributionIndex:
     """Build an attribution index over ``data`` at ``checkpoints`` into the folder ``out``.
 
     checkpoints: diffusers folders, ``(module, scheduler)`` pairs, or state dicts / weight files
     applied to ``model``. data: an array, ``.npy``/``.npz``, ``file.h5:/dataset`` or an image
-    folder. index: the search index kind per method (``flat`` is exact).
+    folder. index: the search index kind per method (``flat`` is exact). shard: ``(i, n)``
+    builds only shard i of n (a contiguous slice of the rows, see ``gradindex.shards``) as an
+    exact index; ``index`` is then recorded for ``merge_shards``. labels / prompts: per-image
+    class labels / captions of a conditional model, when ``data`` does not carry them (see
+    ``gradindex.conditioning``). base_model: the Stable-Diffusion-layout folder holding
+    ``vae/``, ``text_encoder/``, ``tokenizer/`` when the checkpoint folders (and their parent)
+    do not, or a mapping of those component objects.
     """
     from gradindex.query import AttributionIndex
 
     started = time.perf_counter()
     spec = spec or BuildSpec()
     out = Path(out)
-    ckpts = load_checkpoints(_with_model(checkpoints, model), scheduler)
+    ckpts = load_checkpoints(_with_model(checkpoints, model), scheduler, base_model)
     spec = _resolve_timesteps(spec, ckpts[0].num_train_timesteps)
     spec.weights(len(ckpts))  # checks the count
+    conditioner = Conditioner.for_checkpoints(ckpts, base_model, spec.latents, spec.seed, device)
 
     images, data_ids = load_images(data)
     row_ids = _resolve_ids(ids, data_ids, len(images))
+    cond_data = load_conditioning(data, data_ids, len(images), conditioner.kind, labels, prompts)
     if spec.data_range is None:
         spec = spec.replace(data_range=resolve_data_range(images))
-    channels, height, width = ckpts[0].sample_shape()
+    channels, height, width = conditioner.image_shape(ckpts[0].sample_shape())
     prep = dict(
         channels=channels, size=(height, width), data_range=spec.data_range, resize=spec.resize
     )
+    shard_info = None
+    if shard is not None:  # after data_range: every shard resolves it from the whole dataset
+        lo, hi = shard_rows(shard, len(images))
+        shard_info = {"index": shard[0], "count": shard[1], "start": lo, "stop": hi}
+        shard_info["total_rows"] = len(images)
+        images, row_ids = images[lo:hi], row_ids[lo:hi]
+        cond_data = cond_data.rows(lo, hi)
     for start in range(0, len(images), 4096):  # validate everything before writing anything
         to_model_input(images[start : start + 4096], **prep)
+    if conditioner.kind == "class":  # labels in the model's range
+        conditioner.model_kwargs(cond_data, len(images))
+    cond_record = conditioner.record(cond_data)
 
     state = {
         "spec": spec.to_dict(),
@@ -94,6 +119,10 @@ def build_index(
         "num_rows": len(images),
         "format_version": FORMAT_VERSION,
     }
+    if shard_info is not None:
+        state["shard"] = shard_info
+    if conditioner.kind != "none" or conditioner.vae is not None:
+        state["conditioning"] = {**cond_record, "data": cond_data.digest()}
     _prepare_folder(out, state, resume=resume, overwrite=overwrite)
 
     embedder = Embedder(ckpts, spec, device)
@@ -113,8 +142,9 @@ def build_index(
             spec.store_dtype,
             {"spec": spec.to_json(), "format_version": FORMAT_VERSION},
         )
+        _add_conditioning_columns(store, conditioner, cond_data, embedder.sample_shape)
     try:
-        _fill_rows(store, embedder, images, prep, spec, progress)
+        _fill_rows(store, embedder, images, prep, spec, progress, conditioner, cond_data)
         flagged = store.flagged
         vectors = {m: store.vectors(m) for m in METHODS}
     except OSError as exc:
@@ -136,7 +166,10 @@ def build_index(
     index_info = {}
     for method in METHODS:
         vindex = VectorIndex.build(
-            vectors[method][keep], method, kind=index, target_recall=target_recall
+            vectors[method][keep],
+            method,
+            kind="flat" if shard_info else index,  # the merged index gets the asked kind
+            target_recall=target_recall,
         )
         vindex.save(out / faiss_file(method))
         index_info[method] = vindex.info
@@ -152,18 +185,30 @@ def build_index(
         "versions": package_versions(),
         "dim": embedder.dim,
         "proj_dim": embedder.block_dim,
+        "layers": embedder.layer_routes(),
         "num_params": embedder.num_params,
         "num_flagged": int(flagged.sum()),
         "sample_shape": list(embedder.sample_shape),
+        "image_shape": [channels, height, width],
+        "conditioning": cond_record,
+        "base_model": str(Path(base_model).resolve())
+        if isinstance(base_model, (str, os.PathLike))
+        else None,
         "prediction_type": ckpts[0].prediction_type,
         "timesteps": spec.timestep_values(),
         "indexes": index_info,
         "files": file_records(out),
         "build_seconds": round(time.perf_counter() - started, 3),
     }
+    if shard_info is not None:
+        manifest["shard"] = {
+            **shard_info,
+            "merge_index": index,
+            "merge_target_recall": target_recall,
+        }
     write_json_atomic(out / MANIFEST, manifest)
     (out / BUILD_STATE).unlink(missing_ok=True)
-    return AttributionIndex.open(out, checkpoints=ckpts, device=device)
+    return AttributionIndex.open(out, checkpoints=ckpts, device=device, base_model=base_model)
 
 
 def _write_error(out: Path, exc: OSError) -> IndexStateError:
@@ -188,8 +233,13 @@ def _fill_rows(
     prep: dict[str, Any],
     spec: BuildSpec,
     progress: bool,
+    conditioner: Conditioner | None = None,
+    cond_data: ConditioningData | None = None,
 ) -> None:
-    """Embed every row not yet done, batch by batch, committing each batch to disk."""
+    """Embed every row not yet done, batch by batch, committing each batch to disk (a latent
+    model's latents first, so a row marked done has its latent too)."""
+    conditioner = conditioner or Conditioner("none")
+    cond_data = cond_data or ConditioningData()
     done = store.done
     todo = np.flatnonzero(~done)
     bar = tqdm(
@@ -202,10 +252,29 @@ def _fill_rows(
     )
     with bar:
         for start, stop in _contiguous_batches(todo, spec.batch_size):
-            x0 = to_model_input(images[start:stop], **prep)
-            emb = embedder.embed(x0)
+            x0 = conditioner.encode_images(to_model_input(images[start:stop], **prep))
+            if conditioner.vae is not None:
+                store.write_column("latents", start, x0.cpu().numpy())
+            cond = conditioner.model_kwargs(cond_data.rows(start, stop), stop - start)
+            emb = embedder.embed(x0, cond)
             store.write_rows(start, emb.tracin, emb.retrac, emb.norms, emb.flagged)
             bar.update(stop - start)
+
+
+def _add_conditioning_columns(
+    store: VectorStore,
+    conditioner: Conditioner,
+    cond_data: ConditioningData,
+    sample_shape: tuple[int, ...],
+) -> None:
+    """The labels / captions the rows were computed with, and room for a latent model's
+    latents, stored next to the rows in ``vectors.h5``."""
+    if cond_data.labels is not None:
+        store.add_column("labels", cond_data.labels)
+    if cond_data.prompts is not None:
+        store.add_column("prompts", cond_data.prompts)
+    if conditioner.vae is not None:
+        store.add_column("latents", shape=tuple(sample_shape))
 
 
 def _contiguous_batches(rows: np.ndarray, size: int):

@@ -18,7 +18,14 @@ import click
 import numpy as np
 
 from gradindex.errors import GradIndexError
-from gradindex.spec import LOSSES, PROJECTIONS, RESIZE_MODES, STORE_DTYPES, BuildSpec
+from gradindex.spec import (
+    LATENT_MODES,
+    LOSSES,
+    RESIZE_MODES,
+    SPEC_PROJECTIONS,
+    STORE_DTYPES,
+    BuildSpec,
+)
 
 
 class _Group(click.Group):
@@ -57,12 +64,33 @@ def main() -> None:
 # -- spec options generated from BuildSpec fields, so its docs are the CLI's help -----------
 
 _CHOICES = {
-    "projection": PROJECTIONS,
+    "projection": SPEC_PROJECTIONS,
     "loss": LOSSES,
     "store_dtype": STORE_DTYPES,
     "resize": RESIZE_MODES,
+    "latents": LATENT_MODES,
 }
 _SKIP = {"num_train_timesteps"}
+
+
+def _conditioning_options(func: Any) -> Any:
+    return click.option(
+        "--base-model",
+        default=None,
+        type=click.Path(exists=True, file_okay=False),
+        help="Stable-Diffusion-layout folder with vae/, text_encoder/, tokenizer/ (and unet/ "
+        "for LoRA checkpoints), when the checkpoint folders and their parent hold none.",
+    )(func)
+
+
+def _read_lines(path: str, labels: bool = False) -> Any:
+    """Prompts (or labels) from a file: one per line; labels may also be a .npy array."""
+    if labels and path.endswith(".npy"):
+        return np.load(path, allow_pickle=False)
+    lines = [ln for ln in Path(path).read_text().splitlines() if ln.strip()]
+    if not labels:
+        return lines
+    return [int(ln) if ln.strip().lstrip("-").isdigit() else ln.strip() for ln in lines]
 
 
 def _spec_options(func: Any) -> Any:
@@ -144,6 +172,30 @@ def _spec_from_options(config: str | None, options: dict[str, Any]) -> BuildSpec
 @click.option("--device", default="cpu", show_default=True, help="torch device for gradients.")
 @click.option("--resume", is_flag=True, help="Finish an interrupted build in --out.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing index in --out.")
+@click.option(
+    "--shard",
+    default=None,
+    metavar="I/N",
+    help="Build only shard I of N (a contiguous slice of the rows, numbered from 0) into --out, "
+    "e.g. one job of a SLURM array; join the shards with 'gradindex merge'.",
+)
+@_conditioning_options
+@click.option(
+    "--labels",
+    "labels_file",
+    default=None,
+    type=click.Path(exists=True, dir_okay=False),
+    help="Class labels of a class-conditional model, one per image (.npy, or text: one per "
+    "line), when --data carries none (an .npz 'labels' array or class sub-folders).",
+)
+@click.option(
+    "--prompts",
+    "prompts_file",
+    default=None,
+    type=click.Path(exists=True, dir_okay=False),
+    help="Captions of a text-to-image model, one per line, when --data carries none (an image "
+    "folder with metadata.jsonl, or an .npz 'captions' array).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the index summary as JSON.")
 @_spec_options
 def build(
@@ -156,14 +208,51 @@ def build(
     device: str,
     resume: bool,
     overwrite: bool,
+    shard: str | None,
+    base_model: str | None,
+    labels_file: str | None,
+    prompts_file: str | None,
     as_json: bool,
     **spec_options: Any,
 ) -> None:
-    """Build a TracIn + ReTrac index over training DATA at CHECKPOINTs."""
+    """Build a TracIn + ReTrac index over training DATA at CHECKPOINTs.
+
+    Under torchrun (RANK / WORLD_SIZE set) every process builds its own shard into
+    OUT.shards/ and rank 0 merges them into OUT.
+    """
     from gradindex.build import build_index
+    from gradindex.distributed import distributed_build, world_from_env
+    from gradindex.errors import SpecError
+    from gradindex.shards import parse_shard
 
     spec = _spec_from_options(config, spec_options)
+    cond = {
+        "base_model": base_model,
+        "labels": _read_lines(labels_file, labels=True) if labels_file else None,
+        "prompts": _read_lines(prompts_file) if prompts_file else None,
+    }
+    if world_from_env() is not None and any(v is not None for v in cond.values()):
+        raise SpecError("--base-model / --labels / --prompts are not supported under torchrun yet")
+    if world_from_env() is not None:
+        if shard:
+            raise SpecError("--shard and a torchrun launch both split the rows; use one of them")
+        merged = distributed_build(
+            checkpoints=list(checkpoints),
+            data=data,
+            out=out,
+            spec=spec,
+            scheduler=scheduler,
+            index=index_kind,
+            device=device,
+            resume=resume,
+            overwrite=overwrite,
+        )
+        if merged is not None:  # rank 0
+            _print_info(merged.info(), as_json)
+        return
     idx = build_index(
+        **cond,
+        shard=parse_shard(shard) if shard else None,
         checkpoints=list(checkpoints),
         data=data,
         out=out,
@@ -203,6 +292,28 @@ def build(
     help="Write results to a file instead of the terminal: .jsonl (one record per query "
     "and method) or .npz (<method>_scores, <method>_rows, <method>_ids arrays).",
 )
+@click.option(
+    "--label",
+    "labels",
+    multiple=True,
+    help="Class-conditional index: the class of the query images (a number, or a class "
+    "sub-folder name); once for all images or once per image. Default: from IMAGES (an .npz "
+    "'labels' array or class sub-folders).",
+)
+@click.option(
+    "--prompt",
+    "prompts",
+    multiple=True,
+    help="Text-to-image index: the prompt of the query images; once for all images or once per "
+    "image. Default: from IMAGES (metadata.jsonl or an .npz 'captions' array).",
+)
+@click.option(
+    "--prompt-file",
+    default=None,
+    type=click.Path(exists=True, dir_okay=False),
+    help="Text-to-image index: prompts, one per line, one per query image.",
+)
+@_conditioning_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON record per query and method.")
 def query(
     index_dir: str,
@@ -212,6 +323,10 @@ def query(
     exact: bool,
     from_vectors: bool,
     output: str | None,
+    labels: tuple[str, ...],
+    prompts: tuple[str, ...],
+    prompt_file: str | None,
+    base_model: str | None,
     as_json: bool,
 ) -> None:
     """Top-k training samples for each test image in IMAGES (same formats as --data).
@@ -222,9 +337,18 @@ def query(
 
     if output and not output.endswith((".jsonl", ".npz")):
         raise click.BadParameter("must end in .jsonl or .npz", param_hint="--output")
-    idx = AttributionIndex.open(index_dir)
+    if prompts and prompt_file:
+        raise click.BadParameter("give --prompt or --prompt-file, not both", param_hint="--prompt")
+    if from_vectors and (labels or prompts or prompt_file):
+        raise click.BadParameter("query vectors are already conditioned", param_hint="--vectors")
+    idx = AttributionIndex.open(index_dir, base_model=base_model)
     methods = ["tracin", "retrac"] if method == "both" else [method]
-    vecs, names = _query_vectors(idx, images, methods, from_vectors)
+    one_or_all = lambda v: (v[0] if len(v) == 1 else list(v)) if v else None  # noqa: E731
+    cond = {
+        "labels": one_or_all(labels),
+        "prompts": _read_lines(prompt_file) if prompt_file else one_or_all(prompts),
+    }
+    vecs, names = _query_vectors(idx, images, methods, from_vectors, cond)
     results = {m: idx.search(vecs[m], k, m, exact=exact) for m in methods}
     if output and output.endswith(".npz"):
         arrays = {}
@@ -251,14 +375,23 @@ def query(
         click.echo("\n".join(lines))
 
 
-def _query_vectors(idx: Any, source: str, methods: list[str], from_vectors: bool):
+def _query_vectors(
+    idx: Any, source: str, methods: list[str], from_vectors: bool, cond: dict[str, Any]
+):
     """{method: [B, D]} and the query names, from images or from stored vectors."""
+    from gradindex.conditioning import load_conditioning
     from gradindex.data import load_images
     from gradindex.errors import DataError
 
     if not from_vectors:
         arr, names = load_images(source)
-        return idx.embed(arr), names
+        kind = idx.conditioning["kind"]
+        if kind != "none" and cond["labels"] is None and cond["prompts"] is None:
+            found = load_conditioning(source, names, len(arr), kind, required=False)
+            cond = {"labels": found.labels, "prompts": found.prompts}  # from the data, as build
+            if found.class_names is not None:  # sub-folder names → the index's class numbers
+                cond["labels"] = [found.class_names[i] for i in found.labels]
+        return idx.embed(arr, **cond), names
     path = Path(source)
     if not path.exists():
         raise DataError(f"{source}: no such file")
@@ -275,6 +408,85 @@ def _query_vectors(idx: Any, source: str, methods: list[str], from_vectors: bool
         raise DataError(f"{source}: query vectors must be .npy or .npz")
     n = len(next(iter(vecs.values())))
     return vecs, np.arange(n)
+
+
+@main.command()
+@click.argument("out", type=click.Path(file_okay=False))
+@click.argument("shard_dirs", nargs=-1, required=True, type=click.Path())
+@click.option(
+    "--index",
+    "index_kind",
+    default=None,
+    help="Search index per method for the merged index (default: what the shards were built "
+    "with --index for): flat, ivf, hnsw, auto, or a FAISS factory string.",
+)
+@click.option("--target-recall", type=float, default=None, help="recall@10 for approximate kinds.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing index in OUT.")
+@click.option("--json", "as_json", is_flag=True, help="Print the index summary as JSON.")
+def merge(
+    out: str,
+    shard_dirs: tuple[str, ...],
+    index_kind: str | None,
+    target_recall: float | None,
+    overwrite: bool,
+    as_json: bool,
+) -> None:
+    """Merge the SHARD_DIRS of 'gradindex build --shard I/N' into one index OUT.
+
+    Checks the shards share spec, checkpoints and model and cover the dataset exactly once;
+    rows end up in dataset order.
+    """
+    from gradindex.shards import merge_shards
+
+    idx = merge_shards(
+        out, list(shard_dirs), index=index_kind, target_recall=target_recall, overwrite=overwrite
+    )
+    _print_info(idx.info(), as_json)
+
+
+@main.command()
+@click.argument("index_dir", type=click.Path())
+@click.argument("data")
+@click.option(
+    "--checkpoint",
+    "-c",
+    "checkpoints",
+    multiple=True,
+    help="Checkpoint folders to use instead of the ones recorded in the index (same weights). "
+    "Repeat, in training order.",
+)
+@click.option(
+    "--scheduler",
+    default=None,
+    type=click.Path(exists=True, file_okay=False),
+    help="Scheduler folder, if the checkpoints hold none.",
+)
+@click.option("--device", default="cpu", show_default=True, help="torch device for gradients.")
+@click.option("--json", "as_json", is_flag=True, help="Print the index summary as JSON.")
+def add(
+    index_dir: str,
+    data: str,
+    checkpoints: tuple[str, ...],
+    scheduler: str | None,
+    device: str,
+    as_json: bool,
+) -> None:
+    """Append the training images in DATA to the finished index INDEX_DIR.
+
+    Same spec and checkpoints as the index; ids must not collide (image files keep their names,
+    array rows continue the index's numbering). The index is replaced in one step at the end, so
+    an interrupted add leaves it as it was.
+    """
+    from gradindex.append import add_samples
+
+    idx = add_samples(
+        index_dir,
+        data,
+        checkpoints=list(checkpoints) or None,
+        scheduler=scheduler,
+        device=device,
+    )
+    _print_info(idx.info(), as_json)
 
 
 @main.command()
@@ -361,9 +573,19 @@ def _print_info(info: dict[str, Any], as_json: bool) -> None:
         f"dim          {info['dim']} = {len(info['checkpoints'])} checkpoint(s) x {info['proj_dim']}"
     )
     click.echo(f"params       {info['num_params']:,} ({spec['projection']} projection)")
+    routes = info.get("layers") or {}
+    if spec["projection"] == "kronecker":
+        for name, route in routes.items():
+            click.echo(f"layer        {name}: {route}")
     click.echo(
         f"draws        {len(info['timesteps'])} timesteps x {spec['noise_draws']} noise, loss {spec['loss']}"
     )
+    cond = info.get("conditioning") or {"kind": "none"}
+    if cond["kind"] != "none" or cond.get("latent"):
+        extra = f"{cond['num_classes']} classes" if cond["kind"] == "class" else ""
+        if cond.get("latent"):
+            extra += f"VAE latents ({cond['latents']}, x{cond['scaling_factor']:g})"
+        click.echo(f"conditioning {cond['kind']}  {extra}")
     for c in info["checkpoints"]:
         click.echo(f"checkpoint   {c['source']}  w={c['weight']:g}  {c['fingerprint']}")
     for m, meta in info["indexes"].items():

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from gradindex.gradients import GradientFeaturizer
+from gradindex.kronecker import KroneckerFeaturizer
 from gradindex.models import Checkpoint
 from gradindex.projection import Projector, make_projector
 from gradindex.spec import BuildSpec
@@ -46,29 +47,48 @@ class Embedder:
         self.spec = spec
         self.device = torch.device(device)
         self.weights = spec.weights(len(checkpoints))
-        self.featurizers = [GradientFeaturizer(c, spec, self.device) for c in checkpoints]
+        seeds = [projection_seed(spec.proj_seed, c) for c in range(len(checkpoints))]
+        self.featurizers: list[GradientFeaturizer]
+        if spec.projection == "kronecker":  # projected inside the hooks: rows are already [B, d]
+            self.featurizers = [
+                KroneckerFeaturizer(c, spec, seed, self.device)
+                for c, seed in zip(checkpoints, seeds, strict=True)
+            ]
+        else:
+            self.featurizers = [GradientFeaturizer(c, spec, self.device) for c in checkpoints]
         self.num_params = self.featurizers[0].num_params
+        kind = "identity" if spec.projection == "kronecker" else spec.projection
         self.projectors: list[Projector] = [
             make_projector(
-                spec.projection,
-                self.num_params,
+                kind,
+                self.featurizers[0].row_dim,
                 spec.proj_dim,
-                projection_seed(spec.proj_seed, c),
+                seed,
                 nnz=spec.sjlt_nnz,
                 device=self.device,
             )
-            for c in range(len(checkpoints))
+            for seed in seeds
         ]
         self.block_dim = self.projectors[0].out_dim
         self.dim = self.block_dim * len(checkpoints)
         self.sample_shape = checkpoints[0].sample_shape()
         self.draws = spec.draws(self.sample_shape)
 
-    def embed(self, x0: torch.Tensor) -> Embedding:
-        """x0: [B, C, H, W] already in the model's range → rows for both methods."""
+    def layer_routes(self) -> dict[str, str]:
+        """How each selected parameter's gradient is projected: 'kronecker d_out x d_in, ghost
+        norm' etc. for factored layers, 'dense' where the per-sample gradient is formed."""
+        feat = self.featurizers[0]
+        if isinstance(feat, KroneckerFeaturizer):
+            return {plan.name: plan.describe() for plan in feat.kron.plan}
+        return dict.fromkeys(feat.param_names, "dense")
+
+    def embed(self, x0: torch.Tensor, cond: dict[str, torch.Tensor] | None = None) -> Embedding:
+        """x0: [B, C, H, W] already in the model's range (latents for a latent model) → rows for
+        both methods. cond: the model's per-sample conditioning keyword arguments
+        (``gradindex.conditioning``), samples first."""
         tracin_blocks, retrac_blocks, norm_blocks = [], [], []
         for feat, proj, w in zip(self.featurizers, self.projectors, self.weights, strict=True):
-            f = feat.featurize(x0, self.draws)
+            f = feat.featurize(x0, self.draws, cond)
             sw = math.sqrt(w)
             tracin_blocks.append(sw * proj.project(f.tracin))  # [B, d]
             pr = proj.project(f.retrac)  # [B, d]

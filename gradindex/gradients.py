@@ -12,8 +12,8 @@ Per-item gradients come from one of two backends, over items that fold (timestep
 noise draw) into batches of at most ``max_items`` rows and ``max_bytes`` of gradients:
 - ``hooks`` (``gradindex.persample.HookGradients``): one batched forward/backward with module
   hooks; needs a batch-independent model whose selected parameters sit in Linear, Conv2d,
-  GroupNorm or LayerNorm modules (a diffusers UNet2DModel qualifies). Close to the cost of a
-  plain batched backward.
+  GroupNorm, LayerNorm or Embedding modules (a diffusers UNet2DModel qualifies, class-conditional
+  too). Close to the cost of a plain batched backward.
 - ``vmap``: torch.func ``vmap(grad(loss))``; any model, but on CPU diffusers' attention has no
   vmap batching rule, so it runs close to a per-item loop.
 ``auto`` (the default) takes hooks when the model supports them, vmap otherwise.
@@ -168,13 +168,15 @@ class GradientFeaturizer:
         self.frozen = {n: p.detach() for n, p in named.items() if n not in chosen}
         self.frozen.update(dict(self.model.named_buffers()))
         self.num_params = sum(p.numel() for p in self.params.values())
-        self._per_item_grad = vmap(grad(self._item_loss), in_dims=(None, 0, 0, 0))
+        self.row_dim = self.num_params  # width of the featurize output (projected ones: d)
+        self._per_item_grad = vmap(grad(self._item_loss), in_dims=(None, 0, 0, 0, 0))
         self._hooks: HookGradients | None = None
         supported = HookGradients.supports(self.model, self.param_names)
         if backend == "hooks" and not supported:
             raise ModelError(
                 "backend='hooks' needs a batch-independent model (no BatchNorm) whose selected "
-                "parameters belong to Linear, Conv2d, GroupNorm or LayerNorm modules; use 'vmap'"
+                "parameters belong to Linear, Conv2d, GroupNorm, LayerNorm or Embedding modules; "
+                "use 'vmap'"
             )
         if backend != "vmap" and supported:
             self._hooks = HookGradients(
@@ -196,11 +198,13 @@ class GradientFeaturizer:
         x_t: torch.Tensor,
         t: torch.Tensor,
         target: torch.Tensor,
+        cond: dict[str, torch.Tensor],
     ) -> torch.Tensor:
         out = model_output(
-            lambda x, tt: functional_call(self.model, {**self.frozen, **params}, (x, tt)),
+            lambda x, tt, **kw: functional_call(self.model, {**self.frozen, **params}, (x, tt), kw),
             x_t[None],
             t[None],
+            {name: c[None] for name, c in cond.items()},
         )
         return diffusion_loss(out, target[None], self.spec.loss)
 
@@ -210,30 +214,54 @@ class GradientFeaturizer:
         t: torch.Tensor,
         target: torch.Tensor,
         out: torch.Tensor | None = None,
+        cond: dict[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """[I, C, H, W], [I], [I, C, H, W] → flattened per-item gradients [I, p], columns in
-        ``param_names`` order; written into ``out`` ([I, p] float32) when given."""
+        ``param_names`` order; written into ``out`` ([I, p] float32) when given. ``cond``: the
+        model's per-item conditioning keyword arguments, items first (``class_labels`` [I])."""
         if self._hooks is not None:
-            return self._hooks.item_gradients(x_t, t, target, out=out)
-        grads = self._per_item_grad(self.params, x_t, t, target)
+            return self._hooks.item_gradients(x_t, t, target, out=out, cond=cond)
+        grads = self._per_item_grad(self.params, x_t, t, target, cond or {})
         flat = [grads[n].reshape(x_t.shape[0], -1) for n in self.param_names]
         return torch.cat(flat, dim=1) if out is None else torch.cat(flat, dim=1, out=out)
 
-    def featurize(self, x0: torch.Tensor, draws: list[tuple[int, torch.Tensor]]) -> Features:
-        """x0: [B, C, H, W] in the model's range; draws: the spec's K·M (t, ε) pairs."""
+    def _draw_rows(
+        self,
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        target: torch.Tensor,
+        out: torch.Tensor,
+        group: int,
+        cond: dict[str, torch.Tensor] | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Rows [I, row_dim] of one gradient call (items ordered (k, b, m), ``group`` = M draws
+        per (k, b)), plus full-space norms per item [I] and of each group's sum [I / M] when the
+        rows are not the full gradients themselves (None: take them from the rows)."""
+        return self.item_gradients(x_t, t, target, out=out, cond=cond), None, None
+
+    def featurize(
+        self,
+        x0: torch.Tensor,
+        draws: list[tuple[int, torch.Tensor]],
+        cond: dict[str, torch.Tensor] | None = None,
+    ) -> Features:
+        """x0: [B, C, H, W] in the model's range (latents for a latent model); draws: the spec's
+        K·M (t, ε) pairs; cond: per-sample conditioning keyword arguments of the model, samples
+        first (``class_labels`` [B], ``encoder_hidden_states`` [B, L, E]), repeated per draw."""
         spec = self.spec
         K, M = spec.num_timesteps, spec.noise_draws
         if len(draws) != K * M:
             raise SpecError(f"expected {K * M} draws, got {len(draws)}")
         x0 = x0.to(self.device, torch.float32)
         B = x0.shape[0]
-        tracin = torch.zeros(B, self.num_params, device=self.device)
+        q = self.row_dim
+        tracin = torch.zeros(B, q, device=self.device)
         retrac = torch.zeros_like(tracin)
         norms = torch.empty(B, K * M, device=self.device)
-        items = min(self.max_items, self.max_bytes // (4 * self.num_params))
+        items = min(self.max_items, self.max_bytes // (4 * q))
         step = max(1, min(K, items // (B * M)))  # timesteps per gradient call
-        buf = _scratch.get("items", step * B * M, self.num_params, self.device)  # [k·B·M, p]
-        g_sum = _scratch.get("mean", B, self.num_params, self.device) if M > 1 else None  # [B, p]
+        buf = _scratch.get("items", step * B * M, q, self.device)  # [k·B·M, q]
+        g_sum = _scratch.get("mean", B, q, self.device) if M > 1 else None  # [B, q]
         for k0 in range(0, K, step):
             ks = range(k0, min(K, k0 + step))
             # items ordered (k, b, m): a reshape gives [k, B, M, p]
@@ -258,18 +286,30 @@ class GradientFeaturizer:
                 self.alphas_cumprod,
                 self.prediction_type,
             )
+            cond_rep = {  # [B, ...] → [k·B·M, ...], items ordered (k, b, m) like x_t
+                name: c.to(self.device)
+                .view(1, B, 1, *c.shape[1:])
+                .expand(len(ks), -1, M, *c.shape[1:])
+                .reshape(-1, *c.shape[1:])
+                for name, c in (cond or {}).items()
+            }
             rows = buf[: len(ks) * B * M]
-            g = self.item_gradients(x_t, t_rep, target, out=rows).view(
-                len(ks), B, M, -1
-            )  # [k, B, M, p]
-            for j, k in enumerate(ks):  # in place: [B, p] temporaries would page-fault too
-                draw_norms = g[j].norm(dim=2)  # [B, M]
+            g, item_norms, sum_norms = self._draw_rows(x_t, t_rep, target, rows, M, cond_rep)
+            g = g.view(len(ks), B, M, -1)  # [k, B, M, q]
+            for j, k in enumerate(ks):  # in place: [B, q] temporaries would page-fault too
+                if item_norms is None:
+                    draw_norms = g[j].norm(dim=2)  # [B, M]
+                else:
+                    draw_norms = item_norms.view(len(ks), B, M)[j]
                 norms[:, k * M : (k + 1) * M] = draw_norms
                 if g_sum is None:  # M = 1: ḡ_k is the draw itself
-                    s, s_norm = g[j, :, 0], draw_norms  # [B, p], [B, 1]
+                    s, s_norm = g[j, :, 0], draw_norms  # [B, q], [B, 1]
                 else:
-                    s = torch.sum(g[j], dim=1, out=g_sum)  # [B, p]  M·ḡ_k
-                    s_norm = s.norm(dim=1, keepdim=True)
+                    s = torch.sum(g[j], dim=1, out=g_sum)  # [B, q]  M·ḡ_k
+                    if sum_norms is None:
+                        s_norm = s.norm(dim=1, keepdim=True)
+                    else:
+                        s_norm = sum_norms.view(len(ks), B, 1)[j]
                 tracin.add_(s, alpha=1.0 / (M * K))
                 retrac.addcmul_(s, 1.0 / (s_norm * K))  # ḡ_k / ‖ḡ_k‖ / K
             del g

@@ -4,10 +4,11 @@ Holds:
 - ``Checkpoint``: one (model, scheduler) pair with its source and weight fingerprint.
 - ``load_checkpoint(source, scheduler=None)``: a diffusers pipeline folder (``unet/`` +
   ``scheduler/``), a model folder (``config.json`` + weights; the layout of diffusers' training
-  scripts' ``checkpoint-<step>/unet``), or an in-memory ``(module, scheduler)`` pair.
+  scripts' ``checkpoint-<step>/unet``), a LoRA folder (``pytorch_lora_weights.safetensors``
+  on a base UNet, see ``gradindex.lora``), or an in-memory ``(module, scheduler)`` pair.
 - ``fingerprint_module``: sha256 over parameter names and bytes — the same for a module in
   memory and the folder it was saved to, so queries can check they use the index's weights.
-- ``model_output``: call any ``(x_t, t) -> output`` module and get a tensor back.
+- ``model_output``: call any ``(x_t, t, **cond) -> output`` module and get a tensor back.
 """
 
 from __future__ import annotations
@@ -59,9 +60,12 @@ class Checkpoint:
         return (int(cfg.in_channels), int(h), int(w))
 
 
-def load_checkpoint(source: CheckpointSource, scheduler: Any = None, index: int = 0) -> Checkpoint:
+def load_checkpoint(
+    source: CheckpointSource, scheduler: Any = None, index: int = 0, base_model: Any = None
+) -> Checkpoint:
     """Load one checkpoint. ``scheduler`` (an object or a folder) is used when the checkpoint
-    folder holds no ``scheduler/`` of its own."""
+    folder holds no ``scheduler/`` of its own. A folder holding only LoRA weights
+    (``gradindex.lora``) adapts the UNet of ``base_model``."""
     if isinstance(source, Checkpoint):
         return source
     if isinstance(source, tuple) and len(source) == 2 and isinstance(source[0], torch.nn.Module):
@@ -82,6 +86,13 @@ def load_checkpoint(source: CheckpointSource, scheduler: Any = None, index: int 
     folder = Path(source)
     if not folder.is_dir():
         raise ModelError(f"{folder}: no such checkpoint folder")
+    from gradindex.lora import is_lora_folder, load_lora_unet
+
+    if is_lora_folder(folder):
+        model = load_lora_unet(folder, base_model)
+        base = Path(base_model) if isinstance(base_model, (str, os.PathLike)) else None
+        sched = _find_scheduler(folder, scheduler, base)
+        return Checkpoint(model, sched, str(folder.resolve()), fingerprint_module(model))
     model_dir = folder / "unet" if (folder / "unet" / "config.json").exists() else folder
     if not (model_dir / "config.json").exists():
         raise ModelError(
@@ -92,10 +103,12 @@ def load_checkpoint(source: CheckpointSource, scheduler: Any = None, index: int 
     return Checkpoint(model, sched, str(folder.resolve()), fingerprint_module(model))
 
 
-def load_checkpoints(sources: list[CheckpointSource], scheduler: Any = None) -> list[Checkpoint]:
+def load_checkpoints(
+    sources: list[CheckpointSource], scheduler: Any = None, base_model: Any = None
+) -> list[Checkpoint]:
     if not sources:
         raise ModelError("no checkpoints given: pass at least one checkpoint")
-    ckpts = [load_checkpoint(s, scheduler, i) for i, s in enumerate(sources)]
+    ckpts = [load_checkpoint(s, scheduler, i, base_model) for i, s in enumerate(sources)]
     first = ckpts[0]
     for c in ckpts[1:]:
         if (
@@ -125,8 +138,9 @@ def _load_model(model_dir: Path) -> torch.nn.Module:
     return model.eval()
 
 
-def _find_scheduler(folder: Path, given: Any) -> Any:
-    for cand in (folder / "scheduler", folder.parent / "scheduler"):
+def _find_scheduler(folder: Path, given: Any, base: Path | None = None) -> Any:
+    extra = [base / "scheduler"] if base is not None else []
+    for cand in (folder / "scheduler", folder.parent / "scheduler", *extra):
         if (cand / "scheduler_config.json").exists():
             if cand.parent != folder:
                 logger.info("%s: using the scheduler of the training run in %s", folder, cand)
@@ -169,9 +183,16 @@ def fingerprint_module(model: torch.nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def model_output(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """Call ``model(x, t)`` and return the tensor (diffusers outputs carry it in ``.sample``)."""
-    out = model(x, t)
+def model_output(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    t: torch.Tensor,
+    cond: dict[str, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Call ``model(x, t, **cond)`` and return the tensor (diffusers outputs carry it in
+    ``.sample``). ``cond``: per-item conditioning keyword arguments, each with the items first
+    (``class_labels`` [I], ``encoder_hidden_states`` [I, L, E])."""
+    out = model(x, t, **cond) if cond else model(x, t)
     if hasattr(out, "sample"):
         return out.sample
     if isinstance(out, (tuple, list)):

@@ -2,12 +2,12 @@
 
 Holds:
 - ``HookGradients``: per-item gradients of Σ_i loss_i over selected parameters of ``Linear``,
-  ``Conv2d``, ``GroupNorm`` and ``LayerNorm`` modules. A forward hook keeps each selected
-  module's input a (per call: a module may run twice) and wraps its output in ``_Tap``, whose
-  backward receives δ = ∂(Σ_i loss_i)/∂output and forms the per-item gradient right away, in
-  place in the [I, p] result (Linear: g_W[i] = Σ_pos δ[i]ᵀ a[i]; Conv2d: the same over the
-  kh×kw patches of a; norms: Σ_pos δ ⊙ x̂ with x̂ recomputed from a; bias: Σ_pos δ), then
-  drops a.
+  ``Conv2d``, ``GroupNorm``, ``LayerNorm`` and ``Embedding`` (class labels) modules. A forward
+  hook keeps each selected module's input a (per call: a module may run twice) and wraps its
+  output in ``_Tap``, whose backward receives δ = ∂(Σ_i loss_i)/∂output and forms the per-item
+  gradient right away, in place in the [I, p] result (Linear: g_W[i] = Σ_pos δ[i]ᵀ a[i];
+  Conv2d: the same over the kh×kw patches of a; norms: Σ_pos δ ⊙ x̂ with x̂ recomputed from a;
+  bias: Σ_pos δ; Embedding: δ[i] scattered into the rows a[i] indexes), then drops a.
 - ``SUPPORTED_MODULES``: the module types whose parameters it can differentiate.
 
 Assumption: the model is *batch-independent*: item i's output depends on item i's input only
@@ -37,11 +37,16 @@ from gradindex.models import model_output
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_MODULES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d, nn.GroupNorm, nn.LayerNorm)
+SUPPORTED_MODULES: tuple[type[nn.Module], ...] = (
+    nn.Linear,
+    nn.Conv2d,
+    nn.GroupNorm,
+    nn.LayerNorm,
+    nn.Embedding,
+)
 _PATCH_BYTES = 128 * 2**20  # cap on the Conv2d input patches copied at once
 # modules known to act on each item separately; they may hold (unselected) parameters
 _PER_ITEM_MODULES: tuple[type[nn.Module], ...] = (
-    nn.Embedding,
     nn.Conv1d,
     nn.Conv3d,
     nn.ConvTranspose1d,
@@ -66,6 +71,8 @@ def _owners(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
 def _module_ok(module: nn.Module, attr: str) -> bool:
     if type(module) not in SUPPORTED_MODULES or attr not in ("weight", "bias"):
         return False
+    if isinstance(module, nn.Embedding):  # max_norm rewrites the weight in the forward
+        return module.max_norm is None and not module.scale_grad_by_freq
     return not (isinstance(module, nn.Conv2d) and module.padding_mode != "zeros")
 
 
@@ -82,8 +89,8 @@ class HookGradients:
         ``item_gradients`` follow ``param_names``, each parameter flattened as ``p.reshape(-1)``."""
         if not self.supports(model, param_names):
             raise ModelError(
-                "HookGradients supports Linear, Conv2d (zero padding), GroupNorm and LayerNorm "
-                "parameters of batch-independent models (no BatchNorm); use the vmap path"
+                "HookGradients supports Linear, Conv2d (zero padding), GroupNorm, LayerNorm and "
+                "Embedding parameters of batch-independent models (no BatchNorm); use the vmap path"
             )
         self.model = model
         self.param_names = list(param_names)
@@ -123,18 +130,24 @@ class HookGradients:
         return True
 
     def item_gradients(
-        self, x_t: Tensor, t: Tensor, target: Tensor, out: Tensor | None = None
+        self,
+        x_t: Tensor,
+        t: Tensor,
+        target: Tensor,
+        out: Tensor | None = None,
+        cond: dict[str, Tensor] | None = None,
     ) -> Tensor:
         """x_t [I, C, H, W], t [I] long, target [I, C, H, W] → per-item gradients [I, p] float32,
         columns in the order of ``param_names``. ``out``: an [I, p] float32 buffer to write into
-        (reusing one saves page-faulting fresh memory on every call); returned."""
+        (reusing one saves page-faulting fresh memory on every call); returned. ``cond``: the
+        model's per-item conditioning keyword arguments (``class_labels`` [I], ...)."""
         n = x_t.shape[0]
         if out is None:
             out = torch.empty(n, self.num_params, device=x_t.device, dtype=torch.float32)
         elif out.shape != (n, self.num_params) or out.dtype != torch.float32 or out.stride(1) != 1:
             raise ValueError(f"out must be a row-major float32 [{n}, {self.num_params}] tensor")
         try:
-            return self._item_gradients(x_t, t, target, out)
+            return self._item_gradients(x_t, t, target, out, cond)
         except RuntimeError as exc:
             if self._clone or "custom Function" not in str(exc):
                 raise
@@ -144,19 +157,14 @@ class HookGradients:
                 "a selected module's output is modified in place; tapping copies of outputs"
             )
             self._clone = True
-            return self._item_gradients(x_t, t, target, out)
+            return self._item_gradients(x_t, t, target, out, cond)
 
-    def _item_gradients(self, x_t: Tensor, t: Tensor, target: Tensor, out: Tensor) -> Tensor:
-        n = x_t.shape[0]
+    def _item_gradients(
+        self, x_t: Tensor, t: Tensor, target: Tensor, out: Tensor, cond: dict[str, Tensor] | None
+    ) -> Tensor:
         call = _Call(out, self._clone)
-        with torch.enable_grad(), self._hooks(call):
-            losses = self.loss_fn(model_output(self.model, x_t, t), target)  # [I]
-            if losses.shape != (n,):
-                raise ValueError(
-                    f"loss_fn must return per-item losses of shape [{n}], got {tuple(losses.shape)}"
-                )
-            if losses.requires_grad:
-                torch.autograd.grad(losses.sum(), call.anchor, allow_unused=True)
+        with self._hooks(call):
+            run_taps(self.model, self.loss_fn, x_t, t, target, cond, call.anchor)
         for start, stop in self._all_slots - call.written:  # parameters the forward never used
             out[:, start:stop] = 0.0
         return out
@@ -172,6 +180,28 @@ class HookGradients:
         finally:
             for h in handles:
                 h.remove()
+
+
+def run_taps(
+    model: nn.Module,
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    x_t: Tensor,
+    t: Tensor,
+    target: Tensor,
+    cond: dict[str, Tensor] | None,
+    anchor: Tensor,
+) -> None:
+    """One forward and the backward of Σ_i loss_i down to ``anchor``, which runs every ``_Tap``
+    the registered hooks put on module outputs (and computes no parameter gradient)."""
+    n = x_t.shape[0]
+    with torch.enable_grad():
+        losses = loss_fn(model_output(model, x_t, t, cond), target)  # [I]
+        if losses.shape != (n,):
+            raise ValueError(
+                f"loss_fn must return per-item losses of shape [{n}], got {tuple(losses.shape)}"
+            )
+        if losses.requires_grad:
+            torch.autograd.grad(losses.sum(), anchor, allow_unused=True)
 
 
 class _Call:
@@ -235,7 +265,8 @@ def _forward_hook(slots: dict[str, tuple[int, int]], call: _Call) -> Callable:
                     f"the input of a {type(module).__name__} was modified in place after its forward"
                 )
             with torch.no_grad():
-                _write_layer_grads(module, a.float(), delta.float(), slots, call)
+                a = a.float() if a.is_floating_point() else a  # Embedding: indices stay long
+                _write_layer_grads(module, a, delta.float(), slots, call)
 
         return _Tap.apply(output, call.anchor, on_grad, call.clone)
 
@@ -274,6 +305,18 @@ def _write_layer_grads(
             call.write(slots["weight"], (d * x_hat.reshape(d.shape)).sum(1))
         if "bias" in slots:
             call.write(slots["bias"], d.sum(1))
+    elif isinstance(module, nn.Embedding):  # g_W[i] = Σ_pos onehot(a[i, pos]) δ[i, pos]
+        idx = a.reshape(n, -1)  # [I, L] long
+        d = delta.reshape(n, idx.shape[1], module.embedding_dim)  # [I, L, E]
+        if module.padding_idx is not None:  # torch gives the padding row no gradient
+            d = d * (idx != module.padding_idx).unsqueeze(-1)
+        view, first = call.target(slots["weight"], (module.num_embeddings, module.embedding_dim))
+        if first:
+            view.zero_()
+        items = torch.arange(n, device=idx.device).unsqueeze(1).expand_as(idx)  # [I, L]
+        view.index_put_(
+            (items.reshape(-1), idx.reshape(-1)), d.reshape(-1, d.shape[-1]), accumulate=True
+        )
     else:  # guarded by supports()
         raise TypeError(f"no per-item gradient rule for {type(module).__name__}")
 
@@ -289,10 +332,21 @@ def _bmm_into(view: Tensor, x: Tensor, y: Tensor, first: bool) -> None:
 def _conv2d_weight_grads(
     module: nn.Conv2d, a: Tensor, delta: Tensor, slot: tuple[int, int], call: _Call
 ) -> None:
-    """g_W[i] = δ[i] · patches(a[i])ᵀ → [I, out, in/groups·kh·kw], two ways (CPU timings differ
-    by up to 5× either way): patches as a strided view of the padded input (copied a few items
-    at a time, a no-op for 1×1 kernels), or one convolution weight gradient whose groups are the
-    items (a as [1, I·in, H, W], δ as [1, I·out, H', W']; fast for large maps, few channels)."""
+    """Per-item weight gradients of one Conv2d call into its columns of ``call.out``."""
+    c_out, c_in = module.out_channels, module.in_channels // module.groups
+    kh, kw = module.kernel_size
+    view, first = call.target(slot, (c_out, c_in * kh * kw))
+    conv2d_item_weight_grads(module, a, delta, view, first)
+
+
+def conv2d_item_weight_grads(
+    module: nn.Conv2d, a: Tensor, delta: Tensor, view: Tensor, first: bool
+) -> None:
+    """view [I, out, in/groups·kh·kw] (+)= g_W[i] = δ[i] · patches(a[i])ᵀ, two ways (CPU timings
+    differ by up to 5× either way): patches as a strided view of the padded input (copied a few
+    items at a time, a no-op for 1×1 kernels), or one convolution weight gradient whose groups
+    are the items (a as [1, I·in, H, W], δ as [1, I·out, H', W']; fast for large maps, few
+    channels)."""
     n, c_in = a.shape[:2]
     c_out, groups = module.out_channels, module.groups
     kh, kw = module.kernel_size
@@ -312,10 +366,12 @@ def _conv2d_weight_grads(
             0,
             module.dilation,
             n * groups,
-        )  # [I·out, in/groups, kh, kw]
-        call.write(slot, g.view(n, c_out, -1))
+        ).view(n, c_out, -1)  # [I, out, in/groups·kh·kw]
+        if first:
+            view.copy_(g)
+        else:
+            view += g
         return
-    view, first = call.target(slot, (c_out, c_in * kh * kw))
     d = delta.reshape(n, c_out, positions)  # [I, out, L]
     s0, s1, s2, s3 = a.stride()
     (dh, dw), (sh, sw) = module.dilation, module.stride

@@ -2,7 +2,7 @@
 
 Holds:
 
-- ``PROJECTIONS``: the projection kinds a spec may name.
+- ``PROJECTIONS``: the standalone projection kinds; ``SPEC_PROJECTIONS`` adds 'kronecker'.
 - ``Projector``: the seam; one seeded linear map with ``E[<Px, Py>] = <x, y>`` and one method,
   ``project(x)``.
 - ``IdentityProjector``, ``GaussianProjector``, ``SJLTProjector``: the three kinds.
@@ -29,6 +29,9 @@ from gradindex.errors import DataError, SpecError
 logger = logging.getLogger(__name__)
 
 PROJECTIONS: tuple[str, ...] = ("identity", "gaussian", "sjlt")
+# what a BuildSpec may name: the maps above, plus "kronecker", which is not a map of full gradient
+# vectors but is applied layer by layer inside the gradient hooks (gradindex.kronecker)
+SPEC_PROJECTIONS: tuple[str, ...] = (*PROJECTIONS, "kronecker")
 
 # Input rows per seeded Gaussian block. Part of the map's definition (the block index seeds the
 # generator), so changing it changes every gaussian projection ever stored.

@@ -6,6 +6,7 @@ Holds ``AttributionIndex``:
     idx.embed(images)        -> {"tracin": [B, D], "retrac": [B, D]}
     idx.search(vectors, k, method) -> SearchResult(scores [B, k], ids [B, k], rows [B, k])
     idx.query(images, k, method)   -> the same, from images
+    idx.query(images, labels=[...]) / idx.query(images, prompts=[...])   conditional models
 
 Checkpoints are loaded lazily (only ``embed``/``query`` need them) from the sources recorded in
 the manifest, or taken from the caller, and refused if their weights' fingerprint differs from
@@ -22,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from gradindex.conditioning import Conditioner, ConditioningData, as_prompts
 from gradindex.data import to_model_input
 from gradindex.embedding import Embedder
 from gradindex.errors import IndexStateError, ModelError, SearchError
@@ -45,8 +47,11 @@ class AttributionIndex:
         scheduler: Any,
         device: str,
         mmap: bool,
+        base_model: Any = None,
     ):
         self.path = path
+        self._base_model = base_model
+        self._conditioner: Conditioner | None = None
         self.manifest = manifest
         self.spec = BuildSpec.from_dict(manifest["spec"])
         self.device = device
@@ -90,11 +95,13 @@ class AttributionIndex:
         scheduler: Any = None,
         device: str = "cpu",
         mmap: bool = False,
+        base_model: Any = None,
     ) -> AttributionIndex:
         """Open an index folder. ``checkpoints`` overrides the recorded checkpoint sources
-        (needed when the index was built from in-memory models)."""
+        (needed when the index was built from in-memory models); ``base_model`` the recorded
+        VAE / text encoder / tokenizer folder (or a mapping of those objects)."""
         p = Path(path)
-        return cls(p, read_manifest(p), checkpoints, scheduler, device, mmap)
+        return cls(p, read_manifest(p), checkpoints, scheduler, device, mmap, base_model)
 
     # -- stored data ---------------------------------------------------------------------
 
@@ -126,6 +133,7 @@ class AttributionIndex:
             "dim": m["dim"],
             "proj_dim": m["proj_dim"],
             "num_params": m["num_params"],
+            "layers": m.get("layers", {}),
             "checkpoints": m["checkpoints"],
             "timesteps": m["timesteps"],
             "prediction_type": m["prediction_type"],
@@ -133,6 +141,7 @@ class AttributionIndex:
             "indexes": m["indexes"],
             "versions": m["versions"],
             "build_seconds": m.get("build_seconds"),
+            "conditioning": self.conditioning,
         }
 
     # -- embedding ----------------------------------------------------------------------
@@ -153,7 +162,8 @@ class AttributionIndex:
                 raise ModelError(
                     f"the index has {len(records)} checkpoints but {len(sources)} were given"
                 )
-            ckpts = load_checkpoints(list(sources), self._scheduler)
+            base_model = self._base_model or self.manifest.get("base_model")
+            ckpts = load_checkpoints(list(sources), self._scheduler, base_model)
             for i, (c, r) in enumerate(zip(ckpts, records, strict=True)):
                 if c.fingerprint != r["fingerprint"]:
                     raise ModelError(
@@ -164,9 +174,22 @@ class AttributionIndex:
             self._embedder = Embedder(ckpts, self.spec, self.device)
         return self._embedder
 
+    @property
+    def conditioning(self) -> dict[str, Any]:
+        """The manifest's conditioning record: kind ("none", "class", "text"), latent, ..."""
+        return self.manifest.get("conditioning") or {"kind": "none", "latent": False}
+
+    def _get_conditioner(self) -> Conditioner:
+        if self._conditioner is None:
+            self._conditioner = Conditioner.from_record(
+                self.manifest.get("conditioning"), self._base_model, self.device
+            )
+        return self._conditioner
+
     def prepare(self, images: Any) -> Any:
-        """Images (array/tensor, uint8 or float in the index's data range) → model input."""
-        c, h, w = self.manifest["sample_shape"]
+        """Images (array/tensor, uint8 or float in the index's data range) → pixel input of
+        the model (of its VAE, for a latent model)."""
+        c, h, w = self.manifest.get("image_shape", self.manifest["sample_shape"])
         return to_model_input(
             images,
             channels=c,
@@ -175,12 +198,34 @@ class AttributionIndex:
             resize=self.spec.resize,
         )
 
-    def embed(self, images: Any, batch_size: int | None = None) -> dict[str, np.ndarray]:
-        """Test images → {"tracin": [B, D], "retrac": [B, D]} float32, with the index's spec."""
+    def embed(
+        self,
+        images: Any,
+        batch_size: int | None = None,
+        labels: Any = None,
+        prompts: Any = None,
+    ) -> dict[str, np.ndarray]:
+        """Test images → {"tracin": [B, D], "retrac": [B, D]} float32, with the index's spec.
+        A class-conditional index needs ``labels`` (one per image, or one for all; class names
+        of a class-folder index work too), a text-conditional one ``prompts`` (likewise)."""
         x0 = self.prepare(images)
         embedder = self._get_embedder()
+        conditioner = self._get_conditioner()
+        n = len(x0)
+        if conditioner.kind == "none" and (labels is not None or prompts is not None):
+            raise SearchError("this index is unconditional: drop labels / prompts")
+        data = ConditioningData(
+            labels=None if labels is None else conditioner.labels_from(labels, n),
+            prompts=None if prompts is None else as_prompts(prompts, n),
+        )
         bs = batch_size or self.spec.batch_size
-        parts = [embedder.embed(x0[i : i + bs]) for i in range(0, len(x0), bs)]
+        parts = [
+            embedder.embed(
+                conditioner.encode_images(x0[i : i + bs]),
+                conditioner.model_kwargs(data.rows(i, i + bs), len(x0[i : i + bs])),
+            )
+            for i in range(0, n, bs)
+        ]
         out = {m: np.concatenate([getattr(p, m) for p in parts]) for m in METHODS}
         flagged = np.concatenate([p.flagged for p in parts])
         if flagged.any():
@@ -215,11 +260,29 @@ class AttributionIndex:
         return SearchResult(scores=res.scores, ids=self.ids[rows], rows=rows)
 
     def query(
-        self, images: Any, k: int = 10, method: str = "retrac", exact: bool = False
+        self,
+        images: Any,
+        k: int = 10,
+        method: str = "retrac",
+        exact: bool = False,
+        labels: Any = None,
+        prompts: Any = None,
     ) -> SearchResult:
-        """Top-k training samples for test images, by TracIn or ReTrac score."""
+        """Top-k training samples for test images, by TracIn or ReTrac score; ``labels`` /
+        ``prompts`` condition a class- / text-conditional model (see ``embed``)."""
         _check_method(method)
-        return self.search(self.embed(images)[method], k, method, exact=exact)
+        vectors = self.embed(images, labels=labels, prompts=prompts)[method]
+        return self.search(vectors, k, method, exact=exact)
+
+    def query_each_label(
+        self, images: Any, k: int = 10, method: str = "retrac", exact: bool = False
+    ) -> dict[int, SearchResult]:
+        """Class-conditional index: {label: top-k} for every class label, each scored
+        separately (the images' attribution had the model been asked for that class)."""
+        num_classes = self.conditioning.get("num_classes")
+        if self.conditioning["kind"] != "class" or not num_classes:
+            raise SearchError("query_each_label needs a class-conditional index")
+        return {c: self.query(images, k, method, exact=exact, labels=c) for c in range(num_classes)}
 
     def __repr__(self) -> str:
         m = self.manifest

@@ -21,11 +21,12 @@ import numpy as np
 import torch
 
 from gradindex.errors import SpecError
-from gradindex.projection import PROJECTIONS
+from gradindex.projection import SPEC_PROJECTIONS
 
 LOSSES = ("mse", "l1", "square")
 STORE_DTYPES = ("float32", "float16")
 RESIZE_MODES = ("bilinear", "nearest", "error")
+LATENT_MODES = ("mean", "sample")
 
 
 def _help(text: str, default: Any) -> Any:
@@ -39,7 +40,9 @@ class BuildSpec:
 
     proj_dim: int = _help("Projected dimension d per checkpoint (rows have C·d columns).", 4096)
     projection: str = _help(
-        "Random projection: 'sjlt' (sparse JL, fast), 'gaussian', 'identity'.", "sjlt"
+        "Random projection: 'sjlt' (sparse JL, fast), 'kronecker' (per-layer factors inside the "
+        "gradient hooks, never forming most per-sample gradients), 'gaussian', 'identity'.",
+        "sjlt",
     )
     proj_seed: int = _help("Seed of the random projection (checkpoint c uses its own map).", 0)
     sjlt_nnz: int = _help("Nonzeros per input coordinate of the sparse JL projection.", 4)
@@ -71,6 +74,11 @@ class BuildSpec:
         "What to do with images whose size differs from the model's: 'bilinear', 'nearest', 'error'.",
         "bilinear",
     )
+    latents: str = _help(
+        "Latent models: how the VAE encodes training and query images, 'mean' of the latent "
+        "distribution or 'sample' (one draw seeded by seed, the same noise for every image).",
+        "mean",
+    )
     num_train_timesteps: int | None = _help(
         "The scheduler's training range T (filled from the scheduler at build time).", None
     )
@@ -95,8 +103,8 @@ class BuildSpec:
 
         if not _is_int(self.proj_dim) or self.proj_dim <= 0:
             raise bad("proj_dim", "must be a positive integer (e.g. 4096)")
-        if self.projection not in PROJECTIONS:
-            raise bad("projection", f"must be one of {', '.join(PROJECTIONS)}")
+        if self.projection not in SPEC_PROJECTIONS:
+            raise bad("projection", f"must be one of {', '.join(SPEC_PROJECTIONS)}")
         if not _is_int(self.sjlt_nnz) or not 0 < self.sjlt_nnz <= self.proj_dim:
             raise bad("sjlt_nnz", "must be a positive integer no larger than proj_dim")
         if self.projection == "sjlt" and self.proj_dim % self.sjlt_nnz:
@@ -142,6 +150,8 @@ class BuildSpec:
             object.__setattr__(self, "data_range", (float(r[0]), float(r[1])))
         if self.resize not in RESIZE_MODES:
             raise bad("resize", f"must be one of {', '.join(RESIZE_MODES)}")
+        if self.latents not in LATENT_MODES:
+            raise bad("latents", f"must be one of {', '.join(LATENT_MODES)}")
         if self.num_train_timesteps is not None:
             if not _is_int(self.num_train_timesteps) or self.num_train_timesteps <= 0:
                 raise bad("num_train_timesteps", "must be a positive integer")

@@ -8,6 +8,10 @@ Holds ``VectorStore`` over one ``vectors.h5`` file:
     norms     [N, C, K·M]    float32 — per-draw full-space gradient norms
     done      [N]            uint8 — 1 once the row is written and flushed (resume record)
     flagged   [N]            uint8 — 1 if the row's gradient was non-finite or zero
+    labels    [N]            int64 — class labels (class-conditional models only)
+    prompts   [N]            UTF-8 strings — captions (text-conditional models only)
+    latents   [N, c, h, w]   float32 — the scaled VAE latents the rows were computed on
+                             (latent models only)
 
 Row datasets are contiguous and allocated up front (see ``_preallocated``): a build killed at
 any instant leaves a readable file whose ``done`` mask tells which rows are committed.
@@ -128,6 +132,36 @@ class VectorStore:
         self.file.flush()
         self.file["done"][start:stop] = 1
         self.file.flush()
+
+    def add_column(
+        self,
+        name: str,
+        data: np.ndarray | list[str] | None = None,
+        shape: tuple[int, ...] | None = None,
+    ) -> None:
+        """An extra row-aligned dataset (conditioning: ``labels``, ``prompts``, ``latents``):
+        written whole from ``data``, or float32 of ``shape`` preallocated to be filled with
+        ``write_column`` before ``write_rows`` marks those rows done."""
+        if data is None:
+            _preallocated(self.file, name, (self.num_rows, *shape), "float32")
+        elif isinstance(data, list) or np.asarray(data).dtype.kind in "USO":
+            self.file.create_dataset(
+                name, data=np.asarray(data, dtype=object), dtype=h5py.string_dtype("utf-8")
+            )
+        else:
+            self.file.create_dataset(name, data=np.asarray(data))
+        self.file.flush()
+
+    def write_column(self, name: str, start: int, values: np.ndarray) -> None:
+        """Rows [start, start + B) of an extra dataset (flushed by the next ``write_rows``)."""
+        self.file[name][start : start + len(values)] = values
+
+    def column(self, name: str) -> np.ndarray | None:
+        """An extra dataset (strings decoded), or None when the store has none of that name."""
+        if name not in self.file:
+            return None
+        ds = self.file[name]
+        return ds.asstr()[()] if ds.dtype.kind == "O" else ds[()]
 
     # -- reading ---------------------------------------------------------------------------
 

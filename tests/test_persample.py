@@ -191,9 +191,11 @@ def test_unsupported_models():
         nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Conv2d(4, 1, 3, padding=1)
     )
     assert not HookGradients.supports(bn, ["0.weight"])  # BatchNorm anywhere mixes the batch
-    emb = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 4))
-    assert HookGradients.supports(emb, ["1.weight"])  # an unselected per-item module is fine
-    assert not HookGradients.supports(emb, ["0.weight"])  # but its weight has no rule
+    per_item = nn.Sequential(nn.Conv1d(4, 4, 1), nn.Linear(4, 4))
+    assert HookGradients.supports(per_item, ["1.weight"])  # an unselected per-item module is fine
+    assert not HookGradients.supports(per_item, ["0.weight"])  # but its weight has no rule
+    emb = nn.Sequential(nn.Embedding(10, 4, max_norm=1.0), nn.Linear(4, 4))
+    assert not HookGradients.supports(emb, ["0.weight"])  # max_norm rewrites the weight
     conv = nn.Sequential(nn.Conv2d(1, 1, 3, padding=1, padding_mode="reflect"))
     assert not HookGradients.supports(conv, ["0.weight"])
     with pytest.raises(ValueError, match="HookGradients supports"):

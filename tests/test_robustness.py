@@ -141,8 +141,8 @@ def test_non_finite_gradients_are_flagged_not_indexed(tmp_path, images, monkeypa
 
     original = gradients.GradientFeaturizer.featurize
 
-    def poisoned(self, x0, draws):
-        f = original(self, x0, draws)
+    def poisoned(self, x0, draws, cond=None):
+        f = original(self, x0, draws, cond)
         bad = x0.flatten(1)[:, 0] > 0.9  # rows whose first pixel is bright
         f.tracin[bad] = float("nan")
         return f

@@ -1,0 +1,404 @@
+"""Sharded builds: split a dataset into contiguous row ranges, merge finished shards.
+
+Holds:
+
+- ``parse_shard("i/n")`` and ``shard_rows((i, n), N)`` -- shard i of n owns rows
+  [i·N//n, (i+1)·N//n) in dataset order (disjoint, contiguous, covering every row once).
+- ``merge_shards(out, shard_dirs)`` -- checks the shards share spec, checkpoints and model and
+  cover the dataset exactly once, then concatenates their rows in dataset order into a new
+  index folder with both search indexes (``gradindex merge``).
+- ``assemble`` / ``swap_in`` -- the pieces ``merge`` and ``add`` share: copy the rows of finished
+  index folders into a staging folder beside the target, build the search indexes, write the
+  manifest last, then move the staging folder into place (an atomic exchange on Linux), so a
+  process killed at any point leaves either the old folder or the new one, never a mix.
+
+A shard is an ordinary finished index folder over its rows (searchable on its own, with an exact
+index); its manifest's ``shard`` record says which rows it holds and which index kind the merged
+index should get.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gradindex.errors import GradIndexError, IndexStateError, SpecError
+from gradindex.layout import (
+    FORMAT_VERSION,
+    MANIFEST,
+    VECTORS,
+    check_files,
+    faiss_file,
+    file_records,
+    package_versions,
+    read_manifest,
+    write_json_atomic,
+)
+from gradindex.search import METHODS, VectorIndex
+from gradindex.store import VectorStore
+
+logger = logging.getLogger(__name__)
+
+# manifest keys every part of one index must agree on, with how to name them in an error
+SAME_KEYS = {
+    "spec_fingerprint": "spec",
+    "format_version": "format version",
+    "dim": "dimension",
+    "sample_shape": "sample shape",
+    "prediction_type": "prediction type",
+    "num_params": "parameter count",
+}
+COPY_ROWS = 8192  # rows per copy step: bounded memory whatever the index size
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"i/n"`` → (i, n) with 0 <= i < n, or a SpecError saying what is wrong."""
+    parts = str(text).split("/")
+    try:
+        i, n = (int(p) for p in parts) if len(parts) == 2 else (None, None)
+    except ValueError:
+        i = n = None
+    if i is None or n is None:
+        raise SpecError(f"--shard {text!r}: write it as i/n, e.g. 0/4 for the first of four")
+    check_shard((i, n))
+    return i, n
+
+
+def check_shard(shard: Any) -> tuple[int, int]:
+    """A validated (i, n) pair."""
+    try:
+        i, n = (int(v) for v in shard)
+    except (TypeError, ValueError):
+        raise SpecError(f"shard={shard!r}: give a pair (i, n), e.g. (0, 4)") from None
+    if n < 1 or not 0 <= i < n:
+        raise SpecError(f"shard {i}/{n}: need n >= 1 and 0 <= i < n (shards are numbered from 0)")
+    return i, n
+
+
+def shard_rows(shard: tuple[int, int], num_rows: int) -> tuple[int, int]:
+    """(start, stop) of shard i of n over ``num_rows`` rows; refused when it would be empty."""
+    i, n = check_shard(shard)
+    if n > num_rows:
+        raise SpecError(
+            f"shard {i}/{n}: the dataset has only {num_rows} rows, so some shards would be "
+            f"empty; use at most {num_rows} shards"
+        )
+    return i * num_rows // n, (i + 1) * num_rows // n
+
+
+# -- merge ------------------------------------------------------------------------------
+
+
+def merge_shards(
+    out: str | os.PathLike[str],
+    shard_dirs: list[str | os.PathLike[str]],
+    *,
+    index: str | None = None,
+    target_recall: float | None = None,
+    overwrite: bool = False,
+) -> Any:
+    """Merge finished shard folders (from ``build --shard i/n``) into one index at ``out``.
+
+    index / target_recall: the search index kind of the merged index; default: what the shard
+    builds were asked for. Returns the opened ``AttributionIndex``.
+    """
+    from gradindex.query import AttributionIndex
+
+    started = time.perf_counter()
+    out = Path(out)
+    if not shard_dirs:
+        raise IndexStateError("no shard folders given; pass every folder written by build --shard")
+    if any(Path(d).resolve() == out.resolve() for d in shard_dirs):
+        raise IndexStateError(f"{out}: is also one of the shards; merge into another folder")
+    parts = [(Path(d), open_part(Path(d))) for d in shard_dirs]
+    for path, m in parts:
+        if "shard" not in m:
+            raise IndexStateError(
+                f"{path}: a finished index but not a shard (built without --shard); "
+                "merge takes the folders of 'gradindex build --shard i/n'"
+            )
+    check_same(parts)
+    parts.sort(key=lambda p: p[1]["shard"]["start"])
+    _check_coverage(parts)
+    first = parts[0][1]["shard"]
+    kind = index or first.get("merge_index", "flat")
+    recall = target_recall if target_recall is not None else first.get("merge_target_recall", 0.95)
+
+    check_target(out, overwrite)
+    base = {k: v for k, v in parts[0][1].items() if k != "shard"}
+    extra = {
+        "merged_from": [
+            {"path": str(p.resolve()), "start": m["shard"]["start"], "stop": m["shard"]["stop"]}
+            for p, m in parts
+        ],
+        "build_seconds": round(sum(m.get("build_seconds") or 0 for _, m in parts), 3),
+    }
+    stage = staging_folder(out)
+    assemble(stage, [p for p, _ in parts], base, kind, recall, extra, started)
+    swap_in(stage, out)
+    return AttributionIndex.open(out)
+
+
+def open_part(folder: Path) -> dict[str, Any]:
+    """The manifest of a finished index whose files are all present at their recorded sizes."""
+    manifest = read_manifest(folder)
+    problems = check_files(folder, manifest, checksums=False)
+    if problems:
+        raise IndexStateError(f"{problems[0]}; rebuild that index")
+    return manifest
+
+
+def check_same(parts: list[tuple[Path, dict[str, Any]]]) -> None:
+    """Refuse parts built with another spec, other checkpoints or another model, by name."""
+    (p0, m0), rest = parts[0], parts[1:]
+    fp0 = [c["fingerprint"] for c in m0["checkpoints"]]
+    for path, m in rest:
+        for key, what in SAME_KEYS.items():
+            if m.get(key) != m0.get(key):
+                detail = ""
+                if key == "spec_fingerprint":
+                    diff = sorted(k for k in m0["spec"] if m["spec"].get(k) != m0["spec"][k])
+                    detail = f" ({', '.join('spec.' + k for k in diff)})" if diff else ""
+                raise IndexStateError(
+                    f"{path}: {what} differs from {p0}{detail}; build every part with the same "
+                    "settings"
+                )
+        fp = [c["fingerprint"] for c in m["checkpoints"]]
+        if fp != fp0:
+            raise IndexStateError(
+                f"{path}: checkpoint fingerprints differ from {p0} (other weights or another "
+                "model); build every part from the same checkpoints"
+            )
+        if m.get("shard", {}).get("total_rows") != m0.get("shard", {}).get("total_rows"):
+            raise IndexStateError(
+                f"{path}: sharded a dataset of {m['shard']['total_rows']} rows but {p0} one of "
+                f"{m0['shard']['total_rows']}; shard the same dataset"
+            )
+
+
+def _check_coverage(parts: list[tuple[Path, dict[str, Any]]]) -> None:
+    """Shards sorted by start must tile [0, total_rows) exactly once."""
+    total = parts[0][1]["shard"]["total_rows"]
+    pos = 0
+    for path, m in parts:
+        s = m["shard"]
+        if s["start"] > pos:
+            raise IndexStateError(
+                f"rows {pos}..{s['start'] - 1} of {total} are in no shard given; pass every "
+                f"shard ({s['count']} were made)"
+            )
+        if s["start"] < pos:
+            raise IndexStateError(
+                f"{path}: rows {s['start']}..{s['stop'] - 1} overlap another shard given; "
+                "pass each shard once, all from the same --shard i/n split"
+            )
+        pos = s["stop"]
+    if pos != total:
+        raise IndexStateError(
+            f"rows {pos}..{total - 1} of {total} are in no shard given; pass every shard"
+        )
+
+
+def check_target(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise IndexStateError(f"{out}: exists and is not a folder; choose another output")
+    if out.exists() and any(out.iterdir()):
+        if not (out / MANIFEST).exists():
+            raise IndexStateError(f"{out}: folder is not empty and holds no index; choose another")
+        if not overwrite:
+            raise IndexStateError(f"{out}: already holds a finished index; pass --overwrite")
+
+
+# -- shared by merge and add ---------------------------------------------------------------
+
+
+def staging_folder(target: Path) -> Path:
+    """The hidden folder beside ``target`` where its next version is written; a leftover from a
+    killed merge/add is removed (it never holds the only copy of anything)."""
+    stage = target.parent / f".{target.name}.staging"
+    if stage.exists():
+        shutil.rmtree(stage)
+    return stage
+
+
+def assemble(
+    stage: Path,
+    sources: list[Path],
+    base_manifest: dict[str, Any],
+    kind: str,
+    target_recall: float,
+    extra: dict[str, Any],
+    started: float,
+) -> dict[str, Any]:
+    """Write the rows of the finished index folders ``sources``, in order, into a new index at
+    ``stage``: vectors.h5, both search indexes, and the manifest last. Returns the manifest."""
+    stores = [VectorStore.open(p / VECTORS) for p in sources]
+    try:
+        ids = concat_ids([s.ids for s in stores], sources)
+        first = stores[0].file
+        stage.mkdir(parents=True)
+        attrs = {k: _plain(first.attrs[k]) for k in first.attrs}
+        out = VectorStore.create(
+            stage / VECTORS,
+            ids,
+            stores[0].dim,
+            first["norms"].shape[1],
+            first["norms"].shape[2],
+            str(first["tracin"].dtype),
+            attrs,
+        )
+        with out:
+            blocks = _extra_columns(out, stores, sources)
+            offset = 0
+            for src in stores:
+                f = src.file
+                for a in range(0, src.num_rows, COPY_ROWS):
+                    b = min(a + COPY_ROWS, src.num_rows)
+                    for name in blocks:  # before write_rows, which flushes and marks done
+                        out.write_column(name, offset + a, f[name][a:b])
+                    out.write_rows(
+                        offset + a,
+                        f["tracin"][a:b],
+                        f["retrac"][a:b],
+                        f["norms"][a:b],
+                        f["flagged"][a:b],
+                    )
+                offset += src.num_rows
+            flagged = out.flagged
+            keep = np.flatnonzero(~flagged)
+            index_info = {}
+            for method in METHODS:
+                vindex = VectorIndex.build(
+                    out.vectors(method, keep), method, kind=kind, target_recall=target_recall
+                )
+                vindex.save(stage / faiss_file(method))
+                index_info[method] = vindex.info
+    finally:
+        for s in stores:
+            s.close()
+    manifest = {
+        **base_manifest,
+        **extra,
+        "complete": True,
+        "format_version": FORMAT_VERSION,
+        "num_rows": len(ids),
+        "num_flagged": int(flagged.sum()),
+        "indexes": index_info,
+        "versions": package_versions(),
+        "files": file_records(stage),
+        "assemble_seconds": round(time.perf_counter() - started, 3),
+    }
+    write_json_atomic(stage / MANIFEST, manifest)
+    return manifest
+
+
+def _extra_columns(out: VectorStore, stores: list[VectorStore], sources: list[Path]) -> list[str]:
+    """Copy the row-aligned extra datasets (conditioning labels / prompts) of every part into
+    ``out`` whole; preallocate the multi-dimensional ones (latents) and return their names, to
+    be copied row block by row block."""
+    core = {"ids", "tracin", "retrac", "norms", "done", "flagged"}
+    names = [n for n in stores[0].file if n not in core]
+    blocks = []
+    for name in names:
+        for src, path in zip(stores, sources, strict=True):
+            if name not in src.file:
+                raise IndexStateError(
+                    f"{path}: has no '{name}' dataset but {sources[0]} has; the parts were "
+                    "built differently"
+                )
+        ds = stores[0].file[name]
+        if ds.ndim > 1:
+            out.add_column(name, shape=tuple(ds.shape[1:]))
+            blocks.append(name)
+        else:
+            out.add_column(name, np.concatenate([s.column(name) for s in stores]))
+    return blocks
+
+
+def _plain(value: Any) -> Any:
+    """An HDF5 attribute (numpy scalar or str) as a plain Python value."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def concat_ids(parts: list[np.ndarray], sources: list[Path]) -> np.ndarray:
+    """The ids of every part in order; refused if kinds differ or any id repeats."""
+    kinds = {"int" if p.dtype.kind in "iu" else "str" for p in parts}
+    if len(kinds) > 1:
+        raise IndexStateError(
+            "the parts mix integer and string ids; give every part ids of one kind"
+        )
+    ids = np.concatenate(parts)
+    uniq, counts = np.unique(ids, return_counts=True)
+    if len(uniq) != len(ids):
+        dup = uniq[counts > 1]
+        where = [str(s) for s, p in zip(sources, parts, strict=True) if np.isin(dup[:1], p).any()]
+        raise IndexStateError(
+            f"{len(dup)} id(s) occur in more than one part (first: {_plain(dup[0])!r}, in "
+            f"{' and '.join(where)}); give every sample its own id"
+        )
+    return ids
+
+
+def swap_in(stage: Path, target: Path) -> None:
+    """Make the finished ``stage`` folder the ``target`` folder.
+
+    An absent or empty target is replaced by one rename. An existing one is exchanged with the
+    stage in one atomic ``renameat2(RENAME_EXCHANGE)`` (Linux), then the old version is deleted;
+    elsewhere it is moved aside first, so a crash between the two renames leaves the old version
+    complete under ``.<name>.old`` rather than a mixed folder.
+    """
+    if target.exists() and not any(target.iterdir()):
+        target.rmdir()
+    if not target.exists():
+        os.replace(stage, target)
+        _fsync_dir(target.parent)
+        return
+    if _exchange(stage, target):
+        _fsync_dir(target.parent)
+        shutil.rmtree(stage)
+        return
+    old = target.parent / f".{target.name}.old"
+    if old.exists():
+        shutil.rmtree(old)
+    os.replace(target, old)
+    os.replace(stage, target)
+    _fsync_dir(target.parent)
+    shutil.rmtree(old)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths with Linux renameat2; False where that is not available."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    rc = fn(at_fdcwd, os.fsencode(str(a)), at_fdcwd, os.fsencode(str(b)), rename_exchange)
+    if rc == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+        return False
+    raise GradIndexError(f"cannot move {a} into place at {b}: {os.strerror(err)}")
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
