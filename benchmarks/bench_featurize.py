@@ -13,7 +13,9 @@ Every figure is measured in this run, on this machine, next to its baseline:
    the share of the build spent projecting, and the Kronecker build (norms must agree exactly).
 3. ``projection``: vectors/s of each projector for p ∈ {10⁶, 10⁷}, d ∈ {1024, 4096}, with TRAK's
    CPU ``BasicProjector`` (``pip install --no-deps traker``) as an outside baseline if present.
-4. ``memory``: peak RSS of builds over N = 1,000 and N = 10,000 images (tiny UNet): during
+4. ``lora``: a text-conditioned latent UNet with a rank-4 LoRA adapter: per-draw gradients/s
+   and bytes over the adapter only against every UNet parameter.
+5. ``memory``: peak RSS of builds over N = 1,000 and N = 10,000 images (tiny UNet): during
    featurizing + storing (streaming: should not grow with N) and overall (the FAISS indexes
    hold N·D floats per method by nature).
 
@@ -167,6 +169,68 @@ def section_grads(threads: int, seconds: float, models: list[str]) -> list[dict]
         for r in rows:
             if r["model"] == name:
                 r["vs_loop"] = r["per_draw_grads_per_s"] / loop
+    return rows
+
+
+def _text_unet_with_lora():
+    """A small text-conditioned latent UNet (4×16×16 latents, 32-wide text states) with a rank-4
+    LoRA adapter on its attention projections, as diffusers' LoRA training script sets it up."""
+    from diffusers import UNet2DConditionModel
+    from peft import LoraConfig
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        norm_num_groups=8,
+        attention_head_dim=8,
+    )
+    unet.add_adapter(
+        LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
+                   target_modules=["to_k", "to_q", "to_v", "to_out.0"])
+    )  # fmt: skip
+    return unet.eval()
+
+
+def _lora_worker(which: str, items: int, threads: int, seconds: float) -> dict:
+    """Per-draw gradients/s over the LoRA adapter only, or over every UNet parameter."""
+    torch.set_num_threads(threads)
+    from gradindex.gradients import item_losses
+    from gradindex.persample import HookGradients
+
+    unet = _text_unet_with_lora()
+    names = [n for n, _ in unet.named_parameters() if which == "full" or "lora_" in n]
+    for n, p in unet.named_parameters():
+        p.requires_grad_(n in names)
+    gen = torch.Generator().manual_seed(0)
+    x_t = torch.randn(items, 4, 16, 16, generator=gen)
+    target = torch.randn(items, 4, 16, 16, generator=gen)
+    t = torch.randint(0, 1000, (items,), generator=gen)
+    cond = {"encoder_hidden_states": torch.randn(items, 8, 32, generator=gen)}
+    hooks = HookGradients(unet, names, lambda out, tgt: item_losses(out, tgt, "mse"))
+    buf = torch.empty(items, hooks.num_params)
+    sec = _timed(lambda: hooks.item_gradients(x_t, t, target, out=buf, cond=cond), seconds)
+    return {
+        "params": "LoRA adapter only" if which == "lora" else "all UNet parameters",
+        "num_params": hooks.num_params,
+        "items_per_call": items,
+        "per_draw_grads_per_s": items / sec,
+        "gradient_bytes_per_draw": 4 * hooks.num_params,
+        "peak_rss_mb": _peak_rss_mb(),
+    }
+
+
+def section_lora(threads: int, seconds: float) -> list[dict]:
+    rows = [_in_fresh_process(_lora_worker, w, 32, threads, seconds) for w in ("full", "lora")]
+    for r in rows:
+        r["vs_full"] = r["per_draw_grads_per_s"] / rows[0]["per_draw_grads_per_s"]
+        print(f"  lora {r['params']}: {r['per_draw_grads_per_s']:.1f}/s", flush=True)
     return rows
 
 
@@ -339,13 +403,13 @@ def _memory_worker(n: int, threads: int, out: str) -> dict:
             peaks[phase["name"]] = max(peaks[phase["name"]], rss / 1024)
             done.wait(0.02)
 
-    original = build_module.VectorIndex.build
+    original = build_module.VectorStore.vectors
 
-    def index_build(*args, **kwargs):
+    def read_back(*args, **kwargs):  # the rows are read back to build the FAISS indexes
         phase["name"] = "all"
         return original(*args, **kwargs)
 
-    build_module.VectorIndex.build = index_build
+    build_module.VectorStore.vectors = read_back
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     gi.build_index(
@@ -409,6 +473,12 @@ def to_markdown(res: dict) -> str:
         "in the same run.",
         "",
     ]
+    for name, c in res.get("section_conditions", {}).items():
+        lines.append(
+            f"- section {name}: {c['threads']} torch thread(s), load average "
+            f"{c['load_average_at_start']:.1f} when it started"
+        )
+    lines.append("")
     if "grads" in res:
         lines += [
             "## Per-sample-per-draw gradients/s",
@@ -443,6 +513,20 @@ def to_markdown(res: dict) -> str:
             f"{b['kronecker_norms_match_loop']}.",
             "",
         ]
+    if "lora" in res:
+        lines += [
+            "## LoRA-only gradients (text-conditioned latent UNet, rank-4 adapter, hooks)",
+            "",
+            "| gradients over | parameters | grads/s | × full | gradient bytes per draw | "
+            "peak RSS MB |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in res["lora"]:
+            lines.append(
+                f"| {r['params']} | {r['num_params']:,} | {r['per_draw_grads_per_s']:.1f} | "
+                f"{r['vs_full']:.2f} | {r['gradient_bytes_per_draw']:,} | {r['peak_rss_mb']:.0f} |"
+            )
+        lines.append("")
     if "projection" in res:
         lines += [
             "## Projection throughput (16 vectors per call)",
@@ -490,14 +574,18 @@ def main() -> None:
     path = args.out / "featurize.json"
     if path.exists():  # keep the sections not rerun
         old = json.loads(path.read_text())
-        res.update(
-            {k: v for k, v in old.items() if k in ("grads", "build", "projection", "memory")}
-        )
+        keep = ("grads", "build", "lora", "projection", "memory", "section_conditions")
+        res.update({k: v for k, v in old.items() if k in keep})
     t0 = time.perf_counter()
+    conditions = res.setdefault("section_conditions", {})  # kept sections keep their own
+    for name in args.sections:
+        conditions[name] = {"threads": args.threads, "load_average_at_start": os.getloadavg()[0]}
     if "grads" in args.sections:
         res["grads"] = section_grads(args.threads, args.seconds, args.models)
     if "build" in args.sections:
         res["build"] = section_build(args.threads, args.build_n)
+    if "lora" in args.sections:
+        res["lora"] = section_lora(args.threads, args.seconds)
     if "projection" in args.sections:
         res["projection"] = section_projection(args.threads)
     if "memory" in args.sections:

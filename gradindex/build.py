@@ -146,7 +146,6 @@ def build_index(
     try:
         _fill_rows(store, embedder, images, prep, spec, progress, conditioner, cond_data)
         flagged = store.flagged
-        vectors = {m: store.vectors(m) for m in METHODS}
     except OSError as exc:
         raise _write_error(out, exc) from None
     finally:
@@ -164,15 +163,18 @@ def build_index(
             "every training sample had non-finite or zero gradients; nothing to index"
         )
     index_info = {}
-    for method in METHODS:
+    for method in METHODS:  # one method's rows in memory at a time
+        with VectorStore.open(store.path) as reader:
+            vectors = reader.vectors(method, keep if keep.size < len(flagged) else None)
         vindex = VectorIndex.build(
-            vectors[method][keep],
+            vectors,
             method,
             kind="flat" if shard_info else index,  # the merged index gets the asked kind
             target_recall=target_recall,
         )
         vindex.save(out / faiss_file(method))
         index_info[method] = vindex.info
+        del vindex, vectors
 
     manifest = {
         **state,

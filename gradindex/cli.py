@@ -233,36 +233,25 @@ def build(
     }
     if world_from_env() is not None and any(v is not None for v in cond.values()):
         raise SpecError("--base-model / --labels / --prompts are not supported under torchrun yet")
+    common = {
+        "checkpoints": list(checkpoints),
+        "data": data,
+        "out": out,
+        "spec": spec,
+        "scheduler": scheduler,
+        "index": index_kind,
+        "device": device,
+        "resume": resume,
+        "overwrite": overwrite,
+    }
     if world_from_env() is not None:
         if shard:
             raise SpecError("--shard and a torchrun launch both split the rows; use one of them")
-        merged = distributed_build(
-            checkpoints=list(checkpoints),
-            data=data,
-            out=out,
-            spec=spec,
-            scheduler=scheduler,
-            index=index_kind,
-            device=device,
-            resume=resume,
-            overwrite=overwrite,
-        )
+        merged = distributed_build(**common)
         if merged is not None:  # rank 0
             _print_info(merged.info(), as_json)
         return
-    idx = build_index(
-        **cond,
-        shard=parse_shard(shard) if shard else None,
-        checkpoints=list(checkpoints),
-        data=data,
-        out=out,
-        spec=spec,
-        scheduler=scheduler,
-        index=index_kind,
-        device=device,
-        resume=resume,
-        overwrite=overwrite,
-    )
+    idx = build_index(**cond, shard=parse_shard(shard) if shard else None, **common)
     _print_info(idx.info(), as_json)
 
 

@@ -15,8 +15,18 @@ if "OMP_NUM_THREADS" not in os.environ:
     torch.set_num_threads(2)
 
 
-def tiny_unet(seed: int, sample_size: int = 8, channels: int = 1) -> UNet2DModel:
-    """A ~30k-parameter UNet2DModel with an attention block, randomly initialised under seed."""
+def perturbed(model: torch.nn.Module) -> torch.nn.Module:
+    """model in eval mode with its weights nudged, so checkpoints differ beyond their
+    initialisation and outputs are non-trivial."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model.eval()
+
+
+def tiny_unet(seed: int, sample_size: int = 8, channels: int = 1, **config) -> UNet2DModel:
+    """A ~30k-parameter UNet2DModel with an attention block, randomly initialised under seed;
+    ``config`` adds UNet2DModel arguments (e.g. ``num_class_embeds``)."""
     torch.manual_seed(seed)
     model = UNet2DModel(
         sample_size=sample_size,
@@ -28,12 +38,9 @@ def tiny_unet(seed: int, sample_size: int = 8, channels: int = 1) -> UNet2DModel
         up_block_types=("AttnUpBlock2D", "UpBlock2D"),
         norm_num_groups=4,
         attention_head_dim=8,
+        **config,
     )
-    # perturb so checkpoints differ beyond their initialisation and outputs are non-trivial
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model.eval()
+    return perturbed(model)
 
 
 def scheduler(prediction_type: str = "epsilon") -> DDPMScheduler:
@@ -61,3 +68,36 @@ def saved_checkpoints(tmp_path):
         paths.append(ckpt)
     DDPMPipeline(unet=tiny_unet(2), scheduler=scheduler()).save_pretrained(run)
     return paths
+
+
+# -- conditional and latent models (tests/diffusion_refs.py builds the components) ------------
+
+
+@pytest.fixture(scope="module")
+def sd_run(tmp_path_factory):
+    """A tiny Stable-Diffusion-layout run folder (unet, vae, text encoder, tokenizer)."""
+    from tests.diffusion_refs import make_sd_run
+
+    return make_sd_run(tmp_path_factory.mktemp("sd") / "run", tmp_path_factory.mktemp("vocab"))
+
+
+@pytest.fixture(scope="module")
+def pixels():
+    from tests.diffusion_refs import random_pixels
+
+    return random_pixels()
+
+
+@pytest.fixture
+def caption_folder(tmp_path, pixels):
+    from tests.diffusion_refs import write_caption_folder
+
+    return write_caption_folder(tmp_path / "train", pixels)
+
+
+@pytest.fixture(params=["hooks", "vmap"])
+def backend(request, monkeypatch):
+    """Every build in the test uses this gradient backend."""
+    from tests.diffusion_refs import use_backend
+
+    return use_backend(monkeypatch, request.param)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 import gradindex.embedding
 from gradindex.gradients import GradientFeaturizer
+from tests.conftest import perturbed
 
 TEXT_DIM = 16
 MAX_LEN = 12
@@ -32,7 +33,8 @@ def use_backend(monkeypatch, backend: str) -> str:
 
 
 def reference_rows(models, sched, x0s, conds, spec, weights, loss="mse", names=None):
-    """Plain loop: one sample, one draw, one torch.autograd.grad at a time, in float64 sums.
+    """Plain loop: one sample, one draw, one torch.autograd.grad at a time, in float64 sums,
+    with diffusers' own add_noise / get_velocity (DESIGN §1 computed independently of gradindex).
     x0s: [N, C, H, W] in the model's range; conds: per-sample conditioning kwargs of the model
     ({"class_labels": [1]} / {"encoder_hidden_states": [1, L, E]}); names: parameters to
     differentiate (all when None), in named_parameters order."""
@@ -51,7 +53,16 @@ def reference_rows(models, sched, x0s, conds, spec, weights, loss="mse", names=N
                     tt = torch.tensor([t])
                     x_t = sched.add_noise(x[None], eps[None], tt)
                     out = model(x_t, tt, **cond).sample
-                    value = F.mse_loss(out, eps[None]) if loss == "mse" else out.pow(2).mean()
+                    if sched.config.prediction_type == "epsilon":
+                        target = eps[None]
+                    else:
+                        target = sched.get_velocity(x[None], eps[None], tt)
+                    if loss == "mse":
+                        value = F.mse_loss(out, target)
+                    elif loss == "l1":
+                        value = F.l1_loss(out, target)
+                    else:
+                        value = out.pow(2).mean()
                     g = torch.cat([gr.reshape(-1) for gr in torch.autograd.grad(value, params)])
                     gs.append(g.double())
                     norms.append(g.double().norm())
@@ -106,10 +117,7 @@ def tiny_unet(seed: int):
         norm_num_groups=4,
         attention_head_dim=4,
     )
-    with torch.no_grad():
-        for p in unet.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return unet.eval()
+    return perturbed(unet)
 
 
 def make_sd_run(run: Path, vocab_dir: Path) -> Path:

@@ -20,24 +20,12 @@ from gradindex.cli import main
 from gradindex.search import VectorIndex
 from gradindex.store import VectorStore
 from tests.conftest import scheduler, tiny_unet
-from tests.test_shards import assert_same_index
-
-SPEC = gi.BuildSpec(proj_dim=64, projection="sjlt", timesteps=3, noise_draws=2, batch_size=2)
+from tests.test_shards import SPEC, assert_same_index, whole_build
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    """Two checkpoint folders, 9 images, and the build over all of them as the reference."""
-    root = tmp_path_factory.mktemp("append")
-    ckpts = []
-    for seed in (1, 2):
-        DDPMPipeline(unet=tiny_unet(seed), scheduler=scheduler()).save_pretrained(root / f"c{seed}")
-        ckpts.append(root / f"c{seed}")
-    images = np.random.default_rng(5).random((9, 1, 8, 8), dtype=np.float32)
-    whole = gi.build_index(
-        checkpoints=ckpts, data=images, out=root / "whole", spec=SPEC, progress=False
-    )
-    return root, ckpts, images, whole
+    return whole_build(tmp_path_factory.mktemp("append"), image_seed=5)
 
 
 def _first_half(setup, name, **kw):

@@ -14,37 +14,15 @@ from diffusers import UNet2DModel
 from PIL import Image
 
 import gradindex as gi
-from tests.conftest import scheduler
-from tests.diffusion_refs import reference_rows, rel_err, use_backend
+from tests.conftest import scheduler, tiny_unet
+from tests.diffusion_refs import reference_rows, rel_err
 
 NUM_CLASSES = 3
 
 
 def class_unet(seed: int) -> UNet2DModel:
     """A tiny class-conditional UNet2DModel (label lookup table of 3 classes)."""
-    torch.manual_seed(seed)
-    model = UNet2DModel(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        layers_per_block=1,
-        block_out_channels=(8, 16),
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        norm_num_groups=4,
-        attention_head_dim=8,
-        num_class_embeds=NUM_CLASSES,
-    )
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model.eval()
-
-
-@pytest.fixture(params=["hooks", "vmap"])
-def backend(request, monkeypatch):
-    """Every build in the test uses this gradient backend."""
-    return use_backend(monkeypatch, request.param)
+    return tiny_unet(seed, num_class_embeds=NUM_CLASSES)
 
 
 LABELS = np.array([2, 0, 1, 2, 1])

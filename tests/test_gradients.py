@@ -5,62 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 import gradindex as gi
 from gradindex.gradients import select_parameters
 from tests.conftest import scheduler, tiny_unet
-
-
-def reference_rows(models, sched, images, spec, weights, loss):
-    """Plain loop: one sample, one draw, one torch.autograd.grad at a time."""
-    draws = spec.draws(images.shape[1:])
-    K, M = spec.num_timesteps, spec.noise_draws
-    tracin_rows, retrac_rows, norm_rows = [], [], []
-    for x in torch.from_numpy(images) * 2 - 1:  # data range [0, 1] -> model range [-1, 1]
-        t_blocks, r_blocks, n_blocks = [], [], []
-        for model, w in zip(models, weights):
-            params = [p for p in model.parameters()]
-            per_k = []
-            norms = []
-            for k in range(K):
-                gs = []
-                for m in range(M):
-                    t, eps = draws[k * M + m]
-                    tt = torch.tensor([t])
-                    x_t = sched.add_noise(x[None], eps[None], tt)
-                    out = model(x_t, tt).sample
-                    if sched.config.prediction_type == "epsilon":
-                        target = eps[None]
-                    else:
-                        target = sched.get_velocity(x[None], eps[None], tt)
-                    if loss == "mse":
-                        value = F.mse_loss(out, target)
-                    elif loss == "l1":
-                        value = F.l1_loss(out, target)
-                    else:
-                        value = out.pow(2).mean()
-                    g = torch.cat([gi.reshape(-1) for gi in torch.autograd.grad(value, params)])
-                    gs.append(g.double())
-                    norms.append(g.double().norm())
-                per_k.append(torch.stack(gs).mean(0))
-            a = torch.stack(per_k).mean(0)
-            r = torch.stack([g / g.norm() for g in per_k]).mean(0)
-            t_blocks.append(np.sqrt(w) * a)
-            r_blocks.append(np.sqrt(w) * r / r.norm())
-            n_blocks.append(torch.stack(norms))
-        tracin_rows.append(torch.cat(t_blocks))
-        retrac_rows.append(torch.cat(r_blocks))
-        norm_rows.append(torch.stack(n_blocks))
-    return (
-        torch.stack(tracin_rows).numpy(),
-        torch.stack(retrac_rows).numpy(),
-        torch.stack(norm_rows).numpy(),
-    )
-
-
-def rel_err(a, b):
-    return np.linalg.norm(a - b, axis=-1) / np.linalg.norm(b, axis=-1)
+from tests.diffusion_refs import reference_rows, rel_err
 
 
 @pytest.mark.parametrize(
@@ -87,7 +36,10 @@ def test_identity_rows_match_autograd_loop(tmp_path, images, loss, prediction_ty
         spec=spec,
         progress=False,
     )
-    ref_t, ref_r, ref_n = reference_rows(models, sched, imgs, idx.spec, weights, loss)
+    x0s = torch.from_numpy(imgs) * 2 - 1  # data range [0, 1] -> model range [-1, 1]
+    ref_t, ref_r, ref_n = reference_rows(
+        models, sched, x0s, [{}] * len(x0s), idx.spec, weights, loss
+    )
     assert idx.vectors("tracin").shape == ref_t.shape
     assert rel_err(idx.vectors("tracin"), ref_t).max() <= 1e-4
     assert rel_err(idx.vectors("retrac"), ref_r).max() <= 1e-4

@@ -23,36 +23,11 @@ import gradindex as gi  # noqa: E402
 from gradindex.cli import main  # noqa: E402
 from tests.diffusion_refs import (  # noqa: E402
     CAPTIONS,
-    make_sd_run,
-    random_pixels,
     reference_inputs,
     reference_rows,
     rel_err,
     tiny_unet,
-    use_backend,
-    write_caption_folder,
 )
-
-
-@pytest.fixture(scope="module")
-def sd_run(tmp_path_factory):
-    return make_sd_run(tmp_path_factory.mktemp("sd") / "run", tmp_path_factory.mktemp("vocab"))
-
-
-@pytest.fixture(scope="module")
-def pixels():
-    return random_pixels()
-
-
-@pytest.fixture
-def caption_folder(tmp_path, pixels):
-    return write_caption_folder(tmp_path / "train", pixels)
-
-
-@pytest.fixture(params=["hooks", "vmap"])
-def backend(request, monkeypatch):
-    """Every build in the test uses this gradient backend."""
-    return use_backend(monkeypatch, request.param)
 
 
 def test_text_latent_rows_match_autograd_loop(tmp_path, sd_run, caption_folder, pixels, backend):

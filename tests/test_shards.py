@@ -18,19 +18,23 @@ from tests.conftest import scheduler, tiny_unet
 SPEC = gi.BuildSpec(proj_dim=64, projection="sjlt", timesteps=3, noise_draws=2, batch_size=2)
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    """Two checkpoint folders, 9 training images, and the whole build as the reference."""
-    root = tmp_path_factory.mktemp("shards")
+def whole_build(root, image_seed: int):
+    """Two checkpoint folders under root, 9 training images, and the whole build over them
+    (the reference that shards, merges and appends must reproduce)."""
     ckpts = []
     for seed in (1, 2):
         DDPMPipeline(unet=tiny_unet(seed), scheduler=scheduler()).save_pretrained(root / f"c{seed}")
         ckpts.append(root / f"c{seed}")
-    images = np.random.default_rng(3).random((9, 1, 8, 8), dtype=np.float32)
+    images = np.random.default_rng(image_seed).random((9, 1, 8, 8), dtype=np.float32)
     whole = gi.build_index(
         checkpoints=ckpts, data=images, out=root / "whole", spec=SPEC, progress=False
     )
     return root, ckpts, images, whole
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    return whole_build(tmp_path_factory.mktemp("shards"), image_seed=3)
 
 
 def _shard(setup, i, n, name=None, spec=SPEC, **kw):
