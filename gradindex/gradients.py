@@ -259,7 +259,8 @@ class GradientFeaturizer:
         retrac = torch.zeros_like(tracin)
         norms = torch.empty(B, K * M, device=self.device)
         items = min(self.max_items, self.max_bytes // (4 * q))
-        step = max(1, min(K, items // (B * M)))  # timesteps per gradient call
+        step = max(1, min(K, items // (B * M)))  # timesteps per gradient call, at most
+        step = -(-K // -(-K // step))  # as even as the same number of calls allows (8+2 -> 5+5)
         buf = _scratch.get("items", step * B * M, q, self.device)  # [k·B·M, q]
         g_sum = _scratch.get("mean", B, q, self.device) if M > 1 else None  # [B, q]
         for k0 in range(0, K, step):
