@@ -109,7 +109,6 @@ class KroneckerGradients:
             )
         self.model = model
         self.loss_fn = loss_fn
-        self.out_dim = out_dim
         device = torch.device(device)
         named = dict(model.named_parameters())
         owners = _owners(model)
@@ -154,7 +153,6 @@ class KroneckerGradients:
         self.kron_dim = offset
         self.out_dim = offset + d_dense
         self.plan += [LayerPlan(n, "dense", tuple(named[n].shape)) for n in dense]
-        self._dense_names = dense
         self._dense: HookGradients | None = None
         self._dense_proj = None
         if dense:
@@ -175,14 +173,21 @@ class KroneckerGradients:
         target: Tensor,
         group: int = 1,
         cond: dict[str, Tensor] | None = None,
+        out: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Items [I, ...] in consecutive groups of ``group`` (the noise draws of one (timestep,
-        sample)) → projected per-item gradients [I, out_dim], their full-space squared norms
-        [I], and the squared norms of each group's gradient sum [I / group]."""
+        sample)) → projected per-item gradients [I, out_dim] (into ``out`` when given, e.g. the
+        featurizer's reusable buffer), their full-space squared norms [I], and the squared norms
+        of each group's gradient sum [I / group]."""
         n = x_t.shape[0]
         if n % group:
             raise ValueError(f"{n} items do not split into groups of {group}")
-        rows = torch.zeros(n, self.out_dim, device=x_t.device)
+        if out is None:
+            rows = torch.zeros(n, self.out_dim, device=x_t.device)
+        elif out.shape != (n, self.out_dim) or out.dtype != torch.float32:
+            raise ValueError(f"out must be a float32 [{n}, {self.out_dim}] tensor")
+        else:
+            rows = out.zero_()
         item_sq = torch.zeros(n, device=x_t.device)
         group_sq = torch.zeros(n // group, device=x_t.device)
         dense_out = None
@@ -363,5 +368,5 @@ class KroneckerFeaturizer(GradientFeaturizer):
         group: int,
         cond: dict[str, Tensor] | None,
     ) -> tuple[Tensor, Tensor | None, Tensor | None]:
-        rows, item_sq, group_sq = self.kron.item_rows(x_t, t, target, group, cond)
+        rows, item_sq, group_sq = self.kron.item_rows(x_t, t, target, group, cond, out=out)
         return rows, item_sq.sqrt(), group_sq.sqrt()
