@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from gradindex.conditioning import Conditioner, ConditioningData, load_conditioning
 from gradindex.data import load_images, resolve_data_range, to_model_input
+from gradindex.devices import resolve_device
 from gradindex.embedding import Embedder
 from gradindex.errors import GradIndexError, IndexStateError, ModelError, SpecError
 from gradindex.layout import (
@@ -84,6 +85,7 @@ def build_index(
     from gradindex.query import AttributionIndex
 
     started = time.perf_counter()
+    device = resolve_device(device)
     spec = spec or BuildSpec()
     out = Path(out)
     ckpts = load_checkpoints(_with_model(checkpoints, model), scheduler, base_model)

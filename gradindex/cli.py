@@ -169,7 +169,12 @@ def _spec_from_options(config: str | None, options: dict[str, Any]) -> BuildSpec
     show_default=True,
     help="Search index per method: flat (exact), ivf, hnsw, auto, or a FAISS factory string.",
 )
-@click.option("--device", default="cpu", show_default=True, help="torch device for gradients.")
+@click.option(
+    "--device",
+    default="cpu",
+    show_default=True,
+    help="torch device for gradients: cpu, cuda, cuda:N, or auto (a GPU when there is one).",
+)
 @click.option("--resume", is_flag=True, help="Finish an interrupted build in --out.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing index in --out.")
 @click.option(
@@ -450,7 +455,12 @@ def merge(
     type=click.Path(exists=True, file_okay=False),
     help="Scheduler folder, if the checkpoints hold none.",
 )
-@click.option("--device", default="cpu", show_default=True, help="torch device for gradients.")
+@click.option(
+    "--device",
+    default="cpu",
+    show_default=True,
+    help="torch device for gradients: cpu, cuda, cuda:N, or auto (a GPU when there is one).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the index summary as JSON.")
 def add(
     index_dir: str,

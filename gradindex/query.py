@@ -25,6 +25,7 @@ import numpy as np
 
 from gradindex.conditioning import Conditioner, ConditioningData, as_prompts
 from gradindex.data import to_model_input
+from gradindex.devices import resolve_device
 from gradindex.embedding import Embedder
 from gradindex.errors import IndexStateError, ModelError, SearchError
 from gradindex.layout import VECTORS, check_files, faiss_file, read_manifest
@@ -54,7 +55,7 @@ class AttributionIndex:
         self._conditioner: Conditioner | None = None
         self.manifest = manifest
         self.spec = BuildSpec.from_dict(manifest["spec"])
-        self.device = device
+        self.device = resolve_device(device)
         self._checkpoint_sources = checkpoints
         self._scheduler = scheduler
         self._embedder: Embedder | None = None
@@ -85,6 +86,8 @@ class AttributionIndex:
                 raise IndexStateError(
                     f"{fpath}: holds {self._indexes[method].ntotal} rows, expected {len(self.index_rows)}"
                 )
+            if self.device.startswith("cuda"):  # search where the embeddings are made
+                self._indexes[method].to_gpu()
 
     @classmethod
     def open(

@@ -57,6 +57,7 @@ INDEX_KINDS = ("flat", "ivf", "hnsw", "auto")  # or any FAISS factory string
 ON_MISS = ("fallback", "warn", "raise")
 FORMAT_VERSION = 1
 QUERY_BATCH = 4096  # queries per FAISS call (its own BLAS query block is 4096)
+GPU_MAX_K = 2048  # FAISS GPU k-selection handles k up to this
 BLAS_MIN_QUERIES = 4  # batches this large or larger take FAISS's BLAS path
 _CHUNK_BYTES = 64 << 20  # row chunk for exact search over IVF lists
 _num_threads: int | None = None
@@ -153,6 +154,7 @@ class VectorIndex:
         self.dim: int = int(index.d)
         self.method: str = info["method"]
         self._flat = st.flat_storage(index)  # IndexFlat over all rows, or None (IVF)
+        self._gpu: faiss.Index | None = None  # a GPU clone of _index, see to_gpu
 
     @classmethod
     def build(
@@ -253,6 +255,29 @@ class VectorIndex:
         logger.info("built %s over %dx%d: %s", factory, n, d, info["knobs"])
         return cls(index, info)
 
+    def to_gpu(self, num_gpus: int | None = None) -> bool:
+        """Answer searches from a copy of the index on the GPU(s) (rows sharded across them).
+
+        Needs faiss-gpu (``pip install "gradindex[gpu]"``) and a CUDA device; flat and IVF kinds
+        only (FAISS has no GPU HNSW). Otherwise it warns why and keeps searching on the CPU, so
+        callers can ask unconditionally. Exact search over IVF lists and k above FAISS's GPU
+        limit stay on the CPU. Returns whether searches now run on the GPU.
+        """
+        reason = _gpu_unavailable(self._index)
+        if reason is None:
+            try:
+                options = faiss.GpuMultipleClonerOptions()
+                options.shard = True  # split the rows over the GPUs, not a copy on each
+                self._gpu = faiss.index_cpu_to_all_gpus(
+                    self._index, co=options, ngpu=num_gpus or -1
+                )
+            except (RuntimeError, AttributeError) as e:
+                reason = f"cloning to the GPU failed ({st._first_line(e)})"
+        if reason is not None:
+            warnings.warn(f"{self.method} search stays on the CPU: {reason}", stacklevel=2)
+        self._info["search_device"] = "cpu" if self._gpu is None else "gpu"
+        return self._gpu is not None
+
     def search(self, queries: np.ndarray, k: int, exact: bool = False) -> SearchResult:
         """Top-k rows by inner product for each query [B, D]; batches of any size.
 
@@ -267,12 +292,16 @@ class VectorIndex:
         scores = np.empty((b, k), dtype=np.float32)
         rows = np.empty((b, k), dtype=np.int64)
         use_exact = exact or self._flat is self._index
+        # a GPU clone of a flat index is exact; one of an IVF index answers approximate searches
+        on_gpu = (
+            self._gpu is not None and k <= GPU_MAX_K and (self._flat is self._index or not exact)
+        )
         for i0 in range(0, b, QUERY_BATCH):
             qb = q[i0 : i0 + QUERY_BATCH]
-            if use_exact:
+            if use_exact and not on_gpu:
                 sc, rw = self._exact_search(qb, k)
             else:
-                sc, rw = self._index.search(qb, k)
+                sc, rw = (self._gpu if on_gpu else self._index).search(qb, k)
                 short = np.flatnonzero((rw < 0).any(axis=1))
                 if short.size:
                     sc[short], rw[short] = self._exact_search(qb[short], k)
@@ -372,6 +401,20 @@ class VectorIndex:
         st.apply_knobs(index, info.get("knobs") or {})
         info["mmap"] = bool(mmap)
         return cls(index, info)
+
+
+def _gpu_unavailable(index: faiss.Index) -> str | None:
+    """Why ``index`` cannot be searched on a GPU here, or None when it can."""
+    if not hasattr(faiss, "StandardGpuResources"):
+        return 'this faiss has no GPU support (pip install "gradindex[gpu]" on a CUDA machine)'
+    if faiss.get_num_gpus() == 0:
+        return "faiss-gpu sees no CUDA device"
+    base = faiss.downcast_index(
+        index.index if isinstance(index, faiss.IndexPreTransform) else index
+    )
+    if not isinstance(base, faiss.IndexFlat | faiss.IndexIVF):
+        return f"FAISS has no GPU version of {type(base).__name__} (build with kind flat or ivf)"
+    return None
 
 
 def _flat_index(x: np.ndarray) -> faiss.Index:

@@ -274,3 +274,31 @@ def test_k_larger_than_n_warns_and_clamps() -> None:
         res = vi.search(x[:3], 20)
     assert res.rows.shape == (3, 8)
     np.testing.assert_array_equal(np.sort(res.rows, axis=1), np.tile(np.arange(8), (3, 1)))
+
+
+def _faiss_gpus() -> int:
+    return faiss.get_num_gpus() if hasattr(faiss, "StandardGpuResources") else 0
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw"])
+def test_to_gpu_searches_like_cpu_or_says_why_not(kind: str) -> None:
+    """With faiss-gpu and a GPU, flat/IVF move there and answer as before; anywhere else (CPU
+    faiss, HNSW) to_gpu warns with the reason and the CPU answers."""
+    x = clustered(3000, 32, "tracin", seed=5)
+    q = np.random.default_rng(2).standard_normal((40, 32)).astype(np.float32)
+    index = VectorIndex.build(x, "tracin", kind=kind, target_recall=0.9)
+    before = index.search(q, 10)
+    expect_gpu = _faiss_gpus() > 0 and kind != "hnsw"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        moved = index.to_gpu()
+    assert moved is expect_gpu
+    assert index.info["search_device"] == ("gpu" if expect_gpu else "cpu")
+    assert [("stays on the CPU" in str(w.message)) for w in caught] == [not expect_gpu]
+    after = index.search(q, 10)
+    if kind == "flat" or not expect_gpu:  # exact, or still the same CPU index
+        np.testing.assert_array_equal(after.rows, before.rows)
+    else:  # GPU IVF at the same nprobe: the same rows up to float ties
+        assert (after.rows == before.rows).mean() > 0.95
+    exact_scores, exact_rows = brute_force(q, x, 10)
+    np.testing.assert_array_equal(index.search(q, 10, exact=True).rows, exact_rows)
