@@ -29,3 +29,8 @@ class IndexStateError(GradIndexError):
 
 class SearchError(GradIndexError, ValueError):
     """A search request that cannot be answered as asked (bad k, unknown method, bad vectors)."""
+
+
+class MilvusError(GradIndexError):
+    """A Milvus server or collection that cannot be used as asked: pymilvus missing, server
+    unreachable, collection missing, taken, or exported from another build of the index."""

@@ -7,6 +7,8 @@ Holds ``AttributionIndex``:
     idx.search(vectors, k, method) -> SearchResult(scores [B, k], ids [B, k], rows [B, k])
     idx.query(images, k, method)   -> the same, from images
     idx.query(images, labels=[...]) / idx.query(images, prompts=[...])   conditional models
+    AttributionIndex.open(DIR, milvus=URI)           # search the collections 'gradindex
+                                                     # export DIR --milvus URI' made instead
 
 Checkpoints are loaded lazily (only ``embed``/``query`` need them) from the sources recorded in
 the manifest, or taken from the caller, and refused if their weights' fingerprint differs from
@@ -19,7 +21,7 @@ import logging
 import os
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -33,6 +35,9 @@ from gradindex.models import Checkpoint, CheckpointSource, load_checkpoints
 from gradindex.search import METHODS, SearchResult, VectorIndex
 from gradindex.spec import BuildSpec
 from gradindex.store import VectorStore
+
+if TYPE_CHECKING:
+    from gradindex.milvus import MilvusBackend
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +54,7 @@ class AttributionIndex:
         device: str,
         mmap: bool,
         base_model: Any = None,
+        milvus: str | MilvusBackend | None = None,
     ):
         self.path = path
         self._base_model = base_model
@@ -88,6 +94,14 @@ class AttributionIndex:
                 )
             if self.device.startswith("cuda"):  # search where the embeddings are made
                 self._indexes[method].to_gpu()
+        self.milvus: MilvusBackend | None = None
+        if milvus is not None:
+            from gradindex.milvus import MilvusBackend, default_name
+
+            if not isinstance(milvus, MilvusBackend):
+                milvus = MilvusBackend.connect(os.fspath(milvus), default_name(path))
+            milvus.check_index(manifest, len(self.index_rows))
+            self.milvus = milvus
 
     @classmethod
     def open(
@@ -99,12 +113,16 @@ class AttributionIndex:
         device: str = "cpu",
         mmap: bool = False,
         base_model: Any = None,
+        milvus: str | MilvusBackend | None = None,
     ) -> AttributionIndex:
         """Open an index folder. ``checkpoints`` overrides the recorded checkpoint sources
         (needed when the index was built from in-memory models); ``base_model`` the recorded
-        VAE / text encoder / tokenizer folder (or a mapping of those objects)."""
+        VAE / text encoder / tokenizer folder (or a mapping of those objects). ``milvus``: a
+        Milvus URI (or a ``gradindex.milvus.MilvusBackend``) that ``search`` / ``query`` then
+        answer from, instead of the folder's FAISS indexes; the collections must come from
+        ``gradindex export`` of this very build."""
         p = Path(path)
-        return cls(p, read_manifest(p), checkpoints, scheduler, device, mmap, base_model)
+        return cls(p, read_manifest(p), checkpoints, scheduler, device, mmap, base_model, milvus)
 
     # -- stored data ---------------------------------------------------------------------
 
@@ -243,7 +261,8 @@ class AttributionIndex:
     def search(
         self, vectors: np.ndarray, k: int = 10, method: str = "retrac", exact: bool = False
     ) -> SearchResult:
-        """Top-k training samples for query rows ([B, D] or [D]), best first."""
+        """Top-k training samples for query rows ([B, D] or [D]), best first (from Milvus
+        when the index was opened with ``milvus=``; same scores, ids and rows)."""
         _check_method(method)
         q = np.asarray(vectors, dtype=np.float32)
         if q.ndim == 1:
@@ -258,6 +277,9 @@ class AttributionIndex:
                 stacklevel=2,
             )
             k = len(self.index_rows)
+        if self.milvus is not None:  # its rows are already vectors.h5 row numbers
+            res = self.milvus.search(q, int(k), method, exact=exact)
+            return SearchResult(scores=res.scores, ids=self.ids[res.rows], rows=res.rows)
         res = self._indexes[method].search(q, int(k), exact=exact)
         rows = self.index_rows[res.rows]
         return SearchResult(scores=res.scores, ids=self.ids[rows], rows=rows)
