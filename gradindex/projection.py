@@ -22,6 +22,7 @@ import logging
 import math
 import warnings
 
+import numpy as np
 import torch
 
 from gradindex.errors import DataError, SpecError
@@ -216,20 +217,28 @@ class SJLTProjector(Projector):
             negative[j] = torch.randint(0, 2, (p,), generator=gen, dtype=torch.int8).bool()
             offset += size
         scale = 1.0 / math.sqrt(nnz)
+        rows_np, negative_np = rows.numpy(), negative.numpy()
+        key = np.uint16 if d <= 2**16 else np.int32  # 16-bit keys take numpy's O(n) radix sort
         chunks = []
         for start in range(0, p, SJLT_CHUNK):
             n = min(SJLT_CHUNK, p - start)
-            r = rows[:, start : start + n].reshape(-1)  # [nnz*n], block-major
+            r = rows_np[:, start : start + n].reshape(-1)  # [nnz*n], block-major
             # Stable sort by row; within a row all entries come from one block, columns ascending.
-            order = torch.argsort(r, stable=True)  # [nnz*n]
-            crow = torch.zeros(d + 1, dtype=torch.int32)
-            torch.cumsum(torch.bincount(r, minlength=d), 0, out=crow[1:])
-            values = torch.full((nnz * n,), scale, dtype=torch.float32)
-            values[negative[:, start : start + n].reshape(-1)[order]] = -scale
-            cols = (order % n).to(torch.int32)
+            order = np.argsort(r.astype(key), kind="stable")  # [nnz*n]
+            crow = np.zeros(d + 1, dtype=np.int32)
+            np.cumsum(np.bincount(r, minlength=d), out=crow[1:])
+            signs = negative_np[:, start : start + n].reshape(-1)[order]
+            values = np.where(signs, np.float32(-scale), np.float32(scale))
+            cols = (order % n).astype(np.int32)
             with warnings.catch_warnings():  # "sparse CSR support is in beta state"
                 warnings.simplefilter("ignore", UserWarning)
-                m = torch.sparse_csr_tensor(crow, cols, values, (d, n), check_invariants=False)
+                m = torch.sparse_csr_tensor(
+                    torch.from_numpy(crow),
+                    torch.from_numpy(cols),
+                    torch.from_numpy(values),
+                    (d, n),
+                    check_invariants=False,
+                )
             chunks.append((start, m))
         return chunks
 

@@ -114,6 +114,26 @@ def test_sjlt_structure(d: int, nnz: int) -> None:
     assert abs(negative - 0.5) < 4 * math.sqrt(0.25 / (p * nnz))
 
 
+@pytest.mark.parametrize(
+    ("p", "d", "nnz", "seed"), [(1001, 64, 4, 3), (300, 37, 3, 0), (50, 70001, 2, 9)]
+)
+def test_sjlt_map_is_the_documented_draw(p: int, d: int, nnz: int, seed: int) -> None:
+    """The map is fixed by (seed, p, d, nnz) as documented: block j's rows and signs are the
+    next two randint draws of one CPU generator. Stored indexes depend on this map, so any
+    change to how it is built (sorting, chunking, dtypes) must leave it equal to this."""
+    gen = torch.Generator().manual_seed(projection._derived_seed("sjlt", seed))
+    expected = torch.zeros(p, d, dtype=torch.float64)
+    offset = 0
+    for j in range(nnz):
+        size = d // nnz + (j < d % nnz)
+        rows = torch.randint(0, size, (p,), generator=gen) + offset
+        negative = torch.randint(0, 2, (p,), generator=gen, dtype=torch.int8).bool()
+        value = torch.where(negative, -1.0, 1.0) / math.sqrt(nnz)  # float32, as stored
+        expected[torch.arange(p), rows] = value.double()
+        offset += size
+    assert torch.equal(_matrix(make_projector("sjlt", p, d, seed, nnz=nnz)), expected)
+
+
 def test_sjlt_chunking_is_not_part_of_the_map(monkeypatch: pytest.MonkeyPatch) -> None:
     """Small odd CSR chunks give the same map as one chunk, and project(x) equals x @ M."""
     p, d = 1001, 40
