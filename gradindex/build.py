@@ -39,7 +39,8 @@ from gradindex.layout import (
     write_json_atomic,
 )
 from gradindex.models import CheckpointSource, load_checkpoints
-from gradindex.search import METHODS, VectorIndex
+from gradindex.ondisk import build_from_store
+from gradindex.search import METHODS
 from gradindex.shards import shard_rows
 from gradindex.spec import BuildSpec
 from gradindex.store import VectorStore
@@ -74,7 +75,11 @@ def build_index(
 
     checkpoints: diffusers folders, ``(module, scheduler)`` pairs, or state dicts / weight files
     applied to ``model``. data: an array, ``.npy``/``.npz``, ``file.h5:/dataset`` or an image
-    folder. index: the search index kind per method (``flat`` is exact). shard: ``(i, n)``
+    folder. index: the search index kind per method: ``flat`` (exact), ``ivf``, ``hnsw``, a FAISS
+    factory string, ``ondisk`` (an IVF whose lists stay in a file next to the index, built from
+    the store in chunks and memory-mapped at query time: for indexes larger than RAM, see
+    ``gradindex.ondisk``) or ``auto`` (flat / HNSW / IVF in RAM, or ``ondisk`` when the rows would
+    take more than half the available memory). shard: ``(i, n)``
     builds only shard i of n (a contiguous slice of the rows, see ``gradindex.shards``) as an
     exact index; ``index`` is then recorded for ``merge_shards``. labels / prompts: per-image
     class labels / captions of a conditional model, when ``data`` does not carry them (see
@@ -165,18 +170,16 @@ def build_index(
             "every training sample had non-finite or zero gradients; nothing to index"
         )
     index_info = {}
-    for method in METHODS:  # one method's rows in memory at a time
+    for method in METHODS:  # one method's rows in memory at a time (none when on disk)
         with VectorStore.open(store.path) as reader:
-            vectors = reader.vectors(method, keep if keep.size < len(flagged) else None)
-        vindex = VectorIndex.build(
-            vectors,
-            method,
-            kind="flat" if shard_info else index,  # the merged index gets the asked kind
-            target_recall=target_recall,
-        )
-        vindex.save(out / faiss_file(method))
-        index_info[method] = vindex.info
-        del vindex, vectors
+            index_info[method] = build_from_store(
+                reader,
+                method,
+                keep if keep.size < len(flagged) else None,
+                "flat" if shard_info else index,  # the merged index gets the asked kind
+                target_recall,
+                out / faiss_file(method),
+            )
 
     manifest = {
         **state,

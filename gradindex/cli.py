@@ -167,7 +167,9 @@ def _spec_from_options(config: str | None, options: dict[str, Any]) -> BuildSpec
     "index_kind",
     default="flat",
     show_default=True,
-    help="Search index per method: flat (exact), ivf, hnsw, auto, or a FAISS factory string.",
+    help="Search index per method: flat (exact), ivf, hnsw, a FAISS factory string, ondisk (an "
+    "IVF whose lists stay in a file next to the index, memory-mapped at query time: for indexes "
+    "larger than RAM), or auto (ondisk when the vectors would take over half the free memory).",
 )
 @click.option(
     "--device",
@@ -433,7 +435,7 @@ def _query_vectors(
     "index_kind",
     default=None,
     help="Search index per method for the merged index (default: what the shards were built "
-    "with --index for): flat, ivf, hnsw, auto, or a FAISS factory string.",
+    "with --index for): flat, ivf, hnsw, ondisk, auto, or a FAISS factory string.",
 )
 @click.option("--target-recall", type=float, default=None, help="recall@10 for approximate kinds.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing index in OUT.")
@@ -683,6 +685,12 @@ def _print_info(info: dict[str, Any], as_json: bool) -> None:
     for m, meta in info["indexes"].items():
         knobs = {k: v for k, v in meta.items() if k not in ("method", "n", "dim")}
         click.echo(f"search       {m}: {json.dumps(knobs, default=_json_default)}")
+        if meta.get("kind") == "ondisk":
+            od = meta.get("ondisk") or {}
+            click.echo(
+                f"on disk      {m}: lists in {od.get('ivfdata')} ({od.get('bytes', 0) / 2**20:.1f} "
+                "MiB), memory-mapped at query time"
+            )
 
 
 def _json_default(obj: Any) -> Any:

@@ -8,6 +8,7 @@ and atomic JSON writing. One folder per index:
     vectors.h5       ids, tracin / retrac rows, per-draw norms, done / flagged masks
     tracin.faiss     inner-product index over the TracIn rows (+ .json sidecar)
     retrac.faiss     inner-product (= cosine) index over the ReTrac rows (+ .json sidecar)
+    *.faiss.ivfdata  the inverted lists of an on-disk index (kind "ondisk"), memory-mapped
 """
 
 from __future__ import annotations
@@ -94,6 +95,7 @@ def index_files(folder: Path) -> list[str]:
     names = [VECTORS]
     for method in ("tracin", "retrac"):
         names += [faiss_file(method), faiss_file(method) + ".json"]
+        names += [faiss_file(method) + ".ivfdata"]  # on-disk indexes only
     return [n for n in names if (folder / n).exists()]
 
 

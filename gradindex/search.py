@@ -15,9 +15,14 @@ Approximate kinds are tuned and validated against exact search at build time
 (:mod:`gradindex.search_tuning`).
 
 Exact search (``kind="flat"`` or ``exact=True``) always runs over the original float32 rows:
-flat and HNSW keep them in a flat storage searched directly; IVF keeps them in its lists and they
-are reconstructed in row chunks; lossy codes (factory strings with PQ/SQ/...) are wrapped in an
-exact re-ranking stage that keeps them. So ``exact=True`` costs no second copy of the matrix.
+flat and HNSW keep them in a flat storage searched directly; IVF keeps them in its lists, which
+are scanned list by list in bounded chunks (in RAM or memory-mapped on disk); lossy codes
+(factory strings with PQ/SQ/...) are wrapped in an exact re-ranking stage that keeps them. So
+``exact=True`` costs no second copy of the matrix.
+
+Indexes larger than RAM (``kind="ondisk"``: an IVF whose lists live in a ``.ivfdata`` file next
+to the FAISS file, memory-mapped) are built from chunked rows by :mod:`gradindex.ondisk`, and
+opened and searched here like any other kind.
 
 Threads: a single query runs on one thread; batches use every usable core by default
 (``set_num_threads`` or the environment variable ``GRADINDEX_NUM_THREADS`` changes that). IVF
@@ -181,6 +186,11 @@ class VectorIndex:
             raise SearchError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
         if not isinstance(kind, str) or not kind.strip():
             raise SearchError(f"kind must be one of {INDEX_KINDS} or a FAISS factory string")
+        if kind == "ondisk":
+            raise SearchError(
+                "kind 'ondisk' is built from rows read in chunks into a folder: use "
+                "gradindex.ondisk.build_ondisk(rows, path, method) or build_index(index='ondisk')"
+            )
         if on_miss not in ON_MISS:
             raise SearchError(f"unknown on_miss {on_miss!r}; use one of {', '.join(ON_MISS)}")
         if not isinstance(target_recall, int | float) or not 0 < target_recall <= 1:
@@ -329,17 +339,10 @@ class VectorIndex:
         return k
 
     def _exact_search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Exact top-k over the stored float32 rows (flat storage, or IVF rows in chunks)."""
+        """Exact top-k over the stored float32 rows (flat storage, or IVF lists in chunks)."""
         if self._flat is not None:
             return self._flat.search(q, k)
-        heap = faiss.ResultHeap(len(q), k, keep_max=True)
-        chunk = max(1024, _CHUNK_BYTES // (4 * self.dim))
-        for r0 in range(0, self.ntotal, chunk):
-            xb = self._index.reconstruct_n(r0, min(chunk, self.ntotal - r0))  # [m, D]
-            sc, rw = faiss.knn(q, xb, min(k, len(xb)), metric=faiss.METRIC_INNER_PRODUCT)
-            heap.add_result(sc, rw + r0)
-        heap.finalize()
-        return heap.D, heap.I
+        return st.exact_search_ivf(self._index, q, k, _CHUNK_BYTES)
 
     @property
     def info(self) -> dict[str, Any]:
@@ -350,8 +353,14 @@ class VectorIndex:
         """Write ``path`` (a FAISS file, knobs included) and ``path + '.json'`` (info), atomically.
 
         The FAISS file opens with plain ``faiss.read_index`` and searches at the tuned knobs.
+        An on-disk index is written once, where it is built (its lists file sits next to it).
         """
         path = os.fspath(path)
+        if self._info.get("kind") == "ondisk":
+            raise SearchError(
+                "an on-disk index is saved where it is built, next to its .ivfdata file; "
+                "copy or move its folder instead"
+            )
         side = _sidecar_dict(self._info)
         try:
             faiss.write_index(self._index, path + ".tmp")
@@ -369,6 +378,8 @@ class VectorIndex:
 
         mmap uses ``faiss.IO_FLAG_MMAP_IFC``: measured here, plain ``IO_FLAG_MMAP`` maps only IVF
         lists and still reads flat / HNSW storage into memory, while ``_IFC`` maps all of them.
+        An on-disk index (kind ``ondisk``) is always memory-mapped from its ``.ivfdata`` file,
+        found next to ``path`` wherever the folder was moved (:func:`gradindex.ondisk.read_ondisk`).
         """
         path = os.fspath(path)
         if not os.path.isfile(path):
@@ -390,7 +401,12 @@ class VectorIndex:
             )
         flag = getattr(faiss, "IO_FLAG_MMAP_IFC", faiss.IO_FLAG_MMAP) if mmap else 0
         try:
-            index = faiss.read_index(path, flag)
+            if info.get("kind") == "ondisk":
+                from gradindex.ondisk import read_ondisk
+
+                index, mmap = read_ondisk(path, info), True
+            else:
+                index = faiss.read_index(path, flag)
         except RuntimeError as e:
             raise IndexStateError(f"cannot read FAISS index {path}: {st._first_line(e)}") from None
         if index.ntotal != info["n"] or index.d != info["dim"]:

@@ -5,6 +5,9 @@ Holds:
 - :func:`choose_kind` -- what ``kind="auto"`` builds for N rows of dimension D, and why.
 - :func:`make_index` -- a trained and filled FAISS index for a kind or a factory string.
 - :func:`flat_storage` -- the float32 rows inside an index, which exact search scans.
+- :func:`exact_search_ivf` -- exact top-k over the float32 rows in an IVF's lists, list by list
+  (in RAM or memory-mapped on disk), in bounded chunks.
+- :func:`training_rows` -- the sorted sample of rows an index is trained on.
 - :func:`index_parts` / :func:`apply_knobs` -- find and set the search-time knobs
   (``nprobe`` of an IVF, ``efSearch`` of an HNSW, ``k_factor`` of an exact re-ranking stage).
 - :func:`heldout_queries` -- the queries recall is measured on.
@@ -124,17 +127,25 @@ def make_index(factory: str, x: np.ndarray, seed: int) -> tuple[faiss.Index, str
         factory = f"{factory},RFlat"
     try:
         if not index.is_trained:
-            rng = np.random.default_rng(seed)
-            nlist = ivf.nlist if ivf is not None else 0
-            m = min(n, max(40 * nlist, 10_000))  # FAISS asks for >= 39 rows per list
-            sample = x if m >= n else x[np.sort(rng.choice(n, m, replace=False))]
-            index.train(sample)
+            rows = training_rows(n, ivf.nlist if ivf is not None else 0, seed)
+            index.train(x if rows is None else x[rows])
         index.add(x)
     except RuntimeError as e:
         raise SearchError(
             f"FAISS could not train/fill {factory!r} on {n}x{d} vectors: {_first_line(e)}"
         ) from None
     return index, factory
+
+
+def training_rows(n: int, nlist: int, seed: int) -> np.ndarray | None:
+    """The sorted rows of n an index with ``nlist`` lists is trained on; None means all of them.
+
+    max(10 000, 40 * nlist) rows (FAISS asks for >= 39 per list), drawn under ``seed``: the same
+    sample whether the rows are in RAM or read from a store in chunks (:mod:`gradindex.ondisk`).
+    """
+    rng = np.random.default_rng(seed)
+    m = min(n, max(40 * nlist, 10_000))
+    return None if m >= n else np.sort(rng.choice(n, m, replace=False))
 
 
 def _first_line(e: Exception) -> str:
@@ -162,6 +173,57 @@ def flat_storage(index: faiss.Index) -> faiss.Index | None:
         ref = faiss.downcast_index(idx.refine_index)
         return ref if isinstance(ref, faiss.IndexFlat) else None
     return None
+
+
+def exact_search_ivf(
+    index: faiss.Index, q: np.ndarray, k: int, chunk_bytes: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k by inner product over the float32 rows stored in an IVF-Flat's lists.
+
+    q [B, D]; returns (scores [B, k], ids [B, k]) of a result heap. Reads the lists one after the
+    other (sequential pages when they are memory-mapped from disk), in pieces of at most
+    ``chunk_bytes`` of rows, so memory stays bounded and each row is read once, whatever N.
+    """
+    ivf = faiss.extract_index_ivf(index)
+    d = ivf.d
+    if ivf.code_size != 4 * d:
+        raise SearchError(f"exact search needs float32 rows in the IVF lists; got {ivf}")
+    invlists = ivf.invlists
+    limit = max(1024, chunk_bytes // (4 * d))
+    heap = faiss.ResultHeap(len(q), k, keep_max=True)
+    codes: list[np.ndarray] = []
+    ids: list[np.ndarray] = []
+    held = 0
+
+    def flush() -> None:
+        xb, ib = np.concatenate(codes), np.concatenate(ids)  # [m, D], [m]
+        sc, pos = faiss.knn(q, xb, min(k, len(xb)), metric=faiss.METRIC_INNER_PRODUCT)
+        heap.add_result(sc, np.where(pos >= 0, ib[np.maximum(pos, 0)], -1))
+        codes.clear()
+        ids.clear()
+
+    for lst in range(ivf.nlist):
+        m = invlists.list_size(lst)
+        if m == 0:
+            continue
+        cptr, iptr = invlists.get_codes(lst), invlists.get_ids(lst)
+        try:
+            xs = faiss.rev_swig_ptr(cptr, m * ivf.code_size).view(np.float32).reshape(m, d)
+            ix = faiss.rev_swig_ptr(iptr, m).view(np.int64)
+            for a in range(0, m, limit):
+                codes.append(xs[a : a + limit].copy())
+                ids.append(ix[a : a + limit].copy())
+                held += len(codes[-1])
+                if held >= limit:
+                    flush()
+                    held = 0
+        finally:
+            invlists.release_codes(lst, cptr)
+            invlists.release_ids(lst, iptr)
+    if codes:
+        flush()
+    heap.finalize()
+    return heap.D, heap.I
 
 
 def index_parts(index: faiss.Index) -> dict[str, faiss.Index]:
@@ -251,7 +313,13 @@ TUNE_MARGIN = 0.01
 
 
 def tune(
-    index: faiss.Index, x: np.ndarray, target: float, queries: np.ndarray, k: int = RECALL_K
+    index: faiss.Index,
+    x: np.ndarray,
+    target: float,
+    queries: np.ndarray,
+    k: int = RECALL_K,
+    *,
+    exact_scores: np.ndarray | None = None,
 ) -> TuneReport:
     """Climb the knob ladder until recall@k >= target on both halves of ``queries``.
 
@@ -261,12 +329,19 @@ def tune(
     while recall holds. Recall grows with the knobs, so the top rung is first probed on a fifth of
     the tuning half: if it clearly misses (by 0.02), the climb is skipped and that probe is the
     reported recall. Leaves the index at the passing knobs, or at the top rung when none passes.
+
+    x: the indexed rows [N, D], an array or any object with ``len`` that gathers rows by an
+    integer array (``x[rows]`` -> [*rows.shape, D]), e.g. :class:`gradindex.ondisk.ChunkedRows`;
+    then ``exact_scores`` [M, k] (the exact top-k scores of ``queries``, best first) must be given.
     """
     k = min(k, len(x))
     half = len(queries) // 2
     qt, qv = queries[:half], queries[half:]
-    exact_t, _ = faiss.knn(qt, x, k, metric=faiss.METRIC_INNER_PRODUCT)
-    exact_v, _ = faiss.knn(qv, x, k, metric=faiss.METRIC_INNER_PRODUCT)
+    if exact_scores is None:
+        exact_t, _ = faiss.knn(qt, x, k, metric=faiss.METRIC_INNER_PRODUCT)
+        exact_v, _ = faiss.knn(qv, x, k, metric=faiss.METRIC_INNER_PRODUCT)
+    else:
+        exact_t, exact_v = exact_scores[:half, :k], exact_scores[half:, :k]
     parts = index_parts(index)
     kfs = _K_FACTORS if "refine" in parts else (None,)
     rungs = [dict(m, **({"k_factor": kfs[0]} if kfs[0] else {})) for m in _main_grid(parts, len(x))]

@@ -42,7 +42,8 @@ from gradindex.layout import (
     read_manifest,
     write_json_atomic,
 )
-from gradindex.search import METHODS, VectorIndex
+from gradindex.ondisk import build_from_store
+from gradindex.search import METHODS
 from gradindex.store import VectorStore
 
 logger = logging.getLogger(__name__)
@@ -275,12 +276,10 @@ def assemble(
             flagged = out.flagged
             keep = np.flatnonzero(~flagged)
             index_info = {}
-            for method in METHODS:
-                vindex = VectorIndex.build(
-                    out.vectors(method, keep), method, kind=kind, target_recall=target_recall
+            for method in METHODS:  # in RAM, or on disk in chunks (gradindex.ondisk)
+                index_info[method] = build_from_store(
+                    out, method, keep, kind, target_recall, stage / faiss_file(method)
                 )
-                vindex.save(stage / faiss_file(method))
-                index_info[method] = vindex.info
     finally:
         for s in stores:
             s.close()

@@ -17,21 +17,28 @@ Row datasets are contiguous and allocated up front (see ``_preallocated``): a bu
 any instant leaves a readable file whose ``done`` mask tells which rows are committed.
 File attributes carry the spec JSON and the format version, so the file alone can be read with
 plain h5py by someone who never installed gradindex.
+
+Also holds ``ChunkedRows``: one method's rows (or any [N, D] array-like) read as float32 a chunk
+at a time or gathered by row number, for indexes built without the matrix in memory
+(:mod:`gradindex.ondisk`).
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import h5py
 import numpy as np
 
-from gradindex.errors import IndexStateError
+from gradindex.errors import IndexStateError, SearchError
 
 METHOD_DATASETS = ("tracin", "retrac")
+CHUNK_BYTES = 64 << 20
+"""Rows read per chunk by ``ChunkedRows``: 64 MiB of float32 (>= 1024 rows)."""
 
 
 def _preallocated(
@@ -206,3 +213,80 @@ class VectorStore:
 
     def attr(self, key: str) -> Any:
         return self.file.attrs.get(key)
+
+
+class ChunkedRows:
+    """Rows [N, D] of ``data`` (h5py dataset, np.memmap, array), read as float32 in chunks.
+
+    rows: sorted rows of ``data`` to use (e.g. the unflagged ones), row i here being
+    ``data[rows[i]]``; None uses every row. No read asks ``data`` for more than ``chunk_rows``
+    rows (default: 64 MiB of float32).
+    """
+
+    def __init__(self, data: Any, rows: np.ndarray | None = None, chunk_rows: int | None = None):
+        shape = tuple(getattr(data, "shape", ()))
+        if len(shape) != 2 or shape[1] == 0:
+            raise SearchError(f"rows must be a 2-D array [N, D] with D >= 1; got shape {shape}")
+        self.data = data
+        self.dim = int(shape[1])
+        self.rows = None if rows is None else np.asarray(rows, dtype=np.int64)
+        if (
+            self.rows is not None
+            and self.rows.size
+            and (np.any(np.diff(self.rows) <= 0) or self.rows[0] < 0 or self.rows[-1] >= shape[0])
+        ):
+            raise SearchError(f"rows must be increasing row numbers below {shape[0]}")
+        self.n = int(shape[0] if self.rows is None else len(self.rows))
+        if chunk_rows is not None and (not isinstance(chunk_rows, int) or chunk_rows < 1):
+            raise SearchError(f"chunk_rows must be a positive integer; got {chunk_rows!r}")
+        self.chunk_rows = chunk_rows or max(1024, CHUNK_BYTES // (4 * self.dim))
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.n, self.dim
+
+    def __len__(self) -> int:
+        return self.n
+
+    def chunks(self) -> Iterator[tuple[int, np.ndarray]]:
+        """(first row, float32 block [m, D]) in row order, m <= chunk_rows; rejects NaN / inf."""
+        total, step = int(self.data.shape[0]), self.chunk_rows
+        done = 0
+        for a in range(0, total, step):
+            b = min(a + step, total)
+            if self.rows is None:
+                block = self.data[a:b]
+            else:
+                lo, hi = np.searchsorted(self.rows, [a, b])
+                if lo == hi:
+                    continue
+                block = self.data[a:b]
+                if hi - lo < b - a:
+                    block = np.asarray(block)[self.rows[lo:hi] - a]
+            block = np.ascontiguousarray(block, dtype=np.float32)
+            _check_finite(block, done)
+            yield done, block
+            done += len(block)
+
+    def __getitem__(self, index: Any) -> np.ndarray:
+        """Rows by number, any integer array shape [...] -> float32 [..., D]."""
+        idx = np.asarray(index, dtype=np.int64)
+        flat = idx.ravel()
+        if flat.size and (flat.min() < 0 or flat.max() >= self.n):
+            raise IndexError(f"row numbers must be in [0, {self.n})")
+        uniq, inverse = np.unique(flat, return_inverse=True)
+        src = uniq if self.rows is None else self.rows[uniq]
+        out = np.empty((len(uniq), self.dim), dtype=np.float32)
+        for a in range(0, len(src), self.chunk_rows):
+            out[a : a + self.chunk_rows] = self.data[src[a : a + self.chunk_rows]]
+        _check_finite(out, None)
+        return out[inverse].reshape(*idx.shape, self.dim)
+
+
+def _check_finite(block: np.ndarray, first: int | None) -> None:
+    finite = np.isfinite(block).all(axis=1)
+    if not finite.all():
+        where = (
+            f" (first: row {first + int(np.flatnonzero(~finite)[0])})" if first is not None else ""
+        )
+        raise SearchError(f"vectors contain NaN or inf{where}; fix or drop those rows")
