@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gradindex.errors import ModelError
-from gradindex.gradients import GradientFeaturizer, item_losses
+from gradindex.gradients import MAX_ITEMS, GradientFeaturizer, item_losses
 from gradindex.models import Checkpoint
 from gradindex.persample import (
     HookGradients,
@@ -344,7 +344,7 @@ class KroneckerFeaturizer(GradientFeaturizer):
         spec: BuildSpec,
         seed: int,
         device: str | torch.device = "cpu",
-        max_items: int = 128,
+        max_items: int = MAX_ITEMS,
     ):
         super().__init__(checkpoint, spec, device, max_items=max_items)
         self.kron = KroneckerGradients(
