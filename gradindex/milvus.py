@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import logging
-import operator
 import os
 import re
 import warnings
@@ -43,7 +42,7 @@ from tqdm.auto import tqdm
 from gradindex import search_tuning as st
 from gradindex.errors import IndexStateError, MilvusError, SearchError
 from gradindex.layout import VECTORS, check_files, faiss_file, package_versions, read_manifest
-from gradindex.search import METHODS, SearchResult, VectorIndex, _as_matrix
+from gradindex.search import METHODS, SearchResult, VectorIndex, _as_matrix, check_k
 from gradindex.store import VectorStore
 
 logger = logging.getLogger(__name__)
@@ -412,20 +411,7 @@ class MilvusBackend:
             raise SearchError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
         rec = self.meta[method]
         q = _as_matrix(queries, "queries", self.dim)
-        try:
-            if isinstance(k, bool):
-                raise TypeError
-            k = operator.index(k)
-        except TypeError:
-            raise SearchError(f"k must be a positive integer; got {k!r}") from None
-        if k <= 0:
-            raise SearchError(f"k must be a positive integer; got {k}")
-        if k > rec["rows"]:
-            warnings.warn(
-                f"k={k} is more than the {rec['rows']} indexed rows; returning k={rec['rows']}",
-                stacklevel=2,
-            )
-            k = rec["rows"]
+        k = check_k(k, rec["rows"])
         if k > MAX_TOPK:
             raise SearchError(f"k={k}: Milvus returns at most {MAX_TOPK} results per query")
         coll = collection_name(self.name, method)

@@ -177,18 +177,14 @@ def _build(
         ivf = faiss.extract_index_ivf(index)
         info = _info(method, requested, target_recall, seed, n, d, factory, report, tune_queries)
         if not report.met:
-            msg = (
-                f"on-disk index {factory!r} reached recall@10 {report.recall:.3f} < target "
-                f"{target_recall} at its largest knobs {report.knobs}"
+            msg, record = st.missed_target(
+                report,
+                f"on-disk index {factory!r}",
+                target_recall,
+                on_miss,
+                "use a lower target_recall or more lists (nlist)",
             )
-            if on_miss == "raise":
-                raise SearchError(msg + "; use a lower target_recall or more lists (nlist)")
-            info["fallback"] = {
-                "from": factory,
-                "recall_at_10": report.recall,
-                "knobs": report.knobs,
-                "action": on_miss,
-            }
+            info["fallback"] = {"from": factory, **record}
             if on_miss == "fallback":
                 warnings.warn(msg + "; probing every list instead (exact search)", stacklevel=3)
                 info.update(knobs={"nprobe": int(ivf.nlist)}, recall_at_10=1.0, meets_target=True)

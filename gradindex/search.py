@@ -228,18 +228,14 @@ class VectorIndex:
             index, factory = st.make_index(factory, x, seed)
             report = st.tune(index, x, float(target_recall), q)
             if not report.met:
-                msg = (
-                    f"index {factory!r} reached recall@10 {report.recall:.3f} < target "
-                    f"{target_recall} at its largest knobs {report.knobs}"
+                msg, record = st.missed_target(
+                    report,
+                    f"index {factory!r}",
+                    target_recall,
+                    on_miss,
+                    "use kind='flat' or a lower target_recall",
                 )
-                if on_miss == "raise":
-                    raise SearchError(msg + "; use kind='flat' or a lower target_recall")
-                info["fallback"] = {
-                    "from": factory,
-                    "recall_at_10": report.recall,
-                    "knobs": report.knobs,
-                    "action": on_miss,
-                }
+                info["fallback"] = {"from": factory, **record}
                 if on_miss == "fallback":
                     warnings.warn(msg + "; built exact flat search instead", stacklevel=2)
                     index, factory, chosen = _flat_index(x), "Flat", "flat"
@@ -296,7 +292,7 @@ class VectorIndex:
         is answered by exact search instead, so every result row holds k valid rows.
         """
         q = _as_matrix(queries, "queries", self.dim)
-        k = self._check_k(k)
+        k = check_k(k, self.ntotal)
         b = len(q)
         _configure(self.dim, single_query=b == 1)
         scores = np.empty((b, k), dtype=np.float32)
@@ -320,23 +316,6 @@ class VectorIndex:
         scores = np.take_along_axis(scores, order, axis=1)
         rows = np.take_along_axis(rows, order, axis=1)
         return SearchResult(scores=scores, ids=rows.copy(), rows=rows)
-
-    def _check_k(self, k: int) -> int:
-        try:
-            if isinstance(k, bool):
-                raise TypeError
-            k = operator.index(k)
-        except TypeError:
-            raise SearchError(f"k must be a positive integer; got {k!r}") from None
-        if k <= 0:
-            raise SearchError(f"k must be a positive integer; got {k}")
-        if k > self.ntotal:
-            warnings.warn(
-                f"k={k} is more than the {self.ntotal} indexed rows; returning k={self.ntotal}",
-                stacklevel=3,
-            )
-            k = self.ntotal
-        return k
 
     def _exact_search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Exact top-k over the stored float32 rows (flat storage, or IVF lists in chunks)."""
@@ -417,6 +396,22 @@ class VectorIndex:
         st.apply_knobs(index, info.get("knobs") or {})
         info["mmap"] = bool(mmap)
         return cls(index, info)
+
+
+def check_k(k: Any, n: int) -> int:
+    """k as a positive int, clamped (with a warning) to the ``n`` rows there are."""
+    try:
+        if isinstance(k, bool):
+            raise TypeError
+        k = operator.index(k)
+    except TypeError:
+        raise SearchError(f"k must be a positive integer; got {k!r}") from None
+    if k <= 0:
+        raise SearchError(f"k must be a positive integer; got {k}")
+    if k > n:
+        warnings.warn(f"k={k} is more than the {n} indexed rows; returning k={n}", stacklevel=3)
+        k = n
+    return k
 
 
 def _gpu_unavailable(index: faiss.Index) -> str | None:

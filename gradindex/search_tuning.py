@@ -383,3 +383,18 @@ def tune(
         apply_knobs(index, knobs)
         return TuneReport(True, knobs, rv, rt, len(queries), steps)
     return TuneReport(False, rungs[-1], rv, rt, len(queries), steps)
+
+
+def missed_target(
+    report: TuneReport, what: str, target_recall: float, on_miss: str, hint: str
+) -> tuple[str, dict]:
+    """The warning text and the info["fallback"] record for a tuned index below its target;
+    raises SearchError (with ``hint``) when ``on_miss`` is 'raise'."""
+    msg = (
+        f"{what} reached recall@10 {report.recall:.3f} < target {target_recall} at its largest "
+        f"knobs {report.knobs}"
+    )
+    if on_miss == "raise":
+        raise SearchError(f"{msg}; {hint}")
+    record = {"recall_at_10": report.recall, "knobs": report.knobs, "action": on_miss}
+    return msg, record
