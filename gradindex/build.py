@@ -130,7 +130,9 @@ def build_index(
         state["shard"] = shard_info
     if conditioner.kind != "none" or conditioner.vae is not None:
         state["conditioning"] = {**cond_record, "data": cond_data.digest()}
-    _prepare_folder(out, state, resume=resume, overwrite=overwrite)
+    if _prepare_folder(out, state, resume=resume, overwrite=overwrite) == "finished":
+        logger.info("%s: already finished with these settings; nothing to resume", out)
+        return AttributionIndex.open(out, checkpoints=ckpts, device=device, base_model=base_model)
 
     embedder = Embedder(ckpts, spec, device)
     vec_path = out / VECTORS
@@ -295,9 +297,12 @@ def _contiguous_batches(rows: np.ndarray, size: int):
         i = j + 1
 
 
-def _prepare_folder(out: Path, state: dict[str, Any], *, resume: bool, overwrite: bool) -> None:
+def _prepare_folder(
+    out: Path, state: dict[str, Any], *, resume: bool, overwrite: bool
+) -> str | None:
     """Refuse to clobber a finished index or someone else's folder; check a resumed build
-    has the same spec, checkpoints and data size."""
+    has the same spec, checkpoints and data size. Returns "finished" when ``resume`` finds the
+    same build already finished (a re-run job step is then a no-op)."""
     import json
 
     if out.exists() and not out.is_dir():
@@ -307,6 +312,15 @@ def _prepare_folder(out: Path, state: dict[str, Any], *, resume: bool, overwrite
             raise IndexStateError(f"{out}: not an index folder; refusing to overwrite it")
         shutil.rmtree(out)
     if out.exists() and (out / MANIFEST).exists():
+        if resume:
+            done = json.loads((out / MANIFEST).read_text())
+            diffs = _finished_diffs(done, state)
+            if not diffs:
+                return "finished"
+            raise IndexStateError(
+                f"{out}: already holds a finished index built with different settings "
+                f"({', '.join(diffs)}); pass --overwrite to rebuild it"
+            )
         raise IndexStateError(
             f"{out}: already holds a finished index; pass --overwrite to rebuild it"
         )
@@ -332,6 +346,20 @@ def _prepare_folder(out: Path, state: dict[str, Any], *, resume: bool, overwrite
             f"{out}: folder is not empty and holds no index; choose another --out"
         )
     write_json_atomic(out / BUILD_STATE, state)
+
+
+def _finished_diffs(manifest: dict[str, Any], state: dict[str, Any]) -> list[str]:
+    """What differs between a finished index's manifest and the build asked for now."""
+    spec = manifest.get("spec", {})
+    diffs = [f"spec.{k}" for k in state["spec"] if spec.get(k) != state["spec"][k]]
+    if [c.get("fingerprint") for c in manifest.get("checkpoints", [])] != state["checkpoints"]:
+        diffs.append("checkpoints")
+    if manifest.get("num_rows") != state["num_rows"]:
+        diffs.append("num_rows")
+    recorded, asked = manifest.get("shard") or {}, state.get("shard") or {}
+    if {k: recorded.get(k) for k in asked} != asked or bool(recorded) != bool(asked):
+        diffs.append("shard")
+    return diffs
 
 
 def _resolve_timesteps(spec: BuildSpec, num_train_timesteps: int) -> BuildSpec:

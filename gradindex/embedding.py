@@ -88,7 +88,7 @@ class Embedder:
         (``gradindex.conditioning``), samples first."""
         tracin_blocks, retrac_blocks, norm_blocks = [], [], []
         for feat, proj, w in zip(self.featurizers, self.projectors, self.weights, strict=True):
-            f = feat.featurize(x0, self.draws, cond)
+            f = feat.featurize(x0, self.draws, cond, reuse=True)  # projected into new tensors
             sw = math.sqrt(w)
             tracin_blocks.append(sw * proj.project(f.tracin))  # [B, d]
             pr = proj.project(f.retrac)  # [B, d]

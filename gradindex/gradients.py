@@ -39,9 +39,9 @@ BACKENDS = ("auto", "hooks", "vmap")
 
 
 class _Scratch:
-    """Reusable float32 buffers (per purpose and device) for the [I, p] per-item gradients and
-    the [B, p] per-timestep means, shared by every featurizer of the process (they run one at a
-    time). Fresh memory costs a page fault per 4 KiB on first touch (measured ~1 ms/MB here, as
+    """Reusable float32 buffers (per purpose and device) for the [I, p] per-item gradients, the
+    per-timestep means and (``featurize(reuse=True)``) the [B, 2, p] features, shared by every
+    featurizer of the process (they run one at a time). Fresh memory costs a page fault per 4 KiB on first touch (measured ~1 ms/MB here, as
     much as forming the gradients), so the buffers are kept between calls; the larger holds at
     most ``max_bytes`` (or one timestep's B·M rows)."""
 
@@ -250,10 +250,15 @@ class GradientFeaturizer:
         x0: torch.Tensor,
         draws: list[tuple[int, torch.Tensor]],
         cond: dict[str, torch.Tensor] | None = None,
+        *,
+        reuse: bool = False,
     ) -> Features:
         """x0: [B, C, H, W] in the model's range (latents for a latent model); draws: the spec's
         K·M (t, ε) pairs; cond: per-sample conditioning keyword arguments of the model, samples
-        first (``class_labels`` [B], ``encoder_hidden_states`` [B, L, E]), repeated per draw."""
+        first (``class_labels`` [B], ``encoder_hidden_states`` [B, L, E]), repeated per draw.
+        ``reuse=True`` returns views of a buffer that the next call of any featurizer
+        overwrites (fresh memory costs a page fault per 4 KiB, ~1 ms/MB here): for callers that
+        consume the features at once, like ``Embedder.embed``."""
         spec = self.spec
         K, M = spec.num_timesteps, spec.noise_draws
         if len(draws) != K * M:
@@ -261,7 +266,11 @@ class GradientFeaturizer:
         x0 = x0.to(self.device, torch.float32)
         B = x0.shape[0]
         q = self.row_dim
-        acc = torch.empty(B, 2, q, device=self.device)  # per sample: [TracIn row, ReTrac row]
+        # per sample: [TracIn row, ReTrac row]
+        if reuse:
+            acc = _scratch.get("features", 2 * B, q, self.device).view(B, 2, q)
+        else:
+            acc = torch.empty(B, 2, q, device=self.device)
         norms = torch.empty(B, K * M, device=self.device)
         items = min(self.max_items, self.max_bytes // (4 * q))
         step = max(1, min(K, items // (B * M)))  # timesteps per gradient call, at most

@@ -141,8 +141,8 @@ def test_non_finite_gradients_are_flagged_not_indexed(tmp_path, images, monkeypa
 
     original = gradients.GradientFeaturizer.featurize
 
-    def poisoned(self, x0, draws, cond=None):
-        f = original(self, x0, draws, cond)
+    def poisoned(self, x0, draws, cond=None, **kw):
+        f = original(self, x0, draws, cond, **kw)
         bad = x0.flatten(1)[:, 0] > 0.9  # rows whose first pixel is bright
         f.tracin[bad] = float("nan")
         return f
@@ -280,3 +280,31 @@ def test_eight_concurrent_query_processes(tmp_path, images, saved_checkpoints):
     for p, (stdout, stderr) in zip(procs, outs):
         assert p.returncode == 0, stderr
         assert json.loads(stdout.strip().splitlines()[-1]) == single
+
+
+def test_resume_of_a_finished_build_is_a_checked_noop(tmp_path, images, small_index):
+    """A re-run job step with --resume on a finished index returns it untouched; with other
+    settings it is refused, naming them; without --resume it is still refused."""
+    idx, pair, spec = small_index
+    out = tmp_path / "idx"
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    again = gi.build_index(
+        checkpoints=[pair], data=images, out=out, spec=spec, resume=True, progress=False
+    )
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+    np.testing.assert_array_equal(again.vectors("tracin"), idx.vectors("tracin"))
+    with pytest.raises(gi.IndexStateError, match=r"different settings \(spec.seed\)"):
+        gi.build_index(
+            checkpoints=[pair],
+            data=images,
+            out=out,
+            spec=spec.replace(seed=3),
+            resume=True,
+            progress=False,
+        )
+    with pytest.raises(gi.IndexStateError, match=r"different settings \(num_rows\)"):
+        gi.build_index(
+            checkpoints=[pair], data=images[:5], out=out, spec=spec, resume=True, progress=False
+        )
+    with pytest.raises(gi.IndexStateError, match="already holds a finished index; pass"):
+        gi.build_index(checkpoints=[pair], data=images, out=out, spec=spec, progress=False)
