@@ -416,15 +416,19 @@ def check_k(k: Any, n: int) -> int:
 
 def _gpu_unavailable(index: faiss.Index) -> str | None:
     """Why ``index`` cannot be searched on a GPU here, or None when it can."""
-    if not hasattr(faiss, "StandardGpuResources"):
-        return 'this faiss has no GPU support (pip install "gradindex[gpu]" on a CUDA machine)'
-    if faiss.get_num_gpus() == 0:
-        return "faiss-gpu sees no CUDA device"
     base = faiss.downcast_index(
         index.index if isinstance(index, faiss.IndexPreTransform) else index
     )
     if not isinstance(base, faiss.IndexFlat | faiss.IndexIVF):
         return f"FAISS has no GPU version of {type(base).__name__} (build with kind flat or ivf)"
+    if isinstance(base, faiss.IndexIVF) and isinstance(
+        faiss.downcast_InvertedLists(base.invlists), faiss.OnDiskInvertedLists
+    ):
+        return "its inverted lists are on disk (memory-mapped), larger than a GPU copy should be"
+    if not hasattr(faiss, "StandardGpuResources"):
+        return 'this faiss has no GPU support (pip install "gradindex[gpu]" on a CUDA machine)'
+    if faiss.get_num_gpus() == 0:
+        return "faiss-gpu sees no CUDA device"
     return None
 
 

@@ -133,6 +133,9 @@ def test_moved_folder_opens_and_answers_the_same(tmp_path):
     after = moved.search(q, 10)
     np.testing.assert_array_equal(before.rows, after.rows)
     np.testing.assert_array_equal(before.scores, after.scores)
+    with pytest.warns(UserWarning, match="inverted lists are on disk"):
+        assert moved.to_gpu() is False  # never copied whole to a GPU
+    np.testing.assert_array_equal(moved.search(q, 10).rows, before.rows)
     with pytest.raises(SearchError, match="saved where it is built"):
         moved.save(tmp_path / "c.faiss")
     del moved
