@@ -200,6 +200,7 @@ def build_index(
         "sample_shape": list(embedder.sample_shape),
         "image_shape": [channels, height, width],
         "conditioning": cond_record,
+        "conditioning_data": state.get("conditioning", {}).get("data"),
         "base_model": str(Path(base_model).resolve())
         if isinstance(base_model, (str, os.PathLike))
         else None,
@@ -313,8 +314,8 @@ def _prepare_folder(
         shutil.rmtree(out)
     if out.exists() and (out / MANIFEST).exists():
         if resume:
-            done = json.loads((out / MANIFEST).read_text())
-            diffs = _finished_diffs(done, state)
+            done = _as_state(json.loads((out / MANIFEST).read_text()), state)
+            diffs = _settings_diffs(done, state)
             if not diffs:
                 return "finished"
             raise IndexStateError(
@@ -329,15 +330,10 @@ def _prepare_folder(
             raise IndexStateError(
                 f"{out}: holds an unfinished build; pass --resume to finish it or --overwrite"
             )
-        old = json.loads((out / BUILD_STATE).read_text())
-        diffs = sorted(k for k in state if old.get(k) != state[k])
-        spec_diffs = sorted(
-            k for k in state["spec"] if old.get("spec", {}).get(k) != state["spec"][k]
-        )
+        diffs = _settings_diffs(json.loads((out / BUILD_STATE).read_text()), state)
         if diffs:
-            what = ", ".join(f"spec.{k}" for k in spec_diffs) if spec_diffs else ", ".join(diffs)
             raise IndexStateError(
-                f"{out}: the unfinished build used different settings ({what}); "
+                f"{out}: the unfinished build used different settings ({', '.join(diffs)}); "
                 "resume with the same ones or pass --overwrite"
             )
         return
@@ -348,18 +344,29 @@ def _prepare_folder(
     write_json_atomic(out / BUILD_STATE, state)
 
 
-def _finished_diffs(manifest: dict[str, Any], state: dict[str, Any]) -> list[str]:
-    """What differs between a finished index's manifest and the build asked for now."""
-    spec = manifest.get("spec", {})
-    diffs = [f"spec.{k}" for k in state["spec"] if spec.get(k) != state["spec"][k]]
-    if [c.get("fingerprint") for c in manifest.get("checkpoints", [])] != state["checkpoints"]:
-        diffs.append("checkpoints")
-    if manifest.get("num_rows") != state["num_rows"]:
-        diffs.append("num_rows")
-    recorded, asked = manifest.get("shard") or {}, state.get("shard") or {}
-    if {k: recorded.get(k) for k in asked} != asked or bool(recorded) != bool(asked):
-        diffs.append("shard")
-    return diffs
+def _settings_diffs(old: dict[str, Any], state: dict[str, Any]) -> list[str]:
+    """What differs between a recorded build state and the build asked for now: spec fields
+    as ``spec.<name>``, other settings by their key."""
+    spec = old.get("spec") or {}
+    diffs = [f"spec.{k}" for k in sorted(state["spec"]) if spec.get(k) != state["spec"][k]]
+    keys = sorted((set(state) | set(old)) - {"spec"})
+    return diffs + [k for k in keys if old.get(k) != state.get(k)]
+
+
+def _as_state(manifest: dict[str, Any], state: dict[str, Any]) -> dict[str, Any]:
+    """A finished index's manifest in the shape of a build state, for ``_settings_diffs``."""
+    old = {k: manifest.get(k) for k in state}
+    old["checkpoints"] = [c.get("fingerprint") for c in manifest.get("checkpoints", [])]
+    if "shard" in state:  # the manifest adds the merge settings
+        old["shard"] = {k: (manifest.get("shard") or {}).get(k) for k in state["shard"]}
+    elif "shard" in manifest:
+        old["shard"] = manifest["shard"]
+    if "conditioning" in state:  # the manifest keeps the data digest beside the record
+        old["conditioning"] = {
+            **(manifest.get("conditioning") or {}),
+            "data": manifest.get("conditioning_data"),
+        }
+    return old
 
 
 def _resolve_timesteps(spec: BuildSpec, num_train_timesteps: int) -> BuildSpec:

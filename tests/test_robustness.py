@@ -308,3 +308,22 @@ def test_resume_of_a_finished_build_is_a_checked_noop(tmp_path, images, small_in
         )
     with pytest.raises(gi.IndexStateError, match="already holds a finished index; pass"):
         gi.build_index(checkpoints=[pair], data=images, out=out, spec=spec, progress=False)
+
+
+def test_resume_of_a_finished_conditional_build_checks_its_labels(tmp_path, images):
+    """The no-op resume compares the conditioning data too (a digest kept in the manifest)."""
+    from tests.test_conditional import class_unet
+
+    labels = np.array([2, 0, 1, 2, 1, 0, 1])
+    kw = dict(
+        checkpoints=[(class_unet(1), scheduler())],
+        data=images,
+        out=tmp_path / "c",
+        spec=gi.BuildSpec(proj_dim=16, timesteps=2, batch_size=4),
+        progress=False,
+    )
+    first = gi.build_index(labels=labels, **kw)
+    again = gi.build_index(labels=labels, resume=True, **kw)
+    np.testing.assert_array_equal(again.vectors("tracin"), first.vectors("tracin"))
+    with pytest.raises(gi.IndexStateError, match=r"different settings \(conditioning\)"):
+        gi.build_index(labels=labels[::-1].copy(), resume=True, **kw)
