@@ -93,6 +93,21 @@ def _read_lines(path: str, labels: bool = False) -> Any:
     return [int(ln) if ln.strip().lstrip("-").isdigit() else ln.strip() for ln in lines]
 
 
+# options shared by the commands that featurize (build, add)
+_scheduler_option = click.option(
+    "--scheduler",
+    default=None,
+    type=click.Path(exists=True, file_okay=False),
+    help="Scheduler folder, if the checkpoints hold none.",
+)
+_device_option = click.option(
+    "--device",
+    default="cpu",
+    show_default=True,
+    help="torch device for gradients: cpu, cuda, cuda:N, or auto (a GPU when there is one).",
+)
+
+
 def _spec_options(func: Any) -> Any:
     for f in reversed(dataclasses.fields(BuildSpec)):
         if f.name in _SKIP:
@@ -150,12 +165,7 @@ def _spec_from_options(config: str | None, options: dict[str, Any]) -> BuildSpec
 @click.option(
     "--out", "-o", required=True, type=click.Path(file_okay=False), help="Index folder to write."
 )
-@click.option(
-    "--scheduler",
-    default=None,
-    type=click.Path(exists=True, file_okay=False),
-    help="Scheduler folder, if the checkpoints hold none.",
-)
+@_scheduler_option
 @click.option(
     "--config",
     default=None,
@@ -171,12 +181,7 @@ def _spec_from_options(config: str | None, options: dict[str, Any]) -> BuildSpec
     "IVF whose lists stay in a file next to the index, memory-mapped at query time: for indexes "
     "larger than RAM), or auto (ondisk when the vectors would take over half the free memory).",
 )
-@click.option(
-    "--device",
-    default="cpu",
-    show_default=True,
-    help="torch device for gradients: cpu, cuda, cuda:N, or auto (a GPU when there is one).",
-)
+@_device_option
 @click.option("--resume", is_flag=True, help="Finish an interrupted build in --out.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing index in --out.")
 @click.option(
@@ -472,18 +477,8 @@ def merge(
     help="Checkpoint folders to use instead of the ones recorded in the index (same weights). "
     "Repeat, in training order.",
 )
-@click.option(
-    "--scheduler",
-    default=None,
-    type=click.Path(exists=True, file_okay=False),
-    help="Scheduler folder, if the checkpoints hold none.",
-)
-@click.option(
-    "--device",
-    default="cpu",
-    show_default=True,
-    help="torch device for gradients: cpu, cuda, cuda:N, or auto (a GPU when there is one).",
-)
+@_scheduler_option
+@_device_option
 @click.option("--json", "as_json", is_flag=True, help="Print the index summary as JSON.")
 def add(
     index_dir: str,
