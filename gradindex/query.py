@@ -83,7 +83,7 @@ class AttributionIndex:
                 )
         self.index_rows = np.flatnonzero(~self.flagged)  # search-index row i → store row
         self._indexes: dict[str, VectorIndex] = {}
-        for method in METHODS:
+        for method in METHODS if milvus is None else ():  # Milvus answers the searches then
             fpath = path / faiss_file(method)
             if not fpath.exists():
                 raise IndexStateError(f"{fpath}: search index missing; rebuild the index")
