@@ -108,6 +108,15 @@ def loop_item_gradients(model, params, x_t, t, target, loss: str = "mse") -> tor
     return torch.stack(rows)
 
 
+def loop_draw_rows(self, x_t, t, target, flat, group, cond=None):
+    """``GradientFeaturizer._draw_rows`` with the reference loop in place of the batched
+    gradients; the rows then go through the same aggregation, projection and storage."""
+    named = dict(self.model.named_parameters())
+    params = [named[name].requires_grad_(True) for name in self.param_names]
+    rows = loop_item_gradients(self.model, params, x_t, t, target)
+    return [(0, flat[: rows.numel()].view_as(rows).copy_(rows))], None, None
+
+
 # ---------------------------------------------------------------------------------------------
 # 1. gradients/s per path
 
@@ -137,8 +146,8 @@ def _grads_worker(model_name: str, path: str, items: int, threads: int, seconds:
 
     elif path == "hooks":
         hooks = HookGradients(model, names, loss_fn)
-        buf = torch.empty(items, hooks.num_params)
-        fn = lambda: hooks.item_gradients(x_t, t, target, out=buf)  # noqa: E731
+        buf = torch.empty(items * hooks.num_params)  # laid out per parameter, as builds do
+        fn = lambda: hooks.item_gradient_blocks(x_t, t, target, flat=buf)  # noqa: E731
     elif path == "kronecker":
         kron = KroneckerGradients(model, names, loss_fn, out_dim=4096, seed=0)
         fn = lambda: kron.item_rows(x_t, t, target)  # noqa: E731
@@ -215,8 +224,8 @@ def _lora_worker(which: str, items: int, threads: int, seconds: float) -> dict:
     t = torch.randint(0, 1000, (items,), generator=gen)
     cond = {"encoder_hidden_states": torch.randn(items, 8, 32, generator=gen)}
     hooks = HookGradients(unet, names, lambda out, tgt: item_losses(out, tgt, "mse"))
-    buf = torch.empty(items, hooks.num_params)
-    sec = _timed(lambda: hooks.item_gradients(x_t, t, target, out=buf, cond=cond), seconds)
+    buf = torch.empty(items * hooks.num_params)
+    sec = _timed(lambda: hooks.item_gradient_blocks(x_t, t, target, flat=buf, cond=cond), seconds)
     return {
         "params": "LoRA adapter only" if which == "lora" else "all UNet parameters",
         "num_params": hooks.num_params,
@@ -263,14 +272,7 @@ def _build_worker(mode: str, n: int, threads: int, out: str) -> dict:
 
     projection.SJLTProjector.project = timed_project
     if mode == "loop":
-
-        def item_gradients(self, x_t, t, target, out=None, cond=None):
-            named = dict(self.model.named_parameters())
-            params = [named[name].requires_grad_(True) for name in self.param_names]
-            rows = loop_item_gradients(self.model, params, x_t, t, target)
-            return rows if out is None else out.copy_(rows)
-
-        GradientFeaturizer.item_gradients = item_gradients
+        GradientFeaturizer._draw_rows = loop_draw_rows
     spec = gi.BuildSpec(projection="kronecker") if mode == "kronecker" else gi.BuildSpec()
     start = time.perf_counter()
     idx = gi.build_index(

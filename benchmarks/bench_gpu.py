@@ -28,19 +28,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from bench_featurize import DEMO_UNET, LARGE_UNET, _timed, _unet, loop_item_gradients
+from bench_featurize import DEMO_UNET, LARGE_UNET, _timed, _unet, loop_draw_rows
 
 from gradindex.training import load_digits_images
 
 HERE = Path(__file__).resolve().parent
-
-
-def _loop_item_gradients(self, x_t, t, target, out=None, cond=None):
-    """The reference approach on any device: one forward/backward per item (see bench_featurize)."""
-    named = dict(self.model.named_parameters())
-    params = [named[name].requires_grad_(True) for name in self.param_names]
-    rows = loop_item_gradients(self.model, params, x_t, t, target)
-    return rows if out is None else out.copy_(rows)
 
 
 def _build(
@@ -55,9 +47,9 @@ def _build(
     if device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    hooks = GradientFeaturizer.item_gradients
+    batched = GradientFeaturizer._draw_rows
     if loop:
-        GradientFeaturizer.item_gradients = _loop_item_gradients
+        GradientFeaturizer._draw_rows = loop_draw_rows
     try:
         start = time.perf_counter()
         idx = gi.build_index(
@@ -71,7 +63,7 @@ def _build(
         )
         seconds = time.perf_counter() - start
     finally:
-        GradientFeaturizer.item_gradients = hooks
+        GradientFeaturizer._draw_rows = batched
     draws = len(images) * idx.spec.num_timesteps * idx.spec.noise_draws
     res = {
         "device": device,

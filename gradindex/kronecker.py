@@ -364,9 +364,10 @@ class KroneckerFeaturizer(GradientFeaturizer):
         x_t: Tensor,
         t: Tensor,
         target: Tensor,
-        out: Tensor,
+        flat: Tensor,
         group: int,
         cond: dict[str, Tensor] | None,
-    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    ) -> tuple[list[tuple[int, Tensor]], Tensor | None, Tensor | None]:
+        out = flat[: x_t.shape[0] * self.row_dim].view(x_t.shape[0], self.row_dim)
         rows, item_sq, group_sq = self.kron.item_rows(x_t, t, target, group, cond, out=out)
-        return rows, item_sq.sqrt(), group_sq.sqrt()
+        return [(0, rows)], item_sq.sqrt(), group_sq.sqrt()

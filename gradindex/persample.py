@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from gradindex.errors import ModelError
 from gradindex.models import model_output
+from gradindex.scratch import scratch
 
 logger = logging.getLogger(__name__)
 
@@ -146,8 +147,46 @@ class HookGradients:
             out = torch.empty(n, self.num_params, device=x_t.device, dtype=torch.float32)
         elif out.shape != (n, self.num_params) or out.dtype != torch.float32 or out.stride(1) != 1:
             raise ValueError(f"out must be a row-major float32 [{n}, {self.num_params}] tensor")
+        self._run(x_t, t, target, cond, lambda: _Call(out, self._clone))
+        return out
+
+    def column_blocks(self) -> list[tuple[int, int]]:
+        """The selected parameters' column ranges [start, stop), in order; they tile [0, p)."""
+        return sorted(self._all_slots)
+
+    def item_gradient_blocks(
+        self,
+        x_t: Tensor,
+        t: Tensor,
+        target: Tensor,
+        flat: Tensor | None = None,
+        cond: dict[str, Tensor] | None = None,
+    ) -> list[Tensor]:
+        """The numbers of ``item_gradients`` laid out parameter by parameter: block j, the [I, n_j]
+        columns ``column_blocks()[j]`` of every item, is contiguous at flat[I·start_j : I·stop_j].
+        Why: a per-item weight gradient (a batched matmul) written into the columns of [I, p]
+        rows has a batch stride of p, and torch then runs it item by item instead of as one MKL
+        batch; into a block it runs batched (measured 1.35× faster per call on the demo UNet).
+        ``flat``: a float32 buffer of at least I·p elements to write into (kept by the caller)."""
+        n = x_t.shape[0]
+        if flat is None:
+            flat = torch.empty(n * self.num_params, device=x_t.device, dtype=torch.float32)
+        elif flat.dtype != torch.float32 or flat.numel() < n * self.num_params:
+            raise ValueError(f"flat must be a float32 buffer of at least {n * self.num_params}")
+        flat = flat.reshape(-1)[: n * self.num_params]
+        self._run(x_t, t, target, cond, lambda: _Call(flat.view(n, -1), self._clone, True))
+        return [flat[n * a : n * b].view(n, b - a) for a, b in self.column_blocks()]
+
+    def _run(
+        self,
+        x_t: Tensor,
+        t: Tensor,
+        target: Tensor,
+        cond: dict[str, Tensor] | None,
+        new_call: Callable[[], _Call],
+    ) -> None:
         try:
-            return self._item_gradients(x_t, t, target, out, cond)
+            self._write_all(x_t, t, target, cond, new_call())
         except RuntimeError as exc:
             if self._clone or "custom Function" not in str(exc):
                 raise
@@ -157,17 +196,15 @@ class HookGradients:
                 "a selected module's output is modified in place; tapping copies of outputs"
             )
             self._clone = True
-            return self._item_gradients(x_t, t, target, out, cond)
+            self._write_all(x_t, t, target, cond, new_call())
 
-    def _item_gradients(
-        self, x_t: Tensor, t: Tensor, target: Tensor, out: Tensor, cond: dict[str, Tensor] | None
-    ) -> Tensor:
-        call = _Call(out, self._clone)
+    def _write_all(
+        self, x_t: Tensor, t: Tensor, target: Tensor, cond: dict[str, Tensor] | None, call: _Call
+    ) -> None:
         with self._hooks(call):
             run_taps(self.model, self.loss_fn, x_t, t, target, cond, call.anchor)
-        for start, stop in self._all_slots - call.written:  # parameters the forward never used
-            out[:, start:stop] = 0.0
-        return out
+        for slot in self._all_slots - call.written:  # parameters the forward never used
+            call.target(slot, (slot[1] - slot[0],))[0].zero_()
 
     @contextmanager
     def _hooks(self, call: _Call) -> Iterator[None]:
@@ -205,20 +242,27 @@ def run_taps(
 
 
 class _Call:
-    """State of one ``item_gradients`` call: the output [I, p], the anchor, the slots written."""
+    """State of one gradient call: the output, the anchor, the slots written. The output is
+    [I, p] rows, or (``blocked``) the same I·p numbers laid out parameter by parameter
+    (``HookGradients.item_gradient_blocks``), passed as its [I, p]-shaped view."""
 
-    def __init__(self, out: Tensor, clone: bool):
+    def __init__(self, out: Tensor, clone: bool, blocked: bool = False):
         self.out = out  # [I, p]
+        self.items = out.shape[0]
         self.clone = clone
+        self.blocked = blocked
         self.anchor = torch.zeros((), device=out.device, requires_grad=True)
         self.written: set[tuple[int, int]] = set()
 
     def target(self, slot: tuple[int, int], shape: tuple[int, ...]) -> tuple[Tensor, bool]:
-        """The [I, *shape] view of one parameter's columns, and whether this is its first write
+        """The [I, *shape] view of one parameter's numbers, and whether this is its first write
         (else the caller accumulates: a module called twice, or a weight shared by two)."""
         first = slot not in self.written
         self.written.add(slot)
-        return self.out[:, slot[0] : slot[1]].view(self.out.shape[0], *shape), first
+        n = self.items
+        if self.blocked:  # contiguous over items too: batched matmuls write it in one call
+            return self.out.view(-1)[n * slot[0] : n * slot[1]].view(n, *shape), first
+        return self.out[:, slot[0] : slot[1]].view(n, *shape), first
 
     def write(self, slot: tuple[int, int], g: Tensor) -> None:
         view, first = self.target(slot, tuple(g.shape[1:]))
@@ -247,7 +291,7 @@ class _Tap(torch.autograd.Function):
 
 
 def _forward_hook(slots: dict[str, tuple[int, int]], call: _Call) -> Callable:
-    n = call.out.shape[0]
+    n = call.items
 
     def hook(module: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> Tensor:
         a = (args[0] if args else kwargs["input"]).detach()
@@ -378,8 +422,13 @@ def conv2d_item_weight_grads(
     step = max(1, _PATCH_BYTES // (c_in * kh * kw * positions * a.element_size()))
     for s in range(0, n, step):
         chunk = a[s : s + step]
-        patches = chunk.as_strided(
+        windows = chunk.as_strided(
             (chunk.shape[0], c_in, kh, kw, delta.shape[2], delta.shape[3]),
             (s0, s1, s2 * dh, s3 * dw, s2 * sh, s3 * sw),
-        ).reshape(chunk.shape[0], c_in * kh * kw, positions)  # [i, in·kh·kw, L]
+        )
+        if kh * kw == 1 or a.dtype != torch.float32:  # 1×1: reshape is a view, no copy
+            patches = windows.reshape(chunk.shape[0], c_in * kh * kw, positions)
+        else:  # copied into a kept buffer: a fresh one of > 32 MiB page-faults on every call
+            patches = scratch.get("patches", windows.shape, a.device)
+            patches = patches.copy_(windows).view(chunk.shape[0], c_in * kh * kw, positions)
         _bmm_into(view[s : s + step], d[s : s + step], patches.transpose(1, 2), first)

@@ -186,6 +186,33 @@ def test_toy_module_every_rule(inplace):
     assert max_rel_err(got, loop_gradients(model, subset, LOSSES["square"], x, t, target)) <= 1e-5
 
 
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel:UserWarning")
+@pytest.mark.parametrize("inplace", [False, True])
+def test_blocks_hold_the_loop_gradients_parameter_by_parameter(inplace):
+    # every rule, a module run twice, a tied weight, and (subset) parameters the forward skips
+    torch.manual_seed(4)
+    model = Toy(inplace=inplace).eval()
+    x, t, _ = batch(5, (3, 17, 17), seed=3)
+    target = torch.randn(5, 81, 2)
+    for names in (
+        [n for n, _ in model.named_parameters()],
+        ["ln.weight", "mix.weight", "conv3.weight", "norm.bias", "head.weight"],
+    ):
+        hooks = HookGradients(model, names, LOSSES["mse"])
+        ref = loop_gradients(model, names, LOSSES["mse"], x, t, target)  # [I, p]
+        flat = torch.full((5 * hooks.num_params + 7,), float("nan"))  # larger than needed
+        blocks = hooks.item_gradient_blocks(x, t, target, flat=flat)
+        spans = hooks.column_blocks()
+        sizes = [dict(model.named_parameters())[n].numel() for n in names]
+        assert sorted(b - a for a, b in spans) == sorted(sizes)  # one block per parameter
+        assert [a for a, _ in spans] == sorted(a for a, _ in spans) and spans[0][0] == 0
+        assert all(spans[j][1] == spans[j + 1][0] for j in range(len(spans) - 1))
+        for (a, b), block in zip(spans, blocks, strict=True):
+            assert block.is_contiguous() and block.data_ptr() == flat[5 * a :].data_ptr()
+            assert max_rel_err(block, ref[:, a:b]) <= 1e-5
+        assert torch.isnan(flat[5 * hooks.num_params :]).all()  # nothing written past I·p
+
+
 def test_unsupported_models():
     bn = nn.Sequential(
         nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Conv2d(4, 1, 3, padding=1)
