@@ -5,9 +5,12 @@ Holds:
   ``Conv2d``, ``GroupNorm``, ``LayerNorm`` and ``Embedding`` (class labels) modules. A forward
   hook keeps each selected module's input a (per call: a module may run twice) and wraps its
   output in ``_Tap``, whose backward receives δ = ∂(Σ_i loss_i)/∂output and forms the per-item
-  gradient right away, in place in the [I, p] result (Linear: g_W[i] = Σ_pos δ[i]ᵀ a[i];
-  Conv2d: the same over the kh×kw patches of a; norms: Σ_pos δ ⊙ x̂ with x̂ recomputed from a;
-  bias: Σ_pos δ; Embedding: δ[i] scattered into the rows a[i] indexes), then drops a.
+  gradient right away, in place in the result (Linear: g_W[i] = Σ_pos δ[i]ᵀ a[i]; Conv2d: the
+  same over the kh×kw patches of a; norms: Σ_pos δ ⊙ x̂ with x̂ recomputed from a; bias: Σ_pos δ;
+  Embedding: δ[i] scattered into the rows a[i] indexes), then drops a. The result is [I, p]
+  rows (``item_gradients``) or the same numbers as one contiguous [I, n] block per parameter
+  (``item_gradient_blocks``, what builds use: torch runs a batched matmul as one MKL call only
+  when its output batch is contiguous).
 - ``SUPPORTED_MODULES``: the module types whose parameters it can differentiate.
 
 Assumption: the model is *batch-independent*: item i's output depends on item i's input only
