@@ -243,8 +243,6 @@ def build(
         "labels": _read_lines(labels_file, labels=True) if labels_file else None,
         "prompts": _read_lines(prompts_file) if prompts_file else None,
     }
-    if world_from_env() is not None and any(v is not None for v in cond.values()):
-        raise SpecError("--base-model / --labels / --prompts are not supported under torchrun yet")
     common = {
         "checkpoints": list(checkpoints),
         "data": data,
@@ -259,7 +257,7 @@ def build(
     if world_from_env() is not None:
         if shard:
             raise SpecError("--shard and a torchrun launch both split the rows; use one of them")
-        merged = distributed_build(**common)
+        merged = distributed_build(**cond, **common)
         if merged is not None:  # rank 0
             _print_info(merged.info(), as_json)
         return

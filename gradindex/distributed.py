@@ -22,9 +22,8 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gradindex.errors import GradIndexError, IndexStateError, SpecError
-from gradindex.layout import MANIFEST
-from gradindex.shards import check_target, merge_shards, open_part
+from gradindex.errors import GradIndexError, SpecError
+from gradindex.shards import check_target, merge_shards
 from gradindex.spec import BuildSpec
 
 if TYPE_CHECKING:
@@ -67,6 +66,9 @@ def distributed_build(
     out: str | os.PathLike[str],
     spec: BuildSpec | None = None,
     scheduler: Any = None,
+    labels: Any = None,
+    prompts: Any = None,
+    base_model: Any = None,
     index: str = "flat",
     target_recall: float = 0.95,
     device: str = "cpu",
@@ -78,8 +80,11 @@ def distributed_build(
     """Build ``out`` with every rank of the process group (initialised here from the launcher's
     environment unless the caller already did). Returns the index on rank 0, None elsewhere.
 
-    Arguments are those of ``build_index``; every rank must pass the same. ``keep_shards``
-    keeps the per-rank shard folders after a successful merge.
+    Arguments are those of ``build_index`` (conditioning included: every rank takes its rows'
+    labels / prompts); every rank must pass the same. With ``resume`` a rank's finished shard
+    is reused when its settings (spec, checkpoints, rows, conditioning data) are the asked ones,
+    and refused, naming them, when not. ``keep_shards`` keeps the per-rank shard folders after
+    a successful merge.
     """
     import torch.distributed as dist
 
@@ -99,21 +104,23 @@ def distributed_build(
         error: BaseException | None = None
         try:
             check_target(out, overwrite)  # fail before hours of featurizing, not after
-            if not (resume and _reusable(folders[rank], rank, world, spec)):
-                build_index(
-                    checkpoints=checkpoints,
-                    data=data,
-                    out=folders[rank],
-                    spec=spec,
-                    scheduler=scheduler,
-                    index=index,
-                    target_recall=target_recall,
-                    device=device,
-                    resume=resume,
-                    overwrite=overwrite and not resume,  # --resume keeps unfinished shards
-                    progress=progress and rank == 0,
-                    shard=(rank, world),
-                )
+            build_index(  # on --resume a finished shard with the same settings is a no-op
+                checkpoints=checkpoints,
+                data=data,
+                out=folders[rank],
+                spec=spec,
+                scheduler=scheduler,
+                labels=labels,
+                prompts=prompts,
+                base_model=base_model,
+                index=index,
+                target_recall=target_recall,
+                device=device,
+                resume=resume,
+                overwrite=overwrite and not resume,  # --resume keeps unfinished shards
+                progress=progress and rank == 0,
+                shard=(rank, world),
+            )
         except Exception as exc:  # every rank must reach the collective, whatever happened
             error = exc
         _raise_failures(dist, rank, world, error, "building its shard")
@@ -149,23 +156,3 @@ def _raise_failures(
         r, o = failed[0]
         more = f" (and {len(failed) - 1} more rank(s))" if len(failed) > 1 else ""
         raise GradIndexError(f"rank {r} failed {stage}: {o}{more}")
-
-
-def _reusable(folder: Path, rank: int, world: int, spec: BuildSpec) -> bool:
-    """On --resume, a finished shard of this rank built with the asked settings is kept."""
-    if not (folder / MANIFEST).exists():
-        return False
-    manifest = open_part(folder)
-    shard = manifest.get("shard", {})
-    asked, have = spec.to_dict(), manifest["spec"]
-    diff = sorted(k for k, v in asked.items() if v is not None and have.get(k) != v)
-    if (shard.get("index"), shard.get("count")) != (rank, world) or diff:
-        what = (
-            ", ".join(f"spec.{k}" for k in diff)
-            or f"shard {shard.get('index')}/{shard.get('count')}"
-        )
-        raise IndexStateError(
-            f"{folder}: a finished shard with other settings ({what}); pass --overwrite"
-        )
-    logger.info("rank %d: reusing the finished shard %s", rank, folder)
-    return True

@@ -72,13 +72,37 @@ def test_single_rank_group_builds_merges_and_resumes(run_setup, monkeypatch):
     assert (shard / "manifest.json").exists()
     with pytest.raises(gi.IndexStateError, match="already holds a finished index"):
         distributed_build(out=tmp / "d", **kw)  # refused before any featurizing
-    with pytest.raises(gi.IndexStateError, match=r"other settings \(spec\.seed\)"):
+    with pytest.raises(gi.IndexStateError, match=r"different settings \(spec\.seed\)"):
         distributed_build(
             out=tmp / "d", resume=True, overwrite=True, **{**kw, "spec": SPEC.replace(seed=3)}
         )
     again = distributed_build(out=tmp / "d", resume=True, overwrite=True, **kw)  # shard reused
     assert again.manifest["build_seconds"] == idx.manifest["build_seconds"]
     assert not (tmp / "d.shards").exists()  # removed after a successful merge
+
+
+def test_single_rank_group_passes_labels_and_checks_them_on_resume(tmp_path, monkeypatch):
+    """Class labels reach every rank's shard: the merged rows equal a one-process labelled
+    build's, and a resume with other labels is refused by name instead of reusing the shard."""
+    for key, value in dict(
+        RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port())
+    ).items():
+        monkeypatch.setenv(key, value)
+    images = np.random.default_rng(5).random((6, 1, 8, 8), dtype=np.float32)
+    labels = np.array([2, 0, 1, 2, 1, 0])
+    model = tiny_unet(7, num_class_embeds=3)
+    kw = dict(checkpoints=[(model, scheduler())], data=images, spec=SPEC, progress=False)
+    idx = distributed_build(out=tmp_path / "d", labels=labels, keep_shards=True, **kw)
+    whole = gi.build_index(out=tmp_path / "whole", labels=labels, **kw)
+    other_labels = gi.build_index(out=tmp_path / "other", labels=labels[::-1].copy(), **kw)
+    for method in ("tracin", "retrac"):
+        np.testing.assert_allclose(idx.vectors(method), whole.vectors(method), rtol=1e-5, atol=1e-6)
+        assert not np.allclose(idx.vectors(method), other_labels.vectors(method), atol=1e-4)
+    assert idx.conditioning["kind"] == "class"
+    with pytest.raises(gi.IndexStateError, match=r"different settings \(conditioning\)"):
+        distributed_build(
+            out=tmp_path / "d", labels=labels[::-1].copy(), resume=True, overwrite=True, **kw
+        )
 
 
 @pytest.mark.slow
