@@ -379,7 +379,7 @@ def _bmm_into(view: Tensor, x: Tensor, y: Tensor, first: bool) -> None:
 def _conv2d_weight_grads(
     module: nn.Conv2d, a: Tensor, delta: Tensor, slot: tuple[int, int], call: _Call
 ) -> None:
-    """Per-item weight gradients of one Conv2d call into its columns of ``call.out``."""
+    """Per-item weight gradients of one Conv2d call into its slot of ``call.out``."""
     c_out, c_in = module.out_channels, module.in_channels // module.groups
     kh, kw = module.kernel_size
     view, first = call.target(slot, (c_out, c_in * kh * kw))
@@ -429,7 +429,7 @@ def conv2d_item_weight_grads(
             (chunk.shape[0], c_in, kh, kw, delta.shape[2], delta.shape[3]),
             (s0, s1, s2 * dh, s3 * dw, s2 * sh, s3 * sw),
         )
-        if kh * kw == 1 or a.dtype != torch.float32:  # 1×1: reshape is a view, no copy
+        if kh * kw == 1 or a.dtype != torch.float32:  # 1×1, stride 1: reshape is a view
             patches = windows.reshape(chunk.shape[0], c_in * kh * kw, positions)
         else:  # copied into a kept buffer: a fresh one of > 32 MiB page-faults on every call
             patches = scratch.get("patches", windows.shape, a.device)

@@ -3,9 +3,9 @@
 Fresh memory costs a page fault per 4 KiB on first touch (measured ~1 ms/MB on the 2-core CI
 machine, as much as the arithmetic that fills it), and glibc returns blocks over 32 MiB to the
 system on free, so a large tensor allocated per call pays that every call. The featurizers
-(per-item gradients, their per-timestep means, the features) and the Conv2d patch copies take
-their buffers from here instead. Callers run one at a time per process: a buffer handed out by
-``get`` is valid until the next ``get`` of the same name.
+(per-item gradients, the features, the aggregation's per-block parts) and the Conv2d patch
+copies take their buffers from here instead. Not thread-safe: callers run one at a time per
+process, and a buffer handed out by ``get`` is valid until the next ``get`` of the same name.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ import torch
 
 
 class Scratch:
-    """Named float32 buffers per device, grown on demand (the old one freed first), never shrunk."""
+    """Named float32 buffers per device, grown on demand, never shrunk (a grown one's old
+    memory is released before the new allocation unless a caller still holds a view of it)."""
 
     def __init__(self) -> None:
         self._buffers: dict[tuple[str, torch.device], torch.Tensor] = {}
@@ -28,7 +29,7 @@ class Scratch:
         buf = self._buffers.get(key)
         if buf is None or buf.numel() < numel:
             self._buffers.pop(key, None)  # free the old one before allocating
-            buf = self._buffers[key] = torch.empty(numel, device=device)
+            buf = self._buffers[key] = torch.empty(numel, dtype=torch.float32, device=device)
         return buf[:numel].view(shape)
 
     def clear(self) -> None:
