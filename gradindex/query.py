@@ -73,7 +73,6 @@ class AttributionIndex:
             )
         with VectorStore.open(path / VECTORS) as store:
             self.ids: np.ndarray = store.ids
-            self.norms: np.ndarray = store.norms  # [N, C, K·M]
             self.flagged: np.ndarray = store.flagged
             if store.num_rows != manifest["num_rows"] or store.dim != manifest["dim"]:
                 raise IndexStateError(f"{path / VECTORS}: shape differs from the manifest; rebuild")
@@ -82,6 +81,7 @@ class AttributionIndex:
                     f"{path / VECTORS}: not every row was written; rebuild or resume"
                 )
         self.index_rows = np.flatnonzero(~self.flagged)  # search-index row i → store row
+        self._norms: np.ndarray | None = None  # read on first use (see ``norms``)
         self._indexes: dict[str, VectorIndex] = {}
         for method in METHODS if milvus is None else ():  # Milvus answers the searches then
             fpath = path / faiss_file(method)
@@ -128,6 +128,16 @@ class AttributionIndex:
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    @property
+    def norms(self) -> np.ndarray:
+        """Per-draw gradient norms [N, C, K·M] (float32), read from vectors.h5 on first use:
+        searching never needs them, and they are N·C·K·M·4 bytes (12 GB at 10⁸ samples with
+        C = 3, K = 10), so opening an index does not read them."""
+        if self._norms is None:
+            with VectorStore.open(self.path / VECTORS) as store:
+                self._norms = store.norms
+        return self._norms
 
     @property
     def dim(self) -> int:

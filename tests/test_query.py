@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import gradindex as gi
+from gradindex.store import VectorStore
 from tests.conftest import scheduler, tiny_unet
 
 
@@ -57,6 +58,28 @@ def test_search_equals_numpy_brute_force(built, method):
     np.testing.assert_allclose(res.scores, scores, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(res.rows, order)
     np.testing.assert_array_equal(res.ids, built.ids[order])
+
+
+def test_open_and_search_never_read_the_norms(built, monkeypatch):
+    """The per-draw norms (N·C·K·M floats: 12 GB at 10⁸ samples) are read on first use only."""
+    import h5py
+
+    with h5py.File(built.path / "vectors.h5", "r") as f:
+        on_disk = f["norms"][:]
+
+    def refuse(self):
+        raise AssertionError("norms read")
+
+    monkeypatch.setattr(VectorStore, "norms", property(refuse))
+    idx = gi.AttributionIndex.open(built.path)
+    queries = np.random.default_rng(2).standard_normal((3, idx.dim)).astype(np.float32)
+    for method in ("tracin", "retrac"):
+        assert idx.search(queries, k=2, method=method).ids.shape == (3, 2)
+    with pytest.raises(AssertionError, match="norms read"):
+        idx.norms  # noqa: B018
+    monkeypatch.undo()
+    np.testing.assert_array_equal(idx.norms, on_disk)  # [N, C, K·M] as stored
+    assert idx.norms.shape == (len(idx), 2, 6)
 
 
 def test_query_a_training_image_returns_itself_first_under_retrac(built, images):
