@@ -18,6 +18,9 @@ Every figure is measured in this run, on this machine, next to its baseline:
 5. ``memory``: peak RSS of builds over N = 1,000 and N = 10,000 images (tiny UNet): during
    featurizing + storing (streaming: should not grow with N) and overall (the FAISS indexes
    hold N·D floats per method by nature).
+6. ``profile``: where a warm build's time goes: the embedding of 16-image batches with the
+   default spec on the demo UNet, split into per-item gradients / norms + aggregation /
+   projection by wall time, and the torch profiler's top operators by self CPU time.
 
 Writes ``benchmarks/results/featurize.json`` and ``featurize.md``.
 
@@ -462,6 +465,74 @@ def section_memory(threads: int) -> list[dict]:
 # report
 
 
+def _profile_worker(threads: int, batches: int) -> dict:
+    """Warm 16-image embeds (default spec, demo UNet): stage shares by wall time, then the
+    torch profiler's top operators by self CPU time over the same kind of batches."""
+    torch.set_num_threads(threads)
+    from diffusers import DDPMScheduler
+    from torch.profiler import ProfilerActivity, profile
+
+    import gradindex as gi
+    from gradindex import gradients, projection
+    from gradindex.embedding import Embedder
+    from gradindex.models import load_checkpoints
+
+    ckpts = load_checkpoints([(_unet(DEMO_UNET), DDPMScheduler(num_train_timesteps=1000))])
+    spec = gi.BuildSpec(num_train_timesteps=ckpts[0].num_train_timesteps)
+    emb = Embedder(ckpts, spec)
+    images = load_digits_images(DEMO_UNET["sample_size"])[:16]
+    x0 = torch.from_numpy(images).float() * 2 - 1  # the digits' [0, 1] → the model's [-1, 1]
+    spent = {"gradients": 0.0, "featurize": 0.0, "project": 0.0}
+
+    def timed(cls, name, key):
+        original = getattr(cls, name)
+
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                spent[key] += time.perf_counter() - start
+
+        setattr(cls, name, wrapper)
+
+    timed(gradients.GradientFeaturizer, "_draw_rows", "gradients")
+    timed(gradients.GradientFeaturizer, "featurize", "featurize")
+    timed(projection.SJLTProjector, "project", "project")
+    emb.embed(x0)  # warm: buffers touched, oneDNN primitives made
+    for key in spent:
+        spent[key] = 0.0
+    start = time.perf_counter()
+    for _ in range(batches):
+        emb.embed(x0)
+    total = time.perf_counter() - start
+    stages = {
+        "per-item gradients (forward, backward, per-item weight gradients)": spent["gradients"],
+        "norms + TracIn/ReTrac aggregation": spent["featurize"] - spent["gradients"],
+        "sparse JL projection": spent["project"],
+        "other": total - spent["featurize"] - spent["project"],
+    }
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(batches):
+            emb.embed(x0)
+    ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    op_total = sum(e.self_cpu_time_total for e in ops)
+    return {
+        "batches": batches,
+        "images_per_batch": 16,
+        "per_draw_grads_per_s": batches * 16 * spec.num_draws / total,
+        "stages": {k: v / total for k, v in stages.items()},
+        "top_ops": [
+            {"op": e.key, "share": e.self_cpu_time_total / op_total, "calls": e.count}
+            for e in ops[:10]
+        ],
+    }
+
+
+def section_profile(threads: int, batches: int = 4) -> dict:
+    return _in_fresh_process(_profile_worker, threads, batches)
+
+
 def machine() -> dict:
     import faiss
 
@@ -578,12 +649,30 @@ def to_markdown(res: dict) -> str:
                 f"{r['index_vectors_mb']:.0f} |"
             )
         lines.append("")
+    if "profile" in res:
+        r = res["profile"]
+        lines += [
+            f"## Where a warm build's time goes ({r['batches']} batches of "
+            f"{r['images_per_batch']} digits, default spec, demo UNet: "
+            f"{r['per_draw_grads_per_s']:.1f} draws/s)",
+            "",
+            "| stage | share of wall time |",
+            "|---|---|",
+            *(f"| {k} | {v:.1%} |" for k, v in r["stages"].items()),
+            "",
+            "| operator (torch profiler) | share of self CPU time | calls |",
+            "|---|---|---|",
+            *(f"| `{o['op']}` | {o['share']:.1%} | {o['calls']:,} |" for o in r["top_ops"]),
+            "",
+        ]
     return "\n".join(lines)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--sections", nargs="*", default=["grads", "build", "projection", "memory"])
+    ap.add_argument(
+        "--sections", nargs="*", default=["grads", "build", "projection", "memory", "profile"]
+    )
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--seconds", type=float, default=3.0, help="timing floor per measurement")
     ap.add_argument("--build-n", type=int, default=128, help="training images in the build section")
@@ -595,7 +684,7 @@ def main() -> None:
     path = args.out / "featurize.json"
     if path.exists():  # keep the sections not rerun
         old = json.loads(path.read_text())
-        keep = ("grads", "build", "lora", "projection", "memory", "section_conditions")
+        keep = ("grads", "build", "lora", "projection", "memory", "profile", "section_conditions")
         res.update({k: v for k, v in old.items() if k in keep})
     t0 = time.perf_counter()
     conditions = res.setdefault("section_conditions", {})  # kept sections keep their own
@@ -611,6 +700,8 @@ def main() -> None:
         res["projection"] = section_projection(args.threads)
     if "memory" in args.sections:
         res["memory"] = section_memory(args.threads)
+    if "profile" in args.sections:
+        res["profile"] = section_profile(args.threads)
     res["seconds"] = time.perf_counter() - t0
     res["load_average_at_end"] = os.getloadavg()
     args.out.mkdir(parents=True, exist_ok=True)
