@@ -178,7 +178,6 @@ class GradientFeaturizer:
                 lambda out, target: item_losses(out, target, spec.loss),
             )
         self.backend = "hooks" if self._hooks is not None else "vmap"
-        self._block_starts = [a for a, _ in self._hooks.column_blocks()] if self._hooks else [0]
         logger.info(
             "%s: per-item gradients via %s (%d parameters)",
             checkpoint.source,
@@ -236,7 +235,8 @@ class GradientFeaturizer:
         ``HookGradients.item_gradient_blocks``), the vmap backend one [I, p] block."""
         if self._hooks is not None:
             blocks = self._hooks.item_gradient_blocks(x_t, t, target, flat=flat, cond=cond)
-            return list(zip(self._block_starts, blocks, strict=True)), None, None
+            starts = [a for a, _ in self._hooks.column_blocks()]
+            return list(zip(starts, blocks, strict=True)), None, None
         rows = flat[: x_t.shape[0] * self.row_dim].view(x_t.shape[0], self.row_dim)
         return [(0, self.item_gradients(x_t, t, target, out=rows, cond=cond))], None, None
 

@@ -111,6 +111,7 @@ class HookGradients:
             offset += p.numel()
         self.num_params = offset
         self._all_slots = {s for slots in self._slots.values() for s in slots.values()}
+        self._blocks = sorted(self._all_slots)  # column ranges in order: they tile [0, p)
         self._clone = False
 
     @staticmethod
@@ -155,7 +156,7 @@ class HookGradients:
 
     def column_blocks(self) -> list[tuple[int, int]]:
         """The selected parameters' column ranges [start, stop), in order; they tile [0, p)."""
-        return sorted(self._all_slots)
+        return list(self._blocks)
 
     def item_gradient_blocks(
         self,
@@ -178,7 +179,7 @@ class HookGradients:
             raise ValueError(f"flat must be a float32 buffer of at least {n * self.num_params}")
         flat = flat.reshape(-1)[: n * self.num_params]
         self._run(x_t, t, target, cond, lambda: _Call(flat.view(n, -1), self._clone, True))
-        return [flat[n * a : n * b].view(n, b - a) for a, b in self.column_blocks()]
+        return [flat[n * a : n * b].view(n, b - a) for a, b in self._blocks]
 
     def _run(
         self,
