@@ -28,6 +28,7 @@ from gradindex.data import load_images, resolve_data_range, to_model_input
 from gradindex.devices import resolve_device
 from gradindex.embedding import Embedder
 from gradindex.errors import GradIndexError, IndexStateError, ModelError, SpecError
+from gradindex.gradients import select_parameters
 from gradindex.layout import (
     BUILD_STATE,
     FORMAT_VERSION,
@@ -96,6 +97,7 @@ def build_index(
     ckpts = load_checkpoints(_with_model(checkpoints, model), scheduler, base_model)
     spec = _resolve_timesteps(spec, ckpts[0].num_train_timesteps)
     spec.weights(len(ckpts))  # checks the count
+    spec.check_row_dim(_num_params(ckpts[0].model, spec), len(ckpts))  # FAISS's width limit
     conditioner = Conditioner.for_checkpoints(ckpts, base_model, spec.latents, spec.seed, device)
 
     images, data_ids = load_images(data)
@@ -154,7 +156,7 @@ def build_index(
         _add_conditioning_columns(store, conditioner, cond_data, embedder.sample_shape)
     try:
         _fill_rows(store, embedder, images, prep, spec, progress, conditioner, cond_data)
-        flagged = store.flagged
+        flagged, build_id = store.flagged, store.build_id
     except OSError as exc:
         raise _write_error(out, exc) from None
     finally:
@@ -187,6 +189,7 @@ def build_index(
         **state,
         "complete": True,
         "spec_fingerprint": spec.fingerprint(),
+        "build_id": build_id,  # also in vectors.h5 and the FAISS sidecars: checked on open
         "checkpoints": [
             {"source": c.source, "fingerprint": c.fingerprint, "weight": w}
             for c, w in zip(ckpts, spec.weights(len(ckpts)), strict=True)
@@ -367,6 +370,12 @@ def _as_state(manifest: dict[str, Any], state: dict[str, Any]) -> dict[str, Any]
             "data": manifest.get("conditioning_data"),
         }
     return old
+
+
+def _num_params(model: torch.nn.Module, spec: BuildSpec) -> int:
+    """The gradient coordinates the spec selects (an identity projection stores them all)."""
+    named = dict(model.named_parameters())
+    return sum(named[n].numel() for n in select_parameters(model, spec.params))
 
 
 def _resolve_timesteps(spec: BuildSpec, num_train_timesteps: int) -> BuildSpec:

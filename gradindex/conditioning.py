@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from gradindex.errors import DataError, ModelError
-from gradindex.models import Checkpoint, fingerprint_module
+from gradindex.models import Checkpoint, diffusers_class, fingerprint_module
 
 logger = logging.getLogger(__name__)
 
@@ -500,7 +500,7 @@ def load_component(folder: Path, name: str) -> Any:
             cls_name = json.loads((folder / "config.json").read_text()).get(
                 "_class_name", "AutoencoderKL"
             )
-            cls = getattr(diffusers, cls_name, None) or diffusers.AutoencoderKL
+            cls = diffusers_class(cls_name, diffusers.ModelMixin) or diffusers.AutoencoderKL
             return cls.from_pretrained(folder).eval()
         try:
             import transformers
@@ -513,7 +513,9 @@ def load_component(folder: Path, name: str) -> Any:
         arch = json.loads((folder / "config.json").read_text()).get("architectures") or [
             "CLIPTextModel"
         ]
-        cls = getattr(transformers, arch[0], None) or transformers.CLIPTextModel
+        cls = getattr(transformers, str(arch[0]), None)
+        if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+            cls = transformers.CLIPTextModel  # a config names a model class, nothing else
         bars = transformers.utils.logging.is_progress_bar_enabled()
         transformers.utils.logging.disable_progress_bar()  # keeps --json output clean
         try:

@@ -17,11 +17,13 @@ import hashlib
 import json
 import os
 import tempfile
+import uuid
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from gradindex.errors import IndexStateError
+from gradindex.errors import IndexStateError, SpecError
+from gradindex.spec import BuildSpec
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -31,6 +33,24 @@ BUILD_STATE = "build.json"  # written at the start of a build, removed when it c
 
 def faiss_file(method: str) -> str:
     return f"{method}.faiss"
+
+
+# every data file an index folder may hold besides the manifest, in a fixed order; a manifest
+# naming any other file is refused (it could make open / verify read a file outside the index)
+DATA_FILES: tuple[str, ...] = (
+    VECTORS,
+    *(
+        faiss_file(m) + suffix
+        for m in ("tracin", "retrac")
+        for suffix in ("", ".json", ".ivfdata")  # .ivfdata: on-disk indexes only
+    ),
+)
+
+
+def new_build_id() -> str:
+    """A random id written both into ``vectors.h5`` and into the manifest (and the FAISS
+    sidecars) of one build, so files of two builds are never taken for one index."""
+    return uuid.uuid4().hex
 
 
 def package_versions() -> dict[str, str]:
@@ -43,11 +63,29 @@ def package_versions() -> dict[str, str]:
     return out
 
 
+def _umask() -> int:
+    """The process umask (read from /proc where it can be, without changing it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over ``path``."""
+    """Write to a temporary file in the same folder, fsync, then rename over ``path``.
+
+    The file gets the mode an ordinary ``open(path, "w")`` would (0666 less the umask), not
+    mkstemp's 0600: an index built by one user must be readable by the others it is shared with.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "w") as f:
             json.dump(data, f, sort_keys=True, indent=2)
             f.write("\n")
@@ -67,7 +105,7 @@ def read_manifest(folder: Path) -> dict[str, Any]:
         raise IndexStateError(
             f"{folder}: not a folder; an index is a folder made by 'gradindex build'"
         )
-    mpath = folder / MANIFEST
+    mpath = _inside(folder, MANIFEST)
     if not mpath.exists():
         if (folder / BUILD_STATE).exists() or (folder / VECTORS).exists():
             raise IndexStateError(
@@ -87,16 +125,45 @@ def read_manifest(folder: Path) -> dict[str, Any]:
             f"{folder}: index format version {version} but this gradindex reads version "
             f"{FORMAT_VERSION}; rebuild the index with this version"
         )
+    check_spec(mpath, manifest)
     return manifest
+
+
+def check_spec(mpath: Path, manifest: dict[str, Any]) -> None:
+    """The manifest's spec must parse and match the fingerprint recorded beside it at build
+    time: a spec edited by hand would embed queries unlike the stored rows."""
+    try:
+        spec = BuildSpec.from_dict(manifest["spec"])
+    except (SpecError, KeyError, TypeError) as exc:
+        raise IndexStateError(f"{mpath}: unreadable spec ({exc}); rebuild the index") from None
+    recorded = manifest.get("spec_fingerprint")
+    if spec.fingerprint() != recorded:
+        raise IndexStateError(
+            f"{mpath}: spec has fingerprint {spec.fingerprint()} but the build recorded "
+            f"{recorded} (the spec was edited); restore the manifest or rebuild the index"
+        )
 
 
 def index_files(folder: Path) -> list[str]:
     """Every data file of a finished index other than the manifest, in a fixed order."""
-    names = [VECTORS]
-    for method in ("tracin", "retrac"):
-        names += [faiss_file(method), faiss_file(method) + ".json"]
-        names += [faiss_file(method) + ".ivfdata"]  # on-disk indexes only
-    return [n for n in names if (folder / n).exists()]
+    return [n for n in DATA_FILES if (folder / n).exists()]
+
+
+def _inside(folder: Path, name: str) -> Path:
+    """``folder / name`` for a known file name whose real location is inside ``folder``
+    (a symlink pointing out of the folder is refused: nothing outside an index is read)."""
+    if name != MANIFEST and name not in DATA_FILES:
+        raise IndexStateError(
+            f"{folder / MANIFEST}: names the file {name!r}, which is no file of an index "
+            f"(known: {', '.join(DATA_FILES)}); the manifest was altered: rebuild the index"
+        )
+    path = folder / name
+    real, home = path.resolve(), folder.resolve()
+    if path.is_symlink() and real.parent != home:
+        raise IndexStateError(
+            f"{path}: a link to {real}, outside the index folder; copy the file into the folder"
+        )
+    return path
 
 
 def file_digest(path: Path, chunk: int = 1 << 22) -> str:
@@ -119,15 +186,22 @@ def file_records(folder: Path) -> dict[str, dict[str, Any]]:
 def check_files(folder: Path, manifest: dict[str, Any], *, checksums: bool) -> list[str]:
     """Problems with the index's files, one line each naming the file: missing, wrong size
     (truncated or grown), and with ``checksums`` a content mismatch (flipped bytes)."""
+    files = manifest.get("files", {})
+    if not isinstance(files, dict):
+        raise IndexStateError(f"{folder / MANIFEST}: 'files' is not a mapping; rebuild the index")
+    for name in index_files(folder):  # the files open reads, listed or not
+        _inside(folder, name)
     problems = []
-    for name, rec in manifest.get("files", {}).items():
-        path = folder / name
-        if not path.exists():
+    for name, rec in files.items():
+        path = _inside(folder, name)
+        if not isinstance(rec, dict) or not isinstance(rec.get("bytes"), int):
+            problems.append(f"{path}: no size recorded in the manifest")
+        elif not path.exists():
             problems.append(f"{path}: missing")
         elif path.stat().st_size != rec["bytes"]:
             problems.append(
                 f"{path}: {path.stat().st_size} bytes, expected {rec['bytes']} (truncated or altered)"
             )
-        elif checksums and file_digest(path) != rec["sha256"]:
+        elif checksums and file_digest(path) != rec.get("sha256"):
             problems.append(f"{path}: checksum mismatch (file corrupted)")
     return problems

@@ -157,6 +157,7 @@ def export_index(
             )
         out: dict[str, Any] = {"uri": str(uri), "name": name, "collections": {}}
         with VectorStore.open(folder / VECTORS) as store:
+            store.check_manifest(manifest)  # rows of another build would be exported
             if not store.done.all():
                 raise IndexStateError(f"{folder / VECTORS}: not every row was written; resume")
             rows = np.flatnonzero(~store.flagged)  # the rows the FAISS indexes hold

@@ -126,9 +126,12 @@ def _load_model(model_dir: Path) -> torch.nn.Module:
     import diffusers
 
     cls_name = json.loads((model_dir / "config.json").read_text()).get("_class_name", "UNet2DModel")
-    cls = getattr(diffusers, cls_name, None)
-    if cls is None or not hasattr(cls, "from_pretrained"):
-        raise ModelError(f"{model_dir}: unknown model class {cls_name!r}")
+    cls = diffusers_class(cls_name, diffusers.ModelMixin)
+    if cls is None:
+        raise ModelError(
+            f"{model_dir}/config.json: _class_name {cls_name!r} is not a diffusers model class "
+            "(a ModelMixin such as UNet2DModel); point at the model's folder, e.g. unet/"
+        )
     try:
         model = cls.from_pretrained(model_dir, low_cpu_mem_usage=False)
     except (OSError, ValueError, RuntimeError) as exc:
@@ -169,8 +172,29 @@ def _load_scheduler(path: Path) -> Any:
     if not cfg_file.exists():
         raise ModelError(f"{path}: no scheduler_config.json")
     cls_name = json.loads(cfg_file.read_text()).get("_class_name", "DDPMScheduler")
-    cls = getattr(diffusers, cls_name, None) or diffusers.DDPMScheduler
+    cls = diffusers_class(cls_name, diffusers.SchedulerMixin)
+    if cls is None:
+        if str(cls_name) in dir(diffusers):  # names something else of diffusers
+            raise ModelError(
+                f"{cfg_file}: _class_name {cls_name!r} is not a diffusers scheduler class"
+            )
+        cls = diffusers.DDPMScheduler  # a scheduler of a newer diffusers: DDPM reads its config
     return cls.from_pretrained(path)
+
+
+def diffusers_class(name: Any, base: type) -> type | None:
+    """The diffusers class called ``name`` if it is a subclass of ``base`` (``ModelMixin``,
+    ``SchedulerMixin``), else None: a config file must not make us build a pipeline or call
+    any other attribute of the diffusers module."""
+    import diffusers
+
+    if not isinstance(name, str) or not name.isidentifier():
+        return None
+    try:
+        cls = getattr(diffusers, name, None)
+    except (ImportError, RuntimeError):  # lazy attributes whose extras are not installed
+        return None
+    return cls if isinstance(cls, type) and issubclass(cls, base) else None
 
 
 def fingerprint_module(model: torch.nn.Module) -> str:

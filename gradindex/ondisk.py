@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import logging
 import os
 import shutil
@@ -363,10 +364,24 @@ def build_from_store(
     n = store.num_rows if rows is None else len(rows)
     if wants_ondisk(kind, n, store.dim):
         src = ChunkedRows(store.file[method], rows)
-        return _build(src, path, method, target_recall, 0, None, "fallback", None, None, kind).info
-    vindex = VectorIndex.build(store.vectors(method, rows), method, kind, target_recall)
-    vindex.save(path)
-    return vindex.info
+        info = _build(src, path, method, target_recall, 0, None, "fallback", None, None, kind).info
+    else:
+        vindex = VectorIndex.build(store.vectors(method, rows), method, kind, target_recall)
+        vindex.save(path)
+        info = vindex.info
+    if store.build_id is None:
+        return info
+    _stamp_build_id(path, store.build_id)
+    return {**info, "build_id": store.build_id}
+
+
+def _stamp_build_id(path: Path, build_id: str) -> None:
+    """Record the store's build id in the index's sidecar: opening the folder checks it, so
+    a FAISS file of another build is refused."""
+    side_path = Path(str(path) + ".json")
+    side = json.loads(side_path.read_text())
+    side["info"]["build_id"] = build_id
+    write_json_atomic(side_path, side)
 
 
 def _fsync(path: Path) -> None:

@@ -23,6 +23,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import faiss
 import numpy as np
 
 from gradindex.conditioning import Conditioner, ConditioningData, as_prompts
@@ -71,29 +72,22 @@ class AttributionIndex:
                 f"{problems[0]}; rebuild the index"
                 + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else "")
             )
+        self._indexes: dict[str, VectorIndex] = {}
         with VectorStore.open(path / VECTORS) as store:
+            store.check_manifest(manifest)  # another build's file, spec or shape
             self.ids: np.ndarray = store.ids
             self.flagged: np.ndarray = store.flagged
-            if store.num_rows != manifest["num_rows"] or store.dim != manifest["dim"]:
-                raise IndexStateError(f"{path / VECTORS}: shape differs from the manifest; rebuild")
             if not store.done.all():
                 raise IndexStateError(
                     f"{path / VECTORS}: not every row was written; rebuild or resume"
                 )
-        self.index_rows = np.flatnonzero(~self.flagged)  # search-index row i → store row
+            self.index_rows = np.flatnonzero(~self.flagged)  # search-index row i → store row
+            for method in METHODS if milvus is None else ():  # Milvus answers searches then
+                self._indexes[method] = self._load_index(method, mmap, store)
         self._norms: np.ndarray | None = None  # read on first use (see ``norms``)
-        self._indexes: dict[str, VectorIndex] = {}
-        for method in METHODS if milvus is None else ():  # Milvus answers the searches then
-            fpath = path / faiss_file(method)
-            if not fpath.exists():
-                raise IndexStateError(f"{fpath}: search index missing; rebuild the index")
-            self._indexes[method] = VectorIndex.load(fpath, mmap=mmap)
-            if self._indexes[method].ntotal != len(self.index_rows):
-                raise IndexStateError(
-                    f"{fpath}: holds {self._indexes[method].ntotal} rows, expected {len(self.index_rows)}"
-                )
-            if self.device.startswith("cuda"):  # search where the embeddings are made
-                self._indexes[method].to_gpu()
+        if self.device.startswith("cuda"):  # search where the embeddings are made
+            for vindex in self._indexes.values():
+                vindex.to_gpu()
         self.milvus: MilvusBackend | None = None
         if milvus is not None:
             from gradindex.milvus import MilvusBackend, default_name
@@ -102,6 +96,37 @@ class AttributionIndex:
                 milvus = MilvusBackend.connect(os.fspath(milvus), default_name(path))
             milvus.check_index(manifest, len(self.index_rows))
             self.milvus = milvus
+
+    def _load_index(self, method: str, mmap: bool, store: VectorStore) -> VectorIndex:
+        """One method's FAISS index, refused unless it is this build's: its build id, size,
+        dimension and metric against the manifest, and a few of its rows against the store."""
+        fpath = self.path / faiss_file(method)
+        if not fpath.exists():
+            raise IndexStateError(f"{fpath}: search index missing; rebuild the index")
+        vindex = VectorIndex.load(fpath, mmap=mmap)
+        info, want_id = vindex.info, self.manifest.get("build_id")
+        if want_id is not None and info.get("build_id") != want_id:
+            raise IndexStateError(
+                f"{fpath}.json: build id {info.get('build_id')} but the manifest's is {want_id} "
+                "(an index of another build); restore this index's own files or rebuild it"
+            )
+        expected = (len(self.index_rows), self.dim, method, faiss.METRIC_INNER_PRODUCT)
+        found = (vindex.ntotal, vindex.dim, info["method"], vindex.metric)
+        if found != expected:
+            raise IndexStateError(
+                f"{fpath}: holds {found[0]} rows of dimension {found[1]} for {found[2]!r} "
+                f"(metric {found[3]}) but this index needs {expected[0]} of dimension "
+                f"{expected[1]} for {method!r} (inner product, metric {expected[3]}); rebuild"
+            )
+        sample = vindex.sample_rows()
+        if sample is not None:
+            rows, stored = sample
+            if not np.array_equal(stored, store.vectors(method, self.index_rows[rows])):
+                raise IndexStateError(
+                    f"{fpath}: its rows differ from {VECTORS}'s (an index of another build); "
+                    "restore this index's own files or rebuild it"
+                )
+        return vindex
 
     @classmethod
     def open(

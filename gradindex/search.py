@@ -157,6 +157,7 @@ class VectorIndex:
         self._info = info
         self.ntotal: int = int(index.ntotal)
         self.dim: int = int(index.d)
+        self.metric: int = int(index.metric_type)  # faiss.METRIC_INNER_PRODUCT for every build
         self.method: str = info["method"]
         self._flat = st.flat_storage(index)  # IndexFlat over all rows, or None (IVF)
         self._gpu: faiss.Index | None = None  # a GPU clone of _index, see to_gpu
@@ -202,6 +203,8 @@ class VectorIndex:
         n, d = x.shape
         if n == 0:
             raise SearchError("vectors are empty (0 rows); an index needs at least one row")
+        if method == "retrac":
+            check_common_norm(x)
         threads = _configure(d)
         t0 = time.perf_counter()
         chosen = st.choose_kind(n, d) if kind == "auto" else kind
@@ -317,6 +320,32 @@ class VectorIndex:
         rows = np.take_along_axis(rows, order, axis=1)
         return SearchResult(scores=scores, ids=rows.copy(), rows=rows)
 
+    def sample_rows(self, count: int = 3) -> tuple[np.ndarray, np.ndarray] | None:
+        """A few stored rows as (row numbers [m], float32 rows [m, D]), read cheaply (flat
+        storage, or the first non-empty IVF list), to check the index holds the rows it should;
+        None when it keeps no float32 copy of them (lossy codes only)."""
+        if self.ntotal == 0:
+            return None
+        if self._flat is not None:
+            rows = np.unique(np.linspace(0, self.ntotal - 1, count).astype(np.int64))
+            return rows, np.stack([self._flat.reconstruct(int(r)) for r in rows])
+        ivf = faiss.extract_index_ivf(self._index)
+        if ivf.code_size != 4 * ivf.d:
+            return None
+        lists = ivf.invlists
+        lst = next(i for i in range(ivf.nlist) if lists.list_size(i))
+        m = min(count, lists.list_size(lst))
+        cptr, iptr = lists.get_codes(lst), lists.get_ids(lst)
+        try:
+            ids = faiss.rev_swig_ptr(iptr, m).view(np.int64).copy()
+            codes = faiss.rev_swig_ptr(cptr, m * ivf.code_size).view(np.float32)
+            rows = codes.reshape(m, ivf.d).copy()
+        finally:
+            lists.release_codes(lst, cptr)
+            lists.release_ids(lst, iptr)
+        order = np.argsort(ids)
+        return ids[order], rows[order]
+
     def _exact_search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Exact top-k over the stored float32 rows (flat storage, or IVF lists in chunks)."""
         if self._flat is not None:
@@ -396,6 +425,20 @@ class VectorIndex:
         st.apply_knobs(index, info.get("knobs") or {})
         info["mmap"] = bool(mmap)
         return cls(index, info)
+
+
+def check_common_norm(x: np.ndarray, rtol: float = 1e-2) -> None:
+    """ReTrac rows must share one norm, so that inner product ranks as cosine: refuse rows whose
+    norms differ by more than ``rtol`` (float16 storage rounds norms by ~1e-3)."""
+    norms = np.linalg.norm(x, axis=1)
+    lo, hi = float(norms.min()), float(norms.max())
+    if not lo > 0 or hi > lo * (1 + rtol):
+        raise SearchError(
+            f"method 'retrac' ranks by cosine, which inner product gives only over rows of one "
+            f"norm; these rows have norms from {lo:.4g} to {hi:.4g}: pass rows / their norms "
+            "(x / np.linalg.norm(x, axis=1, keepdims=True)), or use method 'tracin' to rank "
+            "by raw inner product"
+        )
 
 
 def check_k(k: Any, n: int) -> int:

@@ -154,6 +154,8 @@ def open_part(folder: Path) -> dict[str, Any]:
     problems = check_files(folder, manifest, checksums=False)
     if problems:
         raise IndexStateError(f"{problems[0]}; rebuild that index")
+    with VectorStore.open(folder / VECTORS) as store:
+        store.check_manifest(manifest)  # another build's vectors.h5 is not this index's rows
     return manifest
 
 
@@ -273,7 +275,7 @@ def assemble(
                         f["flagged"][a:b],
                     )
                 offset += src.num_rows
-            flagged = out.flagged
+            flagged, build_id = out.flagged, out.build_id  # a new id: another build
             keep = np.flatnonzero(~flagged)
             index_info = {}
             for method in METHODS:  # in RAM, or on disk in chunks (gradindex.ondisk)
@@ -288,6 +290,7 @@ def assemble(
         **extra,
         "complete": True,
         "format_version": FORMAT_VERSION,
+        "build_id": build_id,
         "num_rows": len(ids),
         "num_flagged": int(flagged.sum()),
         "indexes": index_info,

@@ -27,6 +27,10 @@ LOSSES = ("mse", "l1", "square")
 STORE_DTYPES = ("float32", "float16")
 RESIZE_MODES = ("bilinear", "nearest", "error")
 LATENT_MODES = ("mean", "sample")
+MAX_ROW_DIM = 1 << 20
+"""The most columns a stored row may have: FAISS (1.15) reads no index of more dimensions
+(index_read.cpp: d < 2^20 + 1) though it writes one, so a wider index would be built in full,
+then fail to open."""
 
 
 def _help(text: str, default: Any) -> Any:
@@ -211,6 +215,25 @@ class BuildSpec:
                 f"{num_checkpoints} checkpoints: give one weight per checkpoint"
             )
         return self.checkpoint_weights
+
+    def check_row_dim(self, num_params: int, num_checkpoints: int) -> int:
+        """D, the columns of a stored row (d per checkpoint, all ``num_params`` gradient
+        coordinates for 'identity'; at most d for 'kronecker'), refused above MAX_ROW_DIM
+        before anything is computed."""
+        per = num_params if self.projection == "identity" else self.proj_dim
+        dim = per * num_checkpoints
+        if dim > MAX_ROW_DIM:
+            fix = (
+                "use a random projection (e.g. projection='sjlt', proj_dim=4096)"
+                if self.projection == "identity"
+                else f"lower proj_dim to at most {MAX_ROW_DIM // num_checkpoints}"
+            )
+            raise SpecError(
+                f"rows would have {num_checkpoints} checkpoint(s) x {per:,} = {dim:,} columns "
+                f"({self.projection!r} projection), more than the {MAX_ROW_DIM:,} a FAISS index "
+                f"can hold; {fix}, or select fewer parameters (params)"
+            )
+        return dim
 
     # -- serialisation ------------------------------------------------------------------------
 

@@ -15,8 +15,9 @@ Holds ``VectorStore`` over one ``vectors.h5`` file:
 
 Row datasets are contiguous and allocated up front (see ``_preallocated``): a build killed at
 any instant leaves a readable file whose ``done`` mask tells which rows are committed.
-File attributes carry the spec JSON and the format version, so the file alone can be read with
-plain h5py by someone who never installed gradindex.
+File attributes carry the spec JSON, the format version and a random ``build_id`` (also in the
+manifest), so the file alone can be read with plain h5py by someone who never installed
+gradindex, and a ``vectors.h5`` of another build is refused on open (``check_manifest``).
 
 Also holds ``ChunkedRows``: one method's rows (or any [N, D] array-like) read as float32 a chunk
 at a time or gathered by row number, for indexes built without the matrix in memory
@@ -34,7 +35,9 @@ from typing import Any
 import h5py
 import numpy as np
 
-from gradindex.errors import IndexStateError, SearchError
+from gradindex.errors import IndexStateError, SearchError, SpecError
+from gradindex.layout import new_build_id
+from gradindex.spec import BuildSpec
 
 METHOD_DATASETS = ("tracin", "retrac")
 CHUNK_BYTES = 64 << 20
@@ -90,7 +93,7 @@ class VectorStore:
         _preallocated(f, "norms", (n, num_checkpoints, num_draws), "float32")
         _preallocated(f, "done", (n,), "uint8", zero_fill=True)
         _preallocated(f, "flagged", (n,), "uint8", zero_fill=True)
-        for key, value in attrs.items():
+        for key, value in {**attrs, "build_id": new_build_id()}.items():  # a new id per file
             f.attrs[key] = value if isinstance(value, (str, int, float)) else json.dumps(value)
         f.flush()
         return cls(path, f)
@@ -213,6 +216,41 @@ class VectorStore:
 
     def attr(self, key: str) -> Any:
         return self.file.attrs.get(key)
+
+    @property
+    def build_id(self) -> str | None:
+        """The random id this file was created with (None for files of older versions)."""
+        value = self.attr("build_id")
+        return None if value is None else str(value)
+
+    def check_manifest(self, manifest: dict[str, Any]) -> None:
+        """Refuse a store that is not the one ``manifest`` describes: another build's
+        ``vectors.h5`` (its build id, or its spec: seeds, projection...), or another shape."""
+        where = f"{self.path}: "
+        if "build_id" in manifest and self.build_id != manifest["build_id"]:
+            raise IndexStateError(
+                where + f"build id {self.build_id} but the manifest's is {manifest['build_id']} "
+                "(a file of another build); restore this index's own file or rebuild it"
+            )
+        if self.num_rows != manifest.get("num_rows") or self.dim != manifest.get("dim"):
+            raise IndexStateError(
+                where + f"holds {self.num_rows}x{self.dim} rows but the manifest says "
+                f"{manifest.get('num_rows')}x{manifest.get('dim')}; rebuild the index"
+            )
+        text = self.attr("spec")
+        if text is None:
+            return
+        try:
+            mine = BuildSpec.from_json(str(text))
+        except SpecError as exc:
+            raise IndexStateError(where + f"unreadable spec attribute ({exc})") from None
+        theirs = BuildSpec.from_dict(manifest["spec"])
+        if mine.fingerprint() != theirs.fingerprint():
+            diff = ", ".join(f"{k} {a!r} vs {b!r}" for k, (a, b) in mine.diff(theirs).items())
+            raise IndexStateError(
+                where + f"built with another spec than the manifest's ({diff}); "
+                "a file of another index: restore this index's own file or rebuild it"
+            )
 
 
 class ChunkedRows:
