@@ -56,7 +56,14 @@ import numpy as np
 from gradindex import search_tuning as st
 from gradindex.errors import IndexStateError, SearchError
 from gradindex.layout import write_json_atomic
-from gradindex.search import METHODS, ON_MISS, VectorIndex, _configure, _sidecar_dict
+from gradindex.search import (
+    METHODS,
+    ON_MISS,
+    VectorIndex,
+    _configure,
+    _sidecar_dict,
+    check_common_norm,
+)
 from gradindex.store import ChunkedRows
 
 logger = logging.getLogger(__name__)
@@ -160,7 +167,7 @@ def _build(
     index = None
     try:
         trained = _trained(src, factory, int(seed))
-        parts = _fill_parts(src, trained, work, part_rows)
+        parts = _fill_parts(src, trained, work, part_rows, method)
         lists = work / "lists.ivfdata"
         index = _merge_parts(trained, parts, lists)
         for p in parts:
@@ -235,11 +242,19 @@ def _trained(src: ChunkedRows, factory: str, seed: int) -> faiss.Index:
     return index
 
 
-def _fill_parts(src: ChunkedRows, trained: faiss.Index, work: Path, part_rows: int) -> list[Path]:
-    """Add the rows chunk by chunk (ids = row numbers) into partial indexes written to ``work``."""
+def _fill_parts(
+    src: ChunkedRows, trained: faiss.Index, work: Path, part_rows: int, method: str
+) -> list[Path]:
+    """Add the rows chunk by chunk (ids = row numbers) into partial indexes written to ``work``
+    (ReTrac rows checked to share one norm, as ``VectorIndex.build`` does)."""
     parts: list[Path] = []
     part = None
+    span = [np.inf, 0.0]  # smallest and largest row norm seen
     for start, block in src.chunks():
+        if method == "retrac":
+            norms = np.linalg.norm(block, axis=1)
+            span = [min(span[0], float(norms.min())), max(span[1], float(norms.max()))]
+            check_common_norm(np.asarray(span))
         if part is None:
             part = faiss.clone_index(trained)
         part.add_with_ids(block, np.arange(start, start + len(block), dtype=np.int64))

@@ -6,7 +6,8 @@ Holds:
 - :class:`SearchResult` -- scores, ids and row numbers of a search, best first.
 - :class:`VectorIndex` -- ``build`` / ``search`` / ``save`` / ``load`` / ``info`` over one
   float32 matrix, for ``tracin`` (maximum inner product search over rows of very different
-  norms) or ``retrac`` (rows of one common norm, so inner product ranks as cosine).
+  norms) or ``retrac`` (rows of one common norm, so inner product ranks as cosine; rows of
+  unequal norms are refused, see ``check_common_norm``).
 - :func:`set_num_threads` -- the FAISS thread count every build and search uses.
 
 Scores are always inner products of the vectors as given: nothing is rescaled, and the MIPS->L2
@@ -204,7 +205,7 @@ class VectorIndex:
         if n == 0:
             raise SearchError("vectors are empty (0 rows); an index needs at least one row")
         if method == "retrac":
-            check_common_norm(x)
+            check_common_norm(np.linalg.norm(x, axis=1))
         threads = _configure(d)
         t0 = time.perf_counter()
         chosen = st.choose_kind(n, d) if kind == "auto" else kind
@@ -427,11 +428,10 @@ class VectorIndex:
         return cls(index, info)
 
 
-def check_common_norm(x: np.ndarray, rtol: float = 1e-2) -> None:
+def check_common_norm(norms: np.ndarray, rtol: float = 1e-2) -> None:
     """ReTrac rows must share one norm, so that inner product ranks as cosine: refuse rows whose
-    norms differ by more than ``rtol`` (float16 storage rounds norms by ~1e-3)."""
-    norms = np.linalg.norm(x, axis=1)
-    lo, hi = float(norms.min()), float(norms.max())
+    ``norms`` differ by more than ``rtol`` (float16 storage rounds norms by ~1e-3)."""
+    lo, hi = float(np.min(norms)), float(np.max(norms))
     if not lo > 0 or hi > lo * (1 + rtol):
         raise SearchError(
             f"method 'retrac' ranks by cosine, which inner product gives only over rows of one "

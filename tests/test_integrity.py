@@ -277,6 +277,17 @@ def test_retrac_over_rows_of_unequal_norms_is_refused():
     VectorIndex.build(x, "tracin", kind="flat")  # raw inner product: fine
 
 
+def test_ondisk_retrac_over_rows_of_unequal_norms_is_refused(tmp_path):
+    from gradindex.ondisk import build_ondisk
+    from gradindex.store import ChunkedRows
+
+    x = heavy_tailed(3000, 8, 0)
+    x[:1000] /= np.linalg.norm(x[:1000], axis=1, keepdims=True)  # the first chunk looks fine
+    with pytest.raises(SearchError, match="rows of one norm"):
+        build_ondisk(ChunkedRows(x, chunk_rows=1000), tmp_path / "od.faiss", "retrac")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing left behind
+
+
 @pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf"])
 def test_retrac_over_normalized_rows_equals_numpy_cosine(kind):
     x = heavy_tailed(2000, 16, 1)
