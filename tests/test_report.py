@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import h5py
 import numpy as np
 import pytest
 
@@ -81,3 +82,39 @@ def test_report_on_a_tiny_index(built, tmp_path):
     assert out["num_queries"] == 2 and out["queries"] == "query_vectors"
     with pytest.raises(SearchError, match="k=0"):
         rp.report(built, k=0)
+
+
+def test_report_groups_draws_by_timestep_in_spec_draw_order(tmp_path, images):
+    """K = 3 timesteps x M = 2 noise draws: the per-timestep statistics equal those computed here
+    from the stored norms [N, C, K·M], grouped by the timesteps of spec.draws (k major); an
+    m-major grouping gives other numbers."""
+    from tests.conftest import scheduler, tiny_unet
+
+    spec = gi.BuildSpec(proj_dim=32, timesteps=3, noise_draws=2, batch_size=8)
+    idx = gi.build_index(
+        checkpoints=[(tiny_unet(6), scheduler()), (tiny_unet(7), scheduler())],
+        data=images,
+        out=tmp_path / "idx",
+        spec=spec,
+        progress=False,
+    )
+    with h5py.File(idx.path / "vectors.h5", "r") as f:
+        norms = f["norms"][()].astype(np.float64)  # [N, C, K·M]
+    order = [t for t, _ in idx.spec.draws(idx.manifest["sample_shape"])]
+    assert norms.shape == (len(images), 2, 6) and len(set(order)) == 3
+    ts = sorted(set(order))
+    cols = {t: [i for i, u in enumerate(order) if u == t] for t in ts}
+    per_t = {t: norms[:, :, cols[t]].ravel() for t in ts}
+    median = [np.median(per_t[t]) for t in ts]
+    p10 = [np.quantile(per_t[t], 0.1) for t in ts]
+    p90 = [np.quantile(per_t[t], 0.9) for t in ts]
+
+    got = rp.report(idx, k=2)["norm_by_timestep"]
+    assert got["timesteps"] == ts
+    np.testing.assert_allclose(got["median"], median, rtol=1e-12)
+    np.testing.assert_allclose(got["p10"], p10, rtol=1e-12)
+    np.testing.assert_allclose(got["p90"], p90, rtol=1e-12)
+    np.testing.assert_allclose(got["within_timestep_p90_over_p10"], np.divide(p90, p10), rtol=1e-12)
+    assert got["median_max_over_min"] == pytest.approx(max(median) / min(median), rel=1e-12)
+    m_major = [norms[:, :, [k, k + 3]].ravel() for k in range(3)]  # the wrong grouping differs
+    assert not np.allclose([np.median(v) for v in m_major], median, rtol=1e-6)
