@@ -82,6 +82,11 @@ def test_report_on_a_tiny_index(built, tmp_path):
     assert out["num_queries"] == 2 and out["queries"] == "query_vectors"
     with pytest.raises(SearchError, match="k=0"):
         rp.report(built, k=0)
+    # k=10 above the 6 other rows of a 7-row index: each list holds every other row
+    out = rp.report(built)
+    for m in ("tracin", "retrac"):
+        assert out["methods"][m]["concentration"]["k"] == n - 1
+        assert out["methods"][m]["concentration"]["slots"] == n * (n - 1)
 
 
 def test_report_groups_draws_by_timestep_in_spec_draw_order(tmp_path, images):
@@ -118,3 +123,38 @@ def test_report_groups_draws_by_timestep_in_spec_draw_order(tmp_path, images):
     assert got["median_max_over_min"] == pytest.approx(max(median) / min(median), rel=1e-12)
     m_major = [norms[:, :, [k, k + 3]].ravel() for k in range(3)]  # the wrong grouping differs
     assert not np.allclose([np.median(v) for v in m_major], median, rtol=1e-6)
+
+
+def test_format_report_thins_a_long_timestep_table():
+    """100 timesteps: 12 evenly spaced rows (first and last included) and a note; the spread
+    line names the extreme timesteps."""
+    ts = list(range(0, 1000, 10))
+    med = [1.0 + t for t in ts]
+    nbt = rp.norm_by_timestep(np.array([[med]]), ts)
+    conc = {"k": 2, "slots": 2, "distinct": 1, "top10_share": 1.0}
+    method = {
+        "concentration": conc,
+        "reach_vs_norm": {"spearman_all": float("nan")},
+        "self_retrieval": {"rank1": 1.0},
+        "most_reached": [{"id": "a", "count": 2}],
+    }
+    result = {
+        "index": "x",
+        "num_rows": 1,
+        "num_flagged": 0,
+        "num_queries": 1,
+        "queries": "images",
+        "norm_by_timestep": nbt,
+        "methods": {"tracin": method, "retrac": method},
+    }
+    lines = rp.format_report(result)
+    head = lines.index("  timestep        p10     median        p90  p90/p10")
+    shown = [int(ln.split()[0]) for ln in lines[head + 1 : head + 13]]
+    assert len(shown) == 12 and shown[0] == 0 and shown[-1] == 990
+    assert lines[head + 13] == "  (12 of 100 timesteps shown; --json lists all)"
+    assert lines[head + 14] == (
+        "  medians differ 991x across timesteps (largest at t=990, smallest at t=0)"
+    )
+    reach = next(ln for ln in lines if ln.startswith("  reach~norm"))
+    assert reach.split()[1:3] == ["n/a", "n/a"]  # NaN correlations say so
+    assert "  most found by retrac: a (2x)" in lines
