@@ -611,17 +611,22 @@ def export(
     type=click.Path(file_okay=False),
     help="Folder for PNG figures (norms by timestep, reach vs norm).",
 )
-def report(index_dir: str, queries: str | None, k: int, figures: str | None) -> None:
-    """Diagnostics of an index as JSON: the timestep bias of gradient norms, generally
-    influential samples under TracIn vs ReTrac, self-retrieval."""
+@click.option("--json", "as_json", is_flag=True, help="Print every diagnostic as JSON.")
+def report(index_dir: str, queries: str | None, k: int, figures: str | None, as_json: bool) -> None:
+    """Diagnostics of an index: the timestep bias of gradient norms, generally influential
+    samples under TracIn vs ReTrac, self-retrieval (a summary; --json for every number)."""
     from gradindex.data import load_images
     from gradindex.query import AttributionIndex
+    from gradindex.report import format_report
     from gradindex.report import report as make_report
 
     idx = AttributionIndex.open(index_dir)
     images = load_images(queries)[0] if queries else None
     result = make_report(idx, images, k=k, out_dir=Path(figures) if figures else None)
-    click.echo(json.dumps(result, indent=2, sort_keys=True, default=_json_default))
+    if as_json:
+        click.echo(json.dumps(result, indent=2, sort_keys=True, default=_json_default))
+    else:
+        click.echo("\n".join(format_report(result)))
 
 
 @main.command()
@@ -651,39 +656,142 @@ def _print_info(info: dict[str, Any], as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(info, indent=2, sort_keys=True, default=_json_default))
         return
+    click.echo("\n".join(format_info(info)))
+
+
+# keys of AttributionIndex.info() that format_info lays out itself; any other key is rendered
+# generically, so a key added later (e.g. a fidelity record) still shows
+_INFO_KEYS = {
+    "path",
+    "num_rows",
+    "num_flagged",
+    "dim",
+    "proj_dim",
+    "num_params",
+    "layers",
+    "checkpoints",
+    "timesteps",
+    "prediction_type",
+    "spec",
+    "indexes",
+    "versions",
+    "build_seconds",
+    "conditioning",
+}
+
+
+def format_info(info: dict[str, Any]) -> list[str]:
+    """The human summary of ``AttributionIndex.info()``: one aligned line per fact (``--json``
+    prints everything)."""
     spec = info["spec"]
-    click.echo(f"index        {info['path']}")
-    click.echo(
-        f"rows         {info['num_rows']} ({info['num_flagged']} flagged, left out of search)"
-    )
-    click.echo(
-        f"dim          {info['dim']} = {len(info['checkpoints'])} checkpoint(s) x {info['proj_dim']}"
-    )
-    click.echo(f"params       {info['num_params']:,} ({spec['projection']} projection)")
-    routes = info.get("layers") or {}
+    lines: list[str] = []
+
+    def add(label: str, text: str) -> None:
+        lines.append(f"{label:<12s} {text}")
+
+    add("index", info["path"])
+    add("rows", f"{info['num_rows']} ({info['num_flagged']} flagged, left out of search)")
+    add("dim", f"{info['dim']} = {len(info['checkpoints'])} checkpoint(s) x {info['proj_dim']}")
+    chosen = f"{', '.join(spec['params'])}; " if spec.get("params") else ""
+    projection = f"{spec['projection']} projection, seed {spec['proj_seed']}"
+    add("params", f"{info['num_params']:,} ({chosen}{projection})")
     if spec["projection"] == "kronecker":
-        for name, route in routes.items():
-            click.echo(f"layer        {name}: {route}")
-    click.echo(
-        f"draws        {len(info['timesteps'])} timesteps x {spec['noise_draws']} noise, loss {spec['loss']}"
+        for name, route in (info.get("layers") or {}).items():
+            add("layer", f"{name}: {route}")
+    ts = info["timesteps"]
+    draws = f"{spec['noise_draws']} noise draw{'s' if spec['noise_draws'] != 1 else ''}"
+    add("draws", f"{len(ts)} timesteps x {draws} (seed {spec['seed']}), loss {spec['loss']}")
+    add("timesteps", _short_list(ts))
+    lo, hi = spec.get("data_range") or (None, None)
+    data = f"data range [{lo:g}, {hi:g}]" if lo is not None else "data range from the data"
+    add(
+        "model", f"predicts {info['prediction_type']}, {data}, rows stored as {spec['store_dtype']}"
     )
     cond = info.get("conditioning") or {"kind": "none"}
     if cond["kind"] != "none" or cond.get("latent"):
-        extra = f"{cond['num_classes']} classes" if cond["kind"] == "class" else ""
+        extra = [f"{cond['num_classes']} classes"] if cond["kind"] == "class" else []
         if cond.get("latent"):
-            extra += f"VAE latents ({cond['latents']}, x{cond['scaling_factor']:g})"
-        click.echo(f"conditioning {cond['kind']}  {extra}")
+            extra.append(f"VAE latents ({cond['latents']}, x{cond['scaling_factor']:g})")
+        add("conditioning", f"{cond['kind']}  {', '.join(extra)}".rstrip())
     for c in info["checkpoints"]:
-        click.echo(f"checkpoint   {c['source']}  w={c['weight']:g}  {c['fingerprint']}")
-    for m, meta in info["indexes"].items():
-        knobs = {k: v for k, v in meta.items() if k not in ("method", "n", "dim")}
-        click.echo(f"search       {m}: {json.dumps(knobs, default=_json_default)}")
+        add("checkpoint", f"{c['source']}  w={c['weight']:g}  {c['fingerprint']}")
+    indexes = info["indexes"]
+    for m in sorted(indexes, key=lambda m: (m != "tracin", m != "retrac", m)):
+        meta = indexes[m]
+        add("search", f"{m}: {_describe_search(meta)}")
+        if meta.get("fallback"):
+            fb = meta["fallback"]
+            add(
+                "fallback",
+                f"{m}: {fb.get('from')} reached recall@10 {fb.get('recall_at_10', 0):.3f} < "
+                f"target {meta.get('target_recall')}; {_FALLBACK.get(fb.get('action'), '')}",
+            )
         if meta.get("kind") == "ondisk":
             od = meta.get("ondisk") or {}
-            click.echo(
-                f"on disk      {m}: lists in {od.get('ivfdata')} ({od.get('bytes', 0) / 2**20:.1f} "
-                "MiB), memory-mapped at query time"
+            add(
+                "on disk",
+                f"{m}: lists in {od.get('ivfdata')} ({od.get('bytes', 0) / 2**20:.1f} MiB), "
+                "memory-mapped at query time",
             )
+    built = info.get("build_seconds")
+    version = (info.get("versions") or {}).get("gradindex", "?")
+    add("built", (f"in {built:g} s " if built is not None else "") + f"by gradindex {version}")
+    for key in sorted(set(info) - _INFO_KEYS):
+        add(key, _render(info[key]))
+    return lines
+
+
+_FALLBACK = {
+    "fallback": "serves exact flat search instead",
+    "warn": "kept as asked",
+}
+
+
+def _describe_search(meta: dict[str, Any]) -> str:
+    """One index's kind, knobs and measured recall, e.g. 'hnsw (HNSW32,Flat), efSearch 64,
+    recall@10 0.962 vs exact search (target 0.95)' (recall measured at build time)."""
+    if meta.get("kind") == "flat":
+        return "flat (exact)"
+    knobs = ", ".join(f"{k} {v}" for k, v in (meta.get("knobs") or {}).items())
+    recall = meta.get("recall_at_10")
+    parts = [f"{meta.get('kind')} ({meta.get('factory')})"]
+    if knobs:
+        parts.append(knobs)
+    if recall is not None:
+        parts.append(f"recall@10 {recall:.3f} vs exact search (target {meta.get('target_recall')})")
+    return ", ".join(parts)
+
+
+def _short_list(values: list[Any], most: int = 12) -> str:
+    """All values when few, else the first and last few with the count."""
+    if len(values) <= most:
+        return ", ".join(map(str, values))
+    head, tail = ", ".join(map(str, values[:4])), ", ".join(map(str, values[-2:]))
+    return f"{head}, ..., {tail} ({len(values)} values)"
+
+
+def _render(value: Any) -> str:
+    """Any JSON-like value on one line: dicts as 'key value' pairs (nested keys dotted), floats
+    to 4 significant digits."""
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {_render(v)}" for k, v in _flatten(value).items()) or "-"
+    if isinstance(value, (list, tuple)):
+        return "[" + _short_list([_render(v) for v in value], most=8) + "]"
+    if isinstance(value, bool) or value is None:
+        return {True: "yes", False: "no", None: "-"}[value]
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def _json_default(obj: Any) -> Any:

@@ -121,6 +121,8 @@ def run_demo(
         {m: (results[m].scores[shown], results[m].rows[shown]) for m in METHODS},
         out / "attribution.png",
         query_titles=[f"generated {i}" for i in range(len(queries))][shown],
+        train_labels=_digit_labels(len(images)),  # ids are row numbers: the data is an array
+        weights=spec.checkpoint_weights,
     )
     draw_t = [t for t in idx.spec.timestep_values() for _ in range(idx.spec.noise_draws)]
     timestep_norm_plot(
@@ -162,6 +164,13 @@ def _open_or_build(path: Path, checkpoints: list[Path], images: np.ndarray, spec
         pass
     return build_index(checkpoints=[str(c) for c in checkpoints], data=images, out=path, spec=spec,
                        overwrite=True, progress=progress)  # fmt: skip
+
+
+def _digit_labels(n: int) -> np.ndarray:
+    """The class (0-9) of the first n digits, in the order load_digits_images returns them."""
+    from sklearn.datasets import load_digits
+
+    return load_digits().target[:n]
 
 
 def _folder_bytes(path: Path) -> int:

@@ -14,7 +14,7 @@ entry point behind ``gradindex report INDEX``:
 - ``self_retrieval(index, rows, method)``: share of training rows whose own stored vector
   returns them at rank 1.
 - ``report(index, queries=None, k=10, out_dir=None)`` → a JSON-able dict (and PNG figures in
-  ``out_dir`` when given).
+  ``out_dir`` when given); ``format_report(result)`` → its human summary, each number explained.
 
 Nothing here changes the index; every function reads stored rows or search results.
 """
@@ -267,8 +267,9 @@ def plot_reach_vs_norm(
 
 
 def _drop_self(rows: np.ndarray, self_rows: np.ndarray, k: int) -> np.ndarray:
-    """[Q, k+1] result rows → [Q, k] without each query's own row (or the last one)."""
-    out = np.empty((rows.shape[0], min(k, rows.shape[1])), dtype=rows.dtype)
+    """[Q, k+1] result rows → [Q, k] without each query's own row (or the last one); with
+    fewer than k + 1 usable rows, [Q, N-1] (the lists were capped at every usable row)."""
+    out = np.empty((rows.shape[0], min(k, rows.shape[1] - 1)), dtype=rows.dtype)
     for i, (r, s) in enumerate(zip(rows, self_rows, strict=True)):
         keep = r[r != s]
         out[i] = keep[: out.shape[1]]
@@ -277,3 +278,84 @@ def _drop_self(rows: np.ndarray, self_rows: np.ndarray, k: int) -> np.ndarray:
 
 def _plain(x: Any) -> Any:
     return x.item() if hasattr(x, "item") else x
+
+
+def format_report(result: Mapping[str, Any], max_timesteps: int = 12) -> list[str]:
+    """The human summary of ``report()``'s dict: the key diagnostics, one line each, with what
+    they mean (``gradindex report --json`` prints the dict itself)."""
+    nbt = result["norm_by_timestep"]
+    methods = result["methods"]
+    names = [m for m in METHODS if m in methods]
+    conc = methods[names[0]]["concentration"]
+    lines = [
+        f"index {result['index']}: {result['num_rows']} rows ({result['num_flagged']} flagged)",
+        f"queries {result['num_queries']} {result['queries']}, top {conc['k']} each",
+        "",
+        "Gradient norm by timestep (per-draw norms over samples, checkpoints and noise draws).",
+        "TracIn sums raw gradients, so timesteps with large norms dominate its scores; ReTrac",
+        "normalizes each timestep's gradient first.",
+    ]
+    lines += _timestep_lines(nbt, max_timesteps)
+    lines += ["", "Generally influential samples: do the same few training rows top every list?"]
+    lines += _method_lines(methods, names, conc["slots"])
+    if "figures" in result:
+        lines += ["", "figures: " + ", ".join(result["figures"])]
+    return lines
+
+
+def _timestep_lines(nbt: Mapping[str, Any], max_timesteps: int) -> list[str]:
+    """A table of the per-timestep norm quantiles (evenly thinned when long) and the spread."""
+    lines = [f"  {'timestep':>8s} {'p10':>10s} {'median':>10s} {'p90':>10s} {'p90/p10':>8s}"]
+    ts = nbt["timesteps"]
+    shown = range(len(ts))
+    if len(ts) > max_timesteps:  # evenly spaced, first and last included
+        shown = sorted({int(round(i)) for i in np.linspace(0, len(ts) - 1, max_timesteps)})
+    for i in shown:
+        lines.append(
+            f"  {ts[i]:>8d} {nbt['p10'][i]:>10.4g} {nbt['median'][i]:>10.4g} "
+            f"{nbt['p90'][i]:>10.4g} {nbt['within_timestep_p90_over_p10'][i]:>8.3g}"
+        )
+    if len(shown) < len(ts):
+        lines.append(f"  ({len(shown)} of {len(ts)} timesteps shown; --json lists all)")
+    lines.append(
+        f"  medians differ {nbt['median_max_over_min']:.3g}x across timesteps (largest at "
+        f"t={nbt['argmax_timestep']}, smallest at t={nbt['argmin_timestep']})"
+    )
+    return lines
+
+
+def _method_lines(methods: Mapping[str, Any], names: list[str], slots: int) -> list[str]:
+    """TracIn vs ReTrac side by side, one diagnostic per line with what it means."""
+    rows = [
+        (
+            "distinct rows",
+            lambda m: f"{methods[m]['concentration']['distinct']}",
+            f"training rows among all {slots} results (more = answers depend on the query)",
+        ),
+        (
+            "top-10 share",
+            lambda m: f"{methods[m]['concentration']['top10_share']:.2f}",
+            "share of the results taken by the 10 most frequent rows (1 = same rows every time)",
+        ),
+        (
+            "reach~norm",
+            lambda m: _num(methods[m]["reach_vs_norm"]["spearman_all"]),
+            "Spearman: how often a row is found vs its gradient norm (> 0: big gradients win)",
+        ),
+        (
+            "self rank 1",
+            lambda m: f"{methods[m]['self_retrieval']['rank1']:.2f}",
+            "share of training rows that their own stored vector finds first",
+        ),
+    ]
+    lines = [f"  {'':14s}" + "".join(f"{m:>8s}" for m in names)]
+    for label, value, meaning in rows:
+        lines.append(f"  {label:14s}" + "".join(f"{value(m):>8s}" for m in names) + f"  {meaning}")
+    for m in names:
+        top = ", ".join(f"{r['id']} ({r['count']}x)" for r in methods[m]["most_reached"][:5])
+        lines.append(f"  most found by {m}: {top or '-'}")
+    return lines
+
+
+def _num(x: float) -> str:
+    return "n/a" if x != x else f"{x:+.2f}"  # NaN: a constant reach or norm has no rank order

@@ -2,7 +2,8 @@
 
 Holds:
 - ``attribution_grid``: one row per query image — the image, its top-k training images by
-  TracIn, then by ReTrac, each tile titled with its score.
+  TracIn, then by ReTrac, each tile with its score and training id (and label) under it, and a
+  caption saying what the scores mean (``score_caption``).
 - ``timestep_norm_plot``: per-draw gradient norm against timestep over the training set
   (median and 10–90% band per checkpoint, log scale): the bias that ReTrac removes.
 
@@ -34,48 +35,106 @@ def _tile(image: np.ndarray) -> tuple[np.ndarray, str | None]:
     return np.moveaxis(img[:3], 0, -1), None
 
 
+TILE_IN = 0.95
+"""Side of one image tile in inches (about 105 px at the saved 110 dpi)."""
+_TEXT_IN = 0.38  # room under a tile for its score and training id / label
+_PAD_IN = 0.06  # between neighbouring tiles
+_GAP_IN = 0.35  # between the query column and each method's block
+_METHOD_NAMES = {"tracin": "Diffusion-TracIn", "retrac": "Diffusion-ReTrac"}
+
+
+def score_caption(
+    methods: Sequence[str], weights: Sequence[float] | None = None, labels: bool = False
+) -> str:
+    """What the scores under the tiles mean, and why the two methods' scales differ."""
+    bound = f" = {sum(weights):.3g} here" if weights is not None else ""
+    parts = [f"Under each tile: its score, then #training id{' · label' if labels else ''}."]
+    if "tracin" in methods:
+        parts.append(
+            r"TracIn score = $\Sigma_c w_c\,\langle g_c(query), g_c(train)\rangle$, a weighted "
+            "inner product of the (projected) loss gradients at each checkpoint c: unbounded, "
+            "its scale follows the gradient norms, so compare it only within its own column."
+        )
+    if "retrac" in methods:
+        parts.append(
+            r"ReTrac score = $\Sigma_c w_c\,\cos(r_c(query), r_c(train))$, with $r_c$ the "
+            rf"gradient normalized per timestep: at most $\Sigma_c w_c${bound}, reached when the "
+            "gradients point the same way at every checkpoint."
+        )
+    parts.append(r"$w_c$: the TracIn weight of checkpoint c (learning rate × steps).")
+    return " ".join(parts)
+
+
+def _wrap(text: str, width: int) -> str:
+    """textwrap.fill that never breaks inside a $...$ mathtext span."""
+    import re
+    import textwrap
+
+    glued = re.sub(r"\$[^$]*\$", lambda m: m.group(0).replace(" ", "\0"), text)
+    return textwrap.fill(glued, width=width).replace("\0", " ")
+
+
 def attribution_grid(
     queries: np.ndarray,
     train_images: np.ndarray,
     results: Mapping[str, tuple[np.ndarray, np.ndarray]],
     path: str | Path,
     query_titles: Sequence[str] | None = None,
+    train_ids: Sequence[object] | None = None,
+    train_labels: Sequence[object] | None = None,
+    weights: Sequence[float] | None = None,
 ) -> Path:
-    """results: method → (scores [Q, k], rows [Q, k]) with rows indexing ``train_images``."""
+    """results: method → (scores [Q, k], rows [Q, k]) with rows indexing ``train_images``.
+
+    One row per query: the query image, then each method's top-k training images, each tile
+    with its score and the training id (and label, when ``train_labels`` is given) under it; a
+    caption says what the scores mean (``weights``: the checkpoint weights w_c, for ReTrac's
+    bound). The figure is laid out in inches, so it has no empty margins whatever Q and k.
+    """
     plt = _pyplot()
     methods = list(results)
     k = max(results[m][1].shape[1] for m in methods)
-    cols = 1 + len(methods) * (k + 1) - 1  # query, then k tiles per method with a spacer between
-    rows = len(queries)
-    fig, axes = plt.subplots(rows, cols, figsize=(1.15 * cols, 1.35 * rows + 0.5), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for q in range(rows):
-        img, cmap = _tile(queries[q])
-        axes[q, 0].imshow(img, cmap=cmap, vmin=0, vmax=1)
-        axes[q, 0].set_title(query_titles[q] if query_titles else f"query {q}", fontsize=7)
+    n_q = len(queries)
+    row_h = TILE_IN + _TEXT_IN
+    step = TILE_IN + _PAD_IN
+    width = TILE_IN + len(methods) * (_GAP_IN + k * step) + 0.2
+    caption = _wrap(score_caption(methods, weights, train_labels is not None), int(width * 13))
+    cap_h = 0.22 * (caption.count("\n") + 1) + 0.15
+    head_h = 0.45
+    height = head_h + n_q * row_h + cap_h
+    fig = plt.figure(figsize=(width, height))
+
+    def tile(x_in: float, q: int, image: np.ndarray, text: str) -> None:
+        y_in = height - head_h - q * row_h - TILE_IN  # bottom of the tile, from the bottom edge
+        ax = fig.add_axes((x_in / width, y_in / height, TILE_IN / width, TILE_IN / height))
+        img, cmap = _tile(image)
+        ax.imshow(img, cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.text(0.5, -0.04, text, transform=ax.transAxes, ha="center", va="top", fontsize=7)
+
+    for q in range(n_q):
+        tile(0.1, q, queries[q], query_titles[q] if query_titles else f"query {q}")
         for j, method in enumerate(methods):
             scores, rows_m = results[method]
-            start = 1 + j * (k + 1)  # tiles of method j; a spacer column follows them
+            x0 = 0.1 + TILE_IN + _GAP_IN + j * (_GAP_IN + k * step)
             for i in range(rows_m.shape[1]):
-                ax = axes[q, start + i]
-                img, cmap = _tile(train_images[rows_m[q, i]])
-                ax.imshow(img, cmap=cmap, vmin=0, vmax=1)
-                ax.set_title(f"{scores[q, i]:.3g}", fontsize=6)
-                for spine in ax.spines.values():
-                    spine.set_visible(False)
+                r = int(rows_m[q, i])
+                name = train_ids[r] if train_ids is not None else r
+                label = f" · {train_labels[r]}" if train_labels is not None else ""
+                tile(x0 + i * step, q, train_images[r], f"{scores[q, i]:.3g}\n#{name}{label}")
     for j, method in enumerate(methods):
-        start = 1 + j * (k + 1)
-        mid = axes[0, min(start + k // 2, cols - 1)]
-        mid.annotate(
-            f"top-{k} by {'Diffusion-TracIn' if method == 'tracin' else 'Diffusion-ReTrac'}",
-            xy=(0.5, 1.55),
-            xycoords="axes fraction",
+        x0 = 0.1 + TILE_IN + _GAP_IN + j * (_GAP_IN + k * step)
+        fig.text(
+            (x0 + k * step / 2) / width,
+            1 - 0.2 / height,
+            f"{_METHOD_NAMES.get(method, method)}: top {k}",
             ha="center",
-            fontsize=9,
+            va="center",
+            fontsize=10,
             fontweight="bold",
         )
-    fig.tight_layout()
+    fig.text(0.1 / width, 0.1 / height, caption, ha="left", va="bottom", fontsize=8.5)
     out = Path(path)
     fig.savefig(out, dpi=110)
     plt.close(fig)

@@ -173,8 +173,109 @@ def test_bulk_query_from_vectors_to_files(tmp_path, built_dir):
 
 
 def test_report_command(tmp_path, built_dir):
-    res = run("report", built_dir, "-k", "2", "--figures", tmp_path / "fig")
+    res = run("report", built_dir, "-k", "2", "--figures", tmp_path / "fig", "--json")
     assert res.exit_code == 0, res.output
     out = json.loads(res.output)
-    assert isinstance(out, dict) and out
+    assert isinstance(out, dict) and out["k"] == 2
     assert any((tmp_path / "fig").glob("*.png"))
+
+
+def _manifest(index_dir):
+    return json.loads((index_dir / "manifest.json").read_text())
+
+
+def _expected_info(index_dir, saved_checkpoints):
+    """The summary lines of the tiny index: every number here is a fact of the build (7 images,
+    2 checkpoints x 64 dims, weights 1 and 2, a 2-step grid over 1000 timesteps), not output."""
+    from tests.conftest import tiny_unet
+
+    params = sum(p.numel() for p in tiny_unet(1).parameters())
+    ckpts = _manifest(index_dir)["checkpoints"]
+    assert [c["source"] for c in ckpts] == [str(p) for p in saved_checkpoints]
+    return [
+        f"index        {index_dir}",
+        "rows         7 (0 flagged, left out of search)",
+        "dim          128 = 2 checkpoint(s) x 64",
+        f"params       {params:,} (sjlt projection, seed 0)",
+        "draws        2 timesteps x 1 noise draw (seed 0), loss mse",
+        "timesteps    250, 750",
+        "model        predicts epsilon, data range [0, 1], rows stored as float32",
+        f"checkpoint   {saved_checkpoints[0]}  w=1  {ckpts[0]['fingerprint']}",
+        f"checkpoint   {saved_checkpoints[1]}  w=2  {ckpts[1]['fingerprint']}",
+        "search       tracin: flat (exact)",
+        "search       retrac: flat (exact)",
+    ]
+
+
+def test_build_and_info_print_a_readable_summary(tmp_path, data_file, saved_checkpoints):
+    """build and info print aligned lines, no raw JSON and no thread count; --json prints the
+    info dict."""
+    import re
+
+    out = tmp_path / "idx"
+    ckpt_args = [a for c in saved_checkpoints for a in ("-c", c)]
+    res = CliRunner().invoke(
+        main,
+        [str(a) for a in ("build", *ckpt_args, "-d", data_file, "-o", out, *SPEC)]
+        + ["--checkpoint-weights", "1,2"],
+    )
+    assert res.exit_code == 0, res.output
+    expected = _expected_info(out, saved_checkpoints)
+    for printed in (res.stdout, run("info", out).stdout):
+        lines = printed.splitlines()
+        assert lines[: len(expected)] == expected
+        assert len(lines) == len(expected) + 1
+        assert re.fullmatch(r"built        in [0-9.]+ s by gradindex \S+", lines[-1]), lines[-1]
+        assert "{" not in printed and "threads" not in printed
+    info = json.loads(run("info", out, "--json").stdout)
+    assert info["num_rows"] == 7 and set(info["indexes"]) == {"tracin", "retrac"}
+
+
+def test_info_summary_shows_keys_it_does_not_know(built_dir):
+    """A key added to AttributionIndex.info() later (e.g. a fidelity record) still shows, one
+    line, nested keys dotted."""
+    import gradindex as gi
+    from gradindex.cli import format_info
+
+    info = gi.AttributionIndex.open(built_dir).info()
+    info["fidelity"] = {"rows": 48, "tracin": {"top10_overlap": 0.833333, "ok": False}}
+    lines = format_info(info)
+    assert lines[-1] == "fidelity     rows 48, tracin.top10_overlap 0.8333, tracin.ok no"
+
+
+def test_report_prints_a_summary_of_its_json(built_dir):
+    """The default output: the key diagnostics, each explained, with the numbers of --json
+    (read back from the printed table). Default k=10 on a 7-row index: lists of the 6 others."""
+    res = run("report", built_dir)
+    assert res.exit_code == 0, res.output
+    data = json.loads(run("report", built_dir, "--json").stdout)
+    lines = res.stdout.splitlines()
+    assert lines[:2] == [
+        f"index {built_dir}: 7 rows (0 flagged)",
+        "queries 7 training rows (self excluded), top 6 each",
+    ]
+    nbt = data["norm_by_timestep"]
+    head = lines.index("  timestep        p10     median        p90  p90/p10")
+    for i, t in enumerate(nbt["timesteps"]):
+        got = [float(v) for v in lines[head + 1 + i].split()]
+        want = [t, nbt["p10"][i], nbt["median"][i], nbt["p90"][i]]
+        np.testing.assert_allclose(got[:4], want, rtol=5e-4)
+        assert got[4] == pytest.approx(nbt["within_timestep_p90_over_p10"][i], rel=5e-3)
+    assert lines[head + 3].startswith(
+        f"  medians differ {nbt['median_max_over_min']:.3g}x across timesteps (largest at t="
+    )
+    m = data["methods"]
+    distinct = next(ln for ln in lines if ln.startswith("  distinct rows"))
+    assert distinct.split()[2:4] == [
+        str(m["tracin"]["concentration"]["distinct"]),
+        str(m["retrac"]["concentration"]["distinct"]),
+    ]
+    assert distinct.endswith(
+        "training rows among all 42 results (more = answers depend on the query)"
+    )
+    self_line = next(ln for ln in lines if ln.startswith("  self rank 1"))
+    assert [float(v) for v in self_line.split()[3:5]] == [
+        m["tracin"]["self_retrieval"]["rank1"],
+        m["retrac"]["self_retrieval"]["rank1"],
+    ]
+    assert "{" not in res.stdout

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import h5py
 import numpy as np
 import pytest
 
@@ -81,3 +82,79 @@ def test_report_on_a_tiny_index(built, tmp_path):
     assert out["num_queries"] == 2 and out["queries"] == "query_vectors"
     with pytest.raises(SearchError, match="k=0"):
         rp.report(built, k=0)
+    # k=10 above the 6 other rows of a 7-row index: each list holds every other row
+    out = rp.report(built)
+    for m in ("tracin", "retrac"):
+        assert out["methods"][m]["concentration"]["k"] == n - 1
+        assert out["methods"][m]["concentration"]["slots"] == n * (n - 1)
+
+
+def test_report_groups_draws_by_timestep_in_spec_draw_order(tmp_path, images):
+    """K = 3 timesteps x M = 2 noise draws: the per-timestep statistics equal those computed here
+    from the stored norms [N, C, K·M], grouped by the timesteps of spec.draws (k major); an
+    m-major grouping gives other numbers."""
+    from tests.conftest import scheduler, tiny_unet
+
+    spec = gi.BuildSpec(proj_dim=32, timesteps=3, noise_draws=2, batch_size=8)
+    idx = gi.build_index(
+        checkpoints=[(tiny_unet(6), scheduler()), (tiny_unet(7), scheduler())],
+        data=images,
+        out=tmp_path / "idx",
+        spec=spec,
+        progress=False,
+    )
+    with h5py.File(idx.path / "vectors.h5", "r") as f:
+        norms = f["norms"][()].astype(np.float64)  # [N, C, K·M]
+    order = [t for t, _ in idx.spec.draws(idx.manifest["sample_shape"])]
+    assert norms.shape == (len(images), 2, 6) and len(set(order)) == 3
+    ts = sorted(set(order))
+    cols = {t: [i for i, u in enumerate(order) if u == t] for t in ts}
+    per_t = {t: norms[:, :, cols[t]].ravel() for t in ts}
+    median = [np.median(per_t[t]) for t in ts]
+    p10 = [np.quantile(per_t[t], 0.1) for t in ts]
+    p90 = [np.quantile(per_t[t], 0.9) for t in ts]
+
+    got = rp.report(idx, k=2)["norm_by_timestep"]
+    assert got["timesteps"] == ts
+    np.testing.assert_allclose(got["median"], median, rtol=1e-12)
+    np.testing.assert_allclose(got["p10"], p10, rtol=1e-12)
+    np.testing.assert_allclose(got["p90"], p90, rtol=1e-12)
+    np.testing.assert_allclose(got["within_timestep_p90_over_p10"], np.divide(p90, p10), rtol=1e-12)
+    assert got["median_max_over_min"] == pytest.approx(max(median) / min(median), rel=1e-12)
+    m_major = [norms[:, :, [k, k + 3]].ravel() for k in range(3)]  # the wrong grouping differs
+    assert not np.allclose([np.median(v) for v in m_major], median, rtol=1e-6)
+
+
+def test_format_report_thins_a_long_timestep_table():
+    """100 timesteps: 12 evenly spaced rows (first and last included) and a note; the spread
+    line names the extreme timesteps."""
+    ts = list(range(0, 1000, 10))
+    med = [1.0 + t for t in ts]
+    nbt = rp.norm_by_timestep(np.array([[med]]), ts)
+    conc = {"k": 2, "slots": 2, "distinct": 1, "top10_share": 1.0}
+    method = {
+        "concentration": conc,
+        "reach_vs_norm": {"spearman_all": float("nan")},
+        "self_retrieval": {"rank1": 1.0},
+        "most_reached": [{"id": "a", "count": 2}],
+    }
+    result = {
+        "index": "x",
+        "num_rows": 1,
+        "num_flagged": 0,
+        "num_queries": 1,
+        "queries": "images",
+        "norm_by_timestep": nbt,
+        "methods": {"tracin": method, "retrac": method},
+    }
+    lines = rp.format_report(result)
+    head = lines.index("  timestep        p10     median        p90  p90/p10")
+    shown = [int(ln.split()[0]) for ln in lines[head + 1 : head + 13]]
+    assert len(shown) == 12 and shown[0] == 0 and shown[-1] == 990
+    assert lines[head + 13] == "  (12 of 100 timesteps shown; --json lists all)"
+    assert lines[head + 14] == (
+        "  medians differ 991x across timesteps (largest at t=990, smallest at t=0)"
+    )
+    reach = next(ln for ln in lines if ln.startswith("  reach~norm"))
+    assert reach.split()[1:3] == ["n/a", "n/a"]  # NaN correlations say so
+    assert "  most found by retrac: a (2x)" in lines

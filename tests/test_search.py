@@ -302,3 +302,31 @@ def test_to_gpu_searches_like_cpu_or_says_why_not(kind: str) -> None:
         assert (after.rows == before.rows).mean() > 0.95
     exact_scores, exact_rows = brute_force(q, x, 10)
     np.testing.assert_array_equal(index.search(q, 10, exact=True).rows, exact_rows)
+
+
+def test_tuner_accepts_only_settings_whose_validation_half_meets_the_target() -> None:
+    """Tuning half easy (the indexed rows themselves), validation half hard (random directions):
+    low nprobe passes the tuning half long before the validation half, so a tuner that accepted
+    a validation recall below target would stop early. Recall is recomputed here by brute force."""
+    x = clustered(4000, 24, "retrac", seed=3)
+    index, _ = search_tuning.make_index("IVF64,Flat", x, seed=0)
+    rng = np.random.default_rng(1)
+    easy = x[rng.choice(len(x), 200, replace=False)]
+    hard = rng.standard_normal((200, 24)).astype(np.float32)
+    target, margin = 0.95, search_tuning.TUNE_MARGIN
+
+    def both_halves(nprobe: int) -> tuple[float, float]:
+        index.nprobe = nprobe
+        return recall(index.search(easy, 10)[1], easy, x), recall(
+            index.search(hard, 10)[1], hard, x
+        )
+
+    report = search_tuning.tune(index, x, target, np.concatenate([easy, hard]))
+    chosen = report.knobs["nprobe"]
+    tune_r, valid_r = both_halves(chosen)
+    assert report.met and valid_r >= target and tune_r >= target + margin
+    assert report.recall == pytest.approx(valid_r) and report.tune_recall == pytest.approx(tune_r)
+    lower = [v for v in search_tuning._NPROBE_GRID if v < chosen]
+    early = [v for v in lower if both_halves(v)[0] >= target + margin]
+    assert early, "the tuning half must pass below the chosen rung, or this test proves nothing"
+    assert all(both_halves(v)[1] < target for v in early)  # each rejected for its validation half
