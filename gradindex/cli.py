@@ -346,8 +346,9 @@ def query(
 
     Thousands of queries are fine: embedding and search run in batches.
     """
-    from gradindex.query import AttributionIndex, result_to_json
+    from gradindex.query import AttributionIndex, check_positive_k, result_to_json
 
+    check_positive_k(k)  # before opening and embedding anything
     if output and not output.endswith((".jsonl", ".npz")):
         raise click.BadParameter("must end in .jsonl or .npz", param_hint="--output")
     if prompts and prompt_file:
@@ -615,9 +616,10 @@ def report(index_dir: str, queries: str | None, k: int, figures: str | None) -> 
     """Diagnostics of an index as JSON: the timestep bias of gradient norms, generally
     influential samples under TracIn vs ReTrac, self-retrieval."""
     from gradindex.data import load_images
-    from gradindex.query import AttributionIndex
+    from gradindex.query import AttributionIndex, check_positive_k
     from gradindex.report import report as make_report
 
+    check_positive_k(k)
     idx = AttributionIndex.open(index_dir)
     images = load_images(queries)[0] if queries else None
     result = make_report(idx, images, k=k, out_dir=Path(figures) if figures else None)
