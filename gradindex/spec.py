@@ -27,6 +27,10 @@ LOSSES = ("mse", "l1", "square")
 STORE_DTYPES = ("float32", "float16")
 RESIZE_MODES = ("bilinear", "nearest", "error")
 LATENT_MODES = ("mean", "sample")
+NOT_IDENTITY = ("batch_size",)
+"""Fields that change how rows are computed, not what they are (equal up to float32 summation
+order): left out of the fingerprint, so a build resumed or a shard rebuilt with another batch
+size (e.g. a smaller one after running out of memory) is the same index."""
 
 
 def _help(text: str, default: Any) -> Any:
@@ -247,9 +251,15 @@ class BuildSpec:
             raise SpecError("spec JSON must be an object of BuildSpec fields")
         return cls.from_dict(data)
 
+    def identity(self) -> dict[str, Any]:
+        """The fields that determine the stored vectors (all but ``NOT_IDENTITY``)."""
+        return {k: v for k, v in self.to_dict().items() if k not in NOT_IDENTITY}
+
     def fingerprint(self) -> str:
-        """sha256 of the canonical JSON: equal specs have equal fingerprints."""
-        return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
+        """sha256 of the canonical JSON of :meth:`identity`: specs that give the same vectors
+        have equal fingerprints, whatever their batch size."""
+        text = json.dumps(self.identity(), sort_keys=True, indent=2)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def diff(self, other: BuildSpec) -> dict[str, tuple[Any, Any]]:
         """Fields whose values differ, as {name: (self, other)}."""

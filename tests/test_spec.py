@@ -94,3 +94,13 @@ def test_draws_need_the_training_range():
 def test_weights_count_must_match_checkpoints():
     with pytest.raises(gi.SpecError, match="one weight per checkpoint"):
         gi.BuildSpec(checkpoint_weights=(1.0, 2.0)).weights(3)
+
+
+def test_batch_size_is_not_part_of_the_identity():
+    """It changes how rows are computed, not what they are: same fingerprint, no diff."""
+    base = gi.BuildSpec(timesteps=3)
+    other = base.replace(batch_size=2)
+    assert other.fingerprint() == base.fingerprint()
+    assert "batch_size" not in other.identity() and other.identity() == base.identity()
+    assert base.replace(proj_seed=1).fingerprint() != base.fingerprint()
+    assert other.to_dict()["batch_size"] == 2  # still recorded
