@@ -183,7 +183,13 @@ def _spec_from_options(config: str | None, options: dict[str, Any]) -> BuildSpec
 )
 @_device_option
 @click.option("--resume", is_flag=True, help="Finish an interrupted build in --out.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing index in --out.")
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Replace an existing index in --out: the new one is built beside it and swapped in "
+    "when complete, so the old one stays usable until then (with --resume: finish such a build "
+    "that was interrupted).",
+)
 @click.option(
     "--shard",
     default=None,
