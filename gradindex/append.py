@@ -6,7 +6,8 @@ ones are then assembled into a staging folder (``.<name>.staging``: vectors, bot
 rebuilt with the kind the index was asked for, approximate ones re-tuned and validated against
 exact search by the search layer, manifest last), which is swapped in with one atomic exchange.
 Until that exchange the original folder is not written to, so a killed ``add`` leaves it exactly
-as it was (run the same ``add`` again; it starts over).
+as it was (run the same ``add`` again; it starts over); one that fails removes its scratch and
+staging folders. A read-only index folder is refused up front (an add replaces the folder).
 """
 
 from __future__ import annotations
@@ -21,9 +22,17 @@ import numpy as np
 
 from gradindex.data import load_images
 from gradindex.errors import IndexStateError, ModelError, SpecError
-from gradindex.layout import VECTORS
+from gradindex.layout import MANIFEST, VECTORS
 from gradindex.models import CheckpointSource, load_checkpoints
-from gradindex.shards import _plain, assemble, open_part, staging_folder, swap_in
+from gradindex.shards import (
+    _plain,
+    assemble,
+    check_writable,
+    folder_lock,
+    open_part,
+    staging_folder,
+    swap_in,
+)
 from gradindex.spec import BuildSpec
 from gradindex.store import VectorStore
 
@@ -52,12 +61,33 @@ def add_samples(
     indexes built from in-memory models); their weights must match the index's. labels /
     prompts / base_model: as for ``build_index``, for conditional or latent models.
     """
+    target = Path(index)
+    open_part(target)  # a missing or unfinished index is named before anything is created
+    with folder_lock(target):
+        return _add(
+            target, data, ids, labels, prompts, base_model, checkpoints, scheduler, device, progress
+        )
+
+
+def _add(
+    target: Path,
+    data: Any,
+    ids: np.ndarray | list | None,
+    labels: Any,
+    prompts: Any,
+    base_model: Any,
+    checkpoints: list[CheckpointSource] | None,
+    scheduler: Any,
+    device: str,
+    progress: bool,
+) -> AttributionIndex:
+    """``add_samples`` holding the index's lock."""
     from gradindex.build import build_index
     from gradindex.query import AttributionIndex
 
     started = time.perf_counter()
-    target = Path(index)
     manifest = open_part(target)
+    check_writable(target, "add to it")
     if "shard" in manifest:
         raise IndexStateError(
             f"{target}: is one shard of a sharded build; merge the shards, then add to the result"
@@ -72,6 +102,7 @@ def add_samples(
     part = target.parent / f".{target.name}.adding"
     if part.exists():  # left by a killed add; never the only copy of anything
         shutil.rmtree(part)
+    stage = None
     try:
         build_index(
             checkpoints=ckpts,
@@ -104,6 +135,10 @@ def add_samples(
             started,
         )
         swap_in(stage, target)
+    except BaseException:
+        if stage is not None and (target / MANIFEST).exists():  # the stage is no only copy
+            shutil.rmtree(stage, ignore_errors=True)
+        raise
     finally:
         shutil.rmtree(part, ignore_errors=True)
     return AttributionIndex.open(

@@ -6,16 +6,22 @@ Holds ``build_index``, which wires the pipeline in one direction:
     → VectorStore rows, batch by batch → VectorIndex per method → manifest (written last)
 
 A build that stops early leaves ``build.json`` and no manifest, so the folder never looks
-complete; ``resume=True`` finishes it, skipping rows already marked done.
+complete; ``resume=True`` finishes it, skipping rows already marked done. ``overwrite=True``
+builds the new index in a staging folder beside the old one and swaps it in at the end, so the
+old index stays usable until the new one is complete. One build writes a folder at a time
+(``shards.folder_lock``). Everything that can be checked (data, conditioning, checkpoint
+weights, index kind) is checked before the first row is featurized.
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
 import os
-import shutil
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,7 +33,13 @@ from gradindex.conditioning import Conditioner, ConditioningData, load_condition
 from gradindex.data import load_images, resolve_data_range, to_model_input
 from gradindex.devices import resolve_device
 from gradindex.embedding import Embedder
-from gradindex.errors import GradIndexError, IndexStateError, ModelError, SpecError
+from gradindex.errors import (
+    GradIndexError,
+    IndexStateError,
+    ModelError,
+    SpecError,
+    WriteError,
+)
 from gradindex.gradients import select_parameters
 from gradindex.layout import (
     BUILD_STATE,
@@ -42,8 +54,9 @@ from gradindex.layout import (
 from gradindex.models import CheckpointSource, load_checkpoints
 from gradindex.ondisk import build_from_store
 from gradindex.search import METHODS
-from gradindex.shards import shard_rows
-from gradindex.spec import BuildSpec
+from gradindex.search_tuning import check_kind
+from gradindex.shards import check_writable, folder_lock, shard_rows, staging_folder, swap_in
+from gradindex.spec import NOT_IDENTITY, BuildSpec
 from gradindex.store import VectorStore
 
 if TYPE_CHECKING:
@@ -52,6 +65,19 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
+def _one_writer(build: Callable[..., AttributionIndex]) -> Callable[..., AttributionIndex]:
+    """Run ``build`` holding the lock of its ``out`` folder: a second build into the same folder
+    is refused while this one runs (rather than told to --resume it)."""
+
+    @functools.wraps(build)
+    def locked(*, out: str | Path, **kwargs: Any) -> AttributionIndex:
+        with folder_lock(Path(out)):
+            return build(out=out, **kwargs)
+
+    return locked
+
+
+@_one_writer
 def build_index(
     *,
     checkpoints: list[CheckpointSource],
@@ -95,6 +121,7 @@ def build_index(
     spec = spec or BuildSpec()
     out = Path(out)
     ckpts = load_checkpoints(_with_model(checkpoints, model), scheduler, base_model)
+    _check_finite(ckpts)
     spec = _resolve_timesteps(spec, ckpts[0].num_train_timesteps)
     spec.weights(len(ckpts))  # checks the count
     spec.check_row_dim(_num_params(ckpts[0].model, spec), len(ckpts))  # FAISS's width limit
@@ -121,6 +148,8 @@ def build_index(
     if conditioner.kind == "class":  # labels in the model's range
         conditioner.model_kwargs(cond_data, len(images))
     cond_record = conditioner.record(cond_data)
+    embedder = Embedder(ckpts, spec, device)
+    check_kind(index, embedder.dim, target_recall)
 
     state = {
         "spec": spec.to_dict(),
@@ -132,11 +161,13 @@ def build_index(
         state["shard"] = shard_info
     if conditioner.kind != "none" or conditioner.vae is not None:
         state["conditioning"] = {**cond_record, "data": cond_data.digest()}
-    if _prepare_folder(out, state, resume=resume, overwrite=overwrite) == "finished":
-        logger.info("%s: already finished with these settings; nothing to resume", out)
-        return AttributionIndex.open(out, checkpoints=ckpts, device=device, base_model=base_model)
+    target, out = out, _prepare_folder(out, state, resume=resume, overwrite=overwrite)
+    if out is None:
+        logger.info("%s: already finished with these settings; nothing to resume", target)
+        return AttributionIndex.open(
+            target, checkpoints=ckpts, device=device, base_model=base_model
+        )
 
-    embedder = Embedder(ckpts, spec, device)
     vec_path = out / VECTORS
     if resume and vec_path.exists():
         store = VectorStore.open(vec_path, "r+")
@@ -158,7 +189,7 @@ def build_index(
         _fill_rows(store, embedder, images, prep, spec, progress, conditioner, cond_data)
         flagged, build_id = store.flagged, store.build_id
     except OSError as exc:
-        raise _write_error(out, exc) from None
+        raise _write_error(target, exc, staged=out != target) from None
     finally:
         store.close()
 
@@ -174,16 +205,19 @@ def build_index(
             "every training sample had non-finite or zero gradients; nothing to index"
         )
     index_info = {}
-    for method in METHODS:  # one method's rows in memory at a time (none when on disk)
-        with VectorStore.open(store.path) as reader:
-            index_info[method] = build_from_store(
-                reader,
-                method,
-                keep if keep.size < len(flagged) else None,
-                "flat" if shard_info else index,  # the merged index gets the asked kind
-                target_recall,
-                out / faiss_file(method),
-            )
+    try:
+        for method in METHODS:  # one method's rows in memory at a time (none when on disk)
+            with VectorStore.open(store.path) as reader:
+                index_info[method] = build_from_store(
+                    reader,
+                    method,
+                    keep if keep.size < len(flagged) else None,
+                    "flat" if shard_info else index,  # the merged index gets the asked kind
+                    target_recall,
+                    out / faiss_file(method),
+                )
+    except WriteError as exc:  # every row is committed: a resume only rebuilds the indexes
+        raise _write_error(target, exc, staged=out != target) from None
 
     manifest = {
         **state,
@@ -221,11 +255,14 @@ def build_index(
         }
     write_json_atomic(out / MANIFEST, manifest)
     (out / BUILD_STATE).unlink(missing_ok=True)
-    return AttributionIndex.open(out, checkpoints=ckpts, device=device, base_model=base_model)
+    if out != target:  # the new index is complete: it replaces the old one in one step
+        swap_in(out, target)
+    return AttributionIndex.open(target, checkpoints=ckpts, device=device, base_model=base_model)
 
 
-def _write_error(out: Path, exc: OSError) -> IndexStateError:
-    """Disk full, quota, permissions: say so, and that committed rows survive a resume."""
+def _write_error(out: Path, exc: OSError | WriteError, staged: bool = False) -> IndexStateError:
+    """Disk full, quota, permissions: say so, and that committed rows survive a resume
+    (``staged``: of an --overwrite build, whose rows wait beside the old index)."""
     import errno
 
     why = (
@@ -233,10 +270,23 @@ def _write_error(out: Path, exc: OSError) -> IndexStateError:
         if getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
         else str(exc).splitlines()[0]
     )
+    again = "--overwrite --resume" if staged else "--resume"
     return IndexStateError(
         f"{out}: writing failed ({why}); rows already committed are kept: free space or fix the "
-        "folder, then run the same build with --resume"
+        f"folder, then run the same build with {again}"
     )
+
+
+def _check_finite(ckpts: list[Any]) -> None:
+    """Refuse a checkpoint holding NaN / inf weights (a diverged run) before featurizing: every
+    gradient through it would be non-finite and every sample flagged."""
+    for c in ckpts:
+        for name, t in [*c.model.named_parameters(), *c.model.named_buffers()]:
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise ModelError(
+                    f"checkpoint {c.source}: {name} holds NaN or infinite values (the training "
+                    "diverged or the file is damaged); use an earlier checkpoint"
+                )
 
 
 def _fill_rows(
@@ -303,24 +353,23 @@ def _contiguous_batches(rows: np.ndarray, size: int):
 
 def _prepare_folder(
     out: Path, state: dict[str, Any], *, resume: bool, overwrite: bool
-) -> str | None:
+) -> Path | None:
     """Refuse to clobber a finished index or someone else's folder; check a resumed build
-    has the same spec, checkpoints and data size. Returns "finished" when ``resume`` finds the
-    same build already finished (a re-run job step is then a no-op)."""
-    import json
-
+    has the same spec, checkpoints and data size. Returns the folder to write: ``out``, or with
+    ``overwrite`` of an existing index the staging folder beside it (swapped in when complete);
+    None when ``resume`` finds the same build already finished (a re-run job step is a no-op)."""
     if out.exists() and not out.is_dir():
         raise IndexStateError(f"{out}: exists and is not a folder; choose another --out")
-    if out.exists() and overwrite:
-        if any(out.iterdir()) and not ((out / MANIFEST).exists() or (out / BUILD_STATE).exists()):
+    if out.exists() and overwrite and any(out.iterdir()):
+        if not ((out / MANIFEST).exists() or (out / BUILD_STATE).exists()):
             raise IndexStateError(f"{out}: not an index folder; refusing to overwrite it")
-        shutil.rmtree(out)
+        return _staging(out, state, resume=resume)
     if out.exists() and (out / MANIFEST).exists():
         if resume:
             done = _as_state(json.loads((out / MANIFEST).read_text()), state)
             diffs = _settings_diffs(done, state)
             if not diffs:
-                return "finished"
+                return None
             raise IndexStateError(
                 f"{out}: already holds a finished index built with different settings "
                 f"({', '.join(diffs)}); pass --overwrite to rebuild it"
@@ -339,19 +388,34 @@ def _prepare_folder(
                 f"{out}: the unfinished build used different settings ({', '.join(diffs)}); "
                 "resume with the same ones or pass --overwrite"
             )
-        return
+        return out
     if out.exists() and any(out.iterdir()):
         raise IndexStateError(
             f"{out}: folder is not empty and holds no index; choose another --out"
         )
     write_json_atomic(out / BUILD_STATE, state)
+    return out
+
+
+def _staging(out: Path, state: dict[str, Any], *, resume: bool) -> Path:
+    """The staging folder an --overwrite build of ``out`` writes: a killed one's, to finish
+    (``resume`` with the same settings), or a new one."""
+    check_writable(out, "overwrite it")
+    stage = out.parent / f".{out.name}.staging"
+    old = stage / BUILD_STATE
+    if resume and old.exists() and not _settings_diffs(json.loads(old.read_text()), state):
+        return stage
+    stage = staging_folder(out)  # removes what an earlier build left
+    write_json_atomic(stage / BUILD_STATE, state)
+    return stage
 
 
 def _settings_diffs(old: dict[str, Any], state: dict[str, Any]) -> list[str]:
     """What differs between a recorded build state and the build asked for now: spec fields
     as ``spec.<name>``, other settings by their key."""
     spec = old.get("spec") or {}
-    diffs = [f"spec.{k}" for k in sorted(state["spec"]) if spec.get(k) != state["spec"][k]]
+    names = sorted(set(state["spec"]) - set(NOT_IDENTITY))  # batch size: same rows, any value
+    diffs = [f"spec.{k}" for k in names if spec.get(k) != state["spec"][k]]
     keys = sorted((set(state) | set(old)) - {"spec"})
     return diffs + [k for k in keys if old.get(k) != state.get(k)]
 

@@ -183,7 +183,13 @@ def _spec_from_options(config: str | None, options: dict[str, Any]) -> BuildSpec
 )
 @_device_option
 @click.option("--resume", is_flag=True, help="Finish an interrupted build in --out.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing index in --out.")
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Replace an existing index in --out: the new one is built beside it and swapped in "
+    "when complete, so the old one stays usable until then (with --resume: finish such a build "
+    "that was interrupted).",
+)
 @click.option(
     "--shard",
     default=None,
@@ -346,8 +352,9 @@ def query(
 
     Thousands of queries are fine: embedding and search run in batches.
     """
-    from gradindex.query import AttributionIndex, result_to_json
+    from gradindex.query import AttributionIndex, check_positive_k, result_to_json
 
+    check_positive_k(k)  # before opening and embedding anything
     if output and not output.endswith((".jsonl", ".npz")):
         raise click.BadParameter("must end in .jsonl or .npz", param_hint="--output")
     if prompts and prompt_file:
@@ -616,10 +623,11 @@ def report(index_dir: str, queries: str | None, k: int, figures: str | None, as_
     """Diagnostics of an index: the timestep bias of gradient norms, generally influential
     samples under TracIn vs ReTrac, self-retrieval (a summary; --json for every number)."""
     from gradindex.data import load_images
-    from gradindex.query import AttributionIndex
+    from gradindex.query import AttributionIndex, check_positive_k
     from gradindex.report import format_report
     from gradindex.report import report as make_report
 
+    check_positive_k(k)
     idx = AttributionIndex.open(index_dir)
     images = load_images(queries)[0] if queries else None
     result = make_report(idx, images, k=k, out_dir=Path(figures) if figures else None)

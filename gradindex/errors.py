@@ -27,6 +27,15 @@ class IndexStateError(GradIndexError):
     """An index folder that is missing, incomplete, corrupted or of another format version."""
 
 
+class WriteError(IndexStateError):
+    """A file of an index could not be written (disk full, quota, permissions); ``errno`` holds
+    the OS error number when known, so a caller can say how to go on."""
+
+    def __init__(self, message: str, errno: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = errno
+
+
 class SearchError(GradIndexError, ValueError):
     """A search request that cannot be answered as asked (bad k, unknown method, bad vectors)."""
 

@@ -30,7 +30,7 @@ from torch.func import functional_call, grad, vmap
 
 from gradindex.errors import ModelError, SpecError
 from gradindex.models import Checkpoint, model_output
-from gradindex.persample import HookGradients
+from gradindex.persample import HookError, HookGradients
 from gradindex.scratch import scratch
 from gradindex.spec import BuildSpec
 
@@ -178,6 +178,7 @@ class GradientFeaturizer:
                 lambda out, target: item_losses(out, target, spec.loss),
             )
         self.backend = "hooks" if self._hooks is not None else "vmap"
+        self._auto = backend == "auto"
         logger.info(
             "%s: per-item gradients via %s (%d parameters)",
             checkpoint.source,
@@ -213,7 +214,10 @@ class GradientFeaturizer:
         ``param_names`` order; written into ``out`` ([I, p] float32) when given. ``cond``: the
         model's per-item conditioning keyword arguments, items first (``class_labels`` [I])."""
         if self._hooks is not None:
-            return self._hooks.item_gradients(x_t, t, target, out=out, cond=cond)
+            try:
+                return self._hooks.item_gradients(x_t, t, target, out=out, cond=cond)
+            except HookError as exc:
+                self._leave_hooks(exc)
         grads = self._per_item_grad(self.params, x_t, t, target, cond or {})
         flat = [grads[n].reshape(x_t.shape[0], -1) for n in self.param_names]
         return torch.cat(flat, dim=1) if out is None else torch.cat(flat, dim=1, out=out)
@@ -234,11 +238,24 @@ class GradientFeaturizer:
         rows). The hook backend writes one contiguous block per parameter (see
         ``HookGradients.item_gradient_blocks``), the vmap backend one [I, p] block."""
         if self._hooks is not None:
-            blocks = self._hooks.item_gradient_blocks(x_t, t, target, flat=flat, cond=cond)
+            try:
+                blocks = self._hooks.item_gradient_blocks(x_t, t, target, flat=flat, cond=cond)
+            except HookError as exc:
+                self._leave_hooks(exc)
+                return self._draw_rows(x_t, t, target, flat, group, cond)
             starts = [a for a, _ in self._hooks.column_blocks()]
             return list(zip(starts, blocks, strict=True)), None, None
         rows = flat[: x_t.shape[0] * self.row_dim].view(x_t.shape[0], self.row_dim)
         return [(0, self.item_gradients(x_t, t, target, out=rows, cond=cond))], None, None
+
+    def _leave_hooks(self, exc: HookError) -> None:
+        """Under backend='auto', take every later gradient via vmap (same numbers, slower) when
+        the hooks cannot follow the model; with backend='hooks' asked for, raise ``exc``."""
+        if not self._auto:
+            raise exc
+        logger.warning("%s; per-item gradients via vmap instead of layer hooks", exc.reason)
+        self._hooks = None
+        self.backend = "vmap"
 
     def featurize(
         self,

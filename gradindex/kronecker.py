@@ -39,12 +39,14 @@ from gradindex.errors import ModelError
 from gradindex.gradients import MAX_ITEMS, GradientFeaturizer, item_losses
 from gradindex.models import Checkpoint
 from gradindex.persample import (
+    HookError,
     HookGradients,
     _Call,
     _forward_hook,
     _owners,
     _Tap,
     conv2d_item_weight_grads,
+    in_place_error,
     run_taps,
 )
 from gradindex.projection import _derived_seed, make_projector
@@ -235,14 +237,17 @@ class _KronCall:
 def _kron_hook(module: nn.Module, layer: dict, call: _Call, state: _KronCall) -> Callable:
     def hook(mod: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> Tensor:
         a = (args[0] if args else kwargs["input"]).detach()
+        if a.shape[0] != call.items or output.shape[0] != call.items:
+            raise HookError(
+                f"a {type(mod).__name__} saw a leading dimension of {a.shape[0]}, not the "
+                f"{call.items} items (the model moves the batch dimension)"
+            )
         saved = {"a": a, "version": a._version}
 
         def on_grad(delta: Tensor) -> None:
             a = saved.pop("a")
             if a._version != saved["version"]:
-                raise RuntimeError(
-                    f"the input of a {type(mod).__name__} was modified in place after its forward"
-                )
+                raise in_place_error(mod)
             with torch.no_grad():
                 _project_layer(mod, layer, a.float(), delta.float(), state)
 
@@ -257,7 +262,10 @@ def _project_layer(module: nn.Module, layer: dict, a: Tensor, delta: Tensor, s: 
     its two calls in the norm; UNets call each module once, and this is checked.)"""
     plan: LayerPlan = layer["plan"]
     if plan.name in s.seen:
-        raise RuntimeError(f"{plan.name}: module called twice in one forward; use 'sjlt'")
+        raise ModelError(
+            f"{plan.name}: its module runs more than once per forward, which the 'kronecker' "
+            "projection cannot follow; build with --projection sjlt (BuildSpec(projection='sjlt'))"
+        )
     s.seen.add(plan.name)
     n = a.shape[0]
     if isinstance(module, nn.Linear):
@@ -369,5 +377,11 @@ class KroneckerFeaturizer(GradientFeaturizer):
         cond: dict[str, Tensor] | None,
     ) -> tuple[list[tuple[int, Tensor]], Tensor | None, Tensor | None]:
         out = flat[: x_t.shape[0] * self.row_dim].view(x_t.shape[0], self.row_dim)
-        rows, item_sq, group_sq = self.kron.item_rows(x_t, t, target, group, cond, out=out)
+        try:
+            rows, item_sq, group_sq = self.kron.item_rows(x_t, t, target, group, cond, out=out)
+        except HookError as exc:  # the layer hooks are the projection: no vmap route
+            raise ModelError(
+                f"{exc.reason}; the 'kronecker' projection cannot follow it: build with "
+                "--projection sjlt (BuildSpec(projection='sjlt'))"
+            ) from None
         return [(0, rows)], item_sq.sqrt(), group_sq.sqrt()

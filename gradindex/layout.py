@@ -137,7 +137,7 @@ def check_spec(mpath: Path, manifest: dict[str, Any]) -> None:
     except (SpecError, KeyError, TypeError) as exc:
         raise IndexStateError(f"{mpath}: unreadable spec ({exc}); rebuild the index") from None
     recorded = manifest.get("spec_fingerprint")
-    if spec.fingerprint() != recorded:
+    if recorded not in spec.fingerprints():
         raise IndexStateError(
             f"{mpath}: spec has fingerprint {spec.fingerprint()} but the build recorded "
             f"{recorded} (the spec was edited); restore the manifest or rebuild the index"

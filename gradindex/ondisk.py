@@ -221,6 +221,9 @@ def _build(
         os.replace(work / "index.faiss", path)
         write_json_atomic(Path(str(path) + ".json"), _sidecar_dict(info))
     except (OSError, RuntimeError) as e:
+        failure = st.write_failure(path, e)
+        if failure is not None:
+            raise failure from None
         raise IndexStateError(
             f"cannot build the on-disk index at {path}: {st._first_line(e)}"
         ) from None

@@ -12,6 +12,9 @@ Holds:
   (``item_gradient_blocks``, what builds use: torch runs a batched matmul as one MKL call only
   when its output batch is contiguous).
 - ``SUPPORTED_MODULES``: the module types whose parameters it can differentiate.
+- ``HookError``: a model the hooks cannot follow but ``vmap`` can (a module that moves the batch
+  dimension); ``in_place_error``: the one-line error of a model that modifies a layer's input in
+  place after the layer used it (no backend can differentiate that).
 
 Assumption: the model is *batch-independent*: item i's output depends on item i's input only
 (a diffusers ``UNet2DModel`` in eval mode is: GroupNorm and attention act per sample). Then the
@@ -57,6 +60,26 @@ _PER_ITEM_MODULES: tuple[type[nn.Module], ...] = (
     nn.ConvTranspose2d,
     nn.ConvTranspose3d,
 )
+
+
+class HookError(ModelError):
+    """The model does something the hook backend cannot follow but the vmap backend can."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(
+            f"{reason}; the hook gradient backend cannot follow it: use backend='vmap'"
+        )
+        self.reason = reason
+
+
+def in_place_error(module: nn.Module) -> ModelError:
+    """A layer input changed in place after the layer's forward: its weight gradient (and
+    autograd's own) would be computed from the changed values."""
+    name = type(module).__name__
+    return ModelError(
+        f"the model modifies the input of a {name} in place after the {name} used it, so its "
+        "gradient cannot be computed; make that operation out of place (x = x * 2, not x.mul_(2))"
+    )
 
 
 def _owners(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
@@ -300,18 +323,16 @@ def _forward_hook(slots: dict[str, tuple[int, int]], call: _Call) -> Callable:
     def hook(module: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> Tensor:
         a = (args[0] if args else kwargs["input"]).detach()
         if a.shape[0] != n or output.shape[0] != n:
-            raise RuntimeError(
-                f"a {type(module).__name__} saw a leading dimension of {a.shape[0]}, not the {n} items; "
-                "per-item gradients need the batch dimension first"
+            raise HookError(
+                f"a {type(module).__name__} saw a leading dimension of {a.shape[0]}, not the {n} "
+                "items (the model moves the batch dimension)"
             )
         saved = {"a": a, "version": a._version}
 
         def on_grad(delta: Tensor) -> None:
             a = saved.pop("a")  # freed once this layer's gradient is formed
             if a._version != saved["version"]:
-                raise RuntimeError(
-                    f"the input of a {type(module).__name__} was modified in place after its forward"
-                )
+                raise in_place_error(module)
             with torch.no_grad():
                 a = a.float() if a.is_floating_point() else a  # Embedding: indices stay long
                 _write_layer_grads(module, a, delta.float(), slots, call)

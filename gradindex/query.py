@@ -304,8 +304,7 @@ class AttributionIndex:
             q = q[None]
         if q.ndim != 2 or q.shape[1] != self.dim:
             raise SearchError(f"query vectors have shape {q.shape}; expected [B, {self.dim}]")
-        if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k <= 0:
-            raise SearchError(f"k={k!r}: must be a positive integer")
+        check_positive_k(k)
         if k > len(self.index_rows):
             warnings.warn(
                 f"k={k} exceeds the {len(self.index_rows)} indexed samples; returning all of them",
@@ -331,6 +330,7 @@ class AttributionIndex:
         """Top-k training samples for test images, by TracIn or ReTrac score; ``labels`` /
         ``prompts`` condition a class- / text-conditional model (see ``embed``)."""
         _check_method(method)
+        check_positive_k(k)  # before the embedding, which is the slow part
         vectors = self.embed(images, labels=labels, prompts=prompts)[method]
         return self.search(vectors, k, method, exact=exact)
 
@@ -342,11 +342,19 @@ class AttributionIndex:
         num_classes = self.conditioning.get("num_classes")
         if self.conditioning["kind"] != "class" or not num_classes:
             raise SearchError("query_each_label needs a class-conditional index")
+        _check_method(method)
+        check_positive_k(k)
         return {c: self.query(images, k, method, exact=exact, labels=c) for c in range(num_classes)}
 
     def __repr__(self) -> str:
         m = self.manifest
         return f"AttributionIndex({str(self.path)!r}, rows={m['num_rows']}, dim={m['dim']})"
+
+
+def check_positive_k(k: Any) -> None:
+    """Refuse a k that is not a positive integer (before any image is embedded)."""
+    if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k <= 0:
+        raise SearchError(f"k={k!r}: must be a positive integer")
 
 
 def _check_method(method: str) -> None:

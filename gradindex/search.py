@@ -40,6 +40,7 @@ four or more queries take the blocked BLAS path (measured: 1-3 queries are as fa
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import operator
@@ -379,6 +380,12 @@ class VectorIndex:
                 f.write("\n")
             os.replace(path + ".json.tmp", path + ".json")
         except (OSError, RuntimeError) as e:
+            for tmp in (path + ".tmp", path + ".json.tmp"):  # no half-written file left behind
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+            failure = st.write_failure(path, e)
+            if failure is not None:
+                raise failure from None
             raise IndexStateError(f"cannot write index to {path}: {st._first_line(e)}") from None
 
     @classmethod

@@ -4,6 +4,9 @@ Holds:
 
 - :func:`choose_kind` -- what ``kind="auto"`` builds for N rows of dimension D, and why.
 - :func:`make_index` -- a trained and filled FAISS index for a kind or a factory string.
+- :func:`check_kind` -- refuse an index kind or factory string FAISS cannot build, before any
+  row is computed.
+- :func:`write_failure` -- a FAISS file-writing error (disk full...) as a one-line WriteError.
 - :func:`flat_storage` -- the float32 rows inside an index, which exact search scans.
 - :func:`exact_search_ivf` -- exact top-k over the float32 rows in an IVF's lists, list by list
   (in RAM or memory-mapped on disk), in bounded chunks.
@@ -21,15 +24,17 @@ against exact search on the rows it indexes before it is used.
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import os
+import re
 from dataclasses import dataclass, field
 
 import faiss
 import numpy as np
 
-from gradindex.errors import SearchError
+from gradindex.errors import SearchError, WriteError
 
 logger = logging.getLogger(__name__)
 
@@ -137,6 +142,35 @@ def make_index(factory: str, x: np.ndarray, seed: int) -> tuple[faiss.Index, str
     return index, factory
 
 
+NAMED_KINDS = ("flat", "ivf", "hnsw", "auto", "ondisk")
+"""Index kinds by name (``ondisk``: :mod:`gradindex.ondisk`); anything else is a factory string."""
+
+
+def check_kind(kind: object, d: int, target_recall: object = 0.95) -> None:
+    """Refuse an index kind FAISS cannot build over rows of dimension ``d``, and a target recall
+    outside (0, 1], by reason: an empty index is made from a factory string (no training), so a
+    long build does not end in a FAISS error after every row was computed."""
+    if isinstance(target_recall, bool) or not isinstance(target_recall, int | float):
+        raise SearchError(f"target recall must be a number in (0, 1]; got {target_recall!r}")
+    if not 0 < target_recall <= 1:
+        raise SearchError(f"target recall must be in (0, 1]; got {target_recall!r}")
+    if not isinstance(kind, str) or not kind.strip():
+        raise SearchError(
+            f"index kind {kind!r}: use {', '.join(NAMED_KINDS)} or a FAISS factory string"
+        )
+    if kind in NAMED_KINDS:
+        return
+    try:
+        index = faiss.index_factory(int(d), kind, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as e:
+        raise SearchError(
+            f"index kind {kind!r} is neither {', '.join(NAMED_KINDS)} nor a FAISS factory string "
+            f"FAISS can build over {d} dimensions: {_faiss_reason(e)}"
+        ) from None
+    if index.metric_type != faiss.METRIC_INNER_PRODUCT:
+        raise SearchError(f"factory string {kind!r} does not search by inner product")
+
+
 def training_rows(n: int, nlist: int, seed: int) -> np.ndarray | None:
     """The sorted rows of n an index with ``nlist`` lists is trained on; None means all of them.
 
@@ -151,6 +185,31 @@ def training_rows(n: int, nlist: int, seed: int) -> np.ndarray | None:
 def _first_line(e: Exception) -> str:
     lines = [s for s in str(e).splitlines() if s.strip()]
     return lines[-1].strip() if lines else type(e).__name__
+
+
+def write_failure(path: object, e: Exception) -> WriteError | None:
+    """``e``, raised while writing the file ``path``, as a one-line WriteError carrying the OS
+    error FAISS reports in its message ("write error in ...: 10 != 20 (No space left on
+    device)", "could not open ... for writing: Permission denied"); None if it is no write
+    failure."""
+    if isinstance(e, OSError):
+        return WriteError(f"cannot write {path}: {e.strerror or e}", e.errno)
+    text = str(e)
+    if "write error" not in text and "for writing" not in text:
+        return None
+    code = next(
+        (c for c in sorted(errno.errorcode) if text.rstrip(")").endswith(os.strerror(c))), None
+    )
+    why = os.strerror(code) if code is not None else _faiss_reason(e)
+    return WriteError(f"cannot write {path}: {why}", code)
+
+
+def _faiss_reason(e: Exception) -> str:
+    """A FAISS C++ error without its source location ("Error in <signature> at <file>:<line>:")
+    and failed-check prefix, e.g. "could not parse index string bogus"."""
+    text = _first_line(e)
+    text = re.sub(r"^Error in .*? at \S+:\d+: ", "", text)
+    return re.sub(r"^Error: '.*?' failed: ?", "", text) or text
 
 
 def _has_exact_rows(index: faiss.Index) -> bool:

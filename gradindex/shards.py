@@ -11,6 +11,9 @@ Holds:
   index folders into a staging folder beside the target, build the search indexes, write the
   manifest last, then move the staging folder into place (an atomic exchange on Linux), so a
   process killed at any point leaves either the old folder or the new one, never a mix.
+  ``build --overwrite`` builds into the same staging folder and swaps it in the same way.
+- ``folder_lock`` -- one writer per index folder (build, add, merge): a second one is refused
+  with a line saying another process is writing it.
 
 A shard is an ordinary finished index folder over its rows (searchable on its own, with an exact
 index); its manifest's ``shard`` record says which rows it holds and which index kind the merged
@@ -19,12 +22,15 @@ index should get.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
+import fcntl
 import logging
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +50,8 @@ from gradindex.layout import (
 )
 from gradindex.ondisk import build_from_store
 from gradindex.search import METHODS
+from gradindex.search_tuning import check_kind
+from gradindex.spec import NOT_IDENTITY
 from gradindex.store import VectorStore
 
 logger = logging.getLogger(__name__)
@@ -132,19 +140,21 @@ def merge_shards(
     first = parts[0][1]["shard"]
     kind = index or first.get("merge_index", "flat")
     recall = target_recall if target_recall is not None else first.get("merge_target_recall", 0.95)
+    check_kind(kind, parts[0][1]["dim"], recall)  # before any row is copied
 
-    check_target(out, overwrite)
-    base = {k: v for k, v in parts[0][1].items() if k != "shard"}
-    extra = {
-        "merged_from": [
-            {"path": str(p.resolve()), "start": m["shard"]["start"], "stop": m["shard"]["stop"]}
-            for p, m in parts
-        ],
-        "build_seconds": round(sum(m.get("build_seconds") or 0 for _, m in parts), 3),
-    }
-    stage = staging_folder(out)
-    assemble(stage, [p for p, _ in parts], base, kind, recall, extra, started)
-    swap_in(stage, out)
+    with folder_lock(out):
+        check_target(out, overwrite)
+        base = {k: v for k, v in parts[0][1].items() if k != "shard"}
+        extra = {
+            "merged_from": [
+                {"path": str(p.resolve()), "start": m["shard"]["start"], "stop": m["shard"]["stop"]}
+                for p, m in parts
+            ],
+            "build_seconds": round(sum(m.get("build_seconds") or 0 for _, m in parts), 3),
+        }
+        stage = staging_folder(out)
+        assemble(stage, [p for p, _ in parts], base, kind, recall, extra, started)
+        swap_in(stage, out)
     return AttributionIndex.open(out)
 
 
@@ -168,7 +178,11 @@ def check_same(parts: list[tuple[Path, dict[str, Any]]]) -> None:
             if m.get(key) != m0.get(key):
                 detail = ""
                 if key == "spec_fingerprint":
-                    diff = sorted(k for k in m0["spec"] if m["spec"].get(k) != m0["spec"][k])
+                    diff = sorted(
+                        k
+                        for k in m0["spec"]
+                        if m["spec"].get(k) != m0["spec"][k] and k not in NOT_IDENTITY
+                    )
                     detail = f" ({', '.join('spec.' + k for k in diff)})" if diff else ""
                 raise IndexStateError(
                     f"{path}: {what} differs from {p0}{detail}; build every part with the same "
@@ -218,9 +232,70 @@ def check_target(out: Path, overwrite: bool) -> None:
             raise IndexStateError(f"{out}: folder is not empty and holds no index; choose another")
         if not overwrite:
             raise IndexStateError(f"{out}: already holds a finished index; pass --overwrite")
+        check_writable(out, "overwrite it")
 
 
-# -- shared by merge and add ---------------------------------------------------------------
+# -- shared by build, merge and add ----------------------------------------------------------
+
+
+@contextlib.contextmanager
+def folder_lock(target: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the index folder ``target`` while writing it (build, add, merge).
+
+    The lock is ``flock`` on ``.<name>.lock`` beside the folder (beside, so the folder holds only
+    index files and a staging folder swapped in for it needs no lock of its own). The kernel
+    releases it when the process exits or is killed, so a crashed writer never blocks the next
+    one; the file is removed on a normal exit.
+    """
+    path = target.parent / f".{target.name}.lock"
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd = _acquire(path, target)
+    except OSError as exc:
+        raise IndexStateError(
+            f"{target}: cannot create the lock file {path} ({exc.strerror or exc}); "
+            "choose an --out in a writable folder"
+        ) from None
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)  # still holding it: a waiting writer re-opens a fresh file
+        os.close(fd)
+
+
+def _acquire(path: Path, target: Path) -> int:
+    """An fd holding the flock of the lock file at ``path`` (the file there now, not one a
+    finishing writer has just removed), with this process's id written in it."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip()
+            os.close(fd)
+            raise IndexStateError(
+                f"{target}: another gradindex process{f' (pid {holder})' if holder else ''} is "
+                "writing this index; wait for it to finish or stop it, then run again"
+            ) from None
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            os.ftruncate(fd, 0)
+            os.write(fd, str(os.getpid()).encode())
+            return fd
+        os.close(fd)  # its holder removed it as we opened it: take the next one
+
+
+def check_writable(target: Path, purpose: str) -> None:
+    """Refuse to replace a folder its owner made read-only (no owner write bit, or not writable
+    for this process): its next version would be swapped in writable, and removing the old one
+    would fail half-way."""
+    if not os.access(target, os.W_OK) or not target.stat().st_mode & 0o200:
+        raise IndexStateError(
+            f"{target}: the folder is read-only; make it writable (chmod u+w) to {purpose}"
+        )
 
 
 def staging_folder(target: Path) -> Path:

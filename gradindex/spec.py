@@ -31,6 +31,10 @@ MAX_ROW_DIM = 1 << 20
 """The most columns a stored row may have: FAISS (1.15) reads no index of more dimensions
 (index_read.cpp: d < 2^20 + 1) though it writes one, so a wider index would be built in full,
 then fail to open."""
+NOT_IDENTITY = ("batch_size",)
+"""Fields that change how rows are computed, not what they are (equal up to float32 summation
+order): left out of the fingerprint, so a build resumed or a shard rebuilt with another batch
+size (e.g. a smaller one after running out of memory) is the same index."""
 
 
 def _help(text: str, default: Any) -> Any:
@@ -270,9 +274,20 @@ class BuildSpec:
             raise SpecError("spec JSON must be an object of BuildSpec fields")
         return cls.from_dict(data)
 
+    def identity(self) -> dict[str, Any]:
+        """The fields that determine the stored vectors (all but ``NOT_IDENTITY``)."""
+        return {k: v for k, v in self.to_dict().items() if k not in NOT_IDENTITY}
+
     def fingerprint(self) -> str:
-        """sha256 of the canonical JSON: equal specs have equal fingerprints."""
-        return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
+        """sha256 of the canonical JSON of :meth:`identity`: specs that give the same vectors
+        have equal fingerprints, whatever their batch size."""
+        text = json.dumps(self.identity(), sort_keys=True, indent=2)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def fingerprints(self) -> tuple[str, str]:
+        """The fingerprint and the one indexes built before ``NOT_IDENTITY`` recorded (the
+        hash of the whole spec, batch size included): both name this spec."""
+        return self.fingerprint(), hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
 
     def diff(self, other: BuildSpec) -> dict[str, tuple[Any, Any]]:
         """Fields whose values differ, as {name: (self, other)}."""

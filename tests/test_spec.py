@@ -94,3 +94,23 @@ def test_draws_need_the_training_range():
 def test_weights_count_must_match_checkpoints():
     with pytest.raises(gi.SpecError, match="one weight per checkpoint"):
         gi.BuildSpec(checkpoint_weights=(1.0, 2.0)).weights(3)
+
+
+def test_batch_size_is_not_part_of_the_identity():
+    """It changes how rows are computed, not what they are: same fingerprint, no diff."""
+    base = gi.BuildSpec(timesteps=3)
+    other = base.replace(batch_size=2)
+    assert other.fingerprint() == base.fingerprint()
+    assert "batch_size" not in other.identity() and other.identity() == base.identity()
+    assert base.replace(proj_seed=1).fingerprint() != base.fingerprint()
+    assert other.to_dict()["batch_size"] == 2  # still recorded
+
+
+def test_fingerprints_include_the_one_older_indexes_recorded():
+    """Indexes built before batch_size left the identity recorded sha256 of the whole spec."""
+    import hashlib
+
+    spec = BuildSpec(proj_dim=64, batch_size=3)
+    old = hashlib.sha256(spec.to_json().encode()).hexdigest()[:16]
+    assert spec.fingerprints() == (spec.fingerprint(), old)
+    assert spec.fingerprint() != old
