@@ -110,7 +110,7 @@ def test_fingerprints_include_the_one_older_indexes_recorded():
     """Indexes built before batch_size left the identity recorded sha256 of the whole spec."""
     import hashlib
 
-    spec = BuildSpec(proj_dim=64, batch_size=3)
+    spec = gi.BuildSpec(proj_dim=64, batch_size=3)
     old = hashlib.sha256(spec.to_json().encode()).hexdigest()[:16]
     assert spec.fingerprints() == (spec.fingerprint(), old)
     assert spec.fingerprint() != old
