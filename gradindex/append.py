@@ -94,7 +94,7 @@ def _add(
         )
     spec = BuildSpec.from_dict(manifest["spec"])
     ckpts = _checkpoints(manifest, checkpoints, scheduler)
-    images, data_ids = load_images(data)
+    images, data_ids = load_images(data, manifest.get("image_shape", manifest["sample_shape"])[0])
     with VectorStore.open(target / VECTORS) as store:
         old_ids = store.ids
     new_ids = _new_ids(ids, data_ids, old_ids, len(images))

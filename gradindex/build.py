@@ -127,12 +127,12 @@ def build_index(
     spec.check_row_dim(_num_params(ckpts[0].model, spec), len(ckpts))  # FAISS's width limit
     conditioner = Conditioner.for_checkpoints(ckpts, base_model, spec.latents, spec.seed, device)
 
-    images, data_ids = load_images(data)
+    channels, height, width = conditioner.image_shape(ckpts[0].sample_shape())
+    images, data_ids = load_images(data, channels)
     row_ids = _resolve_ids(ids, data_ids, len(images))
     cond_data = load_conditioning(data, data_ids, len(images), conditioner.kind, labels, prompts)
     if spec.data_range is None:
         spec = spec.replace(data_range=resolve_data_range(images))
-    channels, height, width = conditioner.image_shape(ckpts[0].sample_shape())
     prep = dict(
         channels=channels, size=(height, width), data_range=spec.data_range, resize=spec.resize
     )
@@ -144,7 +144,7 @@ def build_index(
         images, row_ids = images[lo:hi], row_ids[lo:hi]
         cond_data = cond_data.rows(lo, hi)
     for start in range(0, len(images), 4096):  # validate everything before writing anything
-        to_model_input(images[start : start + 4096], **prep)
+        to_model_input(images[start : start + 4096], **prep, warn=start == 0)  # resize: once
     if conditioner.kind == "class":  # labels in the model's range
         conditioner.model_kwargs(cond_data, len(images))
     cond_record = conditioner.record(cond_data)
@@ -315,7 +315,7 @@ def _fill_rows(
     )
     with bar:
         for start, stop in _contiguous_batches(todo, spec.batch_size):
-            x0 = conditioner.encode_images(to_model_input(images[start:stop], **prep))
+            x0 = conditioner.encode_images(to_model_input(images[start:stop], **prep, warn=False))
             if conditioner.vae is not None:
                 store.write_column("latents", start, x0.cpu().numpy())
             cond = conditioner.model_kwargs(cond_data.rows(start, stop), stop - start)

@@ -86,7 +86,9 @@ def _conditioning_options(func: Any) -> Any:
 def _read_lines(path: str, labels: bool = False) -> Any:
     """Prompts (or labels) from a file: one per line; labels may also be a .npy array."""
     if labels and path.endswith(".npy"):
-        return np.load(path, allow_pickle=False)
+        from gradindex.data import read_array
+
+        return read_array(path)
     lines = [ln for ln in Path(path).read_text().splitlines() if ln.strip()]
     if not labels:
         return lines
@@ -130,8 +132,36 @@ def _spec_options(func: Any) -> Any:
     return func
 
 
+def _read_config(config: str) -> dict[str, Any]:
+    """The BuildSpec fields of a --config JSON file; any problem with it names the file."""
+    from gradindex.errors import SpecError
+
+    try:
+        text = Path(config).read_text()
+        return BuildSpec.from_json(text).to_dict()
+    except UnicodeDecodeError:
+        raise SpecError(f"--config {config}: not a text (JSON) file") from None
+    except TypeError as exc:  # a value of the wrong kind: name its field
+        fields = json.loads(text)
+        bad = [k for k in fields if _type_error(k, fields[k])] or ["?"]
+        raise SpecError(f"--config {config}: field {bad[0]!r} has the wrong type ({exc})") from None
+    except (GradIndexError, ValueError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise SpecError(f"--config {config}: {first}") from None
+
+
+def _type_error(name: str, value: Any) -> bool:
+    try:
+        BuildSpec.from_dict({name: value})
+    except TypeError:
+        return True
+    except (GradIndexError, ValueError):
+        pass
+    return False
+
+
 def _spec_from_options(config: str | None, options: dict[str, Any]) -> BuildSpec:
-    base = BuildSpec.from_json(Path(config).read_text()).to_dict() if config else {}
+    base = _read_config(config) if config else {}
     for f in dataclasses.fields(BuildSpec):
         value = options.pop(f.name, None)
         if value is None or value == ():
@@ -331,6 +361,14 @@ def build(
     default=None,
     help="Collection-name prefix given to 'export --name' (default: the index folder's name).",
 )
+@click.option(
+    "--data-range",
+    type=(float, float),
+    default=None,
+    metavar="LOW HIGH",
+    help="Value range of float IMAGES (mapped to the model's [-1, 1]). Default: uint8 → 0..255, "
+    "floats within [0, 1] or [-1, 1] → that range, wider floats → the index's recorded range.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON record per query and method.")
 def query(
     index_dir: str,
@@ -346,11 +384,13 @@ def query(
     base_model: str | None,
     milvus: str | None,
     milvus_name: str | None,
+    data_range: tuple[float, float] | None,
     as_json: bool,
 ) -> None:
     """Top-k training samples for each test image in IMAGES (same formats as --data).
 
-    Thousands of queries are fine: embedding and search run in batches.
+    Thousands of queries are fine: embedding and search run in batches. Images of another
+    size than the model's are resized with a warning, and their records say "resized".
     """
     from gradindex.query import AttributionIndex, check_positive_k, result_to_json
 
@@ -361,6 +401,8 @@ def query(
         raise click.BadParameter("give --prompt or --prompt-file, not both", param_hint="--prompt")
     if from_vectors and (labels or prompts or prompt_file):
         raise click.BadParameter("query vectors are already conditioned", param_hint="--vectors")
+    if from_vectors and data_range:
+        raise click.BadParameter("query vectors are already embedded", param_hint="--data-range")
     if milvus_name and not milvus:
         raise click.BadParameter("needs --milvus URI", param_hint="--milvus-name")
     backend = None
@@ -375,12 +417,17 @@ def query(
         "labels": one_or_all(labels),
         "prompts": _read_lines(prompt_file) if prompt_file else one_or_all(prompts),
     }
-    vecs, names = _query_vectors(idx, images, methods, from_vectors, cond)
-    results = {m: idx.search(vecs[m], k, m, exact=exact) for m in methods}
+    vecs, names, resized = _query_vectors(idx, images, methods, from_vectors, cond, data_range)
+    results = {
+        m: dataclasses.replace(idx.search(vecs[m], k, m, exact=exact), resized=resized)
+        for m in methods
+    }
     if output and output.endswith(".npz"):
         arrays = {}
         for m, res in results.items():
             arrays.update({f"{m}_scores": res.scores, f"{m}_rows": res.rows, f"{m}_ids": res.ids})
+        if resized is not None:  # the queries' [H, W] before they were resized
+            arrays["resized"] = np.asarray(resized, dtype=np.int64)
         np.savez(output, query=names, **arrays)
         click.echo(f"wrote {len(names)} queries x {len(methods)} method(s) to {output}")
         return
@@ -403,38 +450,40 @@ def query(
 
 
 def _query_vectors(
-    idx: Any, source: str, methods: list[str], from_vectors: bool, cond: dict[str, Any]
-):
-    """{method: [B, D]} and the query names, from images or from stored vectors."""
+    idx: Any,
+    source: str,
+    methods: list[str],
+    from_vectors: bool,
+    cond: dict[str, Any],
+    data_range: tuple[float, float] | None = None,
+) -> tuple[dict[str, np.ndarray], np.ndarray, tuple[int, int] | None]:
+    """{method: [B, D]}, the query names, and the images' (H, W) if they were resized (else
+    None), from images or from stored vectors."""
     from gradindex.conditioning import load_conditioning
-    from gradindex.data import load_images
+    from gradindex.data import load_images, read_array, read_npz
     from gradindex.errors import DataError
 
     if not from_vectors:
-        arr, names = load_images(source)
+        arr, names = load_images(source, channels=idx.image_shape[0])
         kind = idx.conditioning["kind"]
         if kind != "none" and cond["labels"] is None and cond["prompts"] is None:
             found = load_conditioning(source, names, len(arr), kind, required=False)
             cond = {"labels": found.labels, "prompts": found.prompts}  # from the data, as build
             if found.class_names is not None:  # sub-folder names → the index's class numbers
                 cond["labels"] = [found.class_names[i] for i in found.labels]
-        return idx.embed(arr, **cond), names
+        return idx.embed(arr, **cond, data_range=data_range), names, idx.resized_from(arr)
     path = Path(source)
     if not path.exists():
         raise DataError(f"{source}: no such file")
     if path.suffix == ".npz":
-        with np.load(path) as z:
-            missing = [m for m in methods if m not in z]
-            if missing:
-                raise DataError(f"{source}: no array named {', '.join(missing)}")
-            vecs = {m: z[m] for m in methods}
+        vecs = read_npz(path, methods)
     elif path.suffix == ".npy":
-        arr = np.load(path)
+        arr = read_array(path)
         vecs = {m: arr for m in methods}
     else:
         raise DataError(f"{source}: query vectors must be .npy or .npz")
     n = len(next(iter(vecs.values())))
-    return vecs, np.arange(n)
+    return vecs, np.arange(n), None
 
 
 @main.command()
@@ -629,7 +678,7 @@ def report(index_dir: str, queries: str | None, k: int, figures: str | None, as_
 
     check_positive_k(k)
     idx = AttributionIndex.open(index_dir)
-    images = load_images(queries)[0] if queries else None
+    images = load_images(queries, channels=idx.image_shape[0])[0] if queries else None
     result = make_report(idx, images, k=k, out_dir=Path(figures) if figures else None)
     if as_json:
         click.echo(json.dumps(result, indent=2, sort_keys=True, default=_json_default))

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from gradindex.data import array_file_errors
 from gradindex.errors import DataError, ModelError
 from gradindex.models import Checkpoint, diffusers_class, fingerprint_module
 
@@ -173,7 +174,7 @@ def as_prompts(prompts: Any, n: int) -> list[str]:
 def _npz_array(source: Any, keys: tuple[str, ...]) -> np.ndarray | None:
     if not isinstance(source, (str, os.PathLike)) or Path(source).suffix != ".npz":
         return None
-    with np.load(source, allow_pickle=False) as z:
+    with array_file_errors(Path(source)), np.load(source, allow_pickle=False) as z:
         for key in keys:
             if key in z:
                 return z[key]

@@ -1,9 +1,12 @@
 """Training and query images: loading, validation, and mapping into the model's input range.
 
 Holds:
-- ``load_images(source)``: a numpy array, ``.npy`` / ``.npz``, an HDF5 dataset
-  (``file.h5:/images``) or a folder of image files → (float32 array [N, C, H, W], ids).
-- ``resolve_data_range(images)``: the value range the spec records when the user gave none.
+- ``load_images(source, channels)``: a numpy array, ``.npy`` / ``.npz``, an HDF5 dataset
+  (``file.h5:/images``) or a folder of image files → (array [N, C, H, W], ids); image files
+  are converted to the model's channels (grayscale or RGB), 16-bit ones to floats in [0, 1].
+- ``read_array(path)``: one ``.npy`` / ``.npz`` array, pickled or broken files as a DataError.
+- ``resolve_data_range(images, fallback)``: the value range of float images, from their values
+  — the same rule for the training data (recorded in the spec) and for each query.
 - ``to_model_input(images, ...)``: validates (shape, channels, NaN) and maps to [-1, 1] at the
   model's sample size — the single path both build and query go through, so both agree.
 """
@@ -12,7 +15,11 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+import warnings
+import zipfile
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -26,19 +33,27 @@ logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 UINT8_RANGE = (0.0, 255.0)
+STANDARD_RANGES = ((0.0, 1.0), (-1.0, 1.0))  # tried in this order
+RANGE_SLACK = 0.01  # values may overshoot a range by 1% of its width (resampling, rounding)
+GRAY_MODES = ("1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N")
+WIDE_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N")  # 16-bit grayscale (PNG, TIFF)
+DATA_RANGE_HINT = "give their range explicitly (data_range=(low, high), CLI --data-range LOW HIGH)"
 
 
-def load_images(source: Any) -> tuple[np.ndarray, np.ndarray]:
+def load_images(source: Any, channels: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Load images from any supported source. Returns (images, ids): images as an array
     [N, C, H, W] (dtype kept: uint8 stays uint8 so its 0..255 range is known) and ids as an
-    int64 row range for arrays or file names (relative to the folder) for image folders."""
+    int64 row range for arrays or file names (relative to the folder) for image folders.
+
+    channels: the model's (1 or 3); image files are converted to it (grayscale or RGB), since
+    a file's mode (LA, 16-bit, palette) is storage, not content. Arrays are taken as given."""
     if isinstance(source, torch.Tensor):
         source = source.detach().cpu().numpy()
     if isinstance(source, np.ndarray):
         arr = source
         ids: np.ndarray | None = None
     elif isinstance(source, (str, os.PathLike)):
-        arr, ids = _load_path(str(source))
+        arr, ids = _load_path(str(source), channels)
     elif isinstance(source, Sequence) and source and all(isinstance(s, np.ndarray) for s in source):
         arr, ids = np.stack(source), None
     else:
@@ -52,7 +67,7 @@ def load_images(source: Any) -> tuple[np.ndarray, np.ndarray]:
     return arr, ids
 
 
-def _load_path(path: str) -> tuple[np.ndarray, np.ndarray | None]:
+def _load_path(path: str, channels: int | None) -> tuple[np.ndarray, np.ndarray | None]:
     h5_path, sep, dataset = path.partition(":/")
     if sep and h5_path.endswith((".h5", ".hdf5")):
         return _load_h5(h5_path, "/" + dataset), None
@@ -60,20 +75,13 @@ def _load_path(path: str) -> tuple[np.ndarray, np.ndarray | None]:
     if not p.exists():
         raise DataError(f"{path}: no such file or folder")
     if p.is_dir():
-        return _load_folder(p)
-    if p.suffix == ".npy":
-        return np.load(p, allow_pickle=False), None
-    if p.suffix == ".npz":
-        with np.load(p, allow_pickle=False) as z:
-            keys = list(z.keys())
-            key = "images" if "images" in keys else keys[0] if len(keys) == 1 else None
-            if key is None:
-                raise DataError(f"{path}: holds arrays {keys}; name the images array 'images'")
-            return z[key], None
+        return _load_folder(p, channels)
+    if p.suffix in (".npy", ".npz"):
+        return read_array(p, "images"), None
     if p.suffix in (".h5", ".hdf5"):
         raise DataError(f"{path}: name the dataset, e.g. '{path}:/images'")
     if p.suffix.lower() in IMAGE_SUFFIXES:
-        return _read_image(p)[None], np.array([p.name])
+        return _read_image(p, channels or _file_channels([p]))[None], np.array([p.name])
     raise DataError(
         f"{path}: unsupported file type; use .npy, .npz, .h5:/dataset, or an image folder"
     )
@@ -90,32 +98,125 @@ def _load_h5(path: str, dataset: str) -> np.ndarray:
         return np.asarray(f[dataset])
 
 
-def _load_folder(folder: Path) -> tuple[np.ndarray, np.ndarray]:
+def read_array(path: str | os.PathLike[str], key: str | None = None) -> np.ndarray:
+    """The array of a ``.npy`` file, or of a ``.npz`` file (its ``key`` array, or its only
+    one). Never unpickles: object arrays and broken files are a one-line DataError."""
+    p = Path(path)
+    if p.suffix != ".npz":
+        with array_file_errors(p):
+            return np.load(p, allow_pickle=False)
+    with array_file_errors(p), np.load(p, allow_pickle=False) as z:
+        keys = list(z.keys())
+        if key not in keys and len(keys) != 1:
+            raise DataError(f"{p}: holds arrays {keys}; name the array {key!r}")
+        return z[key if key in keys else keys[0]]
+
+
+def read_npz(path: str | os.PathLike[str], keys: Sequence[str]) -> dict[str, np.ndarray]:
+    """The named arrays of an ``.npz`` file (each must be there), never unpickled."""
+    p = Path(path)
+    with array_file_errors(p), np.load(p, allow_pickle=False) as z:
+        missing = [k for k in keys if k not in z]
+        if missing:
+            raise DataError(f"{p}: no array named {', '.join(missing)} (has: {', '.join(z)})")
+        return {k: z[k] for k in keys}
+
+
+@contextmanager
+def array_file_errors(path: Path) -> Iterator[None]:
+    """numpy's errors on object arrays, pickles and broken files → one-line DataError."""
+    try:
+        yield
+    except DataError:  # already says what is wrong (a ValueError too)
+        raise
+    except (ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise DataError(f"{path}: {_array_file_problem(exc)}") from None
+
+
+def _array_file_problem(exc: Exception) -> str:
+    text = str(exc)
+    if "allow_pickle" in text or "pickled" in text:
+        return (
+            "holds Python objects (an object-dtype or pickled array), which are never "
+            "unpickled; save plain numbers or strings (e.g. np.stack(images).astype(np.float32))"
+        )
+    first = text.splitlines()[0] if text else type(exc).__name__
+    return f"not a readable numpy array file ({first})"
+
+
+def _load_folder(folder: Path, channels: int | None) -> tuple[np.ndarray, np.ndarray]:
     files = sorted(
         q for q in folder.rglob("*") if q.is_file() and q.suffix.lower() in IMAGE_SUFFIXES
     )
     if not files:
         raise DataError(f"{folder}: no image files ({', '.join(IMAGE_SUFFIXES)}) found")
-    images = [_read_image(q) for q in files]
-    shapes = {im.shape for im in images}
-    if len(shapes) > 1:
-        raise DataError(
-            f"{folder}: images have different sizes {sorted(shapes)}; resize them first"
-        )
+    channels = channels or _file_channels(files)
+    images = [_read_image(q, channels) for q in files]
+    _check_same_size(folder, files, images)
+    if len({im.dtype for im in images}) > 1:  # 8- and 16-bit files: all as floats in [0, 1]
+        images = [im.astype(np.float32) / 255.0 if im.dtype == np.uint8 else im for im in images]
     ids = np.array([str(q.relative_to(folder)) for q in files])
     return np.stack(images), ids
 
 
-def _read_image(path: Path) -> np.ndarray:
+def _check_same_size(folder: Path, files: list[Path], images: list[np.ndarray]) -> None:
+    """Refuse a folder of mixed image sizes, naming the usual size and the files that differ."""
+    sizes = [im.shape[-2:] for im in images]
+    counts = Counter(sizes)
+    if len(counts) == 1:
+        return
+    (usual, n_usual), *_ = counts.most_common(1)
+    odd = [q for q, s in zip(files, sizes, strict=True) if s != usual]
+    more = f" (+{len(odd) - 1} more)" if len(odd) > 1 else ""
+    h, w = sizes[files.index(odd[0])]
+    raise DataError(
+        f"{folder}: images differ in size: {n_usual} are {usual[0]}x{usual[1]} (HxW) but "
+        f"{odd[0].relative_to(folder)} is {h}x{w}{more}; resize them to one size first"
+    )
+
+
+def _file_channels(files: list[Path]) -> int:
+    """1 when every file is grayscale (L, LA, 16-bit...), else 3 (each file's header only)."""
+    from PIL import Image
+
+    for q in files:
+        try:
+            with Image.open(q) as im:
+                if im.mode not in GRAY_MODES:
+                    return 3
+        except OSError as exc:
+            raise DataError(f"{q}: not a readable image ({exc})") from None
+    return 1
+
+
+def _read_image(path: Path, channels: int) -> np.ndarray:
+    """One image file as [C, H, W], C = 1 (channels 1) or 3: uint8, or float32 in [0, 1] for
+    16-bit grayscale files (scaled by 65535, not clipped to 8 bits). Alpha is dropped."""
     from PIL import Image
 
     try:
         with Image.open(path) as im:
-            if im.mode not in ("L", "RGB"):
-                im = im.convert("RGB")
-            return np.asarray(im, dtype=np.uint8)
+            if im.mode in WIDE_MODES:
+                gray = _wide_gray(path, np.asarray(im))[None]  # [1, H, W]
+                return gray if channels == 1 else np.repeat(gray, 3, axis=0)
+            mode = "L" if channels == 1 else "RGB" if channels == 3 else None
+            if mode is None:  # other channels: keep the file's own, to_model_input refuses it
+                mode = "L" if im.mode in GRAY_MODES else "RGB"
+            arr = np.asarray(im.convert(mode) if im.mode != mode else im, dtype=np.uint8)
+            return arr[None] if arr.ndim == 2 else np.moveaxis(arr, -1, 0)
     except OSError as exc:
         raise DataError(f"{path}: not a readable image ({exc})") from None
+
+
+def _wide_gray(path: Path, arr: np.ndarray) -> np.ndarray:
+    """16-bit grayscale pixels → float32 in [0, 1]; 32-bit integer images beyond 16 bits have
+    no known range and are refused."""
+    if arr.size and (int(arr.min()) < 0 or int(arr.max()) > 65535):
+        raise DataError(
+            f"{path}: integer pixels span [{int(arr.min())}, {int(arr.max())}], beyond 16 bits; "
+            "convert the image to 8 or 16 bits"
+        )
+    return arr.astype(np.float32) / 65535.0
 
 
 def to_nchw(arr: np.ndarray) -> np.ndarray:
@@ -139,21 +240,40 @@ def to_nchw(arr: np.ndarray) -> np.ndarray:
     return arr
 
 
-def resolve_data_range(images: np.ndarray) -> tuple[float, float]:
-    """The range the index records for float images: uint8 → 0..255; floats within [0, 1] →
-    (0, 1); within [-1, 1] → (-1, 1); anything else must be given explicitly."""
+def resolve_data_range(
+    images: np.ndarray | torch.Tensor, fallback: Sequence[float] | None = None
+) -> tuple[float, float]:
+    """The value range of images, from their dtype and values: uint8 → 0..255; values within
+    [0, 1] → (0, 1); within [-1, 1] → (-1, 1) (each up to 1% over). The build decides the
+    range of the training data so; a query decides its own so, since a float query in [0, 1]
+    (a diffusers pipeline's output) is no 0..255 image just because the index was built from
+    uint8 files. ``fallback`` (a query's index range) is taken only for values that are wider
+    than [-1, 1] and lie within it; anything else is ambiguous and refused."""
+    if isinstance(images, torch.Tensor):
+        images = images.detach().cpu().numpy()
+    images = np.asarray(images)
     if images.dtype == np.uint8:
         return UINT8_RANGE
     finite = images[np.isfinite(images)] if images.size else images
     lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
-    if lo >= 0.0 and hi <= 1.0:
-        return (0.0, 1.0)
-    if lo >= -1.0 and hi <= 1.0:
-        return (-1.0, 1.0)
+    for low, high in STANDARD_RANGES:
+        if _within(lo, hi, (low, high)):
+            return (low, high)
+    other = None if fallback is None else (float(fallback[0]), float(fallback[1]))
+    if other in STANDARD_RANGES:
+        other = None
+    if other and hi - lo > 2.0 * (1 + RANGE_SLACK) and _within(lo, hi, other):
+        return other
     raise DataError(
-        f"float pixel values span [{lo:g}, {hi:g}]: give their range explicitly "
-        "(data_range=(low, high), CLI --data-range LOW HIGH)"
+        f"pixel values span [{lo:g}, {hi:g}], which is not [0, 1] or [-1, 1]"
+        + (f" (nor clearly the index's [{other[0]:g}, {other[1]:g}])" if other else "")
+        + f": {DATA_RANGE_HINT}"
     )
+
+
+def _within(lo: float, hi: float, bounds: Sequence[float]) -> bool:
+    slack = RANGE_SLACK * (bounds[1] - bounds[0])
+    return bounds[0] - slack <= lo and hi <= bounds[1] + slack
 
 
 def to_model_input(
@@ -163,11 +283,14 @@ def to_model_input(
     size: int | tuple[int, int],
     data_range: tuple[float, float],
     resize: str = "bilinear",
+    warn: bool = True,
 ) -> torch.Tensor:
     """Validate and map images to float32 [N, channels, H, W] in [-1, 1] at the model size.
 
     uint8 images use 0..255; float images use ``data_range`` (values outside it by more than
-    1% of its width are an error: they were probably given in another range)."""
+    1% of its width are an error: they were probably given in another range). Images of
+    another size are resized (``resize`` 'bilinear' or 'nearest', with a warning unless
+    ``warn`` is False) or refused ('error')."""
     if isinstance(images, torch.Tensor):
         images = images.detach().cpu().numpy()
     arr = to_nchw(images)
@@ -181,23 +304,37 @@ def to_model_input(
     if not torch.isfinite(x).all():
         bad = int((~torch.isfinite(x)).flatten(1).any(1).sum())
         raise DataError(f"{bad} image(s) contain NaN or infinite pixel values; fix or drop them")
-    slack = 0.01 * (hi - lo)
-    if x.min() < lo - slack or x.max() > hi + slack:
+    if not _within(float(x.min()), float(x.max()), (lo, hi)):
         raise DataError(
-            f"pixel values span [{float(x.min()):g}, {float(x.max()):g}] but the index expects "
-            f"[{lo:g}, {hi:g}]; rescale the images or rebuild with another data_range"
+            f"pixel values span [{float(x.min()):g}, {float(x.max()):g}] but were given as "
+            f"[{lo:g}, {hi:g}]; rescale the images or give their range (data_range=(low, high), "
+            "CLI --data-range LOW HIGH)"
         )
     x = (x - lo) / (hi - lo) * 2.0 - 1.0
     target = (size, size) if isinstance(size, int) else tuple(size)
     if tuple(x.shape[-2:]) != target:
+        source = tuple(x.shape[-2:])
         if resize == "error":
             raise DataError(
-                f"images are {tuple(x.shape[-2:])} but the model takes {target}; "
-                "resize them or build with resize='bilinear'"
+                f"images are {source[0]}x{source[1]} but the model takes {target[0]}x{target[1]} "
+                "(HxW); resize them or build with resize='bilinear'"
             )
-        logger.info("resizing images from %s to %s (%s)", tuple(x.shape[-2:]), target, resize)
+        if warn:
+            warnings.warn(
+                f"images resized from {source[0]}x{source[1]} to the model's "
+                f"{target[0]}x{target[1]} (HxW, {resize}); attribution is of the resized images",
+                stacklevel=2,
+            )
         if resize == "bilinear":
             x = F.interpolate(x, size=target, mode="bilinear", align_corners=False, antialias=True)
         else:
             x = F.interpolate(x, size=target, mode="nearest")
     return x.contiguous()
+
+
+def image_size(images: np.ndarray | torch.Tensor) -> tuple[int, int]:
+    """(H, W) of images in any layout ``to_nchw`` takes."""
+    if isinstance(images, torch.Tensor):
+        images = images.detach().cpu().numpy()
+    h, w = to_nchw(images).shape[-2:]
+    return int(h), int(w)

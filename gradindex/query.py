@@ -4,6 +4,8 @@ Holds ``AttributionIndex``:
 
     idx = AttributionIndex.open(DIR)                 # checks manifest, files, format version
     idx.embed(images)        -> {"tracin": [B, D], "retrac": [B, D]}
+                                                     # value range per input: uint8 0..255,
+                                                     # floats [0, 1] or [-1, 1] (data_range=)
     idx.search(vectors, k, method) -> SearchResult(scores [B, k], ids [B, k], rows [B, k])
     idx.query(images, k, method)   -> the same, from images
     idx.query(images, labels=[...]) / idx.query(images, prompts=[...])   conditional models
@@ -17,6 +19,7 @@ the one the index was built with.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import warnings
@@ -27,7 +30,7 @@ import faiss
 import numpy as np
 
 from gradindex.conditioning import Conditioner, ConditioningData, as_prompts
-from gradindex.data import to_model_input
+from gradindex.data import image_size, resolve_data_range, to_model_input
 from gradindex.devices import resolve_device
 from gradindex.embedding import Embedder
 from gradindex.errors import IndexStateError, ModelError, SearchError
@@ -242,17 +245,35 @@ class AttributionIndex:
             )
         return self._conditioner
 
-    def prepare(self, images: Any) -> Any:
-        """Images (array/tensor, uint8 or float in the index's data range) → pixel input of
-        the model (of its VAE, for a latent model)."""
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the images the model (its VAE, for a latent model) takes."""
         c, h, w = self.manifest.get("image_shape", self.manifest["sample_shape"])
+        return int(c), int(h), int(w)
+
+    def prepare(self, images: Any, data_range: tuple[float, float] | None = None) -> Any:
+        """Images (array/tensor) → pixel input of the model (of its VAE, for a latent model).
+
+        The value range is the input's own, decided as the build decided the training data's
+        (``gradindex.data.resolve_data_range``): uint8 → 0..255, floats within [0, 1] or
+        [-1, 1] → that range, so a diffusers pipeline's [0, 1] output works on an index built
+        from uint8 files. Floats wider than [-1, 1] take the index's recorded range when they
+        lie within it; anything else is refused unless ``data_range=(low, high)`` is given."""
+        c, h, w = self.image_shape
+        if data_range is None:
+            data_range = resolve_data_range(images, fallback=self.spec.data_range)
         return to_model_input(
             images,
             channels=c,
             size=(h, w),
-            data_range=tuple(self.spec.data_range),
+            data_range=tuple(data_range),
             resize=self.spec.resize,
         )
+
+    def resized_from(self, images: Any) -> tuple[int, int] | None:
+        """(H, W) of ``images`` when it differs from the model's (they are resized), else None."""
+        size = image_size(images)
+        return size if size != self.image_shape[1:] else None
 
     def embed(
         self,
@@ -260,11 +281,13 @@ class AttributionIndex:
         batch_size: int | None = None,
         labels: Any = None,
         prompts: Any = None,
+        data_range: tuple[float, float] | None = None,
     ) -> dict[str, np.ndarray]:
         """Test images → {"tracin": [B, D], "retrac": [B, D]} float32, with the index's spec.
         A class-conditional index needs ``labels`` (one per image, or one for all; class names
-        of a class-folder index work too), a text-conditional one ``prompts`` (likewise)."""
-        x0 = self.prepare(images)
+        of a class-folder index work too), a text-conditional one ``prompts`` (likewise).
+        ``data_range``: the images' value range, when it cannot be told (see ``prepare``)."""
+        x0 = self.prepare(images, data_range)
         embedder = self._get_embedder()
         conditioner = self._get_conditioner()
         n = len(x0)
@@ -326,13 +349,17 @@ class AttributionIndex:
         exact: bool = False,
         labels: Any = None,
         prompts: Any = None,
+        data_range: tuple[float, float] | None = None,
     ) -> SearchResult:
         """Top-k training samples for test images, by TracIn or ReTrac score; ``labels`` /
-        ``prompts`` condition a class- / text-conditional model (see ``embed``)."""
+        ``prompts`` condition a class- / text-conditional model, ``data_range`` gives the
+        images' value range (see ``embed``). ``result.resized`` is the images' (H, W) when
+        they were resized to the model's size (with a warning), else None."""
         _check_method(method)
         check_positive_k(k)  # before the embedding, which is the slow part
-        vectors = self.embed(images, labels=labels, prompts=prompts)[method]
-        return self.search(vectors, k, method, exact=exact)
+        vectors = self.embed(images, labels=labels, prompts=prompts, data_range=data_range)
+        res = self.search(vectors[method], k, method, exact=exact)
+        return dataclasses.replace(res, resized=self.resized_from(images))
 
     def query_each_label(
         self, images: Any, k: int = 10, method: str = "retrac", exact: bool = False
@@ -363,13 +390,16 @@ def _check_method(method: str) -> None:
 
 
 def result_to_json(result: SearchResult, method: str) -> list[dict[str, Any]]:
-    """One JSON-able record per query row."""
+    """One JSON-able record per query row; ``resized``: the query's [H, W] before it was
+    resized to the model's size, or null."""
+    resized = None if result.resized is None else [int(v) for v in result.resized]
     return [
         {
             "method": method,
             "ids": [x.item() if hasattr(x, "item") else x for x in ids],
             "rows": rows.tolist(),
             "scores": [float(s) for s in scores],
+            "resized": resized,
         }
         for scores, ids, rows in zip(result.scores, result.ids, result.rows, strict=True)
     ]

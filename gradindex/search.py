@@ -107,11 +107,13 @@ class SearchResult:
     scores [B, k] float32 inner products; ids [B, k] (row numbers here, sample ids once the
     attribution layer swaps them in); rows [B, k] int64 row numbers. Equal scores are ordered by
     row number (which of several rows tied at the k-th score makes the cut is FAISS's choice).
+    resized: the query images' (H, W) when they were resized to the model's size, else None.
     """
 
     scores: np.ndarray
     ids: np.ndarray
     rows: np.ndarray
+    resized: tuple[int, int] | None = None
 
     def __iter__(self):
         yield self.scores

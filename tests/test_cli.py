@@ -122,7 +122,7 @@ def test_bad_query_input(tmp_path, built_dir, data_file):
     rgb = _bad_data(tmp_path, "rgb.npy", np.zeros((2, 3, 8, 8), np.float32))
     assert "channel" in _error_line(run("query", built_dir, rgb))
     big = _bad_data(tmp_path, "big.npy", np.full((2, 1, 8, 8), 40.0, np.float32))
-    assert "expects [0, 1]" in _error_line(run("query", built_dir, big))
+    assert "not [0, 1] or [-1, 1]" in _error_line(run("query", built_dir, big))
     res = run("query", built_dir, data_file, "--method", "cosine")
     assert res.exit_code == 2 and "cosine" in res.output
     (built_dir / "manifest.json").unlink()

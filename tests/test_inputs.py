@@ -1,0 +1,283 @@
+"""Query and training inputs: each input's own value range, resizing (warned, recorded, equal to
+torch's interpolation), image files in the model's channels (LA, 16-bit), one-line errors for
+object arrays, mixed-size folders and bad --config files."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from click.testing import CliRunner
+from PIL import Image
+
+import gradindex as gi
+from gradindex import data
+from gradindex.cli import main
+from tests.conftest import scheduler, tiny_unet
+
+SPEC = gi.BuildSpec(proj_dim=32, timesteps=2, batch_size=4)
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def error_line(res) -> str:
+    lines = [ln for ln in res.output.splitlines() if ln.startswith("Error:")]
+    assert res.exit_code == 1 and len(lines) == 1, res.output
+    assert "Traceback" not in res.output
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def pixels() -> np.ndarray:
+    """7 uint8 images [7, 1, 8, 8] spanning 0..255."""
+    rng = np.random.default_rng(3)
+    arr = rng.integers(0, 256, size=(7, 1, 8, 8), dtype=np.uint8)
+    arr[0, 0, 0, :2] = (0, 255)
+    return arr
+
+
+@pytest.fixture(scope="module")
+def uint8_index(tmp_path_factory, pixels):
+    """An index built from uint8 images (the range a PNG folder has), in a folder on disk."""
+    from diffusers import DDPMPipeline
+
+    root = tmp_path_factory.mktemp("u8")
+    DDPMPipeline(unet=tiny_unet(5), scheduler=scheduler()).save_pretrained(root / "ckpt")
+    out = root / "idx"
+    gi.build_index(checkpoints=[root / "ckpt"], data=pixels, out=out, spec=SPEC, progress=False)
+    return gi.AttributionIndex.open(out)
+
+
+# -- item 1: the value range belongs to each input ------------------------------------------------
+
+
+def test_float_queries_in_0_1_and_minus1_1_embed_as_the_uint8_images(uint8_index, pixels):
+    """A diffusers pipeline's output (float in [0, 1]) of the same pixels must give the uint8
+    query's vectors and neighbours, not be read on the index's 0..255 scale."""
+    want = uint8_index.embed(pixels)
+    np.testing.assert_allclose(want["tracin"], uint8_index.vectors("tracin"), rtol=1e-5, atol=1e-6)
+    for as_float in (pixels / np.float32(255), pixels / np.float32(127.5) - 1):
+        got = uint8_index.embed(as_float.astype(np.float32))
+        for m in ("tracin", "retrac"):
+            np.testing.assert_allclose(got[m], want[m], rtol=1e-4, atol=1e-6)
+        res = uint8_index.query(as_float, k=3, method="retrac")
+        ref = uint8_index.query(pixels, k=3, method="retrac")
+        np.testing.assert_array_equal(res.rows, ref.rows)
+
+
+def test_explicit_and_recorded_ranges_still_work(tmp_path, pixels):
+    """A range given at build (floats 0..1000) serves queries on that scale; a range given at
+    query time overrides; floats wider than [-1, 1] outside the index's range are refused."""
+    pair = (tiny_unet(5), scheduler())
+    on_1000 = (pixels * np.float32(1000 / 255)).astype(np.float32)
+    spec = SPEC.replace(data_range=(0.0, 1000.0))
+    idx = gi.build_index(
+        checkpoints=[pair], data=on_1000, out=tmp_path / "i", spec=spec, progress=False
+    )
+    stored = idx.vectors("retrac")
+    np.testing.assert_allclose(idx.embed(on_1000)["retrac"], stored, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(idx.embed(pixels)["retrac"], stored, rtol=1e-4, atol=1e-6)
+    on_10 = pixels * np.float32(10 / 255)
+    np.testing.assert_allclose(
+        idx.embed(on_10, data_range=(0, 10))["retrac"], stored, rtol=1e-4, atol=1e-6
+    )
+    with pytest.raises(gi.DataError, match="data-range LOW HIGH"):
+        idx.embed(pixels * np.float32(4000 / 255))
+
+
+@pytest.mark.parametrize(
+    "lo,hi,want",
+    [(0.0, 1.0, (0.0, 1.0)), (-0.004, 1.003, (0.0, 1.0)), (-1.0, 0.3, (-1.0, 1.0))],
+)
+def test_range_from_values_tolerates_resampling_overshoot(lo, hi, want):
+    """[0, 1] images slightly overshot by resampling are still [0, 1], not [-1, 1]."""
+    arr = np.linspace(lo, hi, 64, dtype=np.float32).reshape(1, 1, 8, 8)
+    assert data.resolve_data_range(arr) == want
+
+
+@pytest.mark.parametrize("lo,hi", [(-0.3, 1.2), (0.5, 2.0), (0.0, 300.0)])
+def test_ambiguous_ranges_are_refused_with_how_to_give_one(uint8_index, lo, hi):
+    arr = np.linspace(lo, hi, 64, dtype=np.float32).reshape(1, 1, 8, 8)
+    with pytest.raises(gi.DataError, match=r"data_range=\(low, high\)"):
+        uint8_index.prepare(arr)
+
+
+def test_cli_float_query_on_a_uint8_index(tmp_path, uint8_index, pixels):
+    path = tmp_path / "q.npy"
+    np.save(path, pixels / np.float32(255))
+    res = run("query", uint8_index.path, path, "-k", "2", "--method", "tracin", "--json")
+    assert res.exit_code == 0, res.output
+    got = [json.loads(ln)["rows"] for ln in res.output.splitlines() if ln.startswith("{")]
+    np.testing.assert_array_equal(got, uint8_index.query(pixels, k=2, method="tracin").rows)
+    np.save(path, pixels * np.float32(2))  # 0..510: fits no range the index knows
+    assert "--data-range" in error_line(run("query", uint8_index.path, path))
+    res = run("query", uint8_index.path, path, "--data-range", "0", "510", "--json")
+    assert res.exit_code == 0, res.output
+
+
+# -- item 3: resizing is warned, recorded, and equals torch's interpolation ---------------------
+
+
+def _mapped(pixels: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(pixels.astype(np.float32)) / 255 * 2 - 1
+
+
+@pytest.mark.parametrize("mode", ["bilinear", "nearest"])
+def test_resize_warns_and_equals_torch_interpolate(pixels, mode):
+    big = np.random.default_rng(1).integers(0, 256, (3, 1, 11, 13), dtype=np.uint8)
+    with pytest.warns(UserWarning, match=r"resized from 11x13 to the model's 8x8"):
+        x = data.to_model_input(big, channels=1, size=8, data_range=(0, 255), resize=mode)
+    kw = {"mode": "nearest"} if mode == "nearest" else {"mode": mode, "antialias": True}
+    want = F.interpolate(_mapped(big), size=(8, 8), **kw)
+    torch.testing.assert_close(x, want, rtol=0, atol=1e-6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the model's own size: no warning
+        data.to_model_input(pixels, channels=1, size=8, data_range=(0, 255), resize=mode)
+
+
+def test_resize_error_mode_refuses_with_both_sizes():
+    big = np.zeros((2, 1, 11, 13), dtype=np.uint8)
+    with pytest.raises(gi.DataError, match=r"images are 11x13 but the model takes 8x8"):
+        data.to_model_input(big, channels=1, size=8, data_range=(0, 255), resize="error")
+
+
+def test_query_records_that_it_resized(uint8_index, pixels):
+    big = np.random.default_rng(2).integers(0, 256, (2, 1, 12, 12), dtype=np.uint8)
+    with pytest.warns(UserWarning, match="resized from 12x12"):
+        res = uint8_index.query(big, k=3, method="tracin")
+    assert res.resized == (12, 12)
+    small = F.interpolate(_mapped(big), size=(8, 8), mode="bilinear", antialias=True).numpy()
+    ref = uint8_index.query(small, k=3, method="tracin", data_range=(-1, 1))
+    assert ref.resized is None
+    np.testing.assert_array_equal(res.rows, ref.rows)
+    np.testing.assert_allclose(res.scores, ref.scores, rtol=1e-4)
+
+
+def test_cli_query_json_says_resized(tmp_path, uint8_index):
+    path = tmp_path / "big.npy"
+    np.save(path, np.random.default_rng(2).integers(0, 256, (2, 1, 12, 12), dtype=np.uint8))
+    res = run("query", uint8_index.path, path, "-k", "2", "--json")
+    assert res.exit_code == 0, res.output
+    assert "Warning: images resized from 12x12" in res.output
+    records = [json.loads(ln) for ln in res.output.splitlines() if ln.startswith("{")]
+    assert len(records) == 4 and all(r["resized"] == [12, 12] for r in records)
+    np.save(path, np.zeros((2, 1, 8, 8), np.uint8))
+    res = run("query", uint8_index.path, path, "-k", "2", "--json")
+    assert all(json.loads(ln)["resized"] is None for ln in res.output.splitlines())
+
+
+# -- item 8: object arrays and broken array files are one line ----------------------------------
+
+
+def _object_array() -> np.ndarray:
+    arr = np.empty(2, dtype=object)
+    arr[0], arr[1] = np.zeros((8, 8)), np.ones((8, 8))
+    return arr
+
+
+def test_object_and_broken_npy_files_are_one_line(tmp_path, uint8_index, saved_checkpoints):
+    obj = tmp_path / "obj.npy"
+    np.save(obj, _object_array(), allow_pickle=True)
+    np.savez(tmp_path / "obj.npz", tracin=_object_array(), retrac=_object_array())
+    (tmp_path / "junk.npy").write_bytes(b"not an array")
+    for name in ("obj.npy", "obj.npz"):
+        line = error_line(run("query", uint8_index.path, tmp_path / name, "--vectors"))
+        assert name in line and "Python objects" in line
+    assert "Python objects" in error_line(run("query", uint8_index.path, obj))
+    out = tmp_path / "out"
+    line = error_line(run("build", "-c", saved_checkpoints[0], "--data", obj, "--out", out))
+    assert "obj.npy" in line and "Python objects" in line
+    with pytest.raises(gi.DataError, match="junk.npy: "):
+        data.read_array(tmp_path / "junk.npy")
+    with pytest.raises(gi.DataError, match="Python objects"):
+        data.load_images(obj)
+
+
+def test_object_captions_in_npz_are_one_line(tmp_path):
+    from gradindex.conditioning import load_conditioning
+
+    path = tmp_path / "d.npz"
+    np.savez(path, images=np.zeros((2, 1, 8, 8), np.uint8), captions=_object_array())
+    with pytest.raises(gi.DataError, match="Python objects"):
+        load_conditioning(path, np.arange(2), 2, "text")
+
+
+# -- item 9: image files in the model's channels, mixed sizes, --config --------------------------
+
+
+def _png(path, arr, mode=None):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr, mode=mode).save(path)
+    return path
+
+
+def test_la_and_16bit_pngs_load_in_the_models_channels(tmp_path):
+    rng = np.random.default_rng(4)
+    gray = rng.integers(0, 256, (8, 8), dtype=np.uint8)
+    wide = rng.integers(0, 65536, (8, 8), dtype=np.uint16)
+    alpha = np.full((8, 8), 77, np.uint8)
+    _png(tmp_path / "la" / "a.png", np.stack([gray, alpha], -1), "LA")
+    arr, _ = data.load_images(tmp_path / "la", channels=1)
+    assert arr.shape == (1, 1, 8, 8) and arr.dtype == np.uint8
+    np.testing.assert_array_equal(arr[0, 0], gray)
+    _png(tmp_path / "w" / "a.png", wide)
+    assert Image.open(tmp_path / "w" / "a.png").mode == "I;16"
+    arr, _ = data.load_images(tmp_path / "w", channels=1)
+    np.testing.assert_array_equal(arr[0, 0], wide.astype(np.float32) / 65535)
+    arr, _ = data.load_images(tmp_path / "w", channels=3)  # a grayscale file on an RGB model
+    assert arr.shape == (1, 3, 8, 8)
+    np.testing.assert_array_equal(arr[0, 2], wide.astype(np.float32) / 65535)
+    _png(tmp_path / "w" / "b.png", gray)  # 8- and 16-bit together: both as [0, 1] floats
+    arr, ids = data.load_images(tmp_path / "w")
+    assert list(ids) == ["a.png", "b.png"] and arr.shape == (2, 1, 8, 8)
+    np.testing.assert_array_equal(arr[1, 0], gray.astype(np.float32) / 255)
+
+
+def test_cli_query_of_la_pngs_on_a_one_channel_model(tmp_path, uint8_index, pixels):
+    for i in range(3):
+        _png(tmp_path / "q" / f"{i}.png", np.stack([pixels[i, 0], pixels[i, 0]], -1), "LA")
+    res = run("query", uint8_index.path, tmp_path / "q", "-k", "1", "--method", "retrac", "--json")
+    assert res.exit_code == 0, res.output
+    rows = [json.loads(ln)["rows"][0] for ln in res.output.splitlines() if ln.startswith("{")]
+    np.testing.assert_array_equal(rows, uint8_index.query(pixels[:3], k=1).rows[:, 0])
+
+
+def test_mixed_size_folder_names_the_odd_file(tmp_path):
+    for name in ("a.png", "b.png", "d.png"):
+        _png(tmp_path / "f" / name, np.zeros((8, 8), np.uint8))
+    _png(tmp_path / "f" / "c.png", np.zeros((10, 6), np.uint8))
+    with pytest.raises(gi.DataError, match=r"3 are 8x8 \(HxW\) but c\.png is 10x6"):
+        data.load_images(tmp_path / "f")
+
+
+@pytest.mark.parametrize(
+    "text,needle",
+    [
+        ("{not json", "not valid JSON"),
+        ('{"proj_dims": 3}', "unknown BuildSpec field"),
+        ('{"data_range": 5}', "data_range"),
+        ("[1, 2]", "object"),
+    ],
+)
+def test_config_errors_name_the_file(tmp_path, saved_checkpoints, text, needle):
+    cfg = tmp_path / "my_spec.json"
+    cfg.write_text(text)
+    res = run(
+        "build",
+        "-c",
+        saved_checkpoints[0],
+        "--data",
+        "x.npy",
+        "--out",
+        tmp_path / "o",
+        "--config",
+        cfg,
+    )
+    line = error_line(res)
+    assert str(cfg) in line and needle in line
