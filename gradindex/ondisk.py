@@ -55,7 +55,14 @@ import numpy as np
 from gradindex import search_tuning as st
 from gradindex.errors import IndexStateError, SearchError
 from gradindex.layout import write_json_atomic
-from gradindex.search import METHODS, ON_MISS, VectorIndex, _configure, _sidecar_dict
+from gradindex.search import (
+    METHODS,
+    ON_MISS,
+    VectorIndex,
+    _configure,
+    _restores_threads,
+    _sidecar_dict,
+)
 from gradindex.store import ChunkedRows
 
 logger = logging.getLogger(__name__)
@@ -120,6 +127,7 @@ def build_ondisk(
     )
 
 
+@_restores_threads
 def _build(
     src: ChunkedRows,
     path: Path,
