@@ -145,3 +145,22 @@ def test_openmp_defaults_respect_the_users_settings(monkeypatch, tmp_path) -> No
     env = {"OMP_NUM_THREADS": "1"}
     threads.apply_openmp_defaults(env)
     assert env["OMP_NUM_THREADS"] == "1"
+
+
+def openmp_settings(env: dict[str, str]) -> str:
+    """libgomp's own report (OMP_DISPLAY_ENV) of a fresh process that starts like the CLI."""
+    code = "import gradindex.cli, torch; torch.ones(4).sum()"
+    env = {**env, "PYTHONPATH": str(ROOT), "OMP_DISPLAY_ENV": "VERBOSE"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    return out.stdout + out.stderr
+
+
+def test_the_cli_loads_openmp_with_a_passive_wait_policy() -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    report = openmp_settings(env)
+    assert "GOMP_SPINCOUNT = '0'" in report  # passive: a waiting thread sleeps at once
+    report = openmp_settings({**env, "OMP_WAIT_POLICY": "ACTIVE"})
+    assert "OMP_WAIT_POLICY = 'ACTIVE'" in report  # the user's own setting wins
