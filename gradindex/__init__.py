@@ -9,13 +9,19 @@ The handful of names a user needs::
     scores, ids = idx.query(test_images, k=10, method="retrac")
 
 Names are imported lazily (PEP 562) so ``gradindex --help`` and light users do not pay for
-importing torch, diffusers and faiss up front.
+importing torch, diffusers and faiss up front, and so the OpenMP defaults of
+:mod:`gradindex.threads` (a passive wait policy: spinning threads made training on a shared
+machine ~20x slower) are in the environment before torch or FAISS loads libgomp.
 """
 
 from __future__ import annotations
 
 import importlib
 from typing import TYPE_CHECKING, Any
+
+from gradindex.threads import apply_openmp_defaults
+
+apply_openmp_defaults()
 
 __version__ = "0.1.0"
 

@@ -61,6 +61,7 @@ from gradindex.search import (
     ON_MISS,
     VectorIndex,
     _configure,
+    _restores_threads,
     _sidecar_dict,
     check_common_norm,
 )
@@ -128,6 +129,7 @@ def build_ondisk(
     )
 
 
+@_restores_threads
 def _build(
     src: ChunkedRows,
     path: Path,

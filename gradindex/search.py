@@ -8,7 +8,7 @@ Holds:
   float32 matrix, for ``tracin`` (maximum inner product search over rows of very different
   norms) or ``retrac`` (rows of one common norm, so inner product ranks as cosine; rows of
   unequal norms are refused, see ``check_common_norm``).
-- :func:`set_num_threads` -- the FAISS thread count every build and search uses.
+- :func:`set_num_threads`, :func:`batch_threads` -- the FAISS thread count batches use.
 
 Scores are always inner products of the vectors as given: nothing is rescaled, and the MIPS->L2
 extra-coordinate trick is not used (measured to wreck IVF/HNSW recall on heavy-tailed norms).
@@ -25,8 +25,12 @@ Indexes larger than RAM (``kind="ondisk"``: an IVF whose lists live in a ``.ivfd
 to the FAISS file, memory-mapped) are built from chunked rows by :mod:`gradindex.ondisk`, and
 opened and searched here like any other kind.
 
-Threads: a single query runs on one thread; batches use every usable core by default
-(``set_num_threads`` or the environment variable ``GRADINDEX_NUM_THREADS`` changes that). IVF
+Threads: a single query runs on one thread; batches use the caller's thread count by default:
+the OpenMP / torch thread setting of the calling thread, capped by the CPUs the process may use
+(``set_num_threads`` or the environment variable ``GRADINDEX_NUM_THREADS`` changes that). The
+FAISS wheel and torch share one OpenMP runtime when torch is imported first, so a FAISS thread
+setting is a torch thread setting: every build and search restores the caller's count when it
+returns (OpenMP keeps the count per calling thread, so other Python threads are untouched). IVF
 and HNSW answer one query on one thread anyway (FAISS parallelizes over queries); a flat index
 would split its scan over threads, but with the cores shared by other jobs the OpenMP barriers
 stall: measured here, one query over 30k x 64 took 0.66 ms on one thread and 32 ms on two, and
@@ -41,21 +45,25 @@ four or more queries take the blocked BLAS path (measured: 1-3 queries are as fa
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import operator
 import os
+import sys
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
-from typing import Any
+from typing import Any, TypeVar
 
 import faiss
 import numpy as np
 
 from gradindex import search_tuning as st
 from gradindex.errors import IndexStateError, SearchError
+from gradindex.threads import available_cpus
 
 logger = logging.getLogger(__name__)
 
@@ -69,31 +77,56 @@ BLAS_MIN_QUERIES = 4  # batches this large or larger take FAISS's BLAS path
 _CHUNK_BYTES = 64 << 20  # row chunk for exact search over IVF lists
 _num_threads: int | None = None
 
+_F = TypeVar("_F", bound=Callable[..., Any])
+
 
 def set_num_threads(n: int | None = None) -> int:
-    """Set the FAISS threads for batches (None: ``GRADINDEX_NUM_THREADS`` or all usable cores).
+    """Set the FAISS threads for batches (None: ``GRADINDEX_NUM_THREADS`` or the caller's count).
 
-    Single queries always run on one thread (see the module docstring). Returns the count.
+    Single queries always run on one thread (see the module docstring). Applies to later builds
+    and searches only, never to the caller's torch / OpenMP threads. Returns the batch count.
     """
     global _num_threads
-    if n is not None and (not isinstance(n, int) or n < 1):
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
         raise SearchError(f"thread count must be a positive integer; got {n!r}")
     _num_threads = n
-    return _configure(0)
+    return batch_threads()
 
 
-def _usable_cores() -> int:
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
+def batch_threads() -> int:
+    """FAISS threads for a batch: set_num_threads, else GRADINDEX_NUM_THREADS, else the caller's
+    own count (its OpenMP setting and torch's, when torch is loaded) capped by the usable CPUs."""
+    if _num_threads is not None:
+        return _num_threads
+    env = os.environ.get("GRADINDEX_NUM_THREADS", "")
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    n = min(faiss.omp_get_max_threads(), available_cpus())
+    torch = sys.modules.get("torch")  # never imported here: the search layer does not need it
+    if torch is not None and hasattr(torch, "get_num_threads"):
+        n = min(n, torch.get_num_threads())
+    return max(1, n)
+
+
+def _restores_threads(fn: _F) -> _F:
+    """Decorate a function that calls :func:`_configure`: the caller's OpenMP thread count (also
+    torch's, when the runtime is shared) is put back when it returns or raises."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        before = faiss.omp_get_max_threads()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            faiss.omp_set_num_threads(before)
+
+    return wrapper  # type: ignore[return-value]
 
 
 def _configure(dim: int, single_query: bool = False) -> int:
-    """Apply the thread and BLAS-threshold policy (module docstring); returns the batch threads."""
-    n = _num_threads
-    if n is None:
-        env = os.environ.get("GRADINDEX_NUM_THREADS", "")
-        n = int(env) if env.isdigit() and int(env) > 0 else _usable_cores()
+    """Apply the thread and BLAS-threshold policy (module docstring); returns the batch threads.
+    Only inside a function decorated with :func:`_restores_threads`."""
+    n = batch_threads()
     faiss.omp_set_num_threads(1 if single_query else n)
     if dim:
         faiss.cvar.distance_compute_blas_threshold = BLAS_MIN_QUERIES * dim
@@ -167,6 +200,7 @@ class VectorIndex:
         self._gpu: faiss.Index | None = None  # a GPU clone of _index, see to_gpu
 
     @classmethod
+    @_restores_threads
     def build(
         cls,
         vectors: np.ndarray,
@@ -291,6 +325,7 @@ class VectorIndex:
         self._info["search_device"] = "cpu" if self._gpu is None else "gpu"
         return self._gpu is not None
 
+    @_restores_threads
     def search(self, queries: np.ndarray, k: int, exact: bool = False) -> SearchResult:
         """Top-k rows by inner product for each query [B, D]; batches of any size.
 

@@ -258,15 +258,6 @@ def test_bad_inputs_raise_search_error() -> None:
         assert "\n" not in str(err.value)
 
 
-def test_threads_one_for_single_queries_all_for_batches() -> None:
-    vi = VectorIndex.build(clustered(300, 8, "retrac"), "retrac", kind="flat")
-    set_num_threads(2)
-    vi.search(np.ones((5, 8)), 3)
-    assert faiss.omp_get_max_threads() == 2
-    vi.search(np.ones((1, 8)), 3)
-    assert faiss.omp_get_max_threads() == 1
-
-
 def test_k_larger_than_n_warns_and_clamps() -> None:
     x = clustered(8, 4, "retrac")
     vi = VectorIndex.build(x, "retrac", kind="flat")
