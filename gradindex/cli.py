@@ -208,6 +208,14 @@ def _spec_from_options(config: str | None, options: dict[str, Any]) -> BuildSpec
     help="Captions of a text-to-image model, one per line, when --data carries none (an image "
     "folder with metadata.jsonl, or an .npz 'captions' array).",
 )
+@click.option(
+    "--fidelity-sample",
+    default=32,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Rows whose stored scores are checked against exact ones at the end of the build "
+    "(recorded, shown by info, a warning naming a --proj-dim when below the bar); 0 skips it.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the index summary as JSON.")
 @_spec_options
 def build(
@@ -224,6 +232,7 @@ def build(
     base_model: str | None,
     labels_file: str | None,
     prompts_file: str | None,
+    fidelity_sample: int,
     as_json: bool,
     **spec_options: Any,
 ) -> None:
@@ -253,6 +262,7 @@ def build(
         "device": device,
         "resume": resume,
         "overwrite": overwrite,
+        "fidelity_sample": fidelity_sample,
     }
     if world_from_env() is not None:
         if shard:
@@ -675,6 +685,10 @@ def _print_info(info: dict[str, Any], as_json: bool) -> None:
         click.echo(f"conditioning {cond['kind']}  {extra}")
     for c in info["checkpoints"]:
         click.echo(f"checkpoint   {c['source']}  w={c['weight']:g}  {c['fingerprint']}")
+    if info.get("fidelity"):
+        from gradindex.fidelity import format_fidelity
+
+        click.echo(f"fidelity     {format_fidelity(info['fidelity'])}")
     for m, meta in info["indexes"].items():
         knobs = {k: v for k, v in meta.items() if k not in ("method", "n", "dim")}
         click.echo(f"search       {m}: {json.dumps(knobs, default=_json_default)}")
