@@ -185,10 +185,8 @@ def _reference_scores(
 
 def _second_seed(proj_seed: int, checkpoint_index: int) -> int:
     """A projection seed independent of every P_c of the build (see ``projection_seed``)."""
-    state = np.random.SeedSequence([int(proj_seed), int(checkpoint_index), 0x5EC0]).generate_state(
-        1
-    )
-    return int(state[0])
+    seq = np.random.SeedSequence([int(proj_seed), int(checkpoint_index), 0x5EC0])
+    return int(seq.generate_state(1)[0])
 
 
 def _features(
@@ -203,7 +201,8 @@ def _features(
     ``project`` is given)."""
     a = r = None
     for i in range(0, len(x0), batch):
-        f = feat.featurize(x0[i : i + batch], draws, {k: v[i : i + batch] for k, v in cond.items()}, reuse=True)  # fmt: skip
+        part = {k: v[i : i + batch] for k, v in cond.items()}
+        f = feat.featurize(x0[i : i + batch], draws, part, reuse=True)  # views of a scratch buffer
         ta, tr = (f.tracin, f.retrac) if project is None else (project(f.tracin), project(f.retrac))
         if a is None:
             a = torch.empty(len(x0), ta.shape[1], device=ta.device)
