@@ -219,26 +219,18 @@ def _featurize_full_space(ckpt_dirs: list[Path], images: np.ndarray, spec: Any) 
 
 
 def _scores(A: np.ndarray, R: np.ndarray, w: list[float], q: slice, t: slice) -> dict:
-    """TracIn Σ_c w_c <a_c, a_c'> and ReTrac Σ_c w_c cos(r_c, r_c') of queries x train rows."""
-    tr = sum(w[c] * A[c, q] @ A[c, t].T for c in range(len(w)))
-    rn = [R[c] / np.linalg.norm(R[c], axis=1, keepdims=True) for c in range(len(w))]
-    re = sum(w[c] * rn[c][q] @ rn[c][t].T for c in range(len(w)))
-    return {"tracin": tr, "retrac": re}  # each [Q, N]
+    """TracIn and ReTrac scores of queries x train rows (``gradindex.fidelity.scores``)."""
+    from gradindex.fidelity import scores
+
+    return scores(A, R, w, q, t)
 
 
 def _agreement(exact: np.ndarray, approx: np.ndarray) -> dict[str, float]:
-    """Mean over queries of the Spearman correlation and top-10 / top-100 overlap."""
-    from scipy.stats import spearmanr
+    """Mean over queries of the Spearman correlation and top-10 / top-100 overlap (and their
+    minima), as every build measures it (``gradindex.fidelity.agreement``)."""
+    from gradindex.fidelity import agreement
 
-    rho = [spearmanr(e, a)[0] for e, a in zip(exact, approx, strict=True)]
-    out = {"spearman": float(np.mean(rho)), "spearman_min": float(np.min(rho))}
-    for k in (10, 100):
-        te = np.argsort(-exact, axis=1)[:, :k]
-        ta = np.argsort(-approx, axis=1)[:, :k]
-        ov = [len(np.intersect1d(a, b)) / k for a, b in zip(te, ta, strict=True)]
-        out[f"top{k}"] = float(np.mean(ov))
-        out[f"top{k}_min"] = float(np.min(ov))
-    return out
+    return agreement(exact, approx, (10, 100))
 
 
 def stage_fidelity() -> None:

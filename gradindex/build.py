@@ -40,6 +40,7 @@ from gradindex.errors import (
     SpecError,
     WriteError,
 )
+from gradindex.fidelity import DEFAULT_SAMPLE, check_sample, measure_fidelity
 from gradindex.gradients import select_parameters
 from gradindex.layout import (
     BUILD_STATE,
@@ -97,6 +98,7 @@ def build_index(
     overwrite: bool = False,
     progress: bool = True,
     shard: tuple[int, int] | None = None,
+    fidelity_sample: int = DEFAULT_SAMPLE,
 ) -> AttributionIndex:
     """Build an attribution index over ``data`` at ``checkpoints`` into the folder ``out``.
 
@@ -112,7 +114,9 @@ def build_index(
     class labels / captions of a conditional model, when ``data`` does not carry them (see
     ``gradindex.conditioning``). base_model: the Stable-Diffusion-layout folder holding
     ``vae/``, ``text_encoder/``, ``tokenizer/`` when the checkpoint folders (and their parent)
-    do not, or a mapping of those component objects.
+    do not, or a mapping of those component objects. fidelity_sample: rows whose stored scores
+    are checked against exact ones at the end (manifest ``fidelity``, see
+    ``gradindex.fidelity``; 0 skips it).
     """
     from gradindex.query import AttributionIndex
 
@@ -120,6 +124,7 @@ def build_index(
     device = resolve_device(device)
     spec = spec or BuildSpec()
     out = Path(out)
+    fidelity_sample = check_sample(fidelity_sample)
     ckpts = load_checkpoints(_with_model(checkpoints, model), scheduler, base_model)
     _check_finite(ckpts)
     spec = _resolve_timesteps(spec, ckpts[0].num_train_timesteps)
@@ -204,6 +209,11 @@ def build_index(
         raise GradIndexError(
             "every training sample had non-finite or zero gradients; nothing to index"
         )
+    # before FAISS: it sets the OpenMP thread count that torch shares
+    fidelity = measure_fidelity(
+        embedder, ckpts, store.path, keep, images=images, prep=prep, conditioner=conditioner,
+        cond_data=cond_data, sample=fidelity_sample,
+    )  # fmt: skip
     index_info = {}
     try:
         for method in METHODS:  # one method's rows in memory at a time (none when on disk)
@@ -244,6 +254,7 @@ def build_index(
         "prediction_type": ckpts[0].prediction_type,
         "timesteps": spec.timestep_values(),
         "indexes": index_info,
+        "fidelity": fidelity,
         "files": file_records(out),
         "build_seconds": round(time.perf_counter() - started, 3),
     }

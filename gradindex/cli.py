@@ -244,6 +244,14 @@ def _spec_from_options(config: str | None, options: dict[str, Any]) -> BuildSpec
     help="Captions of a text-to-image model, one per line, when --data carries none (an image "
     "folder with metadata.jsonl, or an .npz 'captions' array).",
 )
+@click.option(
+    "--fidelity-sample",
+    default=32,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Rows whose stored scores are checked against exact ones at the end of the build "
+    "(recorded, shown by info, a warning naming a --proj-dim when below the bar); 0 skips it.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the index summary as JSON.")
 @_spec_options
 def build(
@@ -260,6 +268,7 @@ def build(
     base_model: str | None,
     labels_file: str | None,
     prompts_file: str | None,
+    fidelity_sample: int,
     as_json: bool,
     **spec_options: Any,
 ) -> None:
@@ -289,6 +298,7 @@ def build(
         "device": device,
         "resume": resume,
         "overwrite": overwrite,
+        "fidelity_sample": fidelity_sample,
     }
     if world_from_env() is not None:
         if shard:
@@ -717,7 +727,7 @@ def _print_info(info: dict[str, Any], as_json: bool) -> None:
 
 
 # keys of AttributionIndex.info() that format_info lays out itself; any other key is rendered
-# generically, so a key added later (e.g. a fidelity record) still shows
+# generically, so a key added later still shows
 _INFO_KEYS = {
     "path",
     "num_rows",
@@ -734,6 +744,7 @@ _INFO_KEYS = {
     "versions",
     "build_seconds",
     "conditioning",
+    "fidelity",
 }
 
 
@@ -772,6 +783,10 @@ def format_info(info: dict[str, Any]) -> list[str]:
         add("conditioning", f"{cond['kind']}  {', '.join(extra)}".rstrip())
     for c in info["checkpoints"]:
         add("checkpoint", f"{c['source']}  w={c['weight']:g}  {c['fingerprint']}")
+    if info.get("fidelity"):
+        from gradindex.fidelity import format_fidelity
+
+        add("fidelity", format_fidelity(info["fidelity"]))
     indexes = info["indexes"]
     for m in sorted(indexes, key=lambda m: (m != "tracin", m != "retrac", m)):
         meta = indexes[m]

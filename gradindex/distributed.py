@@ -76,6 +76,7 @@ def distributed_build(
     overwrite: bool = False,
     progress: bool = True,
     keep_shards: bool = False,
+    fidelity_sample: int = 32,
 ) -> AttributionIndex | None:
     """Build ``out`` with every rank of the process group (initialised here from the launcher's
     environment unless the caller already did). Returns the index on rank 0, None elsewhere.
@@ -120,6 +121,7 @@ def distributed_build(
                 overwrite=overwrite and not resume,  # --resume keeps unfinished shards
                 progress=progress and rank == 0,
                 shard=(rank, world),
+                fidelity_sample=fidelity_sample,  # each shard measures its own rows
             )
         except Exception as exc:  # every rank must reach the collective, whatever happened
             error = exc

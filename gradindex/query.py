@@ -201,6 +201,7 @@ class AttributionIndex:
             "versions": m["versions"],
             "build_seconds": m.get("build_seconds"),
             "conditioning": self.conditioning,
+            "fidelity": m.get("fidelity"),  # None for indexes built before it was measured
         }
 
     # -- embedding ----------------------------------------------------------------------
