@@ -295,8 +295,9 @@ def _measured(record: dict[str, Any]) -> str:
     ]
     return (
         f"{'; '.join(parts)}; vs {record['reference']} scores on {record['sample']} sampled "
-        f"rows; bar {bar['spearman']:g} / {bar['topk']:g}"
-    )
+        f"rows" + (f" of {record['measured_on']}" if "measured_on" in record else "")
+        + f"; bar {bar['spearman']:g} / {bar['topk']:g}"
+    )  # fmt: skip
 
 
 def format_fidelity(record: dict[str, Any] | None) -> str:

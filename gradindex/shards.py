@@ -152,6 +152,10 @@ def merge_shards(
             ],
             "build_seconds": round(sum(m.get("build_seconds") or 0 for _, m in parts), 3),
         }
+        fidelity = parts[0][1].get("fidelity")
+        if fidelity and "skipped" not in fidelity:  # same projection: its sample still speaks
+            extra["fidelity"] = {**fidelity, "measured_on": f"rows {first['start']}-"
+                                 f"{first['stop'] - 1} (the first shard's)"}  # fmt: skip
         stage = staging_folder(out)
         assemble(stage, [p for p, _ in parts], base, kind, recall, extra, started)
         swap_in(stage, out)

@@ -11,6 +11,7 @@ from diffusers import DDPMPipeline
 
 import gradindex as gi
 from gradindex.cli import main
+from gradindex.fidelity import format_fidelity
 from gradindex.shards import merge_shards, parse_shard, shard_rows
 from gradindex.store import VectorStore
 from tests.conftest import scheduler, tiny_unet
@@ -106,6 +107,11 @@ def test_merge_of_shards_equals_the_whole_build(setup):
     assert [p["start"] for p in m["merged_from"]] == [0, 3, 6]
     assert not (root / ".merged.staging").exists()
     merged.verify()  # checksums in the manifest match the files
+    # the fidelity sample came from the first shard's rows 0..2: the merged index says so
+    fid, fid0 = m["fidelity"], shards[0].manifest["fidelity"]
+    assert fid["measured_on"] == "rows 0-2 (the first shard's)"
+    assert {k: v for k, v in fid.items() if k != "measured_on"} == fid0
+    assert "of rows 0-2 (the first shard's)" in format_fidelity(fid)
     # a training image embedded at query time still finds itself first
     res = merged.query(setup[2][:3], k=1, method="retrac")
     np.testing.assert_array_equal(res.ids[:, 0], whole.ids[:3])
