@@ -8,7 +8,7 @@ Each measurement runs in a fresh process, started the way a newcomer's ``gradind
   libgomp loads with its own default wait policy (spin GOMP_SPINCOUNT=300000 times at every
   barrier, then sleep), and torch runs on every usable core;
 - after: gradindex is imported first, as the console script does, so its defaults
-  (``gradindex.threads``: OMP_WAIT_POLICY=PASSIVE, a cgroup quota respected) are in place
+  (``gradindex.threads``: GOMP_SPINCOUNT=1000, a cgroup quota respected) are in place
   before torch loads libgomp; torch keeps its own default thread count.
 
 Tasks: ``train``: optimizer steps/s of the demo trainer (``gradindex.training._fit``: the demo
@@ -22,7 +22,7 @@ for as long as the measurement runs, killed after it). libgomp's own report of i
 Writes ``benchmarks/results/threads.json`` and ``threads.md`` (``--quick``: a small functional
 check into ``threads_quick.*``; its figures are not a measurement).
 
-    python benchmarks/bench_threads.py            # ~3-5 min on 2 idle cores
+    python benchmarks/bench_threads.py            # ~6-7 min on 2 idle cores (3 rounds)
     python benchmarks/bench_threads.py --quick    # ~1-2 min
 """
 
@@ -248,6 +248,13 @@ def machine() -> dict:
     }
 
 
+def median_round(rows: list[dict]) -> dict:
+    """The round with the median rate (the upper one of two), with every round's rate kept."""
+    done = sorted((r for r in rows if r["rate"] is not None), key=lambda r: r["rate"])
+    pick = done[len(done) // 2] if done else rows[0]
+    return {**pick, "round_rates": [r["rate"] for r in rows]}
+
+
 def ratios(res: dict) -> None:
     """Each row's rate against the 'before' row of the same task and load (same run); where
     'before' finished no step, its upper bound gives a lower bound on the ratio."""
@@ -284,14 +291,14 @@ def to_markdown(res: dict) -> str:
         "",
         "- before: torch imported first (libgomp's own default wait policy: spin, then sleep), "
         "torch threads = all usable cores (the old FAISS setting leaked into torch);",
-        "- after: gradindex imported first, as the console script does (OMP_WAIT_POLICY=PASSIVE "
+        "- after: gradindex imported first, as the console script does (GOMP_SPINCOUNT=1000 "
         "unless the user set it), torch's own default thread count.",
         "",
         "libgomp spin count: as libgomp itself reports it (OMP_DISPLAY_ENV): 300000 is its "
-        "default (spin ~3 ms at every barrier before sleeping), 0 a passive wait policy.",
+        "default (spin ~3 ms at every barrier before sleeping), 1000 gradindex's.",
         "",
-        "| task | defaults | load | throughput | × before | torch threads | libgomp spin count "
-        "| load avg at start |",
+        "| task | defaults | load | throughput (median) | rounds | × before | torch threads "
+        "| libgomp spin count |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for task, rows in res["tasks"].items():
@@ -303,10 +310,10 @@ def to_markdown(res: dict) -> str:
                 if "vs_before_at_least" in r:
                     vs = f"> {r['vs_before_at_least']:.1f}"
                 rate = rate_text(r)
+                rounds = ", ".join("-" if x is None else f"{x:.2f}" for x in r["round_rates"])
                 lines.append(
-                    f"| {task} | {cond} | {load} | {rate} | {vs} | {r.get('torch_threads', '')} "
-                    f"| {omp.get('GOMP_SPINCOUNT', '')} | "
-                    f"{r['load_average_at_start']:.1f} |"
+                    f"| {task} | {cond} | {load} | {rate} | {rounds} | {vs} "
+                    f"| {r.get('torch_threads', '')} | {omp.get('GOMP_SPINCOUNT', '')} |"
                 )
     s = res["settings"]
     lines += [
@@ -332,6 +339,7 @@ def main() -> None:
     ap.add_argument(
         "--start-timeout", type=float, default=90.0, help="s for a training child's set-up"
     )
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the median is kept")
     ap.add_argument("--out", type=Path, default=HERE / "results")
     a = ap.parse_args()
     a.train_steps = a.train_steps or (4 if a.quick else 30)
@@ -346,16 +354,22 @@ def main() -> None:
             "train_seconds": a.train_seconds,
             "build_n": a.build_n,
             "busy_processes": BUSY_PROCESSES,
+            "rounds": a.rounds,
         },
         "load_average_at_start": os.getloadavg()[0],
         "tasks": {"train": {}, "build": {}},
     }
     t0 = time.perf_counter()
+    runs: dict[tuple[str, str], list[dict]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for load in LOADS:
-            for task in ("train", "build"):
-                for cond in CONDITIONS:
-                    res["tasks"][task][f"{cond}/{load}"] = measure(task, cond, load, a, tmp)
+        for _ in range(a.rounds):  # interleaved, so a drift in machine speed hits every row
+            for load in LOADS:
+                for task in ("train", "build"):
+                    for cond in CONDITIONS:
+                        row = measure(task, cond, load, a, tmp)
+                        runs.setdefault((task, f"{cond}/{load}"), []).append(row)
+    for (task, key), rows in runs.items():
+        res["tasks"][task][key] = median_round(rows)
     ratios(res)
     res["seconds"] = time.perf_counter() - t0
     res["load_average_at_end"] = os.getloadavg()[0]

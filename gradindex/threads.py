@@ -6,15 +6,16 @@ Holds:
   a cgroup CPU quota (a container limited to 2 CPUs on a 64-core host sees 64 in
   ``os.cpu_count()``, and torch and OpenMP would start 32-64 threads).
 - :func:`apply_openmp_defaults` -- called by ``gradindex/__init__.py`` before anything imports
-  torch or FAISS, because libgomp reads its environment once, when it is loaded.
+  torch or FAISS, because libgomp reads its environment once, when it is loaded: a short spin
+  (``GOMP_SPINCOUNT=1000``) before a waiting thread sleeps.
 
 Why: with OpenMP's default wait policy an idle worker thread spins for a while at every barrier
 before it sleeps. When other processes keep the cores busy, the spinning threads take the time
 slices the working ones need, and every one of the thousands of parallel regions in a training
 step waits for a descheduled thread. Measured here (demo UNet training steps, 2 torch threads,
-2 cores, two busy processes beside it): under 0.15 steps/s with the default policy, 1.8 with
-``OMP_WAIT_POLICY=PASSIVE`` (GOMP_SPINCOUNT=1000: 1.2, 10000: 0.43); one thread: 2.3
-(``benchmarks/bench_threads.py`` measures it idle and loaded, before and after).
+2 cores, two busy processes beside it): 0.16 steps/s with the default spin count, 4-6 with a
+passive policy, which however halves the idle speed; a short spin keeps both (see
+``SPIN_COUNT``; ``benchmarks/bench_threads.py`` measures it idle and loaded, before and after).
 
 Every default is an ``os.environ.setdefault``: a user's own setting wins, and explicit
 ``torch.set_num_threads`` calls are never touched. A program that imports torch before
@@ -28,7 +29,11 @@ import os
 from collections.abc import MutableMapping
 from pathlib import Path
 
-WAIT_POLICY = "PASSIVE"
+SPIN_COUNT = "1000"
+"""libgomp's spins at a barrier before a waiting thread sleeps (its default: 300,000, ~3 ms).
+Measured on the demo trainer (2 cores, ``benchmarks/bench_threads.py``): the default collapses
+to 0.16 steps/s beside two busy processes, a passive policy (0 spins) holds 4-6 steps/s there but
+halves idle speed (9 vs 17-18 steps/s); 1,000 spins kept idle speed (15-17) and 4.8-5.0 loaded."""
 _CGROUP_V2 = Path("/sys/fs/cgroup/cpu.max")
 _CGROUP_V1 = (
     Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us"),
@@ -70,17 +75,17 @@ def available_cpus() -> int:
 
 
 def apply_openmp_defaults(environ: MutableMapping[str, str] = os.environ) -> dict[str, str]:
-    """Set OMP_WAIT_POLICY=PASSIVE, and OMP_NUM_THREADS when a cgroup quota caps the CPUs below
+    """Set GOMP_SPINCOUNT=1000, and OMP_NUM_THREADS when a cgroup quota caps the CPUs below
     the affinity mask (torch and OpenMP would not see the cap), unless the user set them (or
-    GOMP_SPINCOUNT, which overrides the wait policy in libgomp).
+    OMP_WAIT_POLICY, whose spin count the user then chose).
 
     Returns what it set. Takes effect only for an OpenMP runtime loaded afterwards.
     """
-    wanted = {"OMP_WAIT_POLICY": WAIT_POLICY}
+    wanted = {"GOMP_SPINCOUNT": SPIN_COUNT}
     if available_cpus() < _affinity_cpus():  # a cgroup quota torch and OpenMP do not see
         wanted["OMP_NUM_THREADS"] = str(available_cpus())
-    if "GOMP_SPINCOUNT" in environ:  # the user tuned libgomp's spinning themselves
-        del wanted["OMP_WAIT_POLICY"]
+    if "OMP_WAIT_POLICY" in environ:  # the user chose libgomp's spinning themselves
+        del wanted["GOMP_SPINCOUNT"]
     done = {}
     for key, value in wanted.items():
         if key not in environ:

@@ -131,17 +131,17 @@ def test_openmp_defaults_respect_the_users_settings(monkeypatch, tmp_path) -> No
     monkeypatch.setattr(threads, "_CGROUP_V2", tmp_path / "none")
     monkeypatch.setattr(threads, "_CGROUP_V1", (tmp_path / "none", tmp_path / "none"))
     env: dict[str, str] = {}
-    assert threads.apply_openmp_defaults(env) == {"OMP_WAIT_POLICY": "PASSIVE"}
-    assert env == {"OMP_WAIT_POLICY": "PASSIVE"}  # no quota: torch's own thread default stays
+    assert threads.apply_openmp_defaults(env) == {"GOMP_SPINCOUNT": "1000"}
+    assert env == {"GOMP_SPINCOUNT": "1000"}  # no quota: torch's own thread default stays
     env = {"OMP_WAIT_POLICY": "ACTIVE"}
-    assert threads.apply_openmp_defaults(env) == {} and env["OMP_WAIT_POLICY"] == "ACTIVE"
+    assert threads.apply_openmp_defaults(env) == {} and "GOMP_SPINCOUNT" not in env
     env = {"GOMP_SPINCOUNT": "10000"}
-    assert threads.apply_openmp_defaults(env) == {} and "OMP_WAIT_POLICY" not in env
+    assert threads.apply_openmp_defaults(env) == {} and env["GOMP_SPINCOUNT"] == "10000"
     (tmp_path / "cpu.max").write_text("250000 100000\n")  # 2.5 CPUs of 8
     monkeypatch.setattr(threads, "_CGROUP_V2", tmp_path / "cpu.max")
     env = {}
     threads.apply_openmp_defaults(env)
-    assert env == {"OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "3"}
+    assert env == {"GOMP_SPINCOUNT": "1000", "OMP_NUM_THREADS": "3"}
     env = {"OMP_NUM_THREADS": "1"}
     threads.apply_openmp_defaults(env)
     assert env["OMP_NUM_THREADS"] == "1"
@@ -158,9 +158,11 @@ def openmp_settings(env: dict[str, str]) -> str:
     return out.stdout + out.stderr
 
 
-def test_the_cli_loads_openmp_with_a_passive_wait_policy() -> None:
+def test_the_cli_loads_openmp_with_a_short_spin() -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     report = openmp_settings(env)
-    assert "GOMP_SPINCOUNT = '0'" in report  # passive: a waiting thread sleeps at once
-    report = openmp_settings({**env, "OMP_WAIT_POLICY": "ACTIVE"})
-    assert "OMP_WAIT_POLICY = 'ACTIVE'" in report  # the user's own setting wins
+    assert "GOMP_SPINCOUNT = '1000'" in report  # not libgomp's 300000: a short spin, then sleep
+    report = openmp_settings({**env, "OMP_WAIT_POLICY": "PASSIVE"})
+    assert "GOMP_SPINCOUNT = '0'" in report  # the user's own setting wins
+    report = openmp_settings({**env, "GOMP_SPINCOUNT": "300000"})
+    assert "GOMP_SPINCOUNT = '300000'" in report
