@@ -209,7 +209,7 @@ def measure(task: str, condition: str, load: str, a: argparse.Namespace, tmp: st
         args = ["train", condition, str(a.train_steps), str(a.train_seconds)]
         timeout = a.train_seconds + a.start_timeout
     else:
-        out = os.path.join(tmp, f"{condition}-{load}")
+        out = os.path.join(tempfile.mkdtemp(dir=tmp), "index")  # a new folder every round
         args = ["build", condition, str(a.build_n), out]
         timeout = a.build_timeout
     load0 = os.getloadavg()[0]
