@@ -61,7 +61,7 @@ def add_samples(
     indexes built from in-memory models); their weights must match the index's. labels /
     prompts / base_model: as for ``build_index``, for conditional or latent models.
     """
-    target = Path(index)
+    target = Path(index).resolve()  # a link or '.' names the real folder: one lock, one swap
     open_part(target)  # a missing or unfinished index is named before anything is created
     with folder_lock(target):
         return _add(
@@ -116,6 +116,7 @@ def _add(
             index="flat",
             device=device,
             progress=progress,
+            fidelity_sample=0,  # the index keeps its own record: same projection, same model
         )
         info = manifest["indexes"]["tracin"]
         added = {

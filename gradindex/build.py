@@ -72,7 +72,8 @@ def _one_writer(build: Callable[..., AttributionIndex]) -> Callable[..., Attribu
 
     @functools.wraps(build)
     def locked(*, out: str | Path, **kwargs: Any) -> AttributionIndex:
-        with folder_lock(Path(out)):
+        out = Path(out).resolve()  # a link or '.' names the real folder: one lock, one swap
+        with folder_lock(out):
             return build(out=out, **kwargs)
 
     return locked

@@ -45,6 +45,18 @@ class _Group(click.Group):
             raise click.ClickException(f"{exc.filename}: {exc.strerror}") from None
         except OSError as exc:
             raise click.ClickException(f"{exc.strerror or exc}") from None
+        except KeyboardInterrupt:
+            hint = _INTERRUPTED.get(ctx.invoked_subcommand or "")
+            raise click.ClickException("interrupted" + (f"; {hint}" if hint else "")) from None
+
+
+# what a Ctrl-C leaves, by command (a killed build keeps its committed rows; add / merge swap
+# the new index in only when it is complete)
+_INTERRUPTED = {
+    "build": "the rows written so far are kept: run the same command with --resume to finish",
+    "add": "the index is as it was before the add",
+    "merge": "nothing was replaced; run the merge again",
+}
 
 
 @click.group(cls=_Group)
@@ -492,6 +504,12 @@ def _query_vectors(
         vecs = {m: arr for m in methods}
     else:
         raise DataError(f"{source}: query vectors must be .npy or .npz")
+    for m, v in vecs.items():
+        if np.ndim(v) != 2 or not np.isrealobj(v):
+            raise DataError(
+                f"{source}: query vectors ({m}) have shape {np.shape(v)} and dtype "
+                f"{np.asarray(v).dtype}; give a real [B, D] array (one vector: x[None])"
+            )
     n = len(next(iter(vecs.values())))
     return vecs, np.arange(n), None
 

@@ -226,6 +226,12 @@ def to_nchw(arr: np.ndarray) -> np.ndarray:
         np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)
     ):
         raise DataError(f"images have dtype {arr.dtype}; give uint8 or float pixel values")
+    if arr.ndim == 3 and arr.shape[-1] in (1, 3, 4) and min(arr.shape[:2]) > 4:
+        raise DataError(  # one H x W x C image, or N images of width C? never guess
+            f"images have shape {tuple(arr.shape)}: one image of {arr.shape[0]}x{arr.shape[1]} "
+            f"with {arr.shape[2]} channel(s) or {arr.shape[0]} images {arr.shape[2]} pixels wide; "
+            "give one image as x[None] ([1, H, W, C]), several as [N, H, W, C] or [N, C, H, W]"
+        )
     if arr.ndim == 3:
         arr = arr[:, None]
     elif arr.ndim == 4:

@@ -122,7 +122,7 @@ def merge_shards(
     from gradindex.query import AttributionIndex
 
     started = time.perf_counter()
-    out = Path(out)
+    out = Path(out).resolve()  # a link or '.' names the real folder: one lock, one swap
     if not shard_dirs:
         raise IndexStateError("no shard folders given; pass every folder written by build --shard")
     if any(Path(d).resolve() == out.resolve() for d in shard_dirs):

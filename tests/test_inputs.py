@@ -281,3 +281,24 @@ def test_config_errors_name_the_file(tmp_path, saved_checkpoints, text, needle):
     )
     line = error_line(res)
     assert str(cfg) in line and needle in line
+
+
+def test_one_hwc_image_without_a_batch_axis_is_refused():
+    """[H, W, C] could be one image or H images C pixels wide: refused, never guessed."""
+    one = np.zeros((8, 8, 3), dtype=np.uint8)
+    with pytest.raises(gi.DataError, match=r"shape \(8, 8, 3\).*x\[None\]"):
+        data.to_nchw(one)
+    assert data.to_nchw(one[None]).shape == (1, 3, 8, 8)
+    assert data.to_nchw(np.zeros((5, 8, 8), dtype=np.uint8)).shape == (5, 1, 8, 8)
+
+
+def test_query_vectors_that_are_not_a_real_matrix_are_one_line(tmp_path, uint8_index):
+    dim = uint8_index.dim
+    for name, arr in (
+        ("flat", np.zeros(dim, dtype=np.float32)),
+        ("complex", np.zeros((2, dim), dtype=np.complex64)),
+    ):
+        np.save(tmp_path / f"{name}.npy", arr)
+        res = run("query", uint8_index.path, tmp_path / f"{name}.npy", "--vectors")
+        assert res.exit_code == 1 and "Traceback" not in res.output, res.output
+        assert error_line(res).startswith(f"Error: {tmp_path / name}.npy: query vectors")

@@ -18,6 +18,7 @@ from torch import nn
 
 import gradindex as gi
 from gradindex import gradients
+from gradindex.append import add_samples
 from gradindex.cli import main
 from gradindex.store import VectorStore
 from tests.conftest import scheduler, tiny_unet
@@ -388,3 +389,61 @@ def test_resume_with_another_batch_size_is_the_same_index(
     featurized["n"] = 0
     _build(pair, images, out, SPEC.replace(batch_size=5), resume=True)
     assert featurized["n"] == 0
+
+
+# -- review: an index reached through a link or '.' --------------------------------------------
+
+
+def _leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+
+
+def test_overwrite_and_add_through_a_link_write_the_real_folder(tmp_path, pair, images):
+    """The link stays a link to the real folder, which holds the new index; nothing is left."""
+    real = tmp_path / "real"
+    _build(pair, images[:4], real)
+    link = tmp_path / "link"
+    link.symlink_to(real, target_is_directory=True)
+    idx = _build(pair, images[:5], link, overwrite=True)
+    assert link.is_symlink() and link.resolve() == real.resolve()
+    assert len(gi.AttributionIndex.open(real)) == 5 and len(idx) == 5
+    add_samples(link, images[5:], checkpoints=[pair], progress=False)
+    assert link.is_symlink() and len(gi.AttributionIndex.open(real)) == len(images)
+    assert _leftovers(tmp_path) == []
+
+
+def test_overwrite_from_inside_the_index_folder(tmp_path, pair, images, monkeypatch):
+    """`-o .` from inside the index: swapped in beside it, no staging folder left inside."""
+    real = tmp_path / "real"
+    _build(pair, images[:4], real)
+    monkeypatch.chdir(real)
+    _build(pair, images[:6], Path("."), overwrite=True)
+    assert len(gi.AttributionIndex.open(real)) == 6
+    assert _leftovers(real) == [] and _leftovers(tmp_path) == []
+
+
+def test_add_keeps_the_index_fidelity_record(tmp_path, pair, images, featurized):
+    """add featurizes only the new rows (no fidelity sample of them) and keeps the record."""
+    _build(pair, images[:4], tmp_path / "i", fidelity_sample=3)
+    before = gi.AttributionIndex.open(tmp_path / "i").manifest["fidelity"]
+    featurized["n"] = 0
+    after = add_samples(tmp_path / "i", images[4:], checkpoints=[pair], progress=False)
+    after = after.manifest["fidelity"]
+    assert featurized["n"] == len(images) - 4
+    assert after == before and after["sample"] == 3
+
+
+def test_ctrl_c_is_one_line_with_what_to_do(tmp_path, monkeypatch, saved_checkpoints, images):
+    np.save(tmp_path / "d.npy", images)
+
+    def interrupted(**kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("gradindex.build.build_index", interrupted)
+    args = ["build", "-c", str(saved_checkpoints[0]), "-d", str(tmp_path / "d.npy")]
+    res = CliRunner().invoke(main, [*args, "-o", str(tmp_path / "o"), "--proj-dim", "8"])
+    assert res.exit_code == 1
+    assert res.output.strip().splitlines() == [
+        "Error: interrupted; the rows written so far are kept: run the same command with "
+        "--resume to finish"
+    ]
