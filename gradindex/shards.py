@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from gradindex.errors import GradIndexError, IndexStateError, SpecError
+from gradindex.kernel import write_kernel
 from gradindex.layout import (
     FORMAT_VERSION,
     MANIFEST,
@@ -364,6 +365,8 @@ def assemble(
     finally:
         for s in stores:
             s.close()
+    weights = [c["weight"] for c in base_manifest["checkpoints"]]
+    kernel = write_kernel(stage, weights, build_id)  # the Gram of the assembled rows
     manifest = {
         **base_manifest,
         **extra,
@@ -373,6 +376,7 @@ def assemble(
         "num_rows": len(ids),
         "num_flagged": int(flagged.sum()),
         "indexes": index_info,
+        "kernel": kernel,
         "versions": package_versions(),
         "files": file_records(stage),
         "assemble_seconds": round(time.perf_counter() - started, 3),
