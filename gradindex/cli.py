@@ -603,8 +603,10 @@ def kernel(index_dir: str) -> None:
 
     Checks every other file's checksum first, then records the new file in the manifest."""
     from gradindex.kernel import add_kernel
+    from gradindex.shards import folder_lock
 
-    record = add_kernel(index_dir)
+    with folder_lock(Path(index_dir)):  # one writer per index folder (build, add, merge)
+        record = add_kernel(index_dir)
     lams = ", ".join(f"{v:.4g}" for v in record["lambda"])
     click.echo(f"kernel       Gram of {record['rows']} rows; lambda {lams} ({record['rule']})")
 

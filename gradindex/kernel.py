@@ -94,7 +94,8 @@ def write_kernel(folder: Path, weights: Sequence[float], build_id: str | None) -
 def add_kernel(folder: str | os.PathLike[str]) -> dict[str, Any]:
     """Compute (or recompute) the kernel of a finished index built before it existed, and
     record it in the manifest (rewritten atomically); every other file is first checked
-    against its recorded checksum, so a damaged index is never blessed. Returns the record."""
+    against its recorded checksum, so a damaged index is never blessed. Returns the record.
+    The caller holds the folder's writer lock (``shards.folder_lock``; the CLI does)."""
     path = Path(folder)
     manifest = read_manifest(path)
     others = {k: v for k, v in manifest.get("files", {}).items() if k != KERNEL}
