@@ -72,10 +72,47 @@ def default_lambdas(gram: np.ndarray) -> list[float]:
 
 
 def write_kernel(folder: Path, weights: Sequence[float], build_id: str | None) -> dict[str, Any]:
-    """Compute the Gram of ``folder``'s vectors.h5, write ``kernel.h5`` atomically (temporary
-    file, then rename) and return the manifest's ``kernel`` record."""
+    """Compute the Gram of ``folder``'s vectors.h5, write ``kernel.h5`` and return the
+    manifest's ``kernel`` record."""
     with VectorStore.open(folder / VECTORS) as store:
         gram, rows = gram_from_store(store, weights)
+    return _write(folder, gram, rows, build_id)
+
+
+def merge_kernels(
+    folder: Path,
+    parts: Sequence[tuple[Path, str | None, int]],
+    weights: Sequence[float],
+    build_id: str | None,
+) -> dict[str, Any]:
+    """The kernel of rows assembled from index folders, in ``folder``: the sum of the parts'
+    Grams (G is additive over rows), each given as (its folder, the build id of its
+    vectors.h5, its unflagged rows). A part without a kernel of its own rows (an index built
+    before kernels) makes it one streamed pass over the assembled rows instead."""
+    total, rows = None, 0
+    for part, part_id, part_rows in parts:
+        gram = _own_gram(part / KERNEL, part_id, part_rows)
+        if gram is None or (total is not None and gram.shape != total.shape):
+            return write_kernel(folder, weights, build_id)
+        total = gram if total is None else total + gram
+        rows += part_rows
+    if total is None:
+        return write_kernel(folder, weights, build_id)
+    return _write(folder, total, rows, build_id)
+
+
+def _own_gram(path: Path, build_id: str | None, rows: int) -> np.ndarray | None:
+    """The Gram in ``path`` if it was computed over that build's ``rows`` rows, else None."""
+    if not path.exists():
+        return None
+    with h5py.File(path, "r") as f:
+        if str(f.attrs.get("build_id", "")) != (build_id or "") or f.attrs.get("rows") != rows:
+            return None
+        return f["gram"][()]
+
+
+def _write(folder: Path, gram: np.ndarray, rows: int, build_id: str | None) -> dict[str, Any]:
+    """Write ``kernel.h5`` atomically (temporary file, then rename); the manifest record."""
     lambdas = default_lambdas(gram)
     tmp = folder / f".{KERNEL}.tmp"
     try:

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from gradindex.errors import GradIndexError, IndexStateError, SpecError
-from gradindex.kernel import write_kernel
+from gradindex.kernel import merge_kernels
 from gradindex.layout import (
     FORMAT_VERSION,
     MANIFEST,
@@ -356,6 +356,7 @@ def assemble(
                     )
                 offset += src.num_rows
             flagged, build_id = out.flagged, out.build_id  # a new id: another build
+            parts = [(p, s.build_id, int((~s.flagged).sum())) for p, s in zip(sources, stores)]
             keep = np.flatnonzero(~flagged)
             index_info = {}
             for method in METHODS:  # in RAM, or on disk in chunks (gradindex.ondisk)
@@ -366,7 +367,7 @@ def assemble(
         for s in stores:
             s.close()
     weights = [c["weight"] for c in base_manifest["checkpoints"]]
-    kernel = write_kernel(stage, weights, build_id)  # the Gram of the assembled rows
+    kernel = merge_kernels(stage, parts, weights, build_id)  # the parts' Grams summed
     manifest = {
         **base_manifest,
         **extra,

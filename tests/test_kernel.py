@@ -163,10 +163,7 @@ def test_cli_query_trak_from_vectors(setup, tmp_path):
 def test_kernel_command_restores_a_removed_kernel(setup, tmp_path):
     old = tmp_path / "old"
     shutil.copytree(setup[3].path, old)
-    manifest = json.loads((old / "manifest.json").read_text())
-    del manifest["kernel"], manifest["files"]["kernel.h5"]  # an index built before the kernel
-    (old / "manifest.json").write_text(json.dumps(manifest))
-    (old / "kernel.h5").unlink()
+    strip_kernel(old)
     assert run("info", old, "--verify").exit_code == 0
     idx = gi.AttributionIndex.open(old)
     with pytest.raises(gi.IndexStateError, match=f"gradindex kernel {old}"):
@@ -204,9 +201,51 @@ def test_kernel_command_refuses_a_damaged_index(setup, tmp_path):
     assert (bad / "manifest.json").read_text() == before
 
 
-def test_gram_after_merge_and_add_equals_one_build(setup):
+@pytest.fixture(scope="module")
+def shards(setup):
+    root, ckpts, images, _ = setup
+    return [_build(ckpts, images, root / f"s{i}", shard=(i, 2)).path for i in range(2)]
+
+
+def strip_kernel(folder):
+    """Make ``folder`` look like an index built before kernels: no kernel.h5, no record."""
+    manifest = json.loads((folder / "manifest.json").read_text())
+    del manifest["kernel"], manifest["files"]["kernel.h5"]
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    (folder / "kernel.h5").unlink()
+
+
+def shard_gram(folder):
+    with h5py.File(folder / "kernel.h5", "r") as f:
+        return f["gram"][()]
+
+
+def test_merge_sums_the_shards_grams_without_reading_rows(setup, shards, tmp_path, monkeypatch):
+    import gradindex.kernel
+
+    def no_pass(*args, **kwargs):
+        raise AssertionError("the merge recomputed the Gram from the rows")
+
+    monkeypatch.setattr(gradindex.kernel, "gram_from_store", no_pass)
+    merged = merge_shards(tmp_path / "merged", shards)
+    want = shard_gram(shards[0]) + shard_gram(shards[1])
+    np.testing.assert_allclose(shard_gram(merged.path), want, rtol=1e-12, atol=0)
+    assert merged.manifest["kernel"]["rows"] == 9
+    np.testing.assert_allclose(shard_gram(merged.path), plain_gram(merged.path), rtol=1e-10)
+
+
+def test_merge_with_a_shard_without_kernel_makes_one_pass(shards, tmp_path):
+    old = tmp_path / "old1"
+    shutil.copytree(shards[1], old)
+    strip_kernel(old)
+    merged = merge_shards(tmp_path / "merged", [shards[0], old])
+    np.testing.assert_allclose(shard_gram(merged.path), plain_gram(merged.path), rtol=1e-10)
+    assert merged.manifest["kernel"]["rows"] == 9
+    assert run("info", merged.path, "--verify").exit_code == 0
+
+
+def test_gram_after_merge_and_add_equals_one_build(setup, shards):
     root, ckpts, images, whole = setup
-    shards = [_build(ckpts, images, root / f"s{i}", shard=(i, 2)).path for i in range(2)]
     merged = merge_shards(root / "merged", shards)
     _build(ckpts, images[:6], root / "part")
     added = add_samples(root / "part", images[6:])
