@@ -262,3 +262,46 @@ def test_gram_after_merge_and_add_equals_one_build(setup, shards):
         np.testing.assert_array_equal(
             idx.search(q, k=5, method="trak").rows, whole.search(q, k=5, method="trak").rows
         )
+
+
+def test_query_from_images_scores_trak(setup):
+    """idx.query(images, method="trak") embeds with the index's spec, then scores TRAK."""
+    whole, images = setup[3], setup[2]
+    idx = gi.AttributionIndex.open(whole.path)  # checkpoints from the recorded folders
+    res = idx.query(images[:2], k=3, method="trak")
+    scores, order = top_k(dense_trak(whole.path, idx.embed(images[:2])["tracin"]), 3)
+    np.testing.assert_array_equal(res.rows, order)
+    np.testing.assert_allclose(res.scores, scores, rtol=1e-4, atol=1e-4 * np.abs(scores).max())
+
+
+def test_trak_through_hnsw_keeps_recall(setup):
+    """The transformed query goes to whatever index serves TracIn: HNSW here."""
+    root, ckpts, _, _ = setup
+    images = np.random.default_rng(11).random((80, 1, 8, 8), dtype=np.float32)
+    idx = _build(ckpts, images, root / "hnsw", index="hnsw", target_recall=0.95)
+    assert idx.manifest["indexes"]["tracin"]["kind"] == "hnsw"
+    q = queries(n=20, seed=12)
+    approx = idx.search(q, k=10, method="trak").rows
+    exact = top_k(dense_trak(idx.path, q), 10)[1]
+    recall = np.mean([len(set(a) & set(e)) / 10 for a, e in zip(approx, exact, strict=True)])
+    assert recall >= 0.95, recall
+
+
+def test_build_stopped_before_the_kernel_resumes_to_a_consistent_one(setup, tmp_path, monkeypatch):
+    import gradindex.build
+
+    root, ckpts, images, whole = setup
+    real = gradindex.build.write_kernel
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(gradindex.build, "write_kernel", stop)
+    with pytest.raises(KeyboardInterrupt):
+        _build(ckpts, images, tmp_path / "idx")
+    assert not (tmp_path / "idx" / "manifest.json").exists()
+    monkeypatch.setattr(gradindex.build, "write_kernel", real)
+    idx = _build(ckpts, images, tmp_path / "idx", resume=True)
+    np.testing.assert_allclose(shard_gram(idx.path), plain_gram(idx.path), rtol=1e-10)
+    assert idx.manifest["kernel"]["rows"] == 9
+    assert run("info", idx.path, "--verify").exit_code == 0
