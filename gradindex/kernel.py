@@ -192,6 +192,13 @@ class Kernel:
                 f"{path}: build id {build_id} but the manifest's is {manifest['build_id']}; "
                 f"recompute it with: gradindex kernel {folder}"
             )
+        num_ckpts = len(manifest["checkpoints"])
+        d = int(manifest["dim"]) // num_ckpts
+        if gram.shape != (num_ckpts, d, d):
+            raise IndexStateError(
+                f"{path}: Gram of shape {gram.shape} but the index needs {(num_ckpts, d, d)}; "
+                f"recompute it with: gradindex kernel {folder}"
+            )
         return cls(gram, record["lambda"])
 
     def _factor(self, c: int, lam: float) -> Any:

@@ -305,3 +305,17 @@ def test_build_stopped_before_the_kernel_resumes_to_a_consistent_one(setup, tmp_
     np.testing.assert_allclose(shard_gram(idx.path), plain_gram(idx.path), rtol=1e-10)
     assert idx.manifest["kernel"]["rows"] == 9
     assert run("info", idx.path, "--verify").exit_code == 0
+
+
+def test_a_kernel_of_another_build_is_refused(setup, tmp_path):
+    """kernel.h5 copied from another index (checksums re-recorded): build id checked on use."""
+    other = tmp_path / "other"
+    shutil.copytree(setup[3].path, other)
+    with h5py.File(other / "kernel.h5", "r+") as f:
+        f.attrs["build_id"] = "0" * 32
+    manifest = json.loads((other / "manifest.json").read_text())
+    size = (other / "kernel.h5").stat().st_size
+    manifest["files"]["kernel.h5"] = {"bytes": size, "sha256": "x"}
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(gi.IndexStateError, match="build id 0+ but the manifest"):
+        gi.AttributionIndex.open(other).search(queries(), k=2, method="trak")
