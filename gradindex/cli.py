@@ -848,7 +848,9 @@ def format_info(info: dict[str, Any]) -> list[str]:
                 "memory-mapped at query time",
             )
     kern = info.get("kernel")
-    if kern:
+    if kern and "skipped" in kern:
+        add("kernel", f"none: {kern['skipped']}")
+    elif kern:
         lams = ", ".join(f"{v:.4g}" for v in kern["lambda"])
         add("kernel", f"trak: Gram of {kern['rows']} rows, lambda {lams} ({kern['rule']})")
     else:

@@ -40,6 +40,9 @@ from gradindex.layout import (
 from gradindex.store import ChunkedRows, VectorStore
 
 LAMBDA_SCALE = 0.1
+MAX_KERNEL_DIM = 8192
+"""Largest d with a kernel: a d × d float64 Gram per checkpoint is 512 MiB at 8192 (an
+``identity`` projection's d is the parameter count, whose Gram would not fit)."""
 LAMBDA_RULE = f"lambda_c = {LAMBDA_SCALE} * trace(G_c) / d"
 
 
@@ -71,10 +74,25 @@ def default_lambdas(gram: np.ndarray) -> list[float]:
     return out
 
 
+def too_wide(d: int) -> str | None:
+    """Why an index with d columns per checkpoint gets no kernel, or None when it gets one."""
+    if d <= MAX_KERNEL_DIM:
+        return None
+    return (
+        f"d = {d} per checkpoint > {MAX_KERNEL_DIM}: its d x d Gram would take "
+        f"{8 * d * d / 2**30:.1f} GiB per checkpoint; build with a projection "
+        f"(proj_dim <= {MAX_KERNEL_DIM}) for method 'trak'"
+    )
+
+
 def write_kernel(folder: Path, weights: Sequence[float], build_id: str | None) -> dict[str, Any]:
     """Compute the Gram of ``folder``'s vectors.h5, write ``kernel.h5`` and return the
-    manifest's ``kernel`` record."""
+    manifest's ``kernel`` record ({"skipped": why} and no file when d is too wide)."""
     with VectorStore.open(folder / VECTORS) as store:
+        why = too_wide(store.dim // len(weights))
+        if why is not None:
+            (folder / KERNEL).unlink(missing_ok=True)
+            return {"skipped": why}
         gram, rows = gram_from_store(store, weights)
     return _write(folder, gram, rows, build_id)
 
@@ -142,6 +160,10 @@ def add_kernel(folder: str | os.PathLike[str]) -> dict[str, Any]:
     with VectorStore.open(path / VECTORS) as store:
         store.check_manifest(manifest)
     weights = [float(c["weight"]) for c in manifest["checkpoints"]]
+    with VectorStore.open(path / VECTORS) as store:
+        why = too_wide(store.dim // len(weights))
+    if why is not None:
+        raise IndexStateError(f"{path}: no kernel for this index: {why}")
     record = write_kernel(path, weights, manifest.get("build_id"))
     kpath = path / KERNEL
     files = {**others, KERNEL: {"bytes": kpath.stat().st_size, "sha256": file_digest(kpath)}}
@@ -179,6 +201,8 @@ class Kernel:
         """The kernel of a finished index; an index built before it gets told how to add it."""
         path = folder / KERNEL
         record = manifest.get("kernel")
+        if isinstance(record, dict) and "skipped" in record:
+            raise IndexStateError(f"{folder}: this index has no kernel: {record['skipped']}")
         if not isinstance(record, dict) or not path.exists():
             raise IndexStateError(
                 f"{folder}: this index has no kernel (needed by method 'trak'); "

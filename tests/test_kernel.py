@@ -319,3 +319,24 @@ def test_a_kernel_of_another_build_is_refused(setup, tmp_path):
     (other / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(gi.IndexStateError, match="build id 0+ but the manifest"):
         gi.AttributionIndex.open(other).search(queries(), k=2, method="trak")
+
+
+def test_identity_projection_gets_no_kernel_and_says_why(setup, tmp_path):
+    """d = every parameter (~30k): a 30k x 30k Gram per checkpoint is refused, not attempted."""
+    ckpts, images = setup[1], setup[2]
+    idx = gi.build_index(
+        checkpoints=ckpts, data=images[:3], out=tmp_path / "id", progress=False,
+        spec=gi.BuildSpec(projection="identity", timesteps=1, noise_draws=1), fidelity_sample=0,
+    )  # fmt: skip
+    d = idx.dim // 2
+    assert d > 8192 and not (idx.path / "kernel.h5").exists()
+    assert idx.manifest["kernel"]["skipped"].startswith(f"d = {d} per checkpoint > 8192")
+    with pytest.raises(gi.IndexStateError, match="no kernel: d = "):
+        idx.search(np.ones(idx.dim, dtype=np.float32), k=2, method="trak")
+    res = run("kernel", idx.path)
+    assert res.exit_code == 1 and "proj_dim <= 8192" in res.output
+    assert any(
+        line.startswith("kernel       none: d = ")
+        for line in run("info", idx.path).stdout.splitlines()
+    )
+    assert run("info", idx.path, "--verify").exit_code == 0
