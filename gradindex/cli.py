@@ -442,7 +442,7 @@ def query(
         backend = MilvusBackend.connect(milvus, milvus_name or default_name(index_dir))
     idx = AttributionIndex.open(index_dir, base_model=base_model, milvus=backend)
     if "trak" in methods:  # a missing kernel or a bad lambda is told before embedding
-        idx.kernel.transform(np.zeros((1, idx.dim), dtype=np.float32), lam)
+        idx.trak_vectors(np.zeros(idx.dim, dtype=np.float32), lam)
     one_or_all = lambda v: (v[0] if len(v) == 1 else list(v)) if v else None  # noqa: E731
     cond = {
         "labels": one_or_all(labels),

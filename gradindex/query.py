@@ -409,8 +409,8 @@ class AttributionIndex:
         _check_method(method)
         check_lambda_method(method, lam)
         check_positive_k(k)  # before the embedding, which is the slow part
-        if method == "trak":
-            self.kernel  # noqa: B018  (a missing kernel is told before the slow embedding)
+        if method == "trak":  # a missing kernel or a bad λ is told before the slow embedding
+            self.trak_vectors(np.zeros(self.dim, dtype=np.float32), lam)
         vectors = self.embed(images, labels=labels, prompts=prompts, data_range=data_range)
         res = self.search(vectors[stored_method(method)], k, method, exact=exact, lam=lam)
         return dataclasses.replace(res, resized=self.resized_from(images))

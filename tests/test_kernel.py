@@ -340,3 +340,14 @@ def test_identity_projection_gets_no_kernel_and_says_why(setup, tmp_path):
         for line in run("info", idx.path).stdout.splitlines()
     )
     assert run("info", idx.path, "--verify").exit_code == 0
+
+
+def test_query_refuses_a_bad_lambda_before_embedding(setup, monkeypatch):
+    idx = gi.AttributionIndex.open(setup[3].path)
+
+    def no_embed(*args, **kwargs):
+        raise AssertionError("embedded before the lambda was checked")
+
+    monkeypatch.setattr(idx, "embed", no_embed)
+    with pytest.raises(gi.SearchError, match="lambda=-1"):
+        idx.query(setup[2][:1], k=2, method="trak", lam=-1)
