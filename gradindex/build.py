@@ -42,6 +42,7 @@ from gradindex.errors import (
 )
 from gradindex.fidelity import DEFAULT_SAMPLE, check_sample, measure_fidelity
 from gradindex.gradients import select_parameters
+from gradindex.kernel import write_kernel
 from gradindex.layout import (
     BUILD_STATE,
     FORMAT_VERSION,
@@ -229,6 +230,10 @@ def build_index(
                 )
     except WriteError as exc:  # every row is committed: a resume only rebuilds the indexes
         raise _write_error(target, exc, staged=out != target) from None
+    try:
+        kernel = write_kernel(out, spec.weights(len(ckpts)), build_id)
+    except OSError as exc:
+        raise _write_error(target, exc, staged=out != target) from None
 
     manifest = {
         **state,
@@ -256,6 +261,7 @@ def build_index(
         "timesteps": spec.timestep_values(),
         "indexes": index_info,
         "fidelity": fidelity,
+        "kernel": kernel,
         "files": file_records(out),
         "build_seconds": round(time.perf_counter() - started, 3),
     }

@@ -330,7 +330,20 @@ def build(
     "-k", "k", default=10, show_default=True, type=int, help="How many training samples per query."
 )
 @click.option(
-    "--method", type=click.Choice(["tracin", "retrac", "both"]), default="both", show_default=True
+    "--method",
+    type=click.Choice(["tracin", "retrac", "trak", "both", "all"]),
+    default="both",
+    show_default=True,
+    help="both: tracin and retrac; all: also trak (TRAK, the TracIn rows kernel-corrected: "
+    "needs the index's kernel, see 'gradindex kernel').",
+)
+@click.option(
+    "--lambda",
+    "lambdas",
+    type=float,
+    multiple=True,
+    help="trak's ridge lambda: once for every checkpoint or once per checkpoint (default: the "
+    "index's, 0.1 * trace(G_c) / d).",
 )
 @click.option("--exact", is_flag=True, help="Force exact search (ignore approximate indexes).")
 @click.option(
@@ -338,7 +351,7 @@ def build(
     "from_vectors",
     is_flag=True,
     help="IMAGES holds query vectors instead: .npy [B, D] (used for every method) or .npz "
-    "with 'tracin' / 'retrac' arrays (as written by idx.embed).",
+    "with 'tracin' / 'retrac' arrays (as written by idx.embed; trak uses 'tracin').",
 )
 @click.option(
     "--output",
@@ -397,6 +410,7 @@ def query(
     images: str,
     k: int,
     method: str,
+    lambdas: tuple[float, ...],
     exact: bool,
     from_vectors: bool,
     output: str | None,
@@ -414,7 +428,7 @@ def query(
     Thousands of queries are fine: embedding and search run in batches. Images of another
     size than the model's are resized with a warning, and their records say "resized".
     """
-    from gradindex.query import AttributionIndex, check_positive_k, result_to_json
+    from gradindex.query import AttributionIndex, check_positive_k, result_to_json, stored_method
 
     check_positive_k(k)  # before opening and embedding anything
     if output and not output.endswith((".jsonl", ".npz")):
@@ -425,6 +439,12 @@ def query(
         raise click.BadParameter("query vectors are already conditioned", param_hint="--vectors")
     if from_vectors and data_range:
         raise click.BadParameter("query vectors are already embedded", param_hint="--data-range")
+    methods = {"both": ["tracin", "retrac"], "all": ["tracin", "retrac", "trak"]}.get(
+        method, [method]
+    )
+    if lambdas and "trak" not in methods:
+        raise click.BadParameter("applies to --method trak (or all) only", param_hint="--lambda")
+    lam = None if not lambdas else lambdas[0] if len(lambdas) == 1 else list(lambdas)
     if milvus_name and not milvus:
         raise click.BadParameter("needs --milvus URI", param_hint="--milvus-name")
     backend = None
@@ -433,15 +453,20 @@ def query(
 
         backend = MilvusBackend.connect(milvus, milvus_name or default_name(index_dir))
     idx = AttributionIndex.open(index_dir, base_model=base_model, milvus=backend)
-    methods = ["tracin", "retrac"] if method == "both" else [method]
+    if "trak" in methods:  # a missing kernel or a bad lambda is told before embedding
+        idx.trak_vectors(np.zeros(idx.dim, dtype=np.float32), lam)
     one_or_all = lambda v: (v[0] if len(v) == 1 else list(v)) if v else None  # noqa: E731
     cond = {
         "labels": one_or_all(labels),
         "prompts": _read_lines(prompt_file) if prompt_file else one_or_all(prompts),
     }
-    vecs, names, resized = _query_vectors(idx, images, methods, from_vectors, cond, data_range)
+    stored = list(dict.fromkeys(stored_method(m) for m in methods))  # trak: the TracIn rows
+    vecs, names, resized = _query_vectors(idx, images, stored, from_vectors, cond, data_range)
     results = {
-        m: dataclasses.replace(idx.search(vecs[m], k, m, exact=exact), resized=resized)
+        m: dataclasses.replace(
+            idx.search(vecs[stored_method(m)], k, m, exact=exact, lam=lam if m == "trak" else None),
+            resized=resized,
+        )
         for m in methods
     }
     if output and output.endswith(".npz"):
@@ -586,6 +611,22 @@ def add(
         device=device,
     )
     _print_info(idx.info(), as_json)
+
+
+@main.command()
+@click.argument("index_dir", type=click.Path())
+def kernel(index_dir: str) -> None:
+    """Compute the kernel of INDEX_DIR (per-checkpoint Gram of its TracIn rows, kernel.h5),
+    which '--method trak' needs: for indexes built before builds computed it.
+
+    Checks every other file's checksum first, then records the new file in the manifest."""
+    from gradindex.kernel import add_kernel
+    from gradindex.shards import folder_lock
+
+    with folder_lock(Path(index_dir)):  # one writer per index folder (build, add, merge)
+        record = add_kernel(index_dir)
+    lams = ", ".join(f"{v:.4g}" for v in record["lambda"])
+    click.echo(f"kernel       Gram of {record['rows']} rows; lambda {lams} ({record['rule']})")
 
 
 @main.command()
@@ -763,6 +804,7 @@ _INFO_KEYS = {
     "build_seconds",
     "conditioning",
     "fidelity",
+    "kernel",
 }
 
 
@@ -823,6 +865,14 @@ def format_info(info: dict[str, Any]) -> list[str]:
                 f"{m}: lists in {od.get('ivfdata')} ({od.get('bytes', 0) / 2**20:.1f} MiB), "
                 "memory-mapped at query time",
             )
+    kern = info.get("kernel")
+    if kern and "skipped" in kern:
+        add("kernel", f"none: {kern['skipped']}")
+    elif kern:
+        lams = ", ".join(f"{v:.4g}" for v in kern["lambda"])
+        add("kernel", f"trak: Gram of {kern['rows']} rows, lambda {lams} ({kern['rule']})")
+    else:
+        add("kernel", f"none; add it for --method trak with: gradindex kernel {info['path']}")
     built = info.get("build_seconds")
     version = (info.get("versions") or {}).get("gradindex", "?")
     add("built", (f"in {built:g} s " if built is not None else "") + f"by gradindex {version}")

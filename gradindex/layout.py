@@ -9,6 +9,7 @@ and atomic JSON writing. One folder per index:
     tracin.faiss     inner-product index over the TracIn rows (+ .json sidecar)
     retrac.faiss     inner-product (= cosine) index over the ReTrac rows (+ .json sidecar)
     *.faiss.ivfdata  the inverted lists of an on-disk index (kind "ondisk"), memory-mapped
+    kernel.h5        per-checkpoint Gram G_c [C, d, d] float64 of the TracIn rows ('trak')
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from gradindex.spec import BuildSpec
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 VECTORS = "vectors.h5"
+KERNEL = "kernel.h5"  # per-checkpoint Gram of the TracIn rows (gradindex.kernel)
 BUILD_STATE = "build.json"  # written at the start of a build, removed when it completes
 
 
@@ -44,6 +46,7 @@ DATA_FILES: tuple[str, ...] = (
         for m in ("tracin", "retrac")
         for suffix in ("", ".json", ".ivfdata")  # .ivfdata: on-disk indexes only
     ),
+    KERNEL,
 )
 
 

@@ -7,10 +7,16 @@ Holds ``AttributionIndex``:
                                                      # value range per input: uint8 0..255,
                                                      # floats [0, 1] or [-1, 1] (data_range=)
     idx.search(vectors, k, method) -> SearchResult(scores [B, k], ids [B, k], rows [B, k])
+    idx.search(emb["tracin"], k, "trak", lam=None)   # TRAK: TracIn query rows, kernel-corrected
     idx.query(images, k, method)   -> the same, from images
     idx.query(images, labels=[...]) / idx.query(images, prompts=[...])   conditional models
     AttributionIndex.open(DIR, milvus=URI)           # search the collections 'gradindex
                                                      # export DIR --milvus URI' made instead
+
+Methods: the stored ones (``METHODS``: tracin, retrac) each have their own rows and search index;
+``SEARCH_METHODS`` adds ``trak``, Σ_c w_c φ_c(q)ᵀ (G_c + λ_c I)⁻¹ φ_c(z), served from the TracIn
+index with the query transformed by the kernel (:mod:`gradindex.kernel`). ``embed`` returns the
+stored methods' rows only; ``search(..., method="trak")`` takes TracIn query rows.
 
 Checkpoints are loaded lazily (only ``embed``/``query`` need them) from the sources recorded in
 the manifest, or taken from the caller, and refused if their weights' fingerprint differs from
@@ -34,6 +40,7 @@ from gradindex.data import image_size, resolve_data_range, to_model_input
 from gradindex.devices import resolve_device
 from gradindex.embedding import Embedder
 from gradindex.errors import IndexStateError, ModelError, SearchError
+from gradindex.kernel import Kernel
 from gradindex.layout import VECTORS, check_files, faiss_file, read_manifest
 from gradindex.models import Checkpoint, CheckpointSource, load_checkpoints
 from gradindex.search import METHODS, SearchResult, VectorIndex
@@ -44,6 +51,14 @@ if TYPE_CHECKING:
     from gradindex.milvus import MilvusBackend
 
 logger = logging.getLogger(__name__)
+
+SEARCH_METHODS = (*METHODS, "trak")
+"""What search / query accept: the stored methods plus those served from their rows."""
+
+
+def stored_method(method: str) -> str:
+    """The stored rows a search method's query vectors are: ``trak`` takes TracIn rows."""
+    return "tracin" if method == "trak" else method
 
 
 class AttributionIndex:
@@ -88,6 +103,7 @@ class AttributionIndex:
             for method in METHODS if milvus is None else ():  # Milvus answers searches then
                 self._indexes[method] = self._load_index(method, mmap, store)
         self._norms: np.ndarray | None = None  # read on first use (see ``norms``)
+        self._kernel: Kernel | None = None  # read on first 'trak' search (see ``kernel``)
         if self.device.startswith("cuda"):  # search where the embeddings are made
             for vindex in self._indexes.values():
                 vindex.to_gpu()
@@ -168,12 +184,29 @@ class AttributionIndex:
         return self._norms
 
     @property
+    def kernel(self) -> Kernel:
+        """The per-checkpoint Gram and default λ (kernel.h5), read on first use; an index
+        built before it existed gets an error naming ``gradindex kernel``."""
+        if self._kernel is None:
+            self._kernel = Kernel.load(self.path, self.manifest)
+        return self._kernel
+
+    def trak_vectors(self, tracin: np.ndarray, lam: Any = None) -> np.ndarray:
+        """TracIn query rows [B, D] → the rows whose inner product with the stored TracIn rows
+        is the TRAK score (what ``search(..., "trak")`` sends to the TracIn index). ``lam``: one
+        λ or one per checkpoint (default: the manifest's, ``kernel.LAMBDA_RULE``)."""
+        return self.kernel.transform(self._as_queries(tracin), lam)
+
+    @property
     def dim(self) -> int:
         return int(self.manifest["dim"])
 
     def vectors(self, method: str) -> np.ndarray:
         """Stored rows of one method, float32 [N, D] (flagged rows included, as stored)."""
-        _check_method(method)
+        if method not in METHODS:
+            raise SearchError(
+                f"no stored rows for method {method!r}; use one of {', '.join(METHODS)}"
+            )
         with VectorStore.open(self.path / VECTORS) as store:
             return store.vectors(method)
 
@@ -202,6 +235,7 @@ class AttributionIndex:
             "build_seconds": m.get("build_seconds"),
             "conditioning": self.conditioning,
             "fidelity": m.get("fidelity"),  # None for indexes built before it was measured
+            "kernel": m.get("kernel"),  # None for indexes built before it (gradindex kernel)
         }
 
     # -- embedding ----------------------------------------------------------------------
@@ -317,18 +351,32 @@ class AttributionIndex:
 
     # -- search -------------------------------------------------------------------------
 
-    def search(
-        self, vectors: np.ndarray, k: int = 10, method: str = "retrac", exact: bool = False
-    ) -> SearchResult:
-        """Top-k training samples for query rows ([B, D] or [D]), best first (from Milvus
-        when the index was opened with ``milvus=``; same scores, ids and rows)."""
-        _check_method(method)
+    def _as_queries(self, vectors: np.ndarray) -> np.ndarray:
         q = np.asarray(vectors, dtype=np.float32)
         if q.ndim == 1:
             q = q[None]
         if q.ndim != 2 or q.shape[1] != self.dim:
             raise SearchError(f"query vectors have shape {q.shape}; expected [B, {self.dim}]")
+        return q
+
+    def search(
+        self,
+        vectors: np.ndarray,
+        k: int = 10,
+        method: str = "retrac",
+        exact: bool = False,
+        lam: Any = None,
+    ) -> SearchResult:
+        """Top-k training samples for query rows ([B, D] or [D]), best first (from Milvus
+        when the index was opened with ``milvus=``; same scores, ids and rows). For ``trak``
+        the rows are TracIn query rows and ``lam`` overrides the kernel's λ (see
+        ``trak_vectors``)."""
+        _check_method(method)
+        check_lambda_method(method, lam)
+        q = self._as_queries(vectors)
         check_positive_k(k)
+        if method == "trak":
+            q, method = self.trak_vectors(q, lam), "tracin"
         if k > len(self.index_rows):
             warnings.warn(
                 f"k={k} exceeds the {len(self.index_rows)} indexed samples; returning all of them",
@@ -351,15 +399,20 @@ class AttributionIndex:
         labels: Any = None,
         prompts: Any = None,
         data_range: tuple[float, float] | None = None,
+        lam: Any = None,
     ) -> SearchResult:
-        """Top-k training samples for test images, by TracIn or ReTrac score; ``labels`` /
+        """Top-k training samples for test images, by TracIn, ReTrac or TRAK score (``lam``:
+        TRAK's λ, see ``trak_vectors``); ``labels`` /
         ``prompts`` condition a class- / text-conditional model, ``data_range`` gives the
         images' value range (see ``embed``). ``result.resized`` is the images' (H, W) when
         they were resized to the model's size (with a warning), else None."""
         _check_method(method)
+        check_lambda_method(method, lam)
         check_positive_k(k)  # before the embedding, which is the slow part
+        if method == "trak":  # a missing kernel or a bad λ is told before the slow embedding
+            self.trak_vectors(np.zeros(self.dim, dtype=np.float32), lam)
         vectors = self.embed(images, labels=labels, prompts=prompts, data_range=data_range)
-        res = self.search(vectors[method], k, method, exact=exact)
+        res = self.search(vectors[stored_method(method)], k, method, exact=exact, lam=lam)
         return dataclasses.replace(res, resized=self.resized_from(images))
 
     def query_each_label(
@@ -386,8 +439,14 @@ def check_positive_k(k: Any) -> None:
 
 
 def _check_method(method: str) -> None:
-    if method not in METHODS:
-        raise SearchError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
+    if method not in SEARCH_METHODS:
+        raise SearchError(f"unknown method {method!r}; use one of {', '.join(SEARCH_METHODS)}")
+
+
+def check_lambda_method(method: str, lam: Any) -> None:
+    """λ is the ridge of the TRAK kernel: refused with another method rather than ignored."""
+    if lam is not None and method != "trak":
+        raise SearchError(f"lambda applies to method 'trak' only, not {method!r}")
 
 
 def result_to_json(result: SearchResult, method: str) -> list[dict[str, Any]]:

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from gradindex.errors import GradIndexError, IndexStateError, SpecError
+from gradindex.kernel import merge_kernels
 from gradindex.layout import (
     FORMAT_VERSION,
     MANIFEST,
@@ -355,6 +356,7 @@ def assemble(
                     )
                 offset += src.num_rows
             flagged, build_id = out.flagged, out.build_id  # a new id: another build
+            parts = [(p, s.build_id, int((~s.flagged).sum())) for p, s in zip(sources, stores)]
             keep = np.flatnonzero(~flagged)
             index_info = {}
             for method in METHODS:  # in RAM, or on disk in chunks (gradindex.ondisk)
@@ -364,6 +366,8 @@ def assemble(
     finally:
         for s in stores:
             s.close()
+    weights = [c["weight"] for c in base_manifest["checkpoints"]]
+    kernel = merge_kernels(stage, parts, weights, build_id)  # the parts' Grams summed
     manifest = {
         **base_manifest,
         **extra,
@@ -373,6 +377,7 @@ def assemble(
         "num_rows": len(ids),
         "num_flagged": int(flagged.sum()),
         "indexes": index_info,
+        "kernel": kernel,
         "versions": package_versions(),
         "files": file_records(stage),
         "assemble_seconds": round(time.perf_counter() - started, 3),

@@ -187,11 +187,16 @@ def _manifest(index_dir):
 def _expected_info(index_dir, saved_checkpoints):
     """The summary lines of the tiny index: every number here is a fact of the build (7 images,
     2 checkpoints x 64 dims, weights 1 and 2, a 2-step grid over 1000 timesteps), not output."""
+    import h5py
+
     from tests.conftest import tiny_unet
 
     params = sum(p.numel() for p in tiny_unet(1).parameters())
     ckpts = _manifest(index_dir)["checkpoints"]
     assert [c["source"] for c in ckpts] == [str(p) for p in saved_checkpoints]
+    with h5py.File(index_dir / "vectors.h5", "r") as f:  # λ_c = 0.1 trace(G_c) / d, G_c = XᵀX / w_c
+        x = f["tracin"][()].astype(np.float64).reshape(7, 2, 64)
+    lams = [0.1 * (x[:, c] ** 2).sum() / w / 64 for c, w in enumerate((1, 2))]
     return [
         f"index        {index_dir}",
         "rows         7 (0 flagged, left out of search)",
@@ -205,6 +210,8 @@ def _expected_info(index_dir, saved_checkpoints):
         "fidelity     not measured (fidelity_sample=0)",
         "search       tracin: flat (exact)",
         "search       retrac: flat (exact)",
+        f"kernel       trak: Gram of 7 rows, lambda {lams[0]:.4g}, {lams[1]:.4g} "
+        "(lambda_c = 0.1 * trace(G_c) / d)",
     ]
 
 

@@ -107,6 +107,26 @@ def test_export_answers_the_same_top10_as_faiss_exact(built, method):
         assert one.rows[0, 0] == 7 and one.ids[0, 0] == "img0007.png"
 
 
+def test_trak_is_served_from_the_tracin_collection(built):
+    """'trak' sends the kernel-transformed query to the TracIn collection: same top-10 and
+    scores as a dense solve over the stored rows (λ_c = 0.1 trace(G_c) / d, weights 1, 3)."""
+    idx, uri, _ = built
+    served = gi.AttributionIndex.open(idx.path, milvus=str(uri))
+    q = _queries(idx, "tracin", np.random.default_rng(4))
+    got = served.search(q, K, "trak")
+    x, d = idx.vectors("tracin").astype(np.float64), idx.dim // 2
+    ref = np.zeros((len(q), len(x)))
+    for c, w in enumerate((1.0, 3.0)):
+        xc, qc = x[:, c * d : (c + 1) * d], q[:, c * d : (c + 1) * d].astype(np.float64)
+        gram = xc.T @ xc / w
+        ridge = gram + 0.1 * np.trace(gram) / d * np.eye(d)
+        ref += w * (qc / np.sqrt(w)) @ np.linalg.solve(ridge, (xc / np.sqrt(w)).T)
+    order = np.argsort(-ref, axis=1, kind="stable")[:, :K]
+    np.testing.assert_array_equal(got.rows, order)
+    want = np.take_along_axis(ref, order, 1)
+    np.testing.assert_allclose(got.scores, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
 def test_backend_alone_returns_ids_from_the_collections(built):
     idx, uri, rec = built
     backend = MilvusBackend.connect(str(uri), rec["name"])
