@@ -41,7 +41,7 @@ from gradindex.devices import resolve_device
 from gradindex.embedding import Embedder
 from gradindex.errors import IndexStateError, ModelError, SearchError
 from gradindex.kernel import Kernel
-from gradindex.layout import VECTORS, check_files, faiss_file, read_manifest
+from gradindex.layout import MANIFEST, VECTORS, check_files, faiss_file, read_manifest
 from gradindex.models import Checkpoint, CheckpointSource, load_checkpoints
 from gradindex.search import METHODS, SearchResult, VectorIndex
 from gradindex.spec import BuildSpec
@@ -95,6 +95,7 @@ class AttributionIndex:
             store.check_manifest(manifest)  # another build's file, spec or shape
             self.ids: np.ndarray = store.ids
             self.flagged: np.ndarray = store.flagged
+            check_records(path / MANIFEST, manifest, self.spec, self.flagged)
             if not store.done.all():
                 raise IndexStateError(
                     f"{path / VECTORS}: not every row was written; rebuild or resume"
@@ -436,6 +437,39 @@ def check_positive_k(k: Any) -> None:
     """Refuse a k that is not a positive integer (before any image is embedded)."""
     if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k <= 0:
         raise SearchError(f"k={k!r}: must be a positive integer")
+
+
+def check_records(
+    mpath: Path, manifest: dict[str, Any], spec: BuildSpec, flagged: np.ndarray
+) -> None:
+    """The manifest's records that follow from the (fingerprint-checked) spec and the store
+    must agree with them: an edited timestep list, checkpoint weight or flagged count would
+    make ``info`` describe another index than the one that answers."""
+    ckpts = manifest.get("checkpoints")
+    if not isinstance(ckpts, list) or not ckpts or not all(isinstance(c, dict) for c in ckpts):
+        raise IndexStateError(f"{mpath}: no readable checkpoint records; restore or rebuild it")
+    found = {
+        "timesteps": manifest.get("timesteps"),
+        "checkpoint weights": [c.get("weight") for c in ckpts],
+        "num_flagged": manifest.get("num_flagged", 0),
+    }
+    expected = {
+        "timesteps": spec.timestep_values(),
+        "checkpoint weights": list(spec.weights(len(ckpts))),
+        "num_flagged": int(flagged.sum()),
+    }
+    for key, want in expected.items():
+        got = found[key]
+        same = got == want or (
+            key == "checkpoint weights"
+            and all(isinstance(g, (int, float)) for g in got)
+            and np.allclose(got, want, rtol=1e-6, atol=0)
+        )
+        if not same:
+            raise IndexStateError(
+                f"{mpath}: records {key} {got!r} but the index's spec / vectors say {want!r} "
+                "(the manifest was edited); restore it or rebuild the index"
+            )
 
 
 def _check_method(method: str) -> None:

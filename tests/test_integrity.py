@@ -119,6 +119,27 @@ def test_spec_edited_in_the_manifest_is_refused(ab, field, value):
     assert res.exit_code != 0 and "Error:" in res.output and "Traceback" not in res.output
 
 
+@pytest.mark.parametrize(
+    "edit,what",
+    [
+        (lambda m: m.update(timesteps=[100, 900]), "timesteps"),
+        (lambda m: m["checkpoints"][0].update(weight=100.0), "checkpoint weights"),
+        (lambda m: m.update(num_flagged=5), "num_flagged"),
+        (lambda m: m.update(checkpoints=None), "no readable checkpoint records"),
+    ],
+)
+def test_records_edited_in_the_manifest_are_refused(ab, edit, what):
+    """Records that follow from the spec and the store (what info shows) must agree with them."""
+    a, _ = ab
+    manifest = json.loads((a / "manifest.json").read_text())
+    edit(manifest)
+    (a / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(IndexStateError, match=rf"manifest\.json: .*{what}"):
+        gi.AttributionIndex.open(a)
+    res = CliRunner().invoke(main, ["info", str(a)])
+    assert res.exit_code == 1 and res.output.startswith("Error: ") and "Traceback" not in res.output
+
+
 @pytest.mark.parametrize("name", ["../outside.bin", "absolute"])
 def test_manifest_naming_a_file_outside_the_folder_is_refused(ab, tmp_path, name):
     a, _ = ab
