@@ -14,6 +14,7 @@ and atomic JSON writing. One folder per index:
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -100,6 +101,29 @@ def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
         raise
 
 
+def lock_file(target: Path) -> Path:
+    """The lock file a writer of the index folder ``target`` holds (beside the folder)."""
+    return target.parent / f".{target.name}.lock"
+
+
+def lock_holder(folder: Path) -> str | None:
+    """The pid ("?" if unreadable) of a process writing ``folder`` now, else None."""
+    path = lock_file(folder.resolve())
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return os.read(fd, 32).decode(errors="replace").strip() or "?"
+    except OSError:
+        return None
+    finally:
+        os.close(fd)  # closing releases a shared lock taken here
+    return None
+
+
 def read_manifest(folder: Path) -> dict[str, Any]:
     """The manifest of a finished index, or an error that says what is wrong with the folder."""
     if not folder.exists():
@@ -110,6 +134,12 @@ def read_manifest(folder: Path) -> dict[str, Any]:
         )
     mpath = _inside(folder, MANIFEST)
     if not mpath.exists():
+        holder = lock_holder(folder)
+        if holder is not None:
+            raise IndexStateError(
+                f"{folder}: another gradindex process (pid {holder}) is building this index; "
+                "wait for it to finish"
+            )
         if (folder / BUILD_STATE).exists() or (folder / VECTORS).exists():
             raise IndexStateError(
                 f"{folder}: incomplete index (its build did not finish); "

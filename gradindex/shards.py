@@ -45,6 +45,7 @@ from gradindex.layout import (
     check_files,
     faiss_file,
     file_records,
+    lock_file,
     package_versions,
     read_manifest,
     write_json_atomic,
@@ -252,7 +253,7 @@ def folder_lock(target: Path) -> Iterator[None]:
     releases it when the process exits or is killed, so a crashed writer never blocks the next
     one; the file is removed on a normal exit.
     """
-    path = target.parent / f".{target.name}.lock"
+    path = lock_file(target)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         fd = _acquire(path, target)

@@ -132,6 +132,9 @@ def test_a_second_build_into_a_folder_being_written_is_refused(tmp_path, images,
         for kw in ({}, {"resume": True}, {"overwrite": True}):
             with pytest.raises(gi.IndexStateError, match=f"pid {os.getpid()}.* is writing"):
                 _build(pair, images, out, **kw)
+        # a reader is told the same, not advised to --resume a build that is running
+        with pytest.raises(gi.IndexStateError, match=f"pid {os.getpid()}.* is building"):
+            gi.AttributionIndex.open(out)
     finally:
         release.set()
         worker.join(120)
