@@ -57,7 +57,14 @@ from gradindex.models import CheckpointSource, load_checkpoints
 from gradindex.ondisk import build_from_store
 from gradindex.search import METHODS
 from gradindex.search_tuning import check_kind
-from gradindex.shards import check_writable, folder_lock, shard_rows, staging_folder, swap_in
+from gradindex.shards import (
+    check_writable,
+    folder_lock,
+    shard_rows,
+    staging_folder,
+    staging_path,
+    swap_in,
+)
 from gradindex.spec import NOT_IDENTITY, BuildSpec
 from gradindex.store import VectorStore
 
@@ -419,7 +426,7 @@ def _staging(out: Path, state: dict[str, Any], *, resume: bool) -> Path:
     """The staging folder an --overwrite build of ``out`` writes: a killed one's, to finish
     (``resume`` with the same settings), or a new one."""
     check_writable(out, "overwrite it")
-    stage = out.parent / f".{out.name}.staging"
+    stage = staging_path(out)
     old = stage / BUILD_STATE
     if resume and old.exists() and not _settings_diffs(json.loads(old.read_text()), state):
         return stage

@@ -424,8 +424,6 @@ class AttributionIndex:
         num_classes = self.conditioning.get("num_classes")
         if self.conditioning["kind"] != "class" or not num_classes:
             raise SearchError("query_each_label needs a class-conditional index")
-        _check_method(method)
-        check_positive_k(k)
         return {c: self.query(images, k, method, exact=exact, labels=c) for c in range(num_classes)}
 
     def __repr__(self) -> str:

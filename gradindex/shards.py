@@ -304,10 +304,15 @@ def check_writable(target: Path, purpose: str) -> None:
         )
 
 
+def staging_path(target: Path) -> Path:
+    """The hidden folder beside ``target`` where its next version is written."""
+    return target.parent / f".{target.name}.staging"
+
+
 def staging_folder(target: Path) -> Path:
-    """The hidden folder beside ``target`` where its next version is written; a leftover from a
-    killed merge/add is removed (it never holds the only copy of anything)."""
-    stage = target.parent / f".{target.name}.staging"
+    """``staging_path(target)``, emptied: a leftover from a killed merge/add/overwrite is
+    removed (it never holds the only copy of anything)."""
+    stage = staging_path(target)
     if stage.exists():
         shutil.rmtree(stage)
     return stage
