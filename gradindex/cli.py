@@ -453,8 +453,8 @@ def query(
 
         backend = MilvusBackend.connect(milvus, milvus_name or default_name(index_dir))
     idx = AttributionIndex.open(index_dir, base_model=base_model, milvus=backend)
-    if "trak" in methods:  # a missing kernel or a bad lambda is told before embedding
-        idx.trak_vectors(np.zeros(idx.dim, dtype=np.float32), lam)
+    if "trak" in methods:
+        idx.check_trak(lam)
     one_or_all = lambda v: (v[0] if len(v) == 1 else list(v)) if v else None  # noqa: E731
     cond = {
         "labels": one_or_all(labels),
@@ -623,7 +623,7 @@ def kernel(index_dir: str) -> None:
     from gradindex.kernel import add_kernel
     from gradindex.shards import folder_lock
 
-    with folder_lock(Path(index_dir)):  # one writer per index folder (build, add, merge)
+    with folder_lock(Path(index_dir).resolve()):  # one writer per folder, as build/add/merge
         record = add_kernel(index_dir)
     lams = ", ".join(f"{v:.4g}" for v in record["lambda"])
     click.echo(f"kernel       Gram of {record['rows']} rows; lambda {lams} ({record['rule']})")

@@ -198,6 +198,10 @@ class AttributionIndex:
         λ or one per checkpoint (default: the manifest's, ``kernel.LAMBDA_RULE``)."""
         return self.kernel.transform(self._as_queries(tracin), lam)
 
+    def check_trak(self, lam: Any = None) -> None:
+        """Refuse a missing kernel or a bad λ now, before the slow embedding of a query."""
+        self.trak_vectors(np.zeros(self.dim, dtype=np.float32), lam)
+
     @property
     def dim(self) -> int:
         return int(self.manifest["dim"])
@@ -410,8 +414,8 @@ class AttributionIndex:
         _check_method(method)
         check_lambda_method(method, lam)
         check_positive_k(k)  # before the embedding, which is the slow part
-        if method == "trak":  # a missing kernel or a bad λ is told before the slow embedding
-            self.trak_vectors(np.zeros(self.dim, dtype=np.float32), lam)
+        if method == "trak":
+            self.check_trak(lam)
         vectors = self.embed(images, labels=labels, prompts=prompts, data_range=data_range)
         res = self.search(vectors[stored_method(method)], k, method, exact=exact, lam=lam)
         return dataclasses.replace(res, resized=self.resized_from(images))
