@@ -76,7 +76,7 @@ def _threads() -> None:
 
 def digit_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(train digits [1000, 1, 16, 16], held-out digits [200, ...], their dataset indices)."""
-    from gradindex.training import load_digits_images
+    from gradindex.demo.training import load_digits_images
 
     x = load_digits_images(16)
     perm = np.random.default_rng(SEED).permutation(len(x))
@@ -132,13 +132,13 @@ def outlier_training_set(num_digits: int | None = None) -> tuple[np.ndarray, np.
 
 def stage_train_full() -> None:
     """The demo model: ``train_ddpm`` defaults on all digits (reused when already trained)."""
-    from gradindex.training import load_digits_images, train_ddpm
+    from gradindex.demo.training import load_digits_images, train_ddpm
 
     train_ddpm(load_digits_images(16), CACHE / "full", seed=SEED, progress=False)
 
 
 def stage_train_outliers() -> None:
-    from gradindex.training import train_ddpm
+    from gradindex.demo.training import train_ddpm
 
     images, _ = outlier_training_set()
     t0 = time.perf_counter()
@@ -172,7 +172,7 @@ def _jsonable(o: Any) -> Any:
 
 def generated_queries(model: str) -> np.ndarray:
     """N_GENERATED images sampled from a model's final pipeline (cached), [Q, 1, 16, 16]."""
-    from gradindex.training import sample_images
+    from gradindex.demo.training import sample_images
 
     path = CACHE / f"generated_{model}.npy"
     if not path.exists():
@@ -197,8 +197,8 @@ def _full_checkpoints() -> tuple[list[Path], list[float]]:
 
 def _featurize_full_space(ckpt_dirs: list[Path], images: np.ndarray, spec: Any) -> dict:
     """Full-space a_c, r_c ([C, N, p] float32 each) and norms [N, C, K] of images in [0, 1]."""
-    from gradindex.gradients import GradientFeaturizer
-    from gradindex.models import load_checkpoints
+    from gradindex.featurize.gradients import GradientFeaturizer
+    from gradindex.inputs.models import load_checkpoints
 
     ckpts = load_checkpoints([str(c) for c in ckpt_dirs])
     spec = spec.replace(num_train_timesteps=ckpts[0].num_train_timesteps)
@@ -219,23 +219,23 @@ def _featurize_full_space(ckpt_dirs: list[Path], images: np.ndarray, spec: Any) 
 
 
 def _scores(A: np.ndarray, R: np.ndarray, w: list[float], q: slice, t: slice) -> dict:
-    """TracIn and ReTrac scores of queries x train rows (``gradindex.fidelity.scores``)."""
-    from gradindex.fidelity import scores
+    """TracIn and ReTrac scores of queries x train rows (``gradindex.featurize.fidelity.scores``)."""
+    from gradindex.featurize.fidelity import scores
 
     return scores(A, R, w, q, t)
 
 
 def _agreement(exact: np.ndarray, approx: np.ndarray) -> dict[str, float]:
     """Mean over queries of the Spearman correlation and top-10 / top-100 overlap (and their
-    minima), as every build measures it (``gradindex.fidelity.agreement``)."""
-    from gradindex.fidelity import agreement
+    minima), as every build measures it (``gradindex.featurize.fidelity.agreement``)."""
+    from gradindex.featurize.fidelity import agreement
 
     return agreement(exact, approx, (10, 100))
 
 
 def stage_fidelity() -> None:
-    from gradindex.embedding import projection_seed
-    from gradindex.projection import make_projector
+    from gradindex.featurize.embedding import projection_seed
+    from gradindex.featurize.projection import make_projector
     from gradindex.spec import BuildSpec
 
     ckpt_dirs, weights = _full_checkpoints()
@@ -270,7 +270,7 @@ def stage_fidelity() -> None:
 
 def _fidelity_images() -> np.ndarray:
     """The fidelity stage's images: FIDELITY_Q generated queries, then FIDELITY_N digits."""
-    from gradindex.training import load_digits_images
+    from gradindex.demo.training import load_digits_images
 
     digits = load_digits_images(16)
     rows = np.sort(np.random.default_rng(SEED).choice(len(digits), FIDELITY_N, replace=False))
@@ -280,9 +280,9 @@ def _fidelity_images() -> np.ndarray:
 def stage_fidelity_kronecker() -> None:
     """Kronecker-factored projection (projected inside the hooks) against the exact scores the
     fidelity stage cached, at d in {1024, 4096}; its norms must equal the exact ones."""
-    from gradindex.embedding import projection_seed
-    from gradindex.kronecker import KroneckerFeaturizer
-    from gradindex.models import load_checkpoints
+    from gradindex.featurize.embedding import projection_seed
+    from gradindex.featurize.kronecker import KroneckerFeaturizer
+    from gradindex.inputs.models import load_checkpoints
     from gradindex.spec import BuildSpec
 
     if not (CACHE / "fidelity_exact.npz").exists():  # exact scores only, not the other projectors
@@ -363,7 +363,7 @@ def _open_or_build(path: Path, ckpt_dirs: list[Path], images: np.ndarray, weight
 
 
 def _concentration_table(idx: Any, qv: dict, ks: tuple[int, ...] = (5, 10, 50)) -> dict:
-    from gradindex.report import topk_concentration
+    from gradindex.eval.report import topk_concentration
 
     out = {}
     for m in ("tracin", "retrac"):
@@ -373,9 +373,9 @@ def _concentration_table(idx: Any, qv: dict, ks: tuple[int, ...] = (5, 10, 50)) 
 
 
 def stage_main() -> None:
-    from gradindex.report import report
-    from gradindex.training import load_digits_images
-    from gradindex.viz import attribution_grid
+    from gradindex.demo.training import load_digits_images
+    from gradindex.eval.report import report
+    from gradindex.eval.viz import attribution_grid
 
     ckpt_dirs, weights = _full_checkpoints()
     digits = load_digits_images(16)[:N_MAIN]
@@ -415,8 +415,8 @@ def stage_main() -> None:
 
 
 def stage_outliers() -> None:
-    from gradindex.report import norm_by_timestep, plot_reach_vs_norm, reach, sample_norms
-    from gradindex.viz import attribution_grid
+    from gradindex.eval.report import norm_by_timestep, plot_reach_vs_norm, reach, sample_norms
+    from gradindex.eval.viz import attribution_grid
 
     cfg = json.loads((CACHE / "outliers" / "train_config.json").read_text())
     ckpt_dirs = [CACHE / "outliers" / f"checkpoint-{s}" for s in cfg["checkpoint_steps"]]
@@ -505,9 +505,9 @@ def stage_outliers() -> None:
 
 
 def _plot_norms_by_group(by_group: dict, path: Path) -> None:
-    from gradindex.viz import _pyplot
+    from gradindex.eval.viz import pyplot
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     for g, st in by_group.items():
         style = {"lw": 2.5, "color": "black"} if g == "digits" else {"lw": 1.2}
@@ -532,10 +532,10 @@ def _replay_rows(ckpt_dirs: list[Path], weights: list[float], images: np.ndarray
     timesteps it saw in training between checkpoint c-1 and c (from timestep_log.npz), fresh
     noise seeded by (SEED, c, step, slot), one draw each; then aggregated, projected and
     weighted exactly as the index does (TracIn mean, ReTrac mean of unit gradients)."""
-    from gradindex.embedding import projection_seed
-    from gradindex.gradients import GradientFeaturizer, noisy_input_and_target
-    from gradindex.models import load_checkpoints
-    from gradindex.projection import make_projector
+    from gradindex.featurize.embedding import projection_seed
+    from gradindex.featurize.gradients import GradientFeaturizer, noisy_input_and_target
+    from gradindex.featurize.projection import make_projector
+    from gradindex.inputs.models import load_checkpoints
 
     log = np.load(CACHE / "full" / "timestep_log.npz")
     cfg = json.loads((CACHE / "full" / "train_config.json").read_text())
@@ -593,8 +593,8 @@ def _replay_rows(ckpt_dirs: list[Path], weights: list[float], images: np.ndarray
 
 def stage_replay_rows() -> None:
     """The replay training rows only (needs no index): cached in replay_rows.npz."""
+    from gradindex.demo.training import load_digits_images
     from gradindex.spec import BuildSpec
-    from gradindex.training import load_digits_images
 
     ckpt_dirs, weights = _full_checkpoints()
     digits = load_digits_images(16)
@@ -606,8 +606,8 @@ def stage_replay_rows() -> None:
 
 
 def stage_replay() -> None:
+    from gradindex.eval.report import topk_concentration
     from gradindex.query import AttributionIndex
-    from gradindex.report import topk_concentration
 
     rows = np.sort(np.random.default_rng(SEED).choice(N_MAIN, FIDELITY_N, replace=False))
     cached = CACHE / "replay_rows.npz"
@@ -680,9 +680,9 @@ def _machine() -> dict[str, Any]:
 
 
 def _plot_fidelity(fid: dict, path: Path) -> None:
-    from gradindex.viz import _pyplot
+    from gradindex.eval.viz import pyplot
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(9.0, 3.4))
     for (kind, m), style in zip(
         [(k, m) for k in ("sjlt", "gaussian", "kronecker") for m in ("tracin", "retrac")],

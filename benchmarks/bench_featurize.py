@@ -45,7 +45,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gradindex.training import load_digits_images, small_unet_config
+from gradindex.demo.training import load_digits_images, small_unet_config
 
 HERE = Path(__file__).resolve().parent
 DEMO_UNET = small_unet_config()  # the demo's UNet: 619,697 parameters at 16×16
@@ -100,8 +100,8 @@ def _timed(fn, min_seconds: float, min_reps: int = 2) -> float:
 
 def loop_item_gradients(model, params, x_t, t, target, loss: str = "mse") -> torch.Tensor:
     """The reference approach: one forward, one torch.autograd.grad per item. → [I, p]"""
-    from gradindex.gradients import diffusion_loss
-    from gradindex.models import model_output
+    from gradindex.featurize.gradients import diffusion_loss
+    from gradindex.inputs.models import model_output
 
     rows = []
     for i in range(len(x_t)):
@@ -126,9 +126,9 @@ def loop_draw_rows(self, x_t, t, target, flat, group, cond=None):
 
 def _grads_worker(model_name: str, path: str, items: int, threads: int, seconds: float) -> dict:
     torch.set_num_threads(threads)
-    from gradindex.gradients import item_losses
-    from gradindex.kronecker import KroneckerGradients
-    from gradindex.persample import HookGradients
+    from gradindex.featurize.gradients import item_losses
+    from gradindex.featurize.kronecker import KroneckerGradients
+    from gradindex.featurize.persample import HookGradients
 
     config = MODELS[model_name]
     model = _unet(config)
@@ -214,8 +214,8 @@ def _text_unet_with_lora():
 def _lora_worker(which: str, items: int, threads: int, seconds: float) -> dict:
     """Per-draw gradients/s over the LoRA adapter only, or over every UNet parameter."""
     torch.set_num_threads(threads)
-    from gradindex.gradients import item_losses
-    from gradindex.persample import HookGradients
+    from gradindex.featurize.gradients import item_losses
+    from gradindex.featurize.persample import HookGradients
 
     unet = _text_unet_with_lora()
     names = [n for n, _ in unet.named_parameters() if which == "full" or "lora_" in n]
@@ -258,8 +258,8 @@ def _build_worker(mode: str, n: int, threads: int, out: str) -> dict:
     from diffusers import DDPMScheduler
 
     import gradindex as gi
-    from gradindex import projection
-    from gradindex.gradients import GradientFeaturizer
+    from gradindex.featurize import projection
+    from gradindex.featurize.gradients import GradientFeaturizer
 
     model = _unet(DEMO_UNET)
     images = load_digits_images(DEMO_UNET["sample_size"])[:n]
@@ -360,7 +360,7 @@ def section_build(threads: int, n: int, reps: int = 3) -> dict:
 
 
 def section_projection(threads: int, batch: int = 16, limit_s: float = 60.0) -> list[dict]:
-    from gradindex.projection import make_projector
+    from gradindex.featurize.projection import make_projector
 
     torch.set_num_threads(threads)
     try:
@@ -473,9 +473,9 @@ def _profile_worker(threads: int, batches: int) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     import gradindex as gi
-    from gradindex import gradients, projection
-    from gradindex.embedding import Embedder
-    from gradindex.models import load_checkpoints
+    from gradindex.featurize import gradients, projection
+    from gradindex.featurize.embedding import Embedder
+    from gradindex.inputs.models import load_checkpoints
 
     ckpts = load_checkpoints([(_unet(DEMO_UNET), DDPMScheduler(num_train_timesteps=1000))])
     spec = gi.BuildSpec(num_train_timesteps=ckpts[0].num_train_timesteps)

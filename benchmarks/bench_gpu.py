@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from bench_featurize import DEMO_UNET, LARGE_UNET, _timed, _unet, loop_draw_rows
 
-from gradindex.training import load_digits_images
+from gradindex.demo.training import load_digits_images
 
 HERE = Path(__file__).resolve().parent
 
@@ -41,7 +41,7 @@ def _build(
     from diffusers import DDPMScheduler
 
     import gradindex as gi
-    from gradindex.gradients import GradientFeaturizer
+    from gradindex.featurize.gradients import GradientFeaturizer
 
     model = _unet(model_cfg)
     if device.startswith("cuda"):
@@ -154,7 +154,7 @@ def section_build(n_images: dict[str, int], loop_images: int) -> list[dict]:
 
 
 def section_projection(batch: int = 16) -> list[dict]:
-    from gradindex.projection import make_projector
+    from gradindex.featurize.projection import make_projector
 
     rows = []
     for p in (10**6, 10**7):
@@ -188,7 +188,7 @@ def section_projection(batch: int = 16) -> list[dict]:
 def section_faiss(n: int = 200_000, d: int = 512, queries: int = 1000) -> dict:
     import faiss
 
-    from gradindex.search import VectorIndex
+    from gradindex.index.search import VectorIndex
 
     status = {
         "faiss": faiss.__version__,

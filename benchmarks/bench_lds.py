@@ -37,8 +37,14 @@ import numpy as np
 import torch
 
 import gradindex as gi
-from gradindex.lds import bootstrap_ci, lds_per_target, spearman_rows, subset_masks, trak_scores
-from gradindex.training import load_digits_images, sample_images, small_unet_config, train_ddpm
+from gradindex.demo.training import load_digits_images, sample_images, small_unet_config, train_ddpm
+from gradindex.eval.lds import (
+    bootstrap_ci,
+    lds_per_target,
+    spearman_rows,
+    subset_masks,
+    trak_scores,
+)
 
 HERE = Path(__file__).resolve().parent
 CACHE = HERE / "cache" / "lds"

@@ -8,10 +8,10 @@ Each measurement runs in a fresh process, started the way a newcomer's ``gradind
   libgomp loads with its own default wait policy (spin GOMP_SPINCOUNT=300000 times at every
   barrier, then sleep), and torch runs on every usable core;
 - after: gradindex is imported first, as the console script does, so its defaults
-  (``gradindex.threads``: GOMP_SPINCOUNT=1000, a cgroup quota respected) are in place
+  (``gradindex.inputs.threads``: GOMP_SPINCOUNT=1000, a cgroup quota respected) are in place
   before torch loads libgomp; torch keeps its own default thread count.
 
-Tasks: ``train``: optimizer steps/s of the demo trainer (``gradindex.training._fit``: the demo
+Tasks: ``train``: optimizer steps/s of the demo trainer (``gradindex.demo.training._fit``: the demo
 UNet, 16×16 digits, batch 32), after one warm-up step, until ``--train-steps`` steps or
 ``--train-seconds`` have passed; ``build``: per-draw gradients/s of a whole build
 (``build_index``, the demo's spec: K = 6 timesteps, one checkpoint, flat index) over
@@ -74,7 +74,7 @@ def child_train(condition: str, steps: int, seconds: float) -> dict:
     torch = child_imports(condition)
     from diffusers import DDPMScheduler, UNet2DModel
 
-    from gradindex.training import _fit, load_digits_images, small_unet_config
+    from gradindex.demo.training import _fit, load_digits_images, small_unet_config
 
     torch.manual_seed(0)
     unet = UNet2DModel(**small_unet_config())  # the demo's UNet, 16×16
@@ -96,8 +96,8 @@ def child_build(condition: str, n: int, out: str) -> dict:
     from diffusers import DDPMScheduler, UNet2DModel
 
     import gradindex as gi
-    from gradindex.demo import DemoSettings
-    from gradindex.training import load_digits_images, small_unet_config
+    from gradindex.demo.run import DemoSettings
+    from gradindex.demo.training import load_digits_images, small_unet_config
 
     torch.manual_seed(0)
     model = UNet2DModel(**small_unet_config()).eval()
@@ -235,7 +235,7 @@ def machine() -> dict:
     import faiss
     import torch
 
-    from gradindex.threads import available_cpus
+    from gradindex.inputs.threads import available_cpus
 
     return {
         "platform": platform.platform(),

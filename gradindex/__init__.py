@@ -10,7 +10,7 @@ The handful of names a user needs::
 
 Names are imported lazily (PEP 562) so ``gradindex --help`` and light users do not pay for
 importing torch, diffusers and faiss up front, and so the OpenMP defaults of
-:mod:`gradindex.threads` (a short OpenMP spin: threads spinning 300,000 times at every
+:mod:`gradindex.inputs.threads` (a short OpenMP spin: threads spinning 300,000 times at every
 barrier made training on a shared machine up to 100x slower) are in the environment before
 torch or FAISS loads libgomp.
 """
@@ -20,7 +20,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from gradindex.threads import apply_openmp_defaults
+from gradindex.inputs.threads import apply_openmp_defaults
 
 apply_openmp_defaults()
 
@@ -34,9 +34,9 @@ _EXPORTS = {
     "IndexStateError": "gradindex.errors",
     "ModelError": "gradindex.errors",
     "SearchError": "gradindex.errors",
-    "SearchResult": "gradindex.search",
+    "SearchResult": "gradindex.index.search",
     "SpecError": "gradindex.errors",
-    "VectorIndex": "gradindex.search",
+    "VectorIndex": "gradindex.index.search",
     "build_index": "gradindex.build",
 }
 
@@ -76,6 +76,6 @@ if TYPE_CHECKING:  # pragma: no cover
         SearchError,
         SpecError,
     )
+    from gradindex.index.search import SearchResult, VectorIndex
     from gradindex.query import AttributionIndex
-    from gradindex.search import SearchResult, VectorIndex
     from gradindex.spec import BuildSpec

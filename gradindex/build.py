@@ -9,7 +9,7 @@ A build that stops early leaves ``build.json`` and no manifest, so the folder ne
 complete; ``resume=True`` finishes it, skipping rows already marked done. ``overwrite=True``
 builds the new index in a staging folder beside the old one and swaps it in at the end, so the
 old index stays usable until the new one is complete. One build writes a folder at a time
-(``shards.folder_lock``). Everything that can be checked (data, conditioning, checkpoint
+(``lifecycle.folder_lock``). Everything that can be checked (data, conditioning, checkpoint
 weights, index kind) is checked before the first row is featurized.
 """
 
@@ -23,16 +23,12 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from gradindex.conditioning import Conditioner, ConditioningData, load_conditioning
-from gradindex.data import load_images, resolve_data_range, to_model_input
-from gradindex.devices import resolve_device
-from gradindex.embedding import Embedder
 from gradindex.errors import (
     GradIndexError,
     IndexStateError,
@@ -40,10 +36,11 @@ from gradindex.errors import (
     SpecError,
     WriteError,
 )
-from gradindex.fidelity import DEFAULT_SAMPLE, check_sample, measure_fidelity
-from gradindex.gradients import select_parameters
-from gradindex.kernel import write_kernel
-from gradindex.layout import (
+from gradindex.featurize.embedding import Embedder
+from gradindex.featurize.fidelity import DEFAULT_SAMPLE, check_sample, measure_fidelity
+from gradindex.featurize.gradients import select_parameters
+from gradindex.index.kernel import write_kernel
+from gradindex.index.layout import (
     BUILD_STATE,
     FORMAT_VERSION,
     MANIFEST,
@@ -53,23 +50,25 @@ from gradindex.layout import (
     package_versions,
     write_json_atomic,
 )
-from gradindex.models import CheckpointSource, load_checkpoints
-from gradindex.ondisk import build_from_store
-from gradindex.search import METHODS
-from gradindex.search_tuning import check_kind
-from gradindex.shards import (
+from gradindex.index.lifecycle import (
     check_writable,
     folder_lock,
-    shard_rows,
     staging_folder,
     staging_path,
     swap_in,
 )
+from gradindex.index.ondisk import build_from_store
+from gradindex.index.search import METHODS
+from gradindex.index.store import VectorStore
+from gradindex.index.tuning import check_kind
+from gradindex.inputs.conditioner import Conditioner
+from gradindex.inputs.conditioning import ConditioningData, load_conditioning
+from gradindex.inputs.data import load_images, resolve_data_range, to_model_input
+from gradindex.inputs.devices import resolve_device
+from gradindex.inputs.models import CheckpointSource, load_checkpoints, with_model
+from gradindex.inputs.slices import shard_rows
+from gradindex.query import AttributionIndex
 from gradindex.spec import NOT_IDENTITY, BuildSpec
-from gradindex.store import VectorStore
-
-if TYPE_CHECKING:
-    from gradindex.query import AttributionIndex
 
 logger = logging.getLogger(__name__)
 
@@ -116,25 +115,23 @@ def build_index(
     folder. index: the search index kind per method: ``flat`` (exact), ``ivf``, ``hnsw``, a FAISS
     factory string, ``ondisk`` (an IVF whose lists stay in a file next to the index, built from
     the store in chunks and memory-mapped at query time: for indexes larger than RAM, see
-    ``gradindex.ondisk``) or ``auto`` (flat / HNSW / IVF in RAM, or ``ondisk`` when the rows would
+    ``gradindex.index.ondisk``) or ``auto`` (flat / HNSW / IVF in RAM, or ``ondisk`` when the rows would
     take more than half the available memory). shard: ``(i, n)``
-    builds only shard i of n (a contiguous slice of the rows, see ``gradindex.shards``) as an
+    builds only shard i of n (a contiguous slice of the rows, see ``gradindex.scale.shards``) as an
     exact index; ``index`` is then recorded for ``merge_shards``. labels / prompts: per-image
     class labels / captions of a conditional model, when ``data`` does not carry them (see
-    ``gradindex.conditioning``). base_model: the Stable-Diffusion-layout folder holding
+    ``gradindex.inputs.conditioning``). base_model: the Stable-Diffusion-layout folder holding
     ``vae/``, ``text_encoder/``, ``tokenizer/`` when the checkpoint folders (and their parent)
     do not, or a mapping of those component objects. fidelity_sample: rows whose stored scores
     are checked against exact ones at the end (manifest ``fidelity``, see
-    ``gradindex.fidelity``; 0 skips it).
+    ``gradindex.featurize.fidelity``; 0 skips it).
     """
-    from gradindex.query import AttributionIndex
-
     started = time.perf_counter()
     device = resolve_device(device)
     spec = spec or BuildSpec()
     out = Path(out)
     fidelity_sample = check_sample(fidelity_sample)
-    ckpts = load_checkpoints(_with_model(checkpoints, model), scheduler, base_model)
+    ckpts = load_checkpoints(with_model(checkpoints, model), scheduler, base_model)
     _check_finite(ckpts)
     spec = _resolve_timesteps(spec, ckpts[0].num_train_timesteps)
     spec.weights(len(ckpts))  # checks the count
@@ -218,9 +215,14 @@ def build_index(
         raise GradIndexError(
             "every training sample had non-finite or zero gradients; nothing to index"
         )
+
     # before FAISS: it sets the OpenMP thread count that torch shares
+    def stored_rows(method: str, rows: np.ndarray) -> np.ndarray:
+        with VectorStore.open(store.path) as reader:
+            return reader.vectors(method, rows)
+
     fidelity = measure_fidelity(
-        embedder, ckpts, store.path, keep, images=images, prep=prep, conditioner=conditioner,
+        embedder, ckpts, stored_rows, keep, images=images, prep=prep, conditioner=conditioner,
         cond_data=cond_data, sample=fidelity_sample,
     )  # fmt: skip
     index_info = {}
@@ -489,34 +491,3 @@ def _resolve_ids(ids: Any, data_ids: np.ndarray, n: int) -> np.ndarray:
     if len(np.unique(arr)) != n:
         raise SpecError("ids are not unique; give each training sample its own id")
     return arr if arr.dtype.kind in "iu" else arr.astype(str)
-
-
-def _with_model(checkpoints: list[CheckpointSource], model: torch.nn.Module | None) -> list:
-    """State dicts / weight files become (module, scheduler)-less modules when a model is given."""
-    if model is None:
-        return list(checkpoints)
-    import copy
-
-    out: list[Any] = []
-    for c in checkpoints:
-        if isinstance(c, dict) or (isinstance(c, (str, Path)) and Path(c).is_file()):
-            state = c if isinstance(c, dict) else _load_state_file(Path(c))
-            m = copy.deepcopy(model)
-            try:
-                m.load_state_dict(state)
-            except RuntimeError as exc:
-                raise ModelError(
-                    f"checkpoint does not fit the model: {str(exc).splitlines()[0]}"
-                ) from None
-            out.append(m)
-        else:
-            out.append(c)
-    return out
-
-
-def _load_state_file(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    return torch.load(path, map_location="cpu", weights_only=True)

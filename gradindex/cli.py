@@ -98,7 +98,7 @@ def _conditioning_options(func: Any) -> Any:
 def _read_lines(path: str, labels: bool = False) -> Any:
     """Prompts (or labels) from a file: one per line; labels may also be a .npy array."""
     if labels and path.endswith(".npy"):
-        from gradindex.data import read_array
+        from gradindex.inputs.data import read_array
 
         return read_array(path)
     lines = [ln for ln in Path(path).read_text().splitlines() if ln.strip()]
@@ -290,9 +290,9 @@ def build(
     OUT.shards/ and rank 0 merges them into OUT.
     """
     from gradindex.build import build_index
-    from gradindex.distributed import distributed_build, world_from_env
     from gradindex.errors import SpecError
-    from gradindex.shards import parse_shard
+    from gradindex.inputs.slices import parse_shard
+    from gradindex.scale.distributed import distributed_build, world_from_env
 
     spec = _spec_from_options(config, spec_options)
     cond = {
@@ -449,7 +449,7 @@ def query(
         raise click.BadParameter("needs --milvus URI", param_hint="--milvus-name")
     backend = None
     if milvus:
-        from gradindex.milvus import MilvusBackend, default_name
+        from gradindex.index.milvus import MilvusBackend, default_name
 
         backend = MilvusBackend.connect(milvus, milvus_name or default_name(index_dir))
     idx = AttributionIndex.open(index_dir, base_model=base_model, milvus=backend)
@@ -506,9 +506,9 @@ def _query_vectors(
 ) -> tuple[dict[str, np.ndarray], np.ndarray, tuple[int, int] | None]:
     """{method: [B, D]}, the query names, and the images' (H, W) if they were resized (else
     None), from images or from stored vectors."""
-    from gradindex.conditioning import load_conditioning
-    from gradindex.data import load_images, read_array, read_npz
     from gradindex.errors import DataError
+    from gradindex.inputs.conditioning import load_conditioning
+    from gradindex.inputs.data import load_images, read_array, read_npz
 
     if not from_vectors:
         arr, names = load_images(source, channels=idx.image_shape[0])
@@ -565,7 +565,7 @@ def merge(
     Checks the shards share spec, checkpoints and model and cover the dataset exactly once;
     rows end up in dataset order.
     """
-    from gradindex.shards import merge_shards
+    from gradindex.scale.shards import merge_shards
 
     idx = merge_shards(
         out, list(shard_dirs), index=index_kind, target_recall=target_recall, overwrite=overwrite
@@ -601,7 +601,7 @@ def add(
     array rows continue the index's numbering). The index is replaced in one step at the end, so
     an interrupted add leaves it as it was.
     """
-    from gradindex.append import add_samples
+    from gradindex.scale.append import add_samples
 
     idx = add_samples(
         index_dir,
@@ -620,8 +620,8 @@ def kernel(index_dir: str) -> None:
     which '--method trak' needs: for indexes built before builds computed it.
 
     Checks every other file's checksum first, then records the new file in the manifest."""
-    from gradindex.kernel import add_kernel
-    from gradindex.shards import folder_lock
+    from gradindex.index.kernel import add_kernel
+    from gradindex.index.lifecycle import folder_lock
 
     with folder_lock(Path(index_dir).resolve()):  # one writer per folder, as build/add/merge
         record = add_kernel(index_dir)
@@ -635,7 +635,7 @@ def kernel(index_dir: str) -> None:
 @click.option("--verify", is_flag=True, help="Recompute file checksums against the manifest.")
 def info(index_dir: str, as_json: bool, verify: bool) -> None:
     """Describe an index: rows, dimensions, spec, checkpoints, search settings."""
-    from gradindex.layout import check_files, read_manifest
+    from gradindex.index.layout import check_files, read_manifest
     from gradindex.query import AttributionIndex
 
     if verify:  # before opening, so a corrupted file is named rather than half-loaded
@@ -699,7 +699,7 @@ def export(
     inner products FAISS gives. Each collection is checked against exact FAISS search.
     Then: gradindex query INDEX_DIR IMAGES --milvus URI.
     """
-    from gradindex.milvus import export_index
+    from gradindex.index.milvus import export_index
 
     rec = export_index(
         index_dir,
@@ -740,10 +740,10 @@ def export(
 def report(index_dir: str, queries: str | None, k: int, figures: str | None, as_json: bool) -> None:
     """Diagnostics of an index: the timestep bias of gradient norms, generally influential
     samples under TracIn vs ReTrac, self-retrieval (a summary; --json for every number)."""
-    from gradindex.data import load_images
+    from gradindex.eval.report import format_report
+    from gradindex.eval.report import report as make_report
+    from gradindex.inputs.data import load_images
     from gradindex.query import AttributionIndex, check_positive_k
-    from gradindex.report import format_report
-    from gradindex.report import report as make_report
 
     check_positive_k(k)
     idx = AttributionIndex.open(index_dir)
@@ -771,7 +771,7 @@ def demo(out: str, quick: bool) -> None:
     Reuses a finished training run and index found in --out. Writes attribution.png,
     timestep_norms.png and summary.json to --out.
     """
-    from gradindex.demo import DemoSettings, format_summary, run_demo
+    from gradindex.demo.run import DemoSettings, format_summary, run_demo
 
     summary = run_demo(out, DemoSettings.quick() if quick else DemoSettings())
     click.echo(format_summary(summary))
@@ -844,7 +844,7 @@ def format_info(info: dict[str, Any]) -> list[str]:
     for c in info["checkpoints"]:
         add("checkpoint", f"{c['source']}  w={c['weight']:g}  {c['fingerprint']}")
     if info.get("fidelity"):
-        from gradindex.fidelity import format_fidelity
+        from gradindex.featurize.fidelity import format_fidelity
 
         add("fidelity", format_fidelity(info["fidelity"]))
     indexes = info["indexes"]

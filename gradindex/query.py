@@ -15,7 +15,7 @@ Holds ``AttributionIndex``:
 
 Methods: the stored ones (``METHODS``: tracin, retrac) each have their own rows and search index;
 ``SEARCH_METHODS`` adds ``trak``, Σ_c w_c φ_c(q)ᵀ (G_c + λ_c I)⁻¹ φ_c(z), served from the TracIn
-index with the query transformed by the kernel (:mod:`gradindex.kernel`). ``embed`` returns the
+index with the query transformed by the kernel (:mod:`gradindex.index.kernel`). ``embed`` returns the
 stored methods' rows only; ``search(..., method="trak")`` takes TracIn query rows.
 
 Checkpoints are loaded lazily (only ``embed``/``query`` need them) from the sources recorded in
@@ -30,25 +30,24 @@ import logging
 import os
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import faiss
 import numpy as np
 
-from gradindex.conditioning import Conditioner, ConditioningData, as_prompts
-from gradindex.data import image_size, resolve_data_range, to_model_input
-from gradindex.devices import resolve_device
-from gradindex.embedding import Embedder
 from gradindex.errors import IndexStateError, ModelError, SearchError
-from gradindex.kernel import Kernel
-from gradindex.layout import MANIFEST, VECTORS, check_files, faiss_file, read_manifest
-from gradindex.models import Checkpoint, CheckpointSource, load_checkpoints
-from gradindex.search import METHODS, SearchResult, VectorIndex
+from gradindex.featurize.embedding import Embedder
+from gradindex.index.kernel import Kernel
+from gradindex.index.layout import MANIFEST, VECTORS, check_files, faiss_file, read_manifest
+from gradindex.index.milvus import MilvusBackend, default_name
+from gradindex.index.search import METHODS, SearchResult, VectorIndex
+from gradindex.index.store import VectorStore
+from gradindex.inputs.conditioner import Conditioner
+from gradindex.inputs.conditioning import ConditioningData, as_prompts
+from gradindex.inputs.data import image_size, resolve_data_range, to_model_input
+from gradindex.inputs.devices import resolve_device
+from gradindex.inputs.models import Checkpoint, CheckpointSource, load_checkpoints
 from gradindex.spec import BuildSpec
-from gradindex.store import VectorStore
-
-if TYPE_CHECKING:
-    from gradindex.milvus import MilvusBackend
 
 logger = logging.getLogger(__name__)
 
@@ -110,8 +109,6 @@ class AttributionIndex:
                 vindex.to_gpu()
         self.milvus: MilvusBackend | None = None
         if milvus is not None:
-            from gradindex.milvus import MilvusBackend, default_name
-
             if not isinstance(milvus, MilvusBackend):
                 milvus = MilvusBackend.connect(os.fspath(milvus), default_name(path))
             milvus.check_index(manifest, len(self.index_rows))
@@ -163,7 +160,7 @@ class AttributionIndex:
         """Open an index folder. ``checkpoints`` overrides the recorded checkpoint sources
         (needed when the index was built from in-memory models); ``base_model`` the recorded
         VAE / text encoder / tokenizer folder (or a mapping of those objects). ``milvus``: a
-        Milvus URI (or a ``gradindex.milvus.MilvusBackend``) that ``search`` / ``query`` then
+        Milvus URI (or a ``gradindex.index.milvus.MilvusBackend``) that ``search`` / ``query`` then
         answer from, instead of the folder's FAISS indexes; the collections must come from
         ``gradindex export`` of this very build."""
         p = Path(path)
@@ -295,7 +292,7 @@ class AttributionIndex:
         """Images (array/tensor) → pixel input of the model (of its VAE, for a latent model).
 
         The value range is the input's own, decided as the build decided the training data's
-        (``gradindex.data.resolve_data_range``): uint8 → 0..255, floats within [0, 1] or
+        (``gradindex.inputs.data.resolve_data_range``): uint8 → 0..255, floats within [0, 1] or
         [-1, 1] → that range, so a diffusers pipeline's [0, 1] output works on an index built
         from uint8 files. Floats wider than [-1, 1] take the index's recorded range when they
         lie within it; anything else is refused unless ``data_range=(low, high)`` is given."""

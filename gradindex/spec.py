@@ -21,8 +21,11 @@ import numpy as np
 import torch
 
 from gradindex.errors import SpecError
-from gradindex.projection import SPEC_PROJECTIONS
 
+SPEC_PROJECTIONS: tuple[str, ...] = ("identity", "gaussian", "sjlt", "kronecker")
+"""What a BuildSpec may name: the maps of full gradient vectors in
+``gradindex.featurize.projection``, plus "kronecker", applied layer by layer inside the gradient
+hooks (``gradindex.featurize.kronecker``)."""
 LOSSES = ("mse", "l1", "square")
 STORE_DTYPES = ("float32", "float16")
 RESIZE_MODES = ("bilinear", "nearest", "error")

@@ -13,8 +13,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import gradindex.embedding
-from gradindex.gradients import GradientFeaturizer
+import gradindex.featurize.embedding
+from gradindex.featurize.gradients import GradientFeaturizer
 from tests.conftest import perturbed
 
 TEXT_DIM = 16
@@ -25,7 +25,7 @@ CAPTIONS = ["a red cat", "a blue dog", "two green birds", "a red dog", "one cat"
 def use_backend(monkeypatch, backend: str) -> str:
     """Make every build / query of the test take per-item gradients with ``backend``."""
     monkeypatch.setattr(
-        gradindex.embedding,
+        gradindex.featurize.embedding,
         "GradientFeaturizer",
         functools.partial(GradientFeaturizer, backend=backend),
     )
@@ -182,7 +182,7 @@ def reference_inputs(run, pixels, captions, sample=False, seed=0):
     from diffusers import AutoencoderKL
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    from gradindex.conditioning import latent_noise_seed
+    from gradindex.inputs.conditioner import latent_noise_seed
 
     vae = AutoencoderKL.from_pretrained(run / "vae").eval()
     tok = CLIPTokenizer.from_pretrained(run / "tokenizer")

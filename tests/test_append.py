@@ -14,11 +14,11 @@ from diffusers import DDPMPipeline
 from PIL import Image
 
 import gradindex as gi
-from gradindex import shards
-from gradindex.append import add_samples
 from gradindex.cli import main
-from gradindex.search import VectorIndex
-from gradindex.store import VectorStore
+from gradindex.index import lifecycle
+from gradindex.index.search import VectorIndex
+from gradindex.index.store import VectorStore
+from gradindex.scale.append import add_samples
 from tests.conftest import scheduler, tiny_unet
 from tests.test_shards import SPEC, assert_same_index, whole_build
 
@@ -125,7 +125,7 @@ def test_a_killed_add_leaves_the_original_index_intact(setup, monkeypatch, where
     elif where == "search index":
         monkeypatch.setattr(VectorIndex, "build", die)
     else:  # everything written, killed just before the exchange
-        monkeypatch.setattr(shards, "_exchange", die)
+        monkeypatch.setattr(lifecycle, "_exchange", die)
     with pytest.raises(KeyboardInterrupt):
         add_samples(half.path, images[5:], progress=False)
     monkeypatch.undo()
@@ -145,7 +145,7 @@ def test_swap_in_without_atomic_exchange(setup, monkeypatch):
     """Where renameat2 is missing, the old folder is moved aside, then replaced."""
     root, _, images, whole = setup
     half = _first_half(setup, "half_noexchange")
-    monkeypatch.setattr(shards, "_exchange", lambda a, b: False)
+    monkeypatch.setattr(lifecycle, "_exchange", lambda a, b: False)
     assert_same_index(add_samples(half.path, images[5:], progress=False), whole)
     assert not (root / ".half_noexchange.old").exists()
 
@@ -168,8 +168,8 @@ def test_cli_add(setup, tmp_path):
 CHILD = """
 import sys, time
 import gradindex as gi
-from gradindex import search
-from gradindex.append import add_samples
+from gradindex.index import search
+from gradindex.scale.append import add_samples
 import numpy as np
 build = search.VectorIndex.build.__func__
 def stalls(cls, vectors, *a, **k):

@@ -14,6 +14,7 @@ from diffusers import UNet2DModel
 from PIL import Image
 
 import gradindex as gi
+from gradindex.inputs.data import load_images
 from tests.conftest import scheduler, tiny_unet
 from tests.diffusion_refs import reference_rows, rel_err
 
@@ -111,7 +112,7 @@ def test_class_subfolders(tmp_path, images):
     manifest = json.loads((tmp_path / "i" / "manifest.json").read_text())
     assert manifest["conditioning"]["class_names"] == names
     # queries by class name give the rows of queries by number
-    x = gi.data.load_images(str(folder / "dog"))[0]
+    x = load_images(str(folder / "dog"))[0]
     by_name = idx.embed(x, labels="dog")["retrac"]
     assert rel_err(by_name, idx.embed(x, labels=1)["retrac"]).max() <= 1e-5
     assert idx.search(by_name, k=1).ids[:, 0].tolist() == ["dog/1.png", "dog/4.png"]
@@ -181,7 +182,7 @@ def test_embedding_hook_rule_matches_loop():
     against one torch.autograd.grad per item."""
     from torch import nn
 
-    from gradindex.persample import HookGradients
+    from gradindex.featurize.persample import HookGradients
 
     class Tokens(nn.Module):
         def __init__(self):

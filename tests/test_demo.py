@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from gradindex.cli import main
-from gradindex.demo import DemoSettings, run_demo
+from gradindex.demo.run import DemoSettings, run_demo
 
 
 @pytest.mark.slow

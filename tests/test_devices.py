@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import gradindex as gi
-from gradindex.devices import resolve_device
 from gradindex.errors import SpecError
+from gradindex.inputs.devices import resolve_device
 from tests.conftest import scheduler, tiny_unet
 
 

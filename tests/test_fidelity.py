@@ -1,4 +1,4 @@
-"""Each build measures how closely its stored rows rank like exact scores (gradindex.fidelity):
+"""Each build measures how closely its stored rows rank like exact scores (gradindex.featurize.fidelity):
 the recorded figures against an independent autograd loop and scipy, the warning with its
 suggested --proj-dim, ``info``, and indexes built before the measurement existed."""
 
@@ -15,13 +15,13 @@ from click.testing import CliRunner
 from scipy.stats import spearmanr
 
 import gradindex as gi
-import gradindex.fidelity
+import gradindex.featurize.fidelity
 from gradindex.cli import main
-from gradindex.embedding import projection_seed
 from gradindex.errors import SpecError
-from gradindex.fidelity import _second_seed
-from gradindex.layout import MANIFEST
-from gradindex.projection import make_projector
+from gradindex.featurize.embedding import projection_seed
+from gradindex.featurize.fidelity import _second_seed
+from gradindex.featurize.projection import make_projector
+from gradindex.index.layout import MANIFEST
 from tests.conftest import scheduler, tiny_unet
 from tests.diffusion_refs import reference_rows
 
@@ -71,7 +71,7 @@ def test_recorded_fidelity_equals_independent_computation(tmp_path, monkeypatch,
     models = [tiny_unet(s, num_class_embeds=NUM_CLASSES) if cond else tiny_unet(s) for s in (1, 2)]
     labels = np.arange(9) % NUM_CLASSES if cond else None
     if case == "second sketch":
-        monkeypatch.setattr(gradindex.fidelity, "FULL_SPACE_BUDGET", 0)
+        monkeypatch.setattr(gradindex.featurize.fidelity, "FULL_SPACE_BUDGET", 0)
     spec = gi.BuildSpec(proj_dim=64, timesteps=2, batch_size=4, checkpoint_weights=WEIGHTS, seed=3)
     idx, _ = _build(tmp_path, models, imgs, spec, labels=labels, fidelity_sample=7)
     fid = json.loads((tmp_path / "idx" / MANIFEST).read_text())["fidelity"]
@@ -119,7 +119,7 @@ def test_tiny_proj_dim_warns_with_a_larger_one_and_a_large_one_does_not(tmp_path
     fid = idx.info()["fidelity"]
     assert not fid["ok"] and fid["sample"] == 12  # default sample: every row of a small build
     worst = min(fid[m]["spearman"] for m in ("tracin", "retrac"))
-    assert worst < gradindex.fidelity.FIDELITY_BAR["spearman"]
+    assert worst < gradindex.featurize.fidelity.FIDELITY_BAR["spearman"]
     # the documented rule: d·q(ρ)/q(bar), q = 1/ρ² - 1, at least 2d, up to a power of two
     want = max(8, 4 * (1 / worst**2 - 1) / (1 / 0.95**2 - 1))
     assert fid["suggested_proj_dim"] == 2 ** math.ceil(math.log2(want))

@@ -8,8 +8,8 @@ import torch
 
 import gradindex as gi
 from gradindex.build import _resolve_timesteps
-from gradindex.gradients import GradientFeaturizer, select_parameters
-from gradindex.models import load_checkpoints
+from gradindex.featurize.gradients import GradientFeaturizer, select_parameters
+from gradindex.inputs.models import load_checkpoints
 from tests.conftest import scheduler, tiny_unet
 from tests.diffusion_refs import reference_rows, rel_err
 

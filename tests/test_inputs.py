@@ -15,8 +15,8 @@ from click.testing import CliRunner
 from PIL import Image
 
 import gradindex as gi
-from gradindex import data
 from gradindex.cli import main
+from gradindex.inputs import data
 from tests.conftest import scheduler, tiny_unet
 
 SPEC = gi.BuildSpec(proj_dim=32, timesteps=2, batch_size=4)
@@ -200,7 +200,7 @@ def test_object_and_broken_npy_files_are_one_line(tmp_path, uint8_index, saved_c
 
 
 def test_object_captions_in_npz_are_one_line(tmp_path):
-    from gradindex.conditioning import load_conditioning
+    from gradindex.inputs.conditioning import load_conditioning
 
     path = tmp_path / "d.npz"
     np.savez(path, images=np.zeros((2, 1, 8, 8), np.uint8), captions=_object_array())

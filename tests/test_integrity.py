@@ -21,9 +21,9 @@ from click.testing import CliRunner
 import gradindex as gi
 from gradindex.cli import main
 from gradindex.errors import IndexStateError, ModelError, SearchError, SpecError
-from gradindex.layout import write_json_atomic
-from gradindex.models import load_checkpoint
-from gradindex.search import VectorIndex
+from gradindex.index.layout import write_json_atomic
+from gradindex.index.search import VectorIndex
+from gradindex.inputs.models import load_checkpoint
 from gradindex.spec import BuildSpec
 from tests.conftest import scheduler, tiny_unet
 
@@ -299,8 +299,8 @@ def test_retrac_over_rows_of_unequal_norms_is_refused():
 
 
 def test_ondisk_retrac_over_rows_of_unequal_norms_is_refused(tmp_path):
-    from gradindex.ondisk import build_ondisk
-    from gradindex.store import ChunkedRows
+    from gradindex.index.ondisk import build_ondisk
+    from gradindex.index.store import ChunkedRows
 
     x = heavy_tailed(3000, 8, 0)
     x[:1000] /= np.linalg.norm(x[:1000], axis=1, keepdims=True)  # the first chunk looks fine

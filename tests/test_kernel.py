@@ -13,9 +13,9 @@ from click.testing import CliRunner
 from diffusers import DDPMPipeline
 
 import gradindex as gi
-from gradindex.append import add_samples
 from gradindex.cli import main
-from gradindex.shards import merge_shards
+from gradindex.scale.append import add_samples
+from gradindex.scale.shards import merge_shards
 from tests.conftest import scheduler, tiny_unet
 
 WEIGHTS = (1.0, 3.0)
@@ -221,12 +221,12 @@ def shard_gram(folder):
 
 
 def test_merge_sums_the_shards_grams_without_reading_rows(setup, shards, tmp_path, monkeypatch):
-    import gradindex.kernel
+    import gradindex.index.kernel
 
     def no_pass(*args, **kwargs):
         raise AssertionError("the merge recomputed the Gram from the rows")
 
-    monkeypatch.setattr(gradindex.kernel, "gram_from_store", no_pass)
+    monkeypatch.setattr(gradindex.index.kernel, "gram_from_store", no_pass)
     merged = merge_shards(tmp_path / "merged", shards)
     want = shard_gram(shards[0]) + shard_gram(shards[1])
     np.testing.assert_allclose(shard_gram(merged.path), want, rtol=1e-12, atol=0)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from gradindex.errors import DataError
-from gradindex.lds import (
+from gradindex.eval.lds import (
     bootstrap_ci,
     lds_per_target,
     spearman_rows,

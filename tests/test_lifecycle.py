@@ -17,10 +17,10 @@ from click.testing import CliRunner
 from torch import nn
 
 import gradindex as gi
-from gradindex import gradients
-from gradindex.append import add_samples
 from gradindex.cli import main
-from gradindex.store import VectorStore
+from gradindex.featurize import gradients
+from gradindex.index.store import VectorStore
+from gradindex.scale.append import add_samples
 from tests.conftest import scheduler, tiny_unet
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -145,7 +145,7 @@ def test_a_second_build_into_a_folder_being_written_is_refused(tmp_path, images,
 HOLDER = """
 import sys, time
 from pathlib import Path
-from gradindex.shards import folder_lock
+from gradindex.index.lifecycle import folder_lock
 with folder_lock(Path(sys.argv[1])):
     print("held", flush=True)
     time.sleep(120)
@@ -173,8 +173,8 @@ def test_the_lock_dies_with_its_process(tmp_path, images, pair):
 
 
 def test_a_failed_add_leaves_no_staging_folder(tmp_path, images, pair, monkeypatch):
-    from gradindex import shards
-    from gradindex.append import add_samples
+    from gradindex.index import lifecycle
+    from gradindex.scale.append import add_samples
 
     out = tmp_path / "idx"
     _build(pair, images[:4], out)
@@ -190,7 +190,7 @@ def test_a_failed_add_leaves_no_staging_folder(tmp_path, images, pair, monkeypat
     def refused(a, b):  # what renameat2 reports where the folder cannot be replaced
         raise gi.GradIndexError(f"cannot move {a} into place at {b}: Permission denied")
 
-    monkeypatch.setattr(shards, "_exchange", refused)
+    monkeypatch.setattr(lifecycle, "_exchange", refused)
     with pytest.raises(gi.GradIndexError, match="Permission denied"):
         add_samples(out, images[4:], checkpoints=[pair], progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["idx"]  # no .idx.staging / .adding
@@ -344,7 +344,7 @@ def test_a_model_that_folds_the_batch(tmp_path, monkeypatch):
     rows as vmap asked for), 'hooks' and the Kronecker projection say what to use instead."""
     import functools
 
-    from gradindex import embedding
+    from gradindex.featurize import embedding
 
     ims, sched = _flat_images(), scheduler()
     auto = _build((_Flat("fold"), sched), ims, tmp_path / "auto", _flat_spec("sjlt"))

@@ -17,7 +17,7 @@ from peft import LoraConfig  # noqa: E402
 from peft.utils import get_peft_model_state_dict  # noqa: E402
 
 import gradindex as gi  # noqa: E402
-from gradindex.lora import LORA_WEIGHTS, lora_parameter_count  # noqa: E402
+from gradindex.inputs.lora import LORA_WEIGHTS, lora_parameter_count  # noqa: E402
 from tests.diffusion_refs import (  # noqa: E402
     CAPTIONS,
     reference_inputs,

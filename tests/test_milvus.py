@@ -19,7 +19,7 @@ from tests.conftest import scheduler, tiny_unet
 pytest.importorskip("pymilvus")
 pytest.importorskip("milvus_lite")
 
-from gradindex.milvus import MilvusBackend, _pymilvus, export_index  # noqa: E402
+from gradindex.index.milvus import MilvusBackend, _pymilvus, export_index  # noqa: E402
 
 N, K = 360, 10
 

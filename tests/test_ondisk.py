@@ -1,4 +1,4 @@
-"""On-disk IVF (gradindex.ondisk): built from an HDF5 store in chunks, it answers like the in-RAM
+"""On-disk IVF (gradindex.index.ondisk): built from an HDF5 store in chunks, it answers like the in-RAM
 IVF with the same quantizer and nprobe, its exact search equals numpy brute force, its folder can
 be moved, an interrupted build leaves nothing that opens, and no read takes more than a chunk."""
 
@@ -16,12 +16,12 @@ import pytest
 from click.testing import CliRunner
 
 import gradindex as gi
-from gradindex import ondisk, search
 from gradindex.cli import main
 from gradindex.errors import IndexStateError, SearchError
-from gradindex.ondisk import build_ondisk
-from gradindex.search import VectorIndex, set_num_threads
-from gradindex.store import ChunkedRows
+from gradindex.index import ondisk, search
+from gradindex.index.ondisk import build_ondisk
+from gradindex.index.search import VectorIndex, set_num_threads
+from gradindex.index.store import ChunkedRows
 from tests.test_search import brute_force, clustered
 
 N, D = 2999, 40
@@ -325,7 +325,7 @@ def test_interrupted_folder_build_is_incomplete_then_resumes(
 
 
 def test_merged_shards_get_an_ondisk_index(tmp_path, saved_checkpoints):
-    from gradindex.shards import merge_shards
+    from gradindex.scale.shards import merge_shards
 
     images = np.random.default_rng(3).random((8, 1, 8, 8), dtype=np.float32)
     spec = gi.BuildSpec(proj_dim=16, timesteps=2, batch_size=4)

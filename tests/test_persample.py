@@ -12,9 +12,9 @@ from torch import nn
 
 import gradindex as gi
 from gradindex.errors import ModelError
-from gradindex.gradients import GradientFeaturizer, select_parameters
-from gradindex.models import Checkpoint
-from gradindex.persample import HookGradients
+from gradindex.featurize.gradients import GradientFeaturizer, select_parameters
+from gradindex.featurize.persample import HookGradients
+from gradindex.inputs.models import Checkpoint
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -260,7 +260,7 @@ def test_batchnorm_model_falls_back_to_vmap(caplog):
         model.bn.running_mean.normal_()
         model.bn.running_var.uniform_(0.5, 2.0)
     spec = gi.BuildSpec(projection="identity", timesteps=2)
-    with caplog.at_level(logging.INFO, logger="gradindex.gradients"):
+    with caplog.at_level(logging.INFO, logger="gradindex.featurize.gradients"):
         feat = GradientFeaturizer(checkpoint(model), spec)
     assert feat.backend == "vmap"
     assert "via vmap" in caplog.text

@@ -1,4 +1,4 @@
-"""Tests for gradindex.projection: projections against exact inner products and explicit matrices."""
+"""Tests for gradindex.featurize.projection: projections against exact inner products and explicit matrices."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from gradindex import projection
 from gradindex.errors import DataError, SpecError
-from gradindex.projection import PROJECTIONS, make_projector
+from gradindex.featurize import projection
+from gradindex.featurize.projection import PROJECTIONS, make_projector
 
 RANDOM_KINDS = ("gaussian", "sjlt")
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import gradindex as gi
-from gradindex.store import VectorStore
+from gradindex.index.store import VectorStore
 from tests.conftest import scheduler, tiny_unet
 
 

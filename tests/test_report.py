@@ -1,4 +1,4 @@
-"""gradindex.report: the pure statistics against hand-computed values, and report() end to end."""
+"""gradindex.eval.report: the pure statistics against hand-computed values, and report() end to end."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 import gradindex as gi
-from gradindex import report as rp
 from gradindex.errors import SearchError
+from gradindex.eval import report as rp
 
 
 def test_norm_by_timestep_quantiles_and_spread():

@@ -20,7 +20,7 @@ from click.testing import CliRunner
 
 import gradindex as gi
 from gradindex.cli import main
-from gradindex.store import VectorStore
+from gradindex.index.store import VectorStore
 from tests.conftest import scheduler, tiny_unet
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,7 +30,7 @@ import sys, numpy as np, torch
 torch.set_num_threads(1)
 import gradindex as gi
 ckpts, data, out, resume = sys.argv[1].split(","), sys.argv[2], sys.argv[3], sys.argv[4] == "1"
-from gradindex.store import VectorStore
+from gradindex.index.store import VectorStore
 write = VectorStore.write_rows
 def reporting(self, start, *a):
     write(self, start, *a)
@@ -137,7 +137,7 @@ def test_damaged_files_are_named(tmp_path, small_index, damage):
 
 
 def test_non_finite_gradients_are_flagged_not_indexed(tmp_path, images, monkeypatch):
-    from gradindex import gradients
+    from gradindex.featurize import gradients
 
     original = gradients.GradientFeaturizer.featurize
 
@@ -332,7 +332,7 @@ def test_resume_of_a_finished_conditional_build_checks_its_labels(tmp_path, imag
 def test_resume_featurizes_only_the_missing_rows(tmp_path, images, small_index, monkeypatch):
     """A build stopped after its first batch, then resumed: the resume asks the featurizer for
     exactly the rows not yet done (not every row), and the result equals an uninterrupted build."""
-    from gradindex.gradients import GradientFeaturizer
+    from gradindex.featurize.gradients import GradientFeaturizer
 
     idx, pair, spec = small_index
     original = VectorStore.write_rows

@@ -11,9 +11,10 @@ from diffusers import DDPMPipeline
 
 import gradindex as gi
 from gradindex.cli import main
-from gradindex.fidelity import format_fidelity
-from gradindex.shards import merge_shards, parse_shard, shard_rows
-from gradindex.store import VectorStore
+from gradindex.featurize.fidelity import format_fidelity
+from gradindex.index.store import VectorStore
+from gradindex.inputs.slices import parse_shard, shard_rows
+from gradindex.scale.shards import merge_shards
 from tests.conftest import scheduler, tiny_unet
 
 SPEC = gi.BuildSpec(proj_dim=64, projection="sjlt", timesteps=3, noise_draws=2, batch_size=2)

@@ -13,14 +13,14 @@ import torch
 from click.testing import CliRunner
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
-from gradindex import training
-from gradindex.errors import DataError, ModelError
-from gradindex.training import (
+from gradindex.demo import training
+from gradindex.demo.training import (
     load_digits_images,
     sample_images,
     small_unet_config,
     train_ddpm,
 )
+from gradindex.errors import DataError, ModelError
 
 N, STEPS, BATCH, EVERY, LR = 64, 30, 16, 10, 3e-3
 TOOL = Path(__file__).resolve().parents[1] / "tools" / "train_ddpm.py"

@@ -1,4 +1,4 @@
-"""gradindex.viz: the attribution grid is readable on its own (big tiles, no empty margins, a
+"""gradindex.eval.viz: the attribution grid is readable on its own (big tiles, no empty margins, a
 caption that says what the scores mean), judged from the saved PNG's pixels."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from gradindex.viz import attribution_grid, score_caption
+from gradindex.eval.viz import attribution_grid, score_caption
 
 
 def _longest_dark_run(gray: np.ndarray) -> int:

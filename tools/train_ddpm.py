@@ -1,6 +1,6 @@
 """Train the small demo DDPM: ``python tools/train_ddpm.py --out DIR [--steps N] [--data FILE]``.
 
-A thin command around ``gradindex.training.train_ddpm``. Trains on scikit-learn's digits
+A thin command around ``gradindex.demo.training.train_ddpm``. Trains on scikit-learn's digits
 (upsampled to ``--size``) by default, or on ``--data``: a .npy/.npz array of images
 [N, H, W] / [N, C, H, W] / [N, H, W, C] (uint8, or floats in [0, 1]), an HDF5 dataset
 (``file.h5:/images``) or a folder of image files. Writes diffusers' training layout into DIR
@@ -18,8 +18,8 @@ import time
 import click
 import numpy as np
 
+from gradindex.demo.training import load_digits_images, small_unet_config, train_ddpm
 from gradindex.errors import GradIndexError
-from gradindex.training import load_digits_images, small_unet_config, train_ddpm
 
 D = {k: p.default for k, p in inspect.signature(train_ddpm).parameters.items()}
 
@@ -119,8 +119,8 @@ def main(
 
 
 def _load(data: str) -> np.ndarray:
-    """Any source ``gradindex.data.load_images`` reads -> float32 [N, C, H, W] in [0, 1]."""
-    from gradindex.data import load_images
+    """Any source ``gradindex.inputs.data.load_images`` reads -> float32 [N, C, H, W] in [0, 1]."""
+    from gradindex.inputs.data import load_images
 
     images, _ = load_images(data)
     if images.dtype == np.uint8:

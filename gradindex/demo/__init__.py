@@ -1,0 +1,1 @@
+"""The built-in demo (gradindex demo) and its small DDPM trainer on scikit-learn digits."""

@@ -1,0 +1,1 @@
+"""Judging an index: the report, the LDS counterfactual benchmark's statistics, figures."""

@@ -1,0 +1,1 @@
+"""Per-sample loss gradients at the spec's draws, aggregated (TracIn / ReTrac) and projected to index rows."""

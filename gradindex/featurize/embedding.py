@@ -1,0 +1,106 @@
+"""Images → stored-row vectors: featurize at every checkpoint, project, weight, concatenate.
+
+Holds ``Embedder``, the one code path shared by the builder (training rows) and the query side
+(test images), so a training image embedded at query time reproduces its stored row:
+
+    x(z) = concat_c √w_c · P_c a_c(z)                      TracIn row  [D = C·d]
+    u(z) = concat_c √w_c · P_c r_c(z) / ‖P_c r_c(z)‖        ReTrac row  [D]
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from gradindex.featurize.gradients import GradientFeaturizer
+from gradindex.featurize.kronecker import KroneckerFeaturizer
+from gradindex.featurize.projection import Projector, make_projector
+from gradindex.inputs.models import Checkpoint
+from gradindex.spec import BuildSpec
+
+
+@dataclass
+class Embedding:
+    """Rows for a batch of images."""
+
+    tracin: np.ndarray  # [B, D] float32
+    retrac: np.ndarray  # [B, D] float32
+    norms: np.ndarray  # [B, C, K·M] float32
+    flagged: np.ndarray  # [B] bool: non-finite or zero gradient somewhere (row unusable)
+
+
+def projection_seed(proj_seed: int, checkpoint_index: int) -> int:
+    """Checkpoint c gets its own map P_c, a pure function of (proj_seed, c)."""
+    state = np.random.SeedSequence([int(proj_seed), int(checkpoint_index)]).generate_state(1)
+    return int(state[0])
+
+
+class Embedder:
+    """Featurizers and projectors for every checkpoint of one spec."""
+
+    def __init__(
+        self, checkpoints: list[Checkpoint], spec: BuildSpec, device: str | torch.device = "cpu"
+    ):
+        self.spec = spec
+        self.device = torch.device(device)
+        self.weights = spec.weights(len(checkpoints))
+        seeds = [projection_seed(spec.proj_seed, c) for c in range(len(checkpoints))]
+        self.featurizers: list[GradientFeaturizer]
+        if spec.projection == "kronecker":  # projected inside the hooks: rows are already [B, d]
+            self.featurizers = [
+                KroneckerFeaturizer(c, spec, seed, self.device)
+                for c, seed in zip(checkpoints, seeds, strict=True)
+            ]
+        else:
+            self.featurizers = [GradientFeaturizer(c, spec, self.device) for c in checkpoints]
+        self.num_params = self.featurizers[0].num_params
+        kind = "identity" if spec.projection == "kronecker" else spec.projection
+        self.projectors: list[Projector] = [
+            make_projector(
+                kind,
+                self.featurizers[0].row_dim,
+                spec.proj_dim,
+                seed,
+                nnz=spec.sjlt_nnz,
+                device=self.device,
+            )
+            for seed in seeds
+        ]
+        self.block_dim = self.projectors[0].out_dim
+        self.dim = self.block_dim * len(checkpoints)
+        self.sample_shape = checkpoints[0].sample_shape()
+        self.draws = spec.draws(self.sample_shape)
+
+    def layer_routes(self) -> dict[str, str]:
+        """How each selected parameter's gradient is projected: 'kronecker d_out x d_in, ghost
+        norm' etc. for factored layers, 'dense' where the per-sample gradient is formed."""
+        feat = self.featurizers[0]
+        if isinstance(feat, KroneckerFeaturizer):
+            return {plan.name: plan.describe() for plan in feat.kron.plan}
+        return dict.fromkeys(feat.param_names, "dense")
+
+    def embed(self, x0: torch.Tensor, cond: dict[str, torch.Tensor] | None = None) -> Embedding:
+        """x0: [B, C, H, W] already in the model's range (latents for a latent model) → rows for
+        both methods. cond: the model's per-sample conditioning keyword arguments
+        (``gradindex.inputs.conditioning``), samples first."""
+        tracin_blocks, retrac_blocks, norm_blocks = [], [], []
+        for feat, proj, w in zip(self.featurizers, self.projectors, self.weights, strict=True):
+            f = feat.featurize(x0, self.draws, cond, reuse=True)  # projected into new tensors
+            sw = math.sqrt(w)
+            tracin_blocks.append(sw * proj.project(f.tracin))  # [B, d]
+            pr = proj.project(f.retrac)  # [B, d]
+            retrac_blocks.append(sw * pr / pr.norm(dim=1, keepdim=True))
+            norm_blocks.append(f.norms)  # [B, K·M]
+        tracin = torch.cat(tracin_blocks, dim=1).cpu().numpy()
+        retrac = torch.cat(retrac_blocks, dim=1).cpu().numpy()
+        norms = torch.stack(norm_blocks, dim=1).cpu().numpy()  # [B, C, K·M]
+        flagged = (
+            ~np.isfinite(tracin).all(1)
+            | ~np.isfinite(retrac).all(1)
+            | ~np.isfinite(norms).all((1, 2))
+            | (norms.reshape(len(norms), -1) == 0).any(1)
+        )
+        return Embedding(tracin, retrac, norms, flagged)

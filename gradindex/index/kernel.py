@@ -1,0 +1,244 @@
+"""The per-checkpoint Gram of the stored TracIn rows, and the TRAK query transform it gives.
+
+Checkpoint c's block of a stored TracIn row (columns c·d:(c+1)·d) is √w_c φ_c(z), where
+φ_c = P_c · mean gradient is TRAK's feature. One streamed pass over ``vectors.h5`` gives
+
+    G_c = Σ_z φ_c(z) φ_c(z)ᵀ      (d × d, float64, over the unflagged rows)
+
+stored in ``kernel.h5`` (dataset ``gram`` [C, d, d], attrs ``rows``, ``build_id``), readable
+with plain h5py. TRAK's score is then an inner product with the rows already indexed:
+
+    Σ_c w_c φ_c(q)ᵀ (G_c + λ_c I)⁻¹ φ_c(z) = ⟨q', x(z)⟩,   q'_c = (G_c + λ_c I)⁻¹ q_c
+
+with q_c the query's TracIn block (√w_c φ_c(q)) and x(z) the stored TracIn row, so ``trak``
+searches the TracIn index with a transformed query. Default λ_c = LAMBDA_SCALE · trace(G_c) / d
+(never looks at LDS targets; any λ > 0 keeps N < d well-posed).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+from scipy.linalg import cho_factor, cho_solve
+
+from gradindex.errors import IndexStateError, SearchError
+from gradindex.index.layout import (
+    KERNEL,
+    MANIFEST,
+    VECTORS,
+    check_files,
+    file_digest,
+    read_manifest,
+    write_json_atomic,
+)
+from gradindex.index.store import ChunkedRows, VectorStore
+
+LAMBDA_SCALE = 0.1
+MAX_KERNEL_DIM = 8192
+"""Largest d with a kernel: a d × d float64 Gram per checkpoint is 512 MiB at 8192 (an
+``identity`` projection's d is the parameter count, whose Gram would not fit)."""
+LAMBDA_RULE = f"lambda_c = {LAMBDA_SCALE} * trace(G_c) / d"
+
+
+def gram_from_store(store: VectorStore, weights: Sequence[float]) -> tuple[np.ndarray, int]:
+    """(G [C, d, d] float64, rows counted): one chunked pass over the unflagged TracIn rows."""
+    num_ckpts = len(weights)
+    if store.dim % num_ckpts:
+        raise IndexStateError(
+            f"{store.path}: row width {store.dim} is not a multiple of {num_ckpts} checkpoints"
+        )
+    d = store.dim // num_ckpts
+    keep = np.flatnonzero(~store.flagged)
+    gram = np.zeros((num_ckpts, d, d), dtype=np.float64)
+    for _, block in ChunkedRows(store.file["tracin"], keep).chunks():
+        x = block.astype(np.float64).reshape(len(block), num_ckpts, d)
+        for c in range(num_ckpts):
+            gram[c] += x[:, c].T @ x[:, c]
+    gram /= np.asarray(weights, dtype=np.float64)[:, None, None]  # √w_c φ_c → φ_c
+    return gram, len(keep)
+
+
+def default_lambdas(gram: np.ndarray) -> list[float]:
+    """λ_c = LAMBDA_SCALE · trace(G_c) / d (1.0 for a checkpoint whose rows are all zero)."""
+    d = gram.shape[-1]
+    out = []
+    for g in gram:
+        lam = LAMBDA_SCALE * float(np.trace(g)) / d
+        out.append(lam if math.isfinite(lam) and lam > 0 else 1.0)
+    return out
+
+
+def too_wide(d: int) -> str | None:
+    """Why an index with d columns per checkpoint gets no kernel, or None when it gets one."""
+    if d <= MAX_KERNEL_DIM:
+        return None
+    return (
+        f"d = {d} per checkpoint > {MAX_KERNEL_DIM}: its d x d Gram would take "
+        f"{8 * d * d / 2**30:.1f} GiB per checkpoint; build with a projection "
+        f"(proj_dim <= {MAX_KERNEL_DIM}) for method 'trak'"
+    )
+
+
+def write_kernel(folder: Path, weights: Sequence[float], build_id: str | None) -> dict[str, Any]:
+    """Compute the Gram of ``folder``'s vectors.h5, write ``kernel.h5`` and return the
+    manifest's ``kernel`` record ({"skipped": why} and no file when d is too wide)."""
+    with VectorStore.open(folder / VECTORS) as store:
+        why = too_wide(store.dim // len(weights))
+        if why is not None:
+            (folder / KERNEL).unlink(missing_ok=True)
+            return {"skipped": why}
+        gram, rows = gram_from_store(store, weights)
+    return _write(folder, gram, rows, build_id)
+
+
+def merge_kernels(
+    folder: Path,
+    parts: Sequence[tuple[Path, str | None, int]],
+    weights: Sequence[float],
+    build_id: str | None,
+) -> dict[str, Any]:
+    """The kernel of rows assembled from index folders, in ``folder``: the sum of the parts'
+    Grams (G is additive over rows), each given as (its folder, the build id of its
+    vectors.h5, its unflagged rows). A part without a kernel of its own rows (an index built
+    before kernels) makes it one streamed pass over the assembled rows instead."""
+    total, rows = None, 0
+    for part, part_id, part_rows in parts:
+        gram = _own_gram(part / KERNEL, part_id, part_rows)
+        if gram is None or (total is not None and gram.shape != total.shape):
+            return write_kernel(folder, weights, build_id)
+        total = gram if total is None else total + gram
+        rows += part_rows
+    if total is None:
+        return write_kernel(folder, weights, build_id)
+    return _write(folder, total, rows, build_id)
+
+
+def _own_gram(path: Path, build_id: str | None, rows: int) -> np.ndarray | None:
+    """The Gram in ``path`` if it was computed over that build's ``rows`` rows, else None."""
+    if not path.exists():
+        return None
+    with h5py.File(path, "r") as f:
+        if str(f.attrs.get("build_id", "")) != (build_id or "") or f.attrs.get("rows") != rows:
+            return None
+        return f["gram"][()]
+
+
+def _write(folder: Path, gram: np.ndarray, rows: int, build_id: str | None) -> dict[str, Any]:
+    """Write ``kernel.h5`` atomically (temporary file, then rename); the manifest record."""
+    lambdas = default_lambdas(gram)
+    tmp = folder / f".{KERNEL}.tmp"
+    try:
+        with h5py.File(tmp, "w") as f:
+            f.create_dataset("gram", data=gram)
+            f.attrs["rows"] = rows
+            f.attrs["build_id"] = build_id or ""
+            f.attrs["lambda"] = np.asarray(lambdas)
+        os.replace(tmp, folder / KERNEL)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return {"rows": rows, "lambda": lambdas, "rule": LAMBDA_RULE, "proj_dim": gram.shape[-1]}
+
+
+def add_kernel(folder: str | os.PathLike[str]) -> dict[str, Any]:
+    """Compute (or recompute) the kernel of a finished index built before it existed, and
+    record it in the manifest (rewritten atomically); every other file is first checked
+    against its recorded checksum, so a damaged index is never blessed. Returns the record.
+    The caller holds the folder's writer lock (``lifecycle.folder_lock``; the CLI does)."""
+    path = Path(folder)
+    manifest = read_manifest(path)
+    others = {k: v for k, v in manifest.get("files", {}).items() if k != KERNEL}
+    problems = check_files(path, {**manifest, "files": others}, checksums=True)
+    if problems:
+        raise IndexStateError(f"{problems[0]}; rebuild the index")
+    with VectorStore.open(path / VECTORS) as store:
+        store.check_manifest(manifest)
+    weights = [float(c["weight"]) for c in manifest["checkpoints"]]
+    with VectorStore.open(path / VECTORS) as store:
+        why = too_wide(store.dim // len(weights))
+    if why is not None:
+        raise IndexStateError(f"{path}: no kernel for this index: {why}")
+    record = write_kernel(path, weights, manifest.get("build_id"))
+    kpath = path / KERNEL
+    files = {**others, KERNEL: {"bytes": kpath.stat().st_size, "sha256": file_digest(kpath)}}
+    write_json_atomic(path / MANIFEST, {**manifest, "kernel": record, "files": files})
+    return record
+
+
+def check_lambdas(lam: float | Sequence[float], num_ckpts: int) -> list[float]:
+    """One λ for every checkpoint, or one per checkpoint; each finite and > 0."""
+    values = [lam] * num_ckpts if np.ndim(lam) == 0 else list(lam)  # type: ignore[list-item]
+    if len(values) != num_ckpts:
+        raise SearchError(
+            f"lambda has {len(values)} values for {num_ckpts} checkpoints; give one or one each"
+        )
+    try:
+        out = [float(v) for v in values]
+    except (TypeError, ValueError):
+        raise SearchError(f"lambda={lam!r}: must be a number > 0") from None
+    if not all(math.isfinite(v) and v > 0 for v in out):
+        raise SearchError(f"lambda={lam!r}: must be finite and > 0 (ridge of G_c + lambda I)")
+    return out
+
+
+class Kernel:
+    """G_c and the default λ_c of an index; ``transform`` turns TracIn query rows into the
+    rows whose inner product with the stored TracIn rows is the TRAK score."""
+
+    def __init__(self, gram: np.ndarray, lambdas: Sequence[float]):
+        self.gram = gram
+        self.lambdas = check_lambdas(list(lambdas), len(gram))
+        self._factors: dict[int, tuple[float, Any]] = {}  # c -> (λ, Cholesky factor)
+
+    @classmethod
+    def load(cls, folder: Path, manifest: dict[str, Any]) -> Kernel:
+        """The kernel of a finished index; an index built before it gets told how to add it."""
+        path = folder / KERNEL
+        record = manifest.get("kernel")
+        if isinstance(record, dict) and "skipped" in record:
+            raise IndexStateError(f"{folder}: this index has no kernel: {record['skipped']}")
+        if not isinstance(record, dict) or not path.exists():
+            raise IndexStateError(
+                f"{folder}: this index has no kernel (needed by method 'trak'); "
+                f"add it with: gradindex kernel {folder}"
+            )
+        with h5py.File(path, "r") as f:
+            gram = f["gram"][()]
+            build_id = str(f.attrs.get("build_id", ""))
+        if manifest.get("build_id") and build_id != manifest["build_id"]:
+            raise IndexStateError(
+                f"{path}: build id {build_id} but the manifest's is {manifest['build_id']}; "
+                f"recompute it with: gradindex kernel {folder}"
+            )
+        num_ckpts = len(manifest["checkpoints"])
+        d = int(manifest["dim"]) // num_ckpts
+        if gram.shape != (num_ckpts, d, d):
+            raise IndexStateError(
+                f"{path}: Gram of shape {gram.shape} but the index needs {(num_ckpts, d, d)}; "
+                f"recompute it with: gradindex kernel {folder}"
+            )
+        return cls(gram, record["lambda"])
+
+    def _factor(self, c: int, lam: float) -> Any:
+        cached = self._factors.get(c)
+        if cached is None or cached[0] != lam:
+            a = self.gram[c] + lam * np.eye(self.gram.shape[-1])
+            cached = (lam, cho_factor(a, lower=True, check_finite=False))
+            self._factors[c] = cached
+        return cached[1]
+
+    def transform(self, queries: np.ndarray, lam: Any = None) -> np.ndarray:
+        """TracIn query rows [B, C·d] → q' [B, C·d] float32, q'_c = (G_c + λ_c I)⁻¹ q_c."""
+        num_ckpts, d = self.gram.shape[0], self.gram.shape[-1]
+        lambdas = self.lambdas if lam is None else check_lambdas(lam, num_ckpts)
+        q = np.asarray(queries, dtype=np.float64).reshape(len(queries), num_ckpts, d)
+        out = np.empty_like(q)
+        for c in range(num_ckpts):
+            out[:, c] = cho_solve(self._factor(c, lambdas[c]), q[:, c].T).T
+        return out.reshape(len(queries), num_ckpts * d).astype(np.float32)

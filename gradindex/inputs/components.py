@@ -1,0 +1,133 @@
+"""Loading diffusers / transformers components from folders, safely.
+
+A config file names the class to build (``_class_name``, ``architectures``); only a diffusers
+model / scheduler class or a transformers model is accepted, so a config cannot make us build a
+pipeline or call anything else. Also the weights fingerprints that tie an index to its models.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gradindex.errors import ModelError
+
+
+def load_model(model_dir: Path) -> torch.nn.Module:
+    import diffusers
+
+    cls_name = json.loads((model_dir / "config.json").read_text()).get("_class_name", "UNet2DModel")
+    cls = diffusers_class(cls_name, diffusers.ModelMixin)
+    if cls is None:
+        raise ModelError(
+            f"{model_dir}/config.json: _class_name {cls_name!r} is not a diffusers model class "
+            "(a ModelMixin such as UNet2DModel); point at the model's folder, e.g. unet/"
+        )
+    try:
+        model = cls.from_pretrained(model_dir, low_cpu_mem_usage=False)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise ModelError(
+            f"{model_dir}: could not load the model ({str(exc).splitlines()[0]})"
+        ) from None
+    return model.eval()
+
+
+def load_scheduler(path: Path) -> Any:
+    import diffusers
+
+    cfg_file = path / "scheduler_config.json"
+    if not cfg_file.exists():
+        raise ModelError(f"{path}: no scheduler_config.json")
+    cls_name = json.loads(cfg_file.read_text()).get("_class_name", "DDPMScheduler")
+    cls = diffusers_class(cls_name, diffusers.SchedulerMixin)
+    if cls is None:
+        if str(cls_name) in dir(diffusers):  # names something else of diffusers
+            raise ModelError(
+                f"{cfg_file}: _class_name {cls_name!r} is not a diffusers scheduler class"
+            )
+        cls = diffusers.DDPMScheduler  # a scheduler of a newer diffusers: DDPM reads its config
+    return cls.from_pretrained(path)
+
+
+def diffusers_class(name: Any, base: type) -> type | None:
+    """The diffusers class called ``name`` if it is a subclass of ``base`` (``ModelMixin``,
+    ``SchedulerMixin``), else None: a config file must not make us build a pipeline or call
+    any other attribute of the diffusers module."""
+    import diffusers
+
+    if not isinstance(name, str) or not name.isidentifier():
+        return None
+    try:
+        cls = getattr(diffusers, name, None)
+    except (ImportError, RuntimeError):  # lazy attributes whose extras are not installed
+        return None
+    return cls if isinstance(cls, type) and issubclass(cls, base) else None
+
+
+def fingerprint_module(model: torch.nn.Module) -> str:
+    """sha256 of every parameter and buffer (name, dtype, shape, bytes), in name order."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+def has_component(folder: Path, name: str) -> bool:
+    if name == "tokenizer":
+        return folder.is_dir() and any(
+            (folder / f).exists() for f in ("tokenizer_config.json", "vocab.json", "tokenizer.json")
+        )
+    return (folder / "config.json").exists()
+
+
+def load_component(folder: Path, name: str) -> Any:
+    """A VAE (diffusers), text encoder or tokenizer (transformers) from its folder."""
+    try:
+        if name == "vae":
+            import diffusers
+
+            cls_name = json.loads((folder / "config.json").read_text()).get(
+                "_class_name", "AutoencoderKL"
+            )
+            cls = diffusers_class(cls_name, diffusers.ModelMixin) or diffusers.AutoencoderKL
+            return cls.from_pretrained(folder).eval()
+        try:
+            import transformers
+        except ImportError:
+            raise ModelError(
+                "text-conditional models need transformers: pip install 'gradindex[text]'"
+            ) from None
+        if name == "tokenizer":
+            return transformers.AutoTokenizer.from_pretrained(str(folder))
+        arch = json.loads((folder / "config.json").read_text()).get("architectures") or [
+            "CLIPTextModel"
+        ]
+        cls = getattr(transformers, str(arch[0]), None)
+        if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+            cls = transformers.CLIPTextModel  # a config names a model class, nothing else
+        bars = transformers.utils.logging.is_progress_bar_enabled()
+        transformers.utils.logging.disable_progress_bar()  # keeps --json output clean
+        try:
+            return cls.from_pretrained(str(folder)).eval()
+        finally:
+            if bars:
+                transformers.utils.logging.enable_progress_bar()
+    except (OSError, ValueError) as exc:
+        raise ModelError(
+            f"{folder}: could not load the {name} ({str(exc).splitlines()[0]})"
+        ) from None
+
+
+def component_fingerprint(obj: Any) -> str:
+    """Weights fingerprint of a module; a tokenizer's is its vocabulary and max length."""
+    if isinstance(obj, torch.nn.Module):
+        return fingerprint_module(obj)
+    vocab = sorted(obj.get_vocab().items())
+    text = json.dumps([vocab, int(obj.model_max_length)])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -1,0 +1,189 @@
+"""Appending training samples to a finished index: ``add_samples`` (``gradindex add``).
+
+The new images are featurized with the index's own spec and checkpoints (refused if the weights
+changed) into a scratch build beside the index (``.<name>.adding``); the old rows and the new
+ones are then assembled into a staging folder (``.<name>.staging``: vectors, both search indexes
+rebuilt with the kind the index was asked for, approximate ones re-tuned and validated against
+exact search by the search layer, manifest last), which is swapped in with one atomic exchange.
+Until that exchange the original folder is not written to, so a killed ``add`` leaves it exactly
+as it was (run the same ``add`` again; it starts over); one that fails removes its scratch and
+staging folders. A read-only index folder is refused up front (an add replaces the folder).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gradindex.build import build_index
+from gradindex.errors import IndexStateError, ModelError, SpecError
+from gradindex.index.layout import MANIFEST, VECTORS
+from gradindex.index.lifecycle import check_writable, folder_lock, staging_folder, swap_in
+from gradindex.index.store import VectorStore
+from gradindex.inputs.data import load_images
+from gradindex.inputs.models import CheckpointSource, load_checkpoints
+from gradindex.query import AttributionIndex
+from gradindex.scale.shards import _plain, assemble, open_part
+from gradindex.spec import BuildSpec
+
+
+def add_samples(
+    index: str | os.PathLike[str],
+    data: Any,
+    *,
+    ids: np.ndarray | list | None = None,
+    labels: Any = None,
+    prompts: Any = None,
+    base_model: Any = None,
+    checkpoints: list[CheckpointSource] | None = None,
+    scheduler: Any = None,
+    device: str = "cpu",
+    progress: bool = True,
+) -> AttributionIndex:
+    """Append the images in ``data`` to the finished index folder ``index``; returns it reopened.
+
+    ids: one per new image. By default image files keep their names, and array rows continue
+    the index's integer ids (largest + 1, + 2, ...), so adding the second half of a dataset gives
+    the ids a build over the whole would. checkpoints: override the recorded sources (needed for
+    indexes built from in-memory models); their weights must match the index's. labels /
+    prompts / base_model: as for ``build_index``, for conditional or latent models.
+    """
+    target = Path(index).resolve()  # a link or '.' names the real folder: one lock, one swap
+    open_part(target)  # a missing or unfinished index is named before anything is created
+    with folder_lock(target):
+        return _add(
+            target, data, ids, labels, prompts, base_model, checkpoints, scheduler, device, progress
+        )
+
+
+def _add(
+    target: Path,
+    data: Any,
+    ids: np.ndarray | list | None,
+    labels: Any,
+    prompts: Any,
+    base_model: Any,
+    checkpoints: list[CheckpointSource] | None,
+    scheduler: Any,
+    device: str,
+    progress: bool,
+) -> AttributionIndex:
+    """``add_samples`` holding the index's lock."""
+    started = time.perf_counter()
+    manifest = open_part(target)
+    check_writable(target, "add to it")
+    if "shard" in manifest:
+        raise IndexStateError(
+            f"{target}: is one shard of a sharded build; merge the shards, then add to the result"
+        )
+    spec = BuildSpec.from_dict(manifest["spec"])
+    ckpts = _checkpoints(manifest, checkpoints, scheduler)
+    images, data_ids = load_images(data, manifest.get("image_shape", manifest["sample_shape"])[0])
+    with VectorStore.open(target / VECTORS) as store:
+        old_ids = store.ids
+    new_ids = _new_ids(ids, data_ids, old_ids, len(images))
+
+    part = target.parent / f".{target.name}.adding"
+    if part.exists():  # left by a killed add; never the only copy of anything
+        shutil.rmtree(part)
+    stage = None
+    try:
+        build_index(
+            checkpoints=ckpts,
+            data=images,
+            ids=new_ids,
+            labels=labels,
+            prompts=prompts,
+            base_model=base_model,
+            out=part,
+            spec=spec,
+            index="flat",
+            device=device,
+            progress=progress,
+            fidelity_sample=0,  # the index keeps its own record: same projection, same model
+        )
+        info = manifest["indexes"]["tracin"]
+        added = {
+            "rows": len(images),
+            "first_row": len(old_ids),
+            "seconds": round(time.perf_counter() - started, 3),
+        }
+        base = {k: v for k, v in manifest.items() if k != "files"}
+        stage = staging_folder(target)
+        assemble(
+            stage,
+            [target, part],
+            base,
+            info.get("requested_kind", "flat"),
+            info.get("target_recall", 0.95),
+            {"added": [*manifest.get("added", []), added]},
+            started,
+        )
+        swap_in(stage, target)
+    except BaseException:
+        if stage is not None and (target / MANIFEST).exists():  # the stage is no only copy
+            shutil.rmtree(stage, ignore_errors=True)
+        raise
+    finally:
+        shutil.rmtree(part, ignore_errors=True)
+    return AttributionIndex.open(
+        target, checkpoints=checkpoints, scheduler=scheduler, device=device, base_model=base_model
+    )
+
+
+def _checkpoints(
+    manifest: dict[str, Any], given: list[CheckpointSource] | None, scheduler: Any
+) -> list[Any]:
+    """The index's checkpoints, loaded, with the weights it was built from (checked)."""
+    records = manifest["checkpoints"]
+    sources = list(given) if given else [r["source"] for r in records]
+    if not given and any(str(s).startswith("memory:") for s in sources):
+        raise ModelError(
+            "this index was built from in-memory models: pass them as "
+            "checkpoints=[(model, scheduler), ...]"
+        )
+    if len(sources) != len(records):
+        raise ModelError(f"the index has {len(records)} checkpoints but {len(sources)} were given")
+    ckpts = load_checkpoints(sources, scheduler)
+    for i, (c, r) in enumerate(zip(ckpts, records, strict=True)):
+        if c.fingerprint != r["fingerprint"]:
+            raise ModelError(
+                f"checkpoint {i} ({c.source}) has fingerprint {c.fingerprint} but the index was "
+                f"built with {r['fingerprint']}: other weights; rebuild instead of adding"
+            )
+    return ckpts
+
+
+def _new_ids(ids: Any, data_ids: np.ndarray, old_ids: np.ndarray, n: int) -> np.ndarray:
+    """Ids for the new rows, refused when of another kind than the index's or already in it."""
+    if ids is not None:
+        new = np.asarray(ids)
+        if new.ndim != 1 or len(new) != n:
+            raise SpecError(f"ids has shape {new.shape} but there are {n} new images")
+        new = new if new.dtype.kind in "iu" else new.astype(str)
+    elif data_ids.dtype.kind in "iu":  # arrays: ids are row numbers; continue the numbering
+        if old_ids.dtype.kind not in "iu":
+            raise SpecError(
+                "the index names its samples (string ids) but the new images are an array "
+                "without names; pass ids= with one name per image"
+            )
+        new = int(old_ids.max()) + 1 + np.arange(n, dtype=np.int64)
+    else:
+        new = data_ids
+    if (new.dtype.kind in "iu") != (old_ids.dtype.kind in "iu"):
+        kind = "integers" if old_ids.dtype.kind in "iu" else "strings"
+        raise SpecError(f"the index's ids are {kind}; give the new samples {kind} too")
+    if len(np.unique(new)) != n:
+        raise SpecError("the new ids are not unique; give each new sample its own id")
+    clash = np.intersect1d(old_ids, new)
+    if clash.size:
+        raise SpecError(
+            f"{clash.size} of the new ids are already in the index (first: {_plain(clash[0])!r}); "
+            "ids must not collide: rename the files or pass other ids"
+        )
+    return new
