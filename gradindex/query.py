@@ -12,6 +12,12 @@ Holds ``AttributionIndex``:
     idx.query(images, labels=[...]) / idx.query(images, prompts=[...])   conditional models
     AttributionIndex.open(DIR, milvus=URI)           # search the collections 'gradindex
                                                      # export DIR --milvus URI' made instead
+    AttributionIndex.open(DIR, backends={"tracin": b1, "retrac": b2})
+                                                     # any gradindex.index.backend.SearchBackend
+
+Search backends: one per stored method (``self.backends``), all called the same way and all
+answering in vectors.h5 row numbers (:mod:`gradindex.index.backend`): by default the folder's
+FAISS indexes (:mod:`gradindex.index.faiss_folder`), or Milvus collections, or any other.
 
 Methods: the stored ones (``METHODS``: tracin, retrac) each have their own rows and search index;
 ``SEARCH_METHODS`` adds ``trak``, Σ_c w_c φ_c(q)ᵀ (G_c + λ_c I)⁻¹ φ_c(z), served from the TracIn
@@ -28,28 +34,47 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import faiss
 import numpy as np
 
-from gradindex.errors import IndexStateError, ModelError, SearchError
+from gradindex.errors import IndexStateError, SearchError
 from gradindex.featurize.embedding import Embedder
+from gradindex.index.backend import (
+    SearchBackend,
+    SearchResult,
+    as_queries,
+    check_backends,
+    check_k,
+    result_to_json,
+)
+from gradindex.index.faiss_common import METHODS
+from gradindex.index.faiss_folder import open_faiss_backends
 from gradindex.index.kernel import Kernel
-from gradindex.index.layout import MANIFEST, VECTORS, check_files, faiss_file, read_manifest
-from gradindex.index.milvus import MilvusBackend, default_name
-from gradindex.index.search import METHODS, SearchResult, VectorIndex
+from gradindex.index.layout import MANIFEST, VECTORS, check_files, read_manifest
+from gradindex.index.milvus import MilvusBackend
+from gradindex.index.milvus import open_backends as milvus_backends
+from gradindex.index.records import check_records, recorded_checkpoints, summary
 from gradindex.index.store import VectorStore
 from gradindex.inputs.conditioner import Conditioner
 from gradindex.inputs.conditioning import ConditioningData, as_prompts
 from gradindex.inputs.data import image_size, resolve_data_range, to_model_input
 from gradindex.inputs.devices import resolve_device
-from gradindex.inputs.models import Checkpoint, CheckpointSource, load_checkpoints
+from gradindex.inputs.models import Checkpoint, CheckpointSource
 from gradindex.spec import BuildSpec
 
 logger = logging.getLogger(__name__)
+
+__all__ = [
+    "SEARCH_METHODS",
+    "AttributionIndex",
+    "SearchResult",
+    "check_positive_k",
+    "result_to_json",
+    "stored_method",
+]
 
 SEARCH_METHODS = (*METHODS, "trak")
 """What search / query accept: the stored methods plus those served from their rows."""
@@ -73,6 +98,7 @@ class AttributionIndex:
         mmap: bool,
         base_model: Any = None,
         milvus: str | MilvusBackend | None = None,
+        backends: Mapping[str, SearchBackend] | None = None,
     ):
         self.path = path
         self._base_model = base_model
@@ -89,7 +115,6 @@ class AttributionIndex:
                 f"{problems[0]}; rebuild the index"
                 + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else "")
             )
-        self._indexes: dict[str, VectorIndex] = {}
         with VectorStore.open(path / VECTORS) as store:
             store.check_manifest(manifest)  # another build's file, spec or shape
             self.ids: np.ndarray = store.ids
@@ -99,51 +124,17 @@ class AttributionIndex:
                 raise IndexStateError(
                     f"{path / VECTORS}: not every row was written; rebuild or resume"
                 )
-            self.index_rows = np.flatnonzero(~self.flagged)  # search-index row i → store row
-            for method in METHODS if milvus is None else ():  # Milvus answers searches then
-                self._indexes[method] = self._load_index(method, mmap, store)
+            self.index_rows = np.flatnonzero(~self.flagged)  # the store rows a search returns
+            if milvus is not None:  # shorthand for its collections' backends
+                backends = milvus_backends(milvus, path, manifest, len(self.index_rows))
+            if backends is None:
+                backends = open_faiss_backends(path, manifest, store, self.index_rows, mmap)
+        self.backends = check_backends(backends, METHODS, self.dim, len(self.index_rows))
         self._norms: np.ndarray | None = None  # read on first use (see ``norms``)
         self._kernel: Kernel | None = None  # read on first 'trak' search (see ``kernel``)
         if self.device.startswith("cuda"):  # search where the embeddings are made
-            for vindex in self._indexes.values():
-                vindex.to_gpu()
-        self.milvus: MilvusBackend | None = None
-        if milvus is not None:
-            if not isinstance(milvus, MilvusBackend):
-                milvus = MilvusBackend.connect(os.fspath(milvus), default_name(path))
-            milvus.check_index(manifest, len(self.index_rows))
-            self.milvus = milvus
-
-    def _load_index(self, method: str, mmap: bool, store: VectorStore) -> VectorIndex:
-        """One method's FAISS index, refused unless it is this build's: its build id, size,
-        dimension and metric against the manifest, and a few of its rows against the store."""
-        fpath = self.path / faiss_file(method)
-        if not fpath.exists():
-            raise IndexStateError(f"{fpath}: search index missing; rebuild the index")
-        vindex = VectorIndex.load(fpath, mmap=mmap)
-        info, want_id = vindex.info, self.manifest.get("build_id")
-        if want_id is not None and info.get("build_id") != want_id:
-            raise IndexStateError(
-                f"{fpath}.json: build id {info.get('build_id')} but the manifest's is {want_id} "
-                "(an index of another build); restore this index's own files or rebuild it"
-            )
-        expected = (len(self.index_rows), self.dim, method, faiss.METRIC_INNER_PRODUCT)
-        found = (vindex.ntotal, vindex.dim, info["method"], vindex.metric)
-        if found != expected:
-            raise IndexStateError(
-                f"{fpath}: holds {found[0]} rows of dimension {found[1]} for {found[2]!r} "
-                f"(metric {found[3]}) but this index needs {expected[0]} of dimension "
-                f"{expected[1]} for {method!r} (inner product, metric {expected[3]}); rebuild"
-            )
-        sample = vindex.sample_rows()
-        if sample is not None:
-            rows, stored = sample
-            if not np.array_equal(stored, store.vectors(method, self.index_rows[rows])):
-                raise IndexStateError(
-                    f"{fpath}: its rows differ from {VECTORS}'s (an index of another build); "
-                    "restore this index's own files or rebuild it"
-                )
-        return vindex
+            for backend in self.backends.values():
+                backend.to_gpu()
 
     @classmethod
     def open(
@@ -156,15 +147,20 @@ class AttributionIndex:
         mmap: bool = False,
         base_model: Any = None,
         milvus: str | MilvusBackend | None = None,
+        backends: Mapping[str, SearchBackend] | None = None,
     ) -> AttributionIndex:
         """Open an index folder. ``checkpoints`` overrides the recorded checkpoint sources
         (needed when the index was built from in-memory models); ``base_model`` the recorded
         VAE / text encoder / tokenizer folder (or a mapping of those objects). ``milvus``: a
         Milvus URI (or a ``gradindex.index.milvus.MilvusBackend``) that ``search`` / ``query`` then
         answer from, instead of the folder's FAISS indexes; the collections must come from
-        ``gradindex export`` of this very build."""
+        ``gradindex export`` of this very build. ``backends``: {method: SearchBackend} for every
+        stored method, over the folder's unflagged rows, answering in store rows (any backend;
+        see :mod:`gradindex.index.backend`)."""
         p = Path(path)
-        return cls(p, read_manifest(p), checkpoints, scheduler, device, mmap, base_model, milvus)
+        return cls(
+            p, read_manifest(p), checkpoints, scheduler, device, mmap, base_model, milvus, backends
+        )
 
     # -- stored data ---------------------------------------------------------------------
 
@@ -219,53 +215,17 @@ class AttributionIndex:
             raise IndexStateError("; ".join(problems))
 
     def info(self) -> dict[str, Any]:
-        m = self.manifest
-        return {
-            "path": str(self.path),
-            "num_rows": m["num_rows"],
-            "num_flagged": m.get("num_flagged", 0),
-            "dim": m["dim"],
-            "proj_dim": m["proj_dim"],
-            "num_params": m["num_params"],
-            "layers": m.get("layers", {}),
-            "checkpoints": m["checkpoints"],
-            "timesteps": m["timesteps"],
-            "prediction_type": m["prediction_type"],
-            "spec": m["spec"],
-            "indexes": m["indexes"],
-            "versions": m["versions"],
-            "build_seconds": m.get("build_seconds"),
-            "conditioning": self.conditioning,
-            "fidelity": m.get("fidelity"),  # None for indexes built before it was measured
-            "kernel": m.get("kernel"),  # None for indexes built before it (gradindex kernel)
-        }
+        """What the manifest records about this index (see ``index.records.summary``)."""
+        return summary(self.path, self.manifest, self.conditioning)
 
     # -- embedding ----------------------------------------------------------------------
 
     def _get_embedder(self) -> Embedder:
         if self._embedder is None:
-            records = self.manifest["checkpoints"]
-            sources = self._checkpoint_sources
-            if sources is None:
-                memory = [r["source"] for r in records if r["source"].startswith("memory:")]
-                if memory:
-                    raise ModelError(
-                        "this index was built from in-memory models: pass them to "
-                        "AttributionIndex.open(path, checkpoints=[(model, scheduler), ...])"
-                    )
-                sources = [r["source"] for r in records]
-            if len(sources) != len(records):
-                raise ModelError(
-                    f"the index has {len(records)} checkpoints but {len(sources)} were given"
-                )
             base_model = self._base_model or self.manifest.get("base_model")
-            ckpts = load_checkpoints(list(sources), self._scheduler, base_model)
-            for i, (c, r) in enumerate(zip(ckpts, records, strict=True)):
-                if c.fingerprint != r["fingerprint"]:
-                    raise ModelError(
-                        f"checkpoint {i} ({c.source}) has fingerprint {c.fingerprint} but the index was "
-                        f"built with {r['fingerprint']}: the weights changed; rebuild the index"
-                    )
+            ckpts = recorded_checkpoints(
+                self.manifest, self._checkpoint_sources, self._scheduler, base_model
+            )
             self.loaded_checkpoints: list[Checkpoint] = ckpts
             self._embedder = Embedder(ckpts, self.spec, self.device)
         return self._embedder
@@ -354,12 +314,7 @@ class AttributionIndex:
     # -- search -------------------------------------------------------------------------
 
     def _as_queries(self, vectors: np.ndarray) -> np.ndarray:
-        q = np.asarray(vectors, dtype=np.float32)
-        if q.ndim == 1:
-            q = q[None]
-        if q.ndim != 2 or q.shape[1] != self.dim:
-            raise SearchError(f"query vectors have shape {q.shape}; expected [B, {self.dim}]")
-        return q
+        return as_queries(vectors, self.dim)
 
     def search(
         self,
@@ -369,28 +324,19 @@ class AttributionIndex:
         exact: bool = False,
         lam: Any = None,
     ) -> SearchResult:
-        """Top-k training samples for query rows ([B, D] or [D]), best first (from Milvus
-        when the index was opened with ``milvus=``; same scores, ids and rows). For ``trak``
-        the rows are TracIn query rows and ``lam`` overrides the kernel's λ (see
-        ``trak_vectors``)."""
+        """Top-k training samples for query rows ([B, D] or [D]), best first, from this
+        method's search backend (the folder's FAISS index, Milvus, ...: same scores, ids and
+        rows). For ``trak`` the rows are TracIn query rows and ``lam`` overrides the kernel's λ
+        (see ``trak_vectors``)."""
         _check_method(method)
         check_lambda_method(method, lam)
         q = self._as_queries(vectors)
-        check_positive_k(k)
+        check_k(k)
         if method == "trak":
             q, method = self.trak_vectors(q, lam), "tracin"
-        if k > len(self.index_rows):
-            warnings.warn(
-                f"k={k} exceeds the {len(self.index_rows)} indexed samples; returning all of them",
-                stacklevel=2,
-            )
-            k = len(self.index_rows)
-        if self.milvus is not None:  # its rows are already vectors.h5 row numbers
-            res = self.milvus.search(q, int(k), method, exact=exact)
-            return SearchResult(scores=res.scores, ids=self.ids[res.rows], rows=res.rows)
-        res = self._indexes[method].search(q, int(k), exact=exact)
-        rows = self.index_rows[res.rows]
-        return SearchResult(scores=res.scores, ids=self.ids[rows], rows=rows)
+        k = check_k(k, len(self.index_rows), "indexed samples")
+        res = self.backends[method].search(q, k, exact=exact)  # rows: vectors.h5 row numbers
+        return SearchResult(scores=res.scores, ids=self.ids[res.rows], rows=res.rows)
 
     def query(
         self,
@@ -434,41 +380,7 @@ class AttributionIndex:
 
 def check_positive_k(k: Any) -> None:
     """Refuse a k that is not a positive integer (before any image is embedded)."""
-    if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k <= 0:
-        raise SearchError(f"k={k!r}: must be a positive integer")
-
-
-def check_records(
-    mpath: Path, manifest: dict[str, Any], spec: BuildSpec, flagged: np.ndarray
-) -> None:
-    """The manifest's records that follow from the (fingerprint-checked) spec and the store
-    must agree with them: an edited timestep list, checkpoint weight or flagged count would
-    make ``info`` describe another index than the one that answers."""
-    ckpts = manifest.get("checkpoints")
-    if not isinstance(ckpts, list) or not ckpts or not all(isinstance(c, dict) for c in ckpts):
-        raise IndexStateError(f"{mpath}: no readable checkpoint records; restore or rebuild it")
-    found = {
-        "timesteps": manifest.get("timesteps"),
-        "checkpoint weights": [c.get("weight") for c in ckpts],
-        "num_flagged": manifest.get("num_flagged", 0),
-    }
-    expected = {
-        "timesteps": spec.timestep_values(),
-        "checkpoint weights": list(spec.weights(len(ckpts))),
-        "num_flagged": int(flagged.sum()),
-    }
-    for key, want in expected.items():
-        got = found[key]
-        same = got == want or (
-            key == "checkpoint weights"
-            and all(isinstance(g, (int, float)) for g in got)
-            and np.allclose(got, want, rtol=1e-6, atol=0)
-        )
-        if not same:
-            raise IndexStateError(
-                f"{mpath}: records {key} {got!r} but the index's spec / vectors say {want!r} "
-                "(the manifest was edited); restore it or rebuild the index"
-            )
+    check_k(k)
 
 
 def _check_method(method: str) -> None:
@@ -480,19 +392,3 @@ def check_lambda_method(method: str, lam: Any) -> None:
     """λ is the ridge of the TRAK kernel: refused with another method rather than ignored."""
     if lam is not None and method != "trak":
         raise SearchError(f"lambda applies to method 'trak' only, not {method!r}")
-
-
-def result_to_json(result: SearchResult, method: str) -> list[dict[str, Any]]:
-    """One JSON-able record per query row; ``resized``: the query's [H, W] before it was
-    resized to the model's size, or null."""
-    resized = None if result.resized is None else [int(v) for v in result.resized]
-    return [
-        {
-            "method": method,
-            "ids": [x.item() if hasattr(x, "item") else x for x in ids],
-            "rows": rows.tolist(),
-            "scores": [float(s) for s in scores],
-            "resized": resized,
-        }
-        for scores, ids, rows in zip(result.scores, result.ids, result.rows, strict=True)
-    ]

@@ -222,7 +222,7 @@ def test_bad_input(tmp_path):
 
 
 def test_auto_goes_on_disk_only_past_the_memory_budget(monkeypatch):
-    monkeypatch.setattr(ondisk.st, "_available_memory", lambda: 1000 * 64 * 4)
+    monkeypatch.setattr(ondisk.st, "available_memory", lambda: 1000 * 64 * 4)
     assert ondisk.wants_ondisk("ondisk", 10, 4)
     assert not ondisk.wants_ondisk("auto", 500, 64) and ondisk.wants_ondisk("auto", 501, 64)
     assert not ondisk.wants_ondisk("ivf", 10**9, 512)

@@ -261,7 +261,7 @@ def test_bad_inputs_raise_search_error() -> None:
 def test_k_larger_than_n_warns_and_clamps() -> None:
     x = clustered(8, 4, "retrac")
     vi = VectorIndex.build(x, "retrac", kind="flat")
-    with pytest.warns(UserWarning, match="k=20 is more than the 8 indexed rows"):
+    with pytest.warns(UserWarning, match="k=20 exceeds the 8 indexed rows"):
         res = vi.search(x[:3], 20)
     assert res.rows.shape == (3, 8)
     np.testing.assert_array_equal(np.sort(res.rows, axis=1), np.tile(np.arange(8), (3, 1)))
@@ -317,7 +317,7 @@ def test_tuner_accepts_only_settings_whose_validation_half_meets_the_target() ->
     tune_r, valid_r = both_halves(chosen)
     assert report.met and valid_r >= target and tune_r >= target + margin
     assert report.recall == pytest.approx(valid_r) and report.tune_recall == pytest.approx(tune_r)
-    lower = [v for v in search_tuning._NPROBE_GRID if v < chosen]
+    lower = [v for v in search_tuning.NPROBE_GRID if v < chosen]
     early = [v for v in lower if both_halves(v)[0] >= target + margin]
     assert early, "the tuning half must pass below the chosen rung, or this test proves nothing"
     assert all(both_halves(v)[1] < target for v in early)  # each rejected for its validation half

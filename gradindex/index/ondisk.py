@@ -37,16 +37,12 @@ sidecar, without which no index loads, is removed before that and written last.
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import json
 import logging
 import os
 import shutil
-import sys
 import time
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -55,16 +51,25 @@ import numpy as np
 
 from gradindex.errors import IndexStateError, SearchError
 from gradindex.index import tuning as st
-from gradindex.index.layout import write_json_atomic
-from gradindex.index.search import (
-    METHODS,
-    ON_MISS,
-    VectorIndex,
-    _configure,
-    _restores_threads,
-    _sidecar_dict,
+from gradindex.index.exact import exact_topk
+from gradindex.index.faiss_common import (
+    check_build_args,
     check_common_norm,
+    configure,
+    first_line,
+    restores_threads,
+    sidecar_dict,
+    write_failure,
 )
+from gradindex.index.layout import write_json_atomic
+from gradindex.index.ondisk_io import (
+    IVFDATA_SUFFIX,
+    PREFETCH_THREADS,
+    fsync,
+    read_ondisk,
+    stdout_to_stderr,
+)
+from gradindex.index.search import VectorIndex
 from gradindex.index.store import ChunkedRows
 
 logger = logging.getLogger(__name__)
@@ -74,21 +79,7 @@ PART_BYTES = 256 << 20
 """Rows per partial index before it is written to disk: 256 MiB of float32 rows + ids."""
 AUTO_ONDISK_FRACTION = 0.5
 """``auto`` builds on disk when the float32 rows take more than this share of available memory."""
-IVFDATA_SUFFIX = ".ivfdata"
-PREFETCH_THREADS = 0
-"""Threads FAISS starts per search to read the probed lists ahead (its default is 32). Measured
-here with the lists in page cache: one query took 1-4 ms with 32, 0.1 ms with none. Without
-them the searching threads fault the pages in themselves (batches search on every core)."""
-
-
-def exact_topk(rows: ChunkedRows, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-k by inner product of q [B, D] over ``rows``, one chunk at a time."""
-    heap = faiss.ResultHeap(len(q), k, keep_max=True)
-    for start, block in rows.chunks():
-        sc, rw = faiss.knn(q, block, min(k, len(block)), metric=faiss.METRIC_INNER_PRODUCT)
-        heap.add_result(sc, rw + start)
-    heap.finalize()
-    return heap.D, heap.I
+__all__ = ["build_ondisk", "build_from_store", "exact_topk", "read_ondisk", "wants_ondisk"]
 
 
 def build_ondisk(
@@ -129,7 +120,7 @@ def build_ondisk(
     )
 
 
-@_restores_threads
+@restores_threads
 def _build(
     src: ChunkedRows,
     path: Path,
@@ -142,25 +133,13 @@ def _build(
     part_rows: int | None,
     requested: str,
 ) -> VectorIndex:
-    if method not in METHODS:
-        raise SearchError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
-    if on_miss not in ON_MISS:
-        raise SearchError(f"unknown on_miss {on_miss!r}; use one of {', '.join(ON_MISS)}")
-    if not isinstance(target_recall, int | float) or not 0 < target_recall <= 1:
-        raise SearchError(f"target_recall must be in (0, 1]; got {target_recall!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int | np.integer):
-        raise SearchError(f"seed must be an integer; got {seed!r}")
+    check_build_args(method, on_miss, target_recall, seed)
     n, d = src.shape
-    if n == 0:
-        raise SearchError("vectors are empty (0 rows); an index needs at least one row")
-    if nlist is not None and (isinstance(nlist, bool) or not isinstance(nlist, int) or nlist < 1):
-        raise SearchError(f"nlist must be a positive integer; got {nlist!r}")
-    if nlist is not None and nlist > n:
-        raise SearchError(f"nlist={nlist} is more than the {n} rows; use at most {n} lists")
+    _check_lists(n, nlist)
     part_rows = part_rows or max(src.chunk_rows, PART_BYTES // (4 * d + 8))
     if not path.parent.is_dir():
         raise IndexStateError(f"{path.parent}: no such folder for the on-disk index")
-    threads = _configure(d)
+    threads = configure(d)
     t0 = time.perf_counter()
     factory = st.factory_for("ivf", n) if nlist is None else f"IVF{nlist},Flat"
     work = path.parent / f".{path.name}.parts"  # hidden; removed whatever happens
@@ -174,66 +153,57 @@ def _build(
         index = _merge_parts(trained, parts, lists)
         for p in parts:
             p.unlink()
-
-        q = (
-            st.heldout_queries(src, st.HELDOUT_QUERIES, int(seed) + 1)
-            if tune_queries is None
-            else _queries(tune_queries, d)
+        info = _tuned(
+            index, src, method, requested, target_recall, seed, factory, on_miss, tune_queries
         )
-        if len(q) < 2:
-            raise SearchError("tune_queries needs at least 2 rows (split to tune / validate)")
-        exact, _ = exact_topk(src, q, min(st.RECALL_K, n))
-        report = st.tune(index, src, float(target_recall), q, exact_scores=exact)
-        ivf = faiss.extract_index_ivf(index)
-        info = _info(method, requested, target_recall, seed, n, d, factory, report, tune_queries)
-        if not report.met:
-            msg, record = st.missed_target(
-                report,
-                f"on-disk index {factory!r}",
-                target_recall,
-                on_miss,
-                "use a lower target_recall or more lists (nlist)",
-            )
-            info["fallback"] = {"from": factory, **record}
-            if on_miss == "fallback":
-                warnings.warn(msg + "; probing every list instead (exact search)", stacklevel=3)
-                info.update(knobs={"nprobe": int(ivf.nlist)}, recall_at_10=1.0, meets_target=True)
-                info["recall_measured_on"] = "exact by construction (every list probed)"
-                st.apply_knobs(index, info["knobs"])
-            else:
-                warnings.warn(msg + "; kept it as asked (on_miss='warn')", stacklevel=3)
         data = path.with_name(path.name + IVFDATA_SUFFIX)
-        faiss.downcast_InvertedLists(ivf.invlists).filename = data.name  # no folder: movable
+        nlists = int(faiss.extract_index_ivf(index).nlist)
+        lists_file = faiss.downcast_InvertedLists(faiss.extract_index_ivf(index).invlists)
+        lists_file.filename = data.name  # no folder: movable
         faiss.write_index(index, str(work / "index.faiss"))
-        index = None  # unmaps the lists, flushing them
-        _fsync(lists)
+        index = lists_file = None  # unmaps the lists, flushing them
+        fsync(lists)
         info["ondisk"] = {
             "ivfdata": data.name,
             "bytes": lists.stat().st_size,
-            "nlist": int(ivf.nlist),
-            "train_rows": min(n, max(40 * int(ivf.nlist), 10_000)),
+            "nlist": nlists,
+            "train_rows": min(n, max(40 * nlists, 10_000)),
             "partial_indexes": len(parts),
             "chunk_rows": src.chunk_rows,
         }
-        info["build_seconds"] = round(time.perf_counter() - t0, 3)
-        info["threads"] = threads
-        # commit: no sidecar while the two data files change, the sidecar last
-        Path(str(path) + ".json").unlink(missing_ok=True)
-        os.replace(lists, data)
-        os.replace(work / "index.faiss", path)
-        write_json_atomic(Path(str(path) + ".json"), _sidecar_dict(info))
+        info.update(build_seconds=round(time.perf_counter() - t0, 3), threads=threads)
+        _commit(path, work / "index.faiss", lists, data, info)
     except (OSError, RuntimeError) as e:
-        failure = st.write_failure(path, e)
+        failure = write_failure(path, e)
         if failure is not None:
             raise failure from None
         raise IndexStateError(
-            f"cannot build the on-disk index at {path}: {st._first_line(e)}"
+            f"cannot build the on-disk index at {path}: {first_line(e)}"
         ) from None
     finally:
         index = None
         shutil.rmtree(work, ignore_errors=True)
     logger.info("built on-disk %s over %dx%d: %s", factory, n, d, info["knobs"])
     return VectorIndex.load(path)
+
+
+def _check_lists(n: int, nlist: int | None) -> None:
+    """Refuse no rows, or a list count that is no positive integer or above the rows."""
+    if n == 0:
+        raise SearchError("vectors are empty (0 rows); an index needs at least one row")
+    if nlist is not None and (isinstance(nlist, bool) or not isinstance(nlist, int) or nlist < 1):
+        raise SearchError(f"nlist must be a positive integer; got {nlist!r}")
+    if nlist is not None and nlist > n:
+        raise SearchError(f"nlist={nlist} is more than the {n} rows; use at most {n} lists")
+
+
+def _commit(path: Path, faiss_file: Path, lists: Path, data: Path, info: dict[str, Any]) -> None:
+    """Move the built files into place: no sidecar while the two data files change, the
+    sidecar (without which no index loads) last."""
+    Path(str(path) + ".json").unlink(missing_ok=True)
+    os.replace(lists, data)
+    os.replace(faiss_file, path)
+    write_json_atomic(Path(str(path) + ".json"), sidecar_dict(info))
 
 
 def _trained(src: ChunkedRows, factory: str, seed: int) -> faiss.Index:
@@ -285,7 +255,7 @@ def _merge_parts(trained: faiss.Index, parts: list[Path], lists: Path) -> faiss.
         vec.push_back(faiss.extract_index_ivf(s).invlists)
     merged = faiss.OnDiskInvertedLists(ivf.nlist, ivf.code_size, str(lists))
     merged.prefetch_nthread = PREFETCH_THREADS  # for the tuning searches
-    with _stdout_to_stderr():  # FAISS prints "resizing ..." with printf
+    with stdout_to_stderr():  # FAISS prints "resizing ..." with printf
         ntotal = merged.merge_from_multiple(vec.data(), vec.size(), False)
     index.ntotal = ivf.ntotal = ntotal
     ivf.replace_invlists(merged, True)
@@ -293,6 +263,51 @@ def _merge_parts(trained: faiss.Index, parts: list[Path], lists: Path) -> faiss.
     del vec, sources
     logger.info("merged %d partial index(es), %d rows, into %s", len(parts), ntotal, lists)
     return index
+
+
+def _tuned(
+    index: faiss.Index,
+    src: ChunkedRows,
+    method: str,
+    requested: str,
+    target_recall: float,
+    seed: int,
+    factory: str,
+    on_miss: str,
+    tune_queries: np.ndarray | None,
+) -> dict[str, Any]:
+    """Tune nprobe against exact search (computed chunk by chunk) and act on a missed target as
+    ``on_miss`` says; returns the index's info record."""
+    n, d = src.shape
+    q = (
+        st.heldout_queries(src, st.HELDOUT_QUERIES, int(seed) + 1)
+        if tune_queries is None
+        else _queries(tune_queries, d)
+    )
+    if len(q) < 2:
+        raise SearchError("tune_queries needs at least 2 rows (split to tune / validate)")
+    exact, _ = exact_topk(src, q, min(st.RECALL_K, n))
+    report = st.tune(index, src, float(target_recall), q, exact_scores=exact)
+    info = _info(method, requested, target_recall, seed, n, d, factory, report, tune_queries)
+    if report.met:
+        return info
+    msg, record = st.missed_target(
+        report,
+        f"on-disk index {factory!r}",
+        target_recall,
+        on_miss,
+        "use a lower target_recall or more lists (nlist)",
+    )
+    info["fallback"] = {"from": factory, **record}
+    if on_miss == "fallback":
+        warnings.warn(msg + "; probing every list instead (exact search)", stacklevel=4)
+        nlist = int(faiss.extract_index_ivf(index).nlist)
+        info.update(knobs={"nprobe": nlist}, recall_at_10=1.0, meets_target=True)
+        info["recall_measured_on"] = "exact by construction (every list probed)"
+        st.apply_knobs(index, info["knobs"])
+    else:
+        warnings.warn(msg + "; kept it as asked (on_miss='warn')", stacklevel=4)
+    return info
 
 
 def _queries(q: Any, d: int) -> np.ndarray:
@@ -334,28 +349,6 @@ def _info(
     }
 
 
-def read_ondisk(path: str | os.PathLike[str], info: dict[str, Any]) -> faiss.Index:
-    """Open the on-disk index at ``path`` with its lists memory-mapped from the ``.ivfdata`` file
-    beside it (checked against the size its sidecar ``info`` records)."""
-    path = Path(path)
-    rec = info.get("ondisk") or {}
-    data = path.with_name(str(rec.get("ivfdata", path.name + IVFDATA_SUFFIX)))
-    if not data.is_file():
-        raise IndexStateError(
-            f"{data}: missing; an on-disk index needs its lists file next to {path.name}"
-        )
-    if data.stat().st_size != rec.get("bytes"):
-        raise IndexStateError(
-            f"{data}: {data.stat().st_size} bytes but {path.name}.json records {rec.get('bytes')} "
-            "(truncated or from another build); rebuild the index"
-        )
-    with _stdout_to_stderr():  # FAISS prints the resolved lists path with printf
-        index = faiss.read_index(str(path.resolve()), faiss.IO_FLAG_ONDISK_SAME_DIR)
-    lists = faiss.downcast_InvertedLists(faiss.extract_index_ivf(index).invlists)
-    lists.prefetch_nthread = PREFETCH_THREADS
-    return index
-
-
 def wants_ondisk(kind: str, n: int, d: int) -> bool:
     """True for ``"ondisk"``, and for ``"auto"`` when N x D float32 rows would take more than
     AUTO_ONDISK_FRACTION of the available memory (an in-RAM build has to hold them all)."""
@@ -363,7 +356,7 @@ def wants_ondisk(kind: str, n: int, d: int) -> bool:
         return True
     if kind != "auto":
         return False
-    avail = st._available_memory()
+    avail = st.available_memory()
     big = avail is not None and n * d * 4 > AUTO_ONDISK_FRACTION * avail
     if big:
         logger.info("auto: %dx%d rows exceed half the available memory; building on disk", n, d)
@@ -402,34 +395,3 @@ def _stamp_build_id(path: Path, build_id: str) -> None:
     side = json.loads(side_path.read_text())
     side["info"]["build_id"] = build_id
     write_json_atomic(side_path, side)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-@contextlib.contextmanager
-def _stdout_to_stderr() -> Iterator[None]:
-    """Send what C code prints on stdout to stderr for a while (FAISS's on-disk lists report
-    progress with ``printf``), so ``--json`` output on stdout stays parseable."""
-    try:
-        fflush = ctypes.CDLL(None).fflush
-        fflush.argtypes = [ctypes.c_void_p]
-        if sys.stdout is not None:
-            sys.stdout.flush()
-        fflush(None)
-        saved = os.dup(1)
-        os.dup2(2, 1)
-    except (OSError, AttributeError, ValueError):
-        saved = None
-    try:
-        yield
-    finally:
-        if saved is not None:
-            fflush(None)
-            os.dup2(saved, 1)
-            os.close(saved)

@@ -3,12 +3,11 @@
 Holds:
 
 - ``METHODS``, ``INDEX_KINDS`` -- the accepted method and kind names.
-- :class:`SearchResult` -- scores, ids and row numbers of a search, best first.
+- :class:`SearchResult` (from :mod:`gradindex.index.backend`) -- a search's scores, ids, rows.
 - :class:`VectorIndex` -- ``build`` / ``search`` / ``save`` / ``load`` / ``info`` over one
   float32 matrix, for ``tracin`` (maximum inner product search over rows of very different
   norms) or ``retrac`` (rows of one common norm, so inner product ranks as cosine; rows of
-  unequal norms are refused, see ``check_common_norm``).
-- :func:`set_num_threads`, :func:`batch_threads` -- the FAISS thread count batches use.
+  unequal norms are refused, see ``faiss_common.check_common_norm``).
 
 Scores are always inner products of the vectors as given: nothing is rescaled, and the MIPS->L2
 extra-coordinate trick is not used (measured to wreck IVF/HNSW recall on heavy-tailed norms).
@@ -23,169 +22,68 @@ are scanned list by list in bounded chunks (in RAM or memory-mapped on disk); lo
 
 Indexes larger than RAM (``kind="ondisk"``: an IVF whose lists live in a ``.ivfdata`` file next
 to the FAISS file, memory-mapped) are built from chunked rows by :mod:`gradindex.index.ondisk`, and
-opened and searched here like any other kind.
+opened (:mod:`gradindex.index.ondisk_io`) and searched here like any other kind.
 
-Threads: a single query runs on one thread; batches use the caller's thread count by default:
-the OpenMP / torch thread setting of the calling thread, capped by the CPUs the process may use
-(``set_num_threads`` or the environment variable ``GRADINDEX_NUM_THREADS`` changes that). The
-FAISS wheel and torch share one OpenMP runtime when torch is imported first, so a FAISS thread
-setting is a torch thread setting: every build and search restores the caller's count when it
-returns (OpenMP keeps the count per calling thread, so other Python threads are untouched). IVF
-and HNSW answer one query on one thread anyway (FAISS parallelizes over queries); a flat index
-would split its scan over threads, but with the cores shared by other jobs the OpenMP barriers
-stall: measured here, one query over 30k x 64 took 0.66 ms on one thread and 32 ms on two, and
-one over 100k x 512 took 50 ms vs 136 ms. Batches amortize the barriers over many queries.
+Threads and FAISS's BLAS threshold: the policy of :mod:`gradindex.index.faiss_common`
+(``set_num_threads`` / ``batch_threads`` are importable from here too).
 
-Batches: FAISS >= 1.14.2 scans the whole database once per query when ``n_queries * D`` is below
-``faiss.cvar.distance_compute_blas_threshold`` (128000 by default: 64 queries at D=256 took
-10x longer than one BLAS pass here). Every search sets the threshold to ``4 * D`` so batches of
-four or more queries take the blocked BLAS path (measured: 1-3 queries are as fast either way).
+Every ``VectorIndex`` is a :class:`~gradindex.index.backend.SearchBackend`: its rows are the rows
+of the matrix it was built over (an index folder's FAISS index holds the unflagged store rows,
+and :class:`~gradindex.index.backend.StoreRows` maps its rows back to store rows).
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import logging
-import operator
 import os
-import sys
 import time
 import warnings
-from collections.abc import Callable
-from dataclasses import dataclass
-from importlib import metadata
-from typing import Any, TypeVar
+from typing import Any
 
 import faiss
 import numpy as np
 
 from gradindex.errors import IndexStateError, SearchError
 from gradindex.index import tuning as st
-from gradindex.inputs.threads import available_cpus
+from gradindex.index.backend import SearchBackend, SearchResult, as_matrix
+from gradindex.index.exact import exact_search_ivf, flat_storage
+from gradindex.index.faiss_common import (
+    FORMAT_VERSION,
+    METHODS,
+    ON_MISS,
+    batch_threads,
+    check_build_args,
+    check_common_norm,
+    configure,
+    first_line,
+    restores_threads,
+    set_num_threads,
+    sidecar_dict,
+    write_failure,
+)
+from gradindex.index.gpu import GPU_MAX_K, clone_to_gpus
+from gradindex.index.ondisk_io import read_ondisk
+
+__all__ = [
+    "INDEX_KINDS",
+    "METHODS",
+    "ON_MISS",
+    "SearchResult",
+    "VectorIndex",
+    "batch_threads",
+    "set_num_threads",
+]
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("tracin", "retrac")
 INDEX_KINDS = ("flat", "ivf", "hnsw", "auto")  # or any FAISS factory string
-ON_MISS = ("fallback", "warn", "raise")
-FORMAT_VERSION = 1
 QUERY_BATCH = 4096  # queries per FAISS call (its own BLAS query block is 4096)
-GPU_MAX_K = 2048  # FAISS GPU k-selection handles k up to this
-BLAS_MIN_QUERIES = 4  # batches this large or larger take FAISS's BLAS path
 _CHUNK_BYTES = 64 << 20  # row chunk for exact search over IVF lists
-_num_threads: int | None = None
-
-_F = TypeVar("_F", bound=Callable[..., Any])
 
 
-def set_num_threads(n: int | None = None) -> int:
-    """Set the FAISS threads for batches (None: ``GRADINDEX_NUM_THREADS`` or the caller's count).
-
-    Single queries always run on one thread (see the module docstring). Applies to later builds
-    and searches only, never to the caller's torch / OpenMP threads. Returns the batch count.
-    """
-    global _num_threads
-    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
-        raise SearchError(f"thread count must be a positive integer; got {n!r}")
-    _num_threads = n
-    return batch_threads()
-
-
-def batch_threads() -> int:
-    """FAISS threads for a batch: set_num_threads, else GRADINDEX_NUM_THREADS, else the caller's
-    own count (its OpenMP setting and torch's, when torch is loaded) capped by the usable CPUs."""
-    if _num_threads is not None:
-        return _num_threads
-    env = os.environ.get("GRADINDEX_NUM_THREADS", "")
-    if env.isdigit() and int(env) > 0:
-        return int(env)
-    n = min(faiss.omp_get_max_threads(), available_cpus())
-    torch = sys.modules.get("torch")  # never imported here: the search layer does not need it
-    if torch is not None and hasattr(torch, "get_num_threads"):
-        n = min(n, torch.get_num_threads())
-    return max(1, n)
-
-
-def _restores_threads(fn: _F) -> _F:
-    """Decorate a function that calls :func:`_configure`: the caller's OpenMP thread count (also
-    torch's, when the runtime is shared) is put back when it returns or raises."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        before = faiss.omp_get_max_threads()
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            faiss.omp_set_num_threads(before)
-
-    return wrapper  # type: ignore[return-value]
-
-
-def _configure(dim: int, single_query: bool = False) -> int:
-    """Apply the thread and BLAS-threshold policy (module docstring); returns the batch threads.
-    Only inside a function decorated with :func:`_restores_threads`."""
-    n = batch_threads()
-    faiss.omp_set_num_threads(1 if single_query else n)
-    if dim:
-        faiss.cvar.distance_compute_blas_threshold = BLAS_MIN_QUERIES * dim
-    return n
-
-
-@dataclass(frozen=True)
-class SearchResult:
-    """Search results, best first. ``scores, ids = result`` unpacks the two users need.
-
-    scores [B, k] float32 inner products; ids [B, k] (row numbers here, sample ids once the
-    attribution layer swaps them in); rows [B, k] int64 row numbers. Equal scores are ordered by
-    row number (which of several rows tied at the k-th score makes the cut is FAISS's choice).
-    resized: the query images' (H, W) when they were resized to the model's size, else None.
-    """
-
-    scores: np.ndarray
-    ids: np.ndarray
-    rows: np.ndarray
-    resized: tuple[int, int] | None = None
-
-    def __iter__(self):
-        yield self.scores
-        yield self.ids
-
-
-def _as_matrix(a: Any, name: str, dim: int | None = None) -> np.ndarray:
-    """A contiguous float32 [N, D] copy/view of ``a``, or SearchError saying what is wrong."""
-    try:
-        arr = np.asarray(a)
-    except (TypeError, ValueError) as e:
-        raise SearchError(f"{name} is not an array ({e}); pass a float32 matrix [N, D]") from None
-    if arr.dtype.kind not in "biuf":
-        raise SearchError(f"{name} has dtype {arr.dtype}; pass real numbers (float32)")
-    if arr.ndim != 2:
-        raise SearchError(
-            f"{name} must be a 2-D array [N, D]; got shape {arr.shape} "
-            "(a single vector v goes in as v[None, :])"
-        )
-    if arr.shape[1] == 0:
-        raise SearchError(f"{name} have dimension 0; pass vectors with at least one coordinate")
-    if dim is not None and arr.shape[1] != dim:
-        raise SearchError(
-            f"{name} have dimension {arr.shape[1]} but the index holds {dim}-dimensional "
-            "vectors; embed them with the same spec and projection"
-        )
-    with np.errstate(over="ignore"):  # overflow to inf is reported just below
-        arr = np.ascontiguousarray(arr, dtype=np.float32)
-    finite = np.isfinite(arr).all(axis=1)
-    if not finite.all():
-        bad = np.flatnonzero(~finite)
-        raise SearchError(
-            f"{name} contain NaN or inf in {bad.size} row(s) (first: row {bad[0]}) after "
-            "conversion to float32; fix or drop those rows"
-        )
-    return arr
-
-
-class VectorIndex:
+class VectorIndex(SearchBackend):
     """Top-k inner-product search over one float32 matrix, exact or approximate-but-validated."""
 
     def __init__(self, index: faiss.Index, info: dict[str, Any]) -> None:
@@ -196,11 +94,15 @@ class VectorIndex:
         self.dim: int = int(index.d)
         self.metric: int = int(index.metric_type)  # faiss.METRIC_INNER_PRODUCT for every build
         self.method: str = info["method"]
-        self._flat = st.flat_storage(index)  # IndexFlat over all rows, or None (IVF)
+        self._flat = flat_storage(index)  # IndexFlat over all rows, or None (IVF)
         self._gpu: faiss.Index | None = None  # a GPU clone of _index, see to_gpu
 
+    @property
+    def num_rows(self) -> int:
+        return self.ntotal
+
     @classmethod
-    @_restores_threads
+    @restores_threads
     def build(
         cls,
         vectors: np.ndarray,
@@ -221,29 +123,16 @@ class VectorIndex:
         ``fallback`` (default) warns and builds an exact flat index instead, ``warn`` keeps the
         best knobs and warns, ``raise`` raises SearchError. Results are in :attr:`info`.
         """
-        if method not in METHODS:
-            raise SearchError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
-        if not isinstance(kind, str) or not kind.strip():
-            raise SearchError(f"kind must be one of {INDEX_KINDS} or a FAISS factory string")
-        if kind == "ondisk":
-            raise SearchError(
-                "kind 'ondisk' is built from rows read in chunks into a folder: use "
-                "gradindex.index.ondisk.build_ondisk(rows, path, method) or build_index(index='ondisk')"
-            )
-        if on_miss not in ON_MISS:
-            raise SearchError(f"unknown on_miss {on_miss!r}; use one of {', '.join(ON_MISS)}")
-        if not isinstance(target_recall, int | float) or not 0 < target_recall <= 1:
-            raise SearchError(f"target_recall must be in (0, 1]; got {target_recall!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int | np.integer):
-            raise SearchError(f"seed must be an integer; got {seed!r}")
+        check_build_args(method, on_miss, target_recall, seed)
+        _check_kind_arg(kind)
         seed = int(seed)
-        x = _as_matrix(vectors, "vectors")
+        x = as_matrix(vectors, "vectors")
         n, d = x.shape
         if n == 0:
             raise SearchError("vectors are empty (0 rows); an index needs at least one row")
         if method == "retrac":
             check_common_norm(np.linalg.norm(x, axis=1))
-        threads = _configure(d)
+        threads = configure(d)
         t0 = time.perf_counter()
         chosen = st.choose_kind(n, d) if kind == "auto" else kind
         info: dict[str, Any] = {
@@ -258,47 +147,9 @@ class VectorIndex:
         if chosen == "flat":
             index, factory, report = _flat_index(x), "Flat", None
         else:
-            factory = st.factory_for(chosen, n) if chosen in ("ivf", "hnsw") else chosen
-            q = (
-                st.heldout_queries(x, st.HELDOUT_QUERIES, seed + 1)
-                if tune_queries is None
-                else _as_matrix(tune_queries, "tune_queries", d)
-            )
-            if len(q) < 2:
-                raise SearchError("tune_queries needs at least 2 rows (split to tune / validate)")
-            index, factory = st.make_index(factory, x, seed)
-            report = st.tune(index, x, float(target_recall), q)
-            if not report.met:
-                msg, record = st.missed_target(
-                    report,
-                    f"index {factory!r}",
-                    target_recall,
-                    on_miss,
-                    "use kind='flat' or a lower target_recall",
-                )
-                info["fallback"] = {"from": factory, **record}
-                if on_miss == "fallback":
-                    warnings.warn(msg + "; built exact flat search instead", stacklevel=2)
-                    index, factory, chosen = _flat_index(x), "Flat", "flat"
-                else:
-                    warnings.warn(msg + "; kept it as asked (on_miss='warn')", stacklevel=2)
-        info.update(
-            kind=chosen if chosen in INDEX_KINDS else "factory",
-            factory=factory,
-            knobs=report.knobs if report and chosen != "flat" else {},
-            recall_at_10=1.0 if chosen == "flat" else report.recall,
-            tune_recall_at_10=1.0 if chosen == "flat" else report.tune_recall,
-            recall_measured_on=(
-                "exact by construction"
-                if chosen == "flat"
-                else f"{report.n_queries} {'given' if tune_queries is not None else 'perturbed-row'}"
-                " queries (knobs chosen on one half, recall_at_10 on the other)"
-            ),
-            meets_target=chosen == "flat" or report.met,
-            ladder=report.steps if report else [],
-            build_seconds=round(time.perf_counter() - t0, 3),
-            threads=threads,
-        )
+            index, factory, chosen, report = _tuned(x, chosen, info, on_miss, tune_queries)
+        info.update(_tune_record(chosen, factory, report, tune_queries is not None))
+        info.update(build_seconds=round(time.perf_counter() - t0, 3), threads=threads)
         logger.info("built %s over %dx%d: %s", factory, n, d, info["knobs"])
         return cls(index, info)
 
@@ -310,33 +161,22 @@ class VectorIndex:
         callers can ask unconditionally. Exact search over IVF lists and k above FAISS's GPU
         limit stay on the CPU. Returns whether searches now run on the GPU.
         """
-        reason = _gpu_unavailable(self._index)
-        if reason is None:
-            try:
-                options = faiss.GpuMultipleClonerOptions()
-                options.shard = True  # split the rows over the GPUs, not a copy on each
-                self._gpu = faiss.index_cpu_to_all_gpus(
-                    self._index, co=options, ngpu=num_gpus or -1
-                )
-            except (RuntimeError, AttributeError) as e:
-                reason = f"cloning to the GPU failed ({st._first_line(e)})"
+        self._gpu, reason = clone_to_gpus(self._index, num_gpus)
         if reason is not None:
             warnings.warn(f"{self.method} search stays on the CPU: {reason}", stacklevel=2)
         self._info["search_device"] = "cpu" if self._gpu is None else "gpu"
         return self._gpu is not None
 
-    @_restores_threads
-    def search(self, queries: np.ndarray, k: int, exact: bool = False) -> SearchResult:
-        """Top-k rows by inner product for each query [B, D]; batches of any size.
+    @restores_threads
+    def search_rows(self, q: np.ndarray, k: int, exact: bool = False) -> SearchResult:
+        """Top-k rows by inner product for each checked query [B, D]; batches of any size.
 
         ``exact=True`` scans every stored float32 row. Approximate results run at the knobs tuned
         at build time (validated for k=10); a query for which the index returns fewer than k rows
         is answered by exact search instead, so every result row holds k valid rows.
         """
-        q = _as_matrix(queries, "queries", self.dim)
-        k = check_k(k, self.ntotal)
         b = len(q)
-        _configure(self.dim, single_query=b == 1)
+        configure(self.dim, single_query=b == 1)
         scores = np.empty((b, k), dtype=np.float32)
         rows = np.empty((b, k), dtype=np.int64)
         use_exact = exact or self._flat is self._index
@@ -389,7 +229,7 @@ class VectorIndex:
         """Exact top-k over the stored float32 rows (flat storage, or IVF lists in chunks)."""
         if self._flat is not None:
             return self._flat.search(q, k)
-        return st.exact_search_ivf(self._index, q, k, _CHUNK_BYTES)
+        return exact_search_ivf(self._index, q, k, _CHUNK_BYTES)
 
     @property
     def info(self) -> dict[str, Any]:
@@ -408,7 +248,7 @@ class VectorIndex:
                 "an on-disk index is saved where it is built, next to its .ivfdata file; "
                 "copy or move its folder instead"
             )
-        side = _sidecar_dict(self._info)
+        side = sidecar_dict(self._info)
         try:
             faiss.write_index(self._index, path + ".tmp")
             os.replace(path + ".tmp", path)
@@ -420,10 +260,10 @@ class VectorIndex:
             for tmp in (path + ".tmp", path + ".json.tmp"):  # no half-written file left behind
                 with contextlib.suppress(OSError):
                     os.unlink(tmp)
-            failure = st.write_failure(path, e)
+            failure = write_failure(path, e)
             if failure is not None:
                 raise failure from None
-            raise IndexStateError(f"cannot write index to {path}: {st._first_line(e)}") from None
+            raise IndexStateError(f"cannot write index to {path}: {first_line(e)}") from None
 
     @classmethod
     def load(cls, path: str | os.PathLike, mmap: bool = False) -> VectorIndex:
@@ -455,13 +295,11 @@ class VectorIndex:
         flag = getattr(faiss, "IO_FLAG_MMAP_IFC", faiss.IO_FLAG_MMAP) if mmap else 0
         try:
             if info.get("kind") == "ondisk":
-                from gradindex.index.ondisk import read_ondisk
-
                 index, mmap = read_ondisk(path, info), True
             else:
                 index = faiss.read_index(path, flag)
         except RuntimeError as e:
-            raise IndexStateError(f"cannot read FAISS index {path}: {st._first_line(e)}") from None
+            raise IndexStateError(f"cannot read FAISS index {path}: {first_line(e)}") from None
         if index.ntotal != info["n"] or index.d != info["dim"]:
             raise IndexStateError(
                 f"{path} holds {index.ntotal}x{index.d} vectors but its sidecar says "
@@ -472,68 +310,79 @@ class VectorIndex:
         return cls(index, info)
 
 
-def check_common_norm(norms: np.ndarray, rtol: float = 1e-2) -> None:
-    """ReTrac rows must share one norm, so that inner product ranks as cosine: refuse rows whose
-    ``norms`` differ by more than ``rtol`` (float16 storage rounds norms by ~1e-3)."""
-    lo, hi = float(np.min(norms)), float(np.max(norms))
-    if not lo > 0 or hi > lo * (1 + rtol):
-        raise SearchError(
-            f"method 'retrac' ranks by cosine, which inner product gives only over rows of one "
-            f"norm; these rows have norms from {lo:.4g} to {hi:.4g}: pass rows / their norms "
-            "(x / np.linalg.norm(x, axis=1, keepdims=True)), or use method 'tracin' to rank "
-            "by raw inner product"
-        )
-
-
-def check_k(k: Any, n: int) -> int:
-    """k as a positive int, clamped (with a warning) to the ``n`` rows there are."""
-    try:
-        if isinstance(k, bool):
-            raise TypeError
-        k = operator.index(k)
-    except TypeError:
-        raise SearchError(f"k must be a positive integer; got {k!r}") from None
-    if k <= 0:
-        raise SearchError(f"k must be a positive integer; got {k}")
-    if k > n:
-        warnings.warn(f"k={k} is more than the {n} indexed rows; returning k={n}", stacklevel=3)
-        k = n
-    return k
-
-
-def _gpu_unavailable(index: faiss.Index) -> str | None:
-    """Why ``index`` cannot be searched on a GPU here, or None when it can."""
-    base = faiss.downcast_index(
-        index.index if isinstance(index, faiss.IndexPreTransform) else index
-    )
-    if not isinstance(base, faiss.IndexFlat | faiss.IndexIVF):
-        return f"FAISS has no GPU version of {type(base).__name__} (build with kind flat or ivf)"
-    if isinstance(base, faiss.IndexIVF) and isinstance(
-        faiss.downcast_InvertedLists(base.invlists), faiss.OnDiskInvertedLists
-    ):
-        return "its inverted lists are on disk (memory-mapped), larger than a GPU copy should be"
-    if not hasattr(faiss, "StandardGpuResources"):
-        return 'this faiss has no GPU support (pip install "gradindex[gpu]" on a CUDA machine)'
-    if faiss.get_num_gpus() == 0:
-        return "faiss-gpu sees no CUDA device"
-    return None
-
-
 def _flat_index(x: np.ndarray) -> faiss.Index:
     index = faiss.IndexFlatIP(x.shape[1])
     index.add(x)
     return index
 
 
-def _sidecar_dict(info: dict[str, Any]) -> dict[str, Any]:
-    try:
-        version = metadata.version("gradindex")
-    except metadata.PackageNotFoundError:
-        version = "unknown"
+def _check_kind_arg(kind: Any) -> None:
+    """Refuse a kind that is no string, and ``ondisk``, which is built elsewhere."""
+    if not isinstance(kind, str) or not kind.strip():
+        raise SearchError(f"kind must be one of {INDEX_KINDS} or a FAISS factory string")
+    if kind == "ondisk":
+        raise SearchError(
+            "kind 'ondisk' is built from rows read in chunks into a folder: use "
+            "gradindex.index.ondisk.build_ondisk(rows, path, method) or build_index(index='ondisk')"
+        )
+
+
+def _tuned(
+    x: np.ndarray,
+    chosen: str,
+    info: dict[str, Any],
+    on_miss: str,
+    tune_queries: np.ndarray | None,
+) -> tuple[faiss.Index, str, str, st.TuneReport]:
+    """An approximate index of kind ``chosen`` over ``x``, its knobs tuned to info's target
+    recall; on a miss, what ``on_miss`` says (recorded in ``info["fallback"]``). Returns the
+    index, its factory string, the kind built and the tuning report."""
+    n, d = x.shape
+    target_recall, seed = info["target_recall"], info["seed"]
+    factory = st.factory_for(chosen, n) if chosen in ("ivf", "hnsw") else chosen
+    q = (
+        st.heldout_queries(x, st.HELDOUT_QUERIES, seed + 1)
+        if tune_queries is None
+        else as_matrix(tune_queries, "tune_queries", d)
+    )
+    if len(q) < 2:
+        raise SearchError("tune_queries needs at least 2 rows (split to tune / validate)")
+    index, factory = st.make_index(factory, x, seed)
+    report = st.tune(index, x, target_recall, q)
+    if report.met:
+        return index, factory, chosen, report
+    msg, record = st.missed_target(
+        report,
+        f"index {factory!r}",
+        target_recall,
+        on_miss,
+        "use kind='flat' or a lower target_recall",
+    )
+    info["fallback"] = {"from": factory, **record}
+    if on_miss == "fallback":
+        warnings.warn(msg + "; built exact flat search instead", stacklevel=4)
+        return _flat_index(x), "Flat", "flat", report
+    warnings.warn(msg + "; kept it as asked (on_miss='warn')", stacklevel=4)
+    return index, factory, chosen, report
+
+
+def _tune_record(
+    chosen: str, factory: str, report: st.TuneReport | None, given: bool
+) -> dict[str, Any]:
+    """The info entries that describe the kind built and the recall it was measured at."""
+    flat = chosen == "flat"
     return {
-        "class": "VectorIndex",
-        "format": FORMAT_VERSION,
-        "gradindex_version": version,
-        "faiss_version": faiss.__version__,
-        "info": {k: v for k, v in info.items() if k != "mmap"},
+        "kind": chosen if chosen in INDEX_KINDS else "factory",
+        "factory": factory,
+        "knobs": report.knobs if report and not flat else {},
+        "recall_at_10": 1.0 if flat else report.recall,
+        "tune_recall_at_10": 1.0 if flat else report.tune_recall,
+        "recall_measured_on": (
+            "exact by construction"
+            if flat
+            else f"{report.n_queries} {'given' if given else 'perturbed-row'}"
+            " queries (knobs chosen on one half, recall_at_10 on the other)"
+        ),
+        "meets_target": flat or report.met,
+        "ladder": report.steps if report else [],
     }

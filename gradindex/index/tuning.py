@@ -6,10 +6,6 @@ Holds:
 - :func:`make_index` -- a trained and filled FAISS index for a kind or a factory string.
 - :func:`check_kind` -- refuse an index kind or factory string FAISS cannot build, before any
   row is computed.
-- :func:`write_failure` -- a FAISS file-writing error (disk full...) as a one-line WriteError.
-- :func:`flat_storage` -- the float32 rows inside an index, which exact search scans.
-- :func:`exact_search_ivf` -- exact top-k over the float32 rows in an IVF's lists, list by list
-  (in RAM or memory-mapped on disk), in bounded chunks.
 - :func:`training_rows` -- the sorted sample of rows an index is trained on.
 - :func:`index_parts` / :func:`apply_knobs` -- find and set the search-time knobs
   (``nprobe`` of an IVF, ``efSearch`` of an HNSW, ``k_factor`` of an exact re-ranking stage).
@@ -24,17 +20,17 @@ against exact search on the rows it indexes before it is used.
 
 from __future__ import annotations
 
-import errno
 import logging
 import math
 import os
-import re
 from dataclasses import dataclass, field
 
 import faiss
 import numpy as np
 
-from gradindex.errors import SearchError, WriteError
+from gradindex.errors import SearchError
+from gradindex.index.exact import has_exact_rows
+from gradindex.index.faiss_common import faiss_reason, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -52,8 +48,8 @@ HELDOUT_QUERIES = 1000
 QUERY_NOISE = 1.0
 """Held-out query = unit(row) + isotropic Gaussian noise of this expected norm."""
 
-_NPROBE_GRID = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768)
-_NPROBE_GRID += tuple(1024 * 2**i for i in range(7))
+NPROBE_GRID = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768)
+NPROBE_GRID += tuple(1024 * 2**i for i in range(7))
 _EF_GRID = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
 _K_FACTORS = (16, 8, 4, 2, 1)  # largest first, then shrunk while recall holds
 
@@ -69,13 +65,13 @@ def choose_kind(n: int, d: int) -> str:
     if n < AUTO_FLAT_BELOW or n * d * 4 <= AUTO_FLAT_MAX_BYTES:
         return "flat"
     hnsw_bytes = n * (4 * d + HNSW_M * 2 * 4 * 1.1)
-    avail = _available_memory()
+    avail = available_memory()
     if avail is not None and hnsw_bytes > 0.5 * avail:
         return "ivf"
     return "hnsw"
 
 
-def _available_memory() -> int | None:
+def available_memory() -> int | None:
     try:
         with open("/proc/meminfo") as f:
             for line in f:
@@ -113,7 +109,7 @@ def make_index(factory: str, x: np.ndarray, seed: int) -> tuple[faiss.Index, str
         index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as e:
         raise SearchError(
-            f"FAISS cannot build factory string {factory!r}: {_first_line(e)}; "
+            f"FAISS cannot build factory string {factory!r}: {first_line(e)}; "
             "use 'flat', 'ivf', 'hnsw', 'auto' or a valid faiss.index_factory string"
         ) from None
     if index.metric_type != faiss.METRIC_INNER_PRODUCT:
@@ -124,7 +120,7 @@ def make_index(factory: str, x: np.ndarray, seed: int) -> tuple[faiss.Index, str
     plain = faiss.downcast_index(index)
     if isinstance(plain, faiss.IndexPQ):  # polysemous training (minutes) serves no search here
         plain.do_polysemous_training = False
-    if not _has_exact_rows(index):
+    if not has_exact_rows(index):
         inner = index
         index = faiss.IndexRefineFlat(inner)
         inner.this.disown()  # the refine wrapper owns and frees it
@@ -137,7 +133,7 @@ def make_index(factory: str, x: np.ndarray, seed: int) -> tuple[faiss.Index, str
         index.add(x)
     except RuntimeError as e:
         raise SearchError(
-            f"FAISS could not train/fill {factory!r} on {n}x{d} vectors: {_first_line(e)}"
+            f"FAISS could not train/fill {factory!r} on {n}x{d} vectors: {first_line(e)}"
         ) from None
     return index, factory
 
@@ -165,7 +161,7 @@ def check_kind(kind: object, d: int, target_recall: object = 0.95) -> None:
     except RuntimeError as e:
         raise SearchError(
             f"index kind {kind!r} is neither {', '.join(NAMED_KINDS)} nor a FAISS factory string "
-            f"FAISS can build over {d} dimensions: {_faiss_reason(e)}"
+            f"FAISS can build over {d} dimensions: {faiss_reason(e)}"
         ) from None
     if index.metric_type != faiss.METRIC_INNER_PRODUCT:
         raise SearchError(f"factory string {kind!r} does not search by inner product")
@@ -180,109 +176,6 @@ def training_rows(n: int, nlist: int, seed: int) -> np.ndarray | None:
     rng = np.random.default_rng(seed)
     m = min(n, max(40 * nlist, 10_000))
     return None if m >= n else np.sort(rng.choice(n, m, replace=False))
-
-
-def _first_line(e: Exception) -> str:
-    lines = [s for s in str(e).splitlines() if s.strip()]
-    return lines[-1].strip() if lines else type(e).__name__
-
-
-def write_failure(path: object, e: Exception) -> WriteError | None:
-    """``e``, raised while writing the file ``path``, as a one-line WriteError carrying the OS
-    error FAISS reports in its message ("write error in ...: 10 != 20 (No space left on
-    device)", "could not open ... for writing: Permission denied"); None if it is no write
-    failure."""
-    if isinstance(e, OSError):
-        return WriteError(f"cannot write {path}: {e.strerror or e}", e.errno)
-    text = str(e)
-    if "write error" not in text and "for writing" not in text:
-        return None
-    code = next(
-        (c for c in sorted(errno.errorcode) if text.rstrip(")").endswith(os.strerror(c))), None
-    )
-    why = os.strerror(code) if code is not None else _faiss_reason(e)
-    return WriteError(f"cannot write {path}: {why}", code)
-
-
-def _faiss_reason(e: Exception) -> str:
-    """A FAISS C++ error without its source location ("Error in <signature> at <file>:<line>:")
-    and failed-check prefix, e.g. "could not parse index string bogus"."""
-    text = _first_line(e)
-    text = re.sub(r"^Error in .*? at \S+:\d+: ", "", text)
-    return re.sub(r"^Error: '.*?' failed: ?", "", text) or text
-
-
-def _has_exact_rows(index: faiss.Index) -> bool:
-    """True when the index stores the float32 rows themselves (so exact search is possible)."""
-    idx = faiss.downcast_index(index)
-    return isinstance(idx, faiss.IndexFlat | faiss.IndexHNSWFlat | faiss.IndexIVFFlat) or (
-        isinstance(idx, faiss.IndexRefine)
-        and isinstance(faiss.downcast_index(idx.refine_index), faiss.IndexFlat)
-    )
-
-
-def flat_storage(index: faiss.Index) -> faiss.Index | None:
-    """The IndexFlat holding every row in row order, if the index has one (IVF has not)."""
-    idx = faiss.downcast_index(index)
-    if isinstance(idx, faiss.IndexFlat):
-        return index
-    if isinstance(idx, faiss.IndexHNSWFlat):
-        return faiss.downcast_index(idx.storage)
-    if isinstance(idx, faiss.IndexRefine):
-        ref = faiss.downcast_index(idx.refine_index)
-        return ref if isinstance(ref, faiss.IndexFlat) else None
-    return None
-
-
-def exact_search_ivf(
-    index: faiss.Index, q: np.ndarray, k: int, chunk_bytes: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-k by inner product over the float32 rows stored in an IVF-Flat's lists.
-
-    q [B, D]; returns (scores [B, k], ids [B, k]) of a result heap. Reads the lists one after the
-    other (sequential pages when they are memory-mapped from disk), in pieces of at most
-    ``chunk_bytes`` of rows, so memory stays bounded and each row is read once, whatever N.
-    """
-    ivf = faiss.extract_index_ivf(index)
-    d = ivf.d
-    if ivf.code_size != 4 * d:
-        raise SearchError(f"exact search needs float32 rows in the IVF lists; got {ivf}")
-    invlists = ivf.invlists
-    limit = max(1024, chunk_bytes // (4 * d))
-    heap = faiss.ResultHeap(len(q), k, keep_max=True)
-    codes: list[np.ndarray] = []
-    ids: list[np.ndarray] = []
-    held = 0
-
-    def flush() -> None:
-        xb, ib = np.concatenate(codes), np.concatenate(ids)  # [m, D], [m]
-        sc, pos = faiss.knn(q, xb, min(k, len(xb)), metric=faiss.METRIC_INNER_PRODUCT)
-        heap.add_result(sc, np.where(pos >= 0, ib[np.maximum(pos, 0)], -1))
-        codes.clear()
-        ids.clear()
-
-    for lst in range(ivf.nlist):
-        m = invlists.list_size(lst)
-        if m == 0:
-            continue
-        cptr, iptr = invlists.get_codes(lst), invlists.get_ids(lst)
-        try:
-            xs = faiss.rev_swig_ptr(cptr, m * ivf.code_size).view(np.float32).reshape(m, d)
-            ix = faiss.rev_swig_ptr(iptr, m).view(np.int64)
-            for a in range(0, m, limit):
-                codes.append(xs[a : a + limit].copy())
-                ids.append(ix[a : a + limit].copy())
-                held += len(codes[-1])
-                if held >= limit:
-                    flush()
-                    held = 0
-        finally:
-            invlists.release_codes(lst, cptr)
-            invlists.release_ids(lst, iptr)
-    if codes:
-        flush()
-    heap.finalize()
-    return heap.D, heap.I
 
 
 def index_parts(index: faiss.Index) -> dict[str, faiss.Index]:
@@ -321,7 +214,7 @@ def _main_grid(parts: dict[str, faiss.Index], n: int) -> list[dict[str, int]]:
     if "ivf" in parts:
         nlist = parts["ivf"].nlist
         cap = max(1, int(nlist * MAX_SCAN_FRACTION))
-        return [{"nprobe": v} for v in sorted({v for v in _NPROBE_GRID if v < cap} | {cap})]
+        return [{"nprobe": v} for v in sorted({v for v in NPROBE_GRID if v < cap} | {cap})]
     if "hnsw" in parts:
         cap = max(_EF_GRID[0], min(_EF_GRID[-1], int(n * MAX_SCAN_FRACTION)))
         return [{"efSearch": v} for v in sorted({v for v in _EF_GRID if v < cap} | {cap})]
