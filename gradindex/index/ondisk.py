@@ -4,13 +4,15 @@ Holds:
 
 - :class:`~gradindex.index.store.ChunkedRows` (from :mod:`gradindex.index.store`) -- the rows of an HDF5
   dataset (or memmap, or array) read a chunk at a time, never the whole matrix at once.
-- :func:`exact_topk` -- exact top-k over such rows, chunk by chunk.
+- :func:`exact_topk` (from :mod:`gradindex.index.exact`) -- exact top-k over such rows, chunk
+  by chunk.
 - :func:`build_ondisk` -- for a dataset that may not fit in RAM: train an IVF's coarse quantizer
   on a sample of rows, add the rows chunk by chunk into partial IVF indexes written to disk,
   merge their lists into one ``.ivfdata`` file (as ``faiss.contrib.ondisk.merge_ondisk``), tune and
   validate ``nprobe`` against exact search computed chunk by chunk (``tuning.tune``), write
   the index and return it opened, memory-mapped.
-- :func:`read_ondisk` -- open such an index with its lists memory-mapped, wherever its folder is.
+- :func:`read_ondisk` (from :mod:`gradindex.index.ondisk_io`) -- open such an index with its
+  lists memory-mapped, wherever its folder is.
 - :func:`wants_ondisk` / :func:`build_from_store` -- when an index goes on disk (``"ondisk"``
   asked for, or ``"auto"`` when the rows would take more than half the available memory), and the
   one call build / merge / add use to make a method's index from the vector store.
