@@ -125,6 +125,8 @@ class AttributionIndex:
                     f"{path / VECTORS}: not every row was written; rebuild or resume"
                 )
             self.index_rows = np.flatnonzero(~self.flagged)  # the store rows a search returns
+            if milvus is not None and backends is not None:
+                raise SearchError("give milvus= or backends=, not both")
             if milvus is not None:  # shorthand for its collections' backends
                 backends = milvus_backends(milvus, path, manifest, len(self.index_rows))
             if backends is None:

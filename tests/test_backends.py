@@ -226,5 +226,7 @@ def test_backends_that_do_not_fit_the_folder_are_refused(folder):
     wrong = dict(good, retrac=NumpyBackend(x["retrac"], rows[:-1]))
     with pytest.raises(gi.IndexStateError, match=f"holds {len(rows) - 1} rows"):
         gi.AttributionIndex.open(path, backends=wrong)
+    with pytest.raises(gi.SearchError, match="milvus= or backends=, not both"):
+        gi.AttributionIndex.open(path, backends=good, milvus="unused.db")
     with pytest.raises(gi.IndexStateError, match="cannot stand for"):
         StoreRows(VectorIndex.build(x["tracin"][rows], "tracin", "flat"), rows[:-1])
