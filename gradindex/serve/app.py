@@ -83,7 +83,7 @@ def _state(request: Request) -> ServeState:
     return request.app.state.serve
 
 
-def _page(request: Request, name: str, status: int = 200, **context: Any) -> HTMLResponse:
+def _page(request: Request, template: str, status: int = 200, **context: Any) -> HTMLResponse:
     state = _state(request)
     base = {
         "index": state.index,
@@ -94,7 +94,7 @@ def _page(request: Request, name: str, status: int = 200, **context: Any) -> HTM
         "conditioning": state.index.conditioning,
         "start_results": request.app.state.start_results,
     }
-    return TEMPLATES.TemplateResponse(request, name, {**base, **context}, status_code=status)
+    return TEMPLATES.TemplateResponse(request, template, {**base, **context}, status_code=status)
 
 
 # -- pages ----------------------------------------------------------------------------------

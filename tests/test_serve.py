@@ -1,0 +1,324 @@
+"""gradindex serve: the pages against the library, driven by a real headless Chromium.
+
+The browser tests start the app in-process (uvicorn in a thread on a free port) over a tiny
+index built from a .npy file, and drive Debian's Chromium through Playwright's Python API.
+Without Chromium they skip locally and FAIL under CI (CI=true), where .ci/run installs it.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import socket
+import threading
+import time
+from html import unescape
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+import gradindex as gi
+from tests.conftest import scheduler, tiny_unet
+
+if not os.environ.get("CI"):  # CI installs the dev extra: a missing web stack fails there
+    pytest.importorskip("starlette")
+from starlette.testclient import TestClient  # noqa: E402
+
+from gradindex.serve import Limits, create_app  # noqa: E402
+
+CHROMIUM = os.environ.get("GRADINDEX_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+K = 4
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """A 9-row index over train.npy (two saved checkpoints) and its training images."""
+    from diffusers import DDPMPipeline
+
+    root = tmp_path_factory.mktemp("serve")
+    paths = []
+    for i, seed in enumerate((1, 2)):
+        ckpt = root / "run" / f"checkpoint-{(i + 1) * 10}"
+        tiny_unet(seed).save_pretrained(ckpt / "unet")
+        paths.append(ckpt)
+    DDPMPipeline(unet=tiny_unet(2), scheduler=scheduler()).save_pretrained(root / "run")
+    train = np.random.default_rng(0).random((9, 1, 8, 8), dtype=np.float32)
+    np.save(root / "train.npy", train)
+    spec = gi.BuildSpec(proj_dim=64, timesteps=3, batch_size=16)
+    with pytest.warns(UserWarning, match="fidelity"):  # 64 dims: below the fidelity bar
+        gi.build_index(
+            checkpoints=paths, data=str(root / "train.npy"), out=root / "idx", spec=spec,
+            progress=False,
+        )  # fmt: skip
+    return root, train
+
+
+@pytest.fixture(scope="module")
+def index(built):
+    return gi.AttributionIndex.open(built[0] / "idx")
+
+
+def png_of(pixels: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def query_pixels(seed: int) -> np.ndarray:
+    return (np.random.default_rng(seed).random((8, 8)) * 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def client(index):
+    return TestClient(create_app(index, limits=Limits(reach_k=2)), raise_server_exceptions=False)
+
+
+# -- the browser -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def server(index):
+    """The app served by uvicorn in a thread on a free loopback port: its base URL."""
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    app = create_app(index, limits=Limits(page_size=2, reach_k=2))
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not srv.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            pytest.fail("the test server did not start")
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    srv.should_exit = True
+    thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Chromium from the system packages (never a downloaded one)."""
+    if not Path(CHROMIUM).exists():
+        message = (
+            f"no Chromium at {CHROMIUM}: install it (apt-get install chromium; .ci/run does) "
+            "or set GRADINDEX_CHROMIUM"
+        )
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    if os.environ.get("CI"):
+        import playwright  # noqa: F401  - under CI a missing package fails, not skips
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser):
+    p = browser.new_page()
+    p.set_default_timeout(120_000)  # the first query loads the checkpoints
+    yield p
+    p.close()
+
+
+def shown_ids(page, section: str = "#query-0") -> dict[str, list[str]]:
+    """The ids of the cards the page shows per method, in rank order."""
+    out = {}
+    for col in page.locator(f"{section} .method").all():
+        m = col.get_attribute("data-method")
+        out[m] = [c.get_attribute("data-id") for c in col.locator(".card").all()]
+    return out
+
+
+def test_browser_query_shows_the_ids_attribution_index_query_returns(server, page, index, tmp_path):
+    pixels = query_pixels(1)
+    (tmp_path / "q.png").write_bytes(png_of(pixels))
+    page.goto(server + "/")
+    page.set_input_files("#image", str(tmp_path / "q.png"))
+    page.fill("#k", str(K))
+    for m in ("tracin", "retrac", "trak"):
+        page.check(f"#method-{m}")
+    page.click("#submit")
+    page.wait_for_selector("#query-0 .card")
+    ids = shown_ids(page)
+    assert set(ids) == {"tracin", "retrac", "trak"}
+    for m, got in ids.items():
+        want = index.query(pixels[None, None], K, m).ids[0]
+        assert got == [str(i) for i in want], m
+    assert page.locator("#error").count() == 0
+
+
+def test_browser_bad_upload_shows_an_error_on_the_page(server, page, tmp_path):
+    (tmp_path / "notes.png").write_text("not a picture")
+    page.goto(server + "/")
+    page.set_input_files("#image", str(tmp_path / "notes.png"))
+    with page.expect_navigation() as nav:
+        page.click("#submit")
+    assert nav.value.status == 400
+    assert "not a PNG, JPEG or .npy" in page.inner_text("#error")
+    assert "Traceback" not in page.content()
+
+
+def test_browser_results_file_pages_through_queries(server, page, index, tmp_path):
+    from click.testing import CliRunner
+
+    from gradindex.cli import main
+
+    queries = np.stack([query_pixels(s) for s in (2, 3, 4)])[:, None]
+    np.save(tmp_path / "q.npy", queries)
+    out = tmp_path / "results.jsonl"
+    res = CliRunner().invoke(
+        main, ["query", str(index.path), str(tmp_path / "q.npy"), "-k", "3", "-o", str(out)]
+    )
+    assert res.exit_code == 0, res.output
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    page.goto(server + "/results")
+    page.set_input_files("#results", str(out))
+    page.click("#results-submit")
+    page.wait_for_selector("#summary")
+    assert "3 queries" in page.inner_text("#summary") and "page 1 of 2" in page.inner_text(
+        "#summary"
+    )
+    seen = {}
+    for _ in range(2):  # page_size 2: queries 0, 1 on page 1, query 2 on page 2
+        for sec in page.locator("section.query").all():
+            name = sec.locator(".query-image .caption").inner_text()
+            seen[name] = shown_ids(page, f"#{sec.get_attribute('id')}")
+        if page.locator("#next").count():
+            page.click("#next")
+            page.wait_for_selector("#prev")
+    want = {}
+    for r in records:
+        want.setdefault(str(r["query"]), {})[r["method"]] = [str(i) for i in r["ids"]]
+    assert seen == want
+
+
+# -- requests outside the index, limits, details (HTTP, no browser) ----------------------------
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "/thumb/../manifest.json",
+        "/thumb/..%2Fmanifest.json",
+        "/%2e%2e/%2e%2e/etc/passwd",
+        "/thumb/9.png",  # one past the last row
+        "/thumb/-1.png",
+        "/train/9",
+        "/thumb/0.png/../../vectors.h5",
+        "/results/..%2F..%2Fmanifest.json",
+    ],
+)
+def test_paths_outside_the_index_are_refused(client, built, url):
+    r = client.get(url)
+    assert r.status_code == 404
+    manifest = (built[0] / "idx" / "manifest.json").read_bytes()
+    assert manifest[:40] not in r.content and b"root:" not in r.content
+    assert b"HDF" not in r.content and r.headers["content-type"].startswith("text/html")
+
+
+def test_thumbnail_is_the_rows_training_image(client, built):
+    from PIL import Image
+
+    train = built[1]
+    for row in (0, 8):
+        r = client.get(f"/thumb/{row}.png")
+        assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+        big = np.asarray(Image.open(io.BytesIO(r.content)))
+        assert big.shape == (96, 96)  # 8 x 8 scaled by 12, nearest neighbour
+        want = np.floor(train[row, 0] * 255 + 0.5).astype(np.uint8)  # data range [0, 1]
+        np.testing.assert_array_equal(big[::12, ::12], want)
+
+
+def test_moved_training_data_is_said_on_the_page(index, built, tmp_path):
+    moved = TestClient(create_app(index, data=str(tmp_path / "gone.npy")))
+    page = moved.get("/").text
+    assert "no longer there" in page and "--data" in page
+    assert moved.get("/thumb/0.png").status_code == 404
+    np.save(tmp_path / "five.npy", built[1][:5])
+    short = TestClient(create_app(index, data=str(tmp_path / "five.npy"))).get("/").text
+    assert "holds 5 images but the index has 9 rows" in short
+
+
+def test_upload_limits_and_bad_fields_are_messages(index):
+    small = TestClient(create_app(index, limits=Limits(max_upload_bytes=2000, max_pixels=50)))
+    form = {"k": "3", "method": ["tracin"]}
+    big = small.post("/query", files={"image": ("a.png", b"\x89PNG\r\n\x1a\n" + b"0" * 3000)},
+                     data=form)  # fmt: skip
+    assert big.status_code == 400 and "larger than the limit" in big.text
+    wide = small.post("/query", files={"image": ("w.png", png_of(query_pixels(0)))}, data=form)
+    assert wide.status_code == 400 and "8x8 pixels is more than the limit of 50" in wide.text
+    client = TestClient(create_app(index))
+    ok = {"image": ("q.png", png_of(query_pixels(0)))}
+    for data, message in [
+        ({"k": "0", "method": "tracin"}, "k=0: give a whole number from 1 to 50"),
+        ({"k": "x", "method": "tracin"}, "k=x"),
+        ({"k": "3", "method": "lds"}, "method 'lds' is not available"),
+        ({"k": "3"}, "choose at least one method"),
+    ]:
+        r = client.post("/query", files=ok, data=data)
+        assert r.status_code == 400 and message in unescape(r.text), (data, r.text[-300:])
+    pickled = io.BytesIO()
+    np.save(pickled, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    r = client.post("/query", files={"image": ("p.npy", pickled.getvalue())}, data=form)
+    assert r.status_code == 400 and "not a readable .npy" in r.text
+
+
+def test_an_index_without_kernel_offers_no_trak(index, tmp_path):
+    folder = tmp_path / "nokernel"
+    shutil.copytree(index.path, folder)
+    (folder / "kernel.h5").unlink()
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest.pop("kernel")
+    manifest["files"].pop("kernel.h5")
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    client = TestClient(create_app(folder))
+    home = client.get("/").text
+    assert 'id="trak-problem"' in home and "gradindex kernel" in home
+    r = client.post(
+        "/query",
+        files={"image": ("q.png", png_of(query_pixels(0)))},
+        data={"k": "3", "method": ["tracin", "trak"]},
+    )
+    assert r.status_code == 400 and "method 'trak' is not available" in unescape(r.text)
+
+
+def test_details_page_norms_and_reach_against_the_stored_rows(client, index, built):
+    row = 3
+    with h5py.File(built[0] / "idx" / "vectors.h5", "r") as f:
+        norms = f["norms"][row]  # [C, K·M]
+        vecs = {m: np.asarray(f[m], np.float64) for m in ("tracin", "retrac")}
+    html = client.get(f"/train/{row}").text
+    ts = [t for t in index.manifest["timesteps"] for _ in range(index.spec.noise_draws)]
+    for t in sorted(set(ts)):
+        mine = np.median(norms[:, np.asarray(ts) == t])
+        assert f"<td>{t}</td><td>{mine:.4g}</td>" in html
+    for m, v in vecs.items():  # every row queries itself (9 < 500), top 2 others each
+        scores = v @ v.T
+        np.fill_diagonal(scores, -np.inf)
+        top = np.argsort(-scores, axis=1)[:, :2]
+        count = int((top == row).sum())
+        assert f'<tr data-method="{m}"><td>' in html
+        part = html.split(f'<tr data-method="{m}">')[1]
+        assert f'<td class="count">{count} of 9</td>' in part.split("</tr>")[0]
