@@ -42,11 +42,12 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 K = 4
+N = 16  # training rows of the tiny index
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    """A 9-row index over train.npy (two saved checkpoints) and its training images."""
+    """A 16-row index over train.npy (two saved checkpoints) and its training images."""
     from diffusers import DDPMPipeline
 
     root = tmp_path_factory.mktemp("serve")
@@ -56,9 +57,9 @@ def built(tmp_path_factory):
         tiny_unet(seed).save_pretrained(ckpt / "unet")
         paths.append(ckpt)
     DDPMPipeline(unet=tiny_unet(2), scheduler=scheduler()).save_pretrained(root / "run")
-    train = np.random.default_rng(0).random((9, 1, 8, 8), dtype=np.float32)
+    train = np.random.default_rng(0).random((N, 1, 8, 8), dtype=np.float32)
     np.save(root / "train.npy", train)
-    spec = gi.BuildSpec(proj_dim=64, timesteps=3, batch_size=16)
+    spec = gi.BuildSpec(proj_dim=64, timesteps=3, noise_draws=2, batch_size=16)
     with pytest.warns(UserWarning, match="fidelity"):  # 64 dims: below the fidelity bar
         gi.build_index(
             checkpoints=paths, data=str(root / "train.npy"), out=root / "idx", spec=spec,
@@ -142,12 +143,12 @@ def page(browser):
     p.close()
 
 
-def shown_ids(page, section: str = "#query-0") -> dict[str, list[str]]:
-    """The ids of the cards the page shows per method, in rank order."""
+def shown_ids(page, section: str = "#query-0", attr: str = "data-id") -> dict[str, list[str]]:
+    """The ids (or another attribute) of the cards the page shows per method, in rank order."""
     out = {}
     for col in page.locator(f"{section} .method").all():
         m = col.get_attribute("data-method")
-        out[m] = [c.get_attribute("data-id") for c in col.locator(".card").all()]
+        out[m] = [c.get_attribute(attr) for c in col.locator(".card").all()]
     return out
 
 
@@ -161,11 +162,12 @@ def test_browser_query_shows_the_ids_attribution_index_query_returns(server, pag
         page.check(f"#method-{m}")
     page.click("#submit")
     page.wait_for_selector("#query-0 .card")
-    ids = shown_ids(page)
+    ids, scores = shown_ids(page), shown_ids(page, attr="data-score")
     assert set(ids) == {"tracin", "retrac", "trak"}
     for m, got in ids.items():
-        want = index.query(pixels[None, None], K, m).ids[0]
-        assert got == [str(i) for i in want], m
+        want = index.query(pixels[None, None], K, m)
+        assert got == [str(i) for i in want.ids[0]], m
+        np.testing.assert_allclose(np.array(scores[m], float), want.scores[0], rtol=1e-5)
     assert page.locator("#error").count() == 0
 
 
@@ -223,9 +225,9 @@ def test_browser_results_file_pages_through_queries(server, page, index, tmp_pat
         "/thumb/../manifest.json",
         "/thumb/..%2Fmanifest.json",
         "/%2e%2e/%2e%2e/etc/passwd",
-        "/thumb/9.png",  # one past the last row
+        f"/thumb/{N}.png",  # one past the last row
         "/thumb/-1.png",
-        "/train/9",
+        f"/train/{N}",
         "/thumb/0.png/../../vectors.h5",
         "/results/..%2F..%2Fmanifest.json",
     ],
@@ -242,7 +244,7 @@ def test_thumbnail_is_the_rows_training_image(client, built):
     from PIL import Image
 
     train = built[1]
-    for row in (0, 8):
+    for row in (0, N - 1):
         r = client.get(f"/thumb/{row}.png")
         assert r.status_code == 200 and r.headers["content-type"] == "image/png"
         big = np.asarray(Image.open(io.BytesIO(r.content)))
@@ -258,7 +260,7 @@ def test_moved_training_data_is_said_on_the_page(index, built, tmp_path):
     assert moved.get("/thumb/0.png").status_code == 404
     np.save(tmp_path / "five.npy", built[1][:5])
     short = TestClient(create_app(index, data=str(tmp_path / "five.npy"))).get("/").text
-    assert "holds 5 images but the index has 9 rows" in short
+    assert f"holds 5 images but the index has {N} rows" in short
 
 
 def test_upload_limits_and_bad_fields_are_messages(index):
@@ -305,20 +307,20 @@ def test_an_index_without_kernel_offers_no_trak(index, tmp_path):
 
 
 def test_details_page_norms_and_reach_against_the_stored_rows(client, index, built):
-    row = 3
     with h5py.File(built[0] / "idx" / "vectors.h5", "r") as f:
-        norms = f["norms"][row]  # [C, K·M]
+        norms = f["norms"][()]  # [N, C, K·M]
         vecs = {m: np.asarray(f[m], np.float64) for m in ("tracin", "retrac")}
-    html = client.get(f"/train/{row}").text
-    ts = [t for t in index.manifest["timesteps"] for _ in range(index.spec.noise_draws)]
-    for t in sorted(set(ts)):
-        mine = np.median(norms[:, np.asarray(ts) == t])
-        assert f"<td>{t}</td><td>{mine:.4g}</td>" in html
-    for m, v in vecs.items():  # every row queries itself (9 < 500), top 2 others each
+    ts = np.asarray([t for t in index.manifest["timesteps"] for _ in range(index.spec.noise_draws)])
+    tops = {}
+    for m, v in vecs.items():  # every row queries itself (N < 500), top 2 others each
         scores = v @ v.T
         np.fill_diagonal(scores, -np.inf)
-        top = np.argsort(-scores, axis=1)[:, :2]
-        count = int((top == row).sum())
-        assert f'<tr data-method="{m}"><td>' in html
-        part = html.split(f'<tr data-method="{m}">')[1]
-        assert f'<td class="count">{count} of 9</td>' in part.split("</tr>")[0]
+        tops[m] = np.argsort(-scores, axis=1)[:, :2]
+    for row in range(N):
+        html = client.get(f"/train/{row}").text
+        for t in np.unique(ts):
+            mine, median = np.median(norms[row][:, ts == t]), np.median(norms[:, :, ts == t])
+            assert f"<td>{t}</td><td>{mine:.4g}</td><td>{median:.4g}</td>" in html
+        for m, top in tops.items():
+            part = html.split(f'<tr data-method="{m}">')[1].split("</tr>")[0]
+            assert f'<td class="count">{int((top == row).sum())} of {N}</td>' in part
