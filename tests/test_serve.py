@@ -309,18 +309,59 @@ def test_an_index_without_kernel_offers_no_trak(index, tmp_path):
 def test_details_page_norms_and_reach_against_the_stored_rows(client, index, built):
     with h5py.File(built[0] / "idx" / "vectors.h5", "r") as f:
         norms = f["norms"][()]  # [N, C, K·M]
-        vecs = {m: np.asarray(f[m], np.float64) for m in ("tracin", "retrac")}
     ts = np.asarray([t for t in index.manifest["timesteps"] for _ in range(index.spec.noise_draws)])
-    tops = {}
-    for m, v in vecs.items():  # every row queries itself (N < 500), top 2 others each
-        scores = v @ v.T
-        np.fill_diagonal(scores, -np.inf)
-        tops[m] = np.argsort(-scores, axis=1)[:, :2]
+    reach = brute_force_reach(built)  # every row queries itself (N < 500), top 2 others each
     for row in range(N):
         html = client.get(f"/train/{row}").text
         for t in np.unique(ts):
             mine, median = np.median(norms[row][:, ts == t]), np.median(norms[:, :, ts == t])
             assert f"<td>{t}</td><td>{mine:.4g}</td><td>{median:.4g}</td>" in html
-        for m, top in tops.items():
+        for m, counts in reach.items():
             part = html.split(f'<tr data-method="{m}">')[1].split("</tr>")[0]
-            assert f'<td class="count">{int((top == row).sum())} of {N}</td>' in part
+            assert f'<td class="count">{counts[row]} of {N}</td>' in part
+
+
+def brute_force_reach(built, k: int = 2) -> dict[str, np.ndarray]:
+    """Per method, in how many rows' top-k others (inner product, self left out) each row is."""
+    with h5py.File(built[0] / "idx" / "vectors.h5", "r") as f:
+        vecs = {m: np.asarray(f[m], np.float64) for m in ("tracin", "retrac")}
+    out = {}
+    for m, v in vecs.items():
+        scores = v @ v.T
+        np.fill_diagonal(scores, -np.inf)
+        out[m] = np.bincount(np.argsort(-scores, axis=1)[:, :k].ravel(), minlength=len(v))
+    return out
+
+
+def test_home_lists_the_most_reached_rows(client, built):
+    import re
+
+    html = client.get("/").text
+    for m, counts in brute_force_reach(built).items():
+        part = html.split('id="influential"')[1].split(f'data-method="{m}"')[1]
+        part = part.split("</ol>")[0]
+        shown = [
+            (int(r), int(c)) for r, c in re.findall(r'data-row="(\d+)".*?data-count="(\d+)"', part)
+        ]
+        want = sorted(
+            ((r, int(c)) for r, c in enumerate(counts) if c > 0), key=lambda x: (-x[1], x[0])
+        )
+        assert shown == want[:10], m
+
+
+def test_cli_serve_binds_loopback_by_default(index, monkeypatch):
+    import uvicorn
+    from click.testing import CliRunner
+
+    from gradindex.cli import main
+
+    seen = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(kw, app=app))
+    res = CliRunner().invoke(main, ["serve", str(index.path)])
+    assert res.exit_code == 0, res.output
+    assert seen["host"] == "127.0.0.1" and seen["port"] == 8000
+    assert TestClient(seen["app"]).get("/").status_code == 200
+    res = CliRunner().invoke(main, ["serve", str(index.path), "--host", "0.0.0.0"])
+    assert "warning: listening on 0.0.0.0" in res.output
+    res = CliRunner().invoke(main, ["serve", str(index.path) + "-missing"])
+    assert res.exit_code != 0 and res.output.startswith("Error:") and "Traceback" not in res.output

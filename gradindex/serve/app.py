@@ -101,7 +101,16 @@ def _page(request: Request, template: str, status: int = 200, **context: Any) ->
 
 
 async def home(request: Request) -> HTMLResponse:
-    return _page(request, "home.html", k=10, chosen=["tracin", "retrac"])
+    state = _state(request)
+    return _page(
+        request,
+        "home.html",
+        k=10,
+        chosen=state.methods,
+        influential=state.most_reached(),
+        reach_queries=state.reach_queries,
+        reach_k=state.limits.reach_k,
+    )
 
 
 async def run_query(request: Request) -> HTMLResponse:

@@ -118,6 +118,18 @@ class ServeState:
             }
         return out
 
+    def most_reached(self) -> dict[str, list[dict[str, Any]]]:
+        """Per method, the INFLUENTIAL_TOP most reached rows (the report's "most found")."""
+        out = {}
+        for m, counts in self.reach_counts.items():
+            top = np.argsort(-counts, kind="stable")[:INFLUENTIAL_TOP]
+            out[m] = [
+                {**self.card(rank, row, 0.0), "count": int(counts[row])}
+                for rank, row in enumerate(top, 1)
+                if counts[row] > 0
+            ]
+        return out
+
     # -- queries --------------------------------------------------------------------------
 
     def run_query(
