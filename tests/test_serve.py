@@ -365,3 +365,34 @@ def test_cli_serve_binds_loopback_by_default(index, monkeypatch):
     assert "warning: listening on 0.0.0.0" in res.output
     res = CliRunner().invoke(main, ["serve", str(index.path) + "-missing"])
     assert res.exit_code != 0 and res.output.startswith("Error:") and "Traceback" not in res.output
+
+
+def test_class_conditional_index_takes_a_label_and_shows_row_classes(tmp_path):
+    import re
+
+    model = tiny_unet(3, num_class_embeds=3)
+    train = np.random.default_rng(5).random((12, 1, 8, 8), dtype=np.float32)
+    labels = np.arange(12) % 3
+    np.savez(tmp_path / "train.npz", images=train, labels=labels)
+    spec = gi.BuildSpec(proj_dim=64, timesteps=2, batch_size=16)
+    with pytest.warns(UserWarning, match="fidelity"):
+        idx = gi.build_index(checkpoints=[(model, scheduler())], data=str(tmp_path / "train.npz"),
+                             out=tmp_path / "idx", spec=spec, progress=False)  # fmt: skip
+    client = TestClient(create_app(idx))
+    assert 'name="label"' in client.get("/").text
+    pixels = query_pixels(6)
+    files = {"image": ("q.png", png_of(pixels))}
+    r = client.post("/query", files=files, data={"k": "5", "method": ["tracin", "retrac"]})
+    assert r.status_code == 400 and "give the query's class label" in unescape(r.text)
+    r = client.post("/query", files=files, data={"k": "5", "method": "retrac", "label": "2"})
+    assert r.status_code == 200
+    cards = re.findall(r'data-row="(\d+)" data-id="(\d+)".*?class="label">class (\d)', r.text, re.S)
+    want = idx.query(pixels[None, None], 5, "retrac", labels=2)
+    assert [int(row) for row, _, _ in cards] == want.rows[0].tolist()
+    assert [int(c) for _, _, c in cards] == labels[want.rows[0]].tolist()
+    other = client.post("/query", files=files, data={"k": "5", "method": "retrac", "label": "0"})
+    assert re.findall(r'data-row="(\d+)"', other.text) == [
+        str(r) for r in idx.query(pixels[None, None], 5, "retrac", labels=0).rows[0]
+    ]
+    bad = client.post("/query", files=files, data={"k": "5", "method": "retrac", "label": "7"})
+    assert bad.status_code == 400 and 'id="error"' in bad.text and "Traceback" not in bad.text
