@@ -171,6 +171,22 @@ def test_browser_query_shows_the_ids_attribution_index_query_returns(server, pag
     assert page.locator("#error").count() == 0
 
 
+def test_browser_npy_of_several_images_gives_one_row_each(server, page, index, tmp_path):
+    queries = np.stack([query_pixels(s) for s in (7, 8)])[:, None]  # uint8 [2, 1, 8, 8]
+    np.save(tmp_path / "two.npy", queries)
+    page.goto(server + "/")
+    page.set_input_files("#image", str(tmp_path / "two.npy"))
+    page.fill("#k", "3")
+    page.uncheck("#method-trak")
+    page.click("#submit")
+    page.wait_for_selector("#query-1 .card")
+    assert page.locator("section.query").count() == 2
+    for i in range(2):
+        assert page.inner_text(f"#query-{i} .caption") == f"two.npy [{i}]"
+        for m, got in shown_ids(page, f"#query-{i}").items():
+            assert got == [str(x) for x in index.query(queries[i : i + 1], 3, m).ids[0]], (i, m)
+
+
 def test_browser_bad_upload_shows_an_error_on_the_page(server, page, tmp_path):
     (tmp_path / "notes.png").write_text("not a picture")
     page.goto(server + "/")

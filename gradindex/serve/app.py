@@ -133,9 +133,11 @@ async def run_query(request: Request) -> HTMLResponse:
     from starlette.concurrency import run_in_threadpool
 
     out = await run_in_threadpool(state.run_query, images, k, chosen, label, prompt)
+    name = upload.filename or "upload"
     queries = [
         {
-            "png": _data_url(img, state),
+            "query": name if len(images) == 1 else f"{name} [{i}]",
+            "png": _data_url(img),
             "cards": {m: out["cards"][m][i] for m in chosen},
         }
         for i, img in enumerate(images)
@@ -305,7 +307,8 @@ def _conditioning_fields(form: Any, state: ServeState) -> tuple[Any, Any]:
     return None, None
 
 
-def _data_url(image: Any, state: ServeState) -> str:
+def _data_url(image: Any) -> str:
+    """The query image as it was read (before the model's resizing), inline in the page."""
     png = png_bytes(image, None, side=160)
     return "data:image/png;base64," + base64.b64encode(png).decode()
 
