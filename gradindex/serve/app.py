@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +115,7 @@ async def home(request: Request) -> HTMLResponse:
 
 
 async def run_query(request: Request) -> HTMLResponse:
+    started = time.perf_counter()
     state = _state(request)
     form = await read_form(request, state.limits)
     k = _int_field(form.get("k"), "k", 1, state.limits.max_k)
@@ -142,7 +144,7 @@ async def run_query(request: Request) -> HTMLResponse:
         }
         for i, img in enumerate(images)
     ]
-    return _page(
+    page = _page(
         request,
         "results.html",
         queries=queries,
@@ -157,6 +159,10 @@ async def run_query(request: Request) -> HTMLResponse:
         label=label,
         prompt=prompt,
     )
+    parts = {"embed": out["embed_s"], **{f"search-{m}": v for m, v in out["search_s"].items()}}
+    parts["total"] = time.perf_counter() - started  # the whole request, page rendered
+    page.headers["Server-Timing"] = ", ".join(f"{n};dur={1e3 * v:.3f}" for n, v in parts.items())
+    return page
 
 
 async def training_row(request: Request) -> HTMLResponse:
