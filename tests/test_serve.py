@@ -412,3 +412,75 @@ def test_class_conditional_index_takes_a_label_and_shows_row_classes(tmp_path):
     ]
     bad = client.post("/query", files=files, data={"k": "5", "method": "retrac", "label": "7"})
     assert bad.status_code == 400 and 'id="error"' in bad.text and "Traceback" not in bad.text
+
+
+def test_training_images_from_every_data_source_by_row(tmp_path):
+    """Row i of a folder is its i-th file in sorted order (the build's); arrays by index."""
+    from PIL import Image
+
+    from gradindex.serve.images import TrainingImages
+
+    pixels = (np.random.default_rng(9).random((3, 6, 5)) * 255).astype(np.uint8)
+    names = ["b.png", "a.png", "sub/c.png"]  # sorted: a.png, b.png, sub/c.png
+    (tmp_path / "imgs" / "sub").mkdir(parents=True)
+    for name, p in zip(names, pixels, strict=True):
+        Image.fromarray(p).save(tmp_path / "imgs" / name)
+    order = [names.index(n) for n in sorted(names)]
+    with h5py.File(tmp_path / "d.h5", "w") as f:
+        f["images"] = pixels
+    np.savez(tmp_path / "d.npz", images=pixels[:, None])
+    np.save(tmp_path / "d.npy", pixels[..., None])  # [N, H, W, 1]
+    sources = {
+        str(tmp_path / "imgs"): pixels[order],
+        f"{tmp_path / 'd.h5'}:/images": pixels,
+        str(tmp_path / "d.npz"): pixels,
+        str(tmp_path / "d.npy"): pixels,
+    }
+    for source, want in sources.items():
+        imgs = TrainingImages(source, 3, 1, None)
+        assert imgs.available, (source, imgs.problem)
+        for row in range(3):
+            np.testing.assert_array_equal(imgs.image(row)[0], want[row], err_msg=source)
+    memory = TrainingImages(None, 3, 1, None)
+    assert not memory.available and "in-memory" in memory.problem and "--data" in memory.problem
+    gone = TrainingImages(f"{tmp_path / 'gone.h5'}:/images", 3, 1, None)
+    assert "no longer there" in gone.problem
+
+
+def test_build_records_the_data_source_absolute(built, monkeypatch):
+    manifest = json.loads((built[0] / "idx" / "manifest.json").read_text())
+    assert manifest["data_source"] == str((built[0] / "train.npy").resolve())
+    from gradindex.build import data_source
+
+    monkeypatch.chdir(built[0])
+    assert data_source("train.npy") == str(built[0].resolve() / "train.npy")
+    assert data_source("d.h5:/images") == f"{built[0].resolve() / 'd.h5'}:/images"
+    assert data_source(np.zeros((2, 1, 4, 4))) is None
+
+
+def test_results_file_given_at_startup_opens_in_the_viewer(index, tmp_path):
+    rows = [[0, 3, 5], [2, 1, 0]]
+    with open(tmp_path / "r.jsonl", "w") as f:
+        for q, r in enumerate(rows):
+            ids = [int(index.ids[x]) for x in r]
+            f.write(json.dumps({"method": "retrac", "ids": ids, "rows": r,
+                                "scores": [3.0, 2.0, 1.0], "query": f"img{q}"}) + "\n")  # fmt: skip
+    client = TestClient(create_app(index, results=tmp_path / "r.jsonl"))
+    listing = client.get("/results").text
+    token = listing.split('href="/results/')[1].split('"')[0]
+    page = client.get(f"/results/{token}").text
+    import re
+
+    for q, r in enumerate(rows):
+        part = page.split(f'id="query-{q}"')[1].split("</section>")[0]
+        assert f"img{q}" in part and re.findall(r'data-row="(\d+)"', part) == [str(x) for x in r]
+    (tmp_path / "other.jsonl").write_text(
+        json.dumps({"method": "retrac", "ids": [999], "rows": [1], "scores": [1.0]}) + "\n"
+    )
+    r = client.post(
+        "/results", files={"results": ("other.jsonl", (tmp_path / "other.jsonl").read_bytes())}
+    )
+    assert r.status_code == 400 and "results of another index" in r.text
+    r = client.post("/results", files={"results": ("x.jsonl", b"{not json\n")})
+    assert r.status_code == 400 and "line 1: not JSON" in r.text
+    assert client.get(f"/results/{token}?page=9").status_code == 400
