@@ -484,3 +484,28 @@ def test_results_file_given_at_startup_opens_in_the_viewer(index, tmp_path):
     r = client.post("/results", files={"results": ("x.jsonl", b"{not json\n")})
     assert r.status_code == 400 and "line 1: not JSON" in r.text
     assert client.get(f"/results/{token}?page=9").status_code == 400
+
+
+@pytest.mark.slow
+def test_the_demo_prints_a_browse_command_that_shows_its_training_images(tmp_path, monkeypatch):
+    import shlex
+
+    import uvicorn
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from gradindex.cli import main
+
+    res = CliRunner().invoke(main, ["demo", "--out", str(tmp_path / "demo"), "--quick"])
+    assert res.exit_code == 0, res.output
+    line = next(ln for ln in res.output.splitlines() if ln.startswith("browse: "))
+    argv = shlex.split(line.removeprefix("browse: "))
+    assert argv[:2] == ["gradindex", "serve"]
+    seen = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(app=app))
+    assert CliRunner().invoke(main, argv[1:]).exit_code == 0
+    client = TestClient(seen["app"])
+    assert "No training thumbnails" not in client.get("/").text
+    train = np.load(tmp_path / "demo" / "train.npy")  # [N, 1, 8, 8] floats in [0, 1]
+    thumb = np.asarray(Image.open(io.BytesIO(client.get("/thumb/5.png").content)))
+    np.testing.assert_array_equal(thumb[::12, ::12], np.floor(train[5, 0] * 255 + 0.5))
