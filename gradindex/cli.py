@@ -815,6 +815,8 @@ def serve(
     app = create_app(index_dir, data=data, results=results,
                      limits=Limits(max_upload_bytes=max_upload_mb * 2**20))  # fmt: skip
     click.echo(f"gradindex serve: http://{host}:{port}/  (Ctrl-C stops it)")
+    if app.state.start_results:
+        click.echo(f"results: http://{host}:{port}/results/{app.state.start_results}")
     uvicorn.run(app, host=host, port=port, log_level="warning")
 
 

@@ -466,8 +466,7 @@ def test_results_file_given_at_startup_opens_in_the_viewer(index, tmp_path):
             f.write(json.dumps({"method": "retrac", "ids": ids, "rows": r,
                                 "scores": [3.0, 2.0, 1.0], "query": f"img{q}"}) + "\n")  # fmt: skip
     client = TestClient(create_app(index, results=tmp_path / "r.jsonl"))
-    listing = client.get("/results").text
-    token = listing.split('href="/results/')[1].split('"')[0]
+    token = client.get("/").text.split('id="start-results" href="/results/')[1].split('"')[0]
     page = client.get(f"/results/{token}").text
     import re
 
