@@ -171,6 +171,24 @@ def test_browser_query_shows_the_ids_attribution_index_query_returns(server, pag
     assert page.locator("#error").count() == 0
 
 
+def test_browser_dropped_file_is_queried(server, page, index):
+    pixels = query_pixels(11)
+    page.goto(server + "/")
+    drop = page.evaluate_handle(
+        """bytes => { const dt = new DataTransfer();
+            dt.items.add(new File([new Uint8Array(bytes)], "dropped.png", {type: "image/png"}));
+            return dt; }""",
+        list(png_of(pixels)),
+    )
+    page.dispatch_event("#drop", "drop", {"dataTransfer": drop})
+    page.fill("#k", "3")
+    page.click("#submit")
+    page.wait_for_selector("#query-0 .card")
+    assert page.inner_text("#query-0 .caption") == "dropped.png"
+    for m, got in shown_ids(page).items():
+        assert got == [str(x) for x in index.query(pixels[None, None], 3, m).ids[0]], m
+
+
 def test_browser_npy_of_several_images_gives_one_row_each(server, page, index, tmp_path):
     queries = np.stack([query_pixels(s) for s in (7, 8)])[:, None]  # uint8 [2, 1, 8, 8]
     np.save(tmp_path / "two.npy", queries)
