@@ -526,3 +526,32 @@ def test_the_demo_prints_a_browse_command_that_shows_its_training_images(tmp_pat
     train = np.load(tmp_path / "demo" / "train.npy")  # [N, 1, 8, 8] floats in [0, 1]
     thumb = np.asarray(Image.open(io.BytesIO(client.get("/thumb/5.png").content)))
     np.testing.assert_array_equal(thumb[::12, ::12], np.floor(train[5, 0] * 255 + 0.5))
+
+
+def test_text_conditional_index_takes_a_prompt_and_shows_captions(
+    tmp_path, sd_run, caption_folder, pixels
+):
+    import re
+
+    from PIL import Image
+
+    from tests.diffusion_refs import CAPTIONS
+
+    spec = gi.BuildSpec(proj_dim=64, timesteps=2, batch_size=8)
+    with pytest.warns(UserWarning, match="fidelity"):
+        idx = gi.build_index(checkpoints=[sd_run], data=str(caption_folder), out=tmp_path / "idx",
+                             spec=spec, progress=False)  # fmt: skip
+    client = TestClient(create_app(idx))
+    assert 'name="prompt"' in client.get("/").text
+    query = pixels[4]  # [16, 16, 3] uint8
+    files = {"image": ("q.png", png_of(query))}
+    r = client.post("/query", files=files, data={"k": "4", "method": "retrac", "prompt": "a dog"})
+    assert r.status_code == 200, r.text[-300:]
+    cards = re.findall(r'data-row="(\d+)".*?class="label">([^<]*)<', r.text, re.S)
+    want = idx.query(query[None], 4, "retrac", prompts="a dog")
+    assert [int(row) for row, _ in cards] == want.rows[0].tolist()
+    assert [unescape(c) for _, c in cards] == [CAPTIONS[i] for i in want.rows[0]]
+    thumb = np.asarray(Image.open(io.BytesIO(client.get("/thumb/2.png").content)))
+    np.testing.assert_array_equal(thumb[::6, ::6], pixels[2])  # 16 x 16 RGB scaled by 6
+    r = client.post("/query", files=files, data={"k": "4", "method": "retrac"})
+    assert r.status_code == 400 and "give the query's prompt" in unescape(r.text)
