@@ -555,3 +555,29 @@ def test_text_conditional_index_takes_a_prompt_and_shows_captions(
     np.testing.assert_array_equal(thumb[::6, ::6], pixels[2])  # 16 x 16 RGB scaled by 6
     r = client.post("/query", files=files, data={"k": "4", "method": "retrac"})
     assert r.status_code == 400 and "give the query's prompt" in unescape(r.text)
+
+
+def test_uploaded_files_answer_as_the_cli_query_of_the_same_files(client, index, tmp_path):
+    """A 16-bit PNG, an RGBA PNG and a JPEG: the page's rows are 'gradindex query FILE's."""
+    import re
+
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from gradindex.cli import main
+
+    wide = (np.random.default_rng(3).random((8, 8)) * 65535).astype(np.uint16)
+    Image.fromarray(wide).save(tmp_path / "wide.png")
+    rgba = np.random.default_rng(4).integers(0, 256, (8, 8, 4), dtype=np.uint8)
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "rgba.png")
+    Image.fromarray(query_pixels(5)).save(tmp_path / "photo.jpg", quality=80)
+    for name in ("wide.png", "rgba.png", "photo.jpg"):
+        path = tmp_path / name
+        cli = CliRunner().invoke(main, ["query", str(index.path), str(path), "-k", "4", "--json"])
+        want = {(r := json.loads(ln))["method"]: r["rows"] for ln in cli.output.splitlines()}
+        r = client.post("/query", files={"image": (name, path.read_bytes())},
+                        data={"k": "4", "method": ["tracin", "retrac"]})  # fmt: skip
+        assert r.status_code == 200, (name, r.text[-300:])
+        for m in ("tracin", "retrac"):
+            part = r.text.split(f'data-method="{m}"')[1].split("</ol>")[0]
+            assert re.findall(r'data-row="(\d+)"', part) == [str(x) for x in want[m]], (name, m)
