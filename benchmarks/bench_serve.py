@@ -41,6 +41,14 @@ ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-f
         "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
 METHODS = ("tracin", "retrac", "trak")
 ALL_LOADED = "() => [...document.images].every(i => i.complete && i.naturalWidth > 0)"
+# the results page's own Navigation Timing (seconds): the form sent, the answer in, parsed,
+# every thumbnail loaded ('load' waits for the images)
+NAV_TIMING = """() => { const n = performance.getEntriesByType("navigation")[0];
+  return {to_request_s: n.requestStart / 1e3,
+          request_to_response_s: (n.responseEnd - n.requestStart) / 1e3,
+          parse_s: (n.domContentLoadedEventEnd - n.responseEnd) / 1e3,
+          thumbnails_s: (n.loadEventEnd - n.domContentLoadedEventEnd) / 1e3,
+          navigation_s: n.loadEventEnd / 1e3}; }"""
 
 
 def serve(app) -> tuple[str, object]:
@@ -82,6 +90,7 @@ def one_query(page, base: str, png: Path, k: int) -> dict:
     page.wait_for_selector("#query-0 .card")
     page.wait_for_function(ALL_LOADED)
     total = time.perf_counter() - t0
+    marks = page.evaluate(NAV_TIMING)
     timing = server_timing(nav.value.headers["server-timing"])
     embed = timing.pop("embed")
     server = timing.pop("total")
@@ -89,6 +98,7 @@ def one_query(page, base: str, png: Path, k: int) -> dict:
     cards = page.locator("#query-0 .card").count()
     return {"total_s": total, "embed_s": embed, "search_s": search, "cards": cards,
             "server_s": server, "server_rest_s": server - embed - sum(search.values()),
+            "page": marks,
             "rest_s": total - embed - sum(search.values())}  # fmt: skip
 
 
@@ -141,6 +151,11 @@ def median_of(runs: list[dict]) -> dict:
             for key in ("rest_s", "server_s", "server_rest_s")
             if key in runs[0]
         },
+        **(
+            {"page": {k: statistics.median(r["page"][k] for r in runs) for k in runs[0]["page"]}}
+            if "page" in runs[0]
+            else {}
+        ),
     }
 
 
@@ -179,6 +194,13 @@ def to_markdown(res: dict) -> str:
         f"{ms(b['total_s'] - b['server_s'])} ms in the browser (sending the form, parsing, "
         f"loading {res['cards']} thumbnails). Browser total / library total = "
         f"{b['total_s'] / d['total_s']:.2f}x.",
+        "",
+        "The page's own Navigation Timing (medians, ms): form sent after "
+        f"{ms(b['page']['to_request_s'])}, answer received after "
+        f"{ms(b['page']['request_to_response_s'])} more, parsed in {ms(b['page']['parse_s'])}, "
+        f"thumbnails loaded in {ms(b['page']['thumbnails_s'])}; navigation total "
+        f"{ms(b['page']['navigation_s'])}. The remainder of the browser total is the driver "
+        "(Playwright's click and polling, in the same process as the server).",
         "",
         f"Startup (create_app on the opened index): {res['startup_s']:.2f} s, almost all of it "
         f"the reach of every training row ({res['reach_queries']} sampled rows queried with "
