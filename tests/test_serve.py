@@ -341,6 +341,8 @@ def test_an_index_without_kernel_offers_no_trak(index, tmp_path):
 
 
 def test_details_page_norms_and_reach_against_the_stored_rows(client, index, built):
+    import re
+
     with h5py.File(built[0] / "idx" / "vectors.h5", "r") as f:
         norms = f["norms"][()]  # [N, C, K·M]
     ts = np.asarray([t for t in index.manifest["timesteps"] for _ in range(index.spec.noise_draws)])
@@ -353,18 +355,29 @@ def test_details_page_norms_and_reach_against_the_stored_rows(client, index, bui
         for m, counts in reach.items():
             part = html.split(f'<tr data-method="{m}">')[1].split("</tr>")[0]
             assert f'<td class="count">{counts[row]} of {N}</td>' in part
+        for m, scores in self_scores(built).items():  # closest rows: brute force, self out
+            part = html.split('id="neighbours"')[1].split(f'data-method="{m}"')[1]
+            shown = re.findall(r'data-row="(\d+)"', part.split("</ol>")[0])
+            assert shown == [str(r) for r in np.argsort(-scores[row])[:8]], (row, m)
 
 
-def brute_force_reach(built, k: int = 2) -> dict[str, np.ndarray]:
-    """Per method, in how many rows' top-k others (inner product, self left out) each row is."""
+def self_scores(built) -> dict[str, np.ndarray]:
+    """Per method, every stored row's inner product with every other ([N, N], self -inf)."""
     with h5py.File(built[0] / "idx" / "vectors.h5", "r") as f:
         vecs = {m: np.asarray(f[m], np.float64) for m in ("tracin", "retrac")}
     out = {}
     for m, v in vecs.items():
-        scores = v @ v.T
-        np.fill_diagonal(scores, -np.inf)
-        out[m] = np.bincount(np.argsort(-scores, axis=1)[:, :k].ravel(), minlength=len(v))
+        out[m] = v @ v.T
+        np.fill_diagonal(out[m], -np.inf)
     return out
+
+
+def brute_force_reach(built, k: int = 2) -> dict[str, np.ndarray]:
+    """Per method, in how many rows' top-k others (inner product, self left out) each row is."""
+    return {
+        m: np.bincount(np.argsort(-s, axis=1)[:, :k].ravel(), minlength=len(s))
+        for m, s in self_scores(built).items()
+    }
 
 
 def test_home_lists_the_most_reached_rows(client, built):

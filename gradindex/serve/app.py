@@ -45,6 +45,7 @@ HERE = Path(__file__).parent
 TEMPLATES = Jinja2Templates(directory=str(HERE / "templates"))
 METHOD_NAMES = {"tracin": "Diffusion-TracIn", "retrac": "Diffusion-ReTrac", "trak": "TRAK"}
 TEMPLATES.env.globals["method_names"] = METHOD_NAMES
+NEIGHBOURS = 8  # training rows shown as closest to a training row
 
 
 def create_app(
@@ -174,6 +175,9 @@ async def training_row(request: Request) -> HTMLResponse:
         "train.html",
         row=info,
         chart=profile_svg(info["profile"]),
+        neighbours=[{"query": "this row", "cards": state.neighbours(row, NEIGHBOURS)}],
+        neighbour_methods=[m for m in REACH_METHODS],
+        neighbour_k=NEIGHBOURS,
         reach_methods=REACH_METHODS,
         reach_queries=state.reach_queries,
         reach_k=state.limits.reach_k,

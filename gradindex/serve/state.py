@@ -91,6 +91,22 @@ class ServeState:
             "reach": self.reach_of(row),
         }
 
+    def neighbours(self, row: int, k: int) -> dict[str, list[dict[str, Any]]]:
+        """Per stored method: the k training rows whose score against this row's own stored
+        vector is highest, itself left out (near-duplicates, or what it is scored like)."""
+        idx = self.index
+        out: dict[str, list[dict[str, Any]]] = {}
+        if idx.flagged[row]:
+            return out
+        with self.lock, VectorStore.open(idx.path / VECTORS) as store:
+            for m in REACH_METHODS:
+                res = idx.search(
+                    store.vectors(m, np.array([row])), min(k + 1, len(idx.index_rows)), m
+                )
+                keep = [(r, s) for r, s in zip(res.rows[0], res.scores[0], strict=True) if r != row]
+                out[m] = [self.card(i, r, s) for i, (r, s) in enumerate(keep[:k], 1)]
+        return out
+
     def norm_profile(self, row: int) -> list[dict[str, float]]:
         """Per timestep: the row's median per-draw gradient norm (over checkpoints and noise
         draws) and the index's median (over every row, checkpoint and draw)."""
