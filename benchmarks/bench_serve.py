@@ -15,7 +15,8 @@ Baseline, same process and image: ``idx.embed`` + ``idx.search`` per method call
 (what a script does). The first query loads the checkpoints and is reported apart (cold).
 
 Writes ``benchmarks/results/serve.json`` / ``serve.md``; ``--screenshot docs/serve.png`` also
-saves the page after the last query.
+saves the page after the last query (and ``docs/serve_details.png``, the details page of its
+first TracIn result).
 
     python benchmarks/bench_serve.py DEMO [--repeats 5] [--k 6] [--screenshot docs/serve.png]
 """
@@ -239,6 +240,12 @@ def main() -> None:
         runs = [one_query(page, base, tmp / "generated.png", args.k) for _ in range(args.repeats)]
         if args.screenshot:
             page.screenshot(path=str(args.screenshot), full_page=True)
+            # and the details page of TracIn's first result (its norm profile, reach, neighbours)
+            page.click('#query-0 [data-method="tracin"] .card a')
+            page.wait_for_selector("#norm-chart")
+            page.wait_for_function(ALL_LOADED)
+            details = args.screenshot.with_name(f"{args.screenshot.stem}_details.png")
+            page.screenshot(path=str(details), full_page=True)
         version = browser.version
         browser.close()
     srv.should_exit = True
