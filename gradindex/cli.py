@@ -812,8 +812,10 @@ def serve(
         ) from None
     if host not in ("127.0.0.1", "localhost", "::1"):
         click.echo(f"warning: listening on {host}: anyone who can reach it can query the index")
+    loopback = ["127.0.0.1", "localhost", "[::1]", "::1"]
     app = create_app(index_dir, data=data, results=results,
-                     limits=Limits(max_upload_bytes=max_upload_mb * 2**20))  # fmt: skip
+                     limits=Limits(max_upload_bytes=max_upload_mb * 2**20),
+                     hosts=loopback if host in loopback else None)  # fmt: skip
     click.echo(f"gradindex serve: http://{host}:{port}/  (Ctrl-C stops it)")
     if app.state.start_results:
         click.echo(f"results: http://{host}:{port}/results/{app.state.start_results}")

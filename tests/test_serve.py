@@ -407,7 +407,15 @@ def test_cli_serve_binds_loopback_by_default(index, monkeypatch):
     res = CliRunner().invoke(main, ["serve", str(index.path)])
     assert res.exit_code == 0, res.output
     assert seen["host"] == "127.0.0.1" and seen["port"] == 8000
-    assert TestClient(seen["app"]).get("/").status_code == 200
+    local = TestClient(seen["app"], base_url="http://127.0.0.1:8000")
+    home = local.get("/")
+    assert (
+        home.status_code == 200 and "script-src 'self'" in home.headers["content-security-policy"]
+    )
+    assert home.headers["x-frame-options"] == "DENY"
+    assert "<script>" not in home.text  # the page's script is /drop.js, allowed by the CSP
+    rebound = local.get("/", headers={"host": "attacker.example:8000"})  # DNS rebinding
+    assert rebound.status_code == 400 and "results" not in rebound.text
     res = CliRunner().invoke(main, ["serve", str(index.path), "--host", "0.0.0.0"])
     assert "warning: listening on 0.0.0.0" in res.output
     res = CliRunner().invoke(main, ["serve", str(index.path) + "-missing"])
@@ -534,7 +542,7 @@ def test_the_demo_prints_a_browse_command_that_shows_its_training_images(tmp_pat
     seen = {}
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(app=app))
     assert CliRunner().invoke(main, argv[1:]).exit_code == 0
-    client = TestClient(seen["app"])
+    client = TestClient(seen["app"], base_url="http://localhost:8000")
     assert "No training thumbnails" not in client.get("/").text
     train = np.load(tmp_path / "demo" / "train.npy")  # [N, 1, 8, 8] floats in [0, 1]
     thumb = np.asarray(Image.open(io.BytesIO(client.get("/thumb/5.png").content)))

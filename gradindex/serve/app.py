@@ -26,6 +26,8 @@ from typing import Any
 from starlette.applications import Starlette
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import Route
@@ -53,10 +55,13 @@ def create_app(
     data: str | None = None,
     results: str | Path | None = None,
     limits: Limits | None = None,
+    hosts: list[str] | None = None,
 ) -> Starlette:
     """The browser app over ``index`` (an opened index or its folder). ``data``: the training
     images when the build's recorded source moved (same formats as build's --data);
-    ``results``: a ``gradindex query --output`` .jsonl to open in the results viewer."""
+    ``results``: a ``gradindex query --output`` .jsonl to open in the results viewer;
+    ``hosts``: the only Host headers answered (None: any; the CLI passes the loopback names
+    when it binds to loopback, against DNS rebinding)."""
     if not isinstance(index, AttributionIndex):
         index = AttributionIndex.open(index)
     state = ServeState(index, data=data, limits=limits or Limits())
@@ -68,14 +73,22 @@ def create_app(
         Route("/thumb/{row:int}.png", thumbnail),
         Route("/results", results_home, methods=["GET", "POST"]),
         Route("/results/{token:str}", results_page),
-        Route("/style.css", stylesheet),
+        Route("/style.css", static_file),
+        Route("/drop.js", static_file),
     ]
     handlers = {
         GradIndexError: bad_request,
         HTTPException: http_error,
         Exception: server_error,
     }
-    app = Starlette(routes=routes, exception_handlers=handlers)  # type: ignore[arg-type]
+    middleware = [Middleware(SecurityHeaders)]
+    if hosts:  # a page of another site that resolves its name to 127.0.0.1 is refused
+        middleware.insert(0, Middleware(TrustedHostMiddleware, allowed_hosts=list(hosts)))
+    app = Starlette(
+        routes=routes,
+        exception_handlers=handlers,  # type: ignore[arg-type]
+        middleware=middleware,
+    )
     app.state.serve = state
     app.state.start_results = start_results
     return app
@@ -249,8 +262,13 @@ async def results_page(request: Request) -> HTMLResponse:
     )
 
 
-async def stylesheet(request: Request) -> Response:
-    return Response((HERE / "static" / "style.css").read_text(), media_type="text/css")
+STATIC = {"/style.css": ("style.css", "text/css"), "/drop.js": ("drop.js", "text/javascript")}
+
+
+async def static_file(request: Request) -> Response:
+    """The page's own CSS and script (fixed names: nothing from the request)."""
+    name, media = STATIC[request.url.path]
+    return Response((HERE / "static" / name).read_text(), media_type=media)
 
 
 # -- helpers --------------------------------------------------------------------------------
@@ -323,7 +341,35 @@ def _data_url(image: Any) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode()
 
 
-# -- errors ---------------------------------------------------------------------------------
+# -- headers and errors ---------------------------------------------------------------------------------
+
+
+CSP = (
+    "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
+    "form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+)
+
+
+class SecurityHeaders:
+    """Every answer: no inline or foreign scripts (CSP), no framing, no MIME sniffing."""
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        async def with_headers(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                headers += [
+                    (b"content-security-policy", CSP.encode()),
+                    (b"x-content-type-options", b"nosniff"),
+                    (b"x-frame-options", b"DENY"),
+                    (b"referrer-policy", b"no-referrer"),
+                ]
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, with_headers if scope["type"] == "http" else send)
 
 
 async def bad_request(request: Request, exc: Exception) -> HTMLResponse:
