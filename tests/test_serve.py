@@ -216,6 +216,16 @@ def test_browser_bad_upload_shows_an_error_on_the_page(server, page, tmp_path):
     assert "Traceback" not in page.content()
 
 
+def test_browser_requests_outside_the_index_are_refused(server, page, built):
+    manifest = (built[0] / "idx" / "manifest.json").read_text()
+    for path in ("/../idx/manifest.json", "/thumb/..%2F..%2Fidx%2Fmanifest.json",
+                 "/train/..%2Fmanifest.json", f"/thumb/{N}.png", "/vectors.h5"):  # fmt: skip
+        response = page.goto(server + path)
+        assert response.status == 404, path
+        body = page.content()
+        assert manifest[:60] not in body and '"build_id"' not in body, path
+
+
 def test_browser_results_file_pages_through_queries(server, page, index, tmp_path):
     from click.testing import CliRunner
 
