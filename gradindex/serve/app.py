@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -146,8 +147,6 @@ async def run_query(request: Request) -> HTMLResponse:
     data = await upload.read()
     images = decode_images(data, upload.filename or "", state.index.image_shape[0], state.limits)
     label, prompt = _conditioning_fields(form, state)
-    from starlette.concurrency import run_in_threadpool
-
     out = await run_in_threadpool(state.run_query, images, k, chosen, label, prompt)
     name = upload.filename or "upload"
     queries = [
@@ -182,13 +181,14 @@ async def run_query(request: Request) -> HTMLResponse:
 async def training_row(request: Request) -> HTMLResponse:
     state = _state(request)
     row = _row(request, state)
-    info = state.details(row)
+    info = await run_in_threadpool(state.details, row)  # off the event loop: reads vectors.h5
+    near = await run_in_threadpool(state.neighbours, row, NEIGHBOURS)
     return _page(
         request,
         "train.html",
         row=info,
         chart=profile_svg(info["profile"]),
-        neighbours=[{"query": "this row", "cards": state.neighbours(row, NEIGHBOURS)}],
+        neighbours=[{"query": "this row", "cards": near}],
         neighbour_methods=[m for m in REACH_METHODS],
         neighbour_k=NEIGHBOURS,
         reach_methods=REACH_METHODS,
@@ -203,7 +203,7 @@ async def thumbnail(request: Request) -> Response:
     if not state.images.available:
         raise HTTPException(404, state.images.problem)
     try:
-        png = state.images.thumbnail(row)
+        png = await run_in_threadpool(state.images.thumbnail, row)  # decodes a file
     except GradIndexError as exc:
         raise HTTPException(404, str(exc)) from None
     return Response(png, media_type="image/png", headers={"Cache-Control": "max-age=3600"})

@@ -98,7 +98,7 @@ class ServeState:
         out: dict[str, list[dict[str, Any]]] = {}
         if idx.flagged[row]:
             return out
-        with self.lock, VectorStore.open(idx.path / VECTORS) as store:
+        with VectorStore.open(idx.path / VECTORS) as store:  # searches need no lock
             for m in REACH_METHODS:
                 res = idx.search(
                     store.vectors(m, np.array([row])), min(k + 1, len(idx.index_rows)), m
