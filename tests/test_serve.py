@@ -612,3 +612,41 @@ def test_uploaded_files_answer_as_the_cli_query_of_the_same_files(client, index,
         for m in ("tracin", "retrac"):
             part = r.text.split(f'data-method="{m}"')[1].split("</ol>")[0]
             assert re.findall(r'data-row="(\d+)"', part) == [str(x) for x in want[m]], (name, m)
+
+
+def test_pages_answer_while_a_query_is_embedding(server, index, monkeypatch):
+    """Embedding runs in a worker thread: other pages do not wait for it."""
+    import urllib.request
+
+    real_embed = index.embed
+    started = threading.Event()
+
+    def slow_embed(*args, **kwargs):
+        started.set()
+        time.sleep(3)
+        return real_embed(*args, **kwargs)
+
+    monkeypatch.setattr(index, "embed", slow_embed)
+    boundary = "xyz"
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="k"\r\n\r\n3\r\n'
+            f'--{boundary}\r\nContent-Disposition: form-data; name="method"\r\n\r\ntracin\r\n'
+            f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="q.png"\r\n'
+            "Content-Type: image/png\r\n\r\n"
+        ).encode()
+        + png_of(query_pixels(0))
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    post = urllib.request.Request(
+        server + "/query", data=body,
+        headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
+    )  # fmt: skip
+    slow = threading.Thread(target=lambda: urllib.request.urlopen(post, timeout=60).read())
+    slow.start()
+    assert started.wait(30)
+    t0 = time.perf_counter()
+    for path in ("/train/1", "/thumb/2.png", "/"):
+        assert urllib.request.urlopen(server + path, timeout=10).status == 200
+    assert time.perf_counter() - t0 < 2.0  # the embedding still sleeps for 3 s
+    slow.join(60)
