@@ -9,6 +9,7 @@ Routes (every one read-only on the index):
     GET  /results           results viewer: upload a 'gradindex query --output' .jsonl
     POST /results           upload one
     GET  /results/{token}   page through an uploaded (or --results) file, ?page=N
+    GET  /style.css, /drop.js   the pages' own stylesheet and script (no inline script: CSP)
 
 Paths from a request never reach the file system: rows are integers checked against the
 index, results live in memory under random tokens. Uploads are bounded (``Limits``); a bad
