@@ -7,7 +7,8 @@
   every training row (computed once at startup), uploaded results.
 - ``images``: training images by row number (never by a path from a request) and thumbnails.
 - ``uploads``: query images and results files from the browser, with size limits.
-- ``limits.Limits``: what one request may send and ask for.
+- ``limits.Limits``: what one request may send and ask for; ``guard``: the body-size check
+  and the security headers (CSP, no framing) every answer carries.
 
 Needs the ``serve`` extra (starlette, uvicorn, python-multipart, jinja2).
 """

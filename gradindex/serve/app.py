@@ -38,6 +38,7 @@ from starlette.templating import Jinja2Templates
 from gradindex.errors import GradIndexError
 from gradindex.query import AttributionIndex
 from gradindex.serve.chart import profile_svg
+from gradindex.serve.guard import SecurityHeaders, read_form
 from gradindex.serve.images import png_bytes
 from gradindex.serve.limits import Limits
 from gradindex.serve.state import REACH_METHODS, ServeState
@@ -275,35 +276,6 @@ async def static_file(request: Request) -> Response:
 # -- helpers --------------------------------------------------------------------------------
 
 
-async def read_form(request: Request, limits: Limits) -> Any:
-    """The multipart form, refused past ``limits.max_upload_bytes`` (by Content-Length, or
-    while reading a body without one) before anything is parsed."""
-    declared = request.headers.get("content-length")
-    too_big = UploadError(
-        f"the upload is larger than the limit of {limits.max_upload_bytes / 2**20:.0f} MiB"
-    )
-    if declared and declared.isdigit() and int(declared) > limits.max_upload_bytes:
-        raise too_big
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limits.max_upload_bytes:
-            raise too_big
-    sent = False
-
-    async def replay() -> dict[str, Any]:
-        nonlocal sent
-        if sent:
-            return {"type": "http.disconnect"}
-        sent = True
-        return {"type": "http.request", "body": bytes(body), "more_body": False}
-
-    try:
-        return await Request(request.scope, replay).form(max_files=2, max_fields=20)
-    except (ValueError, KeyError, AssertionError) as exc:  # malformed multipart
-        raise UploadError(f"not a readable form upload ({exc})") from None
-
-
 def _int_field(value: Any, name: str, lo: int, hi: int) -> int:
     text = str(value).strip() if value is not None else ""
     if not text.lstrip("-").isdigit() or not lo <= int(text) <= hi:
@@ -343,34 +315,6 @@ def _data_url(image: Any) -> str:
 
 
 # -- headers and errors ---------------------------------------------------------------------------------
-
-
-CSP = (
-    "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
-    "form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
-)
-
-
-class SecurityHeaders:
-    """Every answer: no inline or foreign scripts (CSP), no framing, no MIME sniffing."""
-
-    def __init__(self, app: Any):
-        self.app = app
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        async def with_headers(message: dict[str, Any]) -> None:
-            if message["type"] == "http.response.start":
-                headers = list(message.get("headers", []))
-                headers += [
-                    (b"content-security-policy", CSP.encode()),
-                    (b"x-content-type-options", b"nosniff"),
-                    (b"x-frame-options", b"DENY"),
-                    (b"referrer-policy", b"no-referrer"),
-                ]
-                message = {**message, "headers": headers}
-            await send(message)
-
-        await self.app(scope, receive, with_headers if scope["type"] == "http" else send)
 
 
 async def bad_request(request: Request, exc: Exception) -> HTMLResponse:
