@@ -812,7 +812,8 @@ def serve(
         ) from None
     if host not in ("127.0.0.1", "localhost", "::1"):
         click.echo(f"warning: listening on {host}: anyone who can reach it can query the index")
-    loopback = ["127.0.0.1", "localhost", "[::1]", "::1"]
+    # Host names answered on IPv4 loopback (Starlette's host check cannot parse '[::1]:port')
+    loopback = ["127.0.0.1", "localhost"]
     app = create_app(index_dir, data=data, results=results,
                      limits=Limits(max_upload_bytes=max_upload_mb * 2**20),
                      hosts=loopback if host in loopback else None)  # fmt: skip
