@@ -263,6 +263,7 @@ def build_index(
         "image_shape": [channels, height, width],
         "conditioning": cond_record,
         "conditioning_data": state.get("conditioning", {}).get("data"),
+        "data_source": data_source(data),  # where thumbnails come from (gradindex serve)
         "base_model": str(Path(base_model).resolve())
         if isinstance(base_model, (str, os.PathLike))
         else None,
@@ -285,6 +286,17 @@ def build_index(
     if out != target:  # the new index is complete: it replaces the old one in one step
         swap_in(out, target)
     return AttributionIndex.open(target, checkpoints=ckpts, device=device, base_model=base_model)
+
+
+def data_source(data: Any) -> str | None:
+    """The training data's location as given at build time, made absolute ('file.h5:/set'
+    keeps its dataset), or None for in-memory data: viewers read the training images there."""
+    if not isinstance(data, (str, os.PathLike)):
+        return None
+    path, sep, dataset = str(data).partition(":/")
+    if sep and path.endswith((".h5", ".hdf5")):
+        return f"{Path(path).resolve()}:/{dataset}"
+    return str(Path(data).resolve())
 
 
 def _write_error(out: Path, exc: OSError | WriteError, staged: bool = False) -> IndexStateError:

@@ -776,6 +776,51 @@ def demo(out: str, quick: bool) -> None:
     summary = run_demo(out, DemoSettings.quick() if quick else DemoSettings())
     click.echo(format_summary(summary))
     click.echo(f"pictures: {Path(out) / 'attribution.png'}, {Path(out) / 'timestep_norms.png'}")
+    click.echo(f"browse: gradindex serve {Path(out) / 'index'} --data {Path(out) / 'train.npy'}")
+
+
+@main.command()
+@click.argument("index_dir", type=click.Path())
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=8000, show_default=True, type=int)
+@click.option(
+    "--data",
+    default=None,
+    help="The training images (as given to build --data) when the recorded source moved or "
+    "the index was built from an in-memory array; used for thumbnails only.",
+)
+@click.option(
+    "--results",
+    default=None,
+    type=click.Path(exists=True, dir_okay=False),
+    help="A 'gradindex query --output' .jsonl to open in the results viewer.",
+)
+@click.option("--max-upload-mb", default=16, show_default=True, type=click.IntRange(1, 1024))
+def serve(
+    index_dir: str, host: str, port: int, data: str | None, results: str | None, max_upload_mb: int
+) -> None:
+    """Browse attributions in a web browser: upload a query image, see the top-k training
+    images of every method side by side (read-only; needs the 'serve' extra)."""
+    try:
+        import uvicorn
+
+        from gradindex.serve import Limits, create_app
+    except ImportError as exc:
+        raise click.ClickException(
+            f"gradindex serve needs the web extra ({exc.name} is missing): "
+            "pip install 'gradindex[serve]'"
+        ) from None
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        click.echo(f"warning: listening on {host}: anyone who can reach it can query the index")
+    # Host names answered on IPv4 loopback (Starlette's host check cannot parse '[::1]:port')
+    loopback = ["127.0.0.1", "localhost"]
+    app = create_app(index_dir, data=data, results=results,
+                     limits=Limits(max_upload_bytes=max_upload_mb * 2**20),
+                     hosts=loopback if host in loopback else None)  # fmt: skip
+    click.echo(f"gradindex serve: http://{host}:{port}/  (Ctrl-C stops it)")
+    if app.state.start_results:
+        click.echo(f"results: http://{host}:{port}/results/{app.state.start_results}")
+    uvicorn.run(app, host=host, port=port, log_level="warning")
 
 
 def _print_info(info: dict[str, Any], as_json: bool) -> None:

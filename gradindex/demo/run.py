@@ -76,6 +76,7 @@ def run_demo(
     images = load_digits_images(s.image_size)
     if s.num_train is not None:
         images = images[: s.num_train]
+    np.save(out / "train.npy", images)  # the training images, for 'gradindex serve --data'
     run = train_ddpm(
         images,
         out / "model",

@@ -1,0 +1,115 @@
+"""Shared by the tests of gradindex serve: a tiny index over a .npy file, the app over it
+(TestClient, or uvicorn in a thread), query images, and brute-force references."""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+import threading
+import time
+
+import h5py
+import numpy as np
+import pytest
+
+import gradindex as gi
+from tests.conftest import scheduler, tiny_unet
+
+if not os.environ.get("CI"):  # CI installs the dev extra: a missing web stack fails there
+    pytest.importorskip("starlette")
+from starlette.testclient import TestClient  # noqa: E402
+
+from gradindex.serve import Limits, create_app  # noqa: E402
+
+K = 4
+N = 16  # training rows of the tiny index
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """A 16-row index over train.npy (two saved checkpoints) and its training images."""
+    from diffusers import DDPMPipeline
+
+    root = tmp_path_factory.mktemp("serve")
+    paths = []
+    for i, seed in enumerate((1, 2)):
+        ckpt = root / "run" / f"checkpoint-{(i + 1) * 10}"
+        tiny_unet(seed).save_pretrained(ckpt / "unet")
+        paths.append(ckpt)
+    DDPMPipeline(unet=tiny_unet(2), scheduler=scheduler()).save_pretrained(root / "run")
+    train = np.random.default_rng(0).random((N, 1, 8, 8), dtype=np.float32)
+    np.save(root / "train.npy", train)
+    spec = gi.BuildSpec(proj_dim=64, timesteps=3, noise_draws=2, batch_size=16)
+    with pytest.warns(UserWarning, match="fidelity"):  # 64 dims: below the fidelity bar
+        gi.build_index(
+            checkpoints=paths, data=str(root / "train.npy"), out=root / "idx", spec=spec,
+            progress=False,
+        )  # fmt: skip
+    return root, train
+
+
+@pytest.fixture(scope="module")
+def index(built):
+    return gi.AttributionIndex.open(built[0] / "idx")
+
+
+def png_of(pixels: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def query_pixels(seed: int) -> np.ndarray:
+    return (np.random.default_rng(seed).random((8, 8)) * 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def client(index):
+    return TestClient(create_app(index, limits=Limits(reach_k=2)), raise_server_exceptions=False)
+
+
+# -- the browser -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def server(index):
+    """The app served by uvicorn in a thread on a free loopback port: its base URL."""
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    app = create_app(index, limits=Limits(page_size=2, reach_k=2))
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not srv.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            pytest.fail("the test server did not start")
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    srv.should_exit = True
+    thread.join(10)
+
+
+def self_scores(built) -> dict[str, np.ndarray]:
+    """Per method, every stored row's inner product with every other ([N, N], self -inf)."""
+    with h5py.File(built[0] / "idx" / "vectors.h5", "r") as f:
+        vecs = {m: np.asarray(f[m], np.float64) for m in ("tracin", "retrac")}
+    out = {}
+    for m, v in vecs.items():
+        out[m] = v @ v.T
+        np.fill_diagonal(out[m], -np.inf)
+    return out
+
+
+def brute_force_reach(built, k: int = 2) -> dict[str, np.ndarray]:
+    """Per method, in how many rows' top-k others (inner product, self left out) each row is."""
+    return {
+        m: np.bincount(np.argsort(-s, axis=1)[:, :k].ravel(), minlength=len(s))
+        for m, s in self_scores(built).items()
+    }
