@@ -804,7 +804,8 @@ def serve(
     try:
         import uvicorn
 
-        from gradindex.serve import Limits, create_app
+        from gradindex.serve.app import create_app
+        from gradindex.serve.limits import Limits
     except ImportError as exc:
         raise click.ClickException(
             f"gradindex serve needs the web extra ({exc.name} is missing): "

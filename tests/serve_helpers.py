@@ -20,7 +20,8 @@ if not os.environ.get("CI"):  # CI installs the dev extra: a missing web stack f
     pytest.importorskip("starlette")
 from starlette.testclient import TestClient  # noqa: E402
 
-from gradindex.serve import Limits, create_app  # noqa: E402
+from gradindex.serve.app import create_app  # noqa: E402
+from gradindex.serve.limits import Limits  # noqa: E402
 
 K = 4
 N = 16  # training rows of the tiny index

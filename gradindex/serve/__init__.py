@@ -12,10 +12,3 @@
 
 Needs the ``serve`` extra (starlette, uvicorn, python-multipart, jinja2).
 """
-
-from __future__ import annotations
-
-from gradindex.serve.app import create_app
-from gradindex.serve.limits import Limits
-
-__all__ = ["Limits", "create_app"]

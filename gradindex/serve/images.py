@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from gradindex.data import IMAGE_SUFFIXES, load_images, to_nchw
 from gradindex.errors import DataError
+from gradindex.inputs.data import IMAGE_SUFFIXES, load_images, to_nchw
 
 THUMB_SIDE = 96  # pixels of a thumbnail's longer side (small images are scaled up, nearest)
 CACHE = 2048  # thumbnails kept in memory

@@ -22,13 +22,13 @@ from typing import Any
 import numpy as np
 
 from gradindex.errors import GradIndexError
-from gradindex.layout import VECTORS
+from gradindex.eval.report import norm_by_timestep, reach
+from gradindex.index.layout import VECTORS
+from gradindex.index.store import VectorStore
 from gradindex.query import SEARCH_METHODS, AttributionIndex, stored_method
-from gradindex.report import norm_by_timestep, reach
 from gradindex.serve.images import TrainingImages
 from gradindex.serve.limits import Limits
 from gradindex.serve.uploads import UploadError, parse_results
-from gradindex.store import VectorStore
 
 REACH_METHODS = ("tracin", "retrac")
 INFLUENTIAL_TOP = 10  # the report's "most found" list length

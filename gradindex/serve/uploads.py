@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from gradindex.data import load_images
 from gradindex.errors import GradIndexError
+from gradindex.inputs.data import load_images
 from gradindex.serve.limits import Limits
 
 
