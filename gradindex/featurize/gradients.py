@@ -2,7 +2,8 @@
 
 Holds:
 - ``select_parameters``: the parameters gradients are taken over (glob patterns on names).
-- ``diffusion_loss``: the per-sample denoising loss ℓ(θ; x0, t, ε) of DESIGN §1.
+- ``noisy_input_and_target``: x_t and the regression target of one (x0, t, ε); the loss of
+  the two is ``gradindex.featurize.losses`` (one definition for every backend).
 - ``GradientFeaturizer``: for one checkpoint, turns a batch of clean images into
   a_c (TracIn, raw mean over draws), r_c (ReTrac, mean over timesteps of unit-normalized
   per-timestep means) and the per-draw gradient norms — all in full parameter space, before
@@ -29,6 +30,7 @@ import torch
 from torch.func import functional_call, grad, vmap
 
 from gradindex.errors import ModelError, SpecError
+from gradindex.featurize.losses import diffusion_loss, item_loss_fn
 from gradindex.featurize.persample import HookError, HookGradients
 from gradindex.featurize.scratch import scratch
 from gradindex.inputs.models import Checkpoint, model_output
@@ -76,28 +78,6 @@ def noisy_input_and_target(
     else:
         raise SpecError(f"scheduler prediction_type {prediction_type!r} is not supported")
     return x_t, target
-
-
-def diffusion_loss(output: torch.Tensor, target: torch.Tensor, loss: str) -> torch.Tensor:
-    """Loss reduced by the mean over one sample's elements."""
-    if loss == "mse":
-        return (output - target).pow(2).mean()
-    if loss == "l1":
-        return (output - target).abs().mean()
-    if loss == "square":
-        return output.pow(2).mean()
-    raise SpecError(f"unknown loss {loss!r}")
-
-
-def item_losses(output: torch.Tensor, target: torch.Tensor, loss: str) -> torch.Tensor:
-    """Per-item ``diffusion_loss`` of a batch: output, target [I, ...] → [I]."""
-    if loss == "mse":
-        return (output - target).pow(2).flatten(1).mean(1)
-    if loss == "l1":
-        return (output - target).abs().flatten(1).mean(1)
-    if loss == "square":
-        return output.pow(2).flatten(1).mean(1)
-    raise SpecError(f"unknown loss {loss!r}")
 
 
 def _norm_over_blocks(blocks: list[torch.Tensor]) -> torch.Tensor:
@@ -172,11 +152,7 @@ class GradientFeaturizer:
                 "use 'vmap'"
             )
         if backend != "vmap" and supported:
-            self._hooks = HookGradients(
-                self.model,
-                self.param_names,
-                lambda out, target: item_losses(out, target, spec.loss),
-            )
+            self._hooks = HookGradients(self.model, self.param_names, item_loss_fn(spec.loss))
         self.backend = "hooks" if self._hooks is not None else "vmap"
         self._auto = backend == "auto"
         logger.info(

@@ -36,7 +36,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gradindex.errors import ModelError
-from gradindex.featurize.gradients import MAX_ITEMS, GradientFeaturizer, item_losses
+from gradindex.featurize.gradients import MAX_ITEMS, GradientFeaturizer
+from gradindex.featurize.losses import item_loss_fn
 from gradindex.featurize.persample import (
     HookError,
     HookGradients,
@@ -358,7 +359,7 @@ class KroneckerFeaturizer(GradientFeaturizer):
         self.kron = KroneckerGradients(
             self.model,
             self.param_names,
-            lambda out, target: item_losses(out, target, spec.loss),
+            item_loss_fn(spec.loss),
             spec.proj_dim,
             seed,
             nnz=spec.sjlt_nnz,
