@@ -172,7 +172,7 @@ def _jsonable(o: Any) -> Any:
 
 def generated_queries(model: str) -> np.ndarray:
     """N_GENERATED images sampled from a model's final pipeline (cached), [Q, 1, 16, 16]."""
-    from gradindex.demo.training import sample_images
+    from gradindex.demo.sampling import sample_images
 
     path = CACHE / f"generated_{model}.npy"
     if not path.exists():

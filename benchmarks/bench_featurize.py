@@ -100,7 +100,7 @@ def _timed(fn, min_seconds: float, min_reps: int = 2) -> float:
 
 def loop_item_gradients(model, params, x_t, t, target, loss: str = "mse") -> torch.Tensor:
     """The reference approach: one forward, one torch.autograd.grad per item. → [I, p]"""
-    from gradindex.featurize.gradients import diffusion_loss
+    from gradindex.featurize.losses import diffusion_loss
     from gradindex.inputs.models import model_output
 
     rows = []
@@ -126,8 +126,8 @@ def loop_draw_rows(self, x_t, t, target, flat, group, cond=None):
 
 def _grads_worker(model_name: str, path: str, items: int, threads: int, seconds: float) -> dict:
     torch.set_num_threads(threads)
-    from gradindex.featurize.gradients import item_losses
     from gradindex.featurize.kronecker import KroneckerGradients
+    from gradindex.featurize.losses import item_losses
     from gradindex.featurize.persample import HookGradients
 
     config = MODELS[model_name]
@@ -214,7 +214,7 @@ def _text_unet_with_lora():
 def _lora_worker(which: str, items: int, threads: int, seconds: float) -> dict:
     """Per-draw gradients/s over the LoRA adapter only, or over every UNet parameter."""
     torch.set_num_threads(threads)
-    from gradindex.featurize.gradients import item_losses
+    from gradindex.featurize.losses import item_losses
     from gradindex.featurize.persample import HookGradients
 
     unet = _text_unet_with_lora()

@@ -37,7 +37,8 @@ import numpy as np
 import torch
 
 import gradindex as gi
-from gradindex.demo.training import load_digits_images, sample_images, small_unet_config, train_ddpm
+from gradindex.demo.sampling import sample_images
+from gradindex.demo.training import load_digits_images, small_unet_config, train_ddpm
 from gradindex.eval.lds import (
     bootstrap_ci,
     lds_per_target,

@@ -95,18 +95,6 @@ def _conditioning_options(func: Any) -> Any:
     )(func)
 
 
-def _read_lines(path: str, labels: bool = False) -> Any:
-    """Prompts (or labels) from a file: one per line; labels may also be a .npy array."""
-    if labels and path.endswith(".npy"):
-        from gradindex.inputs.data import read_array
-
-        return read_array(path)
-    lines = [ln for ln in Path(path).read_text().splitlines() if ln.strip()]
-    if not labels:
-        return lines
-    return [int(ln) if ln.strip().lstrip("-").isdigit() else ln.strip() for ln in lines]
-
-
 # options shared by the commands that featurize (build, add)
 _scheduler_option = click.option(
     "--scheduler",
@@ -291,14 +279,15 @@ def build(
     """
     from gradindex.build import build_index
     from gradindex.errors import SpecError
+    from gradindex.inputs.conditioning import read_labels_file, read_prompts_file
     from gradindex.inputs.slices import parse_shard
     from gradindex.scale.distributed import distributed_build, world_from_env
 
     spec = _spec_from_options(config, spec_options)
     cond = {
         "base_model": base_model,
-        "labels": _read_lines(labels_file, labels=True) if labels_file else None,
-        "prompts": _read_lines(prompts_file) if prompts_file else None,
+        "labels": read_labels_file(labels_file) if labels_file else None,
+        "prompts": read_prompts_file(prompts_file) if prompts_file else None,
     }
     common = {
         "checkpoints": list(checkpoints),
@@ -428,7 +417,8 @@ def query(
     Thousands of queries are fine: embedding and search run in batches. Images of another
     size than the model's are resized with a warning, and their records say "resized".
     """
-    from gradindex.query import AttributionIndex, check_positive_k, result_to_json, stored_method
+    from gradindex.inputs.conditioning import read_prompts_file
+    from gradindex.query import AttributionIndex, check_positive_k, stored_method
 
     check_positive_k(k)  # before opening and embedding anything
     if output and not output.endswith((".jsonl", ".npz")):
@@ -458,7 +448,7 @@ def query(
     one_or_all = lambda v: (v[0] if len(v) == 1 else list(v)) if v else None  # noqa: E731
     cond = {
         "labels": one_or_all(labels),
-        "prompts": _read_lines(prompt_file) if prompt_file else one_or_all(prompts),
+        "prompts": read_prompts_file(prompt_file) if prompt_file else one_or_all(prompts),
     }
     stored = list(dict.fromkeys(stored_method(m) for m in methods))  # trak: the TracIn rows
     vecs, names, resized = _query_vectors(idx, images, stored, from_vectors, cond, data_range)
@@ -469,6 +459,20 @@ def query(
         )
         for m in methods
     }
+    _write_results(results, names, resized, output, as_json)
+
+
+def _write_results(
+    results: dict[str, Any],
+    names: np.ndarray,
+    resized: tuple[int, int] | None,
+    output: str | None,
+    as_json: bool,
+) -> None:
+    """Query results to --output (.npz arrays or .jsonl records) or the terminal (one line, or
+    with --json one record, per query and method)."""
+    from gradindex.query import result_to_json
+
     if output and output.endswith(".npz"):
         arrays = {}
         for m, res in results.items():
@@ -476,7 +480,7 @@ def query(
         if resized is not None:  # the queries' [H, W] before they were resized
             arrays["resized"] = np.asarray(resized, dtype=np.int64)
         np.savez(output, query=names, **arrays)
-        click.echo(f"wrote {len(names)} queries x {len(methods)} method(s) to {output}")
+        click.echo(f"wrote {len(names)} queries x {len(results)} method(s) to {output}")
         return
     lines = []
     for m, res in results.items():
@@ -507,17 +511,12 @@ def _query_vectors(
     """{method: [B, D]}, the query names, and the images' (H, W) if they were resized (else
     None), from images or from stored vectors."""
     from gradindex.errors import DataError
-    from gradindex.inputs.conditioning import load_conditioning
-    from gradindex.inputs.data import load_images, read_array, read_npz
+    from gradindex.inputs.conditioning import query_inputs
+    from gradindex.inputs.data import read_array, read_npz
 
-    if not from_vectors:
-        arr, names = load_images(source, channels=idx.image_shape[0])
+    if not from_vectors:  # labels / captions: the given ones, else what the images carry
         kind = idx.conditioning["kind"]
-        if kind != "none" and cond["labels"] is None and cond["prompts"] is None:
-            found = load_conditioning(source, names, len(arr), kind, required=False)
-            cond = {"labels": found.labels, "prompts": found.prompts}  # from the data, as build
-            if found.class_names is not None:  # sub-folder names → the index's class numbers
-                cond["labels"] = [found.class_names[i] for i in found.labels]
+        arr, names, cond = query_inputs(source, idx.image_shape[0], kind, **cond)
         return idx.embed(arr, **cond, data_range=data_range), names, idx.resized_from(arr)
     path = Path(source)
     if not path.exists():

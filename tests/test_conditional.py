@@ -208,3 +208,117 @@ def test_embedding_hook_rule_matches_loop():
         ref = torch.cat([g.reshape(-1) for g in torch.autograd.grad(value.sum(), params)])
         torch.testing.assert_close(got[i], ref, rtol=1e-5, atol=1e-7)
     assert got[1, :18].abs().max() == 0  # item 1 only looks up the padding row
+
+
+def _saved_class_run(folder, seed: int) -> str:
+    """A class-conditional checkpoint folder (unet/, scheduler/), which the CLI can reopen."""
+    class_unet(seed).save_pretrained(folder / "unet")
+    scheduler().save_pretrained(folder / "scheduler")
+    return str(folder)
+
+
+def _count_loads(monkeypatch, path) -> list:
+    """Every np.load of ``path`` from here on (what reading a data source costs)."""
+    calls, real = [], np.load
+
+    def load(file, *args, **kwargs):
+        if str(file) == str(path):
+            calls.append(file)
+        return real(file, *args, **kwargs)
+
+    monkeypatch.setattr(np, "load", load)
+    return calls
+
+
+def test_an_npz_is_read_once_for_images_and_labels(tmp_path, images, monkeypatch):
+    """Build and query each open the data file once for its images and labels (they opened it
+    twice: once for the images, again for the labels)."""
+    from click.testing import CliRunner
+
+    from gradindex.cli import main
+    from gradindex.inputs.conditioning import read_inputs
+
+    path = tmp_path / "train.npz"
+    labels = np.array([0, 1, 2, 0, 1, 2, 0])
+    np.savez(path, images=images, labels=labels)
+    calls = _count_loads(monkeypatch, path)
+    got = read_inputs(str(path), 1, "class")
+    assert len(calls) == 1
+    np.testing.assert_array_equal(got.images, images)
+    np.testing.assert_array_equal(got.cond.labels, labels)
+    np.testing.assert_array_equal(got.ids, np.arange(7))
+    calls.clear()
+    spec = gi.BuildSpec(proj_dim=64, timesteps=2, batch_size=4)
+    build = functools.partial(gi.build_index, spec=spec, progress=False, fidelity_sample=0)
+    idx = build(
+        checkpoints=[_saved_class_run(tmp_path / "run", 3)], data=str(path), out=tmp_path / "i"
+    )
+    assert len(calls) == 1
+    with h5py.File(tmp_path / "i" / "vectors.h5", "r") as f:
+        np.testing.assert_array_equal(f["labels"][()], labels)
+    calls.clear()
+    res = CliRunner().invoke(main, ["query", str(idx.path), str(path), "-k", "1", "--json"])
+    assert res.exit_code == 0, res.output
+    assert len(calls) == 1
+    records = [json.loads(line) for line in res.output.splitlines()]
+    assert [r["ids"][0] for r in records if r["method"] == "retrac"] == list(range(7))
+
+
+def test_labels_given_win_and_the_files_are_not_read(tmp_path, images, monkeypatch):
+    """Given labels are used as given: a broken labels array in the file is never opened."""
+    from gradindex.inputs.conditioning import query_inputs, read_inputs
+
+    path = tmp_path / "q.npz"
+    np.savez(path, images=images[:2], labels=np.array(["x", "y"], dtype=object))
+    got = read_inputs(str(path), 1, "class", labels=[1, 2])
+    np.testing.assert_array_equal(got.cond.labels, [1, 2])
+    arr, names, cond = query_inputs(str(path), 1, "class", labels="dog")
+    np.testing.assert_array_equal(arr, images[:2])
+    assert names.tolist() == [0, 1] and cond == {"labels": "dog", "prompts": None}
+    with pytest.raises(gi.DataError, match="Python objects"):  # read when none is given
+        read_inputs(str(path), 1, "class")
+
+
+def test_query_folder_of_some_classes_takes_the_index_numbers(tmp_path, images):
+    """A query folder holding only some of the index's class sub-folders numbers them 0, 1 on
+    its own; its labels reach the index as names, so 'eel' is the index's class 2, not 1."""
+    from click.testing import CliRunner
+
+    from gradindex.cli import main
+    from gradindex.inputs.conditioning import query_inputs
+
+    names = ["cat", "dog", "eel"]
+    for root, keep in ((tmp_path / "train", names), (tmp_path / "q", ["dog", "eel"])):
+        for i, im in enumerate(images[:6]):
+            if names[i % 3] in keep:
+                (root / names[i % 3]).mkdir(parents=True, exist_ok=True)
+                Image.fromarray((im[0] * 255).astype(np.uint8)).save(
+                    root / names[i % 3] / f"{i}.png"
+                )
+    spec = gi.BuildSpec(proj_dim=64, timesteps=2)
+    idx = gi.build_index(
+        checkpoints=[_saved_class_run(tmp_path / "run", 4)], data=str(tmp_path / "train"),
+        out=tmp_path / "i", spec=spec, progress=False, fidelity_sample=0,
+    )  # fmt: skip
+    arr, qnames, cond = query_inputs(str(tmp_path / "q"), 1, "class")
+    assert qnames.tolist() == ["dog/1.png", "dog/4.png", "eel/2.png", "eel/5.png"]
+    assert cond == {"labels": ["dog", "dog", "eel", "eel"], "prompts": None}
+    by_number = idx.embed(arr, labels=[1, 1, 2, 2])["retrac"]
+    assert rel_err(idx.embed(arr, **cond)["retrac"], by_number).max() <= 1e-5
+    res = CliRunner().invoke(
+        main,
+        ["query", str(idx.path), str(tmp_path / "q"), "-k", "1"] + ["--method", "retrac", "--json"],
+    )
+    assert res.exit_code == 0, res.output
+    assert [json.loads(line)["ids"][0] for line in res.output.splitlines()] == qnames.tolist()
+
+
+def test_label_and_prompt_files(tmp_path):
+    from gradindex.inputs.conditioning import read_labels_file, read_prompts_file
+
+    (tmp_path / "l.txt").write_text("0\n\n -1 \ndog\n 2\n")
+    assert read_labels_file(tmp_path / "l.txt") == [0, -1, "dog", 2]
+    np.save(tmp_path / "l.npy", np.array([3, 1]))
+    np.testing.assert_array_equal(read_labels_file(str(tmp_path / "l.npy")), [3, 1])
+    (tmp_path / "p.txt").write_text("a red  fox\n\n  two cats \n")
+    assert read_prompts_file(tmp_path / "p.txt") == ["a red  fox", "  two cats "]

@@ -288,19 +288,19 @@ def test_trak_through_hnsw_keeps_recall(setup):
 
 
 def test_build_stopped_before_the_kernel_resumes_to_a_consistent_one(setup, tmp_path, monkeypatch):
-    import gradindex.build
+    import gradindex.build_write
 
     root, ckpts, images, whole = setup
-    real = gradindex.build.write_kernel
+    real = gradindex.build_write.write_kernel
 
     def stop(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(gradindex.build, "write_kernel", stop)
+    monkeypatch.setattr(gradindex.build_write, "write_kernel", stop)
     with pytest.raises(KeyboardInterrupt):
         _build(ckpts, images, tmp_path / "idx")
     assert not (tmp_path / "idx" / "manifest.json").exists()
-    monkeypatch.setattr(gradindex.build, "write_kernel", real)
+    monkeypatch.setattr(gradindex.build_write, "write_kernel", real)
     idx = _build(ckpts, images, tmp_path / "idx", resume=True)
     np.testing.assert_allclose(shard_gram(idx.path), plain_gram(idx.path), rtol=1e-10)
     assert idx.manifest["kernel"]["rows"] == 9

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import gradindex as gi
-from gradindex.featurize.gradients import item_losses
 from gradindex.featurize.kronecker import KroneckerGradients
+from gradindex.featurize.losses import item_losses
 from tests.conftest import scheduler, tiny_unet
 
 

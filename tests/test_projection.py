@@ -80,7 +80,7 @@ def test_gaussian_equals_explicit_matrix(monkeypatch: pytest.MonkeyPatch) -> Non
     m = _matrix(proj)  # [p, d]
     blocks = []
     for b, start in enumerate(range(0, p, 97)):
-        gen = torch.Generator().manual_seed(projection._derived_seed("gaussian", seed, b))
+        gen = torch.Generator().manual_seed(projection.derived_seed("gaussian", seed, b))
         blocks.append(torch.randn(min(97, p - start), d, generator=gen) / math.sqrt(d))
     torch.testing.assert_close(m, torch.cat(blocks).double(), rtol=0, atol=1e-7)
 
@@ -121,7 +121,7 @@ def test_sjlt_map_is_the_documented_draw(p: int, d: int, nnz: int, seed: int) ->
     """The map is fixed by (seed, p, d, nnz) as documented: block j's rows and signs are the
     next two randint draws of one CPU generator. Stored indexes depend on this map, so any
     change to how it is built (sorting, chunking, dtypes) must leave it equal to this."""
-    gen = torch.Generator().manual_seed(projection._derived_seed("sjlt", seed))
+    gen = torch.Generator().manual_seed(projection.derived_seed("sjlt", seed))
     expected = torch.zeros(p, d, dtype=torch.float64)
     offset = 0
     for j in range(nnz):

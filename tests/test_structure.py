@@ -21,7 +21,7 @@ LAYERS = [
     ("gradindex.featurize",),
     ("gradindex.index",),
     ("gradindex.query",),
-    ("gradindex.build",),
+    ("gradindex.build", "gradindex.build_state", "gradindex.build_write"),
     ("gradindex.scale",),
     ("gradindex.eval",),
     ("gradindex.demo", "gradindex.serve"),

@@ -14,9 +14,9 @@ from click.testing import CliRunner
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
 from gradindex.demo import training
+from gradindex.demo.sampling import sample_images
 from gradindex.demo.training import (
     load_digits_images,
-    sample_images,
     small_unet_config,
     train_ddpm,
 )

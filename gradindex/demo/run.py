@@ -18,10 +18,11 @@ from typing import Any
 import numpy as np
 
 from gradindex.build import build_index
-from gradindex.demo.training import load_digits_images, sample_images, small_unet_config, train_ddpm
+from gradindex.demo.sampling import sample_images
+from gradindex.demo.training import load_digits_images, small_unet_config, train_ddpm
 from gradindex.errors import IndexStateError
 from gradindex.eval.viz import attribution_grid, timestep_norm_plot
-from gradindex.index.search import METHODS
+from gradindex.index.search import METHODS, SearchResult
 from gradindex.query import AttributionIndex
 from gradindex.spec import BuildSpec
 
@@ -104,14 +105,7 @@ def run_demo(
     vecs = idx.embed(queries)
     embed_s = time.perf_counter() - t0
     stages["query_embed_s"] = embed_s
-    results, search_ms = {}, {}
-    for method in METHODS:
-        idx.search(vecs[method][:1], s.k, method)  # warm-up
-        t0 = time.perf_counter()
-        for i in range(len(queries)):
-            idx.search(vecs[method][i : i + 1], s.k, method)
-        search_ms[method] = 1e3 * (time.perf_counter() - t0) / len(queries)
-        results[method] = idx.search(vecs[method], s.k, method)
+    results, search_ms = _search_timed(idx, vecs, s.k)
 
     shown = slice(0, min(s.num_shown, len(queries)))
     attribution_grid(
@@ -147,6 +141,22 @@ def run_demo(
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     return summary
+
+
+def _search_timed(
+    idx: AttributionIndex, vecs: dict[str, np.ndarray], k: int
+) -> tuple[dict[str, SearchResult], dict[str, float]]:
+    """Each method's top-k of every query vector, and its search time per single query (ms,
+    after a warm-up)."""
+    results, search_ms = {}, {}
+    for method in METHODS:
+        idx.search(vecs[method][:1], k, method)  # warm-up
+        t0 = time.perf_counter()
+        for i in range(len(vecs[method])):
+            idx.search(vecs[method][i : i + 1], k, method)
+        search_ms[method] = 1e3 * (time.perf_counter() - t0) / len(vecs[method])
+        results[method] = idx.search(vecs[method], k, method)
+    return results, search_ms
 
 
 def _open_or_build(path: Path, checkpoints: list[Path], images: np.ndarray, spec: BuildSpec,

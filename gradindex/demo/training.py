@@ -14,7 +14,8 @@ Holds:
       out_dir/train_config.json          settings + TracIn weights; written last = run finished
 
   A finished folder with the same settings is reused; one with other settings is refused.
-- ``sample_images(pipeline_dir, n, ...)``: generate float [n, C, H, W] images in [0, 1].
+
+Generating images from the trained pipeline: ``gradindex.demo.sampling``.
 """
 
 from __future__ import annotations
@@ -42,7 +43,6 @@ logger = logging.getLogger(__name__)
 CONFIG_NAME = "train_config.json"
 TIMESTEP_LOG_NAME = "timestep_log.npz"
 FORMAT = "gradindex-ddpm-train/1"
-SAMPLERS = ("ddim", "ddpm")
 LR_SCHEDULES = ("constant", "cosine")
 OPTIMIZER = {
     "name": "AdamW",
@@ -148,25 +148,10 @@ def train_ddpm(
         "checkpoint_every": checkpoint_every,
         "num_train_timesteps": num_train_timesteps,
     }
-    for name, value in counts.items():
-        if not isinstance(value, (int, np.integer)) or value < 1:
-            raise DataError(f"{name} must be a positive integer, got {value!r}")
-    if not (learning_rate > 0 and math.isfinite(learning_rate)):
-        raise DataError(f"learning_rate must be a positive number, got {learning_rate!r}")
-    if warmup_steps < 0:
-        raise DataError(f"warmup_steps must be >= 0, got {warmup_steps}")
+    _check_numbers(counts, learning_rate, warmup_steps)
     lrs = _learning_rates(learning_rate, steps, warmup_steps, lr_schedule)  # [S]
     n, c, h, w = x.shape
-    if unet_config is None:
-        unet_config = small_unet_config(sample_size=h, channels=c)
-    unet_config = json.loads(json.dumps(dict(unet_config)))  # plain JSON types, as saved
-    size = unet_config.get("sample_size")
-    chans = (unet_config.get("in_channels"), unet_config.get("out_channels"))
-    if chans != (c, c) or [h, w] not in ([size, size], size):
-        raise DataError(
-            f"images are [N, {c}, {h}, {w}] but unet_config has in/out_channels={chans}, "
-            f"sample_size={size}"
-        )
+    unet_config = _checked_unet_config(unet_config, c, h, w)
     ckpt_steps = list(range(checkpoint_every, steps + 1, checkpoint_every))
     if not ckpt_steps or ckpt_steps[-1] != steps:
         ckpt_steps.append(steps)
@@ -190,16 +175,51 @@ def train_ddpm(
     out = Path(out_dir)
     if (out / CONFIG_NAME).is_file():
         return _reuse(out, settings)
+    return _train(out, x, settings, lrs, progress)
 
+
+def _check_numbers(counts: dict[str, Any], learning_rate: float, warmup_steps: int) -> None:
+    """Positive integer counts, a positive finite learning rate, a warmup of 0 or more."""
+    for name, value in counts.items():
+        if not isinstance(value, (int, np.integer)) or value < 1:
+            raise DataError(f"{name} must be a positive integer, got {value!r}")
+    if not (learning_rate > 0 and math.isfinite(learning_rate)):
+        raise DataError(f"learning_rate must be a positive number, got {learning_rate!r}")
+    if warmup_steps < 0:
+        raise DataError(f"warmup_steps must be >= 0, got {warmup_steps}")
+
+
+def _checked_unet_config(unet_config: dict | None, c: int, h: int, w: int) -> dict[str, Any]:
+    """The UNet config (the small default when None) in plain JSON types, as saved; its
+    channels and sample size must be the images'."""
+    if unet_config is None:
+        unet_config = small_unet_config(sample_size=h, channels=c)
+    unet_config = json.loads(json.dumps(dict(unet_config)))  # plain JSON types, as saved
+    size = unet_config.get("sample_size")
+    chans = (unet_config.get("in_channels"), unet_config.get("out_channels"))
+    if chans != (c, c) or [h, w] not in ([size, size], size):
+        raise DataError(
+            f"images are [N, {c}, {h}, {w}] but unet_config has in/out_channels={chans}, "
+            f"sample_size={size}"
+        )
+    return unet_config
+
+
+def _train(
+    out: Path, x: np.ndarray, settings: dict[str, Any], lrs: list[float], progress: bool
+) -> TrainResult:
+    """Train a new run with ``settings`` on x [N, C, H, W] in [0, 1] into ``out``: checkpoints,
+    the final pipeline, the timestep log, then the config (last: marks the run finished)."""
     from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
+    seed, steps = settings["seed"], settings["steps"]
     with torch.random.fork_rng(devices=[]):  # model init under seed, caller's RNG untouched
         torch.manual_seed(seed)
         try:
-            unet = UNet2DModel(**unet_config)
+            unet = UNet2DModel(**settings["unet"])
         except (TypeError, ValueError) as exc:
             raise ModelError(f"unet_config does not build a UNet2DModel: {exc}") from None
-    scheduler = DDPMScheduler(num_train_timesteps=num_train_timesteps)
+    scheduler = DDPMScheduler(num_train_timesteps=settings["num_train_timesteps"])
     if out.exists():
         for stale in sorted(out.glob("checkpoint-*")):  # left by an unfinished run
             logger.warning("removing %s, left by an unfinished run", stale)
@@ -207,8 +227,8 @@ def train_ddpm(
     out.mkdir(parents=True, exist_ok=True)
 
     data = torch.from_numpy(x) * 2.0 - 1.0  # [N, C, H, W] in [-1, 1]
-    save_at = {s: out / f"checkpoint-{s}" / "unet" for s in ckpt_steps}
-    log = _fit(unet, scheduler, data, lrs, batch_size, seed, save_at, progress)
+    save_at = {s: out / f"checkpoint-{s}" / "unet" for s in settings["checkpoint_steps"]}
+    log = _fit(unet, scheduler, data, lrs, settings["batch_size"], seed, save_at, progress)
     DDPMPipeline(unet=unet.eval(), scheduler=scheduler).save_pretrained(out)
     _atomic_write(out / TIMESTEP_LOG_NAME, lambda f: np.savez(f, **log))
 
@@ -278,38 +298,6 @@ def _fit(
         "loss": losses,
         "lr": np.asarray(lrs),
     }
-
-
-def sample_images(
-    pipeline_dir: str | Path,
-    n: int,
-    seed: int = 0,
-    num_inference_steps: int = 250,
-    sampler: str = "ddpm",
-) -> np.ndarray:
-    """Generate ``n`` images with the pipeline in ``pipeline_dir``: float [n, C, H, W] in [0, 1].
-
-    sampler: ``"ddpm"`` (ancestral sampling, the training scheduler; wants a few hundred steps
-    and gives the cleanest digits on the demo model) or ``"ddim"`` (deterministic, eta=0; ~50
-    steps, a little blurrier). Same seed -> same images.
-    """
-    from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline
-
-    if sampler not in SAMPLERS:
-        raise DataError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
-    try:
-        # low_cpu_mem_usage=False: the small model loads directly (no `accelerate` needed or warned about)
-        pipe = DDPMPipeline.from_pretrained(str(pipeline_dir), low_cpu_mem_usage=False)
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"{pipeline_dir}: not a DDPMPipeline folder ({exc})") from None
-    if sampler == "ddim":
-        ddim = DDIMScheduler.from_config(pipe.scheduler.config)
-        pipe = DDIMPipeline(unet=pipe.unet, scheduler=ddim)
-    pipe.set_progress_bar_config(disable=True)
-    extra = {"eta": 0.0} if sampler == "ddim" else {}
-    gen = torch.Generator().manual_seed(seed)
-    out = pipe(n, gen, num_inference_steps=num_inference_steps, output_type="np", **extra).images
-    return np.ascontiguousarray(np.asarray(out, np.float32).transpose(0, 3, 1, 2))  # [n, C, H, W]
 
 
 def _learning_rates(lr: float, steps: int, warmup: int, schedule: str) -> list[float]:

@@ -2,7 +2,8 @@
 
 Holds:
 - ``select_parameters``: the parameters gradients are taken over (glob patterns on names).
-- ``diffusion_loss``: the per-sample denoising loss ℓ(θ; x0, t, ε) of DESIGN §1.
+- ``noisy_input_and_target``: x_t and the regression target of one (x0, t, ε); the loss of
+  the two is ``gradindex.featurize.losses`` (one definition for every backend).
 - ``GradientFeaturizer``: for one checkpoint, turns a batch of clean images into
   a_c (TracIn, raw mean over draws), r_c (ReTrac, mean over timesteps of unit-normalized
   per-timestep means) and the per-draw gradient norms — all in full parameter space, before
@@ -29,8 +30,10 @@ import torch
 from torch.func import functional_call, grad, vmap
 
 from gradindex.errors import ModelError, SpecError
-from gradindex.featurize.persample import HookError, HookGradients
+from gradindex.featurize.losses import diffusion_loss, item_loss_fn
+from gradindex.featurize.persample import HookGradients
 from gradindex.featurize.scratch import scratch
+from gradindex.featurize.taps import HookError
 from gradindex.inputs.models import Checkpoint, model_output
 from gradindex.spec import BuildSpec
 
@@ -76,28 +79,6 @@ def noisy_input_and_target(
     else:
         raise SpecError(f"scheduler prediction_type {prediction_type!r} is not supported")
     return x_t, target
-
-
-def diffusion_loss(output: torch.Tensor, target: torch.Tensor, loss: str) -> torch.Tensor:
-    """Loss reduced by the mean over one sample's elements."""
-    if loss == "mse":
-        return (output - target).pow(2).mean()
-    if loss == "l1":
-        return (output - target).abs().mean()
-    if loss == "square":
-        return output.pow(2).mean()
-    raise SpecError(f"unknown loss {loss!r}")
-
-
-def item_losses(output: torch.Tensor, target: torch.Tensor, loss: str) -> torch.Tensor:
-    """Per-item ``diffusion_loss`` of a batch: output, target [I, ...] → [I]."""
-    if loss == "mse":
-        return (output - target).pow(2).flatten(1).mean(1)
-    if loss == "l1":
-        return (output - target).abs().flatten(1).mean(1)
-    if loss == "square":
-        return output.pow(2).flatten(1).mean(1)
-    raise SpecError(f"unknown loss {loss!r}")
 
 
 def _norm_over_blocks(blocks: list[torch.Tensor]) -> torch.Tensor:
@@ -172,11 +153,7 @@ class GradientFeaturizer:
                 "use 'vmap'"
             )
         if backend != "vmap" and supported:
-            self._hooks = HookGradients(
-                self.model,
-                self.param_names,
-                lambda out, target: item_losses(out, target, spec.loss),
-            )
+            self._hooks = HookGradients(self.model, self.param_names, item_loss_fn(spec.loss))
         self.backend = "hooks" if self._hooks is not None else "vmap"
         self._auto = backend == "auto"
         logger.info(
@@ -257,6 +234,42 @@ class GradientFeaturizer:
         self._hooks = None
         self.backend = "vmap"
 
+    def _items(
+        self,
+        x0: torch.Tensor,
+        draws: list[tuple[int, torch.Tensor]],
+        ks: range,
+        cond: dict[str, torch.Tensor] | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """The items of timesteps ``ks`` for samples x0 [B, C, H, W], ordered (k, b, m) (a
+        reshape gives [k, B, M, ...]): x_t, t, the regression target, the conditioning."""
+        M, B = self.spec.noise_draws, x0.shape[0]
+        eps = torch.stack([draws[k * M + m][1] for k in ks for m in range(M)]).to(
+            self.device
+        )  # [k·M, C, H, W]
+        shape = x0.shape[1:]  # (C, H, W)
+        eps_rep = eps.view(len(ks), 1, M, *shape).expand(
+            -1, B, -1, -1, -1, -1
+        )  # [k, B, M, C, H, W]
+        x_rep = x0.view(1, B, 1, *shape).expand(len(ks), -1, M, -1, -1, -1)  # [k, B, M, C, H, W]
+        ts = torch.tensor([[draws[k * M + m][0] for m in range(M)] for k in ks], device=self.device)
+        t_rep = ts.view(len(ks), 1, M).expand(-1, B, -1).reshape(-1)  # [k·B·M] long
+        x_t, target = noisy_input_and_target(
+            x_rep.reshape(-1, *shape),
+            eps_rep.reshape(-1, *shape),
+            t_rep,
+            self.alphas_cumprod,
+            self.prediction_type,
+        )
+        cond_rep = {  # [B, ...] → [k·B·M, ...], items ordered (k, b, m) like x_t
+            name: c.to(self.device)
+            .view(1, B, 1, *c.shape[1:])
+            .expand(len(ks), -1, M, *c.shape[1:])
+            .reshape(-1, *c.shape[1:])
+            for name, c in (cond or {}).items()
+        }
+        return x_t, t_rep, target, cond_rep
+
     def featurize(
         self,
         x0: torch.Tensor,
@@ -290,35 +303,7 @@ class GradientFeaturizer:
         flat = scratch.get("items", (step * B * M * q,), self.device)  # [k·B·M · q]
         for k0 in range(0, K, step):
             ks = range(k0, min(K, k0 + step))
-            # items ordered (k, b, m): a reshape gives [k, B, M, p]
-            eps = torch.stack([draws[k * M + m][1] for k in ks for m in range(M)]).to(
-                self.device
-            )  # [k·M, C, H, W]
-            shape = x0.shape[1:]  # (C, H, W)
-            eps_rep = eps.view(len(ks), 1, M, *shape).expand(
-                -1, B, -1, -1, -1, -1
-            )  # [k, B, M, C, H, W]
-            x_rep = x0.view(1, B, 1, *shape).expand(
-                len(ks), -1, M, -1, -1, -1
-            )  # [k, B, M, C, H, W]
-            ts = torch.tensor(
-                [[draws[k * M + m][0] for m in range(M)] for k in ks], device=self.device
-            )
-            t_rep = ts.view(len(ks), 1, M).expand(-1, B, -1).reshape(-1)  # [k·B·M] long
-            x_t, target = noisy_input_and_target(
-                x_rep.reshape(-1, *shape),
-                eps_rep.reshape(-1, *shape),
-                t_rep,
-                self.alphas_cumprod,
-                self.prediction_type,
-            )
-            cond_rep = {  # [B, ...] → [k·B·M, ...], items ordered (k, b, m) like x_t
-                name: c.to(self.device)
-                .view(1, B, 1, *c.shape[1:])
-                .expand(len(ks), -1, M, *c.shape[1:])
-                .reshape(-1, *c.shape[1:])
-                for name, c in (cond or {}).items()
-            }
+            x_t, t_rep, target, cond_rep = self._items(x0, draws, ks, cond)
             nk = len(ks)
             blocks, item_norms, sum_norms = self._draw_rows(x_t, t_rep, target, flat, M, cond_rep)
             blocks = [(a, g.view(nk, B, M, -1)) for a, g in blocks]  # [k, B, M, n] each
@@ -338,20 +323,33 @@ class GradientFeaturizer:
             coef = torch.empty(B, 2, nk, device=self.device)
             coef[:, 0] = 1.0 / (M * K)
             coef[:, 1] = (1.0 / (s_norm * K)).T
-            for a, g in blocks:
-                # into a contiguous [B, 2, n] first: torch runs a batched matmul whose output
-                # has acc's batch stride item by item (measured 1.4-2x slower than the copy)
-                part = scratch.get("aggregate", (B, 2, g.shape[-1]), self.device)
-                for m in range(M):
-                    g_m = g[:, :, m].permute(1, 0, 2)  # [B, k, n]
-                    if m == 0:
-                        torch.bmm(coef, g_m, out=part)
-                    else:
-                        part.baddbmm_(coef, g_m)
-                dst = acc[:, :, a : a + g.shape[-1]]  # [B, 2, n]
-                if k0 == 0:  # the first write (no zero fill, no read-back)
-                    dst.copy_(part)
-                else:
-                    dst += part
+            _accumulate(acc, blocks, coef, first=k0 == 0)
             del blocks
         return Features(tracin=acc[:, 0], retrac=acc[:, 1], norms=norms)
+
+
+def _accumulate(
+    acc: torch.Tensor,
+    blocks: list[tuple[int, torch.Tensor]],
+    coef: torch.Tensor,
+    first: bool,
+) -> None:
+    """acc[:, :, a : a + n] (+)= Σ_m coef @ g[:, :, m] for each (a, g [k, B, M, n]) column block,
+    coef [B, 2, k]: TracIn and ReTrac rows in one pass. ``first``: the first write (no zero
+    fill, no read-back)."""
+    B = acc.shape[0]
+    for a, g in blocks:
+        # into a contiguous [B, 2, n] first: torch runs a batched matmul whose output
+        # has acc's batch stride item by item (measured 1.4-2x slower than the copy)
+        part = scratch.get("aggregate", (B, 2, g.shape[-1]), acc.device)
+        for m in range(g.shape[2]):
+            g_m = g[:, :, m].permute(1, 0, 2)  # [B, k, n]
+            if m == 0:
+                torch.bmm(coef, g_m, out=part)
+            else:
+                part.baddbmm_(coef, g_m)
+        dst = acc[:, :, a : a + g.shape[-1]]  # [B, 2, n]
+        if first:
+            dst.copy_(part)
+        else:
+            dst += part

@@ -36,19 +36,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gradindex.errors import ModelError
-from gradindex.featurize.gradients import MAX_ITEMS, GradientFeaturizer, item_losses
-from gradindex.featurize.persample import (
+from gradindex.featurize.gradients import MAX_ITEMS, GradientFeaturizer
+from gradindex.featurize.layer_grads import conv2d_item_weight_grads, forward_hook
+from gradindex.featurize.losses import item_loss_fn
+from gradindex.featurize.persample import HookGradients
+from gradindex.featurize.projection import derived_seed, make_projector
+from gradindex.featurize.taps import (
+    Call,
     HookError,
-    HookGradients,
-    _Call,
-    _forward_hook,
-    _owners,
-    _Tap,
-    conv2d_item_weight_grads,
+    Tap,
     in_place_error,
+    parameter_owners,
     run_taps,
 )
-from gradindex.featurize.projection import _derived_seed, make_projector
 from gradindex.inputs.models import Checkpoint
 from gradindex.spec import BuildSpec
 
@@ -113,7 +113,7 @@ class KroneckerGradients:
         self.loss_fn = loss_fn
         device = torch.device(device)
         named = dict(model.named_parameters())
-        owners = _owners(model)
+        owners = parameter_owners(model)
         factored: list[tuple[str, nn.Module]] = []
         dense: list[str] = []
         for name in param_names:
@@ -139,7 +139,7 @@ class KroneckerGradients:
             d_out = min(c_out, math.isqrt(budget))  # about square, within the layer's shape
             d_in = min(a_dim, budget // d_out)
             plan = LayerPlan(name, "kronecker", tuple(w.shape), d_out, d_in, "", offset)
-            gen = torch.Generator().manual_seed(_derived_seed("kronecker", seed, j))
+            gen = torch.Generator().manual_seed(derived_seed("kronecker", seed, j))
             p_out = torch.randn(d_out, c_out, generator=gen) / math.sqrt(d_out)
             p_in = torch.randn(d_in, a_dim, generator=gen) / math.sqrt(d_in)
             self._layers[module] = {
@@ -163,7 +163,7 @@ class KroneckerGradients:
                 "sjlt",
                 p_dense,
                 d_dense,
-                _derived_seed("kronecker-dense", seed) >> 2,
+                derived_seed("kronecker-dense", seed) >> 2,
                 nnz=min(nnz, d_dense),
                 device=device,
             )
@@ -195,7 +195,7 @@ class KroneckerGradients:
         dense_out = None
         if self._dense is not None:
             dense_out = torch.empty(n, self._dense.num_params, device=x_t.device)
-        call = _Call(dense_out if dense_out is not None else rows[:, :0], False)
+        call = Call(dense_out if dense_out is not None else rows[:, :0], False)
         state = _KronCall(rows, item_sq, group_sq, group)
         with self._hooks(call, state):
             run_taps(self.model, self.loss_fn, x_t, t, target, cond, call.anchor)
@@ -208,14 +208,14 @@ class KroneckerGradients:
         return rows, item_sq, group_sq
 
     @contextmanager
-    def _hooks(self, call: _Call, state: _KronCall) -> Iterator[None]:
+    def _hooks(self, call: Call, state: _KronCall) -> Iterator[None]:
         handles = [
             module.register_forward_hook(_kron_hook(module, layer, call, state), with_kwargs=True)
             for module, layer in self._layers.items()
         ]
         if self._dense is not None:
             handles += [
-                module.register_forward_hook(_forward_hook(slots, call), with_kwargs=True)
+                module.register_forward_hook(forward_hook(slots, call), with_kwargs=True)
                 for module, slots in self._dense._slots.items()
             ]
         try:
@@ -234,7 +234,7 @@ class _KronCall:
     seen: set[str] = field(default_factory=set)  # layers already projected in this call
 
 
-def _kron_hook(module: nn.Module, layer: dict, call: _Call, state: _KronCall) -> Callable:
+def _kron_hook(module: nn.Module, layer: dict, call: Call, state: _KronCall) -> Callable:
     def hook(mod: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> Tensor:
         a = (args[0] if args else kwargs["input"]).detach()
         if a.shape[0] != call.items or output.shape[0] != call.items:
@@ -251,7 +251,7 @@ def _kron_hook(module: nn.Module, layer: dict, call: _Call, state: _KronCall) ->
             with torch.no_grad():
                 _project_layer(mod, layer, a.float(), delta.float(), state)
 
-        return _Tap.apply(output, call.anchor, on_grad, False)
+        return Tap.apply(output, call.anchor, on_grad, False)
 
     return hook
 
@@ -358,7 +358,7 @@ class KroneckerFeaturizer(GradientFeaturizer):
         self.kron = KroneckerGradients(
             self.model,
             self.param_names,
-            lambda out, target: item_losses(out, target, spec.loss),
+            item_loss_fn(spec.loss),
             spec.proj_dim,
             seed,
             nnz=spec.sjlt_nnz,

@@ -43,7 +43,7 @@ GAUSSIAN_CACHE_BYTES = 256 * 1024**2
 SJLT_CHUNK = 1 << 15
 
 
-def _derived_seed(tag: str, *parts: int) -> int:
+def derived_seed(tag: str, *parts: int) -> int:
     """A 63-bit generator seed from a tag and integers; platform-independent, no collisions
     between different (tag, parts) in practice, unlike ``seed + block``."""
     text = ":".join([f"gradindex.featurize.projection.{tag}", *map(str, parts)]).encode()
@@ -154,7 +154,7 @@ class GaussianProjector(Projector):
     def _block(self, b: int, device: torch.device) -> torch.Tensor:
         start = b * GAUSSIAN_BLOCK_ROWS
         rows = min(GAUSSIAN_BLOCK_ROWS, self.in_dim - start)
-        gen = torch.Generator(device="cpu").manual_seed(_derived_seed("gaussian", self.seed, b))
+        gen = torch.Generator(device="cpu").manual_seed(derived_seed("gaussian", self.seed, b))
         block = torch.randn(rows, self.out_dim, generator=gen, dtype=torch.float32)  # [rows, d]
         return block.mul_(1.0 / math.sqrt(self.out_dim)).to(device)
 
@@ -206,7 +206,7 @@ class SJLTProjector(Projector):
         """(first input coordinate, CSR M_k [d, n_k] with entries ±1/sqrt(nnz)) per chunk, on CPU."""
         p, d, nnz = self.in_dim, self.out_dim, self.nnz
         sizes = [d // nnz + (j < d % nnz) for j in range(nnz)]  # output block sizes, sum d
-        gen = torch.Generator(device="cpu").manual_seed(_derived_seed("sjlt", self.seed))
+        gen = torch.Generator(device="cpu").manual_seed(derived_seed("sjlt", self.seed))
         rows = torch.empty(nnz, p, dtype=torch.int32)  # output row of (block j, coordinate i)
         negative = torch.empty(nnz, p, dtype=torch.bool)
         offset = 0

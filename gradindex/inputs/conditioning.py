@@ -7,6 +7,12 @@ Holds:
   data set — given as arguments, as ``labels`` / ``captions`` arrays of an ``.npz``, as class
   sub-folders of an image folder, or as ``metadata.jsonl`` (``file_name``, ``text``: the
   layout diffusers' text_to_image example reads).
+- ``read_inputs(source, channels, kind, labels=, prompts=)``: images, ids and their labels /
+  captions from one data source, each read once (an ``.npz`` is opened once for all three):
+  what a build reads; ``query_inputs``: the same for query images, whose labels / captions are
+  optional and whose class sub-folders are named, not numbered (the index numbers them).
+- ``read_labels_file`` / ``read_prompts_file``: one label / prompt per line (CLI ``--labels``,
+  ``--prompts``, ``--prompt-file``).
 
 What the model is then given for them: ``gradindex.inputs.conditioner``.
 """
@@ -26,7 +32,7 @@ import numpy as np
 import torch
 
 from gradindex.errors import DataError, ModelError
-from gradindex.inputs.data import array_file_errors
+from gradindex.inputs.data import array_file_errors, load_images, read_array
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +86,71 @@ class ConditioningData:
         return h.hexdigest()[:16]
 
 
+@dataclass
+class Inputs:
+    """Images with their ids and labels / captions, read from one data source."""
+
+    images: np.ndarray  # [N, C, H, W], dtype as stored
+    ids: np.ndarray  # row numbers, or file names relative to an image folder
+    cond: ConditioningData
+
+
+def read_inputs(
+    source: Any,
+    channels: int | None,
+    kind: str,
+    labels: Any = None,
+    prompts: Any = None,
+    required: bool = True,
+) -> Inputs:
+    """The images of ``source`` (``load_images``) and the labels / captions a model of
+    conditioning ``kind`` needs (``load_conditioning``), reading the source once: an ``.npz``
+    is opened once for its images, labels and captions."""
+    given = labels is not None or prompts is not None  # then the file's are not read
+    arrays = _npz_arrays(source, () if given else _NPZ_KEYS.get(kind, ()))
+    if arrays is None:
+        images, ids = load_images(source, channels)
+    else:  # the labels / captions read with the images stand in for the file's
+        images, ids = load_images(arrays["images"], channels)
+        found, source = arrays.get("conditioning"), None
+        if found is not None:
+            labels, prompts = (found, None) if kind == "class" else (None, found.tolist())
+    cond = load_conditioning(source, ids, len(images), kind, labels, prompts, required)
+    return Inputs(images, ids, cond)
+
+
+def query_inputs(
+    source: Any, channels: int | None, kind: str, labels: Any = None, prompts: Any = None
+) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """Query images, their names and the ``labels`` / ``prompts`` arguments of
+    ``AttributionIndex.embed``: the given ones, else what ``source`` carries (as a build reads
+    its data), else none (``embed`` then says what to pass). Labels from class sub-folders come
+    as the sub-folder names: a query folder may hold only some classes, so its own numbering
+    is not the index's, which ``embed`` maps the names to."""
+    given = labels is not None or prompts is not None
+    found = read_inputs(source, channels, "none" if given else kind, required=False)
+    cond = {"labels": labels, "prompts": prompts}
+    if not given and kind != "none":
+        cond = {"labels": found.cond.labels, "prompts": found.cond.prompts}
+        if found.cond.class_names is not None:  # sub-folder names → the index's class numbers
+            cond["labels"] = [found.cond.class_names[i] for i in found.cond.labels]
+    return found.images, found.ids, cond
+
+
+def read_labels_file(path: str | os.PathLike[str]) -> Any:
+    """Class labels from a file: a ``.npy`` array, or text with one label per line (integers,
+    or class names of an index built from class sub-folders)."""
+    if str(path).endswith(".npy"):
+        return read_array(path)
+    lines = [ln.strip() for ln in Path(path).read_text().splitlines() if ln.strip()]
+    return [int(ln) if ln.lstrip("-").isdigit() else ln for ln in lines]
+
+
+def read_prompts_file(path: str | os.PathLike[str]) -> list[str]:
+    """Prompts from a text file, one per line (blank lines skipped, the rest kept as written)."""
+    return [ln for ln in Path(path).read_text().splitlines() if ln.strip()]
+
+
 def load_conditioning(
     source: Any,
     ids: np.ndarray,
@@ -103,7 +174,7 @@ def load_conditioning(
             raise DataError("the model is class-conditional: give labels, not prompts")
         class_names = None
         if labels is None:
-            labels = _npz_array(source, ("labels",))
+            labels = _npz_array(source, _NPZ_KEYS["class"])
         if labels is None:
             labels, class_names = _folder_classes(source, ids)
         if labels is None and not required:
@@ -119,7 +190,7 @@ def load_conditioning(
         if labels is not None:
             raise DataError("the model is text-conditional: give prompts, not labels")
         if prompts is None:
-            arr = _npz_array(source, ("captions", "text"))
+            arr = _npz_array(source, _NPZ_KEYS["text"])
             prompts = None if arr is None else arr.tolist()
         if prompts is None:
             prompts = _folder_captions(source, ids)
@@ -160,6 +231,27 @@ def as_prompts(prompts: Any, n: int) -> list[str]:
     if len(prompts) != n:
         raise DataError(f"{len(prompts)} prompts for {n} images; give one prompt per image")
     return list(prompts)
+
+
+# the arrays of an .npz data file that hold a model's labels / captions, by conditioning kind
+_NPZ_KEYS = {"none": (), "class": ("labels",), "text": ("captions", "text")}
+
+
+def _npz_arrays(source: Any, keys: tuple[str, ...]) -> dict[str, np.ndarray] | None:
+    """The images (as ``load_images`` picks them) and, as "conditioning", the first of ``keys``
+    present of an ``.npz`` data file, from one open; None for any other source."""
+    if not isinstance(source, (str, os.PathLike)) or Path(source).suffix != ".npz":
+        return None
+    path = Path(source)
+    with array_file_errors(path), np.load(path, allow_pickle=False) as z:
+        names = list(z.keys())
+        if "images" not in names and len(names) != 1:
+            raise DataError(f"{path}: holds arrays {names}; name the array 'images'")
+        arrays = {"images": z["images" if "images" in names else names[0]]}
+        key = next((k for k in keys if k in names), None)
+        if key is not None:
+            arrays["conditioning"] = z[key]
+    return arrays
 
 
 def _npz_array(source: Any, keys: tuple[str, ...]) -> np.ndarray | None:

@@ -128,11 +128,7 @@ def distributed_build(
         merged = None
         if rank == 0:
             try:
-                merged = merge_shards(
-                    out, folders, index=index, target_recall=target_recall, overwrite=overwrite
-                )
-                if not keep_shards:
-                    shutil.rmtree(shard_root(out))
+                merged = _merge(out, folders, index, target_recall, overwrite, keep_shards)
             except Exception as exc:
                 error = exc
         _raise_failures(dist, rank, world, error, "merging the shards")
@@ -140,6 +136,24 @@ def distributed_build(
     finally:
         if own_group:
             dist.destroy_process_group()
+
+
+def _merge(
+    out: Path,
+    folders: list[Path],
+    index: str,
+    target_recall: float,
+    overwrite: bool,
+    keep_shards: bool,
+) -> AttributionIndex:
+    """Rank 0's part: the shard folders merged into ``out`` as ``gradindex merge`` merges them,
+    then removed unless kept."""
+    merged = merge_shards(
+        out, folders, index=index, target_recall=target_recall, overwrite=overwrite
+    )
+    if not keep_shards:
+        shutil.rmtree(shard_root(out))
+    return merged
 
 
 def _raise_failures(

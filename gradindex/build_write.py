@@ -1,0 +1,233 @@
+"""Writing a planned build into its folder: rows, search indexes, kernel, manifest.
+
+Holds ``write_build``: the rows batch by batch into ``vectors.h5`` (each batch committed, so a
+killed build resumes where it stopped; a latent model's latents first), each method's search
+index over the rows that are not flagged, the kernel, the projection-fidelity check and the
+manifest, written last, so a folder without one never looks complete. What is written was
+read and checked before (``gradindex.build``); which folder, by ``gradindex.build_state``.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from gradindex.build_state import Plan, Rows, model_record, write_error
+from gradindex.errors import GradIndexError, IndexStateError, WriteError
+from gradindex.featurize.embedding import Embedder
+from gradindex.featurize.fidelity import measure_fidelity
+from gradindex.index.kernel import write_kernel
+from gradindex.index.layout import (
+    BUILD_STATE,
+    FORMAT_VERSION,
+    MANIFEST,
+    VECTORS,
+    faiss_file,
+    file_records,
+    write_json_atomic,
+)
+from gradindex.index.lifecycle import swap_in
+from gradindex.index.ondisk import build_from_store
+from gradindex.index.search import METHODS
+from gradindex.index.store import VectorStore
+from gradindex.inputs.conditioner import Conditioner
+from gradindex.inputs.conditioning import ConditioningData
+from gradindex.inputs.data import to_model_input
+from gradindex.spec import BuildSpec
+
+
+def write_build(
+    plan: Plan,
+    state: dict[str, Any],
+    out: Path,
+    target: Path,
+    *,
+    resume: bool,
+    progress: bool,
+    index: str,
+    target_recall: float,
+    fidelity_sample: int,
+    started: float,
+) -> None:
+    """Write the planned build into ``out`` (``target`` itself, or the staging folder that
+    replaces it): the rows, batch by batch, then each method's search index, the kernel and
+    the manifest, last; a staged build is then swapped in. ``started``: perf_counter at the
+    start of the build, for the manifest's build_seconds."""
+    spec, ckpts, rows = plan.spec, plan.ckpts, plan.rows
+    store = _open_store(out / VECTORS, plan, resume)
+    try:
+        _fill_rows(store, plan.embedder, rows, spec, progress, plan.conditioner)
+        flagged, build_id = store.flagged, store.build_id
+    except OSError as exc:
+        raise write_error(target, exc, staged=out != target) from None
+    finally:
+        store.close()
+    keep = _indexed_rows(flagged)
+    fidelity = measure_fidelity(  # before FAISS: it sets the OpenMP thread count torch shares
+        plan.embedder, ckpts, functools.partial(_stored_rows, store.path), keep,
+        images=rows.images, prep=rows.prep, conditioner=plan.conditioner, cond_data=rows.cond,
+        sample=fidelity_sample,
+    )  # fmt: skip
+    kind = "flat" if rows.shard else index  # the merged index gets the asked kind
+    try:
+        index_info = _search_indexes(store.path, out, keep, len(flagged), kind, target_recall)
+    except WriteError as exc:  # every row is committed: a resume only rebuilds the indexes
+        raise write_error(target, exc, staged=out != target) from None
+    try:
+        kernel = write_kernel(out, spec.weights(len(ckpts)), build_id)
+    except OSError as exc:
+        raise write_error(target, exc, staged=out != target) from None
+
+    manifest = {
+        **state,
+        **model_record(plan),
+        "complete": True,
+        "build_id": build_id,  # also in vectors.h5 and the FAISS sidecars: checked on open
+        "num_flagged": int(flagged.sum()),
+        "conditioning_data": state.get("conditioning", {}).get("data"),
+        "indexes": index_info,
+        "fidelity": fidelity,
+        "kernel": kernel,
+        "files": file_records(out),
+        "build_seconds": round(time.perf_counter() - started, 3),
+    }
+    if rows.shard is not None:
+        manifest["shard"] = {
+            **rows.shard,
+            "merge_index": index,
+            "merge_target_recall": target_recall,
+        }
+    write_json_atomic(out / MANIFEST, manifest)
+    (out / BUILD_STATE).unlink(missing_ok=True)
+    if out != target:  # the new index is complete: it replaces the old one in one step
+        swap_in(out, target)
+
+
+def _open_store(path: Path, plan: Plan, resume: bool) -> VectorStore:
+    """``vectors.h5`` to fill: a resumed build's (its shape checked), or a new one with the
+    rows' ids, labels / captions and room for latents."""
+    spec, rows, embedder = plan.spec, plan.rows, plan.embedder
+    if resume and path.exists():
+        store = VectorStore.open(path, "r+")
+        if store.dim != embedder.dim or store.num_rows != len(rows.images):
+            store.close()
+            raise IndexStateError(f"{path}: shape differs from this build; use --overwrite")
+        return store
+    store = VectorStore.create(
+        path,
+        rows.ids,
+        embedder.dim,
+        len(plan.ckpts),
+        spec.num_draws,
+        spec.store_dtype,
+        {"spec": spec.to_json(), "format_version": FORMAT_VERSION},
+    )
+    _add_conditioning_columns(store, plan.conditioner, rows.cond, embedder.sample_shape)
+    return store
+
+
+def _fill_rows(
+    store: VectorStore,
+    embedder: Embedder,
+    rows: Rows,
+    spec: BuildSpec,
+    progress: bool,
+    conditioner: Conditioner,
+) -> None:
+    """Embed every row not yet done, batch by batch, committing each batch to disk (a latent
+    model's latents first, so a row marked done has its latent too)."""
+    images, prep, cond_data = rows.images, rows.prep, rows.cond
+    done = store.done
+    todo = np.flatnonzero(~done)
+    bar = tqdm(
+        total=len(images),
+        initial=int(done.sum()),
+        unit="img",
+        desc="featurizing",
+        disable=not progress,
+        dynamic_ncols=True,
+    )
+    with bar:
+        for start, stop in _contiguous_batches(todo, spec.batch_size):
+            x0 = conditioner.encode_images(to_model_input(images[start:stop], **prep, warn=False))
+            if conditioner.vae is not None:
+                store.write_column("latents", start, x0.cpu().numpy())
+            cond = conditioner.model_kwargs(cond_data.rows(start, stop), stop - start)
+            emb = embedder.embed(x0, cond)
+            store.write_rows(start, emb.tracin, emb.retrac, emb.norms, emb.flagged)
+            bar.update(stop - start)
+
+
+def _add_conditioning_columns(
+    store: VectorStore,
+    conditioner: Conditioner,
+    cond_data: ConditioningData,
+    sample_shape: tuple[int, ...],
+) -> None:
+    """The labels / captions the rows were computed with, and room for a latent model's
+    latents, stored next to the rows in ``vectors.h5``."""
+    if cond_data.labels is not None:
+        store.add_column("labels", cond_data.labels)
+    if cond_data.prompts is not None:
+        store.add_column("prompts", cond_data.prompts)
+    if conditioner.vae is not None:
+        store.add_column("latents", shape=tuple(sample_shape))
+
+
+def _contiguous_batches(rows: np.ndarray, size: int) -> Iterator[tuple[int, int]]:
+    """(start, stop) runs of consecutive rows, at most ``size`` long."""
+    i = 0
+    while i < len(rows):
+        j = i
+        while j + 1 < len(rows) and j + 1 - i < size and rows[j + 1] == rows[j] + 1:
+            j += 1
+        yield int(rows[i]), int(rows[j]) + 1
+        i = j + 1
+
+
+def _indexed_rows(flagged: np.ndarray) -> np.ndarray:
+    """The rows the search indexes hold: all but the flagged ones (a warning says how many);
+    none at all is an error."""
+    if flagged.any():
+        warnings.warn(
+            f"{int(flagged.sum())} training sample(s) had non-finite or zero gradients and are left "
+            "out of the search indexes (see vectors.h5:/flagged)",
+            stacklevel=4,  # build_index's caller: where its own warnings point
+        )
+    keep = np.flatnonzero(~flagged)
+    if keep.size == 0:
+        raise GradIndexError(
+            "every training sample had non-finite or zero gradients; nothing to index"
+        )
+    return keep
+
+
+def _stored_rows(path: Path, method: str, rows: np.ndarray) -> np.ndarray:
+    """Stored rows of ``method`` read back from ``vectors.h5`` (what fidelity compares)."""
+    with VectorStore.open(path) as reader:
+        return reader.vectors(method, rows)
+
+
+def _search_indexes(
+    store_path: Path, out: Path, keep: np.ndarray, num_rows: int, kind: str, target_recall: float
+) -> dict[str, Any]:
+    """Each method's search index over the kept rows of the store, and its record."""
+    index_info = {}
+    for method in METHODS:  # one method's rows in memory at a time (none when on disk)
+        with VectorStore.open(store_path) as reader:
+            index_info[method] = build_from_store(
+                reader,
+                method,
+                keep if keep.size < num_rows else None,
+                kind,
+                target_recall,
+                out / faiss_file(method),
+            )
+    return index_info

@@ -1,0 +1,166 @@
+"""The per-item gradient of one module call, by module type (the hooks' arithmetic).
+
+Holds ``forward_hook``: the forward hook that keeps a selected module's input a and taps its
+output; on the backward, with δ = ∂(Σ_i loss_i)/∂output, it forms each item's gradient in place
+in the call's output and drops a. The rules (``write_layer_grads``): Linear g_W[i] = Σ_pos
+δ[i]ᵀ a[i]; Conv2d the same over the kh×kw patches of a (``conv2d_item_weight_grads``); GroupNorm
+/ LayerNorm Σ_pos δ ⊙ x̂ with x̂ recomputed from a; bias Σ_pos δ; Embedding δ[i] scattered into
+the rows a[i] indexes. Exact for batch-independent models (see ``persample``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from gradindex.featurize.scratch import scratch
+from gradindex.featurize.taps import Call, HookError, Tap, in_place_error
+
+_PATCH_BYTES = 128 * 2**20  # cap on the Conv2d input patches copied at once
+
+
+def forward_hook(slots: dict[str, tuple[int, int]], call: Call) -> Callable:
+    """The hook of one selected module: ``slots`` are its parameters' column ranges; their
+    per-item gradients go into ``call`` when the backward reaches the module's output."""
+    n = call.items
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> Tensor:
+        a = (args[0] if args else kwargs["input"]).detach()
+        if a.shape[0] != n or output.shape[0] != n:
+            raise HookError(
+                f"a {type(module).__name__} saw a leading dimension of {a.shape[0]}, not the {n} "
+                "items (the model moves the batch dimension)"
+            )
+        saved = {"a": a, "version": a._version}
+
+        def on_grad(delta: Tensor) -> None:
+            a = saved.pop("a")  # freed once this layer's gradient is formed
+            if a._version != saved["version"]:
+                raise in_place_error(module)
+            with torch.no_grad():
+                a = a.float() if a.is_floating_point() else a  # Embedding: indices stay long
+                write_layer_grads(module, a, delta.float(), slots, call)
+
+        return Tap.apply(output, call.anchor, on_grad, call.clone)
+
+    return hook
+
+
+def write_layer_grads(
+    module: nn.Module, a: Tensor, delta: Tensor, slots: dict[str, tuple[int, int]], call: Call
+) -> None:
+    """Per-item gradients of the selected parameters of one module call, into ``call.out``."""
+    n = a.shape[0]
+    if isinstance(module, nn.Linear):
+        d = delta.reshape(n, -1, module.out_features)  # [I, L, out]
+        if "weight" in slots:
+            view, first = call.target(slots["weight"], (module.out_features, module.in_features))
+            bmm_into(view, d.transpose(1, 2), a.reshape(n, -1, module.in_features), first)
+        if "bias" in slots:
+            call.write(slots["bias"], d.sum(1))  # [I, out]
+    elif isinstance(module, nn.Conv2d):
+        if "weight" in slots:
+            _conv2d_weight_grads(module, a, delta, slots["weight"], call)
+        if "bias" in slots:
+            call.write(slots["bias"], delta.sum((2, 3)))  # [I, out]
+    elif isinstance(module, nn.GroupNorm):
+        d = delta.reshape(n, module.num_channels, -1)  # [I, C, L]
+        if "weight" in slots:
+            x_hat = F.group_norm(a, module.num_groups, None, None, module.eps)
+            call.write(slots["weight"], (d * x_hat.reshape(d.shape)).sum(2))  # [I, C]
+        if "bias" in slots:
+            call.write(slots["bias"], d.sum(2))
+    elif isinstance(module, nn.LayerNorm):
+        shape = module.normalized_shape
+        d = delta.reshape(n, -1, *shape)  # [I, L, *shape]
+        if "weight" in slots:
+            x_hat = F.layer_norm(a, shape, None, None, module.eps)
+            call.write(slots["weight"], (d * x_hat.reshape(d.shape)).sum(1))
+        if "bias" in slots:
+            call.write(slots["bias"], d.sum(1))
+    elif isinstance(module, nn.Embedding):  # g_W[i] = Σ_pos onehot(a[i, pos]) δ[i, pos]
+        idx = a.reshape(n, -1)  # [I, L] long
+        d = delta.reshape(n, idx.shape[1], module.embedding_dim)  # [I, L, E]
+        if module.padding_idx is not None:  # torch gives the padding row no gradient
+            d = d * (idx != module.padding_idx).unsqueeze(-1)
+        view, first = call.target(slots["weight"], (module.num_embeddings, module.embedding_dim))
+        if first:
+            view.zero_()
+        items = torch.arange(n, device=idx.device).unsqueeze(1).expand_as(idx)  # [I, L]
+        view.index_put_(
+            (items.reshape(-1), idx.reshape(-1)), d.reshape(-1, d.shape[-1]), accumulate=True
+        )
+    else:  # guarded by supports()
+        raise TypeError(f"no per-item gradient rule for {type(module).__name__}")
+
+
+def bmm_into(view: Tensor, x: Tensor, y: Tensor, first: bool) -> None:
+    """view (+)= x @ y per item, [i, m, k] @ [i, k, n], written in place into a strided view."""
+    if first:
+        torch.bmm(x, y, out=view)
+    else:
+        view.baddbmm_(x, y)
+
+
+def _conv2d_weight_grads(
+    module: nn.Conv2d, a: Tensor, delta: Tensor, slot: tuple[int, int], call: Call
+) -> None:
+    """Per-item weight gradients of one Conv2d call into its slot of ``call.out``."""
+    c_out, c_in = module.out_channels, module.in_channels // module.groups
+    kh, kw = module.kernel_size
+    view, first = call.target(slot, (c_out, c_in * kh * kw))
+    conv2d_item_weight_grads(module, a, delta, view, first)
+
+
+def conv2d_item_weight_grads(
+    module: nn.Conv2d, a: Tensor, delta: Tensor, view: Tensor, first: bool
+) -> None:
+    """view [I, out, in/groups·kh·kw] (+)= g_W[i] = δ[i] · patches(a[i])ᵀ, two ways (CPU timings
+    differ by up to 5× either way): patches as a strided view of the padded input (copied a few
+    items at a time, a no-op for 1×1 kernels), or one convolution weight gradient whose groups
+    are the items (a as [1, I·in, H, W], δ as [1, I·out, H', W']; fast for large maps, few
+    channels)."""
+    n, c_in = a.shape[:2]
+    c_out, groups = module.out_channels, module.groups
+    kh, kw = module.kernel_size
+    positions = delta.shape[2] * delta.shape[3]
+    if isinstance(module.padding, str):  # 'same' / 'valid': possibly asymmetric
+        pad = tuple(module._reversed_padding_repeated_twice)
+    else:
+        pad = (module.padding[1], module.padding[1], module.padding[0], module.padding[0])
+    if any(pad):
+        a = F.pad(a, pad)
+    if groups > 1 or (kh * kw > 1 and positions >= 256 and c_in * c_out <= 8192):
+        g = torch.nn.grad.conv2d_weight(
+            a.reshape(1, n * c_in, *a.shape[2:]),
+            (n * c_out, c_in // groups, kh, kw),
+            delta.reshape(1, n * c_out, *delta.shape[2:]),
+            module.stride,
+            0,
+            module.dilation,
+            n * groups,
+        ).view(n, c_out, -1)  # [I, out, in/groups·kh·kw]
+        if first:
+            view.copy_(g)
+        else:
+            view += g
+        return
+    d = delta.reshape(n, c_out, positions)  # [I, out, L]
+    s0, s1, s2, s3 = a.stride()
+    (dh, dw), (sh, sw) = module.dilation, module.stride
+    step = max(1, _PATCH_BYTES // (c_in * kh * kw * positions * a.element_size()))
+    for s in range(0, n, step):
+        chunk = a[s : s + step]
+        windows = chunk.as_strided(
+            (chunk.shape[0], c_in, kh, kw, delta.shape[2], delta.shape[3]),
+            (s0, s1, s2 * dh, s3 * dw, s2 * sh, s3 * sw),
+        )
+        if kh * kw == 1 or a.dtype != torch.float32:  # 1×1, stride 1: reshape is a view
+            patches = windows.reshape(chunk.shape[0], c_in * kh * kw, positions)
+        else:  # copied into a kept buffer: a fresh one of > 32 MiB page-faults on every call
+            patches = scratch.get("patches", windows.shape, a.device)
+            patches = patches.copy_(windows).view(chunk.shape[0], c_in * kh * kw, positions)
+        bmm_into(view[s : s + step], d[s : s + step], patches.transpose(1, 2), first)
