@@ -62,11 +62,13 @@ from gradindex.index.search import METHODS
 from gradindex.index.store import VectorStore
 from gradindex.index.tuning import check_kind
 from gradindex.inputs.conditioner import Conditioner
-from gradindex.inputs.conditioning import ConditioningData, load_conditioning
-from gradindex.inputs.data import load_images, resolve_data_range, to_model_input
+from gradindex.inputs.conditioning import ConditioningData
+from gradindex.inputs.data import to_model_input
 from gradindex.inputs.devices import resolve_device
 from gradindex.inputs.models import CheckpointSource, load_checkpoints, with_model
+from gradindex.inputs.open_data import open_source, source_conditioning
 from gradindex.inputs.slices import shard_rows
+from gradindex.inputs.sources import DataSource, prefetch
 from gradindex.query import AttributionIndex
 from gradindex.spec import NOT_IDENTITY, BuildSpec
 
@@ -139,11 +141,11 @@ def build_index(
     conditioner = Conditioner.for_checkpoints(ckpts, base_model, spec.latents, spec.seed, device)
 
     channels, height, width = conditioner.image_shape(ckpts[0].sample_shape())
-    images, data_ids = load_images(data, channels)
-    row_ids = _resolve_ids(ids, data_ids, len(images))
-    cond_data = load_conditioning(data, data_ids, len(images), conditioner.kind, labels, prompts)
+    images = open_source(data, channels)  # lazy: rows are read a batch at a time
+    row_ids = _resolve_ids(ids, images.ids, len(images))
+    cond_data = source_conditioning(images, data, conditioner.kind, labels, prompts)
     if spec.data_range is None:
-        spec = spec.replace(data_range=resolve_data_range(images))
+        spec = spec.replace(data_range=images.data_range())
     prep = dict(
         channels=channels, size=(height, width), data_range=spec.data_range, resize=spec.resize
     )
@@ -152,7 +154,7 @@ def build_index(
         lo, hi = shard_rows(shard, len(images))
         shard_info = {"index": shard[0], "count": shard[1], "start": lo, "stop": hi}
         shard_info["total_rows"] = len(images)
-        images, row_ids = images[lo:hi], row_ids[lo:hi]
+        images, row_ids = images.rows(lo, hi), row_ids[lo:hi]  # only this shard's rows read
         cond_data = cond_data.rows(lo, hi)
     for start in range(0, len(images), 4096):  # validate everything before writing anything
         to_model_input(images[start : start + 4096], **prep, warn=start == 0)  # resize: once
@@ -319,7 +321,7 @@ def _check_finite(ckpts: list[Any]) -> None:
 def _fill_rows(
     store: VectorStore,
     embedder: Embedder,
-    images: np.ndarray,
+    images: DataSource,
     prep: dict[str, Any],
     spec: BuildSpec,
     progress: bool,
@@ -341,8 +343,9 @@ def _fill_rows(
         dynamic_ncols=True,
     )
     with bar:
-        for start, stop in _contiguous_batches(todo, spec.batch_size):
-            x0 = conditioner.encode_images(to_model_input(images[start:stop], **prep, warn=False))
+        batches = _contiguous_batches(todo, spec.batch_size)
+        for start, stop, pixels in prefetch(images, batches):  # decoding overlaps featurizing
+            x0 = conditioner.encode_images(to_model_input(pixels, **prep, warn=False))
             if conditioner.vae is not None:
                 store.write_column("latents", start, x0.cpu().numpy())
             cond = conditioner.model_kwargs(cond_data.rows(start, stop), stop - start)
