@@ -109,7 +109,7 @@ def _list_shard(path: Path, skip_bad: bool, skipped: list[tuple[str, str]]):
     samples: dict[str, dict[str, object]] = {}
     try:
         with tarfile.open(path, "r:") as tf:
-            for m in _members(tf, path):
+            for m in _members(tf, path, size_on_disk):
                 if not m.isfile():
                     continue
                 key, ext = _split_key(m.name)
@@ -134,18 +134,21 @@ def _list_shard(path: Path, skip_bad: bool, skipped: list[tuple[str, str]]):
         yield key, rec["image"], rec.get(CAPTION_EXT), rec.get(LABEL_EXT)
 
 
-def _members(tf: tarfile.TarFile, path: Path):
-    """The members, a truncated last header as a DataError naming what came before."""
+def _members(tf: tarfile.TarFile, path: Path, size_on_disk: int):
+    """The members. The file ending inside the last one's data ends the listing there (that
+    member is then named as truncated); any other damage is a DataError naming where."""
     last = None
     while True:
         try:
             m = tf.next()
         except tarfile.ReadError as exc:
-            after = f" after member {last}" if last else ""
+            if last is not None and last.offset_data + last.size > size_on_disk:
+                return
+            after = f" after member {last.name}" if last else ""
             raise DataError(f"{path}: damaged tar{after} ({exc}); re-create the shard") from None
         if m is None:
             return
-        last = m.name
+        last = m
         yield m
 
 
