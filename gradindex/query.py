@@ -37,6 +37,7 @@ import numpy as np
 
 from gradindex.errors import IndexStateError, ModelError, SearchError
 from gradindex.featurize.embedding import Embedder
+from gradindex.index.columns import LazyColumn, all_done, search_rows
 from gradindex.index.kernel import Kernel
 from gradindex.index.layout import MANIFEST, VECTORS, check_files, faiss_file, read_manifest
 from gradindex.index.milvus import MilvusBackend, default_name
@@ -92,14 +93,15 @@ class AttributionIndex:
         self._indexes: dict[str, VectorIndex] = {}
         with VectorStore.open(path / VECTORS) as store:
             store.check_manifest(manifest)  # another build's file, spec or shape
-            self.ids: np.ndarray = store.ids
-            self.flagged: np.ndarray = store.flagged
+            # read on demand (a search reads its k ids): memory independent of N
+            self.ids: LazyColumn = LazyColumn(path / VECTORS, "ids")
+            self.flagged: LazyColumn = LazyColumn(path / VECTORS, "flagged", as_bool=True)
             check_records(path / MANIFEST, manifest, self.spec, self.flagged)
-            if not store.done.all():
+            if not all_done(path / VECTORS):
                 raise IndexStateError(
                     f"{path / VECTORS}: not every row was written; rebuild or resume"
                 )
-            self.index_rows = np.flatnonzero(~self.flagged)  # search-index row i → store row
+            self.index_rows = search_rows(self.flagged)  # search-index row i → store row
             for method in METHODS if milvus is None else ():  # Milvus answers searches then
                 self._indexes[method] = self._load_index(method, mmap, store)
         self._norms: np.ndarray | None = None  # read on first use (see ``norms``)
