@@ -230,6 +230,24 @@ def test_a_truncated_tar_member_is_named_or_skipped(digits, tmp_path):
     np.testing.assert_array_equal(src.read(0, 29)[:, 0], pixels[:29])
 
 
+def test_a_label_member_missing_from_one_sample_is_named_when_labels_are_needed(digits, tmp_path):
+    pixels, labels, _, _ = digits
+    tars = write_tars(tmp_path, pixels[:12], labels[:12])
+    first = tmp_path / "shard-000.tar"
+    with tarfile.open(first) as tf:
+        kept = [(m, tf.extractfile(m).read()) for m in tf if m.name != "0002.cls"]
+    with tarfile.open(first, "w") as tf:
+        for m, data in kept:
+            tf.addfile(m, io.BytesIO(data))
+    src = open_source(tars, 1)
+    np.testing.assert_array_equal(src.read(0, 12)[:, 0], pixels[:12])  # unconditional: fine
+    assert source_conditioning(src, tars, "text").prompts[2] == _caption(labels[2])
+    with pytest.raises(gi.DataError, match=r"sample 0002 has no \.cls member"):
+        source_conditioning(src.rows(0, 6), tars, "class")
+    given = source_conditioning(src, tars, "class", labels=labels[:12])
+    np.testing.assert_array_equal(given.labels, labels[:12])
+
+
 def test_a_shard_reads_only_its_own_rows(digits):
     """bytes read by rows [lo, hi) of the tar source = the sizes of exactly those PNG members."""
     _, _, files, _ = digits

@@ -13,6 +13,7 @@ id (``id`` / ``key`` / ``file_name``, else the row number), each nameable explic
 
 from __future__ import annotations
 
+import importlib
 import io
 from pathlib import Path
 from typing import Any
@@ -34,12 +35,22 @@ def is_hf_folder(path: Path) -> bool:
     return (path / "state.json").exists() or (path / "dataset_dict.json").exists()
 
 
+INSTALL = "Hugging Face datasets need the datasets package: pip install 'gradindex[datasets]'"
+
+
+def _require(module: str) -> Any:
+    """``importlib.import_module(module)``, or a one-line DataError saying what to install."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise DataError(INSTALL) from None
+
+
 class ArrowTable:
     """Rows of a memory-mapped Arrow table (``load_from_disk``) by range."""
 
     def __init__(self, path: Path, split: str | None):
-        import datasets
-
+        datasets = _require("datasets")
         try:
             ds = datasets.load_from_disk(str(path))
         except (FileNotFoundError, ValueError) as exc:
@@ -61,8 +72,7 @@ class ParquetTable:
     """Rows of one or more parquet files by range, a row group at a time (the last kept)."""
 
     def __init__(self, files: list[Path]):
-        import pyarrow.parquet as pq
-
+        pq = _require("pyarrow.parquet")
         try:
             self.files = [pq.ParquetFile(f) for f in files]
         except Exception as exc:  # pyarrow.ArrowInvalid and OSError both say 'not parquet'

@@ -121,6 +121,10 @@ def source_conditioning(
     """Labels / captions of ``source``'s rows for a model of conditioning ``kind``: given ones
     win; else a dataset's label / caption column or a tar's .cls / .txt members; else the
     rules of ``load_conditioning`` (an .npz's arrays, class sub-folders, metadata.jsonl)."""
+    for what, given in (("labels", labels), ("prompts", prompts)):
+        wanted = kind == ("class" if what == "labels" else "text")
+        if wanted and given is None and what in source.missing:
+            raise DataError(f"{source.name}: {source.missing[what]}; give every sample one")
     if kind == "class" and labels is None and source.labels is not None:
         labels = source.labels
     if kind == "text" and prompts is None and source.prompts is not None:

@@ -49,6 +49,7 @@ class DataSource:
     def __init__(self) -> None:
         self.bytes_read = 0
         self.skipped = []
+        self.missing: dict[str, str] = {}  # "labels" / "prompts" -> the first sample lacking them
         self._shape: tuple[int, int, int] | None = None
         self._dtype: np.dtype | None = None
 
@@ -173,7 +174,7 @@ class RowView(DataSource):
     def __init__(self, base: DataSource, lo: int, hi: int):
         super().__init__()
         self.base, self.lo = base, int(lo)
-        self.name = base.name
+        self.name, self.missing = base.name, base.missing
         self.ids = base.ids[lo:hi]
         self.labels = None if base.labels is None else base.labels[lo:hi]
         self.prompts = None if base.prompts is None else base.prompts[lo:hi]
@@ -192,7 +193,7 @@ class Picked(DataSource):
     def __init__(self, base: DataSource, keep: np.ndarray):
         super().__init__()
         self.base, self.keep = base, keep
-        self.name = base.name
+        self.name, self.missing = base.name, base.missing
         self.ids = base.ids[keep]
         self.labels = None if base.labels is None else base.labels[keep]
         self.prompts = None if base.prompts is None else [base.prompts[i] for i in keep]

@@ -73,10 +73,21 @@ class TarSource(DataSource):
         if len(np.unique(self.ids)) != len(keys):
             raise DataError(f"{pattern}: sample keys repeat across shards; keys are the ids")
         self.where = np.array(where, dtype=np.int64)  # [N, 3]: shard, offset, size
-        self.prompts = _all_or_none(texts, CAPTION_EXT, self.ids)
-        labels = _all_or_none(classes, LABEL_EXT, self.ids)
+        self.prompts = self._all_or_none(texts, "prompts", CAPTION_EXT)
+        labels = self._all_or_none(classes, "labels", LABEL_EXT)
         self.labels = None if labels is None else self._labels(labels)
         self._files: dict[int, BinaryIO] = {}
+
+    def _all_or_none(self, values: list[str | None], what: str, ext: str) -> list[str] | None:
+        """A member every sample has; when only some have it, None, and the first sample
+        without it is named if the build asks for it (``missing``)."""
+        lacking = [i for i, v in enumerate(values) if v is None]
+        if len(lacking) == len(values):
+            return None
+        if lacking:
+            self.missing[what] = f"sample {self.ids[lacking[0]]} has no {ext} member"
+            return None
+        return values  # type: ignore[return-value]
 
     def _labels(self, texts: list[str]) -> np.ndarray:
         try:
@@ -157,16 +168,6 @@ def _split_key(name: str) -> tuple[str, str]:
     folder, _, base = name.rpartition("/")
     stem, dot, ext = base.partition(".")
     return (f"{folder}/{stem}" if folder else stem), (dot + ext).lower()
-
-
-def _all_or_none(values: list[str | None], ext: str, ids: np.ndarray) -> list[str] | None:
-    """A member every sample has; refused naming a sample when only some have it."""
-    have = [v is not None for v in values]
-    if not any(have):
-        return None
-    if not all(have):
-        raise DataError(f"sample {ids[have.index(False)]} has no {ext} member but others do")
-    return values  # type: ignore[return-value]
 
 
 def _is_int(text: str) -> bool:
