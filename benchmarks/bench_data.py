@@ -350,15 +350,18 @@ def phase_overlap(work: Path, n: int = 1500) -> dict:
     folder.mkdir()
     for i, p in enumerate(px):
         Image.fromarray(p).save(folder / f"{i:06d}.png")
-    out = {}
-    for name, data in (("featurize only (array in memory)", px), ("image folder", str(folder))):
-        t0 = time.perf_counter()
-        gi.build_index(
-            checkpoints=[(tiny_unet(), DDPMScheduler(num_train_timesteps=1000))], data=data,
-            out=work / f"ov-{len(out)}", progress=False, fidelity_sample=0, overwrite=True,
-            spec=gi.BuildSpec(proj_dim=16, timesteps=2, batch_size=64),
-        )  # fmt: skip
-        out[name] = {"rows_per_s": round(n / (time.perf_counter() - t0), 1)}
+    out: dict = {}
+    variants = (("featurize only (array in memory)", px), ("image folder", str(folder)))
+    for _ in range(2):  # alternated, best of two: the machine is shared
+        for name, data in variants:
+            t0 = time.perf_counter()
+            gi.build_index(
+                checkpoints=[(tiny_unet(), DDPMScheduler(num_train_timesteps=1000))],
+                data=data, out=work / "ov", progress=False, fidelity_sample=0, overwrite=True,
+                spec=gi.BuildSpec(proj_dim=16, timesteps=2, batch_size=64),
+            )  # fmt: skip
+            rate = round(n / (time.perf_counter() - t0), 1)
+            out[name] = {"rows_per_s": max(rate, out.get(name, {}).get("rows_per_s", 0))}
     a, b = (v["rows_per_s"] for v in out.values())
     out["folder_vs_array"] = round(b / a, 3)
     return out

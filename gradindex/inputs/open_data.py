@@ -3,7 +3,7 @@
 ``open_source(data, channels)`` → a lazy ``DataSource`` (see ``inputs.sources``):
 
     numpy array / tensor            ArraySource (in memory, as given)
-    file.npy                        ArraySource over np.load(mmap_mode='r')
+    file.npy                        NpySource (row ranges by file reads)
     file.npz                        ArraySource (an .npz cannot be memory-mapped: read whole)
     file.h5:/images                 H5Source (h5py slices)
     folder of image files           FolderSource (listed once, decoded per batch)
@@ -23,14 +23,13 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from gradindex.errors import DataError
 from gradindex.inputs.conditioning import ConditioningData, load_conditioning
 from gradindex.inputs.data import IMAGE_SUFFIXES, array_file_errors, load_images
 from gradindex.inputs.hfdata import HFSource, is_hf_folder
-from gradindex.inputs.sources import ArraySource, DataSource, FolderSource, H5Source
+from gradindex.inputs.sources import ArraySource, DataSource, FolderSource, H5Source, NpySource
 from gradindex.inputs.tars import TarSource, is_tar_pattern
 
 logger = logging.getLogger(__name__)
@@ -81,7 +80,7 @@ def _open(data: Any, channels: int | None, skip: bool, columns: dict[str, Any]) 
         return FolderSource(path, channels)
     if path.suffix == ".npy":
         with array_file_errors(path):
-            return ArraySource(np.load(path, mmap_mode="r", allow_pickle=False), text)
+            return NpySource(path)
     if path.suffix == ".npz" or path.suffix.lower() in IMAGE_SUFFIXES:
         arr, ids = load_images(path, channels)  # an .npz cannot be memory-mapped
         source = ArraySource(arr, text)

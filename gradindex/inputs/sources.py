@@ -223,6 +223,36 @@ class ArraySource(DataSource):
         return to_nchw(block)
 
 
+class NpySource(DataSource):
+    """A ``.npy`` file read by row range with plain file reads (``np.load(mmap_mode='r')``
+    only for its header and shape): unlike a memory map, the pages read do not stay in the
+    process's resident memory, so a pass over a file larger than RAM keeps RSS flat."""
+
+    def __init__(self, path: Path):
+        super().__init__()
+        self.path, self.name = path, str(path)
+        mapped = np.load(path, mmap_mode="r", allow_pickle=False)
+        self.offset, self.fortran = int(mapped.offset), bool(mapped.flags.f_contiguous)
+        self.fortran &= mapped.ndim > 1 and not mapped.flags.c_contiguous
+        self.mapped = mapped if self.fortran else None  # column-major: read through the map
+        self.row_shape, self._dtype = tuple(mapped.shape[1:]), mapped.dtype
+        self.ids = np.arange(len(mapped), dtype=np.int64)
+        self._shape = tuple(to_nchw(np.asarray(mapped[:1])).shape[1:])  # type: ignore[assignment]
+        self.row_items = int(np.prod(self.row_shape, dtype=np.int64))
+        del mapped
+
+    def _read(self, start: int, stop: int) -> np.ndarray:
+        if self.mapped is not None:
+            block = np.array(self.mapped[start:stop])
+        else:
+            with open(self.path, "rb") as f:
+                f.seek(self.offset + start * self.row_items * self.dtype.itemsize)
+                count = (stop - start) * self.row_items
+                block = np.fromfile(f, self.dtype, count).reshape(stop - start, *self.row_shape)
+        self.bytes_read += block.nbytes
+        return to_nchw(block)
+
+
 class H5Source(DataSource):
     """An HDF5 dataset ``file.h5:/images``, sliced by h5py (only the rows asked are read)."""
 
