@@ -285,3 +285,19 @@ def test_brace_lists_expand_like_bash():
     assert expand_braces("{a,b}-{8..10}.tar") == [
         "a-8.tar", "a-9.tar", "a-10.tar", "b-8.tar", "b-9.tar", "b-10.tar",
     ]  # fmt: skip
+
+
+@pytest.mark.parametrize("layout", ("nhwc", "fortran", "float16"))
+def test_npy_row_ranges_equal_np_load(tmp_path, layout):
+    rng = np.random.default_rng(1)
+    arr = rng.integers(0, 256, (23, 6, 5, 3), dtype=np.uint8)
+    if layout == "fortran":
+        arr = np.asfortranarray(arr)
+    if layout == "float16":
+        arr = (arr / 255).astype(np.float16)
+    np.save(tmp_path / "a.npy", arr)
+    src = open_source(tmp_path / "a.npy", 3)
+    want = np.moveaxis(np.load(tmp_path / "a.npy"), -1, 1)
+    assert src.shape == (3, 6, 5) and src.dtype == arr.dtype and len(src) == 23
+    np.testing.assert_array_equal(src.read(4, 17), want[4:17])
+    assert src.bytes_read == want[4:17].nbytes
