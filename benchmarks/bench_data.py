@@ -89,7 +89,7 @@ def template(work: Path) -> Path:
     return out
 
 
-def grow(tmpl: Path, out: Path, n: int) -> float:
+def grow(tmpl: Path, out: Path, n: int, nlist: int = 1024) -> float:
     """An index folder of n synthetic rows with the template's manifest, spec and build id."""
     import h5py
     from bench_search import synthetic
@@ -125,7 +125,7 @@ def grow(tmpl: Path, out: Path, n: int) -> float:
     with h5py.File(out / VECTORS, "r") as f:
         for method in ("tracin", "retrac"):
             path = out / faiss_file(method)
-            vi = build_ondisk(ChunkedRows(f[method]), path, method, nlist=min(1024, n // 40))
+            vi = build_ondisk(ChunkedRows(f[method]), path, method, nlist=min(nlist, n // 40))
             _stamp_build_id(path, man["build_id"])
             indexes[method] = {**vi.info, "build_id": man["build_id"]}
     kernel = write_kernel(out, [1.0], man["build_id"])
@@ -179,12 +179,12 @@ def child_open(folder: str) -> dict:
     }  # fmt: skip
 
 
-def phase_open(work: Path, sizes: list[int]) -> dict:
+def phase_open(work: Path, sizes: list[int], nlist: int = 1024) -> dict:
     tmpl = template(work)
     out = {}
     for n in sizes:
-        folder = work / f"idx-{n}"
-        grown = None if (folder / "manifest.json").exists() else grow(tmpl, folder, n)
+        folder = work / (f"idx-{n}" + (f"-nlist{nlist}" if nlist != 1024 else ""))
+        grown = None if (folder / "manifest.json").exists() else grow(tmpl, folder, n, nlist)
         out[str(n)] = {**run_child("open", str(folder)), "write_s": grown}
     return out
 
@@ -385,6 +385,7 @@ def main() -> None:
     ap.add_argument("--open-sizes", default="10000,10000000")
     ap.add_argument("--data-sizes", default="10000,1000000")
     ap.add_argument("--work", default=None)
+    ap.add_argument("--nlist", type=int, default=1024)
     ap.add_argument("--child", nargs=2, default=None)
     args = ap.parse_args()
     if args.child:
@@ -398,13 +399,15 @@ def main() -> None:
     for phase in args.phases.split(","):
         t0 = time.perf_counter()
         if phase == "open":
-            results[phase] = phase_open(work, [int(s) for s in args.open_sizes.split(",")])
+            sizes = [int(s) for s in args.open_sizes.split(",")]
+            key = "open" if args.nlist == 1024 else f"open_nlist{args.nlist}"
+            results[key] = phase_open(work, sizes, args.nlist)
         elif phase == "datapath":
             results[phase] = phase_datapath(work, [int(s) for s in args.data_sizes.split(",")])
         else:
             results[phase] = {"shards": phase_shards, "formats": phase_formats,
                               "overlap": phase_overlap}[phase](work)  # fmt: skip
-        print(phase, round(time.perf_counter() - t0, 1), "s", json.dumps(results[phase]))
+        print(phase, round(time.perf_counter() - t0, 1), "s", json.dumps(results.get(phase)))
         results["machine"] = {"cpus": os.cpu_count(), "omp": os.environ.get("OMP_NUM_THREADS")}
         path.write_text(json.dumps(results, indent=1) + "\n")
     (HERE / "results" / "data.md").write_text(markdown(results))
