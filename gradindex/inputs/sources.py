@@ -12,6 +12,7 @@ Every source counts the bytes it read (``bytes_read``): a shard job reads its ow
 from __future__ import annotations
 
 import contextlib
+import io
 import queue
 import threading
 from collections import Counter
@@ -299,8 +300,12 @@ class FolderSource(DataSource):
 
     def _row(self, i: int) -> np.ndarray:
         path = self.folder / str(self.ids[i])
-        self.bytes_read += path.stat().st_size
-        return decode_image(path, str(path), self.channels)
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise DataError(f"{path}: not readable ({exc.strerror or exc})") from None
+        self.bytes_read += len(data)
+        return decode_image(io.BytesIO(data), str(path), self.channels)
 
 
 def _scan_headers(
