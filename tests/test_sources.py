@@ -301,3 +301,20 @@ def test_npy_row_ranges_equal_np_load(tmp_path, layout):
     assert src.shape == (3, 6, 5) and src.dtype == arr.dtype and len(src) == 23
     np.testing.assert_array_equal(src.read(4, 17), want[4:17])
     assert src.bytes_read == want[4:17].nbytes
+
+
+def test_a_shard_build_reads_only_its_rows(digits, tmp_path):
+    """build_index(shard=(1, 4)) over the tars: every byte it reads is its own rows' images,
+    each read twice (the validation pass before anything is written, then featurizing), plus
+    the first sample's, decoded once to learn the image shape."""
+    _, _, files, _ = digits
+    sizes = {}
+    for path in expand_braces(files["tar"][0]):
+        with tarfile.open(path) as tf:
+            sizes.update({m.name[:4]: m.size for m in tf if m.name.endswith(".png")})
+    src = open_source(files["tar"][0], 1)
+    idx = _build(src, tmp_path / "s1", shard=(1, 4))
+    lo, hi = shard_rows((1, 4), N)
+    assert list(idx.ids) == [_key(i) for i in range(lo, hi)]
+    own = sum(sizes[_key(i)] for i in range(lo, hi))
+    assert src.bytes_read == 2 * own + sizes[_key(0)]
