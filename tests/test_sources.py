@@ -215,6 +215,20 @@ def test_skip_leaves_bad_samples_out_without_shifting_ids(digits, tmp_path):
     np.testing.assert_array_equal(src.labels, lab[keep])
 
 
+def test_an_unreadable_file_in_a_folder_is_named_or_skipped(digits, tmp_path):
+    pixels, _, _, _ = digits
+    for i in range(6):
+        (tmp_path / f"{_key(i)}.png").write_bytes(_png(pixels[i]))
+    (tmp_path / "0003.png").write_bytes(b"not an image at all")
+    with pytest.raises(gi.DataError, match=r"0003\.png: not a readable image"):
+        open_source(tmp_path, 1)
+    with pytest.warns(UserWarning, match="1 bad sample"):
+        src = open_source(tmp_path, 1, on_error="skip")
+    assert [k for k, _ in src.skipped] == ["0003.png"]
+    assert list(src.ids) == [f"{_key(i)}.png" for i in (0, 1, 2, 4, 5)]
+    np.testing.assert_array_equal(src.read(0, 5)[:, 0], pixels[[0, 1, 2, 4, 5]])
+
+
 def test_a_truncated_tar_member_is_named_or_skipped(digits, tmp_path):
     pixels, labels, _, _ = digits
     tars = write_tars(tmp_path, pixels[:30], labels[:30])

@@ -77,7 +77,7 @@ def _open(data: Any, channels: int | None, skip: bool, columns: dict[str, Any]) 
     if path.suffix == ".parquet" or (path.is_dir() and (is_hf_folder(path) or _has_parquet(path))):
         return HFSource(path, channels, **columns)
     if path.is_dir():
-        return FolderSource(path, channels)
+        return FolderSource(path, channels, skip_bad=skip)
     if path.suffix == ".npy":
         with array_file_errors(path):
             return NpySource(path)

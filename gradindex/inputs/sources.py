@@ -156,7 +156,7 @@ class DataSource:
         lost = {b[0] for b in bad}
         keep = np.array([i for i, k in enumerate(self.ids) if str(k) not in lost], np.int64)
         view = Picked(self, keep)
-        view.skipped = bad
+        view.skipped = [*self.skipped, *bad]  # those left out at listing too
         return view
 
     def _bad_rows(self, start: int, stop: int) -> list[tuple[str, str]]:
@@ -283,7 +283,7 @@ class FolderSource(DataSource):
     """A folder of image files: listed once (sorted relative paths are the ids), each file's
     header checked (channels, bit depth, size), pixels decoded only when its batch is read."""
 
-    def __init__(self, folder: Path, channels: int | None):
+    def __init__(self, folder: Path, channels: int | None, skip_bad: bool = False):
         super().__init__()
         self.folder, self.name = folder, str(folder)
         files = sorted(
@@ -294,7 +294,11 @@ class FolderSource(DataSource):
         if not files:
             raise DataError(f"{folder}: no image files ({', '.join(IMAGE_SUFFIXES)}) found")
         self.ids = np.array(files)
-        self.channels, wide, size = _scan_headers(folder, self.ids, channels)
+        scan = _scan_headers(folder, self.ids, channels, self.skipped if skip_bad else None)
+        self.channels, wide, size = scan
+        if self.skipped:
+            lost = {k for k, _ in self.skipped}
+            self.ids = np.array([f for f in files if f not in lost])
         self._shape = (self.channels, *size)  # type: ignore[assignment]
         self._dtype = np.dtype(np.float32 if wide else np.uint8)
 
@@ -309,7 +313,7 @@ class FolderSource(DataSource):
 
 
 def _scan_headers(
-    folder: Path, names: np.ndarray, channels: int | None
+    folder: Path, names: np.ndarray, channels: int | None, skipped: list | None = None
 ) -> tuple[int, bool, tuple[int, int]]:
     """(channels, any 16-bit file, the one H x W) from each file's header: 1 channel when all
     are grayscale; mixed sizes refused naming the usual size and an odd file."""
@@ -324,7 +328,11 @@ def _scan_headers(
                 wide |= im.mode in WIDE_MODES
                 hw = (im.size[1], im.size[0])
         except OSError as exc:
-            raise DataError(f"{folder / str(name)}: not a readable image ({exc})") from None
+            why = f"{folder / str(name)}: not a readable image ({exc})"
+            if skipped is None:
+                raise DataError(why) from None
+            skipped.append((str(name), why))  # with skip: left out, listed
+            continue
         sizes[hw] += 1
         odd.setdefault(hw, str(name))
     if len(sizes) > 1:
