@@ -332,3 +332,27 @@ def test_a_shard_build_reads_only_its_rows(digits, tmp_path):
     assert list(idx.ids) == [_key(i) for i in range(lo, hi)]
     own = sum(sizes[_key(i)] for i in range(lo, hi))
     assert src.bytes_read == 2 * own + sizes[_key(0)]
+
+
+@pytest.mark.parametrize("fmt", ("tar", "parquet"))
+def test_cli_builds_from_tars_and_parquet_and_bad_data_is_one_error_line(
+    digits, tmp_path, saved_checkpoints, fmt
+):
+    from click.testing import CliRunner
+
+    from gradindex.cli import main
+
+    _, _, files, _ = digits
+    data, want_ids = files[fmt]
+    args = ["build", "-c", str(saved_checkpoints[0]), "--proj-dim", "16", "--timesteps", "1"]
+    res = CliRunner().invoke(main, [*args, "--data", data, "--out", str(tmp_path / "i")])
+    assert res.exit_code == 0, res.output
+    assert [str(i) for i in _index_ids(tmp_path / "i")] == want_ids
+    res = CliRunner().invoke(main, [*args, "--data", str(tmp_path / "no-{0..1}.tar"),
+                                    "--out", str(tmp_path / "j")])  # fmt: skip
+    assert res.exit_code != 0 and res.output.startswith("Error: ") and "no-0.tar" in res.output
+    assert len(res.output.strip().splitlines()) == 1
+
+
+def _index_ids(folder):
+    return list(gi.AttributionIndex.open(folder).ids)
