@@ -39,10 +39,10 @@ from gradindex.featurize.gradients import select_parameters
 from gradindex.index.lifecycle import folder_lock
 from gradindex.index.tuning import check_kind
 from gradindex.inputs.conditioner import Conditioner
-from gradindex.inputs.conditioning import read_inputs
-from gradindex.inputs.data import resolve_data_range, to_model_input
+from gradindex.inputs.data import to_model_input
 from gradindex.inputs.devices import resolve_device
 from gradindex.inputs.models import Checkpoint, CheckpointSource, load_checkpoints, with_model
+from gradindex.inputs.open_data import open_inputs
 from gradindex.inputs.slices import shard_rows
 from gradindex.query import AttributionIndex
 from gradindex.spec import BuildSpec
@@ -144,11 +144,10 @@ def _read_rows(
     from the whole data set (every shard the same), cut a shard's rows, and check every row
     before anything is written. Returns the spec with its data_range, and the rows."""
     channels, height, width = conditioner.image_shape(sample_shape)
-    inputs = read_inputs(data, channels, conditioner.kind, labels, prompts)
-    images, cond_data = inputs.images, inputs.cond
-    row_ids = _resolve_ids(ids, inputs.ids, len(images))
+    images, cond_data = open_inputs(data, channels, conditioner.kind, labels, prompts)
+    row_ids = _resolve_ids(ids, images.ids, len(images))  # lazy: rows read a batch at a time
     if spec.data_range is None:
-        spec = spec.replace(data_range=resolve_data_range(images))
+        spec = spec.replace(data_range=images.data_range())
     prep = dict(
         channels=channels, size=(height, width), data_range=spec.data_range, resize=spec.resize
     )
@@ -157,7 +156,7 @@ def _read_rows(
         lo, hi = shard_rows(shard, len(images))
         shard_info = {"index": shard[0], "count": shard[1], "start": lo, "stop": hi}
         shard_info["total_rows"] = len(images)
-        images, row_ids = images[lo:hi], row_ids[lo:hi]
+        images, row_ids = images.rows(lo, hi), row_ids[lo:hi]  # only this shard's rows read
         cond_data = cond_data.rows(lo, hi)
     for start in range(0, len(images), 4096):  # validate everything before writing anything
         to_model_input(images[start : start + 4096], **prep, warn=start == 0)  # resize: once

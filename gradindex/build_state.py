@@ -38,6 +38,7 @@ from gradindex.index.lifecycle import check_writable, staging_folder, staging_pa
 from gradindex.inputs.conditioner import Conditioner
 from gradindex.inputs.conditioning import ConditioningData
 from gradindex.inputs.models import Checkpoint
+from gradindex.inputs.sources import DataSource
 from gradindex.spec import NOT_IDENTITY, BuildSpec
 
 
@@ -45,7 +46,7 @@ from gradindex.spec import NOT_IDENTITY, BuildSpec
 class Rows:
     """The training rows a build featurizes (its shard's), read once and checked."""
 
-    images: np.ndarray  # [N, C, H, W] as stored
+    images: DataSource  # [N, C, H, W] as stored, read by row range
     ids: np.ndarray
     cond: ConditioningData  # their labels / captions
     prep: dict[str, Any]  # to_model_input's arguments: channels, size, data_range, resize

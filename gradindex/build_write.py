@@ -40,6 +40,7 @@ from gradindex.index.store import VectorStore
 from gradindex.inputs.conditioner import Conditioner
 from gradindex.inputs.conditioning import ConditioningData
 from gradindex.inputs.data import to_model_input
+from gradindex.inputs.sources import prefetch
 from gradindex.spec import BuildSpec
 
 
@@ -155,8 +156,9 @@ def _fill_rows(
         dynamic_ncols=True,
     )
     with bar:
-        for start, stop in _contiguous_batches(todo, spec.batch_size):
-            x0 = conditioner.encode_images(to_model_input(images[start:stop], **prep, warn=False))
+        batches = _contiguous_batches(todo, spec.batch_size)
+        for start, stop, pixels in prefetch(images, batches):  # decoding overlaps featurizing
+            x0 = conditioner.encode_images(to_model_input(pixels, **prep, warn=False))
             if conditioner.vae is not None:
                 store.write_column("latents", start, x0.cpu().numpy())
             cond = conditioner.model_kwargs(cond_data.rows(start, stop), stop - start)

@@ -52,6 +52,7 @@ from gradindex.index.backend import (
 )
 from gradindex.index.faiss_common import METHODS
 from gradindex.index.faiss_folder import open_faiss_backends
+from gradindex.index.columns import LazyColumn, all_done, search_rows
 from gradindex.index.kernel import Kernel
 from gradindex.index.layout import MANIFEST, VECTORS, check_files, read_manifest
 from gradindex.index.milvus import MilvusBackend
@@ -117,14 +118,15 @@ class AttributionIndex:
             )
         with VectorStore.open(path / VECTORS) as store:
             store.check_manifest(manifest)  # another build's file, spec or shape
-            self.ids: np.ndarray = store.ids
-            self.flagged: np.ndarray = store.flagged
+            # read on demand (a search reads its k ids): memory independent of N
+            self.ids: LazyColumn = LazyColumn(path / VECTORS, "ids")
+            self.flagged: LazyColumn = LazyColumn(path / VECTORS, "flagged", as_bool=True)
             check_records(path / MANIFEST, manifest, self.spec, self.flagged)
-            if not store.done.all():
+            if not all_done(path / VECTORS):
                 raise IndexStateError(
                     f"{path / VECTORS}: not every row was written; rebuild or resume"
                 )
-            self.index_rows = np.flatnonzero(~self.flagged)  # the store rows a search returns
+            self.index_rows = search_rows(self.flagged)  # search-index row i → store row
             if milvus is not None and backends is not None:
                 raise SearchError("give milvus= or backends=, not both")
             if milvus is not None:  # shorthand for its collections' backends

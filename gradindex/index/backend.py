@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from gradindex.errors import IndexStateError, SearchError
+from gradindex.index.columns import IdentityRows
 
 
 @dataclass(frozen=True)
@@ -88,13 +89,14 @@ class SearchBackend(ABC):
 class StoreRows(SearchBackend):
     """``inner``, whose row i is store row ``rows[i]``, answering in store row numbers."""
 
-    def __init__(self, inner: SearchBackend, rows: np.ndarray) -> None:
+    def __init__(self, inner: SearchBackend, rows: np.ndarray | IdentityRows) -> None:
         if len(rows) != inner.num_rows:
             raise IndexStateError(
                 f"a search index of {inner.num_rows} rows cannot stand for {len(rows)} store rows"
             )
         self.inner = inner
-        self.rows = np.asarray(rows, dtype=np.int64)
+        # IdentityRows (nothing flagged) stays its length: memory independent of N
+        self.rows = rows if isinstance(rows, IdentityRows) else np.asarray(rows, dtype=np.int64)
         self.dim = inner.dim
 
     @property

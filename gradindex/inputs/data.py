@@ -190,25 +190,31 @@ def _file_channels(files: list[Path]) -> int:
 
 
 def _read_image(path: Path, channels: int) -> np.ndarray:
-    """One image file as [C, H, W], C = 1 (channels 1) or 3: uint8, or float32 in [0, 1] for
-    16-bit grayscale files (scaled by 65535, not clipped to 8 bits). Alpha is dropped."""
+    """One image file as [C, H, W] (see ``decode_image``)."""
+    return decode_image(path, str(path), channels)
+
+
+def decode_image(file: Any, name: str, channels: int) -> np.ndarray:
+    """One encoded image (a path or a binary file object, ``name`` for messages) as [C, H, W],
+    C = 1 (channels 1) or 3: uint8, or float32 in [0, 1] for 16-bit grayscale files (scaled
+    by 65535, not clipped to 8 bits). Alpha is dropped."""
     from PIL import Image
 
     try:
-        with Image.open(path) as im:
+        with Image.open(file) as im:
             if im.mode in WIDE_MODES:
-                gray = _wide_gray(path, np.asarray(im))[None]  # [1, H, W]
+                gray = _wide_gray(name, np.asarray(im))[None]  # [1, H, W]
                 return gray if channels == 1 else np.repeat(gray, 3, axis=0)
             mode = "L" if channels == 1 else "RGB" if channels == 3 else None
             if mode is None:  # other channels: keep the file's own, to_model_input refuses it
                 mode = "L" if im.mode in GRAY_MODES else "RGB"
             arr = np.asarray(im.convert(mode) if im.mode != mode else im, dtype=np.uint8)
             return arr[None] if arr.ndim == 2 else np.moveaxis(arr, -1, 0)
-    except OSError as exc:
-        raise DataError(f"{path}: not a readable image ({exc})") from None
+    except (OSError, SyntaxError, ValueError) as exc:  # PIL: broken or truncated data
+        raise DataError(f"{name}: not a readable image ({exc})") from None
 
 
-def _wide_gray(path: Path, arr: np.ndarray) -> np.ndarray:
+def _wide_gray(path: Path | str, arr: np.ndarray) -> np.ndarray:
     """16-bit grayscale pixels → float32 in [0, 1]; 32-bit integer images beyond 16 bits have
     no known range and are refused."""
     if arr.size and (int(arr.min()) < 0 or int(arr.max()) > 65535):
@@ -260,8 +266,21 @@ def resolve_data_range(
     images = np.asarray(images)
     if images.dtype == np.uint8:
         return UINT8_RANGE
+    return range_of_bounds(*value_bounds(images), fallback)
+
+
+def value_bounds(images: np.ndarray) -> tuple[float, float] | tuple[None, None]:
+    """(min, max) of the finite values, (None, None) when there are none."""
     finite = images[np.isfinite(images)] if images.size else images
-    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    return (float(finite.min()), float(finite.max())) if finite.size else (None, None)
+
+
+def range_of_bounds(
+    lo: float | None, hi: float | None, fallback: Sequence[float] | None = None
+) -> tuple[float, float]:
+    """The value range of float images whose finite values span [lo, hi] (the rule of
+    ``resolve_data_range``, for sources read a batch at a time)."""
+    lo, hi = (0.0, 1.0) if lo is None or hi is None else (lo, hi)
     for low, high in STANDARD_RANGES:
         if _within(lo, hi, (low, high)):
             return (low, high)

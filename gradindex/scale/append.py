@@ -25,8 +25,8 @@ from gradindex.errors import IndexStateError, ModelError, SpecError
 from gradindex.index.layout import MANIFEST, VECTORS
 from gradindex.index.lifecycle import check_writable, folder_lock, staging_folder, swap_in
 from gradindex.index.store import VectorStore
-from gradindex.inputs.data import load_images
 from gradindex.inputs.models import CheckpointSource, load_checkpoints
+from gradindex.inputs.open_data import open_source
 from gradindex.query import AttributionIndex
 from gradindex.scale.shards import _plain, assemble, open_part
 from gradindex.spec import BuildSpec
@@ -83,10 +83,10 @@ def _add(
         )
     spec = BuildSpec.from_dict(manifest["spec"])
     ckpts = _checkpoints(manifest, checkpoints, scheduler)
-    images, data_ids = load_images(data, manifest.get("image_shape", manifest["sample_shape"])[0])
+    images = open_source(data, manifest.get("image_shape", manifest["sample_shape"])[0])
     with VectorStore.open(target / VECTORS) as store:
         old_ids = store.ids
-    new_ids = _new_ids(ids, data_ids, old_ids, len(images))
+    new_ids = _new_ids(ids, images.ids, old_ids, len(images))
 
     part = target.parent / f".{target.name}.adding"
     if part.exists():  # left by a killed add; never the only copy of anything

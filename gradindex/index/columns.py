@@ -1,0 +1,141 @@
+"""Row-aligned columns of ``vectors.h5`` read on demand, so opening an index and answering a
+query need memory independent of N: a search's k result rows are mapped to ids by reading
+those k ids, never the whole column.
+
+Holds ``LazyColumn`` (``ids``, ``flagged``: indexing reads only the rows asked; ``np.asarray``
+still gives the whole column for code that wants it), ``IdentityRows`` (search-index row i is
+store row i: the map of an index without flagged rows, held as its length only), and
+``search_rows`` / ``all_done``, which read the masks a chunk at a time.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+CHUNK = 1 << 20  # rows per read when a whole column is scanned
+
+
+class LazyColumn:
+    """One 1-D dataset of an HDF5 file; the file is opened for each read (no handle held)."""
+
+    def __init__(self, path: str | os.PathLike[str], name: str, as_bool: bool = False):
+        self.path, self.name, self.as_bool = Path(path), name, as_bool
+        with h5py.File(self.path, "r") as f:
+            ds = f[name]
+            self.shape = tuple(ds.shape)
+            self._strings = ds.dtype.kind == "O"
+            self.dtype = np.dtype(bool if as_bool else object if self._strings else ds.dtype)
+        self.ndim = len(self.shape)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def _read(self, f: h5py.File, sel: Any) -> np.ndarray:
+        ds = f[self.name]
+        out = ds.asstr()[sel] if self._strings else ds[sel]
+        out = np.asarray(out)
+        return out.astype(bool) if self.as_bool else out
+
+    def __getitem__(self, index: Any) -> Any:
+        """A slice or an integer reads that range; an integer array of any shape reads only
+        those rows (negative ones counted from the end, as numpy does)."""
+        n = len(self)
+        with h5py.File(self.path, "r") as f:
+            if isinstance(index, slice):
+                return self._read(f, index)
+            if isinstance(index, (int, np.integer)):
+                return self._read(f, int(index) % n if -n <= index < n else _out_of_range(index, n))
+            idx = np.asarray(index, dtype=np.int64)
+            flat = np.where(idx.ravel() < 0, idx.ravel() + n, idx.ravel())
+            if flat.size and (flat.min() < 0 or flat.max() >= n):
+                _out_of_range(int(flat.max()), n)
+            if flat.size == 0:
+                return np.empty(idx.shape, self._read(f, slice(0, 0)).dtype)
+            uniq, inverse = np.unique(flat, return_inverse=True)
+            return self._read(f, uniq)[inverse].reshape(idx.shape)
+
+    def chunks(self) -> Iterator[np.ndarray]:
+        with h5py.File(self.path, "r") as f:
+            for a in range(0, len(self), CHUNK):
+                yield self._read(f, slice(a, a + CHUNK))
+
+    def __iter__(self) -> Iterator[Any]:
+        for block in self.chunks():
+            yield from block
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        whole = self[:]
+        return whole if dtype is None else whole.astype(dtype)
+
+    def tolist(self) -> list[Any]:
+        return self[:].tolist()
+
+    def sum(self) -> Any:
+        return sum(block.sum() for block in self.chunks())
+
+    def any(self) -> bool:
+        return any(bool(block.any()) for block in self.chunks())
+
+    def __repr__(self) -> str:
+        return f"LazyColumn({self.path.name}:/{self.name}, {len(self)} rows)"
+
+
+class IdentityRows:
+    """Row numbers 0..n-1 held as n: search-index row i is store row i."""
+
+    def __init__(self, n: int):
+        self.n = int(n)
+        self.shape, self.ndim, self.dtype = (self.n,), 1, np.dtype(np.int64)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: Any) -> Any:
+        return (
+            np.arange(self.n, dtype=np.int64)[index]
+            if isinstance(index, slice)
+            else _rows(index, self.n)
+        )
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        return np.arange(self.n, dtype=dtype or np.int64)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.n))
+
+
+def _rows(index: Any, n: int) -> Any:
+    idx = np.asarray(index, dtype=np.int64)
+    out = np.where(idx < 0, idx + n, idx)
+    if out.size and (out.min() < 0 or out.max() >= n):
+        _out_of_range(int(out.max()), n)
+    return out if out.ndim else int(out)
+
+
+def _out_of_range(i: int, n: int) -> int:
+    raise IndexError(f"row {i} is out of range for {n} rows")
+
+
+def search_rows(flagged: LazyColumn) -> IdentityRows | np.ndarray:
+    """Search-index row i → store row: the unflagged rows in order. Without flagged rows (a
+    chunked scan says so) it is the identity, held as its length; with some, an array of the
+    kept rows (8 bytes each)."""
+    if not flagged.any():
+        return IdentityRows(len(flagged))
+    base, parts = 0, []
+    for block in flagged.chunks():
+        parts.append(base + np.flatnonzero(~block))
+        base += len(block)
+    return np.concatenate(parts)
+
+
+def all_done(path: str | os.PathLike[str]) -> bool:
+    """Whether every row of the store is marked done, read a chunk at a time."""
+    col = LazyColumn(path, "done", as_bool=True)
+    return all(bool(block.all()) for block in col.chunks())
