@@ -50,9 +50,9 @@ from gradindex.index.backend import (
     check_k,
     result_to_json,
 )
+from gradindex.index.columns import LazyColumn, all_done, search_rows
 from gradindex.index.faiss_common import METHODS
 from gradindex.index.faiss_folder import open_faiss_backends
-from gradindex.index.columns import LazyColumn, all_done, search_rows
 from gradindex.index.kernel import Kernel
 from gradindex.index.layout import MANIFEST, VECTORS, check_files, read_manifest
 from gradindex.index.milvus import MilvusBackend
