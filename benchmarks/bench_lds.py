@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 import gradindex as gi
-from gradindex.lds import bootstrap_ci, lds_per_target, spearman_rows, subset_masks, trak_scores
+from gradindex.lds import bootstrap_ci, lds_per_target, spearman_rows, subset_masks
 from gradindex.training import load_digits_images, sample_images, small_unet_config, train_ddpm
 
 HERE = Path(__file__).resolve().parent
@@ -65,7 +65,8 @@ CONFIG = {
     "measure_seed": 123,
     "proj_dim": 4096,
     "projection": "sjlt",
-    "trak_lambdas": [1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0],  # × trace(ΦΦᵀ)/N
+    "num_calibration": 100,  # unused digits (neither pool nor targets): λ is chosen on these
+    "lambda_scales": [0.01, 0.03, 0.1, 0.3, 1.0, 3.0],  # s in λ_c = s · trace(G_c) / d
     "num_boot": 2000,
 }
 
@@ -82,6 +83,15 @@ def data_split() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     held = perm[: CONFIG["num_heldout"]]
     pool = np.sort(perm[CONFIG["num_heldout"] : CONFIG["num_heldout"] + CONFIG["num_train"]])
     return digits[pool], digits[held], pool
+
+
+def calibration_images() -> np.ndarray:
+    """[num_calibration, 1, 8, 8]: digits in neither the training pool nor the targets (the
+    next ones of the same permutation). λ is chosen on these, never on the LDS targets."""
+    digits = load_digits_images(CONFIG["image_size"])
+    perm = np.random.default_rng(CONFIG["pool_seed"]).permutation(len(digits))
+    start = CONFIG["num_heldout"] + CONFIG["num_train"]
+    return digits[perm[start : start + CONFIG["num_calibration"]]]
 
 
 def masks() -> np.ndarray:
@@ -174,15 +184,17 @@ def measure_draws(num_targets: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.no_grad()
-def measure_one(name: str) -> np.ndarray:
-    """Per-draw MSE losses [T, R] of every target under model ``name`` (cached)."""
-    path = CACHE / "measured" / f"{name}.npy"
+def measure_one(name: str, which: str = "targets") -> np.ndarray:
+    """Per-draw MSE losses [T, R] of every target (``which="calibration"``: every calibration
+    digit) under model ``name`` (cached)."""
+    folder_name = "measured" if which == "targets" else "measured_calibration"
+    path = CACHE / folder_name / f"{name}.npy"
     if path.exists():
         return np.load(path)
     from diffusers import DDPMScheduler, UNet2DModel
 
     started = time.perf_counter()
-    x, _ = all_targets()
+    x = all_targets()[0] if which == "targets" else calibration_images()
     folder = CACHE / "models" / name
     unet = UNet2DModel.from_pretrained(folder / "unet").eval()
     sched = DDPMScheduler.from_pretrained(folder / "scheduler")
@@ -202,7 +214,7 @@ def measure_one(name: str) -> np.ndarray:
     tmp = path.with_name(path.stem + ".tmp.npy")
     np.save(tmp, out)
     os.replace(tmp, path)
-    timing = CACHE / "measured" / f"{name}.seconds"
+    timing = CACHE / folder_name / f"{name}.seconds"
     timing.write_text(f"{time.perf_counter() - started:.3f}\n")
     return out
 
@@ -213,6 +225,7 @@ def cmd_measure(shard: tuple[int, int]) -> None:
     for name in names[i::n]:
         if (CACHE / "models" / name / "train_config.json").exists():
             measure_one(name)
+            measure_one(name, "calibration")
 
 
 # -- attribution scores ---------------------------------------------------------------------
@@ -265,36 +278,20 @@ def build(loss: str, K: int, ckpts: str = "all"):
     )
 
 
-def features(loss: str, K: int, ckpts: str = "all") -> dict[str, np.ndarray]:
-    """Train rows and target embeddings of one index, cached: tracin/retrac [N, D], [T, D].
-
-    ckpts="last": the final checkpoint only — sliced from the all-checkpoint features when
-    those exist (each checkpoint is its own block of d columns, ReTrac blocks normalised
-    separately), else built from that checkpoint alone."""
-    path = CACHE / "features" / f"{loss}-{variant_name(K, ckpts)}.npz"
+def embeddings(loss: str, K: int, ckpts: str = "all") -> dict[str, np.ndarray]:
+    """The index's query rows for the targets and the calibration digits (``idx.embed``,
+    cached): {"target_tracin", "target_retrac", "calib_tracin", "calib_retrac", "seconds"}."""
+    path = CACHE / "embed" / f"{loss}-{variant_name(K, ckpts)}.npz"
     if path.exists():
         with np.load(path) as f:
             return dict(f)
-    whole = CACHE / "features" / f"{loss}-{variant_name(K, 'all')}.npz"
-    if ckpts == "last" and whole.exists():
-        with np.load(whole) as f:
-            d = int(f["proj_dim"])
-            out = {k: f[k][:, -d:] if k.startswith(("train_", "target_")) else f[k] for k in f}
-        out["seconds"] = np.asarray(0.0)  # no new compute: counted under the whole
-        return out
     started = time.perf_counter()
     idx = build(loss, K, ckpts)
     x, _ = all_targets()
-    emb = idx.embed(x)
-    out = {
-        "train_tracin": idx.vectors("tracin"),
-        "train_retrac": idx.vectors("retrac"),
-        "target_tracin": emb["tracin"],
-        "target_retrac": emb["retrac"],
-        "proj_dim": np.asarray(idx.manifest["proj_dim"]),
-        "build_seconds": np.asarray(idx.manifest.get("build_seconds") or 0.0),
-        "seconds": np.asarray(time.perf_counter() - started),
-    }
+    target, calib = idx.embed(x), idx.embed(calibration_images())
+    out = {f"target_{m}": target[m] for m in target} | {f"calib_{m}": calib[m] for m in calib}
+    out["seconds"] = np.asarray(time.perf_counter() - started)
+    out["build_seconds"] = np.asarray(idx.manifest.get("build_seconds") or 0.0)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.stem + ".tmp.npz")
     np.savez(tmp, **out)
@@ -305,47 +302,116 @@ def features(loss: str, K: int, ckpts: str = "all") -> dict[str, np.ndarray]:
 def cmd_features(variants: list[tuple[int, str]], losses: list[str]) -> None:
     for K, ckpts in variants:
         for loss in losses:
-            features(loss, K, ckpts)
+            embeddings(loss, K, ckpts)
 
 
-def trak_blocks(f: dict[str, np.ndarray], lam_rel: float) -> np.ndarray:
-    """TRAK kernel scores per checkpoint block of the TracIn rows, averaged over checkpoints
-    (TRAK's ensemble over models): [T, N]."""
-    d = int(f["proj_dim"])
-    phi, q = f["train_tracin"], f["target_tracin"]
-    total = np.zeros((q.shape[0], phi.shape[0]))
-    for c in range(phi.shape[1] // d):
-        pb, qb = phi[:, c * d : (c + 1) * d], q[:, c * d : (c + 1) * d]
-        scale = float((pb.astype(np.float64) ** 2).sum()) / len(pb)  # trace(ΦΦᵀ)/N
-        total += trak_scores(pb, qb, lam_rel * scale)
+METHODS = [  # (label, index loss, search method)
+    ("Diffusion-TracIn (mse)", "mse", "tracin"),
+    ("Diffusion-ReTrac (mse)", "mse", "retrac"),
+    ("TracIn, square loss", "square", "tracin"),
+    ("ReTrac, square loss", "square", "retrac"),
+    ("TRAK (mse)", "mse", "trak"),
+    ("D-TRAK (square)", "square", "trak"),
+    ("ReTrac kernel (mse)", "mse", "retrak"),
+    ("ReTrac kernel (square)", "square", "retrak"),
+]
+REFERENCE = "D-TRAK (square)"
+KERNEL_METHODS = ("trak", "retrak")
+
+
+def index_scores(idx, queries: np.ndarray, method: str, lam=None) -> np.ndarray:
+    """[Q, N] scores of every training row for every query row, from ``idx.search`` (exact,
+    k = N), put back in training-row order."""
+    if idx.flagged.any():
+        raise SystemExit(f"{idx.path}: {int(idx.flagged.sum())} flagged rows; rebuild")
+    res = idx.search(queries, k=len(idx), method=method, exact=True, lam=lam)
+    out = np.empty(res.scores.shape, np.float64)
+    np.put_along_axis(out, res.rows, res.scores, axis=1)
+    return out
+
+
+def scaled_lambdas(idx, method: str, scale: float) -> list[float]:
+    """λ_c = scale · trace(G_c) / d of the Gram ``method`` uses (the library's rule's form)."""
+    gram = idx.kernel_for(method).gram
+    return [scale * float(np.trace(g)) / g.shape[-1] for g in gram]
+
+
+def whitened_cosine(idx, queries: np.ndarray, rows: str, scale: float) -> np.ndarray:
+    """Tried, not shipped: the kernel score divided by the training row's norm in the
+    whitened space, √(xᵀ(G + λI)⁻¹x) per checkpoint block (= √leverage), summed over blocks.
+    Computed here from the index's rows (N × N dual form), not served by the index."""
+    x = idx.vectors(rows).astype(np.float64)
+    C = len(idx.manifest["checkpoints"])
+    d = x.shape[1] // C
+    total = np.zeros((len(queries), len(x)))
+    for c in range(C):
+        p, q = x[:, c * d : (c + 1) * d], queries[:, c * d : (c + 1) * d].astype(np.float64)
+        s, u = np.linalg.eigh(p @ p.T)
+        lam = scale * float(np.clip(s, 0, None).sum()) / d
+        s = np.clip(s, 0, None)
+        scores = ((q @ p.T @ u) / (s + lam)) @ u.T  # qᵀ(G + λI)⁻¹xᵀ via the N × N Gram
+        leverage = (u**2 * (s / (s + lam))).sum(axis=1)
+        total += scores / np.sqrt(leverage)[None]
     return total
 
 
-def crossfit_trak(
-    f: dict[str, np.ndarray], m: np.ndarray, losses: np.ndarray, groups: np.ndarray
-) -> tuple[np.ndarray, list[float]]:
-    """TRAK scores with λ chosen on the other fold of targets (2-fold, stratified by group)."""
-    T = len(groups)
-    fold = np.zeros(T, int)
-    for g in np.unique(groups):
-        members = np.flatnonzero(groups == g)
-        fold[members[1::2]] = 1
-    per_lam = {lam: trak_blocks(f, lam) for lam in CONFIG["trak_lambdas"]}
-    lds_lam = {lam: lds_per_target(s, m, losses) for lam, s in per_lam.items()}
-    scores = np.empty((T, m.shape[1]))
-    chosen = []
-    for k in (0, 1):
-        val = fold != k
-        best = max(CONFIG["trak_lambdas"], key=lambda lam: np.nanmean(lds_lam[lam][val]))
-        chosen.append(best)
-        scores[fold == k] = per_lam[best][fold == k]
-    return scores, chosen
+def calibrate(idx, emb: dict, method: str, calib_m, calib_losses) -> tuple[float, dict]:
+    """The λ scale with the best LDS on the calibration digits (never the targets)."""
+    rows = "retrac" if method == "retrak" else "tracin"
+    by_scale = {}
+    for s in CONFIG["lambda_scales"]:
+        lam = scaled_lambdas(idx, method, s)
+        sc = index_scores(idx, emb[f"calib_{rows}"], method, lam)
+        by_scale[s] = float(np.nanmean(lds_per_target(sc, calib_m, calib_losses)))
+    return max(by_scale, key=by_scale.get), by_scale
+
+
+def method_scores(
+    K: int, ckpts: str, m: np.ndarray, calib_losses: np.ndarray, num_targets: int
+) -> tuple[dict[str, np.ndarray], dict]:
+    """{label: [T, N]} for every method, all through ``AttributionIndex.search``; λ of the
+    kernel methods: the library's default and the scale chosen on the calibration digits."""
+    scores, extra = {}, {"lambda": {}, "calibration_lds": {}, "seconds": {}, "missing": []}
+    for loss in ("mse", "square"):
+        if not (CACHE / "index" / f"{loss}-{variant_name(K, ckpts)}" / "manifest.json").exists():
+            extra["missing"].append(f"{loss} index not built")
+            continue
+        idx, emb = build(loss, K, ckpts), embeddings(loss, K, ckpts)
+        for label, mloss, method in METHODS:
+            if mloss != loss:
+                continue
+            if method not in gi.query.SEARCH_METHODS:
+                extra["missing"].append(f"{label}: method {method!r} not in this gradindex")
+                continue
+            rows = "retrac" if method == "retrak" else "tracin" if method == "trak" else method
+            q = emb[f"target_{rows}"]
+            started = time.perf_counter()
+            if method not in KERNEL_METHODS:
+                scores[label] = index_scores(idx, q, method)
+                extra["seconds"][label] = time.perf_counter() - started
+                continue
+            scores[f"{label}, default λ"] = index_scores(idx, q, method)
+            extra["seconds"][f"{label}, default λ"] = time.perf_counter() - started
+            best, by_scale = calibrate(idx, emb, method, m, calib_losses)
+            extra["calibration_lds"][label] = by_scale
+            extra["lambda"][label] = {
+                "default": idx.kernel_for(method).lambdas,
+                "calibrated_scale": best,
+            }
+            scores[label] = index_scores(idx, q, method, scaled_lambdas(idx, method, best))
+            if method == "trak":  # tried, not shipped: whitened cosine at the same λ scale
+                scores[f"{label}, whitened cosine (benchmark-side)"] = whitened_cosine(
+                    idx, q, "tracin", best
+                )
+    rng = np.random.default_rng(K)
+    scores["random"] = rng.standard_normal((num_targets, m.shape[1]))
+    return scores, extra
 
 
 # -- report ---------------------------------------------------------------------------------
 
 
-def measured_matrix(partial: bool) -> tuple[np.ndarray, list[int]]:
+def measured_matrix(partial: bool, which: str = "targets") -> tuple[np.ndarray, list[int]]:
     """Per-draw losses [T, S, R] of the subset models (measuring what is missing) and their
     subset numbers. ``partial``: use the models trained so far instead of refusing."""
     done = [
@@ -358,7 +424,7 @@ def measured_matrix(partial: bool) -> tuple[np.ndarray, list[int]]:
         if not partial or len(done) < 4:
             raise SystemExit(msg + "; finish training or pass --partial")
         log.warning("%s: reporting on those (partial)", msg)
-    return np.stack([measure_one(f"subset-{s:03d}") for s in done], axis=1), done
+    return np.stack([measure_one(f"subset-{s:03d}", which) for s in done], axis=1), done
 
 
 def mc_error(per_draw: np.ndarray) -> dict[str, float]:
@@ -386,81 +452,55 @@ def mc_error(per_draw: np.ndarray) -> dict[str, float]:
     }
 
 
-def method_scores(
-    K: int, ckpts: str, m: np.ndarray, losses: np.ndarray, groups: np.ndarray
-) -> tuple[dict[str, np.ndarray], dict]:
-    fm = features("mse", K, ckpts)
-    scores = {
-        "Diffusion-TracIn (mse)": fm["target_tracin"] @ fm["train_tracin"].T,
-        "Diffusion-ReTrac (mse)": fm["target_retrac"] @ fm["train_retrac"].T,
+def old_figures() -> dict:
+    """The benchmark-side TRAK / D-TRAK figures this run is checked against (lds_benchside)."""
+    path = RESULTS / "lds_benchside.json"
+    if not path.exists():
+        return {}
+    old = json.loads(path.read_text())["by_K"].get("K10", {}).get("methods", {})
+    return {
+        "TRAK (mse)": old.get("TRAK (mse features)", {}).get("all"),
+        "D-TRAK (square)": old.get("D-TRAK (square features)", {}).get("all"),
     }
-    extra = {"feature_seconds": float(fm["seconds"]), "missing": []}
-    fs = features("square", K, ckpts) if have_features("square", K, ckpts) else None
-    if fs is not None:
-        scores["TracIn, square loss"] = fs["target_tracin"] @ fs["train_tracin"].T
-        scores["ReTrac, square loss"] = fs["target_retrac"] @ fs["train_retrac"].T
-        extra["feature_seconds"] += float(fs["seconds"])
-    else:
-        log.warning("square-loss features for %s not computed; those methods are left out", K)
-        extra["missing"] = ["square-loss features not computed in time"]
-    scores["TRAK (mse features)"], extra["trak_lambda_rel"] = crossfit_trak(fm, m, losses, groups)
-    if fs is not None:
-        scores["D-TRAK (square features)"], extra["dtrak_lambda_rel"] = crossfit_trak(
-            fs, m, losses, groups
-        )
-    rng = np.random.default_rng(K)
-    scores["random"] = rng.standard_normal((len(groups), m.shape[1]))
-    return scores, extra
-
-
-def have_features(loss: str, K: int, ckpts: str) -> bool:
-    """Cached, or (final checkpoint only) derivable from the cached all-checkpoint features."""
-    folder = CACHE / "features"
-    return (folder / f"{loss}-{variant_name(K, ckpts)}.npz").exists() or (
-        ckpts == "last" and (folder / f"{loss}-{variant_name(K, 'all')}.npz").exists()
-    )
 
 
 def cmd_report(variants: list[tuple[int, str]], partial: bool = False) -> None:
     started = time.perf_counter()
     per_draw, done = measured_matrix(partial)  # [T, S, R]
+    calib_losses = measured_matrix(partial, "calibration")[0].mean(axis=2)  # [Tc, S]
     m = masks()[done]
     losses = per_draw.mean(axis=2)  # [T, S]
     _, groups = all_targets()
+    boot = CONFIG["num_boot"]
     results = {"config": CONFIG, "mc_error": mc_error(per_draw), "by_K": {}}
     for K, ckpts in variants:
         name = variant_name(K, ckpts)
-        if (K, ckpts) != variants[0] and not have_features("mse", K, ckpts):
-            log.warning("%s features missing; skipped", name)
-            continue
-        scores, extra = method_scores(K, ckpts, m, losses, groups)
+        scores, extra = method_scores(K, ckpts, m, calib_losses, len(groups))
         extra["checkpoints"] = ckpts
         rows, per_target = {}, {}
         for method, sc in scores.items():
             per = per_target[method] = lds_per_target(sc, m, losses)
             rows[method] = {
-                "all": bootstrap_ci(per, CONFIG["num_boot"]).to_dict(),
-                "heldout": bootstrap_ci(per[groups == 0], CONFIG["num_boot"]).to_dict(),
-                "generated": bootstrap_ci(per[groups == 1], CONFIG["num_boot"]).to_dict(),
+                "all": bootstrap_ci(per, boot).to_dict(),
+                "heldout": bootstrap_ci(per[groups == 0], boot).to_dict(),
+                "generated": bootstrap_ci(per[groups == 1], boot).to_dict(),
             }
             # ReTrac's claim: fewer "generally influential" samples. Measure the overlap.
             top = np.argsort(-sc, axis=1)[:, :10]
             rows[method]["distinct_top10_fraction"] = float(
                 len(np.unique(top)) / min(top.size, sc.shape[1])
             )
-        pairs = [
-            ("Diffusion-ReTrac (mse)", "Diffusion-TracIn (mse)"),
-            ("ReTrac, square loss", "TracIn, square loss"),
-            ("TracIn, square loss", "Diffusion-TracIn (mse)"),
-            ("D-TRAK (square features)", "TRAK (mse features)"),
-            ("TRAK (mse features)", "Diffusion-ReTrac (mse)"),
-        ]
-        diffs = {
-            f"{a} − {b}": bootstrap_ci(per_target[a] - per_target[b], CONFIG["num_boot"]).to_dict()
-            for a, b in pairs
-            if a in per_target and b in per_target
-        }
-        results["by_K"][name] = {"K": K, "methods": rows, "paired_differences": diffs, **extra}
+        diffs = {}
+        if REFERENCE in per_target:  # paired over targets: one resample index for both
+            diffs = {
+                f"{a} − {REFERENCE}": bootstrap_ci(
+                    per_target[a] - per_target[REFERENCE], boot
+                ).to_dict()
+                for a in per_target
+                if a != REFERENCE
+            }
+        results["by_K"][name] = {"K": K, "methods": rows, "paired_vs_dtrak": diffs, **extra}
+    results["benchside_figures"] = old_figures()
     results["compute_seconds"] = compute_seconds(time.perf_counter() - started)
     results["machine"] = {
         "platform": platform.platform(),
@@ -474,6 +514,7 @@ def cmd_report(variants: list[tuple[int, str]], partial: bool = False) -> None:
     results["num_targets"] = {
         "heldout": int((groups == 0).sum()),
         "generated": int((groups == 1).sum()),
+        "calibration": int(calib_losses.shape[0]),
     }
     results["subset_seeds"] = [CONFIG["subset_seed_base"] + s for s in done]
     RESULTS.mkdir(parents=True, exist_ok=True)
