@@ -323,6 +323,16 @@ def build(
     _print_info(idx.info(), as_json)
 
 
+def _kernel_line(record: dict[str, Any]) -> str:
+    """The manifest's kernel record in one line: rows, each kernel method's λ, the rule."""
+    lams = "; ".join(
+        f"{m} lambda " + ", ".join(f"{v:.4g}" for v in record[key])
+        for m, key in (("trak", "lambda"), ("retrak", "lambda_retrac"))
+        if key in record
+    )
+    return f"Gram of {record['rows']} rows, {lams} ({record['rule']})"
+
+
 @main.command()
 @click.argument("index_dir", type=click.Path())
 @click.argument("images")
@@ -627,8 +637,9 @@ def add(
 @main.command()
 @click.argument("index_dir", type=click.Path())
 def kernel(index_dir: str) -> None:
-    """Compute the kernel of INDEX_DIR (per-checkpoint Gram of its TracIn rows, kernel.h5),
-    which '--method trak' needs: for indexes built before builds computed it.
+    """Compute the kernel of INDEX_DIR (per-checkpoint Grams of its TracIn and ReTrac rows,
+    kernel.h5), which '--method trak' / 'retrak' need: for indexes built before builds
+    computed it.
 
     Checks every other file's checksum first, then records the new file in the manifest."""
     from gradindex.kernel import add_kernel
@@ -636,8 +647,7 @@ def kernel(index_dir: str) -> None:
 
     with folder_lock(Path(index_dir).resolve()):  # one writer per folder, as build/add/merge
         record = add_kernel(index_dir)
-    lams = ", ".join(f"{v:.4g}" for v in record["lambda"])
-    click.echo(f"kernel       Gram of {record['rows']} rows; lambda {lams} ({record['rule']})")
+    click.echo(f"kernel       {_kernel_line(record)}")
 
 
 @main.command()
@@ -880,12 +890,7 @@ def format_info(info: dict[str, Any]) -> list[str]:
     if kern and "skipped" in kern:
         add("kernel", f"none: {kern['skipped']}")
     elif kern:
-        lams = "; ".join(
-            f"{m} lambda " + ", ".join(f"{v:.4g}" for v in kern[key])
-            for m, key in (("trak", "lambda"), ("retrak", "lambda_retrac"))
-            if key in kern
-        )
-        add("kernel", f"Gram of {kern['rows']} rows, {lams} ({kern['rule']})")
+        add("kernel", _kernel_line(kern))
     else:
         add("kernel", f"none; add it for --method trak with: gradindex kernel {info['path']}")
     built = info.get("build_seconds")

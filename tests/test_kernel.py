@@ -49,7 +49,9 @@ def _build(ckpts, images, out, **kw):
     )
 
 
-SCALE = {"tracin": 0.1, "retrac": 0.1}  # s of the documented default λ_c = s · trace(G_c) / d
+def default_lams(gram):
+    """The documented default λ_c = 3 · (trace(G_c) − top eigenvalue) / d."""
+    return [3.0 * (np.trace(g) - np.linalg.eigvalsh(g)[-1]) / D for g in gram]
 
 
 def plain_rows(folder, rows="tracin"):
@@ -70,7 +72,7 @@ def dense_trak(folder, queries, lams=None, rows="tracin"):
     """Σ_c w_c φ_c(q)ᵀ (G_c + λ_c I)⁻¹ φ_c(z) for every row z, by np.linalg.solve (``rows``:
     "retrac" gives method 'retrak')."""
     x, gram = plain_rows(folder, rows), plain_gram(folder, rows)
-    lams = [SCALE[rows] * np.trace(g) / D for g in gram] if lams is None else lams
+    lams = default_lams(gram) if lams is None else lams
     scores = np.zeros((len(queries), len(x)))
     for c, w in enumerate(WEIGHTS):
         phi_q = queries[:, c * D : (c + 1) * D].astype(np.float64) / np.sqrt(w)
@@ -105,8 +107,9 @@ def test_gram_equals_rows_read_with_h5py(setup):
     assert rows == 9 and build_id == whole.manifest["build_id"]
     record = whole.manifest["kernel"]
     for key, rows in (("lambda", "tracin"), ("lambda_retrac", "retrac")):
-        want = [SCALE[rows] * np.trace(g) / D for g in plain_gram(whole.path, rows)]
-        np.testing.assert_allclose(record[key], want, rtol=1e-10)
+        np.testing.assert_allclose(
+            record[key], default_lams(plain_gram(whole.path, rows)), rtol=1e-8
+        )
     assert record["rows"] == 9 and "kernel.h5" in whole.manifest["files"]
 
 
@@ -411,3 +414,18 @@ def test_query_refuses_a_bad_lambda_before_embedding(setup, monkeypatch):
     monkeypatch.setattr(idx, "embed", no_embed)
     with pytest.raises(gi.SearchError, match="lambda=-1"):
         idx.query(setup[2][:1], k=2, method="trak", lam=-1)
+
+
+@pytest.mark.parametrize("d", [16, 300])  # 300: the Lanczos branch for the top eigenvalue
+def test_default_lambda_leaves_out_the_top_eigenvalue(d):
+    """λ_c = 3 · (trace − top eigenvalue) / d, against numpy's full eigendecomposition; rows
+    along one direction fall back to 3 · trace / d."""
+    from gradindex.kernel import default_lambdas
+
+    rng = np.random.default_rng(d)
+    x = rng.standard_normal((40, d)) + 5 * rng.standard_normal(d)  # a dominant direction
+    g = x.T @ x
+    ev = np.linalg.eigvalsh(g)
+    np.testing.assert_allclose(default_lambdas(g[None]), [3 * (ev.sum() - ev[-1]) / d], rtol=1e-8)
+    one = np.outer(x[0], x[0])
+    np.testing.assert_allclose(default_lambdas(one[None]), [3 * np.trace(one) / d], rtol=1e-8)
