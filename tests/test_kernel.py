@@ -3,6 +3,7 @@ checked against dense numpy over the rows read back with plain h5py."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -343,11 +344,13 @@ def test_trak_through_hnsw_keeps_recall(setup):
     images = np.random.default_rng(11).random((80, 1, 8, 8), dtype=np.float32)
     idx = _build(ckpts, images, root / "hnsw", index="hnsw", target_recall=0.95)
     assert idx.manifest["indexes"]["tracin"]["kind"] == "hnsw"
+    assert idx.manifest["indexes"]["retrac"]["kind"] == "hnsw"
     q = queries(n=20, seed=12)
-    approx = idx.search(q, k=10, method="trak").rows
-    exact = top_k(dense_trak(idx.path, q), 10)[1]
-    recall = np.mean([len(set(a) & set(e)) / 10 for a, e in zip(approx, exact, strict=True)])
-    assert recall >= 0.95, recall
+    for method, rows in (("trak", "tracin"), ("retrak", "retrac")):
+        approx = idx.search(q, k=10, method=method).rows
+        exact = top_k(dense_trak(idx.path, q, rows=rows), 10)[1]
+        recall = np.mean([len(set(a) & set(e)) / 10 for a, e in zip(approx, exact, strict=True)])
+        assert recall >= 0.95, (method, recall)
 
 
 def test_build_stopped_before_the_kernel_resumes_to_a_consistent_one(setup, tmp_path, monkeypatch):
@@ -429,3 +432,25 @@ def test_default_lambda_leaves_out_the_top_eigenvalue(d):
     np.testing.assert_allclose(default_lambdas(g[None]), [3 * (ev.sum() - ev[-1]) / d], rtol=1e-8)
     one = np.outer(x[0], x[0])
     np.testing.assert_allclose(default_lambdas(one[None]), [3 * np.trace(one) / d], rtol=1e-8)
+
+
+def test_square_loss_index_serves_dtrak_equal_to_a_dense_solve(setup, tmp_path):
+    """D-TRAK is 'trak' on an index built with loss="square" (and 'retrak' its ReTrac rows'
+    kernel): the same scores and top-k as a dense solve over its own rows, which differ from
+    the mse index's."""
+    root, ckpts, images, whole = setup
+    square = gi.build_index(
+        checkpoints=ckpts,
+        data=images,
+        out=tmp_path / "square",
+        spec=dataclasses.replace(SPEC, loss="square"),
+        progress=False,
+        fidelity_sample=0,
+    )
+    assert not np.allclose(plain_rows(square.path), plain_rows(whole.path))
+    q = queries(seed=8)
+    for method, rows in (("trak", "tracin"), ("retrak", "retrac")):
+        res = square.search(q, k=6, method=method)
+        scores, order = top_k(dense_trak(square.path, q, rows=rows), 6)
+        np.testing.assert_allclose(res.scores, scores, rtol=1e-4, atol=1e-4 * np.abs(scores).max())
+        np.testing.assert_array_equal(res.rows, order)
