@@ -78,9 +78,9 @@ def gram_from_store(
     for rows in DATASETS:
         gram = np.zeros((num_ckpts, d, d), dtype=np.float64)
         for _, block in ChunkedRows(store.file[rows], keep).chunks():
-            x = block.astype(np.float64).reshape(len(block), num_ckpts, d)
-            for c in range(num_ckpts):
-                gram[c] += x[:, c].T @ x[:, c]
+            for c in range(num_ckpts):  # one checkpoint's columns in float64 at a time
+                x = block[:, c * d : (c + 1) * d].astype(np.float64)
+                gram[c] += x.T @ x
         gram /= np.asarray(weights, dtype=np.float64)[:, None, None]  # √w_c φ_c → φ_c
         grams[rows] = gram
     return grams, len(keep)
