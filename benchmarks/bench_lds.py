@@ -322,6 +322,7 @@ METHODS = [  # (label, index loss, search method)
     ("ReTrac kernel (square)", "square", "retrak"),
 ]
 REFERENCE = "D-TRAK (square)"
+EXTRA_PAIRS = [("ReTrac kernel (mse)", "TRAK (mse)"), ("ReTrac kernel (square)", "D-TRAK (square)")]
 OLD_TRAK_LAMBDAS = [1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0]  # the previous benchmark's grid
 
 
@@ -559,6 +560,14 @@ def cmd_report(variants: list[tuple[int, str]], partial: bool = False) -> None:
                 for a in per_target
                 if a != REFERENCE
             }
+        for a, b in EXTRA_PAIRS:  # same index, or per target group
+            if a in per_target and b in per_target:
+                diffs[f"{a} − {b}"] = bootstrap_ci(per_target[a] - per_target[b], boot).to_dict()
+        for g, gname in ((0, "held-out digits"), (1, "generated")):
+            for a in ("ReTrac kernel (mse)", "TRAK (mse)"):
+                if a in per_target and REFERENCE in per_target:
+                    delta = (per_target[a] - per_target[REFERENCE])[groups == g]
+                    diffs[f"{a} − {REFERENCE}, {gname}"] = bootstrap_ci(delta, boot).to_dict()
         results["by_K"][name] = {"K": K, "methods": rows, "paired_vs_dtrak": diffs, **extra}
     results["benchside_figures"] = old_figures()
     results["lambda_rule"] = LAMBDA_RULE
@@ -679,6 +688,14 @@ def markdown(r: dict) -> str:
                 f"| {name} | " + " | ".join(cells) + f" | {row['distinct_top10_fraction']:.2f} "
                 f"| {diff} |"
             )
+        table = {f"{n} − {REFERENCE}" for n in block["methods"]}
+        others = {k: v for k, v in block["paired_vs_dtrak"].items() if k not in table}
+        if others:
+            lines += ["", "Other paired differences (same targets, 95% bootstrap CI):", ""]
+            for pair, d in others.items():
+                lines.append(
+                    f"- {pair}: {d['mean']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]"
+                )
         lines += [
             "",
             "Rows 'λ per method': the scale s best for that method alone on the calibration "
