@@ -312,6 +312,16 @@ def build(
     _print_info(idx.info(), as_json)
 
 
+def _kernel_line(record: dict[str, Any]) -> str:
+    """The manifest's kernel record in one line: rows, each kernel method's λ, the rule."""
+    lams = "; ".join(
+        f"{m} lambda " + ", ".join(f"{v:.4g}" for v in record[key])
+        for m, key in (("trak", "lambda"), ("retrak", "lambda_retrac"))
+        if key in record
+    )
+    return f"Gram of {record['rows']} rows, {lams} ({record['rule']})"
+
+
 @main.command()
 @click.argument("index_dir", type=click.Path())
 @click.argument("images")
@@ -320,19 +330,20 @@ def build(
 )
 @click.option(
     "--method",
-    type=click.Choice(["tracin", "retrac", "trak", "both", "all"]),
+    type=click.Choice(["tracin", "retrac", "trak", "retrak", "both", "all"]),
     default="both",
     show_default=True,
-    help="both: tracin and retrac; all: also trak (TRAK, the TracIn rows kernel-corrected: "
-    "needs the index's kernel, see 'gradindex kernel').",
+    help="both: tracin and retrac; all: also trak (TRAK, the TracIn rows kernel-corrected) and "
+    "retrak (the ReTrac rows kernel-corrected); both kernel methods need the index's kernel, "
+    "see 'gradindex kernel'.",
 )
 @click.option(
     "--lambda",
     "lambdas",
     type=float,
     multiple=True,
-    help="trak's ridge lambda: once for every checkpoint or once per checkpoint (default: the "
-    "index's, 0.1 * trace(G_c) / d).",
+    help="trak's / retrak's ridge lambda: once for every checkpoint or once per checkpoint "
+    "(default: the index's, s * trace(G_c) / d, see 'gradindex info').",
 )
 @click.option("--exact", is_flag=True, help="Force exact search (ignore approximate indexes).")
 @click.option(
@@ -340,7 +351,8 @@ def build(
     "from_vectors",
     is_flag=True,
     help="IMAGES holds query vectors instead: .npy [B, D] (used for every method) or .npz "
-    "with 'tracin' / 'retrac' arrays (as written by idx.embed; trak uses 'tracin').",
+    "with 'tracin' / 'retrac' arrays (as written by idx.embed; trak uses 'tracin', retrak "
+    "'retrac').",
 )
 @click.option(
     "--output",
@@ -417,8 +429,9 @@ def query(
     Thousands of queries are fine: embedding and search run in batches. Images of another
     size than the model's are resized with a warning, and their records say "resized".
     """
+    from gradindex.index.kernel import KERNEL_METHODS
     from gradindex.inputs.conditioning import read_prompts_file
-    from gradindex.query import AttributionIndex, check_positive_k, stored_method
+    from gradindex.query import SEARCH_METHODS, AttributionIndex, check_positive_k, stored_method
 
     check_positive_k(k)  # before opening and embedding anything
     if output and not output.endswith((".jsonl", ".npz")):
@@ -429,11 +442,11 @@ def query(
         raise click.BadParameter("query vectors are already conditioned", param_hint="--vectors")
     if from_vectors and data_range:
         raise click.BadParameter("query vectors are already embedded", param_hint="--data-range")
-    methods = {"both": ["tracin", "retrac"], "all": ["tracin", "retrac", "trak"]}.get(
-        method, [method]
-    )
-    if lambdas and "trak" not in methods:
-        raise click.BadParameter("applies to --method trak (or all) only", param_hint="--lambda")
+    methods = {"both": ["tracin", "retrac"], "all": list(SEARCH_METHODS)}.get(method, [method])
+    if lambdas and not set(methods) & set(KERNEL_METHODS):
+        raise click.BadParameter(
+            "applies to --method trak / retrak (or all) only", param_hint="--lambda"
+        )
     lam = None if not lambdas else lambdas[0] if len(lambdas) == 1 else list(lambdas)
     if milvus_name and not milvus:
         raise click.BadParameter("needs --milvus URI", param_hint="--milvus-name")
@@ -443,18 +456,20 @@ def query(
 
         backend = MilvusBackend.connect(milvus, milvus_name or default_name(index_dir))
     idx = AttributionIndex.open(index_dir, base_model=base_model, milvus=backend)
-    if "trak" in methods:
-        idx.check_trak(lam)
+    for m in set(methods) & set(KERNEL_METHODS):
+        idx.check_kernel(m, lam)
     one_or_all = lambda v: (v[0] if len(v) == 1 else list(v)) if v else None  # noqa: E731
     cond = {
         "labels": one_or_all(labels),
         "prompts": read_prompts_file(prompt_file) if prompt_file else one_or_all(prompts),
     }
-    stored = list(dict.fromkeys(stored_method(m) for m in methods))  # trak: the TracIn rows
+    stored = list(dict.fromkeys(stored_method(m) for m in methods))  # trak: the TracIn rows, ...
     vecs, names, resized = _query_vectors(idx, images, stored, from_vectors, cond, data_range)
     results = {
         m: dataclasses.replace(
-            idx.search(vecs[stored_method(m)], k, m, exact=exact, lam=lam if m == "trak" else None),
+            idx.search(
+                vecs[stored_method(m)], k, m, exact=exact, lam=lam if m in KERNEL_METHODS else None
+            ),
             resized=resized,
         )
         for m in methods
@@ -615,8 +630,9 @@ def add(
 @main.command()
 @click.argument("index_dir", type=click.Path())
 def kernel(index_dir: str) -> None:
-    """Compute the kernel of INDEX_DIR (per-checkpoint Gram of its TracIn rows, kernel.h5),
-    which '--method trak' needs: for indexes built before builds computed it.
+    """Compute the kernel of INDEX_DIR (per-checkpoint Grams of its TracIn and ReTrac rows,
+    kernel.h5), which '--method trak' / 'retrak' need: for indexes built before builds
+    computed it.
 
     Checks every other file's checksum first, then records the new file in the manifest."""
     from gradindex.index.kernel import add_kernel
@@ -624,8 +640,7 @@ def kernel(index_dir: str) -> None:
 
     with folder_lock(Path(index_dir).resolve()):  # one writer per folder, as build/add/merge
         record = add_kernel(index_dir)
-    lams = ", ".join(f"{v:.4g}" for v in record["lambda"])
-    click.echo(f"kernel       Gram of {record['rows']} rows; lambda {lams} ({record['rule']})")
+    click.echo(f"kernel       {_kernel_line(record)}")
 
 
 @main.command()
@@ -914,8 +929,7 @@ def format_info(info: dict[str, Any]) -> list[str]:
     if kern and "skipped" in kern:
         add("kernel", f"none: {kern['skipped']}")
     elif kern:
-        lams = ", ".join(f"{v:.4g}" for v in kern["lambda"])
-        add("kernel", f"trak: Gram of {kern['rows']} rows, lambda {lams} ({kern['rule']})")
+        add("kernel", _kernel_line(kern))
     else:
         add("kernel", f"none; add it for --method trak with: gradindex kernel {info['path']}")
     built = info.get("build_seconds")

@@ -8,6 +8,7 @@ Holds ``AttributionIndex``:
                                                      # floats [0, 1] or [-1, 1] (data_range=)
     idx.search(vectors, k, method) -> SearchResult(scores [B, k], ids [B, k], rows [B, k])
     idx.search(emb["tracin"], k, "trak", lam=None)   # TRAK: TracIn query rows, kernel-corrected
+    idx.search(emb["retrac"], k, "retrak")           # the kernel on the ReTrac rows
     idx.query(images, k, method)   -> the same, from images
     idx.query(images, labels=[...]) / idx.query(images, prompts=[...])   conditional models
     AttributionIndex.open(DIR, milvus=URI)           # search the collections 'gradindex
@@ -20,9 +21,11 @@ answering in vectors.h5 row numbers (:mod:`gradindex.index.backend`): by default
 FAISS indexes (:mod:`gradindex.index.faiss_folder`), or Milvus collections, or any other.
 
 Methods: the stored ones (``METHODS``: tracin, retrac) each have their own rows and search index;
-``SEARCH_METHODS`` adds ``trak``, Σ_c w_c φ_c(q)ᵀ (G_c + λ_c I)⁻¹ φ_c(z), served from the TracIn
-index with the query transformed by the kernel (:mod:`gradindex.index.kernel`). ``embed`` returns the
-stored methods' rows only; ``search(..., method="trak")`` takes TracIn query rows.
+``SEARCH_METHODS`` adds the kernel methods (:mod:`gradindex.index.kernel`): ``trak``,
+Σ_c w_c φ_c(q)ᵀ (G_c + λ_c I)⁻¹ φ_c(z), served from the TracIn index with the query transformed
+by the TracIn rows' Gram, and ``retrak``, the same on the ReTrac rows and index. ``embed``
+returns the stored methods' rows only; ``search(..., method)`` takes the rows of
+``stored_method(method)``.
 
 Checkpoints are loaded lazily (only ``embed``/``query`` need them) from the sources recorded in
 the manifest, or taken from the caller, and refused if their weights' fingerprint differs from
@@ -53,7 +56,7 @@ from gradindex.index.backend import (
 from gradindex.index.columns import LazyColumn, all_done, search_rows
 from gradindex.index.faiss_common import METHODS
 from gradindex.index.faiss_folder import open_faiss_backends
-from gradindex.index.kernel import Kernel
+from gradindex.index.kernel import KERNEL_METHODS, Kernel
 from gradindex.index.layout import MANIFEST, VECTORS, check_files, read_manifest
 from gradindex.index.milvus import MilvusBackend
 from gradindex.index.milvus import open_backends as milvus_backends
@@ -77,13 +80,14 @@ __all__ = [
     "stored_method",
 ]
 
-SEARCH_METHODS = (*METHODS, "trak")
+SEARCH_METHODS = (*METHODS, *KERNEL_METHODS)
 """What search / query accept: the stored methods plus those served from their rows."""
 
 
 def stored_method(method: str) -> str:
-    """The stored rows a search method's query vectors are: ``trak`` takes TracIn rows."""
-    return "tracin" if method == "trak" else method
+    """The stored rows a search method's query vectors are: ``trak`` takes TracIn rows,
+    ``retrak`` ReTrac rows."""
+    return KERNEL_METHODS.get(method, method)
 
 
 class AttributionIndex:
@@ -135,7 +139,7 @@ class AttributionIndex:
                 backends = open_faiss_backends(path, manifest, store, self.index_rows, mmap)
         self.backends = check_backends(backends, METHODS, self.dim, len(self.index_rows))
         self._norms: np.ndarray | None = None  # read on first use (see ``norms``)
-        self._kernel: Kernel | None = None  # read on first 'trak' search (see ``kernel``)
+        self._kernels: dict[str, Kernel] = {}  # read on first kernel search (``kernel_for``)
         if self.device.startswith("cuda"):  # search where the embeddings are made
             for backend in self.backends.values():
                 backend.to_gpu()
@@ -183,21 +187,35 @@ class AttributionIndex:
 
     @property
     def kernel(self) -> Kernel:
-        """The per-checkpoint Gram and default λ (kernel.h5), read on first use; an index
-        built before it existed gets an error naming ``gradindex kernel``."""
-        if self._kernel is None:
-            self._kernel = Kernel.load(self.path, self.manifest)
-        return self._kernel
+        """The TracIn rows' per-checkpoint Gram and default λ (kernel.h5): ``trak``'s."""
+        return self.kernel_for("trak")
+
+    def kernel_for(self, method: str) -> Kernel:
+        """The Gram and default λ a kernel method uses (kernel.h5), read on first use; an
+        index built before it existed gets an error naming ``gradindex kernel``."""
+        rows = KERNEL_METHODS[method]
+        if rows not in self._kernels:
+            self._kernels[rows] = Kernel.load(self.path, self.manifest, rows)
+        return self._kernels[rows]
+
+    def kernel_vectors(self, rows: np.ndarray, method: str, lam: Any = None) -> np.ndarray:
+        """Query rows of ``stored_method(method)`` → the rows whose inner product with the
+        stored ones is ``method``'s kernel score. ``lam``: one λ or one per checkpoint."""
+        return self.kernel_for(method).transform(self._as_queries(rows), lam)
+
+    def check_kernel(self, method: str, lam: Any = None) -> None:
+        """Refuse a missing kernel or a bad λ now, before the slow embedding of a query."""
+        self.kernel_vectors(np.zeros(self.dim, dtype=np.float32), method, lam)
 
     def trak_vectors(self, tracin: np.ndarray, lam: Any = None) -> np.ndarray:
         """TracIn query rows [B, D] → the rows whose inner product with the stored TracIn rows
         is the TRAK score (what ``search(..., "trak")`` sends to the TracIn index). ``lam``: one
         λ or one per checkpoint (default: the manifest's, ``kernel.LAMBDA_RULE``)."""
-        return self.kernel.transform(self._as_queries(tracin), lam)
+        return self.kernel_vectors(tracin, "trak", lam)
 
     def check_trak(self, lam: Any = None) -> None:
-        """Refuse a missing kernel or a bad λ now, before the slow embedding of a query."""
-        self.trak_vectors(np.zeros(self.dim, dtype=np.float32), lam)
+        """``check_kernel`` for method 'trak'."""
+        self.check_kernel("trak", lam)
 
     @property
     def dim(self) -> int:
@@ -330,14 +348,14 @@ class AttributionIndex:
     ) -> SearchResult:
         """Top-k training samples for query rows ([B, D] or [D]), best first, from this
         method's search backend (the folder's FAISS index, Milvus, ...: same scores, ids and
-        rows). For ``trak`` the rows are TracIn query rows and ``lam`` overrides the kernel's λ
-        (see ``trak_vectors``)."""
+        rows). For a kernel method the rows are ``stored_method(method)``'s query rows and
+        ``lam`` overrides the kernel's λ (see ``kernel_vectors``)."""
         _check_method(method)
         check_lambda_method(method, lam)
         q = self._as_queries(vectors)
         check_k(k)
-        if method == "trak":
-            q, method = self.trak_vectors(q, lam), "tracin"
+        if method in KERNEL_METHODS:
+            q, method = self.kernel_vectors(q, method, lam), stored_method(method)
         k = check_k(k, len(self.index_rows), "indexed samples")
         res = self.backends[method].search(q, k, exact=exact)  # rows: vectors.h5 row numbers
         return SearchResult(scores=res.scores, ids=self.ids[res.rows], rows=res.rows)
@@ -353,16 +371,16 @@ class AttributionIndex:
         data_range: tuple[float, float] | None = None,
         lam: Any = None,
     ) -> SearchResult:
-        """Top-k training samples for test images, by TracIn, ReTrac or TRAK score (``lam``:
-        TRAK's λ, see ``trak_vectors``); ``labels`` /
+        """Top-k training samples for test images, by any of ``SEARCH_METHODS`` (``lam``: a
+        kernel method's λ, see ``kernel_vectors``); ``labels`` /
         ``prompts`` condition a class- / text-conditional model, ``data_range`` gives the
         images' value range (see ``embed``). ``result.resized`` is the images' (H, W) when
         they were resized to the model's size (with a warning), else None."""
         _check_method(method)
         check_lambda_method(method, lam)
         check_positive_k(k)  # before the embedding, which is the slow part
-        if method == "trak":
-            self.check_trak(lam)
+        if method in KERNEL_METHODS:
+            self.check_kernel(method, lam)
         vectors = self.embed(images, labels=labels, prompts=prompts, data_range=data_range)
         res = self.search(vectors[stored_method(method)], k, method, exact=exact, lam=lam)
         return dataclasses.replace(res, resized=self.resized_from(images))
@@ -393,6 +411,8 @@ def _check_method(method: str) -> None:
 
 
 def check_lambda_method(method: str, lam: Any) -> None:
-    """λ is the ridge of the TRAK kernel: refused with another method rather than ignored."""
-    if lam is not None and method != "trak":
-        raise SearchError(f"lambda applies to method 'trak' only, not {method!r}")
+    """λ is the ridge of a kernel method: refused with another method rather than ignored."""
+    if lam is not None and method not in KERNEL_METHODS:
+        raise SearchError(
+            f"lambda applies to method {' / '.join(map(repr, KERNEL_METHODS))} only, not {method!r}"
+        )

@@ -194,9 +194,12 @@ def _expected_info(index_dir, saved_checkpoints):
     params = sum(p.numel() for p in tiny_unet(1).parameters())
     ckpts = _manifest(index_dir)["checkpoints"]
     assert [c["source"] for c in ckpts] == [str(p) for p in saved_checkpoints]
-    with h5py.File(index_dir / "vectors.h5", "r") as f:  # λ_c = 0.1 trace(G_c) / d, G_c = XᵀX / w_c
-        x = f["tracin"][()].astype(np.float64).reshape(7, 2, 64)
-    lams = [0.1 * (x[:, c] ** 2).sum() / w / 64 for c, w in enumerate((1, 2))]
+    lams = {}  # λ_c = 3 (trace(G_c) - top eigenvalue) / d, G_c = XᵀX / w_c
+    with h5py.File(index_dir / "vectors.h5", "r") as f:
+        for rows in ("tracin", "retrac"):
+            x = f[rows][()].astype(np.float64).reshape(7, 2, 64)
+            grams = [x[:, c].T @ x[:, c] / w for c, w in enumerate((1, 2))]
+            lams[rows] = [3 * (np.trace(g) - np.linalg.eigvalsh(g)[-1]) / 64 for g in grams]
     return [
         f"index        {index_dir}",
         "rows         7 (0 flagged, left out of search)",
@@ -210,8 +213,9 @@ def _expected_info(index_dir, saved_checkpoints):
         "fidelity     not measured (fidelity_sample=0)",
         "search       tracin: flat (exact)",
         "search       retrac: flat (exact)",
-        f"kernel       trak: Gram of 7 rows, lambda {lams[0]:.4g}, {lams[1]:.4g} "
-        "(lambda_c = 0.1 * trace(G_c) / d)",
+        f"kernel       Gram of 7 rows, trak lambda {lams['tracin'][0]:.4g}, "
+        f"{lams['tracin'][1]:.4g}; retrak lambda {lams['retrac'][0]:.4g}, {lams['retrac'][1]:.4g} "
+        "(lambda_c = 3.0 * (trace(G_c) - top eigenvalue) / d)",
     ]
 
 

@@ -23,7 +23,7 @@ def test_quick_demo_writes_pictures_and_summary(tmp_path):
     s = DemoSettings.quick()
     assert summary["num_train"] == s.num_train and summary["k"] == s.k
     assert len(summary["checkpoints"]) == 3
-    for m in ("tracin", "retrac"):
+    for m in ("tracin", "retrac", "trak", "retrak"):  # a column per method in the picture
         assert 1 <= summary["distinct_in_topk"][m] <= min(s.num_train, s.num_queries * s.k)
     for name in ("attribution.png", "timestep_norms.png"):
         with Image.open(out / name) as im:

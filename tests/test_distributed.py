@@ -132,7 +132,8 @@ def test_torchrun_two_process_build_equals_one_process_build(run_setup):
         )
     np.testing.assert_allclose(dist_idx.norms, whole.norms, rtol=1e-5, atol=1e-7)
     with h5py.File(tmp / "dist" / "kernel.h5", "r") as f, h5py.File(whole.path / "kernel.h5") as g:
-        one = g["gram"][()]  # the ranks' Grams summed by the merge: one build's, to rounding
-        np.testing.assert_allclose(f["gram"][()], one, rtol=1e-5, atol=1e-6 * np.abs(one).max())
+        for name in ("gram", "gram_retrac"):  # the ranks' Grams summed: one build's, to rounding
+            one = g[name][()]
+            np.testing.assert_allclose(f[name][()], one, rtol=1e-5, atol=1e-6 * np.abs(one).max())
     assert [p["start"] for p in dist_idx.manifest["merged_from"]] == [0, 4]
     assert not (tmp / "dist.shards").exists()

@@ -3,6 +3,7 @@ checked against dense numpy over the rows read back with plain h5py."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -49,24 +50,30 @@ def _build(ckpts, images, out, **kw):
     )
 
 
-def plain_rows(folder):
-    """The unflagged TracIn rows, read with h5py only, float64."""
+def default_lams(gram):
+    """The documented default λ_c = 3 · (trace(G_c) − top eigenvalue) / d."""
+    return [3.0 * (np.trace(g) - np.linalg.eigvalsh(g)[-1]) / D for g in gram]
+
+
+def plain_rows(folder, rows="tracin"):
+    """The unflagged TracIn (or ReTrac) rows, read with h5py only, float64."""
     with h5py.File(folder / "vectors.h5", "r") as f:
-        rows = f["tracin"][()].astype(np.float64)
-        return rows[~f["flagged"][()].astype(bool)]
+        x = f[rows][()].astype(np.float64)
+        return x[~f["flagged"][()].astype(bool)]
 
 
-def plain_gram(folder):
-    x = plain_rows(folder)
+def plain_gram(folder, rows="tracin"):
+    x = plain_rows(folder, rows)
     return np.stack(
         [x[:, c * D : (c + 1) * D].T @ x[:, c * D : (c + 1) * D] / w for c, w in enumerate(WEIGHTS)]
     )
 
 
-def dense_trak(folder, queries, lams=None):
-    """Σ_c w_c φ_c(q)ᵀ (G_c + λ_c I)⁻¹ φ_c(z) for every row z, by np.linalg.solve."""
-    x, gram = plain_rows(folder), plain_gram(folder)
-    lams = [0.1 * np.trace(g) / D for g in gram] if lams is None else lams
+def dense_trak(folder, queries, lams=None, rows="tracin"):
+    """Σ_c w_c φ_c(q)ᵀ (G_c + λ_c I)⁻¹ φ_c(z) for every row z, by np.linalg.solve (``rows``:
+    "retrac" gives method 'retrak')."""
+    x, gram = plain_rows(folder, rows), plain_gram(folder, rows)
+    lams = default_lams(gram) if lams is None else lams
     scores = np.zeros((len(queries), len(x)))
     for c, w in enumerate(WEIGHTS):
         phi_q = queries[:, c * D : (c + 1) * D].astype(np.float64) / np.sqrt(w)
@@ -92,12 +99,18 @@ def test_gram_equals_rows_read_with_h5py(setup):
     whole = setup[3]
     with h5py.File(whole.path / "kernel.h5", "r") as f:
         gram, rows, build_id = f["gram"][()], int(f.attrs["rows"]), f.attrs["build_id"]
+        gram_retrac = f["gram_retrac"][()]
     assert gram.dtype == np.float64 and gram.shape == (2, D, D)
     np.testing.assert_allclose(gram, plain_gram(whole.path), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(
+        gram_retrac, plain_gram(whole.path, "retrac"), rtol=1e-10, atol=1e-12
+    )
     assert rows == 9 and build_id == whole.manifest["build_id"]
     record = whole.manifest["kernel"]
-    want = [0.1 * np.trace(g) / D for g in plain_gram(whole.path)]
-    np.testing.assert_allclose(record["lambda"], want, rtol=1e-10)
+    for key, rows in (("lambda", "tracin"), ("lambda_retrac", "retrac")):
+        np.testing.assert_allclose(
+            record[key], default_lams(plain_gram(whole.path, rows)), rtol=1e-8
+        )
     assert record["rows"] == 9 and "kernel.h5" in whole.manifest["files"]
 
 
@@ -109,6 +122,20 @@ def test_trak_scores_equal_dense_solve_with_fewer_rows_than_dims(setup):
     np.testing.assert_allclose(res.scores, scores, rtol=1e-4, atol=1e-4 * np.abs(scores).max())
     np.testing.assert_array_equal(res.rows, order)
     np.testing.assert_array_equal(res.ids, whole.ids[order])
+
+
+@pytest.mark.parametrize("rows", ["tracin", "retrac"])
+def test_retrak_scores_equal_dense_solve_over_the_retrac_rows(setup, rows):
+    """'retrak' is the kernel of the ReTrac rows applied to ReTrac query rows ('trak' the
+    TracIn ones): the same scores and top-k as a dense solve over the rows read with h5py."""
+    whole = setup[3]
+    q = queries(seed=6)
+    res = whole.search(q, k=5, method="retrak" if rows == "retrac" else "trak")
+    scores, order = top_k(dense_trak(whole.path, q, rows=rows), 5)
+    np.testing.assert_allclose(res.scores, scores, rtol=1e-4, atol=1e-4 * np.abs(scores).max())
+    np.testing.assert_array_equal(res.rows, order)
+    res = whole.search(q, k=5, method="retrak" if rows == "retrac" else "trak", lam=0.3)
+    np.testing.assert_array_equal(res.rows, top_k(dense_trak(whole.path, q, [0.3] * 2, rows), 5)[1])
 
 
 @pytest.mark.parametrize("lam", [0.5, [0.02, 7.0]])
@@ -129,7 +156,7 @@ def test_bad_lambda_is_refused(setup, lam):
 
 
 def test_lambda_with_another_method_is_refused(setup):
-    with pytest.raises(gi.SearchError, match="'trak' only"):
+    with pytest.raises(gi.SearchError, match="'retrak' only"):
         setup[3].search(queries(), k=2, method="tracin", lam=1.0)
 
 
@@ -141,11 +168,13 @@ def test_cli_query_trak_from_vectors(setup, tmp_path):
               "--json")  # fmt: skip
     assert res.exit_code == 0, res.output
     recs = [json.loads(line) for line in res.stdout.splitlines()]
-    assert [r["method"] for r in recs] == ["tracin"] * 3 + ["retrac"] * 3 + ["trak"] * 3
-    scores, order = top_k(dense_trak(whole.path, q), 3)
-    trak = [r for r in recs if r["method"] == "trak"]
-    np.testing.assert_array_equal([r["rows"] for r in trak], order)
-    np.testing.assert_allclose([r["scores"] for r in trak], scores, rtol=1e-4, atol=1e-6)
+    methods = ["tracin", "retrac", "trak", "retrak"]
+    assert [r["method"] for r in recs] == [m for m in methods for _ in range(3)]
+    for method, rows in (("trak", "tracin"), ("retrak", "retrac")):
+        scores, order = top_k(dense_trak(whole.path, q, rows=rows), 3)
+        got = [r for r in recs if r["method"] == method]
+        np.testing.assert_array_equal([r["rows"] for r in got], order)
+        np.testing.assert_allclose([r["scores"] for r in got], scores, rtol=1e-4, atol=1e-6)
     res = run("query", whole.path, tmp_path / "q.npy", "--vectors", "--method", "trak",
               "--lambda", "2", "--json")  # fmt: skip
     got = [json.loads(line)["scores"] for line in res.stdout.splitlines()]
@@ -215,9 +244,9 @@ def strip_kernel(folder):
     (folder / "kernel.h5").unlink()
 
 
-def shard_gram(folder):
+def shard_gram(folder, rows="tracin"):
     with h5py.File(folder / "kernel.h5", "r") as f:
-        return f["gram"][()]
+        return f["gram" if rows == "tracin" else f"gram_{rows}"][()]
 
 
 def test_merge_sums_the_shards_grams_without_reading_rows(setup, shards, tmp_path, monkeypatch):
@@ -228,10 +257,13 @@ def test_merge_sums_the_shards_grams_without_reading_rows(setup, shards, tmp_pat
 
     monkeypatch.setattr(gradindex.index.kernel, "gram_from_store", no_pass)
     merged = merge_shards(tmp_path / "merged", shards)
-    want = shard_gram(shards[0]) + shard_gram(shards[1])
-    np.testing.assert_allclose(shard_gram(merged.path), want, rtol=1e-12, atol=0)
+    for rows in ("tracin", "retrac"):
+        want = shard_gram(shards[0], rows) + shard_gram(shards[1], rows)
+        np.testing.assert_allclose(shard_gram(merged.path, rows), want, rtol=1e-12, atol=0)
+        np.testing.assert_allclose(
+            shard_gram(merged.path, rows), plain_gram(merged.path, rows), rtol=1e-10
+        )
     assert merged.manifest["kernel"]["rows"] == 9
-    np.testing.assert_allclose(shard_gram(merged.path), plain_gram(merged.path), rtol=1e-10)
 
 
 def test_merge_with_a_shard_without_kernel_makes_one_pass(shards, tmp_path):
@@ -239,7 +271,10 @@ def test_merge_with_a_shard_without_kernel_makes_one_pass(shards, tmp_path):
     shutil.copytree(shards[1], old)
     strip_kernel(old)
     merged = merge_shards(tmp_path / "merged", [shards[0], old])
-    np.testing.assert_allclose(shard_gram(merged.path), plain_gram(merged.path), rtol=1e-10)
+    for rows in ("tracin", "retrac"):
+        np.testing.assert_allclose(
+            shard_gram(merged.path, rows), plain_gram(merged.path, rows), rtol=1e-10
+        )
     assert merged.manifest["kernel"]["rows"] == 9
     assert run("info", merged.path, "--verify").exit_code == 0
 
@@ -251,17 +286,46 @@ def test_gram_after_merge_and_add_equals_one_build(setup, shards):
     added = add_samples(root / "part", images[6:])
     for idx in (merged, added):
         np.testing.assert_array_equal(idx.ids, whole.ids)
-        with h5py.File(idx.path / "kernel.h5", "r") as f, h5py.File(whole.path / "kernel.h5") as g:
-            mine, one = f["gram"][()], g["gram"][()]
+        for rows in ("tracin", "retrac"):
+            mine, one = shard_gram(idx.path, rows), shard_gram(whole.path, rows)
             # the rows themselves agree to float32 rounding across batchings (test_shards)
             np.testing.assert_allclose(mine, one, rtol=1e-5, atol=1e-6 * np.abs(one).max())
-            np.testing.assert_allclose(mine, plain_gram(idx.path), rtol=1e-10, atol=1e-12)
+            np.testing.assert_allclose(mine, plain_gram(idx.path, rows), rtol=1e-10, atol=1e-12)
+        with h5py.File(idx.path / "kernel.h5", "r") as f:
             assert f.attrs["build_id"] == idx.manifest["build_id"] and f.attrs["rows"] == 9
         assert run("info", idx.path, "--verify").exit_code == 0
         q = queries(seed=9)
-        np.testing.assert_array_equal(
-            idx.search(q, k=5, method="trak").rows, whole.search(q, k=5, method="trak").rows
-        )
+        for method in ("trak", "retrak"):
+            np.testing.assert_array_equal(
+                idx.search(q, k=5, method=method).rows, whole.search(q, k=5, method=method).rows
+            )
+
+
+def test_a_kernel_without_the_retrac_gram_serves_trak_and_names_the_command_for_retrak(
+    setup, tmp_path
+):
+    """An index whose kernel predates 'retrak' (no gram_retrac, no lambda_retrac) still serves
+    'trak'; 'retrak' gets one line naming 'gradindex kernel', which then adds it."""
+    whole = setup[3]
+    old = tmp_path / "old"
+    shutil.copytree(whole.path, old)
+    with h5py.File(old / "kernel.h5", "a") as f:
+        del f["gram_retrac"]
+    manifest = json.loads((old / "manifest.json").read_text())
+    del manifest["kernel"]["lambda_retrac"], manifest["files"]["kernel.h5"]
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    idx = gi.AttributionIndex.open(old)
+    q = queries(seed=3)
+    np.testing.assert_array_equal(idx.search(q, 3, "trak").rows, whole.search(q, 3, "trak").rows)
+    with pytest.raises(gi.IndexStateError, match=f"gradindex kernel {old}$"):
+        idx.search(q, 3, "retrak")
+    res = run("query", old, tmp_path / "none.npy", "--method", "retrak")
+    assert res.exit_code == 1 and "gradindex kernel" in res.output
+    assert run("kernel", old).exit_code == 0
+    np.testing.assert_array_equal(
+        gi.AttributionIndex.open(old).search(q, 3, "retrak").rows,
+        whole.search(q, 3, "retrak").rows,
+    )
 
 
 def test_query_from_images_scores_trak(setup):
@@ -280,11 +344,13 @@ def test_trak_through_hnsw_keeps_recall(setup):
     images = np.random.default_rng(11).random((80, 1, 8, 8), dtype=np.float32)
     idx = _build(ckpts, images, root / "hnsw", index="hnsw", target_recall=0.95)
     assert idx.manifest["indexes"]["tracin"]["kind"] == "hnsw"
+    assert idx.manifest["indexes"]["retrac"]["kind"] == "hnsw"
     q = queries(n=20, seed=12)
-    approx = idx.search(q, k=10, method="trak").rows
-    exact = top_k(dense_trak(idx.path, q), 10)[1]
-    recall = np.mean([len(set(a) & set(e)) / 10 for a, e in zip(approx, exact, strict=True)])
-    assert recall >= 0.95, recall
+    for method, rows in (("trak", "tracin"), ("retrak", "retrac")):
+        approx = idx.search(q, k=10, method=method).rows
+        exact = top_k(dense_trak(idx.path, q, rows=rows), 10)[1]
+        recall = np.mean([len(set(a) & set(e)) / 10 for a, e in zip(approx, exact, strict=True)])
+        assert recall >= 0.95, (method, recall)
 
 
 def test_build_stopped_before_the_kernel_resumes_to_a_consistent_one(setup, tmp_path, monkeypatch):
@@ -351,3 +417,40 @@ def test_query_refuses_a_bad_lambda_before_embedding(setup, monkeypatch):
     monkeypatch.setattr(idx, "embed", no_embed)
     with pytest.raises(gi.SearchError, match="lambda=-1"):
         idx.query(setup[2][:1], k=2, method="trak", lam=-1)
+
+
+@pytest.mark.parametrize("d", [16, 300])  # 300: the Lanczos branch for the top eigenvalue
+def test_default_lambda_leaves_out_the_top_eigenvalue(d):
+    """λ_c = 3 · (trace − top eigenvalue) / d, against numpy's full eigendecomposition; rows
+    along one direction fall back to 3 · trace / d."""
+    from gradindex.index.kernel import default_lambdas
+
+    rng = np.random.default_rng(d)
+    x = rng.standard_normal((40, d)) + 5 * rng.standard_normal(d)  # a dominant direction
+    g = x.T @ x
+    ev = np.linalg.eigvalsh(g)
+    np.testing.assert_allclose(default_lambdas(g[None]), [3 * (ev.sum() - ev[-1]) / d], rtol=1e-8)
+    one = np.outer(x[0], x[0])
+    np.testing.assert_allclose(default_lambdas(one[None]), [3 * np.trace(one) / d], rtol=1e-8)
+
+
+def test_square_loss_index_serves_dtrak_equal_to_a_dense_solve(setup, tmp_path):
+    """D-TRAK is 'trak' on an index built with loss="square" (and 'retrak' its ReTrac rows'
+    kernel): the same scores and top-k as a dense solve over its own rows, which differ from
+    the mse index's."""
+    root, ckpts, images, whole = setup
+    square = gi.build_index(
+        checkpoints=ckpts,
+        data=images,
+        out=tmp_path / "square",
+        spec=dataclasses.replace(SPEC, loss="square"),
+        progress=False,
+        fidelity_sample=0,
+    )
+    assert not np.allclose(plain_rows(square.path), plain_rows(whole.path))
+    q = queries(seed=8)
+    for method, rows in (("trak", "tracin"), ("retrak", "retrac")):
+        res = square.search(q, k=6, method=method)
+        scores, order = top_k(dense_trak(square.path, q, rows=rows), 6)
+        np.testing.assert_allclose(res.scores, scores, rtol=1e-4, atol=1e-4 * np.abs(scores).max())
+        np.testing.assert_array_equal(res.rows, order)

@@ -108,20 +108,23 @@ def test_export_answers_the_same_top10_as_faiss_exact(built, method):
         assert one.rows[0, 0] == 7 and one.ids[0, 0] == "img0007.png"
 
 
-def test_trak_is_served_from_the_tracin_collection(built):
-    """'trak' sends the kernel-transformed query to the TracIn collection: same top-10 and
-    scores as a dense solve over the stored rows (λ_c = 0.1 trace(G_c) / d, weights 1, 3)."""
+@pytest.mark.parametrize("method", ["trak", "retrak"])
+def test_kernel_methods_are_served_from_their_collections(built, method):
+    """'trak' ('retrak') sends the kernel-transformed query to the TracIn (ReTrac) collection:
+    same top-10 and scores as a dense solve over the stored rows (λ_c = 3 (trace(G_c) − top
+    eigenvalue) / d, weights 1, 3)."""
     idx, uri, _ = built
+    rows = "tracin" if method == "trak" else "retrac"
     served = gi.AttributionIndex.open(idx.path, milvus=str(uri))
-    q = _queries(idx, "tracin", np.random.default_rng(4))
-    got = served.search(q, K, "trak")
-    x, d = idx.vectors("tracin").astype(np.float64), idx.dim // 2
+    q = _queries(idx, rows, np.random.default_rng(4))
+    got = served.search(q, K, method)
+    x, d = idx.vectors(rows).astype(np.float64), idx.dim // 2
     ref = np.zeros((len(q), len(x)))
     for c, w in enumerate((1.0, 3.0)):
         xc, qc = x[:, c * d : (c + 1) * d], q[:, c * d : (c + 1) * d].astype(np.float64)
         gram = xc.T @ xc / w
-        ridge = gram + 0.1 * np.trace(gram) / d * np.eye(d)
-        ref += w * (qc / np.sqrt(w)) @ np.linalg.solve(ridge, (xc / np.sqrt(w)).T)
+        lam = 3 * (np.trace(gram) - np.linalg.eigvalsh(gram)[-1]) / d
+        ref += w * (qc / np.sqrt(w)) @ np.linalg.solve(gram + lam * np.eye(d), (xc / np.sqrt(w)).T)
     order = np.argsort(-ref, axis=1, kind="stable")[:, :K]
     np.testing.assert_array_equal(got.rows, order)
     want = np.take_along_axis(ref, order, 1)

@@ -77,6 +77,20 @@ def test_report_on_a_tiny_index(built, tmp_path):
     got = rp.self_retrieval(built, np.arange(len(built)), "tracin")["rank1"]
     assert got == pytest.approx(float(np.mean(best == np.arange(len(built)))))
 
+    # the kernel methods are reported too; trak's self-retrieval against a dense solve
+    assert {"trak", "retrak"} <= set(out["methods"])
+    assert out["methods"]["trak"]["concentration"]["slots"] == 3 * n
+    x = x.astype(np.float64)
+    weights = [c["weight"] for c in built.manifest["checkpoints"]]
+    d = x.shape[1] // len(weights)
+    scores = np.zeros((n, n))
+    for c, (w, lam) in enumerate(zip(weights, built.manifest["kernel"]["lambda"], strict=True)):
+        phi = x[:, c * d : (c + 1) * d] / np.sqrt(w)
+        scores += w * phi @ np.linalg.solve(phi.T @ phi + lam * np.eye(d), phi.T)
+    got = rp.self_retrieval(built, np.arange(n), "trak")["rank1"]
+    assert got == pytest.approx(float(np.mean(np.argmax(scores, 1) == np.arange(n))))
+    assert "  most found by trak:" in "\n".join(rp.format_report(out))
+
     qv = {m: built.vectors(m)[:2] for m in ("tracin", "retrac")}
     out = rp.report(built, k=2, query_vectors=qv)
     assert out["num_queries"] == 2 and out["queries"] == "query_vectors"

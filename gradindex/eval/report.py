@@ -28,13 +28,32 @@ from typing import Any
 
 import numpy as np
 
-from gradindex.errors import SearchError
+from gradindex.errors import IndexStateError, SearchError
 from gradindex.eval.viz import pyplot, timestep_norm_plot
+from gradindex.index.kernel import KERNEL_METHODS
 from gradindex.query import AttributionIndex
 
 logger = logging.getLogger(__name__)
 
 METHODS = ("tracin", "retrac")
+TITLES = {
+    "tracin": "Diffusion-TracIn",
+    "retrac": "Diffusion-ReTrac",
+    "trak": "TRAK (kernel, TracIn rows)",
+    "retrak": "ReTrac kernel",
+}
+
+
+def report_methods(index: AttributionIndex) -> list[str]:
+    """The stored methods, and the kernel methods the index's kernel serves."""
+    out = list(METHODS)
+    for m in KERNEL_METHODS:
+        try:
+            index.check_kernel(m)
+        except IndexStateError:  # built before kernels / too wide: reported without them
+            continue
+        out.append(m)
+    return out
 
 
 def norm_by_timestep(norms: np.ndarray, draw_timesteps: Sequence[int]) -> dict[str, Any]:
@@ -118,7 +137,7 @@ def reach_norm_correlation(reach_counts: np.ndarray, sample_norms: np.ndarray) -
 def self_retrieval(index: AttributionIndex, rows: np.ndarray, method: str) -> dict[str, float]:
     """Query each training row (store row numbers ``rows``) with its own stored vector: the share
     found at rank 1, and within the top 10."""
-    vecs = index.vectors(method)[rows]
+    vecs = index.vectors(KERNEL_METHODS.get(method, method))[rows]
     res = index.search(vecs, k=min(10, len(index.index_rows)), method=method)
     hit1 = res.rows[:, 0] == rows
     hit10 = (res.rows == rows[:, None]).any(1)
@@ -172,12 +191,15 @@ def report(
     methods: dict[str, Any] = {}
     lists: dict[str, np.ndarray] = {}
     norms_per_row = sample_norms(index)
-    for m in METHODS:
+    for m in report_methods(index):
+        stored = KERNEL_METHODS.get(m, m)  # the rows a kernel method's queries are
         if qv is None:
-            res = index.search(index.vectors(m)[self_rows], k=min(k + 1, len(usable)), method=m)
+            res = index.search(
+                index.vectors(stored)[self_rows], k=min(k + 1, len(usable)), method=m
+            )
             rows = _drop_self(res.rows, self_rows, k)
         else:
-            rows = index.search(qv[m], k=min(k, len(usable)), method=m).rows
+            rows = index.search(qv[stored], k=min(k, len(usable)), method=m).rows
         lists[m] = rows
         r = reach(rows, n)
         methods[m] = {
@@ -251,7 +273,7 @@ def plot_reach_vs_norm(
         ax.set_xscale("log")
         ax.set_xlabel("mean per-draw gradient norm")
         ax.set_ylabel("appearances in top-k lists")
-        ax.set_title(f"{'Diffusion-TracIn' if m == 'tracin' else 'Diffusion-ReTrac'}", fontsize=9)
+        ax.set_title(TITLES.get(m, m), fontsize=9)
         ax.grid(alpha=0.3)
     if title:
         fig.suptitle(title, fontsize=9)
@@ -280,7 +302,7 @@ def format_report(result: Mapping[str, Any], max_timesteps: int = 12) -> list[st
     they mean (``gradindex report --json`` prints the dict itself)."""
     nbt = result["norm_by_timestep"]
     methods = result["methods"]
-    names = [m for m in METHODS if m in methods]
+    names = [m for m in TITLES if m in methods]
     conc = methods[names[0]]["concentration"]
     lines = [
         f"index {result['index']}: {result['num_rows']} rows ({result['num_flagged']} flagged)",
@@ -320,7 +342,8 @@ def _timestep_lines(nbt: Mapping[str, Any], max_timesteps: int) -> list[str]:
 
 
 def _method_lines(methods: Mapping[str, Any], names: list[str], slots: int) -> list[str]:
-    """TracIn vs ReTrac side by side, one diagnostic per line with what it means."""
+    """The methods side by side (TracIn, ReTrac, and the kernel methods when the index has a
+    kernel), one diagnostic per line with what it means."""
     rows = [
         (
             "distinct rows",

@@ -41,7 +41,12 @@ TILE_IN = 0.95
 _TEXT_IN = 0.38  # room under a tile for its score and training id / label
 _PAD_IN = 0.06  # between neighbouring tiles
 _GAP_IN = 0.35  # between the query column and each method's block
-_METHOD_NAMES = {"tracin": "Diffusion-TracIn", "retrac": "Diffusion-ReTrac"}
+_METHOD_NAMES = {
+    "tracin": "Diffusion-TracIn",
+    "retrac": "Diffusion-ReTrac",
+    "trak": "TRAK (kernel)",
+    "retrak": "ReTrac kernel",
+}
 
 
 def score_caption(
@@ -61,6 +66,12 @@ def score_caption(
             r"ReTrac score = $\Sigma_c w_c\,\cos(r_c(query), r_c(train))$, with $r_c$ the "
             rf"gradient normalized per timestep: at most $\Sigma_c w_c${bound}, reached when the "
             "gradients point the same way at every checkpoint."
+        )
+    if "trak" in methods or "retrak" in methods:
+        parts.append(
+            r"TRAK / ReTrac kernel score = $\Sigma_c w_c\,x_c(query)^T (G_c + \lambda_c I)^{-1} "
+            r"x_c(train)$, with $x_c$ the TracIn / ReTrac vectors and $G_c$ their Gram over the "
+            "training set: the kernel discounts directions many training samples share."
         )
     parts.append(r"$w_c$: the TracIn weight of checkpoint c (learning rate × steps).")
     return " ".join(parts)
