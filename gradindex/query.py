@@ -20,12 +20,10 @@ Search backends: one per stored method (``self.backends``), all called the same 
 answering in vectors.h5 row numbers (:mod:`gradindex.index.backend`): by default the folder's
 FAISS indexes (:mod:`gradindex.index.faiss_folder`), or Milvus collections, or any other.
 
-Methods: the stored ones (``METHODS``: tracin, retrac) each have their own rows and search index;
-``SEARCH_METHODS`` adds the kernel methods (:mod:`gradindex.index.kernel`): ``trak``,
-Σ_c w_c φ_c(q)ᵀ (G_c + λ_c I)⁻¹ φ_c(z), served from the TracIn index with the query transformed
-by the TracIn rows' Gram, and ``retrak``, the same on the ReTrac rows and index. ``embed``
-returns the stored methods' rows only; ``search(..., method)`` takes the rows of
-``stored_method(method)``.
+Methods: the stored ones (``METHODS``: tracin, retrac) have their own rows and search index;
+``SEARCH_METHODS`` adds the kernel ones (:mod:`gradindex.index.kernel`): ``trak``,
+Σ_c w_c φ_c(q)ᵀ (G_c + λ_c I)⁻¹ φ_c(z) on the TracIn index with the query transformed by its
+Gram, and ``retrak``, the same on the ReTrac rows; they take ``stored_method(method)``'s rows.
 
 Checkpoints are loaded lazily (only ``embed``/``query`` need them) from the sources recorded in
 the manifest, or taken from the caller, and refused if their weights' fingerprint differs from
@@ -185,11 +183,6 @@ class AttributionIndex:
                 self._norms = store.norms
         return self._norms
 
-    @property
-    def kernel(self) -> Kernel:
-        """The TracIn rows' per-checkpoint Gram and default λ (kernel.h5): ``trak``'s."""
-        return self.kernel_for("trak")
-
     def kernel_for(self, method: str) -> Kernel:
         """The Gram and default λ a kernel method uses (kernel.h5), read on first use; an
         index built before it existed gets an error naming ``gradindex kernel``."""
@@ -206,16 +199,6 @@ class AttributionIndex:
     def check_kernel(self, method: str, lam: Any = None) -> None:
         """Refuse a missing kernel or a bad λ now, before the slow embedding of a query."""
         self.kernel_vectors(np.zeros(self.dim, dtype=np.float32), method, lam)
-
-    def trak_vectors(self, tracin: np.ndarray, lam: Any = None) -> np.ndarray:
-        """TracIn query rows [B, D] → the rows whose inner product with the stored TracIn rows
-        is the TRAK score (what ``search(..., "trak")`` sends to the TracIn index). ``lam``: one
-        λ or one per checkpoint (default: the manifest's, ``kernel.LAMBDA_RULE``)."""
-        return self.kernel_vectors(tracin, "trak", lam)
-
-    def check_trak(self, lam: Any = None) -> None:
-        """``check_kernel`` for method 'trak'."""
-        self.check_kernel("trak", lam)
 
     @property
     def dim(self) -> int:
@@ -350,8 +333,7 @@ class AttributionIndex:
         method's search backend (the folder's FAISS index, Milvus, ...: same scores, ids and
         rows). For a kernel method the rows are ``stored_method(method)``'s query rows and
         ``lam`` overrides the kernel's λ (see ``kernel_vectors``)."""
-        _check_method(method)
-        check_lambda_method(method, lam)
+        _check_method(method, lam)
         q = self._as_queries(vectors)
         check_k(k)
         if method in KERNEL_METHODS:
@@ -376,8 +358,7 @@ class AttributionIndex:
         ``prompts`` condition a class- / text-conditional model, ``data_range`` gives the
         images' value range (see ``embed``). ``result.resized`` is the images' (H, W) when
         they were resized to the model's size (with a warning), else None."""
-        _check_method(method)
-        check_lambda_method(method, lam)
+        _check_method(method, lam)
         check_positive_k(k)  # before the embedding, which is the slow part
         if method in KERNEL_METHODS:
             self.check_kernel(method, lam)
@@ -405,13 +386,10 @@ def check_positive_k(k: Any) -> None:
     check_k(k)
 
 
-def _check_method(method: str) -> None:
+def _check_method(method: str, lam: Any = None) -> None:
+    """A method search knows; λ (a kernel method's ridge) refused with another, not ignored."""
     if method not in SEARCH_METHODS:
         raise SearchError(f"unknown method {method!r}; use one of {', '.join(SEARCH_METHODS)}")
-
-
-def check_lambda_method(method: str, lam: Any) -> None:
-    """λ is the ridge of a kernel method: refused with another method rather than ignored."""
     if lam is not None and method not in KERNEL_METHODS:
         raise SearchError(
             f"lambda applies to method {' / '.join(map(repr, KERNEL_METHODS))} only, not {method!r}"

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from gradindex.query import SEARCH_METHODS
 from tests import serve_helpers as sh
 from tests.serve_helpers import (
     K,
@@ -82,12 +83,12 @@ def test_browser_query_shows_the_ids_attribution_index_query_returns(server, pag
     page.goto(server + "/")
     page.set_input_files("#image", str(tmp_path / "q.png"))
     page.fill("#k", str(K))
-    for m in ("tracin", "retrac", "trak"):
+    for m in SEARCH_METHODS:  # every method, the kernel ones included
         page.check(f"#method-{m}")
     page.click("#submit")
     page.wait_for_selector("#query-0 .card")
     ids, scores = shown_ids(page), shown_ids(page, attr="data-score")
-    assert set(ids) == {"tracin", "retrac", "trak"}
+    assert set(ids) == set(SEARCH_METHODS) == {"tracin", "retrac", "trak", "retrak"}
     for m, got in ids.items():
         want = index.query(pixels[None, None], K, m)
         assert got == [str(i) for i in want.ids[0]], m

@@ -36,7 +36,7 @@ from starlette.routing import Route
 from starlette.templating import Jinja2Templates
 
 from gradindex.errors import GradIndexError
-from gradindex.query import AttributionIndex
+from gradindex.query import SEARCH_METHODS, AttributionIndex
 from gradindex.serve.chart import profile_svg
 from gradindex.serve.guard import SecurityHeaders, read_form
 from gradindex.serve.images import png_bytes
@@ -48,7 +48,12 @@ logger = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
 TEMPLATES = Jinja2Templates(directory=str(HERE / "templates"))
-METHOD_NAMES = {"tracin": "Diffusion-TracIn", "retrac": "Diffusion-ReTrac", "trak": "TRAK"}
+METHOD_NAMES = {
+    "tracin": "Diffusion-TracIn",
+    "retrac": "Diffusion-ReTrac",
+    "trak": "TRAK",
+    "retrak": "ReTrac kernel",
+}
 TEMPLATES.env.globals["method_names"] = METHOD_NAMES
 NEIGHBOURS = 8  # training rows shown as closest to a training row
 
@@ -107,7 +112,9 @@ def _page(request: Request, template: str, status: int = 200, **context: Any) ->
         "index": state.index,
         "images": state.images,
         "methods": state.methods,
-        "trak_problem": state.trak_problem,
+        "all_methods": SEARCH_METHODS,
+        # one reason for all kernel methods (they share kernel.h5): the first one found
+        "kernel_problem": next((p for p in state.kernel_problems.values() if p), None),
         "limits": state.limits,
         "conditioning": state.index.conditioning,
         "start_results": request.app.state.start_results,
@@ -139,7 +146,8 @@ async def run_query(request: Request) -> HTMLResponse:
     chosen = [m for m in form.getlist("method") if isinstance(m, str)]
     bad = [m for m in chosen if m not in state.methods]
     if bad:
-        why = f": {state.trak_problem}" if "trak" in bad and state.trak_problem else ""
+        problem = state.kernel_problems.get(bad[0])
+        why = f": {problem}" if problem else ""
         raise UploadError(f"method {bad[0]!r} is not available for this index{why}")
     if not chosen:
         raise UploadError("choose at least one method")

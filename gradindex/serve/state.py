@@ -23,6 +23,7 @@ import numpy as np
 
 from gradindex.errors import GradIndexError
 from gradindex.eval.report import norm_by_timestep, reach
+from gradindex.index.kernel import KERNEL_METHODS
 from gradindex.index.layout import VECTORS
 from gradindex.index.store import VectorStore
 from gradindex.query import SEARCH_METHODS, AttributionIndex, stored_method
@@ -49,8 +50,9 @@ class ServeState:
         self.images = TrainingImages(source, len(index), index.image_shape[0], spec.data_range)
         self.labels, self.captions = _conditioning_columns(index)
         self.class_names = index.conditioning.get("class_names")
-        self.trak_problem = _trak_problem(index)
-        self.methods = [m for m in SEARCH_METHODS if m != "trak" or self.trak_problem is None]
+        # why each kernel method cannot be searched (no kernel.h5, ...), or None
+        self.kernel_problems = {m: _kernel_problem(index, m) for m in KERNEL_METHODS}
+        self.methods = [m for m in SEARCH_METHODS if self.kernel_problems.get(m) is None]
         self.results: OrderedDict[str, tuple[str, list[dict[str, Any]]]] = OrderedDict()
         self.reach_counts, self.reach_queries = compute_reach(index, limits)
         self._norm_median: list[float] | None = None
@@ -217,10 +219,10 @@ def _conditioning_columns(index: AttributionIndex) -> tuple[Any, Any]:
         return store.column("labels"), store.column("prompts")
 
 
-def _trak_problem(index: AttributionIndex) -> str | None:
-    """Why 'trak' cannot be searched (no kernel.h5, ...), or None."""
+def _kernel_problem(index: AttributionIndex, method: str) -> str | None:
+    """Why kernel ``method`` cannot be searched (no kernel.h5, ...), or None."""
     try:
-        index.check_trak()
+        index.check_kernel(method)
     except GradIndexError as exc:
         return str(exc)
     return None
