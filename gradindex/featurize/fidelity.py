@@ -278,12 +278,15 @@ def suggested_proj_dim(record: dict[str, Any], nnz: int = 1) -> int:
 
 def _warning(record: dict[str, Any], projection: str, num_params: int) -> str:
     d = record["suggested_proj_dim"]
-    exact = (
-        " or --projection identity (exact)" if d >= num_params and projection != "kronecker" else ""
-    )
+    fix = f"rebuild with --proj-dim {d}"
+    if d >= num_params and projection != "kronecker":  # no sketch that wide beats exact rows
+        fix = (
+            f"rebuild with --projection identity (exact: the model's {num_params} parameters "
+            f"are fewer than the --proj-dim {d} a sketch would need)"
+        )
     return (
         f"projection fidelity is below the bar ({_measured(record)}): the index ranks training "
-        f"samples unlike exact TracIn / ReTrac; rebuild with --proj-dim {d}{exact}"
+        f"samples unlike exact TracIn / ReTrac; {fix}"
     )
 
 
