@@ -23,7 +23,7 @@ import functools
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +84,7 @@ def build_index(
     progress: bool = True,
     shard: tuple[int, int] | None = None,
     fidelity_sample: int = DEFAULT_SAMPLE,
+    data_options: Mapping[str, Any] | None = None,
 ) -> AttributionIndex:
     """Build an attribution index over ``data`` at ``checkpoints`` into the folder ``out``.
 
@@ -101,7 +102,10 @@ def build_index(
     ``vae/``, ``text_encoder/``, ``tokenizer/`` when the checkpoint folders (and their parent)
     do not, or a mapping of those component objects. fidelity_sample: rows whose stored scores
     are checked against exact ones at the end (manifest ``fidelity``, see
-    ``gradindex.featurize.fidelity``; 0 skips it).
+    ``gradindex.featurize.fidelity``; 0 skips it). data_options: how ``data`` is read, for
+    ``gradindex.inputs.open_data.open_source``: a Hugging Face dataset's ``image_column``,
+    ``caption_column``, ``label_column``, ``id_column``, ``split``, and ``on_error`` ('raise',
+    or 'skip': bad samples left out and listed); recorded in the manifest.
     """
     started = time.perf_counter()
     device = resolve_device(device)
@@ -110,8 +114,9 @@ def build_index(
     spec = _check_checkpoints(spec or BuildSpec(), ckpts)
     conditioner = Conditioner.for_checkpoints(ckpts, base_model, spec.latents, spec.seed, device)
     spec, rows = _read_rows(
-        data, ids, labels, prompts, spec, conditioner, ckpts[0].sample_shape(), shard
-    )
+        data, ids, labels, prompts, spec, conditioner, ckpts[0].sample_shape(), shard,
+        dict(data_options or {}),
+    )  # fmt: skip
     cond_record = conditioner.record(rows.cond)
     embedder = Embedder(ckpts, spec, device)
     check_kind(index, embedder.dim, target_recall)
@@ -139,12 +144,13 @@ def _read_rows(
     conditioner: Conditioner,
     sample_shape: tuple[int, ...],
     shard: tuple[int, int] | None,
+    options: dict[str, Any],
 ) -> tuple[BuildSpec, Rows]:
     """Read the training data once (images, ids, labels / captions), resolve its value range
     from the whole data set (every shard the same), cut a shard's rows, and check every row
     before anything is written. Returns the spec with its data_range, and the rows."""
     channels, height, width = conditioner.image_shape(sample_shape)
-    images, cond_data = open_inputs(data, channels, conditioner.kind, labels, prompts)
+    images, cond_data = open_inputs(data, channels, conditioner.kind, labels, prompts, **options)
     row_ids = _resolve_ids(ids, images.ids, len(images))  # lazy: rows read a batch at a time
     if spec.data_range is None:
         spec = spec.replace(data_range=images.data_range())
@@ -162,7 +168,8 @@ def _read_rows(
         to_model_input(images[start : start + 4096], **prep, warn=start == 0)  # resize: once
     if conditioner.kind == "class":  # labels in the model's range
         conditioner.model_kwargs(cond_data, len(images))
-    return spec, Rows(images, row_ids, cond_data, prep, shard_info, data_source(data))
+    source = data_source(data)
+    return spec, Rows(images, row_ids, cond_data, prep, shard_info, source, options or None)
 
 
 def data_source(data: Any) -> str | None:

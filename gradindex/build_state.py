@@ -52,6 +52,7 @@ class Rows:
     prep: dict[str, Any]  # to_model_input's arguments: channels, size, data_range, resize
     shard: dict[str, Any] | None  # index, count, start, stop, total_rows
     source: str | None = None  # the data's location, absolute (None: in memory): thumbnails
+    options: dict[str, Any] | None = None  # open_source's column names / on_error, as given
 
 
 @dataclass
@@ -161,6 +162,7 @@ def model_record(plan: Plan) -> dict[str, Any]:
         "image_shape": [plan.rows.prep["channels"], *plan.rows.prep["size"]],
         "conditioning": plan.cond_record,
         "data_source": plan.rows.source,  # where viewers read training images (gradindex serve)
+        "data_options": plan.rows.options,  # and how (a dataset's columns, on_error)
         "base_model": str(Path(base_model).resolve())
         if isinstance(base_model, (str, os.PathLike))
         else None,

@@ -95,6 +95,37 @@ def _conditioning_options(func: Any) -> Any:
     )(func)
 
 
+_DATA_OPTIONS = {  # how --data is read (gradindex.inputs.open_data.open_source's keywords)
+    "image_column": "Image column of a Hugging Face dataset / parquet --data (default: the "
+    "first of image, img, pixel_values).",
+    "caption_column": "Caption column of a dataset --data (default: text, caption, ...).",
+    "label_column": "Class-label column of a dataset --data (default: label, labels, ...).",
+    "id_column": "Id column of a dataset --data (default: the row number).",
+    "split": "Split of a saved DatasetDict --data (default: train).",
+}
+
+
+def _data_options(func: Any) -> Any:
+    """--image-column ... --split and --on-error: collected by ``_data_kwargs``."""
+    func = click.option(
+        "--on-error",
+        type=click.Choice(["raise", "skip"]),
+        default="raise",
+        show_default=True,
+        help="A corrupt image or truncated tar member in --data: stop naming it (raise), or "
+        "leave it out and list it (skip; every sample is decoded once up front).",
+    )(func)
+    for name, help_text in reversed(_DATA_OPTIONS.items()):
+        func = click.option("--" + name.replace("_", "-"), name, default=None, help=help_text)(func)
+    return func
+
+
+def _data_kwargs(options: dict[str, Any]) -> dict[str, Any]:
+    """Pop the --data reading options from a command's keyword arguments (given ones only)."""
+    given = {k: options.pop(k) for k in (*_DATA_OPTIONS, "on_error")}
+    return {k: v for k, v in given.items() if v is not None and (k, v) != ("on_error", "raise")}
+
+
 # options shared by the commands that featurize (build, add)
 _scheduler_option = click.option(
     "--scheduler",
@@ -253,6 +284,7 @@ def _spec_from_options(config: str | None, options: dict[str, Any]) -> BuildSpec
     "(recorded, shown by info, a warning naming a --proj-dim when below the bar); 0 skips it.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the index summary as JSON.")
+@_data_options
 @_spec_options
 def build(
     checkpoints: tuple[str, ...],
@@ -283,6 +315,7 @@ def build(
     from gradindex.inputs.slices import parse_shard
     from gradindex.scale.distributed import distributed_build, world_from_env
 
+    data_options = _data_kwargs(spec_options)
     spec = _spec_from_options(config, spec_options)
     cond = {
         "base_model": base_model,
@@ -300,6 +333,7 @@ def build(
         "resume": resume,
         "overwrite": overwrite,
         "fidelity_sample": fidelity_sample,
+        "data_options": data_options or None,
     }
     if world_from_env() is not None:
         if shard:

@@ -96,16 +96,18 @@ def open_inputs(
     labels: Any = None,
     prompts: Any = None,
     required: bool = True,
+    **options: Any,
 ) -> tuple[DataSource, ConditioningData]:
     """A lazy source over ``data`` and its rows' labels / captions (``source_conditioning``),
     each file read once: an ``.npz`` (which cannot be memory-mapped) is read whole, once, for
-    its images and conditioning arrays (``conditioning.read_inputs``)."""
+    its images and conditioning arrays (``conditioning.read_inputs``). options: ``open_source``'s
+    (``on_error``, a dataset's column names)."""
     if isinstance(data, (str, os.PathLike)) and Path(data).suffix == ".npz":
         found = read_inputs(data, channels, kind, labels, prompts, required)
         source = ArraySource(found.images, str(data))
         source.ids = found.ids
         return source, found.cond
-    source = open_source(data, channels)
+    source = open_source(data, channels, **options)
     return source, source_conditioning(source, data, kind, labels, prompts, required)
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -77,6 +78,7 @@ def distributed_build(
     progress: bool = True,
     keep_shards: bool = False,
     fidelity_sample: int = 32,
+    data_options: Mapping[str, Any] | None = None,
 ) -> AttributionIndex | None:
     """Build ``out`` with every rank of the process group (initialised here from the launcher's
     environment unless the caller already did). Returns the index on rank 0, None elsewhere.
@@ -120,6 +122,7 @@ def distributed_build(
                 progress=progress and rank == 0,
                 shard=(rank, world),
                 fidelity_sample=fidelity_sample,  # each shard measures its own rows
+                data_options=data_options,
             )
         except Exception as exc:  # every rank must reach the collective, whatever happened
             error = exc

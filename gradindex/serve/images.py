@@ -2,8 +2,9 @@
 
 A training image is addressed by its row in the index (an integer checked against the index's
 length), never by a path from a request: the file read is the build's recorded data source
-(manifest ``data_source``) or the ``--data`` given at startup, and for an image folder the
-row's file comes from listing that folder in the build's order.
+(manifest ``data_source``, read with its ``data_options``) or the ``--data`` given at startup,
+opened as the build opened it (``open_source``): an image folder listed in the build's order, a
+dataset or tar shards by row.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from typing import Any
 import numpy as np
 
 from gradindex.errors import DataError
-from gradindex.inputs.data import IMAGE_SUFFIXES, load_images, to_nchw
+from gradindex.inputs.open_data import open_source
+from gradindex.inputs.sources import DataSource
+from gradindex.inputs.tars import is_tar_pattern
 
 THUMB_SIDE = 96  # pixels of a thumbnail's longer side (small images are scaled up, nearest)
 CACHE = 2048  # thumbnails kept in memory
@@ -26,13 +29,20 @@ CACHE = 2048  # thumbnails kept in memory
 class TrainingImages:
     """Read-only access to the training images of an index: ``image(row)`` → [C, H, W]."""
 
-    def __init__(self, source: str | None, num_rows: int, channels: int, data_range: Any):
+    def __init__(
+        self,
+        source: str | None,
+        num_rows: int,
+        channels: int,
+        data_range: Any,
+        options: dict[str, Any] | None = None,
+    ):
         self.source = source
         self.channels = channels
+        self.options = dict(options or {})  # open_source's: a dataset's columns, on_error
         self.data_range = tuple(data_range) if data_range else None
         self.problem: str | None = None  # why no thumbnails can be shown, or None
-        self._files: list[Path] | None = None
-        self._array: Any = None
+        self._source: DataSource | None = None
         self._lock = threading.Lock()
         self._cache: OrderedDict[int, bytes] = OrderedDict()
         try:
@@ -54,45 +64,25 @@ class TrainingImages:
         return self.problem is None
 
     def _open(self, source: str | None) -> int | None:
-        """Open the source without decoding images; return how many images it holds."""
+        """Open the source as the build read it (``open_source``: the same order, ids and
+        dataset columns) without decoding images; return how many images it holds."""
         if not source:
             raise DataError(
                 "the index records no training data location (built from an in-memory array); "
                 "start 'gradindex serve' with --data PATH to see training images"
             )
-        h5_path, sep, dataset = source.partition(":/")
-        if sep and h5_path.endswith((".h5", ".hdf5")):
-            import h5py
-
-            if not Path(h5_path).is_file():
-                raise DataError(f"{h5_path}: the training data is no longer there; use --data")
-            f = h5py.File(h5_path, "r")
-            if "/" + dataset not in f:
-                raise DataError(f"{h5_path}: no dataset /{dataset} any more; use --data")
-            self._array = f["/" + dataset]
-            return len(self._array)
-        p = Path(source)
-        if not p.exists():
-            raise DataError(f"{source}: the training data is no longer there; use --data PATH")
-        if p.is_dir():  # the build's order: data.load_images sorts the folder's files
-            self._files = sorted(
-                q for q in p.rglob("*") if q.is_file() and q.suffix.lower() in IMAGE_SUFFIXES
-            )
-            return len(self._files)
-        if p.suffix == ".npy":
-            self._array = np.load(p, mmap_mode="r", allow_pickle=False)
-        else:  # .npz (no memory map) and anything load_images reads
-            self._array = load_images(str(p), self.channels)[0]
-        return len(self._array)
+        path = source.partition(":/")[0] if ":/" in source else source
+        if not is_tar_pattern(source) and not Path(path).exists():
+            raise DataError(f"{path}: the training data is no longer there; use --data PATH")
+        self._source = open_source(source, self.channels, **self.options)
+        return len(self._source)
 
     def image(self, row: int) -> np.ndarray:
         """Row ``row``'s image, [C, H, W], as stored (uint8 or float)."""
         if self.problem is not None:
             raise DataError(self.problem)
-        if self._files is not None:
-            return load_images(str(self._files[row]), self.channels)[0][0]
-        with self._lock:  # h5py datasets are not safe across threads
-            return to_nchw(np.asarray(self._array[row : row + 1]))[0]
+        with self._lock:  # h5py files and tar handles are not safe across threads
+            return self._source[row : row + 1][0]
 
     def thumbnail(self, row: int) -> bytes:
         """PNG bytes of row ``row``'s image, scaled to THUMB_SIDE (cached)."""

@@ -47,7 +47,10 @@ class ServeState:
         self.lock = threading.Lock()
         spec = index.spec
         source = data if data is not None else index.manifest.get("data_source")
-        self.images = TrainingImages(source, len(index), index.image_shape[0], spec.data_range)
+        self.images = TrainingImages(
+            source, len(index), index.image_shape[0], spec.data_range,
+            index.manifest.get("data_options"),  # a dataset's columns, on_error: as built
+        )  # fmt: skip
         self.labels, self.captions = _conditioning_columns(index)
         self.class_names = index.conditioning.get("class_names")
         # why each kernel method cannot be searched (no kernel.h5, ...), or None
