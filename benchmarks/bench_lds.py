@@ -18,12 +18,21 @@ measured on the same subset models, never the targets); the per-method best scal
 digits is reported too. Index-served kernel scores are checked against the benchmark-side
 formula (``lds.trak_scores``) at the same λ.
 
+With ``--precondition none adam`` the features stage also builds the mse index with
+``precondition="adam"`` (TrackStar: every per-sample gradient scaled by 1/(sqrt(v̂)+eps) from the
+checkpoint's Adam state, ``optimizer.bin``); the report then adds the rows "(mse,
+Adam-preconditioned)". A full run trained before the trainer saved ``optimizer.bin`` is
+retrained once into ``models/full-optimizer`` (the same seeded recipe) and used only if its
+weights equal the cached full model's.
+
 LDS: Spearman over subsets between Σ_{i∈s} score(i, target) and −loss(target, s), averaged over
 targets; 95% bootstrap intervals over targets. Everything is cached under
-``benchmarks/cache/lds/`` and reused, so the run resumes after a stop.
+``benchmarks/cache/lds/`` (or ``$GRADINDEX_LDS_CACHE``) and reused, so the run resumes after a
+stop.
 
     python benchmarks/bench_lds.py all                       # everything, one process
     python benchmarks/bench_lds.py train --shard 1/2         # a second worker's share
+    python benchmarks/bench_lds.py features --precondition none adam   # + Adam-preconditioned
     python benchmarks/bench_lds.py report                    # tables from the cache
 """
 
@@ -54,7 +63,7 @@ from gradindex.index.kernel import KERNEL_METHODS, LAMBDA_RULE, LAMBDA_SCALE
 from gradindex.query import SEARCH_METHODS, stored_method
 
 HERE = Path(__file__).resolve().parent
-CACHE = HERE / "cache" / "lds"
+CACHE = Path(os.environ.get("GRADINDEX_LDS_CACHE") or HERE / "cache" / "lds")
 RESULTS = HERE / "results"
 
 CONFIG = {
@@ -252,14 +261,42 @@ def parse_variant(text: str) -> tuple[int, str]:
     return int(k), which or "all"
 
 
-def variant_name(K: int, ckpts: str) -> str:
-    return f"K{K}" + ("-last" if ckpts == "last" else "")
+def variant_name(K: int, ckpts: str, precondition: str = "none") -> str:
+    return (
+        f"K{K}" + ("-last" if ckpts == "last" else "") + ("-adam" if precondition == "adam" else "")
+    )
 
 
-def build(loss: str, K: int, ckpts: str = "all"):
+def full_with_optimizer() -> Path:
+    """The full run's folder with ``optimizer.bin`` in every checkpoint: ``models/full`` when it
+    has them, else the same recipe retrained into ``models/full-optimizer`` (by a trainer that
+    saves them), refused unless its checkpoints' weights equal the cached full model's."""
+    full = CACHE / "models" / "full"
+    cfg = json.loads((full / "train_config.json").read_text())
+    steps = cfg["checkpoint_steps"]
+    if all((full / f"checkpoint-{s}" / "optimizer.bin").exists() for s in steps):
+        return full
+    train, _, _ = data_split()
+    again = train_one("full-optimizer", train, CONFIG["full_checkpoint_every"]).out_dir
+    from diffusers import UNet2DModel
+
+    for s in steps:
+        a, b = (UNet2DModel.from_pretrained(f / f"checkpoint-{s}" / "unet") for f in (full, again))
+        wa, wb = a.state_dict(), b.state_dict()
+        if not all(torch.equal(wa[k], wb[k]) for k in wa):
+            raise SystemExit(
+                f"{again}/checkpoint-{s}: the retrained weights differ from {full}'s (another "
+                "torch / diffusers?); retrain the full model with this trainer for the adam rows"
+            )
+    return again
+
+
+def build(loss: str, K: int, ckpts: str = "all", precondition: str = "none"):
     folder = CACHE / "models" / "full"
     if not (folder / "train_config.json").exists():
         train_full()
+    if precondition == "adam":
+        folder = full_with_optimizer()
     # read the finished run directly: the trainer's defaults may change under a cached run
     cfg = json.loads((folder / "train_config.json").read_text())
     train, _, pool = data_split()
@@ -276,8 +313,9 @@ def build(loss: str, K: int, ckpts: str = "all"):
         checkpoint_weights=tuple(weights),
         data_range=(0.0, 1.0),
         batch_size=16,
+        precondition=precondition,
     )
-    out = CACHE / "index" / f"{loss}-{variant_name(K, ckpts)}"
+    out = CACHE / "index" / f"{loss}-{variant_name(K, ckpts, precondition)}"
     if (out / "manifest.json").exists():
         return gi.AttributionIndex.open(out)
     return gi.build_index(
@@ -291,15 +329,17 @@ def build(loss: str, K: int, ckpts: str = "all"):
     )
 
 
-def embeddings(loss: str, K: int, ckpts: str = "all") -> dict[str, np.ndarray]:
+def embeddings(
+    loss: str, K: int, ckpts: str = "all", precondition: str = "none"
+) -> dict[str, np.ndarray]:
     """The index's query rows for the targets and the calibration digits (``idx.embed``,
     cached): {"target_tracin", "target_retrac", "calib_tracin", "calib_retrac", "seconds"}."""
-    path = CACHE / "embed" / f"{loss}-{variant_name(K, ckpts)}.npz"
+    path = CACHE / "embed" / f"{loss}-{variant_name(K, ckpts, precondition)}.npz"
     if path.exists():
         with np.load(path) as f:
             return dict(f)
     started = time.perf_counter()
-    idx = build(loss, K, ckpts)
+    idx = build(loss, K, ckpts, precondition)
     x, _ = all_targets()
     target, calib = idx.embed(x), idx.embed(calibration_images())
     out = {f"target_{m}": target[m] for m in target} | {f"calib_{m}": calib[m] for m in calib}
@@ -312,24 +352,42 @@ def embeddings(loss: str, K: int, ckpts: str = "all") -> dict[str, np.ndarray]:
     return out
 
 
-def cmd_features(variants: list[tuple[int, str]], losses: list[str]) -> None:
+def cmd_features(
+    variants: list[tuple[int, str]], losses: list[str], preconditions: tuple[str, ...] = ("none",)
+) -> None:
+    """Indexes and query rows of every (variant, loss); the Adam-preconditioned ones for the
+    losses METHODS has rows for (mse)."""
+    adam_losses = {loss for _, loss, _, pre in METHODS if pre == "adam"}
     for K, ckpts in variants:
-        for loss in losses:
-            embeddings(loss, K, ckpts)
+        for pre in preconditions:
+            for loss in losses:
+                if pre == "none" or loss in adam_losses:
+                    embeddings(loss, K, ckpts, pre)
 
 
-METHODS = [  # (label, index loss, search method)
-    ("Diffusion-TracIn (mse)", "mse", "tracin"),
-    ("Diffusion-ReTrac (mse)", "mse", "retrac"),
-    ("TracIn, square loss", "square", "tracin"),
-    ("ReTrac, square loss", "square", "retrac"),
-    ("TRAK (mse)", "mse", "trak"),
-    ("D-TRAK (square)", "square", "trak"),
-    ("ReTrac kernel (mse)", "mse", "retrak"),
-    ("ReTrac kernel (square)", "square", "retrak"),
+METHODS = [  # (label, index loss, search method, precondition)
+    ("Diffusion-TracIn (mse)", "mse", "tracin", "none"),
+    ("Diffusion-ReTrac (mse)", "mse", "retrac", "none"),
+    ("TracIn, square loss", "square", "tracin", "none"),
+    ("ReTrac, square loss", "square", "retrac", "none"),
+    ("TRAK (mse)", "mse", "trak", "none"),
+    ("D-TRAK (square)", "square", "trak", "none"),
+    ("ReTrac kernel (mse)", "mse", "retrak", "none"),
+    ("ReTrac kernel (square)", "square", "retrak", "none"),
+    ("TracIn (mse, Adam-preconditioned)", "mse", "tracin", "adam"),
+    ("ReTrac (mse, Adam-preconditioned)", "mse", "retrac", "adam"),
+    ("TRAK (mse, Adam-preconditioned)", "mse", "trak", "adam"),
+    ("ReTrac kernel (mse, Adam-preconditioned)", "mse", "retrak", "adam"),
 ]
 REFERENCE = "D-TRAK (square)"
-EXTRA_PAIRS = [("ReTrac kernel (mse)", "TRAK (mse)"), ("ReTrac kernel (square)", "D-TRAK (square)")]
+EXTRA_PAIRS = [
+    ("ReTrac kernel (mse)", "TRAK (mse)"),
+    ("ReTrac kernel (square)", "D-TRAK (square)"),
+    ("TracIn (mse, Adam-preconditioned)", "Diffusion-TracIn (mse)"),
+    ("ReTrac (mse, Adam-preconditioned)", "Diffusion-ReTrac (mse)"),
+    ("TRAK (mse, Adam-preconditioned)", "TRAK (mse)"),
+    ("ReTrac kernel (mse, Adam-preconditioned)", "ReTrac kernel (mse)"),
+]
 OLD_TRAK_LAMBDAS = [1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0]  # the previous benchmark's grid
 
 
@@ -431,13 +489,15 @@ def method_scores(
     best for that method alone on the calibration digits."""
     scores: dict[str, np.ndarray] = {}
     extra: dict = {"lambda": {}, "calibration_lds": {}, "seconds": {}, "missing": [], "check": {}}
-    for loss in ("mse", "square"):
-        if not (CACHE / "index" / f"{loss}-{variant_name(K, ckpts)}" / "manifest.json").exists():
-            extra["missing"].append(f"{loss} index not built")
+    for loss, pre in dict.fromkeys((mloss, p) for _, mloss, _, p in METHODS):
+        name = variant_name(K, ckpts, pre)
+        if not (CACHE / "index" / f"{loss}-{name}" / "manifest.json").exists():
+            if pre == "none":  # the adam rows are optional (features --precondition adam)
+                extra["missing"].append(f"{loss} index not built")
             continue
-        idx, emb = build(loss, K, ckpts), embeddings(loss, K, ckpts)
-        for label, mloss, method in METHODS:
-            if mloss != loss:
+        idx, emb = build(loss, K, ckpts, pre), embeddings(loss, K, ckpts, pre)
+        for label, mloss, method, mpre in METHODS:
+            if (mloss, mpre) != (loss, pre):
                 continue
             if method not in SEARCH_METHODS:
                 extra["missing"].append(f"{label}: method {method!r} not in this gradindex")
@@ -673,6 +733,14 @@ def markdown(r: dict) -> str:
         "nor the targets, measured on the same subset models), never on the LDS targets.",
         "",
     ]
+    if any("Adam-preconditioned" in n for b in r["by_K"].values() for n in b["methods"]):
+        lines += [
+            "Rows '(mse, Adam-preconditioned)': the mse index built with "
+            "`precondition='adam'` (TrackStar): every per-sample gradient scaled by "
+            "1/(sqrt(v̂)+eps) from its checkpoint's Adam second moment before aggregation, "
+            "projection and the kernel.",
+            "",
+        ]
     for block in r["by_K"].values():
         which = "every checkpoint" if block["checkpoints"] == "all" else "final checkpoint only"
         lines += [
@@ -779,6 +847,13 @@ def main() -> None:
         help="variants: K timesteps over all checkpoints, or K-last (final checkpoint only)",
     )
     p.add_argument("--loss", nargs="+", default=["mse", "square"], help="features stage only")
+    p.add_argument(
+        "--precondition",
+        nargs="+",
+        choices=["none", "adam"],
+        default=["none"],
+        help="features stage only: also build the Adam-preconditioned (TrackStar) mse index",
+    )
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--partial", action="store_true", help="report on the models trained so far")
     args = p.parse_args()
@@ -790,7 +865,7 @@ def main() -> None:
     if args.stage in ("all", "measure"):
         cmd_measure(args.shard)
     if args.stage in ("all", "features"):
-        cmd_features(args.K, args.loss)
+        cmd_features(args.K, args.loss, tuple(args.precondition))
     if args.stage in ("all", "report"):
         cmd_report(args.K, args.partial)
 

@@ -110,8 +110,11 @@ def build_index(
     started = time.perf_counter()
     device = resolve_device(device)
     fidelity_sample = check_sample(fidelity_sample)
-    ckpts = load_checkpoints(with_model(checkpoints, model), scheduler, base_model)
-    spec = _check_checkpoints(spec or BuildSpec(), ckpts)
+    spec = spec or BuildSpec()
+    ckpts = load_checkpoints(
+        with_model(checkpoints, model), scheduler, base_model, spec.precondition
+    )
+    spec = _check_checkpoints(spec, ckpts)
     conditioner = Conditioner.for_checkpoints(ckpts, base_model, spec.latents, spec.seed, device)
     spec, rows = _read_rows(
         data, ids, labels, prompts, spec, conditioner, ckpts[0].sample_shape(), shard,

@@ -39,7 +39,7 @@ from gradindex.inputs.conditioner import Conditioner
 from gradindex.inputs.conditioning import ConditioningData
 from gradindex.inputs.models import Checkpoint
 from gradindex.inputs.sources import DataSource
-from gradindex.spec import NOT_IDENTITY, BuildSpec
+from gradindex.spec import NOT_IDENTITY, OMITTED_AT_DEFAULT, BuildSpec
 
 
 @dataclass
@@ -174,9 +174,10 @@ def model_record(plan: Plan) -> dict[str, Any]:
 def settings_diffs(old: dict[str, Any], state: dict[str, Any]) -> list[str]:
     """What differs between a recorded build state and the build asked for now: spec fields
     as ``spec.<name>``, other settings by their key."""
-    spec = old.get("spec") or {}
-    names = sorted(set(state["spec"]) - set(NOT_IDENTITY))  # batch size: same rows, any value
-    diffs = [f"spec.{k}" for k in names if spec.get(k) != state["spec"][k]]
+    # fields left out at their default (OMITTED_AT_DEFAULT) read as the default on either side
+    spec, new = ({**OMITTED_AT_DEFAULT, **s} for s in (old.get("spec") or {}, state["spec"]))
+    names = sorted(set(new) - set(NOT_IDENTITY))  # batch size: same rows, any value
+    diffs = [f"spec.{k}" for k in names if spec.get(k) != new[k]]
     keys = sorted((set(state) | set(old)) - {"spec"})
     return diffs + [k for k in keys if old.get(k) != state.get(k)]
 

@@ -21,6 +21,7 @@ from gradindex.errors import GradIndexError
 from gradindex.spec import (
     LATENT_MODES,
     LOSSES,
+    PRECONDITIONERS,
     RESIZE_MODES,
     SPEC_PROJECTIONS,
     STORE_DTYPES,
@@ -81,6 +82,7 @@ _CHOICES = {
     "store_dtype": STORE_DTYPES,
     "resize": RESIZE_MODES,
     "latents": LATENT_MODES,
+    "precondition": PRECONDITIONERS,
 }
 _SKIP = {"num_train_timesteps"}
 

@@ -30,6 +30,7 @@ LOSSES = ("mse", "l1", "square")
 STORE_DTYPES = ("float32", "float16")
 RESIZE_MODES = ("bilinear", "nearest", "error")
 LATENT_MODES = ("mean", "sample")
+PRECONDITIONERS = ("none", "adam")
 MAX_ROW_DIM = 1 << 20
 """The most columns a stored row may have: FAISS (1.15) reads no index of more dimensions
 (index_read.cpp: d < 2^20 + 1) though it writes one, so a wider index would be built in full,
@@ -38,6 +39,10 @@ NOT_IDENTITY = ("batch_size",)
 """Fields that change how rows are computed, not what they are (equal up to float32 summation
 order): left out of the fingerprint, so a build resumed or a shard rebuilt with another batch
 size (e.g. a smaller one after running out of memory) is the same index."""
+OMITTED_AT_DEFAULT = {"precondition": "none"}
+"""Fields added after indexes were built without them: left out of ``to_dict`` (so of the JSON
+and the fingerprint) at their default, so those indexes keep their fingerprint; a dict without
+them reads as the default."""
 
 
 def _help(text: str, default: Any) -> Any:
@@ -89,6 +94,12 @@ class BuildSpec:
         "Latent models: how the VAE encodes training and query images, 'mean' of the latent "
         "distribution or 'sample' (one draw seeded by seed, the same noise for every image).",
         "mean",
+    )
+    precondition: str = _help(
+        "Per-coordinate gradient scaling before norms, aggregation and projection: 'none', or "
+        "'adam' (TrackStar): 1/(sqrt(v̂)+eps) from the Adam second moment in each checkpoint's "
+        "optimizer.bin.",
+        "none",
     )
     num_train_timesteps: int | None = _help(
         "The scheduler's training range T (filled from the scheduler at build time).", None
@@ -163,6 +174,13 @@ class BuildSpec:
             raise bad("resize", f"must be one of {', '.join(RESIZE_MODES)}")
         if self.latents not in LATENT_MODES:
             raise bad("latents", f"must be one of {', '.join(LATENT_MODES)}")
+        if self.precondition not in PRECONDITIONERS:
+            raise bad("precondition", f"must be one of {', '.join(PRECONDITIONERS)}")
+        if self.precondition == "adam" and self.projection == "kronecker":
+            raise bad(
+                "precondition",
+                "'adam' needs a dense projection, not 'kronecker' (a diagonal scaling is not Kronecker-factored)",
+            )
         if self.num_train_timesteps is not None:
             if not _is_int(self.num_train_timesteps) or self.num_train_timesteps <= 0:
                 raise bad("num_train_timesteps", "must be a positive integer")
@@ -246,6 +264,9 @@ class BuildSpec:
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
+        for k, default in OMITTED_AT_DEFAULT.items():
+            if d[k] == default:
+                del d[k]
         for k, v in d.items():
             if isinstance(v, tuple):
                 d[k] = list(v)
@@ -295,6 +316,7 @@ class BuildSpec:
     def diff(self, other: BuildSpec) -> dict[str, tuple[Any, Any]]:
         """Fields whose values differ, as {name: (self, other)}."""
         a, b = self.to_dict(), other.to_dict()
+        a, b = ({**OMITTED_AT_DEFAULT, **x} for x in (a, b))
         return {k: (a[k], b[k]) for k in a if a[k] != b[k]}
 
     def replace(self, **changes: Any) -> BuildSpec:

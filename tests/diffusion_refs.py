@@ -32,18 +32,20 @@ def use_backend(monkeypatch, backend: str) -> str:
     return backend
 
 
-def reference_rows(models, sched, x0s, conds, spec, weights, loss="mse", names=None):
+def reference_rows(models, sched, x0s, conds, spec, weights, loss="mse", names=None, scales=None):
     """Plain loop: one sample, one draw, one torch.autograd.grad at a time, in float64 sums,
     with diffusers' own add_noise / get_velocity (DESIGN §1 computed independently of gradindex).
     x0s: [N, C, H, W] in the model's range; conds: per-sample conditioning kwargs of the model
     ({"class_labels": [1]} / {"encoder_hidden_states": [1, L, E]}); names: parameters to
-    differentiate (all when None), in named_parameters order."""
+    differentiate (all when None), in named_parameters order; scales: per model, a [p] vector
+    every per-draw gradient is multiplied by first (a preconditioner), or None."""
     draws = spec.draws(x0s.shape[1:])
     K, M = spec.num_timesteps, spec.noise_draws
     tracin_rows, retrac_rows, norm_rows = [], [], []
+    scales = scales or [None] * len(models)
     for x, cond in zip(x0s, conds):
         t_blocks, r_blocks, n_blocks = [], [], []
-        for model, w in zip(models, weights):
+        for model, w, scale in zip(models, weights, scales):
             params = [p for n, p in model.named_parameters() if names is None or n in names]
             per_k, norms = [], []
             for k in range(K):
@@ -64,6 +66,7 @@ def reference_rows(models, sched, x0s, conds, spec, weights, loss="mse", names=N
                     else:
                         value = out.pow(2).mean()
                     g = torch.cat([gr.reshape(-1) for gr in torch.autograd.grad(value, params)])
+                    g = g.double() if scale is None else g.double() * scale.double()
                     gs.append(g.double())
                     norms.append(g.double().norm())
                 per_k.append(torch.stack(gs).mean(0))

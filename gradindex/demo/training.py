@@ -9,6 +9,7 @@ Holds:
   ``examples/unconditional_image_generation/train_unconditional.py``::
 
       out_dir/checkpoint-<step>/unet/    UNet save_pretrained, one per checkpoint step
+      out_dir/checkpoint-<step>/optimizer.bin   torch.save(optimizer.state_dict()) (accelerate's)
       out_dir/model_index.json, unet/, scheduler/   the final DDPMPipeline
       out_dir/timestep_log.npz           per optimizer step: batch indices, timesteps, loss, lr
       out_dir/train_config.json          settings + TracIn weights; written last = run finished
@@ -42,6 +43,7 @@ logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "train_config.json"
 TIMESTEP_LOG_NAME = "timestep_log.npz"
+OPTIMIZER_FILE = "optimizer.bin"  # accelerate's name (gradindex.inputs.optimizer_state reads it)
 FORMAT = "gradindex-ddpm-train/1"
 LR_SCHEDULES = ("constant", "cosine")
 OPTIMIZER = {
@@ -290,6 +292,7 @@ def _fit(
             bar.set_postfix(loss=f"{losses[max(0, s - 49) : s + 1].mean():.4f}")
         if s + 1 in save_at:
             _save_checkpoint(unet, save_at[s + 1])
+            _save_optimizer(opt, save_at[s + 1].parent)
     bar.close()
     return {
         "step": np.arange(1, steps + 1),
@@ -345,6 +348,11 @@ def _batches(n: int, batch_size: int, gen: torch.Generator) -> Iterator[torch.Te
 
 def _save_checkpoint(unet: torch.nn.Module, path: Path) -> None:
     unet.save_pretrained(path)
+
+
+def _save_optimizer(opt: torch.optim.Optimizer, folder: Path) -> None:
+    """``checkpoint-<step>/optimizer.bin`` as accelerate writes it (reads the state only)."""
+    _atomic_write(folder / OPTIMIZER_FILE, lambda f: torch.save(opt.state_dict(), f))
 
 
 def _atomic_write(path: Path, write) -> None:

@@ -35,6 +35,7 @@ from gradindex.featurize.persample import HookGradients
 from gradindex.featurize.scratch import scratch
 from gradindex.featurize.taps import HookError
 from gradindex.inputs.models import Checkpoint, model_output
+from gradindex.inputs.optimizer_state import flat_scale
 from gradindex.spec import BuildSpec
 
 logger = logging.getLogger(__name__)
@@ -143,6 +144,7 @@ class GradientFeaturizer:
         self.frozen.update(dict(self.model.named_buffers()))
         self.num_params = sum(p.numel() for p in self.params.values())
         self.row_dim = self.num_params  # width of the featurize output (projected ones: d)
+        self.scale = _preconditioner(checkpoint, spec, self.param_names, self.device)  # [p]
         self._per_item_grad = vmap(grad(self._item_loss), in_dims=(None, 0, 0, 0, 0))
         self._hooks: HookGradients | None = None
         supported = HookGradients.supports(self.model, self.param_names)
@@ -306,6 +308,10 @@ class GradientFeaturizer:
             x_t, t_rep, target, cond_rep = self._items(x0, draws, ks, cond)
             nk = len(ks)
             blocks, item_norms, sum_norms = self._draw_rows(x_t, t_rep, target, flat, M, cond_rep)
+            if self.scale is not None:  # g ← s ⊙ g before norms and aggregation
+                item_norms, sum_norms = None, None
+                for a, g in blocks:  # [I, n]
+                    g.mul_(self.scale[a : a + g.shape[-1]])
             blocks = [(a, g.view(nk, B, M, -1)) for a, g in blocks]  # [k, B, M, n] each
             if item_norms is None:
                 item_norms = _norm_over_blocks([g for _, g in blocks])  # [k, B, M]
@@ -326,6 +332,21 @@ class GradientFeaturizer:
             _accumulate(acc, blocks, coef, first=k0 == 0)
             del blocks
         return Features(tracin=acc[:, 0], retrac=acc[:, 1], norms=norms)
+
+
+def _preconditioner(
+    checkpoint: Checkpoint, spec: BuildSpec, names: list[str], device: torch.device
+) -> torch.Tensor | None:
+    """The per-column scale s [p] of ``spec.precondition`` ('adam': 1/(sqrt(v̂)+eps) in
+    ``names`` order), or None for 'none'."""
+    if spec.precondition == "none":
+        return None
+    if checkpoint.scales is None:
+        raise ModelError(
+            f"{checkpoint.source}: precondition='adam' but the checkpoint carries no Adam "
+            "scales; load it with load_checkpoints(..., precondition='adam')"
+        )
+    return flat_scale(checkpoint.scales, names, checkpoint.source, device)
 
 
 def _accumulate(

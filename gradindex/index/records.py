@@ -90,11 +90,13 @@ def recorded_checkpoints(
         sources = [r["source"] for r in records]
     if len(sources) != len(records):
         raise ModelError(f"the index has {len(records)} checkpoints but {len(sources)} were given")
-    ckpts = load_checkpoints(list(sources), scheduler, base_model)
+    precondition = manifest["spec"].get("precondition", "none")
+    ckpts = load_checkpoints(list(sources), scheduler, base_model, precondition)
+    changed = "the weights or their optimizer state" if precondition == "adam" else "the weights"
     for i, (c, r) in enumerate(zip(ckpts, records, strict=True)):
         if c.fingerprint != r["fingerprint"]:
             raise ModelError(
                 f"checkpoint {i} ({c.source}) has fingerprint {c.fingerprint} but the index was "
-                f"built with {r['fingerprint']}: the weights changed; rebuild the index"
+                f"built with {r['fingerprint']}: {changed} changed; rebuild the index"
             )
     return ckpts

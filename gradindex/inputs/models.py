@@ -5,7 +5,11 @@ Holds:
 - ``load_checkpoint(source, scheduler=None)``: a diffusers pipeline folder (``unet/`` +
   ``scheduler/``), a model folder (``config.json`` + weights; the layout of diffusers' training
   scripts' ``checkpoint-<step>/unet``), a LoRA folder (``pytorch_lora_weights.safetensors``
-  on a base UNet, see ``gradindex.inputs.lora``), or an in-memory ``(module, scheduler)`` pair.
+  on a base UNet, see ``gradindex.inputs.lora``), or an in-memory ``(module, scheduler)`` pair
+  (``(module, scheduler, optimizer_state_dict)`` for ``precondition="adam"``).
+- ``load_checkpoints(sources, ..., precondition)``: several, checked to share a scheduler; with
+  ``precondition="adam"`` each carries its Adam scales (``gradindex.inputs.optimizer_state``)
+  and a fingerprint that covers them.
 - ``with_model(checkpoints, model)``: state dicts / weight files applied to a copy of ``model``.
 - ``fingerprint_module`` (``gradindex.inputs.components``): sha256 over parameter names and bytes — the same for a module in
   memory and the folder it was saved to, so queries can check they use the index's weights.
@@ -15,6 +19,8 @@ Holds:
 from __future__ import annotations
 
 import copy
+import dataclasses
+import hashlib
 import logging
 import os
 from dataclasses import dataclass
@@ -27,6 +33,7 @@ from safetensors.torch import load_file
 from gradindex.errors import ModelError
 from gradindex.inputs.components import fingerprint_module, load_model, load_scheduler
 from gradindex.inputs.lora import is_lora_folder, load_lora_unet
+from gradindex.inputs.optimizer_state import adam_scales, find_optimizer_file, read_optimizer_state
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +47,9 @@ class Checkpoint:
     model: torch.nn.Module
     scheduler: Any
     source: str  # folder path, or "memory:<i>" for in-memory pairs
-    fingerprint: str
+    fingerprint: str  # of the weights (and of the Adam scales when they are set)
+    optimizer_state: dict[str, Any] | None = None  # given in memory with the model
+    scales: dict[str, torch.Tensor] | None = None  # Adam 1/(sqrt(v̂)+eps) per parameter name
 
     @property
     def prediction_type(self) -> str:
@@ -71,10 +80,25 @@ def load_checkpoint(
     (``gradindex.inputs.lora``) adapts the UNet of ``base_model``."""
     if isinstance(source, Checkpoint):
         return source
-    if isinstance(source, tuple) and len(source) == 2 and isinstance(source[0], torch.nn.Module):
-        model, sched = source
+    if (
+        isinstance(source, tuple)
+        and len(source) in (2, 3)
+        and isinstance(source[0], torch.nn.Module)
+    ):
+        model, sched, *opt = source
+        if opt and not isinstance(opt[0], dict):
+            raise ModelError(
+                f"memory:{index}: the third item must be the optimizer's state_dict(), got a "
+                f"{type(opt[0]).__name__}"
+            )
         model = model.eval()
-        return Checkpoint(model, _as_scheduler(sched), f"memory:{index}", fingerprint_module(model))
+        return Checkpoint(
+            model,
+            _as_scheduler(sched),
+            f"memory:{index}",
+            fingerprint_module(model),
+            optimizer_state=opt[0] if opt else None,
+        )
     if isinstance(source, torch.nn.Module):
         if scheduler is None:
             raise ModelError("an in-memory model needs a scheduler: pass (model, scheduler) pairs")
@@ -105,11 +129,18 @@ def load_checkpoint(
 
 
 def load_checkpoints(
-    sources: list[CheckpointSource], scheduler: Any = None, base_model: Any = None
+    sources: list[CheckpointSource],
+    scheduler: Any = None,
+    base_model: Any = None,
+    precondition: str = "none",
 ) -> list[Checkpoint]:
+    """``precondition="adam"``: each checkpoint also reads its optimizer state (see
+    ``with_adam_scales``)."""
     if not sources:
         raise ModelError("no checkpoints given: pass at least one checkpoint")
     ckpts = [load_checkpoint(s, scheduler, i, base_model) for i, s in enumerate(sources)]
+    if precondition == "adam":
+        ckpts = [with_adam_scales(c) for c in ckpts]
     first = ckpts[0]
     for c in ckpts[1:]:
         if (
@@ -121,6 +152,27 @@ def load_checkpoints(
                 "prediction_type); all checkpoints must share one scheduler setup"
             )
     return ckpts
+
+
+def with_adam_scales(ckpt: Checkpoint) -> Checkpoint:
+    """``ckpt`` with its Adam scales, read from the optimizer state given with it in memory or
+    the folder's ``optimizer.bin``; its fingerprint then covers the scales, so an index built
+    with them refuses another optimizer state as it refuses other weights."""
+    if ckpt.scales is not None:
+        return ckpt
+    if ckpt.optimizer_state is not None:
+        state, origin = ckpt.optimizer_state, f"{ckpt.source} optimizer state"
+    elif ckpt.source.startswith("memory:"):
+        raise ModelError(
+            f"{ckpt.source}: precondition='adam' needs the optimizer state: pass "
+            "(model, scheduler, optimizer.state_dict()) or a checkpoint folder with optimizer.bin"
+        )
+    else:
+        path = find_optimizer_file(Path(ckpt.source))
+        state, origin = read_optimizer_state(path), str(path)
+    scales, digest = adam_scales(ckpt.model, state, origin)
+    fingerprint = hashlib.sha256(f"{ckpt.fingerprint}+adam:{digest}".encode()).hexdigest()[:16]
+    return dataclasses.replace(ckpt, fingerprint=fingerprint, scales=scales, optimizer_state=None)
 
 
 def _find_scheduler(folder: Path, given: Any, base: Path | None = None) -> Any:

@@ -149,7 +149,9 @@ def _checkpoints(
         )
     if len(sources) != len(records):
         raise ModelError(f"the index has {len(records)} checkpoints but {len(sources)} were given")
-    ckpts = load_checkpoints(sources, scheduler)
+    ckpts = load_checkpoints(
+        sources, scheduler, precondition=manifest["spec"].get("precondition", "none")
+    )
     for i, (c, r) in enumerate(zip(ckpts, records, strict=True)):
         if c.fingerprint != r["fingerprint"]:
             raise ModelError(

@@ -42,7 +42,7 @@ from gradindex.index.search import METHODS
 from gradindex.index.store import VectorStore
 from gradindex.index.tuning import check_kind
 from gradindex.query import AttributionIndex
-from gradindex.spec import NOT_IDENTITY
+from gradindex.spec import NOT_IDENTITY, OMITTED_AT_DEFAULT
 
 logger = logging.getLogger(__name__)
 
@@ -135,11 +135,8 @@ def check_same(parts: list[tuple[Path, dict[str, Any]]]) -> None:
             if m.get(key) != m0.get(key):
                 detail = ""
                 if key == "spec_fingerprint":
-                    diff = sorted(
-                        k
-                        for k in m0["spec"]
-                        if m["spec"].get(k) != m0["spec"][k] and k not in NOT_IDENTITY
-                    )
+                    a, b = ({**OMITTED_AT_DEFAULT, **x["spec"]} for x in (m0, m))
+                    diff = sorted(k for k in a if b.get(k) != a[k] and k not in NOT_IDENTITY)
                     detail = f" ({', '.join('spec.' + k for k in diff)})" if diff else ""
                 raise IndexStateError(
                     f"{path}: {what} differs from {p0}{detail}; build every part with the same "
