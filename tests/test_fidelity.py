@@ -185,3 +185,19 @@ def test_cli_build_fidelity_sample(tmp_path, saved_checkpoints):
     res = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "b"), "--fidelity-sample", "-1"])
     assert res.exit_code == 2 and "--fidelity-sample" in res.output
     assert not (tmp_path / "b").exists()
+
+
+def test_a_sketch_wider_than_the_model_is_not_suggested():
+    """When the d that would reach the bar is at least the parameter count, the warning says to
+    build exact rows (--projection identity) instead of naming an absurd --proj-dim."""
+    from gradindex.featurize.fidelity import _warning
+
+    row = {"spearman": 0.5, "topk": 0.5}
+    record = {"k": 3, "bar": {"spearman": 0.95, "topk": 0.8}, "reference": "exact", "sample": 7,
+              "tracin": row, "retrac": row, "suggested_proj_dim": 1 << 29}  # fmt: skip
+    wide = _warning(record, "sjlt", num_params=1000)
+    assert "rebuild with --projection identity (exact: the model's 1000 parameters" in wide
+    assert "rebuild with --proj-dim" not in wide
+    narrow = _warning(record, "sjlt", num_params=1 << 30)
+    assert narrow.endswith(f"rebuild with --proj-dim {1 << 29}")
+    assert "identity" not in _warning(record, "kronecker", num_params=1000)
