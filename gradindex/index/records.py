@@ -93,10 +93,16 @@ def recorded_checkpoints(
     precondition = manifest["spec"].get("precondition", "none")
     ckpts = load_checkpoints(list(sources), scheduler, base_model, precondition)
     changed = "the weights or their optimizer state" if precondition == "adam" else "the weights"
+    check_fingerprints(ckpts, records, f"{changed} changed; rebuild the index")
+    return ckpts
+
+
+def check_fingerprints(ckpts: list[Any], records: list[dict[str, Any]], what: str) -> None:
+    """Refuse checkpoints whose weight fingerprint differs from the manifest's record of it,
+    naming the first one; ``what``: the reason and what to do."""
     for i, (c, r) in enumerate(zip(ckpts, records, strict=True)):
         if c.fingerprint != r["fingerprint"]:
             raise ModelError(
                 f"checkpoint {i} ({c.source}) has fingerprint {c.fingerprint} but the index was "
-                f"built with {r['fingerprint']}: {changed} changed; rebuild the index"
+                f"built with {r['fingerprint']}: {what}"
             )
-    return ckpts

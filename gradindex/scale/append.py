@@ -24,6 +24,7 @@ from gradindex.build import build_index
 from gradindex.errors import IndexStateError, ModelError, SpecError
 from gradindex.index.layout import MANIFEST, VECTORS
 from gradindex.index.lifecycle import check_writable, folder_lock, staging_folder, swap_in
+from gradindex.index.records import check_fingerprints
 from gradindex.index.store import VectorStore
 from gradindex.inputs.models import CheckpointSource, load_checkpoints
 from gradindex.inputs.open_data import open_source
@@ -152,12 +153,7 @@ def _checkpoints(
     ckpts = load_checkpoints(
         sources, scheduler, precondition=manifest["spec"].get("precondition", "none")
     )
-    for i, (c, r) in enumerate(zip(ckpts, records, strict=True)):
-        if c.fingerprint != r["fingerprint"]:
-            raise ModelError(
-                f"checkpoint {i} ({c.source}) has fingerprint {c.fingerprint} but the index was "
-                f"built with {r['fingerprint']}: other weights; rebuild instead of adding"
-            )
+    check_fingerprints(ckpts, records, "other weights; rebuild instead of adding")
     return ckpts
 
 
