@@ -12,8 +12,8 @@ old index stays usable until the new one is complete. One build writes a folder 
 (``lifecycle.folder_lock``). Everything that can be checked (data, conditioning, checkpoint
 weights, index kind) is checked before the first row is featurized.
 
-Here: reading and checking the inputs into a ``build_state.Plan`` (``_read_rows`` reads the
-training data, once); which folder to write and what identifies the build:
+Here: reading and checking the inputs into a ``build_state.Plan`` (``_read_rows`` opens the
+training data lazily and checks every row in one pass before anything is written); which folder to write and what identifies the build:
 ``gradindex.build_state``; writing rows, indexes and manifest: ``gradindex.build_write``.
 """
 
@@ -149,9 +149,10 @@ def _read_rows(
     shard: tuple[int, int] | None,
     options: dict[str, Any],
 ) -> tuple[BuildSpec, Rows]:
-    """Read the training data once (images, ids, labels / captions), resolve its value range
-    from the whole data set (every shard the same), cut a shard's rows, and check every row
-    before anything is written. Returns the spec with its data_range, and the rows."""
+    """Open the training data (images read lazily; ids, labels / captions with it), resolve
+    its value range from the whole data set (every shard the same), cut a shard's rows, and
+    check every row of the shard (one pass of reads) before anything is written. Returns the
+    spec with its data_range, and the rows."""
     channels, height, width = conditioner.image_shape(sample_shape)
     images, cond_data = open_inputs(data, channels, conditioner.kind, labels, prompts, **options)
     row_ids = _resolve_ids(ids, images.ids, len(images))  # lazy: rows read a batch at a time
