@@ -181,3 +181,27 @@ def test_the_checks_see_a_planted_violation(tmp_path: Path) -> None:
     inner = [d for n in ast.walk(tree.body[1]) for d in _imported(n, known)]
     assert top == ["gradindex.query"] and inner == ["gradindex.cli"]
     assert layer_of("gradindex.query") > layer_of("gradindex.index.store")
+
+
+def test_benchmarks_import_only_gradindex_names_that_exist():
+    """Benchmarks are not run by the suite, so a module move can leave one importing a name
+    from its old place (bench_serve did: sample_images from demo.training); every
+    ``from gradindex... import name`` in benchmarks/ must resolve."""
+    import ast
+    import importlib
+
+    missing = []
+    for path in sorted((PACKAGE.parent / "benchmarks").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not (
+                isinstance(node, ast.ImportFrom) and (node.module or "").startswith("gradindex")
+            ):
+                continue
+            module = importlib.import_module(node.module)
+            for alias in node.names:
+                if not hasattr(module, alias.name):
+                    try:
+                        importlib.import_module(f"{node.module}.{alias.name}")
+                    except ImportError:
+                        missing.append(f"{path.name}:{node.lineno} {node.module}.{alias.name}")
+    assert not missing, missing
