@@ -174,8 +174,8 @@ def child_open(folder: str) -> dict:
         "rows": len(idx), "memory_mib": mem, "open_s": round(opened, 3),
         "search_ms_median": round(1e3 * float(np.median(times)), 2),
         "search_ms_first": round(1e3 * times[0], 2), "queries_finding_themselves": found,
-        "nprobe": idx._indexes["retrac"].info.get("knobs"),
-        "nlist": idx._indexes["retrac"].info.get("nlist"),
+        "nprobe": idx.manifest["indexes"]["retrac"].get("knobs"),
+        "nlist": idx.manifest["indexes"]["retrac"].get("nlist"),
     }  # fmt: skip
 
 
@@ -392,7 +392,7 @@ def main() -> None:
         fn = {"open": child_open, "datapath": child_datapath}[args.child[0]]
         print(json.dumps(fn(args.child[1])))
         return
-    work = Path(args.work or tempfile.mkdtemp(prefix="bench_data_", dir="/work/tmp"))
+    work = Path(args.work or tempfile.mkdtemp(prefix="bench_data_"))  # --work: a bigger disk
     work.mkdir(parents=True, exist_ok=True)
     path = HERE / "results" / "data.json"
     results = json.loads(path.read_text()) if path.exists() else {}
