@@ -10,11 +10,13 @@ complete; ``resume=True`` finishes it, skipping rows already marked done. ``over
 builds the new index in a staging folder beside the old one and swaps it in at the end, so the
 old index stays usable until the new one is complete. One build writes a folder at a time
 (``lifecycle.folder_lock``). Everything that can be checked (data, conditioning, checkpoint
-weights, index kind) is checked before the first row is featurized.
+weights, index kind) is checked before the first row is featurized, except the pixels of
+decoded files (image folders, tars, datasets): each is decoded once, as it is featurized.
 
 Here: reading and checking the inputs into a ``build_state.Plan`` (``_read_rows`` opens the
-training data lazily and checks every row in one pass before anything is written); which folder to write and what identifies the build:
-``gradindex.build_state``; writing rows, indexes and manifest: ``gradindex.build_write``.
+training data lazily and checks array rows in one pass before anything is written); which
+folder to write and what identifies the build: ``gradindex.build_state``; writing rows, indexes
+and manifest: ``gradindex.build_write``.
 """
 
 from __future__ import annotations
@@ -151,8 +153,12 @@ def _read_rows(
 ) -> tuple[BuildSpec, Rows]:
     """Open the training data (images read lazily; ids, labels / captions with it), resolve
     its value range from the whole data set (every shard the same), cut a shard's rows, and
-    check every row of the shard (one pass of reads) before anything is written. Returns the
-    spec with its data_range, and the rows."""
+    check them. Arrays, ``.npy`` and HDF5 rows are all checked (one pass of reads) before
+    anything is written; decoded sources (image folders, tars, datasets), whose listing already
+    checked what it can, only their first row: each row is decoded once, as it is featurized,
+    and a bad one stops the build there, naming it, its committed rows kept for a resume (a
+    pass decoding everything first would not overlap featurizing, and take hours at 10^8).
+    Returns the spec with its data_range, and the rows."""
     channels, height, width = conditioner.image_shape(sample_shape)
     images, cond_data = open_inputs(data, channels, conditioner.kind, labels, prompts, **options)
     row_ids = _resolve_ids(ids, images.ids, len(images))  # lazy: rows read a batch at a time
@@ -168,8 +174,9 @@ def _read_rows(
         shard_info["total_rows"] = len(images)
         images, row_ids = images.rows(lo, hi), row_ids[lo:hi]  # only this shard's rows read
         cond_data = cond_data.rows(lo, hi)
-    for start in range(0, len(images), 4096):  # validate everything before writing anything
-        to_model_input(images[start : start + 4096], **prep, warn=start == 0)  # resize: once
+    checked = 1 if images.decodes else len(images)  # decoded rows: checked as featurized
+    for start in range(0, checked, 4096):
+        to_model_input(images[start : min(start + 4096, checked)], **prep, warn=start == 0)
     if conditioner.kind == "class":  # labels in the model's range
         conditioner.model_kwargs(cond_data, len(images))
     source = data_source(data)

@@ -4,12 +4,14 @@ Holds ``write_build``: the rows batch by batch into ``vectors.h5`` (each batch c
 killed build resumes where it stopped; a latent model's latents first), each method's search
 index over the rows that are not flagged, the kernel, the projection-fidelity check and the
 manifest, written last, so a folder without one never looks complete. What is written was
-read and checked before (``gradindex.build``); which folder, by ``gradindex.build_state``.
+read and checked before (``gradindex.build``), but for decoded files, checked as they are read
+here; which folder, by ``gradindex.build_state``.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import time
 import warnings
 from collections.abc import Iterator
@@ -19,8 +21,8 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from gradindex.build_state import Plan, Rows, model_record, write_error
-from gradindex.errors import GradIndexError, IndexStateError, WriteError
+from gradindex.build_state import Plan, Rows, model_record, sample_error, write_error
+from gradindex.errors import DataError, GradIndexError, IndexStateError, WriteError
 from gradindex.featurize.embedding import Embedder
 from gradindex.featurize.fidelity import measure_fidelity
 from gradindex.index.kernel import write_kernel
@@ -43,6 +45,9 @@ from gradindex.inputs.data import to_model_input
 from gradindex.inputs.sources import prefetch
 from gradindex.spec import BuildSpec
 
+WAIT_WARN_SHARE, WAIT_WARN_SECONDS = 0.25, 5.0  # waiting for data worth a warning
+logger = logging.getLogger(__name__)
+
 
 def write_build(
     plan: Plan,
@@ -64,10 +69,12 @@ def write_build(
     spec, ckpts, rows = plan.spec, plan.ckpts, plan.rows
     store = _open_store(out / VECTORS, plan, resume)
     try:
-        _fill_rows(store, plan.embedder, rows, spec, progress, plan.conditioner)
+        data_seconds = _fill_rows(store, plan.embedder, rows, spec, progress, plan.conditioner)
         flagged, build_id = store.flagged, store.build_id
     except OSError as exc:
         raise write_error(target, exc, staged=out != target) from None
+    except DataError as exc:  # a decoded sample that cannot be read, named
+        raise sample_error(exc, staged=out != target) from None
     finally:
         store.close()
     keep = _indexed_rows(flagged)
@@ -96,6 +103,7 @@ def write_build(
         "indexes": index_info,
         "fidelity": fidelity,
         "kernel": kernel,
+        "data_seconds": data_seconds,
         "files": file_records(out),
         "build_seconds": round(time.perf_counter() - started, 3),
     }
@@ -141,9 +149,10 @@ def _fill_rows(
     spec: BuildSpec,
     progress: bool,
     conditioner: Conditioner,
-) -> None:
+) -> dict[str, float]:
     """Embed every row not yet done, batch by batch, committing each batch to disk (a latent
-    model's latents first, so a row marked done has its latent too)."""
+    model's latents first, so a row marked done has its latent too). Returns the seconds spent
+    reading the data and featurizing (this run's rows) and waiting for the data."""
     images, prep, cond_data = rows.images, rows.prep, rows.cond
     done = store.done
     todo = np.flatnonzero(~done)
@@ -155,9 +164,11 @@ def _fill_rows(
         disable=not progress,
         dynamic_ncols=True,
     )
+    timing: dict[str, float] = {}
+    started = time.perf_counter()
     with bar:
         batches = _contiguous_batches(todo, spec.batch_size)
-        for start, stop, pixels in prefetch(images, batches):  # decoding overlaps featurizing
+        for start, stop, pixels in prefetch(images, batches, timing=timing):  # overlapped
             x0 = conditioner.encode_images(to_model_input(pixels, **prep, warn=False))
             if conditioner.vae is not None:
                 store.write_column("latents", start, x0.cpu().numpy())
@@ -165,6 +176,23 @@ def _fill_rows(
             emb = embedder.embed(x0, cond)
             store.write_rows(start, emb.tracin, emb.retrac, emb.norms, emb.flagged)
             bar.update(stop - start)
+    timing["featurizing_s"] = round(time.perf_counter() - started, 3)
+    _report_waiting(timing)
+    return timing
+
+
+def _report_waiting(timing: dict[str, float]) -> None:
+    """Say when featurizing spent a good part of its time waiting for the data: then the
+    reading (a slow disk or network folder, large encoded images), not the model, sets the
+    pace."""
+    waited, total = timing.get("waiting_s", 0.0), timing["featurizing_s"]
+    logger.info("featurizing took %.1f s, of which %.1f s waiting for data", total, waited)
+    if waited > max(WAIT_WARN_SECONDS, WAIT_WARN_SHARE * total):
+        logger.warning(
+            "featurizing waited %.0f s of %.0f s for the training data to be read and decoded: "
+            "the data source, not the model, sets the pace (a local copy, or images stored at "
+            "the model's size, read faster)", waited, total,
+        )  # fmt: skip
 
 
 def _add_conditioning_columns(

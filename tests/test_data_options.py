@@ -5,13 +5,16 @@ images as the build did (tar shards and datasets included)."""
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
 
 import gradindex as gi
+from gradindex.build_write import _report_waiting
 from gradindex.cli import main
+from gradindex.index.store import VectorStore
 from gradindex.serve.images import TrainingImages
 from tests.test_sources import _digits, _hf_dataset, _png, write_tars
 
@@ -101,3 +104,47 @@ def test_the_browser_reads_training_images_from_tars_and_parquet_by_row(
         np.testing.assert_array_equal(shown.image(row)[0], pixels[row])
     gone = TrainingImages(str(tmp_path / "gone-{0..1}.tar"), N, 1, None)
     assert not gone.available and "gone-0.tar" in gone.problem
+
+
+def test_a_file_that_breaks_mid_build_is_named_and_a_resume_after_fixing_it_finishes(
+    pixels_labels, tmp_path, saved_checkpoints
+):
+    """Decoded files are checked as they are featurized (not in a pass before): a PNG cut
+    short stops the build at its batch with one line naming it; the batches before it stay
+    committed, the folder never looks complete, and the fixed file resumes to the same rows
+    as an array build."""
+    pixels, _ = pixels_labels
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i, p in enumerate(pixels):
+        (folder / f"{i:03d}.png").write_bytes(_png(p))
+    whole = _png(pixels[13])
+    (folder / "013.png").write_bytes(whole[: whole.index(b"IDAT") + 8])  # header whole, pixels cut
+    spec = gi.BuildSpec(proj_dim=16, timesteps=1, batch_size=8)
+    build = dict(checkpoints=[saved_checkpoints[0]], spec=spec, progress=False, fidelity_sample=0)
+    with pytest.raises(gi.DataError) as err:
+        gi.build_index(data=str(folder), out=tmp_path / "a", **build)
+    message = str(err.value)
+    assert "013.png: not a readable image" in message and "--resume" in message
+    assert "\n" not in message
+    assert not (tmp_path / "a" / "manifest.json").exists()
+    with VectorStore.open(tmp_path / "a" / "vectors.h5") as store:
+        np.testing.assert_array_equal(store.done, np.arange(N) < 8)  # batch 8-15 not written
+    (folder / "013.png").write_bytes(_png(pixels[13]))
+    idx = gi.build_index(data=str(folder), out=tmp_path / "a", resume=True, **build)
+    ref = gi.build_index(data=pixels[:, None], out=tmp_path / "ref", **build)
+    assert list(idx.ids) == [f"{i:03d}.png" for i in range(N)]
+    for method in ("tracin", "retrac"):
+        np.testing.assert_allclose(idx.vectors(method), ref.vectors(method), atol=1e-5)
+    took = idx.manifest["data_seconds"]  # this run's: the 16 rows the resume featurized
+    assert 0 <= took["waiting_s"] <= took["featurizing_s"] and took["reading_s"] > 0
+
+
+def test_a_build_that_mostly_waited_for_its_data_says_so(caplog):
+    with caplog.at_level(logging.INFO, logger="gradindex.build_write"):
+        _report_waiting({"featurizing_s": 40.0, "waiting_s": 3.0, "reading_s": 3.5})
+        assert "featurizing took 40.0 s, of which 3.0 s waiting" in caplog.text
+        assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+        _report_waiting({"featurizing_s": 40.0, "waiting_s": 25.0, "reading_s": 39.0})
+    (warned,) = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert "waited 25 s of 40 s for the training data" in warned.getMessage()

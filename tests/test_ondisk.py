@@ -20,6 +20,7 @@ from gradindex.cli import main
 from gradindex.errors import IndexStateError, SearchError
 from gradindex.index import ondisk, search
 from gradindex.index.ondisk import build_ondisk
+from gradindex.index.ondisk_search import _groups, search_bounded
 from gradindex.index.search import VectorIndex, set_num_threads
 from gradindex.index.store import ChunkedRows
 from tests.test_search import brute_force, clustered
@@ -341,3 +342,57 @@ def test_merged_shards_get_an_ondisk_index(tmp_path, saved_checkpoints):
         res = idx.search(q, 5, m)
         np.testing.assert_array_equal(res.rows, rows)
         np.testing.assert_allclose(res.scores, scores, rtol=1e-5, atol=1e-5)
+
+
+def _resident_kib(suffix: str) -> int:
+    """Resident KiB of this process's mappings of files ending in ``suffix`` (/proc smaps)."""
+    total, inside = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()
+            if "-" in head[0] and len(head) >= 5:  # a mapping's header line
+                inside = head[-1].endswith(suffix)
+            elif inside and head[0] == "Rss:":
+                total += int(head[1])
+    return total
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
+def test_searches_leave_no_list_pages_resident(tmp_path):
+    """Resident memory of a memory-mapped index must not grow with the lists searched: an
+    exact search touches every list, and afterwards none of the lists file is resident in the
+    process (still in the page cache), while a second search answers the same."""
+    x = clustered(N, D, "retrac", seed=4)
+    build_ondisk(x, tmp_path / "r.faiss", "retrac")
+    od = VectorIndex.load(tmp_path / "r.faiss")
+    size_kib = (tmp_path / "r.faiss.ivfdata").stat().st_size // 1024
+    q = np.random.default_rng(5).standard_normal((6, D)).astype(np.float32)
+    ivf = faiss.extract_index_ivf(od._index)
+    ivf.nprobe = ivf.nlist
+    od._index.search(q, 10)  # FAISS alone, every list probed: all of them stay resident
+    assert _resident_kib(".ivfdata") >= 0.9 * size_kib
+    first = od.search(q, 10, exact=True)
+    assert _resident_kib(".ivfdata") == 0
+    again = od.search(q, 10, exact=True)
+    np.testing.assert_array_equal(first.rows, again.rows)
+    np.testing.assert_array_equal(first.rows, brute_force(q, x, 10)[1])
+    od.search(q, 10)  # every list probed (nprobe = nlist above), a few at a time
+    assert _resident_kib(".ivfdata") == 0
+
+
+@pytest.mark.parametrize("budget", [1, 40_000, 1 << 30])
+def test_probing_lists_a_few_at_a_time_answers_like_one_search(tmp_path, budget):
+    """search_bounded's groups of lists (one list each at budget 1, all at once at 1 GiB)
+    give FAISS's own answer at the index's nprobe, for a batch of queries."""
+    x = clustered(N, D, "tracin", seed=6)
+    build_ondisk(x, tmp_path / "t.faiss", "tracin", target_recall=0.9)
+    od = VectorIndex.load(tmp_path / "t.faiss")
+    ivf = faiss.extract_index_ivf(od._index)
+    ivf.nprobe = 10  # of 76 lists
+    q = np.random.default_rng(7).standard_normal((9, D)).astype(np.float32)
+    want = sorted_result(*od._index.search(q, 12))
+    got = sorted_result(*search_bounded(od._index, q, 12, budget))
+    np.testing.assert_array_equal(got[1], want[1])
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+    if budget == 1:
+        assert len(_groups(ivf, ivf.quantizer.search(q, ivf.nprobe)[1], budget)) == ivf.nprobe

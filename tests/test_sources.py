@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ import gradindex as gi
 from gradindex.index.store import VectorStore
 from gradindex.inputs.open_data import open_source, source_conditioning
 from gradindex.inputs.slices import shard_rows
-from gradindex.inputs.sources import prefetch
+from gradindex.inputs.sources import ArraySource, prefetch
 from gradindex.inputs.tars import expand_braces
 from tests.conftest import scheduler, tiny_unet
 
@@ -319,8 +320,9 @@ def test_npy_row_ranges_equal_np_load(tmp_path, layout):
 
 def test_a_shard_build_reads_only_its_rows(digits, tmp_path):
     """build_index(shard=(1, 4)) over the tars: every byte it reads is its own rows' images,
-    each read twice (the validation pass before anything is written, then featurizing), plus
-    the first sample's, decoded once to learn the image shape."""
+    each decoded once, as it is featurized (no pass decoding everything first), plus the
+    shard's first row again (checked before anything is written) and the data set's first
+    sample, decoded once to learn the image shape."""
     _, _, files, _ = digits
     sizes = {}
     for path in expand_braces(files["tar"][0]):
@@ -331,7 +333,7 @@ def test_a_shard_build_reads_only_its_rows(digits, tmp_path):
     lo, hi = shard_rows((1, 4), N)
     assert list(idx.ids) == [_key(i) for i in range(lo, hi)]
     own = sum(sizes[_key(i)] for i in range(lo, hi))
-    assert src.bytes_read == 2 * own + sizes[_key(0)]
+    assert src.bytes_read == own + sizes[_key(lo)] + sizes[_key(0)]
 
 
 @pytest.mark.parametrize("fmt", ("tar", "parquet"))
@@ -356,3 +358,35 @@ def test_cli_builds_from_tars_and_parquet_and_bad_data_is_one_error_line(
 
 def _index_ids(folder):
     return list(gi.AttributionIndex.open(folder).ids)
+
+
+class _SlowSource(ArraySource):
+    """An array whose every read takes ``delay`` seconds (a slow disk or decoder)."""
+
+    def __init__(self, array: np.ndarray, delay: float):
+        super().__init__(array)
+        self.delay = delay
+
+    def _read(self, start: int, stop: int) -> np.ndarray:
+        time.sleep(self.delay)
+        return super()._read(start, stop)
+
+
+@pytest.mark.parametrize("slow", ("reading", "featurizing"))
+def test_prefetch_times_what_the_featurizer_waited_for(slow):
+    """Reads slower than the consumer: it waits about all the reading time. A consumer slower
+    than the reads: the next batch is ready each time, it waits about nothing."""
+    spans = [(a, a + 2) for a in range(0, 12, 2)]
+    read_delay, use_delay = (0.05, 0.0) if slow == "reading" else (0.0, 0.05)
+    timing: dict[str, float] = {}
+    got = []
+    for a, b, rows in prefetch(_SlowSource(np.zeros((12, 4, 4), np.uint8), read_delay), spans,
+                               timing=timing):  # fmt: skip
+        got.append((a, b, len(rows)))
+        time.sleep(use_delay)
+    assert got == [(a, b, 2) for a, b in spans]
+    assert timing["reading_s"] >= 6 * read_delay
+    if slow == "reading":
+        assert timing["waiting_s"] >= 0.8 * timing["reading_s"] >= 0.24
+    else:
+        assert timing["waiting_s"] < 0.04  # 6 x 0.05 s featurized, the reads hidden behind it

@@ -11,6 +11,8 @@ Holds:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import faiss
 import numpy as np
 
@@ -41,13 +43,18 @@ def flat_storage(index: faiss.Index) -> faiss.Index | None:
 
 
 def exact_search_ivf(
-    index: faiss.Index, q: np.ndarray, k: int, chunk_bytes: int
+    index: faiss.Index,
+    q: np.ndarray,
+    k: int,
+    chunk_bytes: int,
+    release: Callable[[], None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-k by inner product over the float32 rows stored in an IVF-Flat's lists.
 
     q [B, D]; returns (scores [B, k], ids [B, k]) of a result heap. Reads the lists one after the
     other (sequential pages when they are memory-mapped from disk), in pieces of at most
     ``chunk_bytes`` of rows, so memory stays bounded and each row is read once, whatever N.
+    ``release``: called after each piece (a memory-mapped index unmaps the pages read).
     """
     ivf = faiss.extract_index_ivf(index)
     d = ivf.d
@@ -66,6 +73,8 @@ def exact_search_ivf(
         heap.add_result(sc, np.where(pos >= 0, ib[np.maximum(pos, 0)], -1))
         codes.clear()
         ids.clear()
+        if release is not None:
+            release()
 
     for lst in range(ivf.nlist):
         m = invlists.list_size(lst)

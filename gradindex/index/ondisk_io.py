@@ -1,7 +1,8 @@
 """Opening an on-disk index: its lists memory-mapped from the ``.ivfdata`` file beside it.
 
-Holds :func:`read_ondisk` (what ``VectorIndex.load`` calls for kind ``ondisk``), the lists file's
-suffix, the prefetch setting, and :func:`stdout_to_stderr` / :func:`fsync` that the build in
+Holds :func:`read_ondisk` (what ``VectorIndex.load`` calls for kind ``ondisk``),
+:func:`release_pages` (after each search, so resident memory does not grow with the lists
+probed), the lists file's suffix, the prefetch setting, and :func:`stdout_to_stderr` / :func:`fsync` that the build in
 :mod:`gradindex.index.ondisk` uses too. Below both ``search`` and ``ondisk``, so that loading
 an on-disk index needs no import of the module that builds one.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import mmap
 import os
 import sys
 from collections.abc import Iterator
@@ -47,6 +49,25 @@ def read_ondisk(path: str | os.PathLike[str], info: dict[str, Any]) -> faiss.Ind
     lists = faiss.downcast_InvertedLists(faiss.extract_index_ivf(index).invlists)
     lists.prefetch_nthread = PREFETCH_THREADS
     return index
+
+
+def release_pages(index: faiss.Index) -> None:
+    """Unmap the list pages a search touched from this process (``madvise(MADV_DONTNEED)`` on
+    the lists' mapping): they stay in the page cache, so the next search finds them without a
+    disk read, but the process's resident memory stays flat in N instead of growing by every
+    list it ever probed (measured: +564 MiB over 20 queries of a 10^7-row index without it).
+    The mapping is the file's, read back on the next touch: nothing is lost. A no-op where
+    the platform has no madvise."""
+    advice = getattr(mmap, "MADV_DONTNEED", None)
+    lists = faiss.downcast_InvertedLists(faiss.extract_index_ivf(index).invlists)
+    if advice is None or not isinstance(lists, faiss.OnDiskInvertedLists) or not lists.totsize:
+        return
+    try:
+        madvise = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):  # pragma: no cover - no libc madvise
+        return
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    madvise(ctypes.c_void_p(int(lists.ptr)), lists.totsize, advice)
 
 
 def fsync(path: Path) -> None:

@@ -20,12 +20,10 @@ are scanned list by list in bounded chunks (in RAM or memory-mapped on disk); lo
 (factory strings with PQ/SQ/...) are wrapped in an exact re-ranking stage that keeps them. So
 ``exact=True`` costs no second copy of the matrix.
 
-Indexes larger than RAM (``kind="ondisk"``: an IVF whose lists live in a ``.ivfdata`` file next
-to the FAISS file, memory-mapped) are built from chunked rows by :mod:`gradindex.index.ondisk`, and
-opened (:mod:`gradindex.index.ondisk_io`) and searched here like any other kind.
-
-Threads and FAISS's BLAS threshold: the policy of :mod:`gradindex.index.faiss_common`
-(``set_num_threads`` / ``batch_threads`` are importable from here too).
+Indexes larger than RAM (``kind="ondisk"``: an IVF whose lists live in a memory-mapped
+``.ivfdata`` file) are built by :mod:`gradindex.index.ondisk`, opened by ``ondisk_io`` and
+searched by ``ondisk_search`` (resident memory bounded). Threads and FAISS's BLAS threshold:
+:mod:`gradindex.index.faiss_common` (``set_num_threads`` / ``batch_threads`` importable here).
 
 Every ``VectorIndex`` is a :class:`~gradindex.index.backend.SearchBackend`: its rows are the rows
 of the matrix it was built over (an index folder's FAISS index holds the unflagged store rows,
@@ -35,6 +33,7 @@ and :class:`~gradindex.index.backend.StoreRows` maps its rows back to store rows
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -64,7 +63,8 @@ from gradindex.index.faiss_common import (
     write_failure,
 )
 from gradindex.index.gpu import GPU_MAX_K, clone_to_gpus
-from gradindex.index.ondisk_io import read_ondisk
+from gradindex.index.ondisk_io import read_ondisk, release_pages
+from gradindex.index.ondisk_search import search_bounded
 
 __all__ = [
     "INDEX_KINDS",
@@ -189,7 +189,7 @@ class VectorIndex(SearchBackend):
             if use_exact and not on_gpu:
                 sc, rw = self._exact_search(qb, k)
             else:
-                sc, rw = (self._gpu if on_gpu else self._index).search(qb, k)
+                sc, rw = self._approximate(qb, k, on_gpu)
                 short = np.flatnonzero((rw < 0).any(axis=1))
                 if short.size:
                     sc[short], rw[short] = self._exact_search(qb[short], k)
@@ -225,11 +225,23 @@ class VectorIndex(SearchBackend):
         order = np.argsort(ids)
         return ids[order], rows[order]
 
+    def _approximate(self, q: np.ndarray, k: int, on_gpu: bool) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k at the tuned knobs; an on-disk index's lists probed with resident memory
+        bounded (``ondisk_search``)."""
+        if on_gpu:
+            return self._gpu.search(q, k)
+        if self._info.get("kind") == "ondisk":
+            return search_bounded(self._index, q, k)
+        return self._index.search(q, k)
+
     def _exact_search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Exact top-k over the stored float32 rows (flat storage, or IVF lists in chunks)."""
+        """Exact top-k over the stored float32 rows (flat storage, or IVF lists in chunks; an
+        on-disk index's pages unmapped after each chunk)."""
         if self._flat is not None:
             return self._flat.search(q, k)
-        return exact_search_ivf(self._index, q, k, _CHUNK_BYTES)
+        ondisk = self._info.get("kind") == "ondisk"
+        release = functools.partial(release_pages, self._index) if ondisk else None
+        return exact_search_ivf(self._index, q, k, _CHUNK_BYTES, release)
 
     @property
     def info(self) -> dict[str, Any]:

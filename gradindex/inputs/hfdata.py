@@ -105,6 +105,8 @@ class ParquetTable:
 class HFSource(DataSource):
     """A Hugging Face dataset's image column (and caption / label / id columns) as a source."""
 
+    decodes = True
+
     def __init__(
         self,
         path: str | Path,

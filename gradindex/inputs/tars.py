@@ -52,6 +52,8 @@ def is_tar_pattern(text: str) -> bool:
 class TarSource(DataSource):
     """Samples of tar shards in shard order, member order within a shard."""
 
+    decodes = True
+
     def __init__(self, pattern: str, channels: int | None, skip_bad: bool = False):
         super().__init__()
         self.name, self.channels = pattern, channels or 3
