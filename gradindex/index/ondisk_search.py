@@ -7,7 +7,7 @@ rows make the probed lists the big ones). :func:`search_bounded` probes the same
 a time (``search_preassigned`` with the other probes masked out) and unmaps the pages after each
 group (:func:`gradindex.index.ondisk_io.release_pages`; they stay in the page cache). The top-k
 of the union of the groups' top-k is the top-k of all probed lists: the same answer as one
-search, with at most ``RESIDENT_BYTES`` of lists resident at a time.
+search, with only one group's pages resident at a time.
 """
 
 from __future__ import annotations
@@ -17,8 +17,14 @@ import numpy as np
 
 from gradindex.index.ondisk_io import release_pages
 
-RESIDENT_BYTES = 8 << 20
-"""Bytes of inverted lists a search may hold mapped at once (a group is at least one list)."""
+RESIDENT_BYTES = 2 << 20
+"""Bytes of inverted lists probed per group (a group is at least one list). The kernel maps
+more than the bytes read (read-ahead fills the page cache in large folios, mapped whole): a
+group of 7.5 MB of lists raised RSS by 26-41 MiB here, 2 MB groups by about 10. Measured on a
+10^7-row index, D = 16 (``benchmarks/bench_data.py --phases open``): peak RSS over 20 queries
++1.9 % (nlist 1,024) / +5.4 % (4,096) over a 10^4-row index's, where keeping the pages mapped
+gave +205 % / +227 %; a query's median 13.8 / 6.9 ms against 7.2 / 3.2 ms. A larger value
+trades memory for speed."""
 
 
 def search_bounded(
