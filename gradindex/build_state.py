@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from gradindex.errors import DataError, IndexStateError, WriteError
+from gradindex.errors import DataError, IndexStateError, SampleStopError, WriteError
 from gradindex.featurize.embedding import Embedder
 from gradindex.index.layout import (
     BUILD_STATE,
@@ -198,13 +198,14 @@ def _as_state(manifest: dict[str, Any], state: dict[str, Any]) -> dict[str, Any]
     return old
 
 
-def sample_error(exc: DataError, staged: bool = False) -> DataError:
-    """A bad sample met while featurizing (decoded sources are checked as they are read): its
-    one-line message, and how to go on without redoing the rows already committed."""
+def sample_error(exc: DataError, staged: bool = False) -> SampleStopError:
+    """A sample that could not be read while featurizing (decoded sources are checked as they
+    are read): its one-line message, and how to go on without redoing the committed rows."""
     again = "--overwrite --resume" if staged else "--resume"
-    return DataError(
-        f"{exc}; the rows before it are kept: fix or replace that file and run the same build "
-        f"with {again}, or leave bad samples out with --on-error skip --overwrite"
+    return SampleStopError(
+        f"{exc}; the rows before it are kept: repair that file in place (same name) and run the "
+        f"same build with {again}, or leave bad samples out with --on-error skip --overwrite",
+        str(exc),
     )
 
 

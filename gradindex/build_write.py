@@ -73,8 +73,8 @@ def write_build(
         flagged, build_id = store.flagged, store.build_id
     except OSError as exc:
         raise write_error(target, exc, staged=out != target) from None
-    except DataError as exc:  # a decoded sample that cannot be read, named
-        raise sample_error(exc, staged=out != target) from None
+    except _BadRead as exc:  # a decoded sample that cannot be read, named
+        raise sample_error(exc.error, staged=out != target) from None
     finally:
         store.close()
     keep = _indexed_rows(flagged)
@@ -128,6 +128,14 @@ def _open_store(path: Path, plan: Plan, resume: bool) -> VectorStore:
         if store.dim != embedder.dim or store.num_rows != len(rows.images):
             store.close()
             raise IndexStateError(f"{path}: shape differs from this build; use --overwrite")
+        moved = _first_other_id(store, rows.ids)
+        if moved is not None:
+            store.close()
+            raise IndexStateError(
+                f"{path}: row {moved[0]} was {moved[1]!r} but the data now has {moved[2]!r} there "
+                "(a file added, removed or renamed); resuming would put rows under other "
+                "samples' ids: restore the data as it was, or rebuild with --overwrite"
+            )
         return store
     store = VectorStore.create(
         path,
@@ -168,7 +176,7 @@ def _fill_rows(
     started = time.perf_counter()
     with bar:
         batches = _contiguous_batches(todo, spec.batch_size)
-        for start, stop, pixels in prefetch(images, batches, timing=timing):  # overlapped
+        for start, stop, pixels in _reads(prefetch(images, batches, timing=timing)):
             x0 = conditioner.encode_images(to_model_input(pixels, **prep, warn=False))
             if conditioner.vae is not None:
                 store.write_column("latents", start, x0.cpu().numpy())
@@ -179,6 +187,23 @@ def _fill_rows(
     timing["featurizing_s"] = round(time.perf_counter() - started, 3)
     _report_waiting(timing)
     return timing
+
+
+class _BadRead(Exception):
+    """A DataError raised by reading the data (not by featurizing what was read)."""
+
+    def __init__(self, error: DataError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def _reads(batches: Iterator[Any]) -> Iterator[Any]:
+    """The prefetched batches, decoded while the one before is featurized; a sample that cannot
+    be read raised as ``_BadRead``, apart from errors of the loop body."""
+    try:
+        yield from batches
+    except DataError as exc:
+        raise _BadRead(exc) from None
 
 
 def _report_waiting(timing: dict[str, float]) -> None:
@@ -209,6 +234,21 @@ def _add_conditioning_columns(
         store.add_column("prompts", cond_data.prompts)
     if conditioner.vae is not None:
         store.add_column("latents", shape=tuple(sample_shape))
+
+
+def _first_other_id(store: VectorStore, ids: Any, chunk: int = 1 << 20) -> tuple | None:
+    """(row, stored id, id now) of the first row whose id differs from the stored one, read a
+    chunk at a time; None when all agree."""
+    stored = store.file["ids"]
+    text = stored.asstr() if stored.dtype.kind == "O" else stored
+    for a in range(0, len(stored), chunk):
+        old = np.asarray(text[a : a + chunk]).astype(str)
+        new = np.asarray(ids[a : a + chunk]).astype(str)
+        differ = np.flatnonzero(old != new)
+        if differ.size:
+            r = int(differ[0])
+            return a + r, str(old[r]), str(new[r])
+    return None
 
 
 def _contiguous_batches(rows: np.ndarray, size: int) -> Iterator[tuple[int, int]]:

@@ -898,6 +898,7 @@ _INFO_KEYS = {
     "indexes",
     "versions",
     "build_seconds",
+    "data_seconds",
     "conditioning",
     "fidelity",
     "kernel",
@@ -968,9 +969,12 @@ def format_info(info: dict[str, Any]) -> list[str]:
         add("kernel", _kernel_line(kern))
     else:
         add("kernel", f"none; add it for --method trak with: gradindex kernel {info['path']}")
-    built = info.get("build_seconds")
+    built, data = info.get("build_seconds"), info.get("data_seconds") or {}
     version = (info.get("versions") or {}).get("gradindex", "?")
     add("built", (f"in {built:g} s " if built is not None else "") + f"by gradindex {version}")
+    if "waiting_s" in data:
+        add("data", f"read in {data['reading_s']:g} s beside featurizing ({data['featurizing_s']:g}"
+            f" s), which waited {data['waiting_s']:g} s for it")  # fmt: skip
     for key in sorted(set(info) - _INFO_KEYS):
         add(key, _render(info[key]))
     return lines

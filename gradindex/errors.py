@@ -19,6 +19,15 @@ class DataError(GradIndexError, ValueError):
     """Images or arrays that do not fit the model or are malformed (shape, channels, NaN...)."""
 
 
+class SampleStopError(DataError):
+    """A training sample that could not be read, met while featurizing: the rows before it are
+    committed. ``sample``: the sample's own one-line message, without the advice on going on."""
+
+    def __init__(self, message: str, sample: str) -> None:
+        super().__init__(message)
+        self.sample = sample
+
+
 class ModelError(GradIndexError, ValueError):
     """A checkpoint or scheduler that cannot be loaded or does not match the index."""
 

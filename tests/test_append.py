@@ -230,3 +230,24 @@ def test_add_to_a_class_conditional_index_keeps_labels(tmp_path, images):
         np.testing.assert_array_equal(store.column("labels"), labels)
     res = grown.query(images[4:], k=1, method="retrac", labels=labels[4:])
     np.testing.assert_array_equal(res.ids[:, 0], [4, 5, 6])
+
+
+def test_a_file_that_cannot_be_decoded_adds_nothing_and_says_so(setup, tmp_path):
+    """Decoded files are checked as they are featurized: a cut PNG stops the add naming it,
+    with add's own advice (it has no --resume), and the index stays as it was."""
+    root, _, images, _ = setup
+    half = _first_half(setup, "half_bad_add")
+    before = _snapshot(half.path)
+    folder = tmp_path / "new"
+    folder.mkdir()
+    for i, img in enumerate(images[5:]):
+        Image.fromarray((img[0] * 255).astype(np.uint8)).save(folder / f"{i:03d}.png")
+    whole = (folder / "002.png").read_bytes()
+    (folder / "002.png").write_bytes(whole[: whole.index(b"IDAT") + 8])
+    with pytest.raises(gi.DataError) as err:
+        add_samples(half.path, str(folder), progress=False)
+    message = str(err.value)
+    assert "002.png: not a readable image" in message and "nothing was added" in message
+    assert "--resume" not in message and "\n" not in message
+    assert _snapshot(half.path) == before
+    assert not any(p.name.startswith(".half_bad_add") for p in root.iterdir())

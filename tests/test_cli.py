@@ -236,11 +236,14 @@ def test_build_and_info_print_a_readable_summary(tmp_path, data_file, saved_chec
     for printed in (res.stdout, run("info", out).stdout):
         lines = printed.splitlines()
         assert lines[: len(expected)] == expected
-        assert len(lines) == len(expected) + 1
-        assert re.fullmatch(r"built        in [0-9.]+ s by gradindex \S+", lines[-1]), lines[-1]
+        assert len(lines) == len(expected) + 2
+        assert re.fullmatch(r"built        in [0-9.]+ s by gradindex \S+", lines[-2]), lines[-2]
+        took = r"read in [0-9.e-]+ s beside featurizing \([0-9.e-]+ s\), which waited [0-9.e-]+ s"
+        assert re.fullmatch(rf"data         {took} for it", lines[-1]), lines[-1]
         assert "{" not in printed and "threads" not in printed
     info = json.loads(run("info", out, "--json").stdout)
     assert info["num_rows"] == 7 and set(info["indexes"]) == {"tracin", "retrac"}
+    assert set(info["data_seconds"]) == {"reading_s", "waiting_s", "featurizing_s"}
 
 
 def test_info_summary_shows_keys_it_does_not_know(built_dir):

@@ -130,7 +130,12 @@ def test_a_file_that_breaks_mid_build_is_named_and_a_resume_after_fixing_it_fini
     assert not (tmp_path / "a" / "manifest.json").exists()
     with VectorStore.open(tmp_path / "a" / "vectors.h5") as store:
         np.testing.assert_array_equal(store.done, np.arange(N) < 8)  # batch 8-15 not written
-    (folder / "013.png").write_bytes(_png(pixels[13]))
+    (folder / "013.png").rename(folder / "013b.png")  # "replaced" under another name: refused
+    (folder / "013b.png").write_bytes(_png(pixels[13]))
+    with pytest.raises(gi.IndexStateError, match=r"row 13 was '013\.png' but the data now has "
+                       r"'013b\.png' there"):  # fmt: skip
+        gi.build_index(data=str(folder), out=tmp_path / "a", resume=True, **build)
+    (folder / "013b.png").rename(folder / "013.png")  # repaired in place
     idx = gi.build_index(data=str(folder), out=tmp_path / "a", resume=True, **build)
     ref = gi.build_index(data=pixels[:, None], out=tmp_path / "ref", **build)
     assert list(idx.ids) == [f"{i:03d}.png" for i in range(N)]

@@ -396,3 +396,6 @@ def test_probing_lists_a_few_at_a_time_answers_like_one_search(tmp_path, budget)
     np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
     if budget == 1:
         assert len(_groups(ivf, ivf.quantizer.search(q, ivf.nprobe)[1], budget)) == ivf.nprobe
+    ivf.nprobe = ivf.nlist + 5  # set by hand past nlist: FAISS probes every list
+    got = sorted_result(*search_bounded(od._index, q, 12, budget))
+    np.testing.assert_array_equal(got[1], brute_force(q, x, 12)[1])

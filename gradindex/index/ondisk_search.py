@@ -31,24 +31,29 @@ def search_bounded(
     index: faiss.Index, q: np.ndarray, k: int, budget: int = RESIDENT_BYTES
 ) -> tuple[np.ndarray, np.ndarray]:
     """Top-k (scores [B, k], ids [B, k]) of ``index`` at its nprobe, probing the lists in groups
-    of at most ``budget`` bytes and unmapping their pages after each group. An index that is
-    not a bare IVF (a wrapper would transform the queries first) is searched whole, then
-    released."""
+    of at most ``budget`` bytes and unmapping their pages after each group. A group is a run of
+    probe ranks over the whole batch, so a large batch's groups are single ranks touching up to
+    B lists each: the bound is for one query or a few. An index that is not a bare IVF (a
+    wrapper would transform the queries first) is searched whole, then released."""
     ivf = faiss.downcast_index(index)
     if not isinstance(ivf, faiss.IndexIVF):
         out = index.search(q, k)
         release_pages(index)
         return out
     q = np.ascontiguousarray(q, dtype=np.float32)
-    coarse, probes = ivf.quantizer.search(q, ivf.nprobe)
+    nprobe = min(ivf.nprobe, ivf.nlist)  # FAISS clamps it so: its probe table is that wide
+    coarse, probes = ivf.quantizer.search(q, nprobe)
     scores, ids = [], []
     for cols in _groups(ivf, probes, budget):
         masked = np.full_like(probes, -1)  # FAISS skips a probe of list -1
         masked[:, cols] = probes[:, cols]
-        sc, rw = ivf.search_preassigned(q, k, masked, coarse)
+        scores.append(np.empty((len(q), k), np.float32))
+        ids.append(np.empty((len(q), k), np.int64))
+        ptr = faiss.swig_ptr  # the C call: the Python one asserts a table nprobe wide
+        ivf.search_preassigned_c(
+            len(q), ptr(q), k, ptr(masked), ptr(coarse), ptr(scores[-1]), ptr(ids[-1]), False
+        )
         release_pages(index)
-        scores.append(sc)
-        ids.append(rw)
     return _top_k(np.concatenate(scores, axis=1), np.concatenate(ids, axis=1), k)
 
 

@@ -65,6 +65,7 @@ def summary(path: Path, manifest: dict[str, Any], conditioning: dict[str, Any]) 
         "indexes": m["indexes"],
         "versions": m["versions"],
         "build_seconds": m.get("build_seconds"),
+        "data_seconds": m.get("data_seconds"),  # a build's own: reading vs waiting for data
         "conditioning": conditioning,
         "fidelity": m.get("fidelity"),  # None for indexes built before it was measured
         "kernel": m.get("kernel"),  # None for indexes built before it (gradindex kernel)

@@ -151,12 +151,15 @@ def image_files(folder: Path) -> list[str]:
     found, todo = [], [(str(folder), "")]
     while todo:
         where, rel = todo.pop()
-        with os.scandir(where) as entries:
-            for e in entries:
-                if e.is_dir(follow_symlinks=False):
-                    todo.append((e.path, rel + e.name + os.sep))
-                elif os.path.splitext(e.name)[1].lower() in IMAGE_SUFFIXES and e.is_file():
-                    found.append(rel + e.name)
+        try:
+            with os.scandir(where) as entries:
+                for e in entries:
+                    if e.is_dir(follow_symlinks=False):
+                        todo.append((e.path, rel + e.name + os.sep))
+                    elif os.path.splitext(e.name)[1].lower() in IMAGE_SUFFIXES and e.is_file():
+                        found.append(rel + e.name)
+        except OSError as exc:  # an unreadable sub-folder: never silently fewer rows
+            raise DataError(f"{where}: cannot list it ({exc.strerror or exc})") from None
     return sorted(found)
 
 

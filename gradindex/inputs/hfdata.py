@@ -105,8 +105,6 @@ class ParquetTable:
 class HFSource(DataSource):
     """A Hugging Face dataset's image column (and caption / label / id columns) as a source."""
 
-    decodes = True
-
     def __init__(
         self,
         path: str | Path,
@@ -124,6 +122,8 @@ class HFSource(DataSource):
         if self.table.num_rows == 0:
             raise DataError(f"{path}: the dataset is empty: no images to index")
         self.image_column = self._column(image_column, IMAGE_COLUMNS, "image", required=True)
+        first = self.table.column(self.image_column, 0, 1)[0]
+        self.decodes = isinstance(first, dict)  # an Image feature's encoded files, not arrays
         ids = self._column(id_column, ID_COLUMNS, "id")
         n = self.table.num_rows
         self.ids = (

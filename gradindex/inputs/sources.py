@@ -134,10 +134,12 @@ class DataSource:
         return RowView(self, start, stop)
 
     def data_range(self) -> tuple[float, float]:
-        """The value range (``data.resolve_data_range``'s rule): uint8 without reading; floats
-        from their min / max, a batch at a time."""
+        """The value range (``data.resolve_data_range``'s rule): uint8, and decoded files (their
+        16-bit pixels come scaled into [0, 1]), without reading; floats from their min / max."""
         if self.dtype == np.uint8:
             return UINT8_RANGE
+        if self.decodes:  # every shard and process agrees without decoding the data set
+            return (0.0, 1.0)
         lo = hi = None
         for start in range(0, len(self), RANGE_BATCH):
             a, b = value_bounds(self.read(start, start + RANGE_BATCH))
@@ -356,10 +358,9 @@ def prefetch(
     timing: dict[str, float] | None = None,
 ) -> Iterator[tuple[int, int, np.ndarray]]:
     """(start, stop, rows) for each span, read ``depth`` spans ahead in a background thread:
-    the next batch decodes while this one is featurized. A read error is raised here.
-    ``timing``, when given, gets ``reading_s`` (the reader's seconds in ``source.read``) and
-    ``waiting_s`` (the consumer's seconds blocked on the next batch: near 0 when decoding keeps
-    up, the whole reading time when it does not overlap at all)."""
+    the next batch decodes while this one is featurized. A read error is raised here. ``timing``
+    gets ``reading_s`` (seconds in ``source.read``) and ``waiting_s`` (seconds the consumer
+    waited for a batch: near 0 when decoding keeps up)."""
     box: queue.Queue = queue.Queue(maxsize=depth)
     stop_flag = threading.Event()
     clock = {"reading_s": 0.0, "waiting_s": 0.0}

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from gradindex.build import build_index
-from gradindex.errors import IndexStateError, ModelError, SpecError
+from gradindex.errors import DataError, IndexStateError, ModelError, SampleStopError, SpecError
 from gradindex.index.layout import MANIFEST, VECTORS
 from gradindex.index.lifecycle import check_writable, folder_lock, staging_folder, swap_in
 from gradindex.index.records import check_fingerprints
@@ -114,7 +114,7 @@ def _add(
             "first_row": len(old_ids),
             "seconds": round(time.perf_counter() - started, 3),
         }
-        base = {k: v for k, v in manifest.items() if k != "files"}
+        base = {k: v for k, v in manifest.items() if k not in ("files", "data_seconds")}
         stage = staging_folder(target)
         assemble(
             stage,
@@ -126,6 +126,10 @@ def _add(
             started,
         )
         swap_in(stage, target)
+    except SampleStopError as exc:  # its advice (--resume) is the build's: add has none
+        raise DataError(
+            f"{exc.sample}; nothing was added: fix the file and run add again"
+        ) from None
     except BaseException:
         if stage is not None and (target / MANIFEST).exists():  # the stage is no only copy
             shutil.rmtree(stage, ignore_errors=True)

@@ -97,7 +97,7 @@ def merge_shards(
 
     with folder_lock(out):
         check_target(out, overwrite)
-        base = {k: v for k, v in parts[0][1].items() if k != "shard"}
+        base = {k: v for k, v in parts[0][1].items() if k not in ("shard", "data_seconds")}
         extra = {
             "merged_from": [
                 {"path": str(p.resolve()), "start": m["shard"]["start"], "stop": m["shard"]["stop"]}
