@@ -302,3 +302,68 @@ def test_query_vectors_that_are_not_a_real_matrix_are_one_line(tmp_path, uint8_i
         res = run("query", uint8_index.path, tmp_path / f"{name}.npy", "--vectors")
         assert res.exit_code == 1 and "Traceback" not in res.output, res.output
         assert error_line(res).startswith(f"Error: {tmp_path / name}.npy: query vectors")
+
+
+@pytest.mark.parametrize(
+    "mode,bits",
+    [("1", 1), ("L", 8), ("L", 4), ("LA", 8), ("P", 8), ("RGB", 8), ("RGBA", 8), ("I;16", 16),
+     ("RGB", 16), ("LA", 16)],
+)  # fmt: skip
+def test_a_png_header_reads_as_pil_opens_it(tmp_path, monkeypatch, mode, bits):
+    """image_header's 33-byte IHDR path gives the mode and size PIL's Image.open gives, for
+    every PNG colour type and the bit depths PIL writes (and ones it only reads, written by
+    hand: 4-bit gray, 16-bit RGB and gray + alpha)."""
+    import struct
+    import zlib
+
+    from gradindex.inputs.files import image_header
+
+    path = tmp_path / "a.png"
+    if bits in (8, 1) or mode == "I;16":
+        size = (7, 5)
+        Image.new(mode, size).save(path)
+    else:  # a valid header and one row of pixels in a depth PIL does not write
+        color = {"L": 0, "RGB": 2, "LA": 4}[mode]
+        ihdr = struct.pack(">IIBBBBB", 3, 2, bits, color, 0, 0, 0)
+        row = bytes(1 + (3 * bits * {0: 1, 2: 3, 4: 2}[color] + 7) // 8)
+
+        def chunk(kind, data):
+            return (
+                struct.pack(">I", len(data))
+                + kind
+                + data
+                + struct.pack(">I", zlib.crc32(kind + data))
+            )
+
+        path.write_bytes(
+            b"\x89PNG\r\n\x1a\n"
+            + chunk(b"IHDR", ihdr)
+            + chunk(b"IDAT", zlib.compress(row * 2))
+            + chunk(b"IEND", b"")
+        )
+        size = (3, 2)
+    with Image.open(path) as im:
+        want = (im.mode, (im.size[1], im.size[0]))
+    assert want[1] == (size[1], size[0])
+
+    def no_pil(*_a, **_k):
+        raise AssertionError("a PNG header is read without Image.open")
+
+    monkeypatch.setattr(Image, "open", no_pil)
+    assert image_header(path) == want
+
+
+def test_a_png_with_a_broken_header_or_another_format_goes_through_pil(tmp_path):
+    from gradindex.inputs.files import image_header
+
+    Image.new("RGB", (6, 4)).save(tmp_path / "a.jpg")
+    assert image_header(tmp_path / "a.jpg") == ("RGB", (4, 6))
+    Image.new("L", (6, 4)).save(tmp_path / "b.png")
+    data = bytearray((tmp_path / "b.png").read_bytes())
+    data[17] ^= 0xFF  # the width, so the IHDR's CRC no longer matches: PIL refuses the file
+    (tmp_path / "b.png").write_bytes(bytes(data))
+    with pytest.raises(OSError):
+        image_header(tmp_path / "b.png")
+    (tmp_path / "c.png").write_bytes(b"\x89PNG\r\n\x1a\n")  # the signature alone
+    with pytest.raises(OSError):
+        image_header(tmp_path / "c.png")

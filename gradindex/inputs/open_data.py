@@ -27,7 +27,8 @@ import torch
 
 from gradindex.errors import DataError
 from gradindex.inputs.conditioning import ConditioningData, load_conditioning, read_inputs
-from gradindex.inputs.data import IMAGE_SUFFIXES, array_file_errors, load_images
+from gradindex.inputs.data import array_file_errors, load_images
+from gradindex.inputs.files import IMAGE_SUFFIXES
 from gradindex.inputs.hfdata import HFSource, is_hf_folder
 from gradindex.inputs.sources import ArraySource, DataSource, FolderSource, H5Source, NpySource
 from gradindex.inputs.tars import TarSource, is_tar_pattern

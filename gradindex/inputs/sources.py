@@ -27,15 +27,14 @@ import numpy as np
 from gradindex.errors import DataError
 from gradindex.inputs.data import (
     GRAY_MODES,
-    IMAGE_SUFFIXES,
     UINT8_RANGE,
     WIDE_MODES,
     decode_image,
-    image_files,
     range_of_bounds,
     to_nchw,
     value_bounds,
 )
+from gradindex.inputs.files import IMAGE_SUFFIXES, image_files, image_header
 
 RANGE_BATCH = 4096  # rows per read when scanning a float source for its value range
 
@@ -323,16 +322,13 @@ def _scan_headers(
 ) -> tuple[int, bool, tuple[int, int]]:
     """(channels, any 16-bit file, the one H x W) from each file's header: 1 channel when all
     are grayscale; mixed sizes refused naming the usual size and an odd file."""
-    from PIL import Image
-
     gray, wide, sizes = True, False, Counter()
     odd: dict[tuple[int, int], str] = {}
     for name in names:
         try:
-            with Image.open(os.path.join(folder, str(name))) as im:
-                gray &= im.mode in GRAY_MODES
-                wide |= im.mode in WIDE_MODES
-                hw = (im.size[1], im.size[0])
+            mode, hw = image_header(os.path.join(folder, str(name)))
+            gray &= mode in GRAY_MODES
+            wide |= mode in WIDE_MODES
         except OSError as exc:
             why = f"{folder / str(name)}: not a readable image ({exc})"
             if skipped is None:

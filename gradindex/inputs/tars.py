@@ -21,7 +21,8 @@ from typing import BinaryIO
 import numpy as np
 
 from gradindex.errors import DataError
-from gradindex.inputs.data import IMAGE_SUFFIXES, decode_image
+from gradindex.inputs.data import decode_image
+from gradindex.inputs.files import IMAGE_SUFFIXES
 from gradindex.inputs.sources import DataSource
 
 CAPTION_EXT = ".txt"

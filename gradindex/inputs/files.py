@@ -1,0 +1,63 @@
+"""Image files on disk, before any pixel is decoded: the files of a folder (``image_files``)
+and one file's mode and size from its header (``image_header``).
+
+Why a module of its own: opening a folder of 10^6-10^8 small images is dominated by these two,
+per file, in every process that opens it (a build, each shard, serve), so both avoid building
+Python objects they do not need. Decoding pixels is ``gradindex.inputs.data.decode_image``.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import zlib
+from pathlib import Path
+
+from gradindex.errors import DataError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+
+def image_files(folder: Path) -> list[str]:
+    """The image files under ``folder`` (sub-folders too, symlinked folders not followed) as
+    sorted relative paths. One ``os.scandir`` per folder: a tenth of ``rglob``'s time, which
+    builds a Path and stats each file (0.05 s per 1,500 files here)."""
+    found, todo = [], [(str(folder), "")]
+    while todo:
+        where, rel = todo.pop()
+        try:
+            with os.scandir(where) as entries:
+                for e in entries:
+                    if e.is_dir(follow_symlinks=False):
+                        todo.append((e.path, rel + e.name + os.sep))
+                    elif os.path.splitext(e.name)[1].lower() in IMAGE_SUFFIXES and e.is_file():
+                        found.append(rel + e.name)
+        except OSError as exc:  # an unreadable sub-folder: never silently fewer rows
+            raise DataError(f"{where}: cannot list it ({exc.strerror or exc})") from None
+    return sorted(found)
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def image_header(path: str | os.PathLike[str]) -> tuple[str, tuple[int, int]]:
+    """(PIL mode, (H, W)) of an image file, from its header; OSError when it is no readable
+    image. A PNG's comes from its first 33 bytes (the IHDR chunk, CRC checked) through PIL's
+    own table of modes: a sixth of ``Image.open``'s time (20 vs 140 us a file here), which
+    is most of opening a folder of small images. Other formats go through ``Image.open``."""
+    from PIL import Image, PngImagePlugin
+
+    with open(path, "rb") as f:
+        head = f.read(33)
+    if len(head) == 33 and head[:8] == PNG_SIGNATURE and head[12:16] == b"IHDR":
+        width, height, depth, color = struct.unpack(">IIBB", head[16:26])
+        mode = getattr(PngImagePlugin, "_MODES", {}).get((depth, color))
+        if (
+            mode
+            and width
+            and height
+            and zlib.crc32(head[12:29]) == struct.unpack(">I", head[29:])[0]
+        ):
+            return mode[0], (height, width)
+    with Image.open(path) as im:  # other formats, and any PNG the table does not cover
+        return im.mode, (im.size[1], im.size[0])
