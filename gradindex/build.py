@@ -45,6 +45,7 @@ from gradindex.inputs.data import to_model_input
 from gradindex.inputs.devices import resolve_device
 from gradindex.inputs.models import Checkpoint, CheckpointSource, load_checkpoints, with_model
 from gradindex.inputs.open_data import open_inputs
+from gradindex.inputs.run_records import resolve_from_run
 from gradindex.inputs.slices import shard_rows
 from gradindex.query import AttributionIndex
 from gradindex.spec import BuildSpec
@@ -87,6 +88,7 @@ def build_index(
     shard: tuple[int, int] | None = None,
     fidelity_sample: int = DEFAULT_SAMPLE,
     data_options: Mapping[str, Any] | None = None,
+    run_records: bool = True,
 ) -> AttributionIndex:
     """Build an attribution index over ``data`` at ``checkpoints`` into the folder ``out``.
 
@@ -107,7 +109,12 @@ def build_index(
     ``gradindex.featurize.fidelity``; 0 skips it). data_options: how ``data`` is read, for
     ``gradindex.inputs.open_data.open_source``: a Hugging Face dataset's ``image_column``,
     ``caption_column``, ``label_column``, ``id_column``, ``split``, and ``on_error`` ('raise',
-    or 'skip': bad samples left out and listed); recorded in the manifest.
+    or 'skip': bad samples left out and listed); recorded in the manifest. run_records: fill
+    the loss settings (``snr_weighting``, ``snr_gamma``, ``noise_offset``,
+    ``input_perturbation``) that the checkpoints' training run logged (TensorBoard hparams) where
+    ``spec`` leaves them at their defaults (``gradindex.inputs.run_records``); what was taken
+    from where, and how ``checkpoint_weights='auto'`` was resolved, is in the manifest's
+    ``run_records``.
     """
     started = time.perf_counter()
     device = resolve_device(device)
@@ -116,6 +123,7 @@ def build_index(
     ckpts = load_checkpoints(
         with_model(checkpoints, model), scheduler, base_model, spec.precondition
     )
+    spec, run = resolve_from_run(spec, ckpts, run_records)
     spec = _check_checkpoints(spec, ckpts)
     conditioner = Conditioner.for_checkpoints(ckpts, base_model, spec.latents, spec.seed, device)
     spec, rows = _read_rows(
@@ -125,7 +133,7 @@ def build_index(
     cond_record = conditioner.record(rows.cond)
     embedder = Embedder(ckpts, spec, device)
     check_kind(index, embedder.dim, target_recall)
-    plan = Plan(spec, ckpts, conditioner, rows, embedder, base_model, cond_record)
+    plan = Plan(spec, ckpts, conditioner, rows, embedder, base_model, cond_record, run)
 
     state = build_state(plan)
     target = Path(out)

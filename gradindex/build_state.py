@@ -66,6 +66,7 @@ class Plan:
     embedder: Embedder
     base_model: Any  # as given: a folder, a mapping of components, or None
     cond_record: dict[str, Any]  # conditioner.record(rows.cond): what a query repeats
+    run: dict[str, Any] | None = None  # what came from the run's records (run_records.py)
 
 
 def build_state(plan: Plan) -> dict[str, Any]:
@@ -168,6 +169,7 @@ def model_record(plan: Plan) -> dict[str, Any]:
         else None,
         "prediction_type": ckpts[0].prediction_type,
         "timesteps": spec.timestep_values(),
+        "run_records": plan.run,
     }
 
 

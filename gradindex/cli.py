@@ -20,6 +20,7 @@ import numpy as np
 from gradindex.errors import GradIndexError
 from gradindex.spec import (
     LATENT_MODES,
+    LOSS_WEIGHTINGS,
     LOSSES,
     PRECONDITIONERS,
     RESIZE_MODES,
@@ -83,7 +84,9 @@ _CHOICES = {
     "resize": RESIZE_MODES,
     "latents": LATENT_MODES,
     "precondition": PRECONDITIONERS,
+    "snr_weighting": LOSS_WEIGHTINGS,
 }
+_FLOATS = ("snr_gamma", "noise_offset", "input_perturbation")
 _SKIP = {"num_train_timesteps"}
 
 
@@ -159,6 +162,8 @@ def _spec_options(func: Any) -> Any:
             opt = click.option(name, type=str, multiple=True, help=help_text + " Repeatable.")
         elif f.name == "data_range":
             opt = click.option(name, type=(float, float), default=None, help=help_text)
+        elif f.name in _FLOATS:
+            opt = click.option(name, type=float, default=None, help=help_text)
         else:
             opt = click.option(name, type=int, default=None, help=help_text)
         func = opt(func)
@@ -203,11 +208,23 @@ def _spec_from_options(config: str | None, options: dict[str, Any]) -> BuildSpec
             parts = [p for p in value.split(",") if p.strip()]
             value = int(parts[0]) if len(parts) == 1 else [int(p) for p in parts]
         elif f.name == "checkpoint_weights":
-            value = [float(p) for p in value.split(",") if p.strip()]
+            value = "auto" if value.strip() == "auto" else _numbers(value, "--checkpoint-weights")
         elif f.name == "params":
             value = list(value)
         base[f.name] = value
+    if base.get("snr_gamma") is not None and base.get("snr_weighting", "none") == "none":
+        base["snr_weighting"] = "min_snr"  # --snr-gamma alone: the scripts' min-SNR weighting
     return BuildSpec.from_dict(base)
+
+
+def _numbers(text: str, option: str) -> list[float]:
+    """Comma-separated numbers of an option, or a SpecError naming it."""
+    from gradindex.errors import SpecError
+
+    try:
+        return [float(p) for p in text.split(",") if p.strip()]
+    except ValueError:
+        raise SpecError(f"{option} {text!r}: give comma-separated numbers or 'auto'") from None
 
 
 @main.command()
@@ -902,6 +919,7 @@ _INFO_KEYS = {
     "conditioning",
     "fidelity",
     "kernel",
+    "run_records",
 }
 
 
@@ -940,6 +958,8 @@ def format_info(info: dict[str, Any]) -> list[str]:
         add("conditioning", f"{cond['kind']}  {', '.join(extra)}".rstrip())
     for c in info["checkpoints"]:
         add("checkpoint", f"{c['source']}  w={c['weight']:g}  {c['fingerprint']}")
+    for label, text in _trained_lines(spec, info.get("run_records") or {}):
+        add(label, text)
     if info.get("fidelity"):
         from gradindex.featurize.fidelity import format_fidelity
 
@@ -977,6 +997,24 @@ def format_info(info: dict[str, Any]) -> list[str]:
             f" s), which waited {data['waiting_s']:g} s for it")  # fmt: skip
     for key in sorted(set(info) - _INFO_KEYS):
         add(key, _render(info[key]))
+    return lines
+
+
+def _trained_lines(spec: dict[str, Any], run: dict[str, Any]) -> list[tuple[str, str]]:
+    """The trained loss's weighting, and what the build took from the run's records."""
+    parts = []
+    if spec.get("snr_weighting", "none") == "snr":
+        parts.append("snr(t)")
+    elif spec.get("snr_weighting") == "min_snr":
+        parts.append(f"min-SNR, gamma {spec['snr_gamma']:g}")
+    parts += [
+        f"{k.replace('_', ' ')} {spec[k]:g}" for k in _FLOATS if spec.get(k) and k != "snr_gamma"
+    ]
+    lines = [("loss weight", ", ".join(parts))] if parts else []
+    if run.get("checkpoint_weights"):
+        lines.append(("weights", f"auto, {run['checkpoint_weights']['method']}"))
+    for name, origin in (run.get("taken") or {}).items():
+        lines.append(("from run", f"{name}={spec.get(name)!r}: {origin}"))
     return lines
 
 

@@ -5,6 +5,7 @@ Holds:
 - ``BuildSpec.draws(sample_shape)``: the K·M (timestep, noise) draws, identical for every
   sample (common random numbers), so a training image embedded at query time reproduces its
   stored row exactly.
+- ``BuildSpec.input_noise(sample_shape)``: the noise x_t is made from under input perturbation.
 - ``draw_seed``: the seed of one draw, a pure function of (seed, k, m).
 """
 
@@ -31,6 +32,7 @@ STORE_DTYPES = ("float32", "float16")
 RESIZE_MODES = ("bilinear", "nearest", "error")
 LATENT_MODES = ("mean", "sample")
 PRECONDITIONERS = ("none", "adam")
+LOSS_WEIGHTINGS = ("none", "snr", "min_snr")  # gradindex.featurize.losses.loss_weights
 MAX_ROW_DIM = 1 << 20
 """The most columns a stored row may have: FAISS (1.15) reads no index of more dimensions
 (index_read.cpp: d < 2^20 + 1) though it writes one, so a wider index would be built in full,
@@ -39,7 +41,13 @@ NOT_IDENTITY = ("batch_size",)
 """Fields that change how rows are computed, not what they are (equal up to float32 summation
 order): left out of the fingerprint, so a build resumed or a shard rebuilt with another batch
 size (e.g. a smaller one after running out of memory) is the same index."""
-OMITTED_AT_DEFAULT = {"precondition": "none"}
+OMITTED_AT_DEFAULT = {
+    "precondition": "none",
+    "snr_weighting": "none",
+    "snr_gamma": None,
+    "noise_offset": 0.0,
+    "input_perturbation": 0.0,
+}
 """Fields added after indexes were built without them: left out of ``to_dict`` (so of the JSON
 and the fingerprint) at their default, so those indexes keep their fingerprint; a dict without
 them reads as the default."""
@@ -75,8 +83,10 @@ class BuildSpec:
     params: tuple[str, ...] | None = _help(
         "Glob patterns of parameter names to take gradients over (default: all).", None
     )
-    checkpoint_weights: tuple[float, ...] | None = _help(
-        "TracIn weight w_c per checkpoint (learning rate × steps between checkpoints); default 1.",
+    checkpoint_weights: tuple[float, ...] | str | None = _help(
+        "TracIn weight w_c per checkpoint (learning rate × steps between checkpoints); default 1. "
+        "'auto': the learning-rate sums between checkpoints from the run's own records (logged "
+        "learning rates, else each checkpoint's scheduler state), resolved when the build starts.",
         None,
     )
     batch_size: int = _help("Training samples per gradient batch.", 16)
@@ -100,6 +110,19 @@ class BuildSpec:
         "'adam' (TrackStar): 1/(sqrt(v̂)+eps) from the Adam second moment in each checkpoint's "
         "optimizer.bin.",
         "none",
+    )
+    snr_weighting: str = _help(
+        "Weight of each sample's loss by timestep, as the run trained: 'none'; 'snr' "
+        "(train_unconditional.py with --prediction_type sample: snr(t)); 'min_snr' (the "
+        "text-to-image scripts' --snr_gamma: min(snr, gamma)/snr, /(snr+1) for v-prediction).",
+        "none",
+    )
+    snr_gamma: float | None = _help("gamma of 'min_snr' (the scripts' --snr_gamma, e.g. 5).", None)
+    noise_offset: float = _help(
+        "The run's --noise_offset: each noise draw gets offset·N(0, 1) added per channel.", 0.0
+    )
+    input_perturbation: float = _help(
+        "The run's --input_perturbation p: x_t from ε + p·N(0, 1), the target from ε.", 0.0
     )
     num_train_timesteps: int | None = _help(
         "The scheduler's training range T (filled from the scheduler at build time).", None
@@ -152,13 +175,16 @@ class BuildSpec:
             not self.params or not all(isinstance(p, str) and p for p in self.params)
         ):
             raise bad("params", "must be a non-empty list of glob patterns such as 'up_blocks.*'")
-        if self.checkpoint_weights is not None:
+        if self.checkpoint_weights is not None and self.checkpoint_weights != "auto":
             w = self.checkpoint_weights
-            if not w or not all(
-                isinstance(x, (int, float)) and np.isfinite(x) and x > 0 for x in w
+            if (
+                isinstance(w, str)
+                or not w
+                or not all(isinstance(x, (int, float)) and np.isfinite(x) and x > 0 for x in w)
             ):
                 raise bad(
-                    "checkpoint_weights", "must be positive finite numbers, one per checkpoint"
+                    "checkpoint_weights",
+                    "must be 'auto' or positive finite numbers, one per checkpoint",
                 )
             object.__setattr__(self, "checkpoint_weights", tuple(float(x) for x in w))
         if not _is_int(self.batch_size) or self.batch_size <= 0:
@@ -181,6 +207,7 @@ class BuildSpec:
                 "precondition",
                 "'adam' needs a dense projection, not 'kronecker' (a diagonal scaling is not Kronecker-factored)",
             )
+        self._validate_loss_weighting(bad)
         if self.num_train_timesteps is not None:
             if not _is_int(self.num_train_timesteps) or self.num_train_timesteps <= 0:
                 raise bad("num_train_timesteps", "must be a positive integer")
@@ -193,6 +220,21 @@ class BuildSpec:
                 raise bad(
                     "timesteps", f"count exceeds the {self.num_train_timesteps} training timesteps"
                 )
+
+    def _validate_loss_weighting(self, bad: Any) -> None:
+        if self.snr_weighting not in LOSS_WEIGHTINGS:
+            raise bad("snr_weighting", f"must be one of {', '.join(LOSS_WEIGHTINGS)}")
+        if self.snr_weighting == "min_snr":
+            if not _is_number(self.snr_gamma) or not self.snr_gamma > 0:
+                raise bad("snr_gamma", "snr_weighting='min_snr' needs a positive finite gamma")
+            object.__setattr__(self, "snr_gamma", float(self.snr_gamma))
+        elif self.snr_gamma is not None:
+            raise bad("snr_gamma", "is the gamma of snr_weighting='min_snr'; set that too")
+        for name in ("noise_offset", "input_perturbation"):
+            value = getattr(self, name)
+            if not _is_number(value) or value < 0:
+                raise bad(name, "must be a finite number >= 0 (0: off)")
+            object.__setattr__(self, name, float(value))
 
     # -- draws ------------------------------------------------------------------------------
 
@@ -220,20 +262,41 @@ class BuildSpec:
 
     def draws(self, sample_shape: Sequence[int]) -> list[tuple[int, torch.Tensor]]:
         """The K·M (timestep, noise) draws in order (k major, m minor); noise is float32 of
-        ``sample_shape`` from a CPU generator seeded only by (seed, k, m)."""
-        out = []
-        for k, t in enumerate(self.timestep_values()):
-            for m in range(self.noise_draws):
-                gen = torch.Generator().manual_seed(draw_seed(self.seed, k, m))
-                out.append(
-                    (t, torch.randn(tuple(sample_shape), generator=gen, dtype=torch.float32))
-                )
-        return out
+        ``sample_shape`` (C, H, W) from a CPU generator seeded only by (seed, k, m): ε, plus
+        noise_offset · N(0, 1) of shape (C, 1, 1) drawn next from the same generator (the
+        target's noise, as the scripts' ``noise += offset * randn(B, C, 1, 1)``)."""
+        return [(t, self._noise(k, m, sample_shape)[0]) for k, m, t in self._draw_index()]
+
+    def input_noise(self, sample_shape: Sequence[int]) -> list[torch.Tensor] | None:
+        """Per draw, the noise x_t is made from: ε + input_perturbation · ξ, ξ ~ N(0, 1) drawn
+        after ε (and its offset) from the draw's generator; None when input_perturbation is 0."""
+        if not self.input_perturbation:
+            return None
+        return [self._noise(k, m, sample_shape)[1] for k, m, _ in self._draw_index()]
+
+    def _draw_index(self) -> list[tuple[int, int, int]]:
+        """(k, m, t_k) of every draw, k major."""
+        ts, M = self.timestep_values(), self.noise_draws
+        return [(k, m, t) for k, t in enumerate(ts) for m in range(M)]
+
+    def _noise(self, k: int, m: int, shape: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Draw (k, m)'s target noise and input noise, in the scripts' order of random calls."""
+        gen = torch.Generator().manual_seed(draw_seed(self.seed, k, m))
+        eps = torch.randn(tuple(shape), generator=gen, dtype=torch.float32)
+        if self.noise_offset:
+            offset = torch.randn((shape[0], 1, 1), generator=gen, dtype=torch.float32)
+            eps = eps + self.noise_offset * offset
+        if not self.input_perturbation:
+            return eps, eps
+        xi = torch.randn(tuple(shape), generator=gen, dtype=torch.float32)
+        return eps, eps + self.input_perturbation * xi
 
     def weights(self, num_checkpoints: int) -> tuple[float, ...]:
         """w_c for each checkpoint, checking the count matches."""
         if self.checkpoint_weights is None:
             return (1.0,) * num_checkpoints
+        if self.checkpoint_weights == "auto":
+            raise SpecError("BuildSpec.checkpoint_weights='auto' is resolved by build_index")
         if len(self.checkpoint_weights) != num_checkpoints:
             raise SpecError(
                 f"BuildSpec.checkpoint_weights has {len(self.checkpoint_weights)} values for "
@@ -327,6 +390,10 @@ def draw_seed(seed: int, k: int, m: int) -> int:
     """A 63-bit seed that depends only on (seed, k, m) (numpy SeedSequence mixing)."""
     state = np.random.SeedSequence([int(seed), int(k), int(m)]).generate_state(2, dtype=np.uint32)
     return int((int(state[0]) << 31) ^ int(state[1]))
+
+
+def _is_number(x: Any) -> bool:
+    return (_is_int(x) or isinstance(x, (float, np.floating))) and bool(np.isfinite(x))
 
 
 def _is_int(x: Any) -> bool:

@@ -30,7 +30,7 @@ import torch
 from torch.func import functional_call, grad, vmap
 
 from gradindex.errors import ModelError, SpecError
-from gradindex.featurize.losses import diffusion_loss, item_loss_fn
+from gradindex.featurize.losses import diffusion_loss, item_loss_fn, loss_weights
 from gradindex.featurize.persample import HookGradients
 from gradindex.featurize.scratch import scratch
 from gradindex.featurize.taps import HookError
@@ -65,12 +65,14 @@ def noisy_input_and_target(
     t: torch.Tensor,
     alphas_cumprod: torch.Tensor,
     prediction_type: str,
+    eps_in: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """x_t = √ᾱ_t x0 + √(1-ᾱ_t) ε and the regression target of the scheduler's prediction type.
-    Shapes: x0, eps [I, C, H, W]; t [I] (long)."""
+    """x_t = √ᾱ_t x0 + √(1-ᾱ_t) ε_in and the regression target of the scheduler's prediction
+    type, made from ε (ε_in = ε unless the run trained with input perturbation).
+    Shapes: x0, eps, eps_in [I, C, H, W]; t [I] (long)."""
     a = alphas_cumprod.to(x0.device, x0.dtype)[t].view(-1, 1, 1, 1)
     sa, s1a = a.sqrt(), (1.0 - a).sqrt()
-    x_t = sa * x0 + s1a * eps
+    x_t = sa * x0 + s1a * (eps if eps_in is None else eps_in)
     if prediction_type == "epsilon":
         target = eps
     elif prediction_type == "v_prediction":
@@ -145,6 +147,9 @@ class GradientFeaturizer:
         self.num_params = sum(p.numel() for p in self.params.values())
         self.row_dim = self.num_params  # width of the featurize output (projected ones: d)
         self.scale = _preconditioner(checkpoint, spec, self.param_names, self.device)  # [p]
+        weights = loss_weights(spec, checkpoint.scheduler, checkpoint.prediction_type)  # [T]
+        self.loss_weight = None if weights is None else weights.to(self.device)
+        self._input_noise: dict[tuple[int, ...], list[torch.Tensor] | None] = {}
         self._per_item_grad = vmap(grad(self._item_loss), in_dims=(None, 0, 0, 0, 0))
         self._hooks: HookGradients | None = None
         supported = HookGradients.supports(self.model, self.param_names)
@@ -246,22 +251,26 @@ class GradientFeaturizer:
         """The items of timesteps ``ks`` for samples x0 [B, C, H, W], ordered (k, b, m) (a
         reshape gives [k, B, M, ...]): x_t, t, the regression target, the conditioning."""
         M, B = self.spec.noise_draws, x0.shape[0]
-        eps = torch.stack([draws[k * M + m][1] for k in ks for m in range(M)]).to(
-            self.device
-        )  # [k·M, C, H, W]
         shape = x0.shape[1:]  # (C, H, W)
-        eps_rep = eps.view(len(ks), 1, M, *shape).expand(
-            -1, B, -1, -1, -1, -1
-        )  # [k, B, M, C, H, W]
+
+        def per_item(noise: list[torch.Tensor]) -> torch.Tensor:  # [k·M, C, H, W] → items
+            eps = torch.stack([noise[k * M + m] for k in ks for m in range(M)]).to(self.device)
+            rep = eps.view(len(ks), 1, M, *shape).expand(-1, B, -1, -1, -1, -1)  # [k, B, M, ...]
+            return rep.reshape(-1, *shape)
+
+        eps_rep = per_item([eps for _, eps in draws])
+        inputs = self._perturbed(tuple(shape))
+        eps_in = None if inputs is None else per_item(inputs)
         x_rep = x0.view(1, B, 1, *shape).expand(len(ks), -1, M, -1, -1, -1)  # [k, B, M, C, H, W]
         ts = torch.tensor([[draws[k * M + m][0] for m in range(M)] for k in ks], device=self.device)
         t_rep = ts.view(len(ks), 1, M).expand(-1, B, -1).reshape(-1)  # [k·B·M] long
         x_t, target = noisy_input_and_target(
             x_rep.reshape(-1, *shape),
-            eps_rep.reshape(-1, *shape),
+            eps_rep,
             t_rep,
             self.alphas_cumprod,
             self.prediction_type,
+            eps_in,
         )
         cond_rep = {  # [B, ...] → [k·B·M, ...], items ordered (k, b, m) like x_t
             name: c.to(self.device)
@@ -271,6 +280,12 @@ class GradientFeaturizer:
             for name, c in (cond or {}).items()
         }
         return x_t, t_rep, target, cond_rep
+
+    def _perturbed(self, shape: tuple[int, ...]) -> list[torch.Tensor] | None:
+        """The spec's input noise per draw for samples of ``shape`` (None: the draws' own)."""
+        if shape not in self._input_noise:
+            self._input_noise[shape] = self.spec.input_noise(shape)
+        return self._input_noise[shape]
 
     def featurize(
         self,
@@ -308,6 +323,12 @@ class GradientFeaturizer:
             x_t, t_rep, target, cond_rep = self._items(x0, draws, ks, cond)
             nk = len(ks)
             blocks, item_norms, sum_norms = self._draw_rows(x_t, t_rep, target, flat, M, cond_rep)
+            if self.loss_weight is not None:  # ∇(w(t)·ℓ) = w(t)·∇ℓ, w ≥ 0
+                w = self.loss_weight[t_rep]  # [I]
+                for _, g in blocks:  # [I, n]
+                    g.mul_(w[:, None])
+                item_norms = None if item_norms is None else item_norms * w
+                sum_norms = None if sum_norms is None else sum_norms * w[::M]
             if self.scale is not None:  # g ← s ⊙ g before norms and aggregation
                 item_norms, sum_norms = None, None
                 for a, g in blocks:  # [I, n]

@@ -6,6 +6,10 @@ its mean over that sample's elements (DESIGN §1). Both backends reduce the same
 - ``item_losses`` / ``item_loss_fn``: a batch's per-item losses [I] (the hook and Kronecker
   backends differentiate their sum in one backward).
 
+- ``loss_weights``: the per-timestep weight of a sample's loss that the run trained with
+  (``BuildSpec.snr_weighting``), from diffusers' own ``training_utils.compute_snr``; the
+  featurizer multiplies each item's gradient by it (the gradient of w(t)·ℓ is w(t)·∇ℓ).
+
 To add a loss: add its elementwise function to ``ELEMENTWISE`` below and its name to
 ``gradindex.spec.LOSSES`` (which checks ``BuildSpec.loss`` and lists the CLI's ``--loss``
 choices); tests/test_losses.py checks the two name the same losses.
@@ -13,11 +17,15 @@ choices); tests/test_losses.py checks the two name the same losses.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+from typing import Any
 
+import torch
 from torch import Tensor
 
-from gradindex.errors import SpecError
+from gradindex.errors import ModelError, SpecError
+from gradindex.spec import BuildSpec
 
 ELEMENTWISE: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
     "mse": lambda output, target: (output - target).pow(2),  # DDPM's training loss
@@ -50,3 +58,33 @@ def item_loss_fn(loss: str) -> Callable[[Tensor, Tensor], Tensor]:
     backward."""
     fn = elementwise(loss)
     return lambda output, target: fn(output, target).flatten(1).mean(1)
+
+
+def loss_weights(spec: BuildSpec, scheduler: Any, prediction_type: str) -> Tensor | None:
+    """w(t) for every training timestep t [T] (float32), or None when the spec weights
+    nothing. snr(t) = ᾱ_t / (1 − ᾱ_t) from ``diffusers.training_utils.compute_snr``:
+    'snr' → snr(t) (train_unconditional.py, sample prediction); 'min_snr' → min(snr, γ) / snr
+    for epsilon, / (snr + 1) for v_prediction, unnormalised for sample (train_text_to_image*.py
+    with --snr_gamma). Refuses weights that are not finite at the spec's timesteps."""
+    if spec.snr_weighting == "none":
+        return None
+    from diffusers.training_utils import compute_snr  # loads only when a weighting is asked
+
+    T = int(scheduler.config.num_train_timesteps)
+    snr = compute_snr(scheduler, torch.arange(T))  # [T] float32
+    if spec.snr_weighting == "snr":
+        weights = snr
+    else:
+        weights = torch.minimum(snr, torch.full_like(snr, float(spec.snr_gamma)))
+        if prediction_type == "epsilon":
+            weights = weights / snr
+        elif prediction_type == "v_prediction":
+            weights = weights / (snr + 1)
+    ts = spec.timestep_values()
+    bad = [t for t, w in zip(ts, weights[torch.tensor(ts)].tolist()) if not math.isfinite(w)]
+    if bad:
+        raise ModelError(
+            f"BuildSpec.snr_weighting={spec.snr_weighting!r} is not finite at timestep(s) {bad[:5]} "
+            "(snr(t) is 0 or infinite there); leave those timesteps out of BuildSpec.timesteps"
+        )
+    return weights.float()

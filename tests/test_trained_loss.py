@@ -1,0 +1,197 @@
+"""The loss a diffusers example trainer minimised is the loss gradindex attributes
+(BuildSpec.snr_weighting / snr_gamma / noise_offset / input_perturbation; issue 25 item 2).
+
+The reference is each script's own loss, written out here as the script computes it (its
+order of random calls, its weights from ᾱ_t), differentiated one sample and one draw at a time
+with torch.autograd; only the draw seeds (seed, k, m) are shared with gradindex, as documented.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gradindex.build import build_index
+from gradindex.errors import SpecError
+from gradindex.spec import BuildSpec, draw_seed
+from tests.conftest import assert_rows_close, scheduler, tiny_unet
+
+N, K, M = 3, 3, 2
+TIMESTEPS = (40, 380, 910)
+
+
+def script_loss(sched, model, x0, t, gen, case):
+    """One sample's loss at timestep t as the named diffusers script computes it."""
+    shape = x0.shape  # (C, H, W)
+    noise = torch.randn(shape, generator=gen)
+    if case.get("noise_offset"):  # noise += offset * randn((bsz, C, 1, 1))
+        noise = noise + case["noise_offset"] * torch.randn((shape[0], 1, 1), generator=gen)
+    x_in = noise
+    if case.get("input_perturbation"):  # new_noise = noise + p * randn_like(noise)
+        x_in = noise + case["input_perturbation"] * torch.randn(shape, generator=gen)
+    tt = torch.tensor([t])
+    noisy = sched.add_noise(x0[None], x_in[None], tt)
+    out = model(noisy, tt).sample
+    ptype = sched.config.prediction_type
+    alpha_t = sched.alphas_cumprod[t]
+    if case["script"] == "unconditional":  # train_unconditional.py, sample prediction
+        snr_weights = alpha_t / (1 - alpha_t)
+        return (snr_weights * F.mse_loss(out.float(), x0[None], reduction="none")).mean()
+    target = noise[None] if ptype == "epsilon" else sched.get_velocity(x0[None], noise[None], tt)
+    loss = F.mse_loss(out.float(), target.float(), reduction="none").mean(dim=[1, 2, 3])
+    if case.get("snr_gamma") is None:
+        return loss.mean()
+    snr = alpha_t / (1 - alpha_t)  # (sqrt(ᾱ) / sqrt(1 - ᾱ))², as compute_snr
+    weight = torch.minimum(snr, torch.tensor(case["snr_gamma"]))
+    weight = weight / snr if ptype == "epsilon" else weight / (snr + 1)
+    return (loss * weight).mean()
+
+
+def reference(model, sched, x0s, case, seed=0):
+    """TracIn / ReTrac rows (identity projection, one checkpoint) and per-draw norms."""
+    params = list(model.parameters())
+    tracin, retrac, norms = [], [], []
+    for x0 in x0s:
+        per_k, n = [], []
+        for k, t in enumerate(TIMESTEPS):
+            gs = []
+            for m in range(M):
+                gen = torch.Generator().manual_seed(draw_seed(seed, k, m))
+                loss = script_loss(sched, model, x0, t, gen, case)
+                g = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)]).double()
+                gs.append(g)
+                n.append(g.norm())
+            per_k.append(torch.stack(gs).mean(0))
+        tracin.append(torch.stack(per_k).mean(0))
+        r = torch.stack([g / g.norm() for g in per_k]).mean(0)
+        retrac.append(r / r.norm())
+        norms.append(torch.stack(n))
+    return [torch.stack(a).numpy() for a in (tracin, retrac, norms)]
+
+
+CASES = {
+    "unconditional --prediction_type sample": (
+        {"script": "unconditional"},
+        "sample",
+        {"snr_weighting": "snr"},
+    ),
+    "text_to_image --snr_gamma 5 --noise_offset 0.1 --input_perturbation 0.1": (
+        {"script": "t2i", "snr_gamma": 5.0, "noise_offset": 0.1, "input_perturbation": 0.1},
+        "epsilon",
+        {"snr_weighting": "min_snr", "snr_gamma": 5.0, "noise_offset": 0.1,
+         "input_perturbation": 0.1},
+    ),  # fmt: skip
+    "text_to_image --snr_gamma 2 v_prediction": (
+        {"script": "t2i", "snr_gamma": 2.0},
+        "v_prediction",
+        {"snr_weighting": "min_snr", "snr_gamma": 2.0},
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_rows_are_gradients_of_the_scripts_own_loss(name, images, backend, tmp_path):
+    case, ptype, fields = CASES[name]
+    model, sched = tiny_unet(3), scheduler(ptype)
+    spec = BuildSpec(
+        projection="identity", timesteps=TIMESTEPS, noise_draws=M, data_range=(0.0, 1.0),
+        batch_size=2, **fields,
+    )  # fmt: skip
+    idx = build_index(
+        checkpoints=[(model, sched)], data=images[:N], out=tmp_path / "idx", spec=spec,
+        progress=False, fidelity_sample=0,
+    )  # fmt: skip
+    x0s = torch.from_numpy(images[:N]) * 2 - 1
+    tracin, retrac, norms = reference(model, sched, x0s, case)
+    assert_rows_close(idx.vectors("tracin"), tracin)
+    assert_rows_close(idx.vectors("retrac"), retrac)
+    assert_rows_close(idx.norms[:, 0], norms)
+
+
+def test_kronecker_rows_carry_the_weighted_loss(images, tmp_path):
+    """The Kronecker featurizer shares the weighting: its exact per-draw norms are those of
+    the weighted loss's gradients, and its ReTrac rows those of the unweighted loss (ReTrac
+    normalises each timestep's mean gradient, so a per-timestep weight cancels)."""
+    case = {"script": "t2i", "snr_gamma": 2.0}
+    model, sched = tiny_unet(3), scheduler("epsilon")
+    rows = {}
+    for name, fields in (("min_snr", {"snr_weighting": "min_snr", "snr_gamma": 2.0}),
+                         ("none", {})):  # fmt: skip
+        spec = BuildSpec(
+            projection="kronecker", proj_dim=64, timesteps=TIMESTEPS, noise_draws=M,
+            data_range=(0.0, 1.0), **fields,
+        )  # fmt: skip
+        rows[name] = build_index(
+            checkpoints=[(model, sched)], data=images[:N], out=tmp_path / name, spec=spec,
+            progress=False, fidelity_sample=0,
+        )  # fmt: skip
+    *_, norms = reference(model, sched, torch.from_numpy(images[:N]) * 2 - 1, case)
+    assert_rows_close(rows["min_snr"].norms[:, 0], norms)
+    assert_rows_close(rows["min_snr"].vectors("retrac"), rows["none"].vectors("retrac"))
+    assert not np.allclose(rows["min_snr"].vectors("tracin"), rows["none"].vectors("tracin"))
+
+
+def test_unweighted_spec_differs_from_the_trained_loss(images, tmp_path):
+    """Guards the test above: without the weighting the rows are not the script's."""
+    model, sched = tiny_unet(3), scheduler("sample")
+    spec = BuildSpec(projection="identity", timesteps=TIMESTEPS, noise_draws=M,
+                     data_range=(0.0, 1.0))  # fmt: skip
+    with pytest.warns(UserWarning, match="--snr-weighting snr"):
+        idx = build_index(
+            checkpoints=[(model, sched)], data=images[:N], out=tmp_path / "idx", spec=spec,
+            progress=False, fidelity_sample=0,
+        )  # fmt: skip
+    _, _, norms = reference(model, sched, torch.from_numpy(images[:N]) * 2 - 1,
+                            CASES["unconditional --prediction_type sample"][0])  # fmt: skip
+    assert not np.allclose(idx.norms[:, 0], norms, rtol=0.1)
+
+
+def test_defaults_keep_existing_fingerprints():
+    """The new fields are left out of the JSON at their defaults, so indexes built before them
+    keep their spec fingerprint; set, they round-trip exactly."""
+    spec = BuildSpec(num_train_timesteps=1000)
+    assert not {"snr_weighting", "snr_gamma", "noise_offset", "input_perturbation"} & set(
+        spec.to_dict()
+    )
+    old = {k: v for k, v in spec.to_dict().items()}
+    assert BuildSpec.from_dict(old).fingerprint() == spec.fingerprint()
+    full = BuildSpec(snr_weighting="min_snr", snr_gamma=5, noise_offset=0.1, input_perturbation=0.2)
+    back = BuildSpec.from_json(full.to_json())
+    assert back == full and back.snr_gamma == 5.0 and isinstance(back.snr_gamma, float)
+    assert back.fingerprint() != BuildSpec().fingerprint()
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"snr_weighting": "min_snr"}, "snr_gamma=None: snr_weighting='min_snr' needs"),
+        ({"snr_gamma": 5.0}, "is the gamma of snr_weighting='min_snr'"),
+        ({"snr_weighting": "min_snr", "snr_gamma": -1.0}, "positive finite gamma"),
+        ({"snr_weighting": "huber"}, "must be one of none, snr, min_snr"),
+        ({"noise_offset": -0.1}, "noise_offset=-0.1: must be a finite number >= 0"),
+        ({"input_perturbation": float("nan")}, "input_perturbation=nan"),
+        ({"checkpoint_weights": "automatic"}, "must be 'auto' or one positive number"),
+    ],
+)
+def test_bad_weighting_fields_are_one_line_spec_errors(fields, message):
+    with pytest.raises(SpecError, match=message.replace("(", r"\(")):
+        BuildSpec(**fields)
+
+
+def test_offset_and_perturbation_draws_follow_the_scripts_order():
+    """ε + offset·randn(C, 1, 1), then ξ from the same generator: the target keeps ε."""
+    spec = BuildSpec(timesteps=(5,), noise_offset=0.3, input_perturbation=0.2)
+    gen = torch.Generator().manual_seed(draw_seed(0, 0, 0))
+    eps = torch.randn(2, 3, 3, generator=gen)
+    eps = eps + 0.3 * torch.randn(2, 1, 1, generator=gen)
+    x_in = eps + 0.2 * torch.randn(2, 3, 3, generator=gen)
+    torch.testing.assert_close(spec.draws((2, 3, 3))[0][1], eps)
+    torch.testing.assert_close(spec.input_noise((2, 3, 3))[0], x_in)
+    plain = BuildSpec(timesteps=(5,))
+    assert plain.input_noise((2, 3, 3)) is None
+    torch.testing.assert_close(
+        plain.draws((2, 3, 3))[0][1],
+        torch.randn(2, 3, 3, generator=torch.Generator().manual_seed(draw_seed(0, 0, 0))),
+    )
