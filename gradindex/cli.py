@@ -302,6 +302,12 @@ def _numbers(text: str, option: str) -> list[float]:
     help="Rows whose stored scores are checked against exact ones at the end of the build "
     "(recorded, shown by info, a warning naming a --proj-dim when below the bar); 0 skips it.",
 )
+@click.option(
+    "--no-run-records",
+    is_flag=True,
+    help="Do not read the training run's TensorBoard records (by default the loss settings it "
+    "logged fill the spec options left unset; see docs/methods.md).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the index summary as JSON.")
 @_data_options
 @_spec_options
@@ -320,6 +326,7 @@ def build(
     labels_file: str | None,
     prompts_file: str | None,
     fidelity_sample: int,
+    no_run_records: bool,
     as_json: bool,
     **spec_options: Any,
 ) -> None:
@@ -353,6 +360,7 @@ def build(
         "overwrite": overwrite,
         "fidelity_sample": fidelity_sample,
         "data_options": data_options or None,
+        "run_records": not no_run_records,
     }
     if world_from_env() is not None:
         if shard:

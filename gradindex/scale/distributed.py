@@ -79,6 +79,7 @@ def distributed_build(
     keep_shards: bool = False,
     fidelity_sample: int = 32,
     data_options: Mapping[str, Any] | None = None,
+    run_records: bool = True,
 ) -> AttributionIndex | None:
     """Build ``out`` with every rank of the process group (initialised here from the launcher's
     environment unless the caller already did). Returns the index on rank 0, None elsewhere.
@@ -96,8 +97,7 @@ def distributed_build(
         seconds = float(os.environ.get("GRADINDEX_DIST_TIMEOUT_S", DEFAULT_TIMEOUT_S))
         dist.init_process_group("gloo", timeout=timedelta(seconds=seconds))
     rank, world = dist.get_rank(), dist.get_world_size()
-    out = Path(out)
-    spec = spec or BuildSpec()
+    out, spec = Path(out), spec or BuildSpec()
     folders = [shard_root(out) / f"rank-{r:05d}-of-{world:05d}" for r in range(world)]
     if device == "cuda":
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
@@ -118,6 +118,7 @@ def distributed_build(
                 target_recall=target_recall,
                 device=device,
                 resume=resume,
+                run_records=run_records,
                 overwrite=overwrite and not resume,  # --resume keeps unfinished shards
                 progress=progress and rank == 0,
                 shard=(rank, world),

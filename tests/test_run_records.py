@@ -1,0 +1,217 @@
+"""A training run's own records (gradindex.inputs.run_records; issue 25 items 2 and 5).
+
+The runs here are made the way diffusers' example trainers make them: accelerate's Accelerator
+with the TensorBoard tracker (``init_trackers(project, config)``, ``accelerator.log``),
+``save_state`` into ``checkpoint-<step>/`` with the scripts' save hook (``unet/``), an AdamW
+optimizer under diffusers' cosine-with-warm-up schedule, the final pipeline in the output
+folder. The learning rates a test expects are the ones the training loop itself saw.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from gradindex.cli import main
+from gradindex.errors import ModelError, SpecError
+from gradindex.inputs.run_records import (
+    RunRecord,
+    auto_weights,
+    read_run,
+    resolve_from_run,
+    spec_from_run,
+)
+from gradindex.spec import BuildSpec
+from tests.conftest import scheduler, tiny_unet
+
+STEPS, EVERY = 12, 4
+T2I_CONFIG = {  # the text-to-image scripts' vars(args), as init_trackers receives it
+    "snr_gamma": 5.0,
+    "noise_offset": 0.05,
+    "prediction_type": None,  # TensorBoard leaves None values out
+    "max_train_steps": STEPS,
+    "learning_rate": 1e-3,
+    "lr_scheduler": "cosine",
+    "use_ema": False,
+}
+
+
+def train_run(out, project, config=None, log_lr=True, prediction_type="epsilon", skip=()):
+    """Train a tiny UNet for STEPS steps like the scripts; returns {step: lr after it}."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+    from accelerate.utils import ProjectConfiguration
+    from diffusers import DDPMPipeline
+    from diffusers.optimization import get_scheduler
+
+    acc = Accelerator(
+        log_with="tensorboard",
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
+        cpu=True,
+    )
+
+    def save_model_hook(models, weights, output_dir):  # train_unconditional.py's
+        for model in models:
+            model.save_pretrained(os.path.join(output_dir, "unet"))
+            weights.pop()
+
+    acc.register_save_state_pre_hook(save_model_hook)
+    model = tiny_unet(5).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    lr_scheduler = get_scheduler(
+        "cosine", optimizer=optimizer, num_warmup_steps=3, num_training_steps=STEPS
+    )
+    model, optimizer, lr_scheduler = acc.prepare(model, optimizer, lr_scheduler)
+    acc.init_trackers(project, config=config)
+    gen, lrs = torch.Generator().manual_seed(0), {}
+    for step in range(1, STEPS + 1):
+        x = torch.randn(2, 1, 8, 8, generator=gen)
+        loss = model(x, torch.tensor([10, 500])).sample.pow(2).mean()
+        acc.backward(loss)
+        optimizer.step()
+        lr_scheduler.step()
+        optimizer.zero_grad()
+        if step % EVERY == 0:
+            acc.save_state(str(out / f"checkpoint-{step}"))
+        lrs[step] = lr_scheduler.get_last_lr()[0]
+        logs = {"loss": loss.item(), "step": step}
+        if log_lr and step not in skip:
+            logs["lr"] = lrs[step]
+        acc.log(logs, step=step)
+    acc.end_training()
+    unet = acc.unwrap_model(model).eval()
+    DDPMPipeline(unet=unet, scheduler=scheduler(prediction_type)).save_pretrained(out)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    return lrs
+
+
+@pytest.fixture(scope="module")
+def unconditional_run(tmp_path_factory):
+    """train_unconditional.py --prediction_type sample: logs lr every step, no config."""
+    out = tmp_path_factory.mktemp("uncond") / "ddpm-out"
+    return out, train_run(out, "train_unconditional", prediction_type="sample")
+
+
+@pytest.fixture(scope="module")
+def t2i_run(tmp_path_factory):
+    """A text-to-image script's run: its arguments logged, no learning rate logged."""
+    out = tmp_path_factory.mktemp("t2i") / "sd-out"
+    return out, train_run(out, "text2image-fine-tune", config=T2I_CONFIG, log_lr=False)
+
+
+def sources(out):
+    return [str(out / f"checkpoint-{s}") for s in range(EVERY, STEPS, EVERY)] + [str(out)]
+
+
+def test_auto_weights_are_the_logged_learning_rate_sums(unconditional_run, tmp_path):
+    """The documented command on a train_unconditional.py run: w_c = Σ logged lr over the
+    steps since the previous checkpoint; shown in the summary, recorded in the manifest; the
+    run's project fills snr_weighting='snr' for its sample prediction."""
+    out, lrs = unconditional_run
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).random((3, 1, 8, 8), dtype=np.float32))
+    args = ["build", "--data", str(tmp_path / "x.npy"), "--out", str(tmp_path / "idx")]
+    for s in sources(out):
+        args += ["-c", s]
+    args += ["--checkpoint-weights", "auto", "--timesteps", "2", "--proj-dim", "64"]
+    result = CliRunner().invoke(main, [*args, "--fidelity-sample", "0"])
+    assert result.exit_code == 0, result.output
+    bounds = [0, 4, 8, 12]
+    want = [sum(lrs[g] for g in range(a + 1, b + 1)) for a, b in zip(bounds, bounds[1:])]
+    manifest = json.loads((tmp_path / "idx" / "manifest.json").read_text())
+    got = [c["weight"] for c in manifest["checkpoints"]]
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    assert manifest["spec"]["checkpoint_weights"] == got
+    record = manifest["run_records"]
+    assert record["checkpoint_weights"]["method"].startswith("exact")
+    assert record["checkpoint_weights"]["steps"] == [4, 8, 12]
+    assert manifest["spec"]["snr_weighting"] == "snr" and "train_unconditional" in str(record)
+    assert "weights      auto, exact" in result.output
+    assert "from run     snr_weighting='snr'" in result.output
+    assert "loss weight  snr(t)" in result.output
+    assert "--snr-weighting snr" not in result.output  # filled, so no warning
+
+
+def test_without_logged_lr_weights_are_an_approximation(t2i_run):
+    """No 'lr' logged: each checkpoint's scheduler.bin rate x steps (trapezoid), the final
+    folder at the logged max_train_steps with the last checkpoint's rate; called so."""
+    out, lrs = t2i_run
+    weights, record = auto_weights(sources(out), read_run(out))
+    want = [4 * lrs[4], 4 * (lrs[4] + lrs[8]) / 2, 4 * lrs[8]]
+    np.testing.assert_allclose(weights, want, rtol=1e-6)
+    assert record["method"].startswith("approximation (no learning rate logged)")
+    assert record["steps"] == [4, 8, 12]
+
+
+def test_a_gap_in_the_logged_lr_is_not_called_exact(tmp_path):
+    out = tmp_path / "gap"
+    lrs = train_run(out, "train_unconditional", skip={6})
+    weights, record = auto_weights(sources(out), read_run(out))
+    assert record["method"].startswith("approximation (steps missing)")
+    np.testing.assert_allclose(weights[0], 4 * lrs[4], rtol=1e-6)
+
+
+def test_the_run_config_fills_the_loss_the_user_left(t2i_run):
+    out, _ = t2i_run
+    record = read_run(out)
+    assert record.hparams["snr_gamma"] == 5.0 and "prediction_type" not in record.hparams
+    spec, taken = spec_from_run(BuildSpec(), record, "epsilon")
+    assert (spec.snr_weighting, spec.snr_gamma, spec.noise_offset) == ("min_snr", 5.0, 0.05)
+    assert set(taken) == {"snr_weighting", "snr_gamma", "noise_offset"}
+    assert str(out) in taken["snr_gamma"]
+    mine = BuildSpec(snr_weighting="min_snr", snr_gamma=3.0)
+    with pytest.warns(UserWarning, match=r"snr_gamma=3.0 but the run recorded 5.0"):
+        spec, taken = spec_from_run(mine, record, "epsilon")
+    assert spec.snr_gamma == 3.0 and spec.noise_offset == 0.05 and "snr_gamma" not in taken
+
+
+def test_a_recorded_prediction_type_that_differs_is_named(tmp_path):
+    record = RunRecord(tmp_path, [], hparams={"prediction_type": "v_prediction"})
+    with pytest.warns(UserWarning, match="trained with prediction_type 'v_prediction'"):
+        spec_from_run(BuildSpec(), record, "epsilon")
+
+
+class _Ckpt:
+    def __init__(self, source, prediction_type="epsilon"):
+        self.source, self.prediction_type = source, prediction_type
+
+
+def test_without_tensorboard_a_one_line_error_saying_what_to_install(t2i_run, monkeypatch):
+    out, _ = t2i_run
+    for name in [m for m in sys.modules if m == "tensorboard" or m.startswith("tensorboard.")]:
+        monkeypatch.setitem(sys.modules, name, None)
+    monkeypatch.setitem(sys.modules, "tensorboard", None)
+    ckpts = [_Ckpt(s) for s in sources(out)]
+    with pytest.raises(ModelError, match="needs tensorboard: pip install tensorboard$"):
+        resolve_from_run(BuildSpec(checkpoint_weights="auto"), ckpts)
+    with pytest.warns(UserWarning, match="pip install tensorboard to take its loss settings"):
+        spec, record = resolve_from_run(BuildSpec(), ckpts)
+    assert spec == BuildSpec() and record is None
+
+
+def test_auto_weights_refuse_what_they_cannot_tell(unconditional_run, tmp_path):
+    out, _ = unconditional_run
+    record = read_run(out)
+    with pytest.raises(SpecError, match=r"steps \[8, 4\] are not increasing"):
+        auto_weights(sources(out)[1::-1], record)
+    with pytest.raises(SpecError, match="cannot tell at which step"):
+        auto_weights([str(tmp_path)], None)
+    with pytest.raises(SpecError, match="not models in memory"):
+        resolve_from_run(BuildSpec(checkpoint_weights="auto"), [_Ckpt("memory:0")])
+
+
+def test_checkpoint_weights_option(tmp_path):
+    result = CliRunner().invoke(
+        main,
+        ["build", "-c", str(tmp_path), "-d", "x.npy", "-o", "o", "--checkpoint-weights", "1,x"],
+    )
+    assert result.exit_code == 1
+    assert result.output.splitlines()[-1] == (
+        "Error: --checkpoint-weights '1,x': give comma-separated numbers or 'auto'"
+    )
