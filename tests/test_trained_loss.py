@@ -22,7 +22,7 @@ N, K, M = 3, 3, 2
 TIMESTEPS = (40, 380, 910)
 
 
-def script_loss(sched, model, x0, t, gen, case):
+def script_loss(sched, model, x0, t, gen, case, cond=None):
     """One sample's loss at timestep t as the named diffusers script computes it."""
     shape = x0.shape  # (C, H, W)
     noise = torch.randn(shape, generator=gen)
@@ -33,7 +33,7 @@ def script_loss(sched, model, x0, t, gen, case):
         x_in = noise + case["input_perturbation"] * torch.randn(shape, generator=gen)
     tt = torch.tensor([t])
     noisy = sched.add_noise(x0[None], x_in[None], tt)
-    out = model(noisy, tt).sample
+    out = model(noisy, tt, **(cond or {})).sample
     ptype = sched.config.prediction_type
     alpha_t = sched.alphas_cumprod[t]
     if case["script"] == "unconditional":  # train_unconditional.py, sample prediction
@@ -49,17 +49,18 @@ def script_loss(sched, model, x0, t, gen, case):
     return (loss * weight).mean()
 
 
-def reference(model, sched, x0s, case, seed=0):
-    """TracIn / ReTrac rows (identity projection, one checkpoint) and per-draw norms."""
-    params = list(model.parameters())
+def reference(model, sched, x0s, case, seed=0, conds=None, names=None):
+    """TracIn / ReTrac rows (identity projection, one checkpoint) and per-draw norms; conds:
+    per-sample model keyword arguments; names: the parameters differentiated (default all)."""
+    params = [p for n, p in model.named_parameters() if names is None or n in names]
     tracin, retrac, norms = [], [], []
-    for x0 in x0s:
+    for i, x0 in enumerate(x0s):
         per_k, n = [], []
         for k, t in enumerate(TIMESTEPS):
             gs = []
             for m in range(M):
                 gen = torch.Generator().manual_seed(draw_seed(seed, k, m))
-                loss = script_loss(sched, model, x0, t, gen, case)
+                loss = script_loss(sched, model, x0, t, gen, case, conds and conds[i])
                 g = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)]).double()
                 gs.append(g)
                 n.append(g.norm())
@@ -109,6 +110,47 @@ def test_rows_are_gradients_of_the_scripts_own_loss(name, images, backend, tmp_p
     )  # fmt: skip
     x0s = torch.from_numpy(images[:N]) * 2 - 1
     tracin, retrac, norms = reference(model, sched, x0s, case)
+    assert_rows_close(idx.vectors("tracin"), tracin)
+    assert_rows_close(idx.vectors("retrac"), retrac)
+    assert_rows_close(idx.norms[:, 0], norms)
+
+
+def test_lora_run_logged_snr_gamma_gives_the_scripts_rows(tmp_path, sd_run, caption_folder, pixels):
+    """train_text_to_image_lora.py --snr_gamma 5 --noise_offset 0.05: its logged arguments
+    (accelerate's TensorBoard tracker, as init_trackers writes them) set the loss of a build
+    that names none, and the rows are the gradients of that script's per-sample loss."""
+    pytest.importorskip("peft")
+    from accelerate.tracking import TensorBoardTracker
+    from diffusers import DDPMScheduler
+
+    from tests.diffusion_refs import CAPTIONS, reference_inputs
+    from tests.test_lora import lora_unet, save_lora
+
+    out = tmp_path / "lora_out"
+    model = lora_unet(11)
+    save_lora(model, out)
+    tracker = TensorBoardTracker("text2image-fine-tune", out / "logs")
+    tracker.start()
+    tracker.store_init_configuration({"snr_gamma": 5.0, "noise_offset": 0.05, "rank": 2})
+    tracker.finish()
+    spec = BuildSpec(projection="identity", timesteps=TIMESTEPS, noise_draws=M)
+    idx = build_index(
+        checkpoints=[out], base_model=sd_run, data=str(caption_folder), out=tmp_path / "idx",
+        spec=spec, progress=False, fidelity_sample=0,
+    )  # fmt: skip
+    assert (idx.spec.snr_weighting, idx.spec.snr_gamma, idx.spec.noise_offset) == (
+        "min_snr", 5.0, 0.05,
+    )  # fmt: skip
+    assert set(idx.manifest["run_records"]["taken"]) == {
+        "snr_weighting",
+        "snr_gamma",
+        "noise_offset",
+    }
+    latents, conds = reference_inputs(sd_run, pixels, CAPTIONS)
+    sched = DDPMScheduler.from_pretrained(sd_run / "scheduler")
+    names = {n for n, _ in model.named_parameters() if "lora_" in n}
+    case = {"script": "t2i", "snr_gamma": 5.0, "noise_offset": 0.05}
+    tracin, retrac, norms = reference(model, sched, latents, case, conds=conds, names=names)
     assert_rows_close(idx.vectors("tracin"), tracin)
     assert_rows_close(idx.vectors("retrac"), retrac)
     assert_rows_close(idx.norms[:, 0], norms)
