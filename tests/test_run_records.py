@@ -215,3 +215,19 @@ def test_checkpoint_weights_option(tmp_path):
     assert result.output.splitlines()[-1] == (
         "Error: --checkpoint-weights '1,x': give comma-separated numbers or 'auto'"
     )
+
+
+def test_snr_gamma_flag_alone_and_no_run_records(unconditional_run, tmp_path):
+    """--snr-gamma alone means the scripts' min-SNR weighting; --no-run-records takes nothing
+    from the run (whose project would otherwise set 'snr')."""
+    out, _ = unconditional_run
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).random((2, 1, 8, 8), dtype=np.float32))
+    args = ["build", "-c", str(out), "-d", str(tmp_path / "x.npy"), "-o", str(tmp_path / "idx")]
+    args += ["--snr-gamma", "5", "--noise-offset", "0.1", "--no-run-records", "--timesteps", "2"]
+    result = CliRunner().invoke(main, [*args, "--proj-dim", "64", "--fidelity-sample", "0"])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tmp_path / "idx" / "manifest.json").read_text())
+    spec = manifest["spec"]
+    assert (spec["snr_weighting"], spec["snr_gamma"], spec["noise_offset"]) == ("min_snr", 5.0, 0.1)
+    assert manifest["run_records"] is None and "from run" not in result.output
+    assert "loss weight  min-SNR, gamma 5, noise offset 0.1" in result.output

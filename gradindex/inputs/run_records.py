@@ -108,25 +108,33 @@ def read_run(folder: Path) -> RunRecord | None:
             "tensorboard: pip install tensorboard"
         ) from None
     record = RunRecord(folder, files)
-    events = []
+    events: list[tuple[float, int, str, Any]] = []  # (wall time, step, 'lr' / 'hparams', value)
     for path in files:
         try:
-            events += [(e.wall_time, e.step, v) for e in EventFileLoader(str(path)).Load()
-                       for v in e.summary.value]  # fmt: skip
+            for event in EventFileLoader(str(path)).Load():
+                for v in event.summary.value:
+                    if v.metadata.plugin_data.plugin_name == "hparams":
+                        data = plugin_data_pb2.HParamsPluginData.FromString(
+                            v.metadata.plugin_data.content
+                        )
+                        hp = data.session_start_info.hparams
+                        events += [(event.wall_time, 0, "hparams", dict(hp.items()))]
+                    elif v.tag == "lr":
+                        lr = float(tensor_util.make_ndarray(v.tensor))
+                        events.append((event.wall_time, int(event.step), "lr", lr))
         except Exception as exc:  # noqa: BLE001 - a damaged file of any kind: one line
             raise ModelError(f"{path}: not a readable TensorBoard event file ({exc})") from None
         project = path.relative_to(folder).parts
         if len(project) >= 3:  # <logging_dir>/<project>/...
             record.projects.append(project[1])
-    for _, step, value in sorted(events, key=lambda e: e[0]):
-        if value.metadata.plugin_data.plugin_name == "hparams":
-            data = plugin_data_pb2.HParamsPluginData.FromString(value.metadata.plugin_data.content)
-            for name, v in data.session_start_info.hparams.items():
-                kind = v.WhichOneof("kind")
-                if kind in ("number_value", "string_value", "bool_value"):
-                    record.hparams[name] = getattr(v, kind)
-        elif value.tag == "lr":
-            record.lrs[int(step)] = float(tensor_util.make_ndarray(value.tensor))
+    for _, step, kind, value in sorted(events, key=lambda e: e[0]):
+        if kind == "lr":
+            record.lrs[step] = value
+            continue
+        for name, v in value.items():
+            which = v.WhichOneof("kind")
+            if which in ("number_value", "string_value", "bool_value"):
+                record.hparams[name] = getattr(v, which)
     record.projects = sorted(set(record.projects))
     return record
 
