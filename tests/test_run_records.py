@@ -38,6 +38,7 @@ T2I_CONFIG = {  # the text-to-image scripts' vars(args), as init_trackers receiv
     "max_train_steps": STEPS,
     "learning_rate": 1e-3,
     "lr_scheduler": "cosine",
+    "lr_warmup_steps": 3,
     "use_ema": False,
 }
 
@@ -138,22 +139,42 @@ def test_auto_weights_are_the_logged_learning_rate_sums(unconditional_run, tmp_p
     assert "--snr-weighting snr" not in result.output  # filled, so no warning
 
 
-def test_without_logged_lr_weights_are_an_approximation(t2i_run):
-    """No 'lr' logged: each checkpoint's scheduler.bin rate x steps (trapezoid), the final
-    folder at the logged max_train_steps with the last checkpoint's rate; called so."""
+def test_without_logged_lr_the_logged_schedule_gives_the_sums(t2i_run):
+    """No 'lr' logged, but the arguments name the schedule (--lr_scheduler cosine, warm-up,
+    max_train_steps, --learning_rate): its rates, checked against each checkpoint's saved
+    rate, give the same sums as the rates the training loop saw."""
     out, lrs = t2i_run
     weights, record = auto_weights(sources(out), read_run(out))
-    want = [4 * lrs[4], 4 * (lrs[4] + lrs[8]) / 2, 4 * lrs[8]]
+    bounds = [0, 4, 8, 12]
+    want = [sum(lrs[g] for g in range(a + 1, b + 1)) for a, b in zip(bounds, bounds[1:])]
     np.testing.assert_allclose(weights, want, rtol=1e-6)
-    assert record["method"].startswith("approximation (no learning rate logged)")
-    assert record["steps"] == [4, 8, 12]
+    assert "the schedule in the arguments logged under" in record["method"]
+    assert "equal to the rate saved in 2 checkpoint(s)" in record["method"]
+
+
+def test_without_logged_lr_or_schedule_weights_are_an_approximation(t2i_run):
+    """Neither: each checkpoint's scheduler.bin rate x steps (trapezoid), the final folder at
+    the logged max_train_steps with the last checkpoint's rate; called so. A logged schedule
+    that contradicts the saved rates is not used."""
+    out, lrs = t2i_run
+    record = read_run(out)
+    want = [4 * lrs[4], 4 * (lrs[4] + lrs[8]) / 2, 4 * lrs[8]]
+    wrong = RunRecord(out, record.files, {**record.hparams, "lr_warmup_steps": 5.0})
+    weights, how = auto_weights(sources(out), wrong)
+    np.testing.assert_allclose(weights, want, rtol=1e-6)
+    assert how["method"].startswith("approximation (the logged schedule gives")
+    del record.hparams["lr_scheduler"]
+    weights, how = auto_weights(sources(out), record)
+    np.testing.assert_allclose(weights, want, rtol=1e-6)
+    assert how["method"].startswith("approximation (no learning rate logged)")
+    assert how["steps"] == [4, 8, 12]
 
 
 def test_a_gap_in_the_logged_lr_is_not_called_exact(tmp_path):
     out = tmp_path / "gap"
     lrs = train_run(out, "train_unconditional", skip={6})
     weights, record = auto_weights(sources(out), read_run(out))
-    assert record["method"].startswith("approximation (steps missing)")
+    assert record["method"].startswith("approximation (logged lr has missing steps)")
     np.testing.assert_allclose(weights[0], 4 * lrs[4], rtol=1e-6)
 
 

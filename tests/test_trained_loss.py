@@ -241,3 +241,20 @@ def test_offset_and_perturbation_draws_follow_the_scripts_order():
         plain.draws((2, 3, 3))[0][1],
         torch.randn(2, 3, 3, generator=torch.Generator().manual_seed(draw_seed(0, 0, 0))),
     )
+
+
+def test_a_weight_that_is_not_finite_at_a_chosen_timestep_is_refused():
+    """A zero-terminal-SNR schedule has snr = 0 at its last timestep: min(snr, γ)/snr is 0/0."""
+    from diffusers import DDPMScheduler
+
+    from gradindex.errors import ModelError
+    from gradindex.featurize.losses import loss_weights
+
+    sched = DDPMScheduler(num_train_timesteps=1000, rescale_betas_zero_snr=True)
+    spec = BuildSpec(timesteps=(10, 999), snr_weighting="min_snr", snr_gamma=5.0)
+    with pytest.raises(ModelError, match=r"not finite at timestep\(s\) \[999\]"):
+        loss_weights(spec, sched, "epsilon")
+    weights = loss_weights(spec.replace(timesteps=(10, 500)), sched, "epsilon")
+    ac = sched.alphas_cumprod
+    snr = ac / (1 - ac)
+    torch.testing.assert_close(weights[500], torch.minimum(snr[500], torch.tensor(5.0)) / snr[500])

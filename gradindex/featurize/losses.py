@@ -84,7 +84,7 @@ def loss_weights(spec: BuildSpec, scheduler: Any, prediction_type: str) -> Tenso
     bad = [t for t, w in zip(ts, weights[torch.tensor(ts)].tolist()) if not math.isfinite(w)]
     if bad:
         raise ModelError(
-            f"BuildSpec.snr_weighting={spec.snr_weighting!r} is not finite at timestep(s) {bad[:5]} "
-            "(snr(t) is 0 or infinite there); leave those timesteps out of BuildSpec.timesteps"
+            f"BuildSpec.snr_weighting={spec.snr_weighting!r} is not finite at timestep(s) "
+            f"{bad[:5]} (snr(t) is 0 or infinite there); leave them out of BuildSpec.timesteps"
         )
     return weights.float()

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import math
 import os
 import re
 import warnings
@@ -204,23 +205,27 @@ def _recorded_loss(record: RunRecord, prediction_type: str) -> dict[str, tuple[A
 
 def auto_weights(sources: list[str], record: RunRecord | None) -> tuple[list[float], dict]:
     """TracIn's w_c = Σ of the learning rates of the optimizer steps in (s_{c-1}, s_c]
-    (s_0 = 0), and a record of how they were found. Exact from the logged 'lr' of every one of
-    those steps; otherwise an approximation from each ``checkpoint-<step>/scheduler.bin``
-    (``optimizer.bin``): s_1·η_1, then (s_c − s_{c-1})·(η_{c-1} + η_c)/2."""
+    (s_0 = 0), each step's rate as the scripts log it (after that step's scheduler step), and a
+    record of how they were found: the logged 'lr' of every step; else the schedule the logged
+    arguments name, when it reproduces every rate a checkpoint saved; else an approximation
+    from each ``checkpoint-<step>/scheduler.bin``: s_1·η_1, then
+    (s_c − s_{c-1})·(η_{c-1} + η_c)/2."""
     steps = _steps(sources, record)
-    if record is not None and all(s in record.lrs for s in range(1, steps[-1] + 1)):
-        weights, last = [], 0
-        for s in steps:
-            weights.append(sum(record.lrs[g] for g in range(last + 1, s + 1)))
-            last = s
+    last = steps[-1]
+    if record is not None and all(g in record.lrs for g in range(1, last + 1)):
+        rates = [0.0] + [record.lrs[g] for g in range(1, last + 1)]
         method = f"exact: the learning rates logged at every step under {record.folder}"
+    else:
+        rates, method = _schedule_rates(sources, steps, record)
+    if rates is not None:
+        bounds = [0, *steps]
+        weights = [math.fsum(rates[a + 1 : b + 1]) for a, b in zip(bounds, steps)]
     else:
         etas = _checkpoint_rates(sources, steps)
         weights = [steps[0] * etas[0]] + [
             (s - p) * (a + b) / 2 for s, p, a, b in zip(steps[1:], steps, etas, etas[1:])
         ]
-        why = "no learning rate logged" if record is None or not record.lrs else "steps missing"
-        method = f"approximation ({why}): each checkpoint's learning rate x steps, trapezoid"
+        method = f"approximation ({method}): each checkpoint's learning rate x steps, trapezoid"
     for source, w in zip(sources, weights):
         if not w > 0:
             raise SpecError(
@@ -228,6 +233,50 @@ def auto_weights(sources: list[str], record: RunRecord | None) -> tuple[list[flo
                 "between it and the checkpoint before: the same weights twice?); leave it out"
             )
     return weights, {"method": method, "steps": steps, "weights": weights}
+
+
+SCHEDULE_ARGS = ("lr_scheduler", "learning_rate", "lr_warmup_steps", "max_train_steps")
+
+
+def _schedule_rates(
+    sources: list[str], steps: list[int], record: RunRecord | None
+) -> tuple[list[float] | None, str]:
+    """The rate after each step 0..s_C of the schedule the run's logged arguments name
+    (diffusers' ``get_scheduler``, as the scripts call it), checked against every rate a
+    checkpoint saved; or None and why not."""
+    hp = record.hparams if record is not None else {}
+    if not all(k in hp for k in SCHEDULE_ARGS):
+        gaps = record is not None and record.lrs
+        return None, "logged lr has missing steps" if gaps else "no learning rate logged"
+    from diffusers.optimization import get_scheduler
+
+    base = float(hp["learning_rate"])
+    optimizer = torch.optim.SGD([torch.zeros(1)], lr=base)
+    extra = {k: hp[f"lr_{k}"] for k in ("num_cycles", "power") if f"lr_{k}" in hp}
+    extra = {k: int(v) if k == "num_cycles" else float(v) for k, v in extra.items()}
+    try:
+        sched = get_scheduler(
+            str(hp["lr_scheduler"]), optimizer, num_warmup_steps=int(hp["lr_warmup_steps"]),
+            num_training_steps=int(hp["max_train_steps"]), **extra,
+        )  # fmt: skip
+        lam = sched.lr_lambdas[0]
+        rates = [base * float(lam(g)) for g in range(steps[-1] + 1)]
+    except Exception:  # noqa: BLE001 - a schedule get_scheduler cannot rebuild from these
+        return None, f"the logged lr_scheduler {hp['lr_scheduler']!r} cannot be rebuilt"
+    checked = 0
+    for source, step in zip(sources, steps):
+        saved = _saved_rate(Path(source))
+        if saved is not None:
+            if not math.isclose(saved, rates[step], rel_tol=1e-6, abs_tol=1e-15):
+                return (
+                    None,
+                    f"the logged schedule gives {rates[step]:g} at step {step}, not {saved:g}",
+                )
+            checked += 1
+    warmup, total = int(hp["lr_warmup_steps"]), int(hp["max_train_steps"])
+    how = f"{hp['lr_scheduler']}, warm-up {warmup} of {total} steps"
+    check = f"equal to the rate saved in {checked} checkpoint(s)" if checked else "not checked"
+    return rates, f"the schedule in the arguments logged under {record.folder} ({how}; {check})"
 
 
 def _steps(sources: list[str], record: RunRecord | None) -> list[int]:
