@@ -218,7 +218,7 @@ def test_defaults_keep_existing_fingerprints():
         ({"snr_weighting": "huber"}, "must be one of none, snr, min_snr"),
         ({"noise_offset": -0.1}, "noise_offset=-0.1: must be a finite number >= 0"),
         ({"input_perturbation": float("nan")}, "input_perturbation=nan"),
-        ({"checkpoint_weights": "automatic"}, "must be 'auto' or one positive number"),
+        ({"checkpoint_weights": "automatic"}, "must be 'auto' or positive finite numbers"),
     ],
 )
 def test_bad_weighting_fields_are_one_line_spec_errors(fields, message):
