@@ -163,7 +163,8 @@ def _spec_options(func: Any) -> Any:
         elif f.name == "data_range":
             opt = click.option(name, type=(float, float), default=None, help=help_text)
         elif f.name in _FLOATS:
-            opt = click.option(name, type=float, default=None, help=help_text)
+            alone = " Given alone: --snr-weighting min_snr." if f.name == "snr_gamma" else ""
+            opt = click.option(name, type=float, default=None, help=help_text + alone)
         else:
             opt = click.option(name, type=int, default=None, help=help_text)
         func = opt(func)
