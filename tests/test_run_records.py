@@ -18,6 +18,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from gradindex import AttributionIndex
 from gradindex.cli import main
 from gradindex.errors import ModelError, SpecError
 from gradindex.inputs.run_records import (
@@ -28,7 +29,7 @@ from gradindex.inputs.run_records import (
     spec_from_run,
 )
 from gradindex.spec import BuildSpec
-from tests.conftest import scheduler, tiny_unet
+from tests.conftest import assert_rows_close, scheduler, tiny_unet
 
 STEPS, EVERY = 12, 4
 T2I_CONFIG = {  # the text-to-image scripts' vars(args), as init_trackers receives it
@@ -120,7 +121,7 @@ def test_auto_weights_are_the_logged_learning_rate_sums(unconditional_run, tmp_p
     args = ["build", "--data", str(tmp_path / "x.npy"), "--out", str(tmp_path / "idx")]
     for s in sources(out):
         args += ["-c", s]
-    args += ["--checkpoint-weights", "auto", "--timesteps", "2", "--proj-dim", "64"]
+    args += ["--checkpoint-weights", "auto", "--timesteps", "2", "--projection", "identity"]
     result = CliRunner().invoke(main, [*args, "--fidelity-sample", "0"])
     assert result.exit_code == 0, result.output
     bounds = [0, 4, 8, 12]
@@ -137,6 +138,24 @@ def test_auto_weights_are_the_logged_learning_rate_sums(unconditional_run, tmp_p
     assert "from run     snr_weighting='snr'" in result.output
     assert "loss weight  snr(t)" in result.output
     assert "--snr-weighting snr" not in result.output  # filled, so no warning
+    # the rows: gradients of train_unconditional.py's own sample-prediction loss, by autograd
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    from tests.test_trained_loss import reference
+
+    sched = DDPMScheduler.from_pretrained(out / "scheduler")
+    x0s = torch.from_numpy(np.load(tmp_path / "x.npy")) * 2 - 1
+    tracin, retrac = [], []
+    for s, w in zip(sources(out), want):
+        model = UNet2DModel.from_pretrained(os.path.join(s, "unet")).eval()
+        a, r, _ = reference(
+            model, sched, x0s, {"script": "unconditional"}, timesteps=(250, 750), M=1
+        )
+        tracin.append(np.sqrt(w) * a)
+        retrac.append(np.sqrt(w) * r)
+    idx = AttributionIndex.open(tmp_path / "idx")
+    assert_rows_close(idx.vectors("tracin"), np.concatenate(tracin, axis=1))
+    assert_rows_close(idx.vectors("retrac"), np.concatenate(retrac, axis=1))
 
 
 def test_without_logged_lr_the_logged_schedule_gives_the_sums(t2i_run):

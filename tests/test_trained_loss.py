@@ -49,14 +49,14 @@ def script_loss(sched, model, x0, t, gen, case, cond=None):
     return (loss * weight).mean()
 
 
-def reference(model, sched, x0s, case, seed=0, conds=None, names=None):
+def reference(model, sched, x0s, case, seed=0, conds=None, names=None, timesteps=TIMESTEPS, M=M):
     """TracIn / ReTrac rows (identity projection, one checkpoint) and per-draw norms; conds:
     per-sample model keyword arguments; names: the parameters differentiated (default all)."""
     params = [p for n, p in model.named_parameters() if names is None or n in names]
     tracin, retrac, norms = [], [], []
     for i, x0 in enumerate(x0s):
         per_k, n = [], []
-        for k, t in enumerate(TIMESTEPS):
+        for k, t in enumerate(timesteps):
             gs = []
             for m in range(M):
                 gen = torch.Generator().manual_seed(draw_seed(seed, k, m))
