@@ -29,7 +29,7 @@ from gradindex.errors import DataError
 from gradindex.inputs.conditioning import ConditioningData, load_conditioning, read_inputs
 from gradindex.inputs.data import array_file_errors, load_images
 from gradindex.inputs.files import IMAGE_SUFFIXES
-from gradindex.inputs.hfdata import HFSource, is_hf_folder
+from gradindex.inputs.hfdata import HFSource, has_parquet, is_hf_folder
 from gradindex.inputs.sources import ArraySource, DataSource, FolderSource, H5Source, NpySource
 from gradindex.inputs.tars import TarSource, is_tar_pattern
 
@@ -75,7 +75,7 @@ def _open(data: Any, channels: int | None, skip: bool, columns: dict[str, Any]) 
     path = Path(text)
     if not path.exists():
         raise DataError(f"{text}: no such file or folder")
-    if path.suffix == ".parquet" or (path.is_dir() and (is_hf_folder(path) or _has_parquet(path))):
+    if path.suffix == ".parquet" or (path.is_dir() and (is_hf_folder(path) or has_parquet(path))):
         return HFSource(path, channels, **columns)
     if path.is_dir():
         return FolderSource(path, channels, skip_bad=skip)
@@ -110,10 +110,6 @@ def open_inputs(
         return source, found.cond
     source = open_source(data, channels, **options)
     return source, source_conditioning(source, data, kind, labels, prompts, required)
-
-
-def _has_parquet(folder: Path) -> bool:
-    return next(folder.glob("*.parquet"), None) is not None
 
 
 def _warn_skipped(source: DataSource) -> None:
