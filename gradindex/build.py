@@ -87,6 +87,7 @@ def build_index(
     shard: tuple[int, int] | None = None,
     fidelity_sample: int = DEFAULT_SAMPLE,
     data_options: Mapping[str, Any] | None = None,
+    weights: str = "raw",
 ) -> AttributionIndex:
     """Build an attribution index over ``data`` at ``checkpoints`` into the folder ``out``.
 
@@ -107,14 +108,17 @@ def build_index(
     ``gradindex.featurize.fidelity``; 0 skips it). data_options: how ``data`` is read, for
     ``gradindex.inputs.open_data.open_source``: a Hugging Face dataset's ``image_column``,
     ``caption_column``, ``label_column``, ``id_column``, ``split``, and ``on_error`` ('raise',
-    or 'skip': bad samples left out and listed); recorded in the manifest.
+    or 'skip': bad samples left out and listed); recorded in the manifest. weights: 'raw' (the
+    weights the optimizer stepped, which TracIn's sum runs over) or 'ema' (an ``--use_ema``
+    run's averaged weights) for every checkpoint folder of a diffusers training run
+    (``gradindex.inputs.runs``); recorded in the manifest.
     """
     started = time.perf_counter()
     device = resolve_device(device)
     fidelity_sample = check_sample(fidelity_sample)
     spec = spec or BuildSpec()
     ckpts = load_checkpoints(
-        with_model(checkpoints, model), scheduler, base_model, spec.precondition
+        with_model(checkpoints, model), scheduler, base_model, spec.precondition, weights
     )
     spec = _check_checkpoints(spec, ckpts)
     conditioner = Conditioner.for_checkpoints(ckpts, base_model, spec.latents, spec.seed, device)
@@ -125,7 +129,7 @@ def build_index(
     cond_record = conditioner.record(rows.cond)
     embedder = Embedder(ckpts, spec, device)
     check_kind(index, embedder.dim, target_recall)
-    plan = Plan(spec, ckpts, conditioner, rows, embedder, base_model, cond_record)
+    plan = Plan(spec, ckpts, conditioner, rows, embedder, base_model, cond_record, weights)
 
     state = build_state(plan)
     target = Path(out)
@@ -160,7 +164,9 @@ def _read_rows(
     pass decoding everything first would not overlap featurizing, and take hours at 10^8).
     Returns the spec with its data_range, and the rows."""
     channels, height, width = conditioner.image_shape(sample_shape)
-    images, cond_data = open_inputs(data, channels, conditioner.kind, labels, prompts, **options)
+    trainer = {"resolution": spec.resolution, "center_crop": spec.center_crop}  # inputs.prepare
+    kind = conditioner.kind
+    images, cond_data = open_inputs(data, channels, kind, labels, prompts, **options, **trainer)
     row_ids = _resolve_ids(ids, images.ids, len(images))  # lazy: rows read a batch at a time
     if spec.data_range is None:
         spec = spec.replace(data_range=images.data_range())

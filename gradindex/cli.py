@@ -133,7 +133,8 @@ _scheduler_option = click.option(
     "--scheduler",
     default=None,
     type=click.Path(exists=True, file_okay=False),
-    help="Scheduler folder, if the checkpoints hold none.",
+    help="Noise-scheduler folder; when given it is used instead of the run's own scheduler/ "
+    "(found beside the checkpoint or in the run's output folder).",
 )
 _device_option = click.option(
     "--device",
@@ -159,6 +160,8 @@ def _spec_options(func: Any) -> Any:
             opt = click.option(name, type=str, multiple=True, help=help_text + " Repeatable.")
         elif f.name == "data_range":
             opt = click.option(name, type=(float, float), default=None, help=help_text)
+        elif f.name == "center_crop":
+            opt = click.option(name, is_flag=True, default=None, help=help_text)
         else:
             opt = click.option(name, type=int, default=None, help=help_text)
         func = opt(func)
@@ -217,13 +220,16 @@ def _spec_from_options(config: str | None, options: dict[str, Any]) -> BuildSpec
     "checkpoints",
     multiple=True,
     required=True,
-    help="A checkpoint folder (diffusers pipeline or model folder). Repeat, in training order.",
+    help="A checkpoint folder: a training run's checkpoint-N (or checkpoint-N/unet), its output "
+    "folder, or any diffusers pipeline or model folder. Repeat, in training order.",
 )
 @click.option(
     "--data",
     "-d",
     required=True,
-    help="Training images: .npy/.npz, file.h5:/dataset, or a folder of images.",
+    help="Training images: .npy/.npz, file.h5:/dataset, a folder of images, a Hugging Face "
+    "dataset (save_to_disk folder, .parquet file, or a Hub folder with data/*.parquet), or tar "
+    "shards ('shards-{000..009}.tar').",
 )
 @click.option(
     "--out", "-o", required=True, type=click.Path(file_okay=False), help="Index folder to write."
@@ -286,6 +292,15 @@ def _spec_from_options(config: str | None, options: dict[str, Any]) -> BuildSpec
     "(recorded, shown by info, a warning naming a --proj-dim when below the bar); 0 skips it.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the index summary as JSON.")
+@click.option(
+    "--weights",
+    type=click.Choice(["raw", "ema"]),
+    default="raw",
+    show_default=True,
+    help="Which weights of a diffusers training run's folders, for every checkpoint: raw (what "
+    "the optimizer stepped: TracIn sums over those) or ema (an --use_ema run's averaged weights, "
+    "checkpoint-N/unet_ema/ and the output folder's unet/).",
+)
 @_data_options
 @_spec_options
 def build(
@@ -304,6 +319,7 @@ def build(
     prompts_file: str | None,
     fidelity_sample: int,
     as_json: bool,
+    weights: str,
     **spec_options: Any,
 ) -> None:
     """Build a TracIn + ReTrac index over training DATA at CHECKPOINTs.
@@ -336,6 +352,7 @@ def build(
         "overwrite": overwrite,
         "fidelity_sample": fidelity_sample,
         "data_options": data_options or None,
+        "weights": weights,
     }
     if world_from_env() is not None:
         if shard:
@@ -885,6 +902,7 @@ def _print_info(info: dict[str, Any], as_json: bool) -> None:
 # generically, so a key added later still shows
 _INFO_KEYS = {
     "path",
+    "weights",
     "num_rows",
     "num_flagged",
     "dim",
@@ -940,6 +958,8 @@ def format_info(info: dict[str, Any]) -> list[str]:
         add("conditioning", f"{cond['kind']}  {', '.join(extra)}".rstrip())
     for c in info["checkpoints"]:
         add("checkpoint", f"{c['source']}  w={c['weight']:g}  {c['fingerprint']}")
+    if info.get("weights") in _WEIGHTS_LINE and any(c.get("weights") for c in info["checkpoints"]):
+        add("weights", _WEIGHTS_LINE[info["weights"]])  # a training run's folders: which kind
     if info.get("fidelity"):
         from gradindex.featurize.fidelity import format_fidelity
 
@@ -979,6 +999,11 @@ def format_info(info: dict[str, Any]) -> list[str]:
         add(key, _render(info[key]))
     return lines
 
+
+_WEIGHTS_LINE = {
+    "raw": "raw (what the optimizer stepped) for every checkpoint of the run",
+    "ema": "ema (the run's --use_ema averages: unet_ema/) for every checkpoint of the run",
+}
 
 _FALLBACK = {
     "fallback": "serves exact flat search instead",

@@ -39,7 +39,7 @@ NOT_IDENTITY = ("batch_size",)
 """Fields that change how rows are computed, not what they are (equal up to float32 summation
 order): left out of the fingerprint, so a build resumed or a shard rebuilt with another batch
 size (e.g. a smaller one after running out of memory) is the same index."""
-OMITTED_AT_DEFAULT = {"precondition": "none"}
+OMITTED_AT_DEFAULT = {"precondition": "none", "resolution": None, "center_crop": False}
 """Fields added after indexes were built without them: left out of ``to_dict`` (so of the JSON
 and the fingerprint) at their default, so those indexes keep their fingerprint; a dict without
 them reads as the default."""
@@ -100,6 +100,17 @@ class BuildSpec:
         "'adam' (TrackStar): 1/(sqrt(v̂)+eps) from the Adam second moment in each checkpoint's "
         "optimizer.bin.",
         "none",
+    )
+    resolution: int | None = _help(
+        "Prepare images as diffusers' training scripts do (their --resolution): the shorter side "
+        "resized to this (bilinear), then a centre square of this size; images may differ in "
+        "size. Default: images are taken as they are (one size for all).",
+        None,
+    )
+    center_crop: bool = _help(
+        "The trainer cropped at the centre (its --center_crop). Its random crop cannot be "
+        "repeated, so the centre crop is used either way; this records which it was.",
+        False,
     )
     num_train_timesteps: int | None = _help(
         "The scheduler's training range T (filled from the scheduler at build time).", None
@@ -172,6 +183,12 @@ class BuildSpec:
             object.__setattr__(self, "data_range", (float(r[0]), float(r[1])))
         if self.resize not in RESIZE_MODES:
             raise bad("resize", f"must be one of {', '.join(RESIZE_MODES)}")
+        if self.resolution is not None and (not _is_int(self.resolution) or self.resolution <= 0):
+            raise bad("resolution", "must be a positive integer (the trainer's --resolution)")
+        if not isinstance(self.center_crop, bool):
+            raise bad("center_crop", "must be true or false")
+        if self.center_crop and self.resolution is None:
+            raise bad("center_crop", "needs resolution (the size the trainer cropped to)")
         if self.latents not in LATENT_MODES:
             raise bad("latents", f"must be one of {', '.join(LATENT_MODES)}")
         if self.precondition not in PRECONDITIONERS:
