@@ -584,7 +584,10 @@ def _query_vectors(
 
     if not from_vectors:  # labels / captions: the given ones, else what the images carry
         kind = idx.conditioning["kind"]
-        arr, names, cond = query_inputs(source, idx.image_shape[0], kind, **cond)
+        from gradindex.inputs.prepare import preparer
+
+        fit = preparer(idx.spec.resolution, idx.spec.center_crop)  # as the training images
+        arr, names, cond = query_inputs(source, idx.image_shape[0], kind, **cond, fit=fit)
         return idx.embed(arr, **cond, data_range=data_range), names, idx.resized_from(arr)
     path = Path(source)
     if not path.exists():

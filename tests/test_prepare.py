@@ -108,10 +108,12 @@ def test_queries_are_prepared_as_the_training_images_were(mixed, ckpt, tmp_path)
             idx.embed(raw)["tracin"][0], idx.vectors("tracin")[i], rtol=1e-4, atol=1e-5
         )
         assert idx.resized_from(raw) is None  # prepared to the model's size, not stretched
-    res = CliRunner().invoke(main, ["query", str(tmp_path / "folder"), str(folder / "3.png"),
+    # the CLI reads a query folder of mixed sizes as the build read it: each image finds itself
+    res = CliRunner().invoke(main, ["query", str(tmp_path / "folder"), str(folder),
                                     "-k", "1", "--method", "retrac", "--json"])  # fmt: skip
     assert res.exit_code == 0, res.output
-    assert json.loads(res.output.splitlines()[0])["ids"][0] == "3.png"
+    found = [json.loads(line) for line in res.output.splitlines()]
+    assert [r["ids"][0] for r in found] == [f"{i}.png" for i in range(len(SIZES))]
 
 
 def test_the_cli_takes_resolution_and_center_crop_and_defaults_change_nothing(
@@ -134,3 +136,23 @@ def test_the_cli_takes_resolution_and_center_crop_and_defaults_change_nothing(
     res = CliRunner().invoke(main, [*args, "-d", str(folder), "-o", str(tmp_path / "c"),
                                     "--resolution", "0"])  # fmt: skip
     assert res.output.startswith("Error: BuildSpec.resolution=0: must be a positive integer")
+
+
+def test_added_images_are_prepared_as_the_index_was(mixed, ckpt, tmp_path):
+    """gradindex add reads a folder of mixed sizes with the index's resolution."""
+    import shutil
+
+    from gradindex.scale.append import add_samples
+
+    root, folder = mixed
+    first, more = tmp_path / "first", tmp_path / "more"
+    first.mkdir(), more.mkdir()
+    for i in range(len(SIZES)):
+        shutil.copy(folder / f"{i}.png", (first if i < 4 else more) / f"{i}.png")
+    whole = _build(ckpt, str(folder), tmp_path / "whole", resolution=R)
+    _build(ckpt, str(first), tmp_path / "grown", resolution=R)
+    grown = add_samples(tmp_path / "grown", str(more), progress=False)
+    assert [str(i) for i in grown.ids] == [f"{i}.png" for i in range(len(SIZES))]
+    np.testing.assert_allclose(
+        grown.vectors("tracin"), whole.vectors("tracin"), rtol=1e-4, atol=1e-5
+    )

@@ -103,6 +103,7 @@ def read_inputs(
     labels: Any = None,
     prompts: Any = None,
     required: bool = True,
+    fit: Any = None,
 ) -> Inputs:
     """The images of ``source`` (``load_images``) and the labels / captions a model of
     conditioning ``kind`` needs (``load_conditioning``), reading the source once: an ``.npz``
@@ -110,7 +111,7 @@ def read_inputs(
     given = labels is not None or prompts is not None  # then the file's are not read
     arrays = _npz_arrays(source, () if given else _NPZ_KEYS.get(kind, ()))
     if arrays is None:
-        images, ids = load_images(source, channels)
+        images, ids = load_images(source, channels, fit)
     else:  # the labels / captions read with the images stand in for the file's
         images, ids = load_images(arrays["images"], channels)
         found, source = arrays.get("conditioning"), None
@@ -121,15 +122,21 @@ def read_inputs(
 
 
 def query_inputs(
-    source: Any, channels: int | None, kind: str, labels: Any = None, prompts: Any = None
+    source: Any,
+    channels: int | None,
+    kind: str,
+    labels: Any = None,
+    prompts: Any = None,
+    fit: Any = None,
 ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """Query images, their names and the ``labels`` / ``prompts`` arguments of
     ``AttributionIndex.embed``: the given ones, else what ``source`` carries (as a build reads
     its data), else none (``embed`` then says what to pass). Labels from class sub-folders come
     as the sub-folder names: a query folder may hold only some classes, so its own numbering
-    is not the index's, which ``embed`` maps the names to."""
+    is not the index's, which ``embed`` maps the names to. fit: each image of a folder
+    prepared as the index's training images were (``inputs.prepare``)."""
     given = labels is not None or prompts is not None
-    found = read_inputs(source, channels, "none" if given else kind, required=False)
+    found = read_inputs(source, channels, "none" if given else kind, required=False, fit=fit)
     cond = {"labels": labels, "prompts": prompts}
     if not given and kind != "none":
         cond = {"labels": found.cond.labels, "prompts": found.cond.prompts}

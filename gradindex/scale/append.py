@@ -84,7 +84,8 @@ def _add(
         )
     spec = BuildSpec.from_dict(manifest["spec"])
     ckpts = _checkpoints(manifest, checkpoints, scheduler)
-    images = open_source(data, manifest.get("image_shape", manifest["sample_shape"])[0])
+    channels = manifest.get("image_shape", manifest["sample_shape"])[0]
+    images = open_source(data, channels, resolution=spec.resolution, center_crop=spec.center_crop)
     with VectorStore.open(target / VECTORS) as store:
         old_ids = store.ids
     new_ids = _new_ids(ids, images.ids, old_ids, len(images))
