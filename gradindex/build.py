@@ -92,8 +92,9 @@ def build_index(
     """Build an attribution index over ``data`` at ``checkpoints`` into the folder ``out``.
 
     checkpoints: diffusers folders, ``(module, scheduler)`` pairs, or state dicts / weight files
-    applied to ``model``. data: an array, ``.npy``/``.npz``, ``file.h5:/dataset`` or an image
-    folder. index: the search index kind per method: ``flat`` (exact), ``ivf``, ``hnsw``, a FAISS
+    applied to ``model``. data: an array, ``.npy``/``.npz``, ``file.h5:/dataset``, an image
+    folder, a Hugging Face dataset (``save_to_disk`` folder, parquet, a Hub folder), tar shards
+    or a ``DataSource`` (``gradindex.inputs.open_data``). index: the search index kind per method: ``flat`` (exact), ``ivf``, ``hnsw``, a FAISS
     factory string, ``ondisk`` (an IVF whose lists stay in a file next to the index, built from
     the store in chunks and memory-mapped at query time: for indexes larger than RAM, see
     ``gradindex.index.ondisk``) or ``auto`` (flat / HNSW / IVF in RAM, or ``ondisk`` when the rows would

@@ -156,3 +156,29 @@ def test_added_images_are_prepared_as_the_index_was(mixed, ckpt, tmp_path):
     np.testing.assert_allclose(
         grown.vectors("tracin"), whole.vectors("tracin"), rtol=1e-4, atol=1e-5
     )
+
+
+@pytest.mark.parametrize("fmt", ("parquet", "tar"))
+def test_datasets_and_tars_of_mixed_sizes_read_as_the_prepared_images(mixed, tmp_path, fmt):
+    import io
+    import tarfile
+
+    root, folder = mixed
+    pngs = [(folder / f"{i}.png").read_bytes() for i in range(len(SIZES))]
+    if fmt == "parquet":
+        import datasets
+
+        feats = datasets.Features(image=datasets.Image(), id=datasets.Value("string"))
+        rows = {"image": [{"bytes": b, "path": None} for b in pngs], "id": [str(i) for i in
+                range(len(pngs))]}  # fmt: skip
+        data = str(tmp_path / "d.parquet")
+        datasets.Dataset.from_dict(rows, features=feats).to_parquet(data)
+    else:
+        data = str(tmp_path / "d.tar")
+        with tarfile.open(data, "w") as tf:
+            for i, b in enumerate(pngs):
+                info = tarfile.TarInfo(f"{i:03d}.png")
+                info.size = len(b)
+                tf.addfile(info, io.BytesIO(b))
+    src = open_source(data, 1, resolution=R, center_crop=True)
+    np.testing.assert_array_equal(src.read(0, len(SIZES)), np.load(root / "want.npy"))

@@ -132,6 +132,8 @@ def test_an_ema_run_uses_one_kind_of_weights_for_every_checkpoint(ema_run, tmp_p
     # with ema, OUTPUT repeats the last checkpoint's EMA weights (training ended there)
     with pytest.raises(gi.ModelError, match=r"checkpoints 1 .* and 2 .* hold the same weights"):
         load_checkpoints([*ckpts, out], weights="ema")
+    with pytest.raises(gi.ModelError, match=r"unet: the raw weights of an EMA checkpoint, but"):
+        load_checkpoints([ckpts[0], out / "checkpoint-4" / "unet"], weights="ema")
     mixed = load_checkpoints([ckpts[0], out / "checkpoint-4" / "unet_ema"], weights="ema")
     assert _same(mixed[1].model, saved[4]["ema"])
 

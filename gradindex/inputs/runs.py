@@ -78,6 +78,11 @@ def model_folder(folder: Path, weights: str | None) -> tuple[Path, str | None]:
     model, kind = weights_kind(folder)
     if kind is None or kind == weights:
         return model, kind
+    if weights == "ema" and _is_model(model.parent / EMA_FOLDER):
+        raise ModelError(
+            f"{folder}: the raw weights of an EMA checkpoint, but the others use EMA weights: "
+            f"give {model.parent} (its {EMA_FOLDER}/ is taken) or build with weights='raw'"
+        )
     if weights == "ema":
         raise ModelError(
             f"{folder}: raw weights only (no {EMA_FOLDER}/; the run was trained without "
