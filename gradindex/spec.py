@@ -169,7 +169,9 @@ class BuildSpec:
                 isinstance(x, (int, float)) and np.isfinite(x) and x > 0 for x in w
             ):
                 raise bad(
-                    "checkpoint_weights", "must be positive finite numbers, one per checkpoint"
+                    "checkpoint_weights",
+                    "must be positive finite numbers, one per checkpoint (a checkpoint that "
+                    "should not count is left out, not weighted 0)",
                 )
             object.__setattr__(self, "checkpoint_weights", tuple(float(x) for x in w))
         if not _is_int(self.batch_size) or self.batch_size <= 0:

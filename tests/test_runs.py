@@ -187,7 +187,7 @@ def test_the_output_folder_after_the_last_checkpoint_is_not_counted_twice(raw_ru
             checkpoints=[out / "checkpoint-2", out / "checkpoint-4", out], data=x,
             out=tmp_path / "i", spec=SPEC, progress=False, fidelity_sample=0,
         )  # fmt: skip
-    with pytest.raises(gi.SpecError, match="checkpoint_weights.*positive"):
+    with pytest.raises(gi.SpecError, match="checkpoint_weights.*positive.*not weighted 0"):
         gi.BuildSpec(checkpoint_weights=[1e-3, 1e-3, 0])  # and a weight of 0 cannot hide one
 
 

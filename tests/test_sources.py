@@ -463,3 +463,14 @@ def test_an_imagefolder_with_metadata_csv_carries_its_captions(tmp_path):
     (folder / "metadata.csv").write_text("name,caption\nsub/0000.png,a\n")
     with pytest.raises(gi.DataError, match="needs the columns file_name and text"):
         source_conditioning(src, str(folder), "text")
+
+
+def test_build_help_names_every_data_format():
+    from click.testing import CliRunner
+
+    from gradindex.cli import main
+
+    text = " ".join(CliRunner().invoke(main, ["build", "--help"]).output.split())
+    for fmt in (".npy/.npz", "file.h5:/dataset", "folder of images", "save_to_disk", ".parquet",
+                "data/*.parquet", ".tar"):  # fmt: skip
+        assert fmt in text, fmt
