@@ -7,9 +7,10 @@ Holds:
   scripts' ``checkpoint-<step>/unet``), a LoRA folder (``pytorch_lora_weights.safetensors``
   on a base UNet, see ``gradindex.inputs.lora``), or an in-memory ``(module, scheduler)`` pair
   (``(module, scheduler, optimizer_state_dict)`` for ``precondition="adam"``).
-- ``load_checkpoints(sources, ..., precondition)``: several, checked to share a scheduler; with
-  ``precondition="adam"`` each carries its Adam scales (``gradindex.inputs.optimizer_state``)
-  and a fingerprint that covers them.
+- ``load_checkpoints(sources, ..., precondition, weights)``: several, checked to share a
+  scheduler and to differ in weights; with ``precondition="adam"`` each carries its Adam scales
+  (``gradindex.inputs.optimizer_state``) and a fingerprint that covers them; ``weights`` picks
+  the raw or EMA weights of a training run's folders (``gradindex.inputs.runs``).
 - ``with_model(checkpoints, model)``: state dicts / weight files applied to a copy of ``model``.
 - ``fingerprint_module`` (``gradindex.inputs.components``): sha256 over parameter names and bytes — the same for a module in
   memory and the folder it was saved to, so queries can check they use the index's weights.
