@@ -44,6 +44,11 @@ OMITTED_AT_DEFAULT = {"precondition": "none", "resolution": None, "center_crop":
 and the fingerprint) at their default, so those indexes keep their fingerprint; a dict without
 them reads as the default."""
 
+_POSITIVE_WEIGHTS = (
+    "must be positive finite numbers, one per checkpoint (a checkpoint that should not count is "
+    "left out, not weighted 0)"
+)
+
 
 def _help(text: str, default: Any) -> Any:
     return field(default=default, metadata={"help": text})
@@ -168,11 +173,7 @@ class BuildSpec:
             if not w or not all(
                 isinstance(x, (int, float)) and np.isfinite(x) and x > 0 for x in w
             ):
-                raise bad(
-                    "checkpoint_weights",
-                    "must be positive finite numbers, one per checkpoint (a checkpoint that "
-                    "should not count is left out, not weighted 0)",
-                )
+                raise bad("checkpoint_weights", _POSITIVE_WEIGHTS)
             object.__setattr__(self, "checkpoint_weights", tuple(float(x) for x in w))
         if not _is_int(self.batch_size) or self.batch_size <= 0:
             raise bad("batch_size", "must be a positive integer")
