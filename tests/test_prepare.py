@@ -182,3 +182,15 @@ def test_datasets_and_tars_of_mixed_sizes_read_as_the_prepared_images(mixed, tmp
                 tf.addfile(info, io.BytesIO(b))
     src = open_source(data, 1, resolution=R, center_crop=True)
     np.testing.assert_array_equal(src.read(0, len(SIZES)), np.load(root / "want.npy"))
+
+
+def test_the_browser_shows_training_images_as_the_index_prepared_them(mixed, ckpt, tmp_path):
+    pytest.importorskip("starlette")
+    from gradindex.serve.state import ServeState
+
+    root, folder = mixed
+    _build(ckpt, str(folder), tmp_path / "idx", resolution=R, center_crop=True)
+    state = ServeState(gi.AttributionIndex.open(tmp_path / "idx"))
+    want = np.load(root / "want.npy")
+    for row in (1, 3):
+        np.testing.assert_array_equal(state.images.image(row), want[row])
