@@ -89,12 +89,14 @@ def build_index(
     fidelity_sample: int = DEFAULT_SAMPLE,
     data_options: Mapping[str, Any] | None = None,
     run_records: bool = True,
+    weights: str = "raw",
 ) -> AttributionIndex:
     """Build an attribution index over ``data`` at ``checkpoints`` into the folder ``out``.
 
     checkpoints: diffusers folders, ``(module, scheduler)`` pairs, or state dicts / weight files
-    applied to ``model``. data: an array, ``.npy``/``.npz``, ``file.h5:/dataset`` or an image
-    folder. index: the search index kind per method: ``flat`` (exact), ``ivf``, ``hnsw``, a FAISS
+    applied to ``model``. data: an array, ``.npy``/``.npz``, ``file.h5:/dataset``, an image
+    folder, a Hugging Face dataset (``save_to_disk`` folder, parquet, a Hub folder), tar shards
+    or a ``DataSource`` (``gradindex.inputs.open_data``). index: the search index kind per method: ``flat`` (exact), ``ivf``, ``hnsw``, a FAISS
     factory string, ``ondisk`` (an IVF whose lists stay in a file next to the index, built from
     the store in chunks and memory-mapped at query time: for indexes larger than RAM, see
     ``gradindex.index.ondisk``) or ``auto`` (flat / HNSW / IVF in RAM, or ``ondisk`` when the rows would
@@ -114,14 +116,17 @@ def build_index(
     ``input_perturbation``) that the checkpoints' training run logged (TensorBoard hparams) where
     ``spec`` leaves them at their defaults (``gradindex.inputs.run_records``); what was taken
     from where, and how ``checkpoint_weights='auto'`` was resolved, is in the manifest's
-    ``run_records``.
+    ``run_records``. weights: 'raw' (the
+    weights the optimizer stepped, which TracIn's sum runs over) or 'ema' (an ``--use_ema``
+    run's averaged weights) for every checkpoint folder of a diffusers training run
+    (``gradindex.inputs.runs``); recorded in the manifest.
     """
     started = time.perf_counter()
     device = resolve_device(device)
     fidelity_sample = check_sample(fidelity_sample)
     spec = spec or BuildSpec()
     ckpts = load_checkpoints(
-        with_model(checkpoints, model), scheduler, base_model, spec.precondition
+        with_model(checkpoints, model), scheduler, base_model, spec.precondition, weights
     )
     spec, run = resolve_from_run(spec, ckpts, run_records)
     spec = _check_checkpoints(spec, ckpts)
@@ -133,7 +138,7 @@ def build_index(
     cond_record = conditioner.record(rows.cond)
     embedder = Embedder(ckpts, spec, device)
     check_kind(index, embedder.dim, target_recall)
-    plan = Plan(spec, ckpts, conditioner, rows, embedder, base_model, cond_record, run)
+    plan = Plan(spec, ckpts, conditioner, rows, embedder, base_model, cond_record, run, weights)
 
     state = build_state(plan)
     target = Path(out)
@@ -168,7 +173,9 @@ def _read_rows(
     pass decoding everything first would not overlap featurizing, and take hours at 10^8).
     Returns the spec with its data_range, and the rows."""
     channels, height, width = conditioner.image_shape(sample_shape)
-    images, cond_data = open_inputs(data, channels, conditioner.kind, labels, prompts, **options)
+    trainer = {"resolution": spec.resolution, "center_crop": spec.center_crop}  # inputs.prepare
+    kind = conditioner.kind
+    images, cond_data = open_inputs(data, channels, kind, labels, prompts, **options, **trainer)
     row_ids = _resolve_ids(ids, images.ids, len(images))  # lazy: rows read a batch at a time
     if spec.data_range is None:
         spec = spec.replace(data_range=images.data_range())

@@ -67,6 +67,7 @@ class Plan:
     base_model: Any  # as given: a folder, a mapping of components, or None
     cond_record: dict[str, Any]  # conditioner.record(rows.cond): what a query repeats
     run: dict[str, Any] | None = None  # what came from the run's records (run_records.py)
+    weights: str = "raw"  # which weights of a training run's folders: raw / ema
 
 
 def build_state(plan: Plan) -> dict[str, Any]:
@@ -151,9 +152,16 @@ def model_record(plan: Plan) -> dict[str, Any]:
     return {
         "spec_fingerprint": spec.fingerprint(),
         "checkpoints": [
-            {"source": c.source, "fingerprint": c.fingerprint, "weight": w}
+            {
+                "source": c.source,
+                "fingerprint": c.fingerprint,
+                "weight": w,
+                "weights": c.weights,
+                "scheduler": c.scheduler_source,
+            }  # fmt: skip
             for c, w in zip(ckpts, spec.weights(len(ckpts)), strict=True)
         ],
+        "weights": plan.weights,  # raw / ema: one kind for every checkpoint (inputs.runs)
         "versions": package_versions(),
         "dim": embedder.dim,
         "proj_dim": embedder.block_dim,

@@ -136,7 +136,8 @@ _scheduler_option = click.option(
     "--scheduler",
     default=None,
     type=click.Path(exists=True, file_okay=False),
-    help="Scheduler folder, if the checkpoints hold none.",
+    help="Noise-scheduler folder; when given it is used instead of the run's own scheduler/ "
+    "(found beside the checkpoint or in the run's output folder).",
 )
 _device_option = click.option(
     "--device",
@@ -165,6 +166,8 @@ def _spec_options(func: Any) -> Any:
         elif f.name in _FLOATS:
             alone = " Given alone: --snr-weighting min_snr." if f.name == "snr_gamma" else ""
             opt = click.option(name, type=float, default=None, help=help_text + alone)
+        elif f.name == "center_crop":
+            opt = click.option(name, is_flag=True, default=None, help=help_text)
         else:
             opt = click.option(name, type=int, default=None, help=help_text)
         func = opt(func)
@@ -235,13 +238,16 @@ def _numbers(text: str, option: str) -> list[float]:
     "checkpoints",
     multiple=True,
     required=True,
-    help="A checkpoint folder (diffusers pipeline or model folder). Repeat, in training order.",
+    help="A checkpoint folder: a training run's checkpoint-N (or checkpoint-N/unet), its output "
+    "folder, or any diffusers pipeline or model folder. Repeat, in training order.",
 )
 @click.option(
     "--data",
     "-d",
     required=True,
-    help="Training images: .npy/.npz, file.h5:/dataset, or a folder of images.",
+    help="Training images: .npy/.npz, file.h5:/dataset, a folder of images, a Hugging Face "
+    "dataset (save_to_disk folder, .parquet file, or a Hub folder with data/*.parquet), or tar "
+    "shards ('shards-{000..009}.tar').",
 )
 @click.option(
     "--out", "-o", required=True, type=click.Path(file_okay=False), help="Index folder to write."
@@ -310,6 +316,15 @@ def _numbers(text: str, option: str) -> list[float]:
     "logged fill the spec options left unset; see docs/methods.md).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the index summary as JSON.")
+@click.option(
+    "--weights",
+    type=click.Choice(["raw", "ema"]),
+    default="raw",
+    show_default=True,
+    help="Which weights of a diffusers training run's folders, for every checkpoint: raw (what "
+    "the optimizer stepped: TracIn sums over those) or ema (an --use_ema run's averaged weights, "
+    "checkpoint-N/unet_ema/ and the output folder's unet/).",
+)
 @_data_options
 @_spec_options
 def build(
@@ -329,6 +344,7 @@ def build(
     fidelity_sample: int,
     no_run_records: bool,
     as_json: bool,
+    weights: str,
     **spec_options: Any,
 ) -> None:
     """Build a TracIn + ReTrac index over training DATA at CHECKPOINTs.
@@ -362,6 +378,7 @@ def build(
         "fidelity_sample": fidelity_sample,
         "data_options": data_options or None,
         "run_records": not no_run_records,
+        "weights": weights,
     }
     if world_from_env() is not None:
         if shard:
@@ -593,7 +610,10 @@ def _query_vectors(
 
     if not from_vectors:  # labels / captions: the given ones, else what the images carry
         kind = idx.conditioning["kind"]
-        arr, names, cond = query_inputs(source, idx.image_shape[0], kind, **cond)
+        from gradindex.inputs.prepare import preparer
+
+        fit = preparer(idx.spec.resolution, idx.spec.center_crop)  # as the training images
+        arr, names, cond = query_inputs(source, idx.image_shape[0], kind, **cond, fit=fit)
         return idx.embed(arr, **cond, data_range=data_range), names, idx.resized_from(arr)
     path = Path(source)
     if not path.exists():
@@ -911,6 +931,7 @@ def _print_info(info: dict[str, Any], as_json: bool) -> None:
 # generically, so a key added later still shows
 _INFO_KEYS = {
     "path",
+    "weights",
     "num_rows",
     "num_flagged",
     "dim",
@@ -969,6 +990,8 @@ def format_info(info: dict[str, Any]) -> list[str]:
         add("checkpoint", f"{c['source']}  w={c['weight']:g}  {c['fingerprint']}")
     for label, text in _trained_lines(spec, info.get("run_records") or {}):
         add(label, text)
+    if info.get("weights") in _WEIGHTS_LINE and any(c.get("weights") for c in info["checkpoints"]):
+        add("weights", _WEIGHTS_LINE[info["weights"]])  # a training run's folders: which kind
     if info.get("fidelity"):
         from gradindex.featurize.fidelity import format_fidelity
 
@@ -1021,11 +1044,16 @@ def _trained_lines(spec: dict[str, Any], run: dict[str, Any]) -> list[tuple[str,
     ]
     lines = [("loss weight", ", ".join(parts))] if parts else []
     if run.get("checkpoint_weights"):
-        lines.append(("weights", f"auto, {run['checkpoint_weights']['method']}"))
+        lines.append(("tracin w", f"auto, {run['checkpoint_weights']['method']}"))
     for name, origin in (run.get("taken") or {}).items():
         lines.append(("from run", f"{name}={spec.get(name)!r}: {origin}"))
     return lines
 
+
+_WEIGHTS_LINE = {
+    "raw": "raw (what the optimizer stepped) for every checkpoint of the run",
+    "ema": "ema (the run's --use_ema averages: unet_ema/) for every checkpoint of the run",
+}
 
 _FALLBACK = {
     "fallback": "serves exact flat search instead",

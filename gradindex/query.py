@@ -65,6 +65,7 @@ from gradindex.inputs.conditioning import ConditioningData, as_prompts
 from gradindex.inputs.data import image_size, resolve_data_range, to_model_input
 from gradindex.inputs.devices import resolve_device
 from gradindex.inputs.models import Checkpoint, CheckpointSource
+from gradindex.inputs.prepare import prepare_images
 from gradindex.spec import BuildSpec
 
 logger = logging.getLogger(__name__)
@@ -262,6 +263,7 @@ class AttributionIndex:
         from uint8 files. Floats wider than [-1, 1] take the index's recorded range when they
         lie within it; anything else is refused unless ``data_range=(low, high)`` is given."""
         c, h, w = self.image_shape
+        images = prepare_images(images, self.spec.resolution, self.spec.center_crop)
         if data_range is None:
             data_range = resolve_data_range(images, fallback=self.spec.data_range)
         return to_model_input(
@@ -274,7 +276,7 @@ class AttributionIndex:
 
     def resized_from(self, images: Any) -> tuple[int, int] | None:
         """(H, W) of ``images`` when it differs from the model's (they are resized), else None."""
-        size = image_size(images)
+        size = image_size(prepare_images(images, self.spec.resolution, self.spec.center_crop))
         return size if size != self.image_shape[1:] else None
 
     def embed(

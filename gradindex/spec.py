@@ -47,10 +47,17 @@ OMITTED_AT_DEFAULT = {
     "snr_gamma": None,
     "noise_offset": 0.0,
     "input_perturbation": 0.0,
+    "resolution": None,
+    "center_crop": False,
 }
 """Fields added after indexes were built without them: left out of ``to_dict`` (so of the JSON
 and the fingerprint) at their default, so those indexes keep their fingerprint; a dict without
 them reads as the default."""
+
+_POSITIVE_WEIGHTS = (
+    "must be 'auto' or positive finite numbers, one per checkpoint (a checkpoint that should not "
+    "count is left out, not weighted 0)"
+)
 
 
 def _help(text: str, default: Any) -> Any:
@@ -124,6 +131,17 @@ class BuildSpec:
     input_perturbation: float = _help(
         "The run's --input_perturbation p: x_t from ε + p·N(0, 1), the target from ε.", 0.0
     )
+    resolution: int | None = _help(
+        "Prepare images as diffusers' training scripts do (their --resolution): the shorter side "
+        "resized to this (bilinear), then a centre square of this size; images may differ in "
+        "size. Default: images are taken as they are (one size for all).",
+        None,
+    )
+    center_crop: bool = _help(
+        "The trainer cropped at the centre (its --center_crop). Its random crop cannot be "
+        "repeated, so the centre crop is used either way; this records which it was.",
+        False,
+    )
     num_train_timesteps: int | None = _help(
         "The scheduler's training range T (filled from the scheduler at build time).", None
     )
@@ -182,10 +200,7 @@ class BuildSpec:
                 or not w
                 or not all(isinstance(x, (int, float)) and np.isfinite(x) and x > 0 for x in w)
             ):
-                raise bad(
-                    "checkpoint_weights",
-                    "must be 'auto' or positive finite numbers, one per checkpoint",
-                )
+                raise bad("checkpoint_weights", _POSITIVE_WEIGHTS)
             object.__setattr__(self, "checkpoint_weights", tuple(float(x) for x in w))
         if not _is_int(self.batch_size) or self.batch_size <= 0:
             raise bad("batch_size", "must be a positive integer")
@@ -198,6 +213,12 @@ class BuildSpec:
             object.__setattr__(self, "data_range", (float(r[0]), float(r[1])))
         if self.resize not in RESIZE_MODES:
             raise bad("resize", f"must be one of {', '.join(RESIZE_MODES)}")
+        if self.resolution is not None and (not _is_int(self.resolution) or self.resolution <= 0):
+            raise bad("resolution", "must be a positive integer (the trainer's --resolution)")
+        if not isinstance(self.center_crop, bool):
+            raise bad("center_crop", "must be true or false")
+        if self.center_crop and self.resolution is None:
+            raise bad("center_crop", "needs resolution (the size the trainer cropped to)")
         if self.latents not in LATENT_MODES:
             raise bad("latents", f"must be one of {', '.join(LATENT_MODES)}")
         if self.precondition not in PRECONDITIONERS:

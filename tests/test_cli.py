@@ -210,6 +210,7 @@ def _expected_info(index_dir, saved_checkpoints):
         "model        predicts epsilon, data range [0, 1], rows stored as float32",
         f"checkpoint   {saved_checkpoints[0]}  w=1  {ckpts[0]['fingerprint']}",
         f"checkpoint   {saved_checkpoints[1]}  w=2  {ckpts[1]['fingerprint']}",
+        "weights      raw (what the optimizer stepped) for every checkpoint of the run",
         "fidelity     not measured (fidelity_sample=0)",
         "search       tracin: flat (exact)",
         "search       retrac: flat (exact)",

@@ -18,6 +18,7 @@ from gradindex.cli import main
 from gradindex.demo import training
 from gradindex.demo.training import small_unet_config, train_ddpm
 from gradindex.inputs.models import load_checkpoints
+from gradindex.spec import OMITTED_AT_DEFAULT
 from tests.conftest import assert_rows_close, scheduler, tiny_unet
 from tests.diffusion_refs import reference_rows, rel_err
 
@@ -170,9 +171,8 @@ def _npy(tmp_path, images):
 def test_default_keeps_the_spec_fingerprint_and_is_part_of_the_identity(tmp_path, images, run):
     spec = gi.BuildSpec(timesteps=2, proj_dim=16)
     old = dataclasses.asdict(spec)  # the fingerprint as computed before the field existed
-    for later in ("precondition", "batch_size", "snr_weighting", "snr_gamma", "noise_offset"):
-        del old[later]  # fields added since, left out at their defaults
-    del old["input_perturbation"]
+    for key in (*OMITTED_AT_DEFAULT, "batch_size"):  # fields added since, and batch_size
+        del old[key]
     old = {k: list(v) if isinstance(v, tuple) else v for k, v in old.items()}
     text = json.dumps(old, sort_keys=True, indent=2)
     assert spec.fingerprint() == hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -134,7 +134,7 @@ def test_auto_weights_are_the_logged_learning_rate_sums(unconditional_run, tmp_p
     assert record["checkpoint_weights"]["method"].startswith("exact")
     assert record["checkpoint_weights"]["steps"] == [4, 8, 12]
     assert manifest["spec"]["snr_weighting"] == "snr" and "train_unconditional" in str(record)
-    assert "weights      auto, exact" in result.output
+    assert "tracin w     auto, exact" in result.output
     assert "from run     snr_weighting='snr'" in result.output
     assert "loss weight  snr(t)" in result.output
     assert "--snr-weighting snr" not in result.output  # filled, so no warning

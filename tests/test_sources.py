@@ -415,3 +415,62 @@ def test_decoded_16bit_files_take_their_range_without_a_decode_and_arrays_are_sc
     datasets.Dataset.from_dict({"image": list(wide)}, features=feats).save_to_disk(tmp_path / "a")
     arrays = open_source(tmp_path / "a", 1)
     assert not arrays.decodes and arrays.data_range() == (-1.0, 1.0)
+
+
+def test_a_hub_layout_parquet_folder_builds_the_rows_of_the_image_folder(digits, npy_index):
+    """The Hub keeps a dataset's parquet files under data/ (one file per split): the folder
+    builds the train split's rows, as the image folder does, and its test rows stay out."""
+    pixels, labels, files, root = digits
+    hub = root / "hub"
+    (hub / "data").mkdir(parents=True)
+    (hub / "README.md").write_text("---\nlicense: mit\n---\n")
+    _hf_dataset(pixels, labels).to_parquet(str(hub / "data" / "train-00000-of-00001.parquet"))
+    _hf_dataset(pixels[:5][::-1], labels[:5]).to_parquet(
+        str(hub / "data" / "test-00000-of-00001.parquet")
+    )
+    idx = _build(str(hub), root / "idx-hub")
+    assert [str(i) for i in idx.ids] == [_key(i) for i in range(N)]
+    folder = _build(files["folder"][0], root / "idx-folder-hub")
+    for method in ("tracin", "retrac"):
+        np.testing.assert_allclose(idx.vectors(method), folder.vectors(method), atol=1e-5)
+        np.testing.assert_allclose(idx.vectors(method), npy_index.vectors(method), atol=1e-5)
+    test = open_source(str(hub), channels=1, split="test")
+    np.testing.assert_array_equal(test.read(0, 5)[:, 0], pixels[:5][::-1])
+    with pytest.raises(gi.DataError, match=r"splits \['test', 'train'\]; name one"):
+        open_source(str(hub), channels=1, split="validation")
+
+
+def test_an_imagefolder_with_metadata_csv_carries_its_captions(tmp_path):
+    """diffusers' text_to_image reads `imagefolder` datasets, whose captions may sit in a
+    metadata.csv (file_name, text) as well as a metadata.jsonl."""
+    pixels, labels = _digits()
+    folder = tmp_path / "train"
+    (folder / "sub").mkdir(parents=True)
+    names = [f"{_key(i)}.png" if i % 2 else f"sub/{_key(i)}.png" for i in range(6)]
+    for name, p in zip(names, pixels[:6], strict=True):
+        Image.fromarray(p).save(folder / name)
+    import csv
+
+    with (folder / "metadata.csv").open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["file_name", "text", "extra"])
+        for name, v in zip(names, labels[:6], strict=True):
+            w.writerow([name, _caption(v) + ", with a comma", "x"])
+    src = open_source(str(folder), channels=1)
+    cond = source_conditioning(src, str(folder), "text")
+    by_name = {n: _caption(v) + ", with a comma" for n, v in zip(names, labels[:6], strict=True)}
+    assert cond.prompts == [by_name[str(i)] for i in src.ids]
+    (folder / "metadata.csv").write_text("name,caption\nsub/0000.png,a\n")
+    with pytest.raises(gi.DataError, match="needs the columns file_name and text"):
+        source_conditioning(src, str(folder), "text")
+
+
+def test_build_help_names_every_data_format():
+    from click.testing import CliRunner
+
+    from gradindex.cli import main
+
+    text = " ".join(CliRunner().invoke(main, ["build", "--help"]).output.split())
+    for fmt in (".npy/.npz", "file.h5:/dataset", "folder of images", "save_to_disk", ".parquet",
+                "data/*.parquet", ".tar"):  # fmt: skip
+        assert fmt in text, fmt

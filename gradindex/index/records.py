@@ -59,6 +59,7 @@ def summary(path: Path, manifest: dict[str, Any], conditioning: dict[str, Any]) 
         "num_params": m["num_params"],
         "layers": m.get("layers", {}),
         "checkpoints": m["checkpoints"],
+        "weights": m.get("weights"),  # raw / ema; None for indexes built before it was recorded
         "timesteps": m["timesteps"],
         "prediction_type": m["prediction_type"],
         "spec": m["spec"],
@@ -93,10 +94,23 @@ def recorded_checkpoints(
     if len(sources) != len(records):
         raise ModelError(f"the index has {len(records)} checkpoints but {len(sources)} were given")
     precondition = manifest["spec"].get("precondition", "none")
-    ckpts = load_checkpoints(list(sources), scheduler, base_model, precondition)
+    scheduler = scheduler if scheduler is not None else recorded_scheduler(records)
+    weights = manifest.get("weights")  # None: built before the choice was recorded
+    ckpts = load_checkpoints(list(sources), scheduler, base_model, precondition, weights)
     changed = "the weights or their optimizer state" if precondition == "adam" else "the weights"
     check_fingerprints(ckpts, records, f"{changed} changed; rebuild the index")
     return ckpts
+
+
+def recorded_scheduler(records: list[dict[str, Any]]) -> str | None:
+    """The noise-scheduler folder every checkpoint of the build used, when it was one folder
+    that still exists: a ``--scheduler`` given at build time is given again (it wins over the
+    run's own), so a query's rows are computed as the stored ones were."""
+    found = {r.get("scheduler") for r in records}
+    if len(found) != 1:
+        return None
+    (where,) = found
+    return where if isinstance(where, str) and Path(where).is_dir() else None
 
 
 def check_fingerprints(ckpts: list[Any], records: list[dict[str, Any]], what: str) -> None:

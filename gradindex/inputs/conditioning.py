@@ -5,8 +5,8 @@ Holds:
   or "text" (a ``UNet2DConditionModel``, cross-attending to a text encoder's hidden states).
 - ``load_conditioning(source, ids, n, kind, labels=, prompts=)``: per-row labels / captions of a
   data set — given as arguments, as ``labels`` / ``captions`` arrays of an ``.npz``, as class
-  sub-folders of an image folder, or as ``metadata.jsonl`` (``file_name``, ``text``: the
-  layout diffusers' text_to_image example reads).
+  sub-folders of an image folder, or as ``metadata.jsonl`` / ``metadata.csv`` (``file_name``,
+  ``text``: the ``imagefolder`` layout diffusers' text_to_image example reads).
 - ``read_inputs(source, channels, kind, labels=, prompts=)``: images, ids and their labels /
   captions from one data source, each read once (an ``.npz`` is opened once for all three):
   what a build reads; ``query_inputs``: the same for query images, whose labels / captions are
@@ -19,6 +19,7 @@ What the model is then given for them: ``gradindex.inputs.conditioner``.
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import logging
@@ -102,6 +103,7 @@ def read_inputs(
     labels: Any = None,
     prompts: Any = None,
     required: bool = True,
+    fit: Any = None,
 ) -> Inputs:
     """The images of ``source`` (``load_images``) and the labels / captions a model of
     conditioning ``kind`` needs (``load_conditioning``), reading the source once: an ``.npz``
@@ -109,7 +111,7 @@ def read_inputs(
     given = labels is not None or prompts is not None  # then the file's are not read
     arrays = _npz_arrays(source, () if given else _NPZ_KEYS.get(kind, ()))
     if arrays is None:
-        images, ids = load_images(source, channels)
+        images, ids = load_images(source, channels, fit)
     else:  # the labels / captions read with the images stand in for the file's
         images, ids = load_images(arrays["images"], channels)
         found, source = arrays.get("conditioning"), None
@@ -120,15 +122,21 @@ def read_inputs(
 
 
 def query_inputs(
-    source: Any, channels: int | None, kind: str, labels: Any = None, prompts: Any = None
+    source: Any,
+    channels: int | None,
+    kind: str,
+    labels: Any = None,
+    prompts: Any = None,
+    fit: Any = None,
 ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """Query images, their names and the ``labels`` / ``prompts`` arguments of
     ``AttributionIndex.embed``: the given ones, else what ``source`` carries (as a build reads
     its data), else none (``embed`` then says what to pass). Labels from class sub-folders come
     as the sub-folder names: a query folder may hold only some classes, so its own numbering
-    is not the index's, which ``embed`` maps the names to."""
+    is not the index's, which ``embed`` maps the names to. fit: each image of a folder
+    prepared as the index's training images were (``inputs.prepare``)."""
     given = labels is not None or prompts is not None
-    found = read_inputs(source, channels, "none" if given else kind, required=False)
+    found = read_inputs(source, channels, "none" if given else kind, required=False, fit=fit)
     cond = {"labels": labels, "prompts": prompts}
     if not given and kind != "none":
         cond = {"labels": found.cond.labels, "prompts": found.cond.prompts}
@@ -281,33 +289,48 @@ def _folder_classes(source: Any, ids: np.ndarray) -> tuple[np.ndarray | None, li
 
 
 def _folder_captions(source: Any, ids: np.ndarray) -> list[str] | None:
-    """Captions from every ``metadata.jsonl`` under an image folder (``file_name`` relative to
-    the metadata file's folder, ``text`` the caption)."""
+    """Captions from every ``metadata.jsonl`` / ``metadata.csv`` under an image folder (the
+    ``imagefolder`` layout: ``file_name`` relative to the metadata file's folder, ``text`` the
+    caption)."""
     if not isinstance(source, (str, os.PathLike)) or not Path(source).is_dir():
         return None
     root = Path(source)
-    files = sorted(root.rglob("metadata.jsonl"))
+    files = sorted([*root.rglob("metadata.jsonl"), *root.rglob("metadata.csv")])
     if not files:
         return None
     captions: dict[str, str] = {}
     for meta in files:
-        for lineno, line in enumerate(meta.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-                name, text = rec["file_name"], rec["text"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise DataError(
-                    f"{meta}:{lineno}: each line must be a JSON object with file_name and text"
-                ) from None
-            if not isinstance(text, str):
-                raise DataError(f"{meta}:{lineno}: text must be a string")
+        for name, text in _metadata_records(meta):
             captions[str((meta.parent / name).relative_to(root))] = text
     missing = [str(i) for i in ids if str(i) not in captions]
     if missing:
         raise DataError(
-            f"{root}: {len(missing)} image(s) have no caption in metadata.jsonl (first: "
+            f"{root}: {len(missing)} image(s) have no caption in {files[0].name} (first: "
             f"{missing[0]}); add them or drop the images"
         )
     return [captions[str(i)] for i in ids]
+
+
+def _metadata_records(meta: Path) -> list[tuple[str, str]]:
+    """(file_name, text) of each record of a ``metadata.jsonl`` or ``metadata.csv``."""
+    if meta.suffix == ".csv":
+        with meta.open(newline="") as f:
+            rows = list(csv.DictReader(f))
+        if rows and not {"file_name", "text"} <= set(rows[0]):
+            raise DataError(f"{meta}: needs the columns file_name and text (has {list(rows[0])})")
+        return [(r["file_name"], r["text"]) for r in rows]
+    out = []
+    for lineno, line in enumerate(meta.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            name, text = rec["file_name"], rec["text"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise DataError(
+                f"{meta}:{lineno}: each line must be a JSON object with file_name and text"
+            ) from None
+        if not isinstance(text, str):
+            raise DataError(f"{meta}:{lineno}: text must be a string")
+        out.append((name, text))
+    return out

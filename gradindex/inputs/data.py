@@ -18,7 +18,7 @@ import os
 import warnings
 import zipfile
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -40,20 +40,24 @@ WIDE_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N")  # 16-bit grayscale (PNG, 
 DATA_RANGE_HINT = "give their range explicitly (data_range=(low, high), CLI --data-range LOW HIGH)"
 
 
-def load_images(source: Any, channels: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def load_images(
+    source: Any, channels: int | None = None, fit: Callable[[np.ndarray], np.ndarray] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Load images from any supported source. Returns (images, ids): images as an array
     [N, C, H, W] (dtype kept: uint8 stays uint8 so its 0..255 range is known) and ids as an
     int64 row range for arrays or file names (relative to the folder) for image folders.
 
     channels: the model's (1 or 3); image files are converted to it (grayscale or RGB), since
-    a file's mode (LA, 16-bit, palette) is storage, not content. Arrays are taken as given."""
+    a file's mode (LA, 16-bit, palette) is storage, not content. Arrays are taken as given.
+    fit: applied to each image of a folder before their sizes are compared (the trainer's
+    resize and crop, ``inputs.prepare``), so a folder of mixed sizes reads as one size."""
     if isinstance(source, torch.Tensor):
         source = source.detach().cpu().numpy()
     if isinstance(source, np.ndarray):
         arr = source
         ids: np.ndarray | None = None
     elif isinstance(source, (str, os.PathLike)):
-        arr, ids = _load_path(str(source), channels)
+        arr, ids = _load_path(str(source), channels, fit)
     elif isinstance(source, Sequence) and source and all(isinstance(s, np.ndarray) for s in source):
         arr, ids = np.stack(source), None
     else:
@@ -67,7 +71,9 @@ def load_images(source: Any, channels: int | None = None) -> tuple[np.ndarray, n
     return arr, ids
 
 
-def _load_path(path: str, channels: int | None) -> tuple[np.ndarray, np.ndarray | None]:
+def _load_path(
+    path: str, channels: int | None, fit: Callable[[np.ndarray], np.ndarray] | None = None
+) -> tuple[np.ndarray, np.ndarray | None]:
     h5_path, sep, dataset = path.partition(":/")
     if sep and h5_path.endswith((".h5", ".hdf5")):
         return _load_h5(h5_path, "/" + dataset), None
@@ -75,7 +81,7 @@ def _load_path(path: str, channels: int | None) -> tuple[np.ndarray, np.ndarray 
     if not p.exists():
         raise DataError(f"{path}: no such file or folder")
     if p.is_dir():
-        return _load_folder(p, channels)
+        return _load_folder(p, channels, fit)
     if p.suffix in (".npy", ".npz"):
         return read_array(p, "images"), None
     if p.suffix in (".h5", ".hdf5"):
@@ -144,12 +150,15 @@ def _array_file_problem(exc: Exception) -> str:
     return f"not a readable numpy array file ({first})"
 
 
-def _load_folder(folder: Path, channels: int | None) -> tuple[np.ndarray, np.ndarray]:
+def _load_folder(
+    folder: Path, channels: int | None, fit: Callable[[np.ndarray], np.ndarray] | None
+) -> tuple[np.ndarray, np.ndarray]:
     files = [folder / name for name in image_files(folder)]
     if not files:
         raise DataError(f"{folder}: no image files ({', '.join(IMAGE_SUFFIXES)}) found")
     channels = channels or _file_channels(files)
     images = [_read_image(q, channels) for q in files]
+    images = [fit(im) for im in images] if fit is not None else images
     _check_same_size(folder, files, images)
     if len({im.dtype for im in images}) > 1:  # 8- and 16-bit files: all as floats in [0, 1]
         images = [im.astype(np.float32) / 255.0 if im.dtype == np.uint8 else im for im in images]

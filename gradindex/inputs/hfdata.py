@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib
 import io
+import re
 from pathlib import Path
 from typing import Any
 
@@ -118,7 +119,7 @@ class HFSource(DataSource):
         super().__init__()
         path = Path(path)
         self.name, self.channels = str(path), channels or 3
-        self.table = ArrowTable(path, split) if is_hf_folder(path) else _parquet(path)
+        self.table = ArrowTable(path, split) if is_hf_folder(path) else _parquet(path, split)
         if self.table.num_rows == 0:
             raise DataError(f"{path}: the dataset is empty: no images to index")
         self.image_column = self._column(image_column, IMAGE_COLUMNS, "image", required=True)
@@ -182,12 +183,45 @@ class HFSource(DataSource):
         return to_nchw(arr[None])[0]
 
 
-def _parquet(path: Path) -> ParquetTable:
+def has_parquet(folder: Path) -> bool:
+    """A folder holding parquet files: the Hub's dataset layout keeps them under
+    ``data/`` (``data/train-00000-of-00001.parquet``), its parquet conversion under
+    ``<config>/<split>/``. Three levels deep at most: an image folder is not walked twice."""
+    patterns = ("*.parquet", "*/*.parquet", "*/*/*.parquet")
+    return any(next(folder.glob(p), None) is not None for p in patterns)
+
+
+def _parquet(path: Path, split: str | None = None) -> ParquetTable:
     if path.is_dir():
         files = sorted(path.rglob("*.parquet"))
         if not files:
             raise DataError(f"{path}: neither a saved dataset (state.json) nor parquet files")
-        return ParquetTable(files)
+        return ParquetTable(_split_files(path, files, split))
     if not path.exists():
         raise DataError(f"{path}: no such file or folder")
     return ParquetTable([path])
+
+
+def _split_of(path: Path) -> str | None:
+    """The split a Hub parquet file belongs to: ``train-00000-of-00002.parquet`` (the Hub's
+    ``data/`` files) or ``train/0000.parquet`` (``refs/convert/parquet``)."""
+    named = re.fullmatch(r"(\w+?)-\d+-of-\d+(-[0-9a-f]+)?", path.stem)
+    if named:
+        return named.group(1)
+    return path.parent.name
+
+
+def _split_files(root: Path, files: list[Path], split: str | None) -> list[Path]:
+    """The files of one split when the folder holds several (``train`` unless ``split``
+    names another), so a Hub folder's test files are not indexed as training rows."""
+    splits = {f: _split_of(f) if f.parent != root or "-of-" in f.stem else None for f in files}
+    names = sorted({s for s in splits.values() if s is not None})
+    if split is None and (len(names) < 2 or None in splits.values()):
+        return files
+    want = split or ("train" if "train" in names else None)
+    picked = [f for f, s in splits.items() if s == want]
+    if not picked:
+        raise DataError(
+            f"{root}: holds parquet files of splits {names}; name one (split=..., CLI --split)"
+        )
+    return picked

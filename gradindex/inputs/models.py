@@ -7,9 +7,10 @@ Holds:
   scripts' ``checkpoint-<step>/unet``), a LoRA folder (``pytorch_lora_weights.safetensors``
   on a base UNet, see ``gradindex.inputs.lora``), or an in-memory ``(module, scheduler)`` pair
   (``(module, scheduler, optimizer_state_dict)`` for ``precondition="adam"``).
-- ``load_checkpoints(sources, ..., precondition)``: several, checked to share a scheduler; with
-  ``precondition="adam"`` each carries its Adam scales (``gradindex.inputs.optimizer_state``)
-  and a fingerprint that covers them.
+- ``load_checkpoints(sources, ..., precondition, weights)``: several, checked to share a
+  scheduler and to differ in weights; with ``precondition="adam"`` each carries its Adam scales
+  (``gradindex.inputs.optimizer_state``) and a fingerprint that covers them; ``weights`` picks
+  the raw or EMA weights of a training run's folders (``gradindex.inputs.runs``).
 - ``with_model(checkpoints, model)``: state dicts / weight files applied to a copy of ``model``.
 - ``fingerprint_module`` (``gradindex.inputs.components``): sha256 over parameter names and bytes — the same for a module in
   memory and the folder it was saved to, so queries can check they use the index's weights.
@@ -34,6 +35,7 @@ from gradindex.errors import ModelError
 from gradindex.inputs.components import fingerprint_module, load_model, load_scheduler
 from gradindex.inputs.lora import is_lora_folder, load_lora_unet
 from gradindex.inputs.optimizer_state import adam_scales, find_optimizer_file, read_optimizer_state
+from gradindex.inputs.runs import model_folder, scheduler_folders
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +52,8 @@ class Checkpoint:
     fingerprint: str  # of the weights (and of the Adam scales when they are set)
     optimizer_state: dict[str, Any] | None = None  # given in memory with the model
     scales: dict[str, torch.Tensor] | None = None  # Adam 1/(sqrt(v̂)+eps) per parameter name
+    weights: str | None = None  # "raw" / "ema" where the run's layout says; None: not a run's
+    scheduler_source: str | None = None  # the folder its noise scheduler was read from
 
     @property
     def prediction_type(self) -> str:
@@ -73,11 +77,16 @@ class Checkpoint:
 
 
 def load_checkpoint(
-    source: CheckpointSource, scheduler: Any = None, index: int = 0, base_model: Any = None
+    source: CheckpointSource,
+    scheduler: Any = None,
+    index: int = 0,
+    base_model: Any = None,
+    weights: str | None = "raw",
 ) -> Checkpoint:
-    """Load one checkpoint. ``scheduler`` (an object or a folder) is used when the checkpoint
-    folder holds no ``scheduler/`` of its own. A folder holding only LoRA weights
-    (``gradindex.inputs.lora``) adapts the UNet of ``base_model``."""
+    """Load one checkpoint. ``scheduler`` (an object or a folder), when given, is used
+    instead of the run's own ``scheduler/``. A folder holding only LoRA weights
+    (``gradindex.inputs.lora``) adapts the UNet of ``base_model``. ``weights``: 'raw' or 'ema'
+    (``gradindex.inputs.runs``): which weights of a training run's folder are loaded."""
     if isinstance(source, Checkpoint):
         return source
     if (
@@ -116,16 +125,20 @@ def load_checkpoint(
     if is_lora_folder(folder):
         model = load_lora_unet(folder, base_model)
         base = Path(base_model) if isinstance(base_model, (str, os.PathLike)) else None
-        sched = _find_scheduler(folder, scheduler, base)
-        return Checkpoint(model, sched, str(folder.resolve()), fingerprint_module(model))
-    model_dir = folder / "unet" if (folder / "unet" / "config.json").exists() else folder
+        sched, where = _find_scheduler(folder, scheduler, base)
+        fp = fingerprint_module(model)
+        return Checkpoint(model, sched, str(folder.resolve()), fp, scheduler_source=where)
+    model_dir, kind = model_folder(folder, weights)
     if not (model_dir / "config.json").exists():
         raise ModelError(
             f"{folder}: neither unet/config.json nor config.json found; not a diffusers model"
         )
     model = load_model(model_dir)
-    sched = _find_scheduler(folder, scheduler)
-    return Checkpoint(model, sched, str(folder.resolve()), fingerprint_module(model))
+    sched, where = _find_scheduler(folder, scheduler)
+    return Checkpoint(
+        model, sched, str(folder.resolve()), fingerprint_module(model), weights=kind,
+        scheduler_source=where,
+    )  # fmt: skip
 
 
 def load_checkpoints(
@@ -133,12 +146,17 @@ def load_checkpoints(
     scheduler: Any = None,
     base_model: Any = None,
     precondition: str = "none",
+    weights: str | None = "raw",
 ) -> list[Checkpoint]:
     """``precondition="adam"``: each checkpoint also reads its optimizer state (see
-    ``with_adam_scales``)."""
+    ``with_adam_scales``). ``weights``: 'raw' or 'ema' for every checkpoint of a training run
+    (``gradindex.inputs.runs``). Two checkpoints holding the same weights are refused: a run
+    that ended at a checkpoint saves the same weights again in its output folder, and TracIn
+    would count them twice."""
     if not sources:
         raise ModelError("no checkpoints given: pass at least one checkpoint")
-    ckpts = [load_checkpoint(s, scheduler, i, base_model) for i, s in enumerate(sources)]
+    ckpts = [load_checkpoint(s, scheduler, i, base_model, weights) for i, s in enumerate(sources)]
+    _refuse_repeats(ckpts)
     if precondition == "adam":
         ckpts = [with_adam_scales(c) for c in ckpts]
     first = ckpts[0]
@@ -175,17 +193,37 @@ def with_adam_scales(ckpt: Checkpoint) -> Checkpoint:
     return dataclasses.replace(ckpt, fingerprint=fingerprint, scales=scales, optimizer_state=None)
 
 
-def _find_scheduler(folder: Path, given: Any, base: Path | None = None) -> Any:
+def _refuse_repeats(ckpts: list[Checkpoint]) -> None:
+    """ModelError naming two checkpoint folders with equal weight fingerprints (in-memory
+    models are the caller's own: one may be given twice on purpose)."""
+    seen: dict[str, int] = {}
+    for i, c in enumerate(ckpts):
+        if c.source.startswith("memory:"):
+            continue
+        j = seen.setdefault(c.fingerprint, i)
+        if j != i:
+            raise ModelError(
+                f"checkpoints {j} ({ckpts[j].source}) and {i} ({c.source}) hold the same weights "
+                f"(fingerprint {c.fingerprint}): TracIn would count them twice (a run that ended "
+                "at a checkpoint saves it again in its output folder); give each one once"
+            )
+
+
+def _find_scheduler(folder: Path, given: Any, base: Path | None = None) -> tuple[Any, str | None]:
+    """The noise scheduler and the folder it came from: ``given`` when there is one (an
+    explicit choice wins over the run's own), else the run's ``scheduler/``."""
+    if given is not None:
+        where = str(Path(given).resolve()) if isinstance(given, (str, os.PathLike)) else None
+        return _as_scheduler(given), where
     extra = [base / "scheduler"] if base is not None else []
-    for cand in (folder / "scheduler", folder.parent / "scheduler", *extra):
+    for cand in (*scheduler_folders(folder), *extra):
         if (cand / "scheduler_config.json").exists():
             if cand.parent != folder:
                 logger.info("%s: using the scheduler of the training run in %s", folder, cand)
-            return load_scheduler(cand)
-    if given is not None:
-        return _as_scheduler(given)
+            return load_scheduler(cand), str(cand.resolve())
+    looked = ", ".join(str(c) for c in (*scheduler_folders(folder), *extra))
     raise ModelError(
-        f"{folder}: no scheduler/ folder next to the model; pass a scheduler (--scheduler DIR)"
+        f"{folder}: no noise scheduler found (looked in {looked}); pass one (--scheduler DIR)"
     )
 
 

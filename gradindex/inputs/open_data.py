@@ -29,7 +29,8 @@ from gradindex.errors import DataError
 from gradindex.inputs.conditioning import ConditioningData, load_conditioning, read_inputs
 from gradindex.inputs.data import array_file_errors, load_images
 from gradindex.inputs.files import IMAGE_SUFFIXES
-from gradindex.inputs.hfdata import HFSource, is_hf_folder
+from gradindex.inputs.hfdata import HFSource, has_parquet, is_hf_folder
+from gradindex.inputs.prepare import Prepared
 from gradindex.inputs.sources import ArraySource, DataSource, FolderSource, H5Source, NpySource
 from gradindex.inputs.tars import TarSource, is_tar_pattern
 
@@ -43,22 +44,30 @@ def open_source(
     channels: int | None = None,
     *,
     on_error: str = "raise",
+    resolution: int | None = None,
+    center_crop: bool = False,
     **columns: str | None,
 ) -> DataSource:
     """A lazy source over ``data``. on_error: 'raise' (a bad sample is a one-line DataError
     naming it) or 'skip' (every sample is decoded once up front; bad ones are left out, listed
-    in ``source.skipped`` and a warning). columns: ``image_column``, ``caption_column``,
-    ``label_column``, ``id_column``, ``split`` of a Hugging Face dataset."""
+    in ``source.skipped`` and a warning). resolution / center_crop: images of any size come
+    out as the diffusers trainers prepare them (``inputs.prepare``). columns: ``image_column``,
+    ``caption_column``, ``label_column``, ``id_column``, ``split`` of a Hugging Face dataset."""
     if on_error not in ON_ERROR:
         raise DataError(f"on_error={on_error!r}: use 'raise' or 'skip'")
-    source = _open(data, channels, on_error == "skip", columns)
+    any_size = resolution is not None
+    source = _open(data, channels, on_error == "skip", any_size, columns)
+    if any_size and not isinstance(source, Prepared):
+        source = Prepared(source, int(resolution), center_crop)
     if on_error == "skip":
         source = source.check(skip=True)
         _warn_skipped(source)
     return source
 
 
-def _open(data: Any, channels: int | None, skip: bool, columns: dict[str, Any]) -> DataSource:
+def _open(
+    data: Any, channels: int | None, skip: bool, any_size: bool, columns: dict[str, Any]
+) -> DataSource:
     if isinstance(data, DataSource):
         return data
     if isinstance(data, torch.Tensor):
@@ -75,10 +84,10 @@ def _open(data: Any, channels: int | None, skip: bool, columns: dict[str, Any]) 
     path = Path(text)
     if not path.exists():
         raise DataError(f"{text}: no such file or folder")
-    if path.suffix == ".parquet" or (path.is_dir() and (is_hf_folder(path) or _has_parquet(path))):
+    if path.suffix == ".parquet" or (path.is_dir() and (is_hf_folder(path) or has_parquet(path))):
         return HFSource(path, channels, **columns)
     if path.is_dir():
-        return FolderSource(path, channels, skip_bad=skip)
+        return FolderSource(path, channels, skip_bad=skip, any_size=any_size)
     if path.suffix == ".npy":
         with array_file_errors(path):
             return NpySource(path)
@@ -107,13 +116,11 @@ def open_inputs(
         found = read_inputs(data, channels, kind, labels, prompts, required)
         source = ArraySource(found.images, str(data))
         source.ids = found.ids
+        if options.get("resolution") is not None:
+            source = Prepared(source, int(options["resolution"]), bool(options.get("center_crop")))
         return source, found.cond
     source = open_source(data, channels, **options)
     return source, source_conditioning(source, data, kind, labels, prompts, required)
-
-
-def _has_parquet(folder: Path) -> bool:
-    return next(folder.glob("*.parquet"), None) is not None
 
 
 def _warn_skipped(source: DataSource) -> None:

@@ -32,10 +32,10 @@ OPTIMIZER_FILE = "optimizer.bin"
 
 
 def find_optimizer_file(folder: Path) -> Path:
-    """``folder/optimizer.bin``, else the parent's when ``folder`` is the ``unet/`` of an
-    accelerate checkpoint; ModelError when neither exists."""
+    """``folder/optimizer.bin``, else the parent's when ``folder`` is the ``unet/`` (or an EMA
+    run's ``unet_ema/``) of an accelerate checkpoint; ModelError when neither exists."""
     candidates = [folder / OPTIMIZER_FILE]
-    if folder.name == "unet":
+    if folder.name in ("unet", "unet_ema"):  # the raw or EMA weights of a checkpoint
         candidates.append(folder.parent / OPTIMIZER_FILE)
     for path in candidates:
         if path.is_file():

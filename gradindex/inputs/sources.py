@@ -4,9 +4,8 @@ Holds ``DataSource`` (``len``, ``ids``, ``read(start, stop)`` → [B, C, H, W] i
 dtype, ``rows(lo, hi)`` → a view of a shard's rows, ``data_range()``) and the array, HDF5 and
 image-folder sources; Hugging Face ``datasets`` and WebDataset tars are in ``inputs.hfdata``
 and ``inputs.tars``, the choice of source in ``inputs.open_data``. ``prefetch`` reads the next
-batches in a background thread so decoding overlaps featurizing.
-
-Every source counts the bytes it read (``bytes_read``): a shard job reads its own rows only.
+batches in a background thread so decoding overlaps featurizing. Every source counts the
+bytes it read (``bytes_read``): a shard job reads its own rows only.
 """
 
 from __future__ import annotations
@@ -94,6 +93,10 @@ class DataSource:
 
     def _row(self, i: int) -> np.ndarray:  # pragma: no cover - every per-row source has one
         raise NotImplementedError
+
+    def decoded(self, i: int) -> np.ndarray:
+        """Row ``i`` as stored or decoded, [C, H, W] of its own size (``inputs.prepare``)."""
+        return self._row(i) if self.decodes else self.read(i, i + 1)[0]
 
     def _fit(self, row: np.ndarray, i: int) -> np.ndarray:
         """A decoded row in the source's shape and dtype, or a DataError naming the sample."""
@@ -292,14 +295,15 @@ class FolderSource(DataSource):
 
     decodes = True
 
-    def __init__(self, folder: Path, channels: int | None, skip_bad: bool = False):
+    def __init__(self, folder: Path, channels: int | None, skip_bad=False, any_size=False):
         super().__init__()
         self.folder, self.name = folder, str(folder)
         files = image_files(folder)
         if not files:
             raise DataError(f"{folder}: no image files ({', '.join(IMAGE_SUFFIXES)}) found")
         self.ids = np.array(files)
-        scan = _scan_headers(folder, self.ids, channels, self.skipped if skip_bad else None)
+        skipped = self.skipped if skip_bad else None
+        scan = _scan_headers(folder, self.ids, channels, skipped, any_size)
         self.channels, wide, size = scan
         if self.skipped:
             lost = {k for k, _ in self.skipped}
@@ -318,10 +322,10 @@ class FolderSource(DataSource):
 
 
 def _scan_headers(
-    folder: Path, names: np.ndarray, channels: int | None, skipped: list | None = None
+    folder: Path, names: np.ndarray, channels: int | None, skipped: list | None, any_size: bool
 ) -> tuple[int, bool, tuple[int, int]]:
-    """(channels, any 16-bit file, the one H x W) from each file's header: 1 channel when all
-    are grayscale; mixed sizes refused naming the usual size and an odd file."""
+    """(channels, any 16-bit file, the usual H x W) from each file's header: 1 channel when
+    all are grayscale; mixed sizes refused (unless ``any_size``) naming an odd file."""
     gray, wide, sizes = True, False, Counter()
     odd: dict[tuple[int, int], str] = {}
     for name in names:
@@ -337,14 +341,14 @@ def _scan_headers(
             continue
         sizes[hw] += 1
         odd.setdefault(hw, str(name))
-    if len(sizes) > 1:
+    if len(sizes) > 1 and not any_size:
         (usual, n_usual), (other, n_other) = sizes.most_common(2)
         more = f" (+{len(names) - n_usual - 1} more)" if len(names) - n_usual > 1 else ""
         raise DataError(
             f"{folder}: images differ in size: {n_usual} are {usual[0]}x{usual[1]} (HxW) but "
             f"{odd[other]} is {other[0]}x{other[1]}{more}; resize them to one size first"
         )
-    return channels or (1 if gray else 3), wide, next(iter(sizes))
+    return channels or (1 if gray else 3), wide, sizes.most_common(1)[0][0]
 
 
 def prefetch(

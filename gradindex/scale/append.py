@@ -24,7 +24,7 @@ from gradindex.build import build_index
 from gradindex.errors import DataError, IndexStateError, ModelError, SampleStopError, SpecError
 from gradindex.index.layout import MANIFEST, VECTORS
 from gradindex.index.lifecycle import check_writable, folder_lock, staging_folder, swap_in
-from gradindex.index.records import check_fingerprints
+from gradindex.index.records import check_fingerprints, recorded_scheduler
 from gradindex.index.store import VectorStore
 from gradindex.inputs.models import CheckpointSource, load_checkpoints
 from gradindex.inputs.open_data import open_source
@@ -84,7 +84,8 @@ def _add(
         )
     spec = BuildSpec.from_dict(manifest["spec"])
     ckpts = _checkpoints(manifest, checkpoints, scheduler)
-    images = open_source(data, manifest.get("image_shape", manifest["sample_shape"])[0])
+    channels = manifest.get("image_shape", manifest["sample_shape"])[0]
+    images = open_source(data, channels, resolution=spec.resolution, center_crop=spec.center_crop)
     with VectorStore.open(target / VECTORS) as store:
         old_ids = store.ids
     new_ids = _new_ids(ids, images.ids, old_ids, len(images))
@@ -106,6 +107,7 @@ def _add(
             index="flat",
             device=device,
             progress=progress,
+            weights=manifest.get("weights") or "raw",
             fidelity_sample=0,  # the index keeps its own record: same projection, same model
         )
         info = manifest["indexes"]["tracin"]
@@ -155,7 +157,10 @@ def _checkpoints(
     if len(sources) != len(records):
         raise ModelError(f"the index has {len(records)} checkpoints but {len(sources)} were given")
     ckpts = load_checkpoints(
-        sources, scheduler, precondition=manifest["spec"].get("precondition", "none")
+        sources,
+        scheduler if scheduler is not None else recorded_scheduler(records),
+        precondition=manifest["spec"].get("precondition", "none"),
+        weights=manifest.get("weights"),
     )
     check_fingerprints(ckpts, records, "other weights; rebuild instead of adding")
     return ckpts

@@ -80,6 +80,7 @@ def distributed_build(
     fidelity_sample: int = 32,
     data_options: Mapping[str, Any] | None = None,
     run_records: bool = True,
+    weights: str = "raw",
 ) -> AttributionIndex | None:
     """Build ``out`` with every rank of the process group (initialised here from the launcher's
     environment unless the caller already did). Returns the index on rank 0, None elsewhere.
@@ -87,8 +88,7 @@ def distributed_build(
     Arguments are those of ``build_index`` (conditioning included: every rank takes its rows'
     labels / prompts); every rank must pass the same. With ``resume`` a rank's finished shard
     is reused when its settings (spec, checkpoints, rows, conditioning data) are the asked ones,
-    and refused, naming them, when not. ``keep_shards`` keeps the per-rank shard folders after
-    a successful merge.
+    and refused, naming them, when not. ``keep_shards`` keeps the per-rank shard folders.
     """
     import torch.distributed as dist
 
@@ -124,6 +124,7 @@ def distributed_build(
                 shard=(rank, world),
                 fidelity_sample=fidelity_sample,  # each shard measures its own rows
                 data_options=data_options,
+                weights=weights,
             )
         except Exception as exc:  # every rank must reach the collective, whatever happened
             error = exc

@@ -47,9 +47,11 @@ class ServeState:
         self.lock = threading.Lock()
         spec = index.spec
         source = data if data is not None else index.manifest.get("data_source")
+        options = dict(index.manifest.get("data_options") or {})  # a dataset's columns, on_error
+        if spec.resolution is not None:  # shown as the model saw them (inputs.prepare)
+            options.update(resolution=spec.resolution, center_crop=spec.center_crop)
         self.images = TrainingImages(
-            source, len(index), index.image_shape[0], spec.data_range,
-            index.manifest.get("data_options"),  # a dataset's columns, on_error: as built
+            source, len(index), index.image_shape[0], spec.data_range, options
         )  # fmt: skip
         self.labels, self.captions = _conditioning_columns(index)
         self.class_names = index.conditioning.get("class_names")
