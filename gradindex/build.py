@@ -96,30 +96,19 @@ def build_index(
     checkpoints: diffusers folders, ``(module, scheduler)`` pairs, or state dicts / weight files
     applied to ``model``. data: an array, ``.npy``/``.npz``, ``file.h5:/dataset``, an image
     folder, a Hugging Face dataset (``save_to_disk`` folder, parquet, a Hub folder), tar shards
-    or a ``DataSource`` (``gradindex.inputs.open_data``). index: the search index kind per method: ``flat`` (exact), ``ivf``, ``hnsw``, a FAISS
-    factory string, ``ondisk`` (an IVF whose lists stay in a file next to the index, built from
-    the store in chunks and memory-mapped at query time: for indexes larger than RAM, see
-    ``gradindex.index.ondisk``) or ``auto`` (flat / HNSW / IVF in RAM, or ``ondisk`` when the rows would
-    take more than half the available memory). shard: ``(i, n)``
-    builds only shard i of n (a contiguous slice of the rows, see ``gradindex.scale.shards``) as an
-    exact index; ``index`` is then recorded for ``merge_shards``. labels / prompts: per-image
-    class labels / captions of a conditional model, when ``data`` does not carry them (see
-    ``gradindex.inputs.conditioning``). base_model: the Stable-Diffusion-layout folder holding
-    ``vae/``, ``text_encoder/``, ``tokenizer/`` when the checkpoint folders (and their parent)
-    do not, or a mapping of those component objects. fidelity_sample: rows whose stored scores
-    are checked against exact ones at the end (manifest ``fidelity``, see
-    ``gradindex.featurize.fidelity``; 0 skips it). data_options: how ``data`` is read, for
-    ``gradindex.inputs.open_data.open_source``: a Hugging Face dataset's ``image_column``,
-    ``caption_column``, ``label_column``, ``id_column``, ``split``, and ``on_error`` ('raise',
-    or 'skip': bad samples left out and listed); recorded in the manifest. run_records: fill
-    the loss settings (``snr_weighting``, ``snr_gamma``, ``noise_offset``,
-    ``input_perturbation``) that the checkpoints' training run logged (TensorBoard hparams) where
-    ``spec`` leaves them at their defaults (``gradindex.inputs.run_records``); what was taken
-    from where, and how ``checkpoint_weights='auto'`` was resolved, is in the manifest's
-    ``run_records``. weights: 'raw' (the
-    weights the optimizer stepped, which TracIn's sum runs over) or 'ema' (an ``--use_ema``
-    run's averaged weights) for every checkpoint folder of a diffusers training run
-    (``gradindex.inputs.runs``); recorded in the manifest.
+    or a ``DataSource`` (``gradindex.inputs.open_data``). index: ``flat`` (exact), ``ivf``,
+    ``hnsw``, a FAISS factory string, ``ondisk`` (IVF lists memory-mapped from a file:
+    ``gradindex.index.ondisk``) or ``auto``. shard: ``(i, n)`` builds only shard i of n as an
+    exact index (``gradindex.scale.shards``). labels / prompts: per-image class labels /
+    captions when ``data`` does not carry them. base_model: the Stable-Diffusion-layout folder
+    (or mapping) holding ``vae/``, ``text_encoder/``, ``tokenizer/``. fidelity_sample: rows
+    whose stored scores are checked against exact ones (``gradindex.featurize.fidelity``; 0
+    skips it). data_options: how ``data`` is read (``open_data.open_source``: dataset columns,
+    ``split``, ``on_error``). run_records: fill the loss settings the checkpoints' training
+    run logged where ``spec`` leaves them at their defaults (``gradindex.inputs.run_records``;
+    also resolves ``checkpoint_weights='auto'``). weights: 'raw' or 'ema' for every checkpoint
+    folder of a diffusers training run (``gradindex.inputs.runs``). All recorded in the
+    manifest.
     """
     started = time.perf_counter()
     device = resolve_device(device)

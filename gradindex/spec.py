@@ -6,7 +6,6 @@ Holds:
   sample (common random numbers), so a training image embedded at query time reproduces its
   stored row exactly.
 - ``BuildSpec.input_noise(sample_shape)``: the noise x_t is made from under input perturbation.
-- ``draw_seed``: the seed of one draw, a pure function of (seed, k, m).
 """
 
 from __future__ import annotations
@@ -21,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from gradindex.draws import draw_noise, draw_seed, grid_timesteps
 from gradindex.errors import SpecError
 
 SPEC_PROJECTIONS: tuple[str, ...] = ("identity", "gaussian", "sjlt", "kronecker")
@@ -206,21 +206,7 @@ class BuildSpec:
             raise bad("batch_size", "must be a positive integer")
         if self.store_dtype not in STORE_DTYPES:
             raise bad("store_dtype", f"must be one of {', '.join(STORE_DTYPES)}")
-        if self.data_range is not None:
-            r = self.data_range
-            if len(r) != 2 or not all(np.isfinite(v) for v in r) or not r[0] < r[1]:
-                raise bad("data_range", "must be two finite numbers (low, high) with low < high")
-            object.__setattr__(self, "data_range", (float(r[0]), float(r[1])))
-        if self.resize not in RESIZE_MODES:
-            raise bad("resize", f"must be one of {', '.join(RESIZE_MODES)}")
-        if self.resolution is not None and (not _is_int(self.resolution) or self.resolution <= 0):
-            raise bad("resolution", "must be a positive integer (the trainer's --resolution)")
-        if not isinstance(self.center_crop, bool):
-            raise bad("center_crop", "must be true or false")
-        if self.center_crop and self.resolution is None:
-            raise bad("center_crop", "needs resolution (the size the trainer cropped to)")
-        if self.latents not in LATENT_MODES:
-            raise bad("latents", f"must be one of {', '.join(LATENT_MODES)}")
+        self._validate_images(bad)
         if self.precondition not in PRECONDITIONERS:
             raise bad("precondition", f"must be one of {', '.join(PRECONDITIONERS)}")
         if self.precondition == "adam" and self.projection == "kronecker":
@@ -242,6 +228,23 @@ class BuildSpec:
                     "timesteps", f"count exceeds the {self.num_train_timesteps} training timesteps"
                 )
 
+    def _validate_images(self, bad: Any) -> None:
+        if self.data_range is not None:
+            r = self.data_range
+            if len(r) != 2 or not all(np.isfinite(v) for v in r) or not r[0] < r[1]:
+                raise bad("data_range", "must be two finite numbers (low, high) with low < high")
+            object.__setattr__(self, "data_range", (float(r[0]), float(r[1])))
+        if self.resize not in RESIZE_MODES:
+            raise bad("resize", f"must be one of {', '.join(RESIZE_MODES)}")
+        if self.resolution is not None and (not _is_int(self.resolution) or self.resolution <= 0):
+            raise bad("resolution", "must be a positive integer (the trainer's --resolution)")
+        if not isinstance(self.center_crop, bool):
+            raise bad("center_crop", "must be true or false")
+        if self.center_crop and self.resolution is None:
+            raise bad("center_crop", "needs resolution (the size the trainer cropped to)")
+        if self.latents not in LATENT_MODES:
+            raise bad("latents", f"must be one of {', '.join(LATENT_MODES)}")
+
     def _validate_loss_weighting(self, bad: Any) -> None:
         if self.snr_weighting not in LOSS_WEIGHTINGS:
             raise bad("snr_weighting", f"must be one of {', '.join(LOSS_WEIGHTINGS)}")
@@ -257,8 +260,6 @@ class BuildSpec:
                 raise bad(name, "must be a finite number >= 0 (0: off)")
             object.__setattr__(self, name, float(value))
 
-    # -- draws ------------------------------------------------------------------------------
-
     @property
     def num_timesteps(self) -> int:
         """K."""
@@ -270,16 +271,8 @@ class BuildSpec:
         return self.num_timesteps * self.noise_draws
 
     def timestep_values(self) -> list[int]:
-        """The K timesteps. A count gives the centred grid t_k = floor((k + ½)·T / K)."""
-        if isinstance(self.timesteps, tuple):
-            return list(self.timesteps)
-        if self.num_train_timesteps is None:
-            raise SpecError(
-                "BuildSpec.num_train_timesteps is not set: build_index fills it from the scheduler; "
-                "set it yourself to call draws() directly"
-            )
-        T, K = self.num_train_timesteps, self.timesteps
-        return [int((k + 0.5) * T / K) for k in range(K)]
+        """The K timesteps (``gradindex.draws.grid_timesteps``)."""
+        return grid_timesteps(self.timesteps, self.num_train_timesteps)
 
     def draws(self, sample_shape: Sequence[int]) -> list[tuple[int, torch.Tensor]]:
         """The K·M (timestep, noise) draws in order (k major, m minor); noise is float32 of
@@ -301,16 +294,9 @@ class BuildSpec:
         return [(k, m, t) for k, t in enumerate(ts) for m in range(M)]
 
     def _noise(self, k: int, m: int, shape: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Draw (k, m)'s target noise and input noise, in the scripts' order of random calls."""
-        gen = torch.Generator().manual_seed(draw_seed(self.seed, k, m))
-        eps = torch.randn(tuple(shape), generator=gen, dtype=torch.float32)
-        if self.noise_offset:
-            offset = torch.randn((shape[0], 1, 1), generator=gen, dtype=torch.float32)
-            eps = eps + self.noise_offset * offset
-        if not self.input_perturbation:
-            return eps, eps
-        xi = torch.randn(tuple(shape), generator=gen, dtype=torch.float32)
-        return eps, eps + self.input_perturbation * xi
+        """Draw (k, m)'s target noise and input noise (``gradindex.draws.draw_noise``)."""
+        seed = draw_seed(self.seed, k, m)
+        return draw_noise(seed, shape, self.noise_offset, self.input_perturbation)
 
     def weights(self, num_checkpoints: int) -> tuple[float, ...]:
         """w_c for each checkpoint, checking the count matches."""
@@ -343,8 +329,6 @@ class BuildSpec:
                 f"can hold; {fix}, or select fewer parameters (params)"
             )
         return dim
-
-    # -- serialisation ------------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -405,12 +389,6 @@ class BuildSpec:
 
     def replace(self, **changes: Any) -> BuildSpec:
         return dataclasses.replace(self, **changes)
-
-
-def draw_seed(seed: int, k: int, m: int) -> int:
-    """A 63-bit seed that depends only on (seed, k, m) (numpy SeedSequence mixing)."""
-    state = np.random.SeedSequence([int(seed), int(k), int(m)]).generate_state(2, dtype=np.uint32)
-    return int((int(state[0]) << 31) ^ int(state[1]))
 
 
 def _is_number(x: Any) -> bool:

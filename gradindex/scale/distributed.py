@@ -84,11 +84,10 @@ def distributed_build(
 ) -> AttributionIndex | None:
     """Build ``out`` with every rank of the process group (initialised here from the launcher's
     environment unless the caller already did). Returns the index on rank 0, None elsewhere.
-
     Arguments are those of ``build_index`` (conditioning included: every rank takes its rows'
     labels / prompts); every rank must pass the same. With ``resume`` a rank's finished shard
-    is reused when its settings (spec, checkpoints, rows, conditioning data) are the asked ones,
-    and refused, naming them, when not. ``keep_shards`` keeps the per-rank shard folders.
+    is reused when its settings are the asked ones, refused naming them when not.
+    ``keep_shards`` keeps the per-rank shard folders.
     """
     import torch.distributed as dist
 
