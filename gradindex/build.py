@@ -59,7 +59,7 @@ def _one_writer(build: Callable[..., AttributionIndex]) -> Callable[..., Attribu
     @functools.wraps(build)
     def locked(*, out: str | Path, **kwargs: Any) -> AttributionIndex:
         out = Path(out).resolve()  # a link or '.' names the real folder: one lock, one swap
-        with folder_lock(out):
+        with folder_lock(out, "choose an --out in a writable folder"):
             return build(out=out, **kwargs)
 
     return locked

@@ -95,7 +95,7 @@ def merge_shards(
     recall = target_recall if target_recall is not None else first.get("merge_target_recall", 0.95)
     check_kind(kind, parts[0][1]["dim"], recall)  # before any row is copied
 
-    with folder_lock(out):
+    with folder_lock(out, "choose an --out in a writable folder"):
         check_target(out, overwrite)
         base = {k: v for k, v in parts[0][1].items() if k not in ("shard", "data_seconds")}
         extra = {
