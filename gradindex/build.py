@@ -45,7 +45,7 @@ from gradindex.inputs.data import to_model_input
 from gradindex.inputs.devices import resolve_device
 from gradindex.inputs.models import Checkpoint, CheckpointSource, load_checkpoints, with_model
 from gradindex.inputs.open_data import open_inputs
-from gradindex.inputs.slices import shard_rows
+from gradindex.inputs.slices import data_digest, shard_rows
 from gradindex.query import AttributionIndex
 from gradindex.spec import BuildSpec
 
@@ -172,6 +172,7 @@ def _read_rows(
         lo, hi = shard_rows(shard, len(images))
         shard_info = {"index": shard[0], "count": shard[1], "start": lo, "stop": hi}
         shard_info["total_rows"] = len(images)
+        shard_info["data_digest"] = data_digest(images, row_ids)  # merge: same data, same order
         images, row_ids = images.rows(lo, hi), row_ids[lo:hi]  # only this shard's rows read
         cond_data = cond_data.rows(lo, hi)
     checked = 1 if images.decodes else len(images)  # decoded rows: checked as featurized

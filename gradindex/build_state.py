@@ -80,8 +80,8 @@ def build_state(plan: Plan) -> dict[str, Any]:
         "num_rows": len(plan.rows.images),
         "format_version": FORMAT_VERSION,
     }
-    if plan.rows.shard is not None:
-        state["shard"] = plan.rows.shard
+    if plan.rows.shard is not None:  # the data digest is merge's check (ids are resume's)
+        state["shard"] = {k: v for k, v in plan.rows.shard.items() if k != "data_digest"}
     if plan.conditioner.kind != "none" or plan.conditioner.vae is not None:
         state["conditioning"] = {**plan.cond_record, "data": plan.rows.cond.digest()}
     return state

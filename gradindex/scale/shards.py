@@ -153,6 +153,30 @@ def check_same(parts: list[tuple[Path, dict[str, Any]]]) -> None:
                 f"{path}: sharded a dataset of {m['shard']['total_rows']} rows but {p0} one of "
                 f"{m0['shard']['total_rows']}; shard the same dataset"
             )
+    _check_same_data(parts)
+
+
+def _check_same_data(parts: list[tuple[Path, dict[str, Any]]]) -> None:
+    """Shards cut from other data, or from the same data in another order, would put ids on
+    other samples' rows: refused by their data digests (``gradindex.inputs.slices``); shards
+    built before the digest was recorded cannot be checked, and a warning says so."""
+    digests = [(p, (m.get("shard") or {}).get("data_digest")) for p, m in parts]
+    if any(d is None for _, d in digests):
+        old = ", ".join(str(p) for p, d in digests if d is None)
+        logger.warning(
+            "%s: built before shards recorded a digest of their data; merge cannot check that "
+            "every shard was cut from the same data in the same order",
+            old,
+        )
+        return
+    (p0, d0), *rest = digests
+    for path, digest in rest:
+        if digest != d0:
+            raise IndexStateError(
+                f"{path}: was cut from other data than {p0}, or from the same data in another "
+                "order (their data digests differ); build every shard from the same data, in "
+                "the same order"
+            )
 
 
 def _check_coverage(parts: list[tuple[Path, dict[str, Any]]]) -> None:
