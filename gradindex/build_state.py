@@ -37,6 +37,7 @@ from gradindex.index.layout import (
     write_json_atomic,
 )
 from gradindex.index.lifecycle import check_writable, staging_folder, staging_path
+from gradindex.inputs.components import checkpoint_config
 from gradindex.inputs.conditioner import Conditioner
 from gradindex.inputs.conditioning import ConditioningData
 from gradindex.inputs.models import Checkpoint
@@ -152,7 +153,12 @@ def model_record(plan: Plan) -> dict[str, Any]:
     return {
         "spec_fingerprint": spec.fingerprint(),
         "checkpoints": [
-            {"source": c.source, "fingerprint": c.fingerprint, "weight": w}
+            {
+                "source": c.source,
+                "fingerprint": c.fingerprint,  # of the weights
+                "config": checkpoint_config(c.model, c.scheduler),  # what else decides them
+                "weight": w,
+            }
             for c, w in zip(ckpts, spec.weights(len(ckpts)), strict=True)
         ],
         "versions": package_versions(),

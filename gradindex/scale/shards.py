@@ -148,6 +148,15 @@ def check_same(parts: list[tuple[Path, dict[str, Any]]]) -> None:
                 f"{path}: checkpoint fingerprints differ from {p0} (other weights or another "
                 "model); build every part from the same checkpoints"
             )
+        pairs = zip(m["checkpoints"], m0["checkpoints"], strict=True)
+        if any(
+            a.get("config") and b.get("config") and a["config"] != b["config"] for a, b in pairs
+        ):
+            raise IndexStateError(
+                f"{path}: checkpoint configs differ from {p0} (a config.json or "
+                "scheduler_config.json edited between the builds); build every part from the "
+                "same checkpoint folders"
+            )
         if m.get("shard", {}).get("total_rows") != m0.get("shard", {}).get("total_rows"):
             raise IndexStateError(
                 f"{path}: sharded a dataset of {m['shard']['total_rows']} rows but {p0} one of "
