@@ -114,3 +114,19 @@ def test_shards_from_an_edited_checkpoint_are_not_merged(built):
                        shard=(1, 2), progress=False, fidelity_sample=0)  # fmt: skip
     with pytest.raises(gi.IndexStateError, match="checkpoint configs differ"):
         merge_shards(root / "m", [a.path, b.path])
+
+
+def test_an_edited_vae_config_is_refused(tmp_path, sd_run, caption_folder, pixels):
+    """A latent model's VAE config (its scaling_factor scales every latent) counts too."""
+    from tests.diffusion_refs import CAPTIONS
+
+    run = tmp_path / "run"
+    shutil.copytree(sd_run, run)
+    gi.build_index(checkpoints=[run / "checkpoint-1"], data=str(caption_folder),
+                   out=tmp_path / "idx", spec=SPEC, progress=False, fidelity_sample=0)  # fmt: skip
+    idx = gi.AttributionIndex.open(tmp_path / "idx")
+    stored = idx.vectors("retrac")[:1]
+    assert_rows_close(idx.embed(pixels[:1], prompts=CAPTIONS[0])["retrac"], stored)
+    _edit(run / "vae" / "config.json", scaling_factor=0.5)
+    with pytest.raises(gi.ModelError, match=r"vae's config changed .*scaling_factor"):
+        gi.AttributionIndex.open(tmp_path / "idx").embed(pixels[:1], prompts=CAPTIONS[0])
