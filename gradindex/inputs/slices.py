@@ -50,6 +50,12 @@ def shard_rows(shard: tuple[int, int], num_rows: int) -> tuple[int, int]:
     return i * num_rows // n, (i + 1) * num_rows // n
 
 
+def digest_rows(n: int) -> np.ndarray:
+    """The rows of an n-row data set whose pixels ``data_digest`` reads, sorted."""
+    picked = np.random.default_rng(0).choice(n, min(n, SAMPLED_ROWS), replace=False)
+    return np.unique(np.concatenate([[0, n - 1], picked]))
+
+
 def data_digest(images: Any, ids: np.ndarray) -> str:
     """sha256 of a whole data set's row count, ids and the pixels of ``SAMPLED_ROWS`` rows at
     seeded positions (first and last included): the same for every shard cut from the same data
@@ -57,12 +63,10 @@ def data_digest(images: Any, ids: np.ndarray) -> str:
     so the pixels tell the order). ``images``: a source indexable by an array of rows; only the
     sampled rows are read, so a shard of a huge data set still reads just its own rows."""
     n = len(images)
-    picked = np.random.default_rng(0).choice(n, min(n, SAMPLED_ROWS), replace=False)
-    rows = np.unique(np.concatenate([[0, n - 1], picked]))
     ids = np.ascontiguousarray(ids)
     h = hashlib.sha256(f"{n}:{ids.dtype.str}:{ids.shape}".encode())
     h.update(ids.tobytes() if ids.dtype.kind != "O" else "\0".join(map(str, ids)).encode())
-    for row in rows:
+    for row in digest_rows(n):
         try:
             pixels = np.ascontiguousarray(images[np.array([row])])
             h.update(f"{row}:{pixels.dtype.str}:{pixels.shape}".encode() + pixels.tobytes())
