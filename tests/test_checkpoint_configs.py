@@ -130,3 +130,24 @@ def test_an_edited_vae_config_is_refused(tmp_path, sd_run, caption_folder, pixel
     _edit(run / "vae" / "config.json", scaling_factor=0.5)
     with pytest.raises(gi.ModelError, match=r"vae's config changed .*scaling_factor"):
         gi.AttributionIndex.open(tmp_path / "idx").embed(pixels[:1], prompts=CAPTIONS[0])
+
+
+def test_a_lora_checkpoint_records_its_adapter_and_checks_its_base_config(
+    tmp_path, sd_run, caption_folder, pixels
+):
+    """LoRA: the adapter's settings are recorded; an edited base UNet config.json is refused."""
+    pytest.importorskip("peft")
+    from tests.diffusion_refs import CAPTIONS
+    from tests.test_lora import lora_unet, save_lora
+
+    base = tmp_path / "base"
+    shutil.copytree(sd_run, base)
+    save_lora(lora_unet(11), tmp_path / "lora")
+    idx = gi.build_index(checkpoints=[tmp_path / "lora"], base_model=base, out=tmp_path / "idx",
+                         data=str(caption_folder), spec=SPEC, progress=False,
+                         fidelity_sample=0)  # fmt: skip
+    peft = idx.manifest["checkpoints"][0]["config"]["model"]["peft"]
+    assert peft["default"]["r"] == 2 and peft["default"]["lora_alpha"] == 2
+    _edit(base / "unet" / "config.json", act_fn="mish")
+    with pytest.raises(gi.ModelError, match="model config changed .*act_fn"):
+        gi.AttributionIndex.open(tmp_path / "idx").embed(pixels[:1], prompts=CAPTIONS[0])
