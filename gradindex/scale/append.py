@@ -39,6 +39,7 @@ from gradindex.index.records import check_fingerprints
 from gradindex.index.store import VectorStore
 from gradindex.inputs.models import CheckpointSource, load_checkpoints
 from gradindex.inputs.open_data import open_source
+from gradindex.inputs.ranges import UINT8_RANGE
 from gradindex.query import AttributionIndex
 from gradindex.scale.shards import _plain, assemble, open_part
 from gradindex.spec import BuildSpec
@@ -169,9 +170,10 @@ def _addable(target: Path) -> dict[str, Any]:
 
 
 def _new_range(new: BuildSpec, index: BuildSpec) -> tuple[float, float]:
-    """The range the new images were read in; a warning when it is not the index's."""
+    """The range the new images were read in; a warning when it is not the index's and both
+    are float ranges (uint8 pixels are 0..255 without doubt)."""
     got, had = tuple(new.data_range or ()), tuple(index.data_range or ())
-    if had and got != had:
+    if had and got != had and UINT8_RANGE not in (got, had):
         warnings.warn(
             f"the new images are read as [{got[0]:g}, {got[1]:g}] (told from their values), "
             f"the index's own as [{had[0]:g}, {had[1]:g}]; both are mapped to the model's input "
