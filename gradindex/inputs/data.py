@@ -5,7 +5,8 @@ Holds:
   (``file.h5:/images``) or a folder of image files → (array [N, C, H, W], ids); image files
   are converted to the model's channels (grayscale or RGB), 16-bit ones to floats in [0, 1].
 - ``read_array(path)``: one ``.npy`` / ``.npz`` array, pickled or broken files as a DataError.
-- the value-range rules (``resolve_data_range``, ``query_range``...): ``gradindex.inputs.ranges``.
+- the value-range rules live in ``gradindex.inputs.ranges`` (``resolve_data_range`` and its
+  helpers are re-exported here, where callers found them before).
 - ``to_model_input(images, ...)``: validates (shape, channels, NaN) and maps to [-1, 1] at the
   model's sample size — the single path both build and query go through, so both agree.
 """
