@@ -148,15 +148,25 @@ def config_record(obj: Any) -> dict[str, Any]:
     decides its outputs, so an edited config.json is noticed. Equal for a module in memory and
     the folder it was saved to."""
     cfg = getattr(obj, "config", None)
-    items = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg) if cfg is not None else {}
-    items = {k: v for k, v in items.items() if not k.startswith("_") and k not in _BOOKKEEPING}
+    if hasattr(cfg, "to_dict"):  # transformers' PretrainedConfig
+        items = cfg.to_dict()
+    elif isinstance(cfg, dict):  # diffusers' FrozenDict
+        items = dict(cfg)
+    else:  # any other module: its config object's plain attributes, if it has one
+        items = dict(vars(cfg)) if hasattr(cfg, "__dict__") else {}
+    items = {
+        k: v
+        for k, v in items.items()
+        if isinstance(k, str) and not k.startswith("_") and k not in _BOOKKEEPING and _plain(v)
+    }
     items["class"] = type(obj).__name__
     peft = getattr(obj, "peft_config", None)
     if isinstance(peft, dict) and peft:
         items["peft"] = {
-            name: {k: v for k, v in vars(c).items() if k in _LORA_KEYS} for name, c in peft.items()
+            name: {k: v for k, v in vars(c).items() if k in _LORA_KEYS and _plain(v)}
+            for name, c in peft.items()
         }
-    return json.loads(json.dumps(items, sort_keys=True, default=_plain_json))
+    return json.loads(json.dumps(items, sort_keys=True, default=_set_as_list))
 
 
 def noise_schedule_digest(scheduler: Any) -> str:
@@ -171,10 +181,20 @@ def noise_schedule_digest(scheduler: Any) -> str:
     return h.hexdigest()[:16]
 
 
-def _plain_json(value: Any) -> Any:
+def _set_as_list(value: Any) -> list[str]:
     if isinstance(value, (set, frozenset)):
         return sorted(map(str, value))
-    return getattr(value, "value", None) or str(value)  # an enum's value, a path's text
+    raise TypeError(f"{type(value).__name__} is not a plain config value")
+
+
+def _plain(value: Any) -> bool:
+    """A value JSON holds as it is (sets as sorted lists): objects, whose text may hold a memory
+    address, are left out, so a config reads the same in every process."""
+    try:
+        json.dumps(value, default=_set_as_list)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def checkpoint_config(model: torch.nn.Module, scheduler: Any) -> dict[str, Any]:
