@@ -46,7 +46,7 @@ from gradindex.inputs.devices import resolve_device
 from gradindex.inputs.models import Checkpoint, CheckpointSource, load_checkpoints, with_model
 from gradindex.inputs.open_data import open_inputs
 from gradindex.inputs.run_records import resolve_from_run
-from gradindex.inputs.slices import shard_rows
+from gradindex.inputs.slices import data_digest, shard_rows
 from gradindex.query import AttributionIndex
 from gradindex.spec import BuildSpec
 
@@ -60,7 +60,7 @@ def _one_writer(build: Callable[..., AttributionIndex]) -> Callable[..., Attribu
     @functools.wraps(build)
     def locked(*, out: str | Path, **kwargs: Any) -> AttributionIndex:
         out = Path(out).resolve()  # a link or '.' names the real folder: one lock, one swap
-        with folder_lock(out):
+        with folder_lock(out, "choose an --out in a writable folder"):
             return build(out=out, **kwargs)
 
     return locked
@@ -176,6 +176,7 @@ def _read_rows(
         lo, hi = shard_rows(shard, len(images))
         shard_info = {"index": shard[0], "count": shard[1], "start": lo, "stop": hi}
         shard_info["total_rows"] = len(images)
+        shard_info["data_digest"] = data_digest(images, row_ids)  # merge: same data, same order
         images, row_ids = images.rows(lo, hi), row_ids[lo:hi]  # only this shard's rows read
         cond_data = cond_data.rows(lo, hi)
     checked = 1 if images.decodes else len(images)  # decoded rows: checked as featurized

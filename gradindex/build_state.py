@@ -11,7 +11,8 @@ Holds:
   (the same build finished already); everything else is refused with what to do.
 - ``model_record``: what the manifest keeps of the model and rows, which a query repeats.
 - ``settings_diffs``: which recorded settings differ from the asked ones (a resume must match).
-- ``write_error``: a failed write (disk full, permissions) as the error that says how to resume.
+- ``write_error``: a failed write (disk full, permissions) as the error that says how to resume;
+  ``is_write_failure`` / ``write_reason``: which errors are failed writes, and why.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +37,7 @@ from gradindex.index.layout import (
     write_json_atomic,
 )
 from gradindex.index.lifecycle import check_writable, staging_folder, staging_path
+from gradindex.inputs.components import checkpoint_config
 from gradindex.inputs.conditioner import Conditioner
 from gradindex.inputs.conditioning import ConditioningData
 from gradindex.inputs.models import Checkpoint
@@ -80,8 +83,8 @@ def build_state(plan: Plan) -> dict[str, Any]:
         "num_rows": len(plan.rows.images),
         "format_version": FORMAT_VERSION,
     }
-    if plan.rows.shard is not None:
-        state["shard"] = plan.rows.shard
+    if plan.rows.shard is not None:  # the data digest is merge's check (ids are resume's)
+        state["shard"] = {k: v for k, v in plan.rows.shard.items() if k != "data_digest"}
     if plan.conditioner.kind != "none" or plan.conditioner.vae is not None:
         state["conditioning"] = {**plan.cond_record, "data": plan.rows.cond.digest()}
     return state
@@ -154,7 +157,8 @@ def model_record(plan: Plan) -> dict[str, Any]:
         "checkpoints": [
             {
                 "source": c.source,
-                "fingerprint": c.fingerprint,
+                "fingerprint": c.fingerprint,  # of the weights
+                "config": checkpoint_config(c.model, c.scheduler),  # what else decides them
                 "weight": w,
                 "weights": c.weights,
                 "scheduler": c.scheduler_source,
@@ -219,16 +223,38 @@ def sample_error(exc: DataError, staged: bool = False) -> SampleStopError:
     )
 
 
-def write_error(out: Path, exc: OSError | WriteError, staged: bool = False) -> IndexStateError:
+def write_errno(exc: BaseException) -> int | None:
+    """The OS error number of a failed write: an OSError's, or the one HDF5 reports in the
+    RuntimeError h5py raises when flushing fails ("file write failed: ... errno = 28")."""
+    code = getattr(exc, "errno", None)
+    if code is None and isinstance(exc, RuntimeError):
+        found = re.search(r"errno = (\d+)", str(exc))
+        code = int(found.group(1)) if found else None
+    return code
+
+
+def is_write_failure(exc: BaseException) -> bool:
+    """An OSError, a WriteError, or h5py's RuntimeError for a write the OS refused (any other
+    RuntimeError, e.g. from featurizing, is not one)."""
+    if isinstance(exc, (OSError, WriteError)):
+        return True
+    return isinstance(exc, RuntimeError) and "write failed" in str(exc)
+
+
+def write_reason(exc: BaseException) -> str:
+    """'disk full' for ENOSPC / EDQUOT, else the OS's words (or the error's first line)."""
+    code = write_errno(exc)
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        return "disk full"
+    return os.strerror(code) if code else (str(exc).splitlines() or [type(exc).__name__])[0]
+
+
+def write_error(out: Path, exc: BaseException, staged: bool = False) -> WriteError:
     """Disk full, quota, permissions: say so, and that committed rows survive a resume
     (``staged``: of an --overwrite build, whose rows wait beside the old index)."""
-    why = (
-        "disk full"
-        if getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
-        else str(exc).splitlines()[0]
-    )
     again = "--overwrite --resume" if staged else "--resume"
-    return IndexStateError(
-        f"{out}: writing failed ({why}); rows already committed are kept: free space or fix the "
-        f"folder, then run the same build with {again}"
+    return WriteError(
+        f"{out}: writing failed ({write_reason(exc)}); rows already committed are kept: free "
+        f"space or fix the folder, then run the same build with {again}",
+        write_errno(exc),
     )

@@ -21,7 +21,14 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from gradindex.build_state import Plan, Rows, model_record, sample_error, write_error
+from gradindex.build_state import (
+    Plan,
+    Rows,
+    is_write_failure,
+    model_record,
+    sample_error,
+    write_error,
+)
 from gradindex.errors import DataError, GradIndexError, IndexStateError, WriteError
 from gradindex.featurize.embedding import Embedder
 from gradindex.featurize.fidelity import measure_fidelity
@@ -67,16 +74,19 @@ def write_build(
     the manifest, last; a staged build is then swapped in. ``started``: perf_counter at the
     start of the build, for the manifest's build_seconds."""
     spec, ckpts, rows = plan.spec, plan.ckpts, plan.rows
-    store = _open_store(out / VECTORS, plan, resume)
     try:
-        data_seconds = _fill_rows(store, plan.embedder, rows, spec, progress, plan.conditioner)
-        flagged, build_id = store.flagged, store.build_id
-    except OSError as exc:
+        store = _open_store(out / VECTORS, plan, resume)
+        try:
+            data_seconds = _fill_rows(store, plan.embedder, rows, spec, progress, plan.conditioner)
+            flagged, build_id = store.flagged, store.build_id
+        finally:
+            store.close()
+    except (OSError, RuntimeError) as exc:  # h5py's failed flushes are RuntimeErrors
+        if not is_write_failure(exc):
+            raise
         raise write_error(target, exc, staged=out != target) from None
     except _BadRead as exc:  # a decoded sample that cannot be read, named
         raise sample_error(exc.error, staged=out != target) from None
-    finally:
-        store.close()
     keep = _indexed_rows(flagged)
     fidelity = measure_fidelity(  # before FAISS: it sets the OpenMP thread count torch shares
         plan.embedder, ckpts, functools.partial(_stored_rows, store.path), keep,
@@ -90,7 +100,9 @@ def write_build(
         raise write_error(target, exc, staged=out != target) from None
     try:
         kernel = write_kernel(out, spec.weights(len(ckpts)), build_id)
-    except OSError as exc:
+    except (OSError, RuntimeError) as exc:
+        if not is_write_failure(exc):
+            raise
         raise write_error(target, exc, staged=out != target) from None
 
     manifest = {

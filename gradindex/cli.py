@@ -481,8 +481,10 @@ def _kernel_line(record: dict[str, Any]) -> str:
     type=(float, float),
     default=None,
     metavar="LOW HIGH",
-    help="Value range of float IMAGES (mapped to the model's [-1, 1]). Default: uint8 → 0..255, "
-    "floats within [0, 1] or [-1, 1] → that range, wider floats → the index's recorded range.",
+    help="Value range of float IMAGES (mapped to the model's [-1, 1]; refused for uint8 images, "
+    "which are 0..255). Default, for each image on its own: uint8 → 0..255, floats within "
+    "[0, 1] or [-1, 1] → that range, wider floats → the index's recorded range; a batch whose "
+    "images come out in different ranges is refused.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON record per query and method.")
 def query(
@@ -682,6 +684,14 @@ def merge(
 )
 @_scheduler_option
 @_device_option
+@click.option(
+    "--data-range",
+    type=(float, float),
+    default=None,
+    metavar="LOW HIGH",
+    help="Value range of float DATA (mapped to the model's [-1, 1]; refused for uint8, which is "
+    "0..255). Default: told from DATA's values as build does, whatever the index's own range.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the index summary as JSON.")
 def add(
     index_dir: str,
@@ -689,6 +699,7 @@ def add(
     checkpoints: tuple[str, ...],
     scheduler: str | None,
     device: str,
+    data_range: tuple[float, float] | None,
     as_json: bool,
 ) -> None:
     """Append the training images in DATA to the finished index INDEX_DIR.
@@ -705,6 +716,7 @@ def add(
         checkpoints=list(checkpoints) or None,
         scheduler=scheduler,
         device=device,
+        data_range=data_range,
     )
     _print_info(idx.info(), as_json)
 

@@ -62,10 +62,11 @@ from gradindex.index.records import check_records, recorded_checkpoints, summary
 from gradindex.index.store import VectorStore
 from gradindex.inputs.conditioner import Conditioner
 from gradindex.inputs.conditioning import ConditioningData, as_prompts
-from gradindex.inputs.data import image_size, resolve_data_range, to_model_input
+from gradindex.inputs.data import image_size, to_model_input, to_nchw
 from gradindex.inputs.devices import resolve_device
 from gradindex.inputs.models import Checkpoint, CheckpointSource
 from gradindex.inputs.prepare import prepare_images
+from gradindex.inputs.ranges import query_range
 from gradindex.spec import BuildSpec
 
 logger = logging.getLogger(__name__)
@@ -257,20 +258,23 @@ class AttributionIndex:
     def prepare(self, images: Any, data_range: tuple[float, float] | None = None) -> Any:
         """Images (array/tensor) → pixel input of the model (of its VAE, for a latent model).
 
-        The value range is the input's own, decided as the build decided the training data's
-        (``gradindex.inputs.data.resolve_data_range``): uint8 → 0..255, floats within [0, 1] or
+        The value range is each image's own, decided as the build decided the training data's
+        (``gradindex.inputs.ranges.query_range``): uint8 → 0..255, floats within [0, 1] or
         [-1, 1] → that range, so a diffusers pipeline's [0, 1] output works on an index built
         from uint8 files. Floats wider than [-1, 1] take the index's recorded range when they
-        lie within it; anything else is refused unless ``data_range=(low, high)`` is given."""
+        lie within it; else ``data_range=(low, high)`` must be given. Never from the images
+        beside it: a batch whose images come out in different ranges is refused."""
         c, h, w = self.image_shape
+        if hasattr(images, "detach"):  # a torch tensor, maybe on a GPU
+            images = images.detach().cpu().numpy()
+        images = to_nchw(images)  # its shape refused before its values are looked at
         images = prepare_images(images, self.spec.resolution, self.spec.center_crop)
-        if data_range is None:
-            data_range = resolve_data_range(images, fallback=self.spec.data_range)
+        data_range = query_range(images, self.spec.data_range, data_range)
         return to_model_input(
             images,
             channels=c,
             size=(h, w),
-            data_range=tuple(data_range),
+            data_range=data_range,
             resize=self.spec.resize,
         )
 

@@ -100,7 +100,8 @@ class BuildSpec:
     store_dtype: str = _help("dtype of the stored vectors: 'float32' or 'float16'.", "float32")
     data_range: tuple[float, float] | None = _help(
         "Value range of float input images, mapped linearly to the model's [-1, 1] "
-        "(uint8 images always use 0..255). Default: decided from the training data.",
+        "(uint8 images are 0..255 pixels: any other range is refused for them). Default: "
+        "decided from the training data's values.",
         None,
     )
     resize: str = _help(

@@ -15,7 +15,7 @@ from PIL import Image
 import gradindex as gi
 from gradindex.index.store import VectorStore
 from gradindex.inputs.open_data import open_source, source_conditioning
-from gradindex.inputs.slices import shard_rows
+from gradindex.inputs.slices import digest_rows, shard_rows
 from gradindex.inputs.sources import ArraySource, prefetch
 from gradindex.inputs.tars import expand_braces
 from tests.conftest import scheduler, tiny_unet
@@ -322,7 +322,8 @@ def test_a_shard_build_reads_only_its_rows(digits, tmp_path):
     """build_index(shard=(1, 4)) over the tars: every byte it reads is its own rows' images,
     each decoded once, as it is featurized (no pass decoding everything first), plus the
     shard's first row again (checked before anything is written) and the data set's first
-    sample, decoded once to learn the image shape."""
+    sample, decoded once to learn the image shape, and the few rows of the data set whose pixels
+    its data digest reads (``gradindex.inputs.slices.data_digest``)."""
     _, _, files, _ = digits
     sizes = {}
     for path in expand_braces(files["tar"][0]):
@@ -333,7 +334,8 @@ def test_a_shard_build_reads_only_its_rows(digits, tmp_path):
     lo, hi = shard_rows((1, 4), N)
     assert list(idx.ids) == [_key(i) for i in range(lo, hi)]
     own = sum(sizes[_key(i)] for i in range(lo, hi))
-    assert src.bytes_read == own + sizes[_key(lo)] + sizes[_key(0)]
+    digest = sum(sizes[_key(i)] for i in digest_rows(N))  # merge's check: same data, same order
+    assert src.bytes_read == own + sizes[_key(lo)] + sizes[_key(0)] + digest
 
 
 @pytest.mark.parametrize("fmt", ("tar", "parquet"))

@@ -34,13 +34,14 @@ def check_target(out: Path, overwrite: bool) -> None:
 
 
 @contextlib.contextmanager
-def folder_lock(target: Path) -> Iterator[None]:
+def folder_lock(target: Path, advice: str | None = None) -> Iterator[None]:
     """Hold an exclusive lock on the index folder ``target`` while writing it (build, add, merge).
 
     The lock is ``flock`` on ``.<name>.lock`` beside the folder (beside, so the folder holds only
     index files and a staging folder swapped in for it needs no lock of its own). The kernel
     releases it when the process exits or is killed, so a crashed writer never blocks the next
-    one; the file is removed on a normal exit.
+    one; the file is removed on a normal exit. ``advice``: what to do when the lock cannot be
+    created (default: make the folder it goes in writable).
     """
     path = lock_file(target)
     try:
@@ -49,7 +50,7 @@ def folder_lock(target: Path) -> Iterator[None]:
     except OSError as exc:
         raise IndexStateError(
             f"{target}: cannot create the lock file {path} ({exc.strerror or exc}); "
-            "choose an --out in a writable folder"
+            + (advice or f"make {target.parent} writable")
         ) from None
     try:
         yield

@@ -3,12 +3,15 @@ checkpoints given at query time, and summarised for ``AttributionIndex.info`` / 
 
 from __future__ import annotations
 
+import json
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from gradindex.errors import IndexStateError, ModelError
+from gradindex.inputs.components import checkpoint_config
 from gradindex.inputs.models import Checkpoint, CheckpointSource, load_checkpoints
 from gradindex.spec import BuildSpec
 
@@ -115,10 +118,60 @@ def recorded_scheduler(records: list[dict[str, Any]]) -> str | None:
 
 def check_fingerprints(ckpts: list[Any], records: list[dict[str, Any]], what: str) -> None:
     """Refuse checkpoints whose weight fingerprint differs from the manifest's record of it,
-    naming the first one; ``what``: the reason and what to do."""
+    naming the first one (``what``: the reason and what to do), or whose config or noise
+    schedule changed since the build (``check_configs``)."""
     for i, (c, r) in enumerate(zip(ckpts, records, strict=True)):
         if c.fingerprint != r["fingerprint"]:
             raise ModelError(
                 f"checkpoint {i} ({c.source}) has fingerprint {c.fingerprint} but the index was "
                 f"built with {r['fingerprint']}: {what}"
             )
+    check_configs(ckpts, records)
+
+
+def check_configs(ckpts: list[Any], records: list[dict[str, Any]]) -> None:
+    """Refuse a checkpoint whose model config (config.json, LoRA settings) or noise schedule
+    (scheduler_config.json) differs from the build's: same weights, other gradients. Indexes
+    built before configs were recorded open with one warning that this cannot be checked."""
+    if any(not isinstance(r.get("config"), dict) for r in records):
+        warnings.warn(
+            "this index was built before checkpoint configs were recorded: only the weights are "
+            "checked, not the model's config.json or the scheduler_config.json",
+            stacklevel=4,
+        )
+        return
+    for i, (c, r) in enumerate(zip(ckpts, records, strict=True)):
+        changes = config_changes(r["config"], checkpoint_config(c.model, c.scheduler))
+        if changes:
+            raise ModelError(
+                f"checkpoint {i} ({c.source}): {'; '.join(changes)} since the index was built "
+                "(the same weights give other gradients than the stored rows'): restore them, "
+                "or rebuild the index"
+            )
+
+
+def config_changes(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """What changed between a checkpoint's recorded config and its config now: model config
+    keys (those both sides have), and the noise schedule with the scheduler keys behind it."""
+    changes = []
+    keys = _changed(recorded.get("model") or {}, current["model"])
+    if keys:
+        changes.append(f"its model config changed ({keys})")
+    if recorded.get("noise_schedule") != current["noise_schedule"]:
+        keys = _changed(recorded.get("scheduler") or {}, current["scheduler"])
+        changes.append(
+            "its noise schedule changed" + (f" (scheduler config: {keys})" if keys else "")
+        )
+    return changes
+
+
+def _changed(old: dict[str, Any], new: dict[str, Any]) -> str:
+    """'key: old -> new' for the first keys both dicts hold with other values."""
+    keys = [k for k in sorted(set(old) & set(new)) if old[k] != new[k]]
+    text = ", ".join(f"{k}: {_short(old[k])} -> {_short(new[k])}" for k in keys[:3])
+    return text + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."

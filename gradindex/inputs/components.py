@@ -2,7 +2,9 @@
 
 A config file names the class to build (``_class_name``, ``architectures``); only a diffusers
 model / scheduler class or a transformers model is accepted, so a config cannot make us build a
-pipeline or call anything else. Also the weights fingerprints that tie an index to its models.
+pipeline or call anything else. Also the weights fingerprints that tie an index to its models,
+and what else decides their gradients: ``config_record`` (config.json, a LoRA adapter's
+settings) and ``noise_schedule_digest`` (scheduler_config.json's ᾱ_t).
 """
 
 from __future__ import annotations
@@ -131,3 +133,75 @@ def component_fingerprint(obj: Any) -> str:
     vocab = sorted(obj.get_vocab().items())
     text = json.dumps([vocab, int(obj.model_max_length)])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+# what besides the weights decides a checkpoint's gradients (recorded per checkpoint, checked)
+_BOOKKEEPING = {"transformers_version", "torch_dtype", "dtype"}  # how it was saved or loaded
+_LORA_KEYS = ("r", "lora_alpha", "use_rslora", "use_dora", "target_modules", "rank_pattern",
+              "alpha_pattern", "fan_in_fan_out", "bias", "layers_to_transform", "lora_bias")  # fmt: skip
+
+
+def config_record(obj: Any) -> dict[str, Any]:
+    """A model's / scheduler's / component's config as plain JSON values, without the
+    bookkeeping of diffusers and transformers (version, source path, which values were
+    defaults) and with a LoRA adapter's settings (rank, alpha...): what besides the weights
+    decides its outputs, so an edited config.json is noticed. Equal for a module in memory and
+    the folder it was saved to."""
+    cfg = getattr(obj, "config", None)
+    if hasattr(cfg, "to_dict"):  # transformers' PretrainedConfig
+        items = cfg.to_dict()
+    elif isinstance(cfg, dict):  # diffusers' FrozenDict
+        items = dict(cfg)
+    else:  # any other module: its config object's plain attributes, if it has one
+        items = dict(vars(cfg)) if hasattr(cfg, "__dict__") else {}
+    items = {
+        k: v
+        for k, v in items.items()
+        if isinstance(k, str) and not k.startswith("_") and k not in _BOOKKEEPING and _plain(v)
+    }
+    items["class"] = type(obj).__name__
+    peft = getattr(obj, "peft_config", None)
+    if isinstance(peft, dict) and peft:
+        items["peft"] = {
+            name: {k: v for k, v in vars(c).items() if k in _LORA_KEYS and _plain(v)}
+            for name, c in peft.items()
+        }
+    return json.loads(json.dumps(items, sort_keys=True, default=_set_as_list))
+
+
+def noise_schedule_digest(scheduler: Any) -> str:
+    """sha256 of what the loss takes from a scheduler: its ᾱ_t (``alphas_cumprod``, from the
+    beta schedule), prediction type and number of training timesteps. Config keys used only for
+    sampling (clip_sample, variance_type...) leave it unchanged."""
+    cfg = scheduler.config
+    h = hashlib.sha256(f"{cfg.get('prediction_type')}:{cfg.get('num_train_timesteps')}".encode())
+    alphas = getattr(scheduler, "alphas_cumprod", None)
+    if alphas is not None:
+        h.update(torch.as_tensor(alphas).detach().double().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _set_as_list(value: Any) -> list[str]:
+    if isinstance(value, (set, frozenset)):
+        return sorted(map(str, value))
+    raise TypeError(f"{type(value).__name__} is not a plain config value")
+
+
+def _plain(value: Any) -> bool:
+    """A value JSON holds as it is (sets as sorted lists): objects, whose text may hold a memory
+    address, are left out, so a config reads the same in every process."""
+    try:
+        json.dumps(value, default=_set_as_list)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def checkpoint_config(model: torch.nn.Module, scheduler: Any) -> dict[str, Any]:
+    """A checkpoint's record beside its weights fingerprint: the model's config (and LoRA
+    settings), the scheduler's config, and the digest of the noise schedule the loss uses."""
+    return {
+        "model": config_record(model),
+        "scheduler": config_record(scheduler),
+        "noise_schedule": noise_schedule_digest(scheduler),
+    }

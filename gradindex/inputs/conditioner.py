@@ -20,7 +20,12 @@ import numpy as np
 import torch
 
 from gradindex.errors import DataError, ModelError
-from gradindex.inputs.components import component_fingerprint, has_component, load_component
+from gradindex.inputs.components import (
+    component_fingerprint,
+    config_record,
+    has_component,
+    load_component,
+)
 from gradindex.inputs.conditioning import ConditioningData, as_labels, as_prompts, conditioning_kind
 from gradindex.inputs.models import Checkpoint
 
@@ -161,6 +166,7 @@ class Conditioner:
                     f"the {name} differs from the one the index was built with "
                     f"(fingerprint {component_fingerprint(obj)} vs {want}); rebuild the index"
                 )
+            _check_config(name, obj, recorded[name].get("config"))
         return cls(
             record["kind"],
             num_classes=record.get("num_classes"),
@@ -187,6 +193,7 @@ class Conditioner:
             name: {
                 "source": self.sources.get(name, "memory"),
                 "fingerprint": component_fingerprint(obj),
+                "config": config_record(obj),  # e.g. the VAE's scaling_factor
             }
             for name, obj in comps.items()
             if obj is not None
@@ -282,3 +289,17 @@ class Conditioner:
                 )
             values = [int(v) if isinstance(v, str) else v for v in values]
         return as_labels(np.asarray(values), n)
+
+
+def _check_config(name: str, obj: Any, recorded: dict[str, Any] | None) -> None:
+    """Refuse a component whose config (keys both sides hold) changed since the build: same
+    weights, other latents or text embeddings. Records from before configs were kept pass."""
+    if not isinstance(recorded, dict):
+        return
+    now = config_record(obj)
+    keys = [k for k in sorted(set(recorded) & set(now)) if recorded[k] != now[k]]
+    if keys:
+        raise ModelError(
+            f"the {name}'s config changed since the index was built ({', '.join(keys[:3])}); "
+            "restore it, or rebuild the index"
+        )

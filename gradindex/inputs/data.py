@@ -5,8 +5,8 @@ Holds:
   (``file.h5:/images``) or a folder of image files → (array [N, C, H, W], ids); image files
   are converted to the model's channels (grayscale or RGB), 16-bit ones to floats in [0, 1].
 - ``read_array(path)``: one ``.npy`` / ``.npz`` array, pickled or broken files as a DataError.
-- ``resolve_data_range(images, fallback)``: the value range of float images, from their values
-  — the same rule for the training data (recorded in the spec) and for each query.
+- the value-range rules live in ``gradindex.inputs.ranges`` (``resolve_data_range`` and its
+  helpers are re-exported here, where callers found them before).
 - ``to_model_input(images, ...)``: validates (shape, channels, NaN) and maps to [-1, 1] at the
   model's sample size — the single path both build and query go through, so both agree.
 """
@@ -29,15 +29,19 @@ import torch.nn.functional as F
 
 from gradindex.errors import DataError
 from gradindex.inputs.files import IMAGE_SUFFIXES, image_files, image_header
+from gradindex.inputs.ranges import (  # noqa: F401 - the range rules, re-exported
+    UINT8_RANGE,
+    check_given_range,
+    range_of_bounds,
+    resolve_data_range,
+    value_bounds,
+    within,
+)
 
 logger = logging.getLogger(__name__)
 
-UINT8_RANGE = (0.0, 255.0)
-STANDARD_RANGES = ((0.0, 1.0), (-1.0, 1.0))  # tried in this order
-RANGE_SLACK = 0.01  # values may overshoot a range by 1% of its width (resampling, rounding)
 GRAY_MODES = ("1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N")
 WIDE_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N")  # 16-bit grayscale (PNG, TIFF)
-DATA_RANGE_HINT = "give their range explicitly (data_range=(low, high), CLI --data-range LOW HIGH)"
 
 
 def load_images(
@@ -256,55 +260,6 @@ def to_nchw(arr: np.ndarray) -> np.ndarray:
     return arr
 
 
-def resolve_data_range(
-    images: np.ndarray | torch.Tensor, fallback: Sequence[float] | None = None
-) -> tuple[float, float]:
-    """The value range of images, from their dtype and values: uint8 → 0..255; values within
-    [0, 1] → (0, 1); within [-1, 1] → (-1, 1) (each up to 1% over). The build decides the
-    range of the training data so; a query decides its own so, since a float query in [0, 1]
-    (a diffusers pipeline's output) is no 0..255 image just because the index was built from
-    uint8 files. ``fallback`` (a query's index range) is taken only for values that are wider
-    than [-1, 1] and lie within it; anything else is ambiguous and refused."""
-    if isinstance(images, torch.Tensor):
-        images = images.detach().cpu().numpy()
-    images = np.asarray(images)
-    if images.dtype == np.uint8:
-        return UINT8_RANGE
-    return range_of_bounds(*value_bounds(images), fallback)
-
-
-def value_bounds(images: np.ndarray) -> tuple[float, float] | tuple[None, None]:
-    """(min, max) of the finite values, (None, None) when there are none."""
-    finite = images[np.isfinite(images)] if images.size else images
-    return (float(finite.min()), float(finite.max())) if finite.size else (None, None)
-
-
-def range_of_bounds(
-    lo: float | None, hi: float | None, fallback: Sequence[float] | None = None
-) -> tuple[float, float]:
-    """The value range of float images whose finite values span [lo, hi] (the rule of
-    ``resolve_data_range``, for sources read a batch at a time)."""
-    lo, hi = (0.0, 1.0) if lo is None or hi is None else (lo, hi)
-    for low, high in STANDARD_RANGES:
-        if _within(lo, hi, (low, high)):
-            return (low, high)
-    other = None if fallback is None else (float(fallback[0]), float(fallback[1]))
-    if other in STANDARD_RANGES:
-        other = None
-    if other and hi - lo > 2.0 * (1 + RANGE_SLACK) and _within(lo, hi, other):
-        return other
-    raise DataError(
-        f"pixel values span [{lo:g}, {hi:g}], which is not [0, 1] or [-1, 1]"
-        + (f" (nor clearly the index's [{other[0]:g}, {other[1]:g}])" if other else "")
-        + f": {DATA_RANGE_HINT}"
-    )
-
-
-def _within(lo: float, hi: float, bounds: Sequence[float]) -> bool:
-    slack = RANGE_SLACK * (bounds[1] - bounds[0])
-    return bounds[0] - slack <= lo and hi <= bounds[1] + slack
-
-
 def to_model_input(
     images: np.ndarray | torch.Tensor,
     *,
@@ -316,8 +271,8 @@ def to_model_input(
 ) -> torch.Tensor:
     """Validate and map images to float32 [N, channels, H, W] in [-1, 1] at the model size.
 
-    uint8 images use 0..255; float images use ``data_range`` (values outside it by more than
-    1% of its width are an error: they were probably given in another range). Images of
+    ``data_range``: the images' range (uint8 images: 0..255, anything else refused); values
+    outside it by more than 1% of its width are an error (probably given in another range). Images of
     another size are resized (``resize`` 'bilinear' or 'nearest', with a warning unless
     ``warn`` is False) or refused ('error')."""
     if isinstance(images, torch.Tensor):
@@ -328,12 +283,12 @@ def to_model_input(
             f"images have {arr.shape[1]} channel(s) but the model takes {channels}; "
             "convert them (e.g. to grayscale or RGB) first"
         )
-    lo, hi = UINT8_RANGE if arr.dtype == np.uint8 else data_range
+    lo, hi = check_given_range(arr.dtype, data_range)  # uint8: 0..255 only
     x = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
     if not torch.isfinite(x).all():
         bad = int((~torch.isfinite(x)).flatten(1).any(1).sum())
         raise DataError(f"{bad} image(s) contain NaN or infinite pixel values; fix or drop them")
-    if not _within(float(x.min()), float(x.max()), (lo, hi)):
+    if not within(float(x.min()), float(x.max()), (lo, hi)):
         raise DataError(
             f"pixel values span [{float(x.min()):g}, {float(x.max()):g}] but were given as "
             f"[{lo:g}, {hi:g}]; rescale the images or give their range (data_range=(low, high), "

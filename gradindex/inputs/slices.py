@@ -1,11 +1,18 @@
 """Row ranges of one process's share of a dataset: shard i of n owns rows [i·N//n, (i+1)·N//n)
-in dataset order (disjoint, contiguous, covering every row once), for ``--shard`` and torchrun."""
+in dataset order (disjoint, contiguous, covering every row once), for ``--shard`` and torchrun;
+and ``data_digest``, which tells merge whether its shards were cut from one data set in one
+order (a row range names other images in another order)."""
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
-from gradindex.errors import SpecError
+import numpy as np
+
+from gradindex.errors import DataError, SpecError
+
+SAMPLED_ROWS = 64  # rows whose pixels the digest reads, at seeded positions over the data set
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -41,3 +48,28 @@ def shard_rows(shard: tuple[int, int], num_rows: int) -> tuple[int, int]:
             f"empty; use at most {num_rows} shards"
         )
     return i * num_rows // n, (i + 1) * num_rows // n
+
+
+def digest_rows(n: int) -> np.ndarray:
+    """The rows of an n-row data set whose pixels ``data_digest`` reads, sorted."""
+    picked = np.random.default_rng(0).choice(n, min(n, SAMPLED_ROWS), replace=False)
+    return np.unique(np.concatenate([[0, n - 1], picked]))
+
+
+def data_digest(images: Any, ids: np.ndarray) -> str:
+    """sha256 of a whole data set's row count, ids and the pixels of ``SAMPLED_ROWS`` rows at
+    seeded positions (first and last included): the same for every shard cut from the same data
+    in the same order; another order or other data gives another (integer ids are row numbers,
+    so the pixels tell the order). ``images``: a source indexable by an array of rows; only the
+    sampled rows are read, so a shard of a huge data set still reads just its own rows."""
+    n = len(images)
+    ids = np.ascontiguousarray(ids)
+    h = hashlib.sha256(f"{n}:{ids.dtype.str}:{ids.shape}".encode())
+    h.update(ids.tobytes() if ids.dtype.kind != "O" else "\0".join(map(str, ids)).encode())
+    for row in digest_rows(n):
+        try:
+            pixels = np.ascontiguousarray(images[np.array([row])])
+            h.update(f"{row}:{pixels.dtype.str}:{pixels.shape}".encode() + pixels.tobytes())
+        except DataError as exc:  # that row's shard stops on it; every shard hashes the same
+            h.update(f"{row}:{exc}".encode())
+    return h.hexdigest()[:16]

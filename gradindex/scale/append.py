@@ -7,7 +7,9 @@ rebuilt with the kind the index was asked for, approximate ones re-tuned and val
 exact search by the search layer, manifest last), which is swapped in with one atomic exchange.
 Until that exchange the original folder is not written to, so a killed ``add`` leaves it exactly
 as it was (run the same ``add`` again; it starts over); one that fails removes its scratch and
-staging folders. A read-only index folder is refused up front (an add replaces the folder).
+staging folders; a failed write (disk full) says so in one line. A read-only index folder is
+refused up front (an add replaces the folder). The new images' value range is their own
+(``data_range=`` / ``--data-range``, else told from their values as a build tells its data's).
 """
 
 from __future__ import annotations
@@ -15,19 +17,29 @@ from __future__ import annotations
 import os
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from gradindex.build import build_index
-from gradindex.errors import DataError, IndexStateError, ModelError, SampleStopError, SpecError
+from gradindex.build_state import is_write_failure, write_reason
+from gradindex.errors import (
+    DataError,
+    IndexStateError,
+    ModelError,
+    SampleStopError,
+    SpecError,
+    WriteError,
+)
 from gradindex.index.layout import MANIFEST, VECTORS
 from gradindex.index.lifecycle import check_writable, folder_lock, staging_folder, swap_in
 from gradindex.index.records import check_fingerprints, recorded_scheduler
 from gradindex.index.store import VectorStore
 from gradindex.inputs.models import CheckpointSource, load_checkpoints
 from gradindex.inputs.open_data import open_source
+from gradindex.inputs.ranges import UINT8_RANGE
 from gradindex.query import AttributionIndex
 from gradindex.scale.shards import _plain, assemble, open_part
 from gradindex.spec import BuildSpec
@@ -45,6 +57,7 @@ def add_samples(
     scheduler: Any = None,
     device: str = "cpu",
     progress: bool = True,
+    data_range: tuple[float, float] | None = None,
 ) -> AttributionIndex:
     """Append the images in ``data`` to the finished index folder ``index``; returns it reopened.
 
@@ -53,13 +66,18 @@ def add_samples(
     the ids a build over the whole would. checkpoints: override the recorded sources (needed for
     indexes built from in-memory models); their weights must match the index's. labels /
     prompts / base_model: as for ``build_index``, for conditional or latent models.
+    data_range: the new images' value range; by default told from them as a build tells its
+    data's (``gradindex.inputs.ranges``), not taken from the index: their rows are those a
+    build of them would store, whatever range the index's own images were in.
     """
     target = Path(index).resolve()  # a link or '.' names the real folder: one lock, one swap
     open_part(target)  # a missing or unfinished index is named before anything is created
-    with folder_lock(target):
+    advice = f"an add writes beside the index: make {target.parent} writable"
+    with folder_lock(target, advice):
         return _add(
-            target, data, ids, labels, prompts, base_model, checkpoints, scheduler, device, progress
-        )
+            target, data, ids, labels, prompts, base_model, checkpoints, scheduler, device,
+            progress, data_range,
+        )  # fmt: skip
 
 
 def _add(
@@ -73,15 +91,11 @@ def _add(
     scheduler: Any,
     device: str,
     progress: bool,
+    data_range: tuple[float, float] | None,
 ) -> AttributionIndex:
     """``add_samples`` holding the index's lock."""
     started = time.perf_counter()
-    manifest = open_part(target)
-    check_writable(target, "add to it")
-    if "shard" in manifest:
-        raise IndexStateError(
-            f"{target}: is one shard of a sharded build; merge the shards, then add to the result"
-        )
+    manifest = _addable(target)
     spec = BuildSpec.from_dict(manifest["spec"])
     ckpts = _checkpoints(manifest, checkpoints, scheduler)
     channels = manifest.get("image_shape", manifest["sample_shape"])[0]
@@ -95,7 +109,7 @@ def _add(
         shutil.rmtree(part)
     stage = None
     try:
-        build_index(
+        new = build_index(
             checkpoints=ckpts,
             data=images,
             ids=new_ids,
@@ -103,7 +117,7 @@ def _add(
             prompts=prompts,
             base_model=base_model,
             out=part,
-            spec=spec,
+            spec=spec.replace(data_range=data_range),  # the new images' own range
             index="flat",
             device=device,
             progress=progress,
@@ -114,6 +128,7 @@ def _add(
         added = {
             "rows": len(images),
             "first_row": len(old_ids),
+            "data_range": list(_new_range(new.spec, spec)),
             "seconds": round(time.perf_counter() - started, 3),
         }
         base = {k: v for k, v in manifest.items() if k not in ("files", "data_seconds")}
@@ -132,14 +147,53 @@ def _add(
         raise DataError(
             f"{exc.sample}; nothing was added: fix the file and run add again"
         ) from None
-    except BaseException:
+    except BaseException as exc:
         if stage is not None and (target / MANIFEST).exists():  # the stage is no only copy
             shutil.rmtree(stage, ignore_errors=True)
+        if isinstance(exc, (OSError, RuntimeError, WriteError)) and is_write_failure(exc):
+            raise _write_failed(target, exc) from None  # its advice (--resume) is the build's
         raise
     finally:
         shutil.rmtree(part, ignore_errors=True)
     return AttributionIndex.open(
         target, checkpoints=checkpoints, scheduler=scheduler, device=device, base_model=base_model
+    )
+
+
+def _addable(target: Path) -> dict[str, Any]:
+    """The manifest of a finished, writable index that is no shard."""
+    manifest = open_part(target)
+    check_writable(target, "add to it")
+    if "shard" in manifest:
+        raise IndexStateError(
+            f"{target}: is one shard of a sharded build; merge the shards, then add to the result"
+        )
+    return manifest
+
+
+def _new_range(new: BuildSpec, index: BuildSpec) -> tuple[float, float]:
+    """The range the new images were read in; a warning when it is not the index's and both
+    are float ranges (uint8 pixels are 0..255 without doubt)."""
+    got, had = tuple(new.data_range or ()), tuple(index.data_range or ())
+    if had and got != had and UINT8_RANGE not in (got, had):
+        warnings.warn(
+            f"the new images are read as [{got[0]:g}, {got[1]:g}] (told from their values), "
+            f"the index's own as [{had[0]:g}, {had[1]:g}]; both are mapped to the model's input "
+            f"from their own range. If the new ones are on the index's scale, add them with "
+            f"--data-range {had[0]:g} {had[1]:g}",
+            stacklevel=4,
+        )
+    return got  # type: ignore[return-value]
+
+
+def _write_failed(target: Path, exc: BaseException) -> IndexStateError:
+    """A failed write during add: the index was not touched (the new version is written beside
+    it and swapped in only when complete), so the advice is to make room and add again."""
+    size = sum(p.stat().st_size for p in target.iterdir() if p.is_file()) / 2**20
+    return IndexStateError(
+        f"{target}: writing failed ({write_reason(exc)}); nothing was added and the index is as "
+        f"it was: free space beside it (an add writes a new copy, about {size:.3g} MiB plus the "
+        "new rows, then swaps it in) and run the same add again"
     )
 
 

@@ -95,7 +95,7 @@ def merge_shards(
     recall = target_recall if target_recall is not None else first.get("merge_target_recall", 0.95)
     check_kind(kind, parts[0][1]["dim"], recall)  # before any row is copied
 
-    with folder_lock(out):
+    with folder_lock(out, "choose an --out in a writable folder"):
         check_target(out, overwrite)
         base = {k: v for k, v in parts[0][1].items() if k not in ("shard", "data_seconds")}
         extra = {
@@ -148,10 +148,43 @@ def check_same(parts: list[tuple[Path, dict[str, Any]]]) -> None:
                 f"{path}: checkpoint fingerprints differ from {p0} (other weights or another "
                 "model); build every part from the same checkpoints"
             )
+        pairs = zip(m["checkpoints"], m0["checkpoints"], strict=True)
+        if any(
+            a.get("config") and b.get("config") and a["config"] != b["config"] for a, b in pairs
+        ):
+            raise IndexStateError(
+                f"{path}: checkpoint configs differ from {p0} (a config.json or "
+                "scheduler_config.json edited between the builds); build every part from the "
+                "same checkpoint folders"
+            )
         if m.get("shard", {}).get("total_rows") != m0.get("shard", {}).get("total_rows"):
             raise IndexStateError(
                 f"{path}: sharded a dataset of {m['shard']['total_rows']} rows but {p0} one of "
                 f"{m0['shard']['total_rows']}; shard the same dataset"
+            )
+    _check_same_data(parts)
+
+
+def _check_same_data(parts: list[tuple[Path, dict[str, Any]]]) -> None:
+    """Shards cut from other data, or from the same data in another order, would put ids on
+    other samples' rows: refused by their data digests (``gradindex.inputs.slices``); shards
+    built before the digest was recorded cannot be checked, and a warning says so."""
+    digests = [(p, (m.get("shard") or {}).get("data_digest")) for p, m in parts]
+    if any(d is None for _, d in digests):
+        old = ", ".join(str(p) for p, d in digests if d is None)
+        logger.warning(
+            "%s: built before shards recorded a digest of their data; merge cannot check that "
+            "every shard was cut from the same data in the same order",
+            old,
+        )
+        return
+    (p0, d0), *rest = digests
+    for path, digest in rest:
+        if digest != d0:
+            raise IndexStateError(
+                f"{path}: was cut from other data than {p0}, or from the same data in another "
+                "order (their data digests differ); build every shard from the same data, in "
+                "the same order"
             )
 
 
