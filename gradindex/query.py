@@ -271,11 +271,7 @@ class AttributionIndex:
         images = prepare_images(images, self.spec.resolution, self.spec.center_crop)
         data_range = query_range(images, self.spec.data_range, data_range)
         return to_model_input(
-            images,
-            channels=c,
-            size=(h, w),
-            data_range=data_range,
-            resize=self.spec.resize,
+            images, channels=c, size=(h, w), data_range=data_range, resize=self.spec.resize
         )
 
     def resized_from(self, images: Any) -> tuple[int, int] | None:
