@@ -55,7 +55,7 @@ from gradindex.index.columns import LazyColumn, all_done, search_rows
 from gradindex.index.faiss_common import METHODS
 from gradindex.index.faiss_folder import open_faiss_backends
 from gradindex.index.kernel import KERNEL_METHODS, Kernel
-from gradindex.index.layout import MANIFEST, VECTORS, check_files, read_manifest
+from gradindex.index.layout import MANIFEST, VECTORS, check_files, ids_digests, read_manifest
 from gradindex.index.milvus import MilvusBackend
 from gradindex.index.milvus import open_backends as milvus_backends
 from gradindex.index.records import check_records, recorded_checkpoints, summary
@@ -121,7 +121,8 @@ class AttributionIndex:
         with VectorStore.open(path / VECTORS) as store:
             store.check_manifest(manifest)  # another build's file, spec or shape
             # read on demand (a search reads its k ids): memory independent of N
-            self.ids: LazyColumn = LazyColumn(path / VECTORS, "ids")
+            digests = ids_digests(path, manifest)  # each block checked when first read
+            self.ids: LazyColumn = LazyColumn(path / VECTORS, "ids", digests=digests)
             self.flagged: LazyColumn = LazyColumn(path / VECTORS, "flagged", as_bool=True)
             check_records(path / MANIFEST, manifest, self.spec, self.flagged)
             if not all_done(path / VECTORS):

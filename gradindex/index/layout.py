@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from gradindex.errors import IndexStateError, SpecError
+from gradindex.index.columns import column_digests
 from gradindex.spec import BuildSpec
 
 FORMAT_VERSION = 1
@@ -209,11 +210,36 @@ def file_digest(path: Path, chunk: int = 1 << 22) -> str:
 
 
 def file_records(folder: Path) -> dict[str, dict[str, Any]]:
-    """{name: {"bytes", "sha256"}} for the manifest."""
-    return {
+    """{name: {"bytes", "sha256"}} for the manifest; ``vectors.h5``'s adds "ids_sha256", a
+    digest per block of ids that a query checks as it reads them (``LazyColumn``)."""
+    records: dict[str, dict[str, Any]] = {
         name: {"bytes": (folder / name).stat().st_size, "sha256": file_digest(folder / name)}
         for name in index_files(folder)
     }
+    if VECTORS in records:
+        records[VECTORS]["ids_sha256"] = column_digests(folder / VECTORS, "ids")
+    return records
+
+
+def recorded_digest(folder: Path, manifest: dict[str, Any], name: str) -> None:
+    """Refuse a file whose sha256 differs from the manifest's record of it (a file that the
+    answer of every query relies on, checked when it is loaded); no record: nothing to check."""
+    rec = manifest.get("files", {}).get(name)
+    if isinstance(rec, dict) and "sha256" in rec and file_digest(folder / name) != rec["sha256"]:
+        raise IndexStateError(
+            f"{folder / name}: its checksum differs from the manifest's (the file was altered "
+            "or corrupted); restore the index's own file or rebuild the index"
+        )
+
+
+def ids_digests(folder: Path, manifest: dict[str, Any]) -> list[str] | None:
+    """The manifest's digests of ``vectors.h5``'s ids (None for indexes built before them)."""
+    digests = manifest.get("files", {}).get(VECTORS, {}).get("ids_sha256")
+    if digests is not None and not (
+        isinstance(digests, list) and all(isinstance(d, str) for d in digests)
+    ):
+        raise IndexStateError(f"{folder / MANIFEST}: unreadable ids digests; rebuild the index")
+    return digests
 
 
 def check_files(folder: Path, manifest: dict[str, Any], *, checksums: bool) -> list[str]:

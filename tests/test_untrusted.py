@@ -1,0 +1,131 @@
+"""A folder whose files were altered after the build is never answered from in silence.
+
+One flipped byte in the ids of ``vectors.h5`` or in ``tracin.faiss`` (a plain open used to
+answer wrong, only ``info --verify`` noticed); HDF5 links, external storage or virtual datasets
+that make open and query read files outside the folder; symlink loops, a named pipe for the
+manifest, and manifest numbers that no file backs."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import gradindex as gi
+from gradindex.cli import main
+from gradindex.errors import IndexStateError
+from gradindex.spec import BuildSpec
+from tests.conftest import scheduler, tiny_unet
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """A finished flat index of 6 images (ids 0..5) and the images."""
+    root = tmp_path_factory.mktemp("untrusted")
+    images = np.random.default_rng(0).random((6, 1, 8, 8), dtype=np.float32)
+    spec = BuildSpec(proj_dim=64, timesteps=2, batch_size=6)
+    gi.build_index(
+        checkpoints=[(tiny_unet(1), scheduler())],
+        data=images,
+        out=root / "idx",
+        spec=spec,
+        progress=False,
+    )
+    return root / "idx", images
+
+
+@pytest.fixture
+def folder(built, tmp_path):
+    return shutil.copytree(built[0], tmp_path / "idx")
+
+
+def flip(path: Path, offset: int, mask: int = 0x01) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)[0]
+        f.seek(offset)
+        f.write(bytes([byte ^ mask]))
+
+
+def cli(*args: str):
+    return CliRunner().invoke(main, list(map(str, args)))
+
+
+# -- item 7: one flipped byte --------------------------------------------------------------------
+
+
+def test_flipped_byte_in_the_ids_is_refused_when_read(folder):
+    with h5py.File(folder / "vectors.h5", "r") as f:
+        offset = f["ids"].id.get_offset()
+        assert f["ids"][3] == 3
+    flip(folder / "vectors.h5", offset + 3 * 8)  # id of row 3: 3 -> 2 (two rows named 2)
+    with h5py.File(folder / "vectors.h5", "r") as f:
+        assert list(f["ids"][()]) == [0, 1, 2, 2, 4, 5]  # what a plain read answers
+    idx = gi.AttributionIndex.open(folder)  # open stays cheap: nothing hashed yet
+    row3 = idx.vectors("tracin")[3]
+    with pytest.raises(IndexStateError, match=r"vectors\.h5: ids of rows 0\.\.5 differ"):
+        idx.search(row3, k=1, method="tracin")
+    with pytest.raises(IndexStateError, match="differ from the manifest's digest"):
+        np.asarray(idx.ids)
+
+
+def test_flipped_byte_in_the_ids_fails_a_cli_query(folder):
+    with h5py.File(folder / "vectors.h5", "r") as f:
+        offset = f["ids"].id.get_offset()
+        np.save(folder.parent / "q.npy", f["tracin"][3:4])
+    flip(folder / "vectors.h5", offset + 3 * 8)
+    res = cli(
+        "query", folder, folder.parent / "q.npy", "--vectors", "--method", "tracin", "-k", "2"
+    )
+    assert res.exit_code == 1
+    assert res.output.splitlines() == [
+        f"Error: {folder / 'vectors.h5'}: ids of rows 0..5 differ from the manifest's digest "
+        "(the file was altered or corrupted); restore the index's own file or rebuild it"
+    ]
+
+
+def test_string_ids_changed_in_place_are_refused(tmp_path):
+    images = np.random.default_rng(1).random((4, 1, 8, 8), dtype=np.float32)
+    src = tmp_path / "imgs"
+    src.mkdir()
+    from PIL import Image
+
+    for i, im in enumerate(images):
+        Image.fromarray((im[0] * 255).astype(np.uint8)).save(src / f"img{i}.png")
+    spec = BuildSpec(proj_dim=32, timesteps=2, batch_size=4)
+    out = tmp_path / "idx"
+    gi.build_index(
+        checkpoints=[(tiny_unet(1), scheduler())], data=src, out=out, spec=spec, progress=False
+    )
+    with h5py.File(out / "vectors.h5", "r+") as f:
+        f["ids"][1] = "img2.png"  # rows 1 and 2 now claim one file
+    idx = gi.AttributionIndex.open(out)
+    with pytest.raises(IndexStateError, match="ids of rows 0..3 differ"):
+        idx.ids[[0]]
+
+
+def test_flipped_byte_in_the_faiss_file_is_refused_on_open(folder):
+    idx = gi.AttributionIndex.open(folder)
+    rows = idx.vectors("tracin")
+    n, d = rows.shape
+    size = (folder / "tracin.faiss").stat().st_size
+    # flat storage is the file's last n*d float32; row 1 is one the open's row sample skips
+    flip(folder / "tracin.faiss", size - (n - 1) * d * 4 + 3, 0x40)  # an exponent byte
+    with pytest.raises(IndexStateError, match=r"tracin\.faiss: its checksum differs"):
+        gi.AttributionIndex.open(folder)
+    res = cli("query", folder, folder / "missing.npy", "--vectors")
+    assert res.exit_code == 1
+    assert res.output.startswith(f"Error: {folder / 'tracin.faiss'}: its checksum differs")
+
+
+def test_untouched_index_answers_like_numpy(folder):
+    idx = gi.AttributionIndex.open(folder)
+    rows = idx.vectors("tracin")
+    res = idx.search(rows[2:4], k=6, method="tracin")
+    expect = np.argsort(-(rows[2:4] @ rows.T), axis=1, kind="stable")
+    assert np.array_equal(np.sort(res.ids, axis=1), np.sort(expect, axis=1))
+    assert np.array_equal(res.ids[:, 0], expect[:, 0])
