@@ -7,6 +7,7 @@ manifest, and manifest numbers that no file backs."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from click.testing import CliRunner
 import gradindex as gi
 from gradindex.cli import main
 from gradindex.errors import IndexStateError
+from gradindex.index.layout import file_records
 from gradindex.spec import BuildSpec
 from tests.conftest import scheduler, tiny_unet
 
@@ -129,3 +131,70 @@ def test_untouched_index_answers_like_numpy(folder):
     expect = np.argsort(-(rows[2:4] @ rows.T), axis=1, kind="stable")
     assert np.array_equal(np.sort(res.ids, axis=1), np.sort(expect, axis=1))
     assert np.array_equal(res.ids[:, 0], expect[:, 0])
+
+
+# -- item 8: HDF5 indirection out of the folder -----------------------------------------------
+
+
+def _outside_ids(tmp_path: Path) -> Path:
+    """A file outside the index holding other ids (the order reversed)."""
+    outside = tmp_path / "outside.h5"
+    with h5py.File(outside, "w") as f:
+        f["ids"] = np.arange(6, dtype=np.int64)[::-1]
+    return outside
+
+
+def _external_link(f: h5py.File, outside: Path) -> None:
+    f["ids"] = h5py.ExternalLink(str(outside), "/ids")
+
+
+def _external_storage(f: h5py.File, outside: Path) -> None:
+    raw = outside.with_suffix(".raw")
+    raw.write_bytes(np.arange(6, dtype="<i8")[::-1].tobytes())
+    f.create_dataset("ids", shape=(6,), dtype="<i8", external=[(str(raw), 0, 6 * 8)])
+
+
+def _virtual(f: h5py.File, outside: Path) -> None:
+    layout = h5py.VirtualLayout(shape=(6,), dtype="<i8")
+    layout[:] = h5py.VirtualSource(str(outside), "ids", shape=(6,))
+    f.create_virtual_dataset("ids", layout)
+
+
+@pytest.mark.parametrize(
+    "make,what",
+    [
+        (_external_link, "is an external link"),
+        (_external_storage, "is stored in external files"),
+        (_virtual, "is a virtual dataset"),
+    ],
+)
+def test_ids_read_from_outside_the_folder_are_refused(folder, tmp_path, make, what):
+    outside = _outside_ids(tmp_path)
+    with h5py.File(folder / "vectors.h5", "r+") as f:
+        del f["ids"]
+        make(f, outside)
+    with h5py.File(folder / "vectors.h5", "r") as f:  # plain h5py follows it out of the folder
+        assert list(f["ids"][()]) == [5, 4, 3, 2, 1, 0]
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["files"] = file_records(folder)  # checksums recomputed: --verify cannot tell
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(IndexStateError, match=rf"vectors\.h5: /ids {what}, not data stored"):
+        gi.AttributionIndex.open(folder)
+    res = cli("info", folder, "--verify")
+    assert res.exit_code == 1
+    assert res.output.splitlines() == [
+        f"Error: {folder / 'vectors.h5'}: /ids {what}, not data stored in the file; an index "
+        "reads nothing outside its folder: rebuild the index"
+    ]
+
+
+def test_soft_link_inside_the_file_is_refused_too(folder):
+    with h5py.File(folder / "vectors.h5", "r+") as f:
+        f["ids_copy"] = f["ids"][()]
+        del f["ids"]
+        f["ids"] = h5py.SoftLink("/ids_copy")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["files"] = file_records(folder)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(IndexStateError, match=r"/ids is a soft link"):
+        gi.AttributionIndex.open(folder)
