@@ -290,9 +290,9 @@ class AttributionIndex:
         A class-conditional index needs ``labels`` (one per image, or one for all; class names
         of a class-folder index work too), a text-conditional one ``prompts`` (likewise).
         ``data_range``: the images' value range, when it cannot be told (see ``prepare``)."""
+        embedder, conditioner = self._get_embedder(), self._get_conditioner()
+        self._check_shapes(embedder.sample_shape, conditioner)  # before images are resized
         x0 = self.prepare(images, data_range)
-        embedder = self._get_embedder()
-        conditioner = self._get_conditioner()
         n = len(x0)
         if conditioner.kind == "none" and (labels is not None or prompts is not None):
             raise SearchError("this index is unconditional: drop labels / prompts")
@@ -316,6 +316,21 @@ class AttributionIndex:
                 "they cannot be scored"
             )
         return out
+
+    def _check_shapes(self, sample_shape: Any, conditioner: Conditioner) -> None:
+        """The manifest's sample / image shapes must be the loaded model's (and its VAE's):
+        query images are resized to ``image_shape``, so an edited one would allocate at will."""
+        found = {
+            "sample_shape": list(sample_shape),
+            "image_shape": list(conditioner.image_shape(sample_shape)),
+        }
+        for key, want in found.items():
+            got = self.manifest.get(key, self.manifest["sample_shape"])
+            if list(got) != want:
+                raise IndexStateError(
+                    f"{self.path / MANIFEST}: {key} {got} but the checkpoints' model takes "
+                    f"{want} (the manifest was altered); restore it or rebuild the index"
+                )
 
     # -- search -------------------------------------------------------------------------
 

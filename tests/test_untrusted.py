@@ -8,7 +8,9 @@ manifest, and manifest numbers that no file backs."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import threading
 from pathlib import Path
 
 import h5py
@@ -197,4 +199,95 @@ def test_soft_link_inside_the_file_is_refused_too(folder):
     manifest["files"] = file_records(folder)
     (folder / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(IndexStateError, match=r"/ids is a soft link"):
+        gi.AttributionIndex.open(folder)
+
+
+# -- item 13: loops, pipes and numbers no file backs -------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["vectors.h5", "tracin.faiss"])
+def test_symlink_loop_in_the_folder_is_one_line(folder, name):
+    (folder / name).unlink()
+    os.symlink(name + ".other", folder / name)
+    os.symlink(name, folder / (name + ".other"))  # name -> name.other -> name
+    with pytest.raises(IndexStateError, match="a symlink loop"):
+        gi.AttributionIndex.open(folder)
+    res = cli("info", folder)
+    assert res.exit_code == 1
+    assert res.output.splitlines() == [
+        f"Error: {folder / name}: a symlink loop; put the index's own file in its place"
+    ]
+
+
+def test_named_pipe_as_manifest_is_refused_without_reading(folder):
+    (folder / "manifest.json").unlink()
+    os.mkfifo(folder / "manifest.json")
+    stop = threading.Event()
+
+    def writer() -> None:  # unblocks a reader (with an empty manifest), never anyone else
+        while not stop.wait(0.05):
+            try:
+                fd = os.open(folder / "manifest.json", os.O_WRONLY | os.O_NONBLOCK)
+            except OSError:
+                continue
+            os.close(fd)
+
+    thread = threading.Thread(target=writer, daemon=True)
+    thread.start()
+    try:
+        res = cli("info", folder)
+    finally:
+        stop.set()
+        thread.join()
+    assert res.exit_code == 1
+    assert res.output.splitlines() == [
+        f"Error: {folder / 'manifest.json'}: a named pipe, not a regular file; put the "
+        "index's own file there"
+    ]
+
+
+def _edit(folder: Path, **values) -> None:
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest.update(values)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("shape", [[1, 1e5, 1e5], [1, 100000, 100000], [1, 8], [0, 8, 8]])
+def test_image_shape_past_any_model_is_refused_on_open(folder, shape):
+    _edit(folder, image_shape=shape)
+    res = cli("info", folder)
+    assert res.exit_code == 1
+    assert res.output.splitlines() == [
+        f"Error: {folder / 'manifest.json'}: image_shape is {json.dumps(shape)}, not [channels, "
+        "height, width] of at most 32768 each; the manifest was altered: restore it or rebuild "
+        "the index"
+    ]
+
+
+def test_image_shape_unlike_the_model_is_refused_before_resizing(folder, built, monkeypatch):
+    _edit(folder, image_shape=[1, 4096, 4096], sample_shape=[1, 4096, 4096])
+    idx = gi.AttributionIndex.open(folder, checkpoints=[(tiny_unet(1), scheduler())])
+    resized = []
+    monkeypatch.setattr(idx, "prepare", lambda *a, **k: resized.append(a))
+    with pytest.raises(IndexStateError, match=r"sample_shape \[1, 4096, 4096\] but the checkp"):
+        idx.query(built[1][:1], k=2, method="tracin")
+    assert resized == []  # refused before any image was resized to the declared shape
+
+
+@pytest.mark.parametrize(
+    "key,value,shown", [("num_rows", 10**30, "1e+30"), ("dim", -3, "-3"), ("proj_dim", 2.5, "2.5")]
+)
+def test_huge_or_odd_counts_are_one_short_line(folder, key, value, shown):
+    _edit(folder, **{key: value})
+    res = cli("info", folder)
+    assert res.exit_code == 1
+    assert res.output.splitlines() == [
+        f"Error: {folder / 'manifest.json'}: {key} is {shown}, not a count; the manifest was "
+        "altered: restore it or rebuild the index"
+    ]
+
+
+def test_dim_unlike_checkpoints_times_proj_dim_is_refused(folder):
+    _edit(folder, dim=128)
+    with pytest.raises(IndexStateError, match=r"dim 128 is not 1 checkpoint\(s\) x proj_dim 64"):
         gi.AttributionIndex.open(folder)
