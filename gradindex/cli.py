@@ -861,13 +861,14 @@ def serve(
             f"gradindex serve needs the web extra ({exc.name} is missing): "
             "pip install 'gradindex[serve]'"
         ) from None
-    if host not in ("127.0.0.1", "localhost", "::1"):
+    from gradindex.serve.guard import LOOPBACK_HOSTS
+
+    loopback = host.strip("[]") in LOOPBACK_HOSTS  # IPv4 or IPv6: only loopback Host headers
+    if not loopback:
         click.echo(f"warning: listening on {host}: anyone who can reach it can query the index")
-    # Host names answered on IPv4 loopback (Starlette's host check cannot parse '[::1]:port')
-    loopback = ["127.0.0.1", "localhost"]
     app = create_app(index_dir, data=data, results=results,
                      limits=Limits(max_upload_bytes=max_upload_mb * 2**20),
-                     hosts=loopback if host in loopback else None)  # fmt: skip
+                     hosts=list(LOOPBACK_HOSTS) if loopback else None)  # fmt: skip
     click.echo(f"gradindex serve: http://{host}:{port}/  (Ctrl-C stops it)")
     if app.state.start_results:
         click.echo(f"results: http://{host}:{port}/results/{app.state.start_results}")

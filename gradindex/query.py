@@ -58,7 +58,7 @@ from gradindex.index.kernel import KERNEL_METHODS, Kernel
 from gradindex.index.layout import MANIFEST, VECTORS, check_files, ids_digests, read_manifest
 from gradindex.index.milvus import MilvusBackend
 from gradindex.index.milvus import open_backends as milvus_backends
-from gradindex.index.records import check_records, recorded_checkpoints, summary
+from gradindex.index.records import check_records, check_shapes, recorded_checkpoints, summary
 from gradindex.index.store import VectorStore
 from gradindex.inputs.conditioner import Conditioner
 from gradindex.inputs.conditioning import ConditioningData, as_prompts
@@ -291,7 +291,8 @@ class AttributionIndex:
         of a class-folder index work too), a text-conditional one ``prompts`` (likewise).
         ``data_range``: the images' value range, when it cannot be told (see ``prepare``)."""
         embedder, conditioner = self._get_embedder(), self._get_conditioner()
-        self._check_shapes(embedder.sample_shape, conditioner)  # before images are resized
+        sample = embedder.sample_shape  # the model's, checked before any image is resized
+        check_shapes(self.path / MANIFEST, self.manifest, sample, conditioner.image_shape(sample))
         x0 = self.prepare(images, data_range)
         n = len(x0)
         if conditioner.kind == "none" and (labels is not None or prompts is not None):
@@ -316,21 +317,6 @@ class AttributionIndex:
                 "they cannot be scored"
             )
         return out
-
-    def _check_shapes(self, sample_shape: Any, conditioner: Conditioner) -> None:
-        """The manifest's sample / image shapes must be the loaded model's (and its VAE's):
-        query images are resized to ``image_shape``, so an edited one would allocate at will."""
-        found = {
-            "sample_shape": list(sample_shape),
-            "image_shape": list(conditioner.image_shape(sample_shape)),
-        }
-        for key, want in found.items():
-            got = self.manifest.get(key, self.manifest["sample_shape"])
-            if list(got) != want:
-                raise IndexStateError(
-                    f"{self.path / MANIFEST}: {key} {got} but the checkpoints' model takes "
-                    f"{want} (the manifest was altered); restore it or rebuild the index"
-                )
 
     # -- search -------------------------------------------------------------------------
 

@@ -46,6 +46,21 @@ def check_records(
             )
 
 
+def check_shapes(
+    mpath: Path, manifest: dict[str, Any], sample_shape: Any, image_shape: Any
+) -> None:
+    """The manifest's sample / image shapes must be the loaded model's (and its VAE's): query
+    images are resized to ``image_shape``, so an edited one would allocate at will."""
+    found = {"sample_shape": list(sample_shape), "image_shape": list(image_shape)}
+    for key, want in found.items():
+        got = manifest.get(key, manifest["sample_shape"])
+        if list(got) != want:
+            raise IndexStateError(
+                f"{mpath}: {key} {got} but the checkpoints' model takes {want} (the manifest "
+                "was altered); restore it or rebuild the index"
+            )
+
+
 def summary(path: Path, manifest: dict[str, Any], conditioning: dict[str, Any]) -> dict[str, Any]:
     """The manifest's record of an index, JSON-able: rows, dimensions, checkpoints, spec,
     indexes, versions, conditioning, fidelity, kernel (None where an older build lacks it)."""
