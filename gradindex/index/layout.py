@@ -143,11 +143,13 @@ def read_manifest(folder: Path) -> dict[str, Any]:
                 f"{folder}: another gradindex process (pid {holder}) is building this index; "
                 "wait for it to finish"
             )
-        if (folder / BUILD_STATE).exists() or (folder / VECTORS).exists():
+        if (folder / BUILD_STATE).exists():
             raise IndexStateError(
                 f"{folder}: incomplete index (its build did not finish); "
                 "run the same build again with --resume to finish it"
             )
+        if (folder / VECTORS).exists():
+            raise IndexStateError(lost_manifest(folder))
         raise IndexStateError(f"{folder}: not a gradindex index (no {MANIFEST})")
     regular_file(mpath)  # a named pipe would block the read forever
     try:
@@ -235,6 +237,16 @@ def regular_file(path: Path) -> None:
             else ("a special file")
         )
         raise IndexStateError(f"{path}: {kind}, not a regular file; put the index's own file there")
+
+
+def lost_manifest(folder: Path) -> str:
+    """What to say of a folder with an index's files but neither a manifest nor the record of
+    an unfinished build (a finished index whose manifest.json was deleted): --resume cannot
+    tell what built the rows, --overwrite rebuilds in its place."""
+    return (
+        f"{folder}: holds an index's files but no {MANIFEST} (deleted?); restore it from a "
+        "backup, or rebuild in its place: the same 'gradindex build' with --overwrite"
+    )
 
 
 def check_spec(mpath: Path, manifest: dict[str, Any]) -> None:

@@ -96,6 +96,7 @@ def recorded_checkpoints(
     """The index's checkpoints, loaded from ``sources`` (default: the recorded ones), refused
     unless their weights' fingerprints are those the index was built with."""
     records = manifest["checkpoints"]
+    given_sources = sources is not None
     if sources is None:
         memory = [r["source"] for r in records if r["source"].startswith("memory:")]
         if memory:
@@ -104,12 +105,22 @@ def recorded_checkpoints(
                 "AttributionIndex.open(path, checkpoints=[(model, scheduler), ...])"
             )
         sources = [r["source"] for r in records]
+        for i, src in enumerate(sources):  # moved since the build: say how to point at it
+            if not Path(src).exists():
+                raise ModelError(
+                    f"checkpoint {i} of the index, {src}, is gone; if it moved, give the "
+                    "checkpoint folders' new places in build order (query / serve --checkpoint "
+                    "DIR, once each; AttributionIndex.open(path, checkpoints=[...]))"
+                )
     if len(sources) != len(records):
         raise ModelError(f"the index has {len(records)} checkpoints but {len(sources)} were given")
     precondition = manifest["spec"].get("precondition", "none")
     ckpts = load_checkpoints(list(sources), scheduler, base_model, precondition)
     changed = "the weights or their optimizer state" if precondition == "adam" else "the weights"
-    check_fingerprints(ckpts, records, f"{changed} changed; rebuild the index")
+    given = "not this index's checkpoint; give its folders in build order"
+    check_fingerprints(
+        ckpts, records, given if given_sources else f"{changed} changed; rebuild the index"
+    )
     return ckpts
 
 
