@@ -291,3 +291,12 @@ def test_dim_unlike_checkpoints_times_proj_dim_is_refused(folder):
     _edit(folder, dim=128)
     with pytest.raises(IndexStateError, match=r"dim 128 is not 1 checkpoint\(s\) x proj_dim 64"):
         gi.AttributionIndex.open(folder)
+
+
+def test_huge_numbers_in_manifest_records_are_shown_short(folder):
+    _edit(folder, timesteps=[10**30, 5, 7, 9, 11, 13])
+    res = cli("info", folder)
+    assert res.exit_code == 1
+    (line,) = res.output.splitlines()
+    assert "records timesteps [1e+30, 5, 7, 9, ...] but the index's spec / vectors say [" in line
+    assert len(line) < 250 + len(str(folder))

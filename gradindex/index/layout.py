@@ -174,8 +174,12 @@ MAX_COUNT = 1 << 48  # rows, dimensions, parameters: far above any real index
 MAX_SIDE = 1 << 15  # pixels per side of a model's image (a 32768 x 32768 image)
 
 
-def _show(value: Any) -> str:
-    """A manifest value for a message, at most a few dozen characters (no 30-digit numbers)."""
+def show_value(value: Any) -> str:
+    """A manifest value for a message, at most a few dozen characters (no 30-digit numbers,
+    lists cut after four items)."""
+    if isinstance(value, list):
+        more = ", ..." if len(value) > 4 else ""
+        return "[" + ", ".join(show_value(v) for v in value[:4]) + more + "]"
     if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**12:
         return f"{value:.3g}"
     text = json.dumps(value) if not isinstance(value, str) else repr(value)
@@ -195,7 +199,7 @@ def check_numbers(mpath: Path, manifest: dict[str, Any]) -> None:
     for key in COUNTS:
         value = manifest.get(key, 0 if key == "num_flagged" else None)
         if not _count(value):
-            raise IndexStateError(f"{mpath}: {key} is {_show(value)}, not a count; {altered}")
+            raise IndexStateError(f"{mpath}: {key} is {show_value(value)}, not a count; {altered}")
     for key in ("sample_shape", "image_shape"):
         value = manifest.get(key, manifest.get("sample_shape"))
         if not (
@@ -204,14 +208,14 @@ def check_numbers(mpath: Path, manifest: dict[str, Any]) -> None:
             and all(_count(v, 1, MAX_SIDE) for v in value)
         ):
             raise IndexStateError(
-                f"{mpath}: {key} is {_show(value)}, not [channels, height, width] of at most "
+                f"{mpath}: {key} is {show_value(value)}, not [channels, height, width] of at most "
                 f"{MAX_SIDE} each; {altered}"
             )
     ckpts = manifest.get("checkpoints")
     if isinstance(ckpts, list) and manifest["dim"] != manifest["proj_dim"] * len(ckpts):
         raise IndexStateError(
-            f"{mpath}: dim {_show(manifest['dim'])} is not {len(ckpts)} checkpoint(s) x "
-            f"proj_dim {_show(manifest['proj_dim'])}; {altered}"
+            f"{mpath}: dim {show_value(manifest['dim'])} is not {len(ckpts)} checkpoint(s) x "
+            f"proj_dim {show_value(manifest['proj_dim'])}; {altered}"
         )
 
 

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from gradindex.errors import IndexStateError, ModelError
+from gradindex.index.layout import show_value
 from gradindex.inputs.models import Checkpoint, CheckpointSource, load_checkpoints
 from gradindex.spec import BuildSpec
 
@@ -41,7 +42,8 @@ def check_records(
         )
         if not same:
             raise IndexStateError(
-                f"{mpath}: records {key} {got!r} but the index's spec / vectors say {want!r} "
+                f"{mpath}: records {key} {show_value(got)} but the index's spec / vectors say "
+                f"{show_value(want)} "
                 "(the manifest was edited); restore it or rebuild the index"
             )
 
