@@ -105,6 +105,12 @@ def test_a_good_upload_still_answers(client):
             "mid.png: 10000x10000 pixels is more than the limit of 89,478,485; downscale it first",
         ),
         (
+            "big.jpg",
+            jpeg_declaring(65000, 65000),
+            "big.jpg: Image size (4225000000 pixels) exceeds limit of 178956970 pixels, could "
+            "be decompression bomb DOS attack; downscale it first",
+        ),
+        (
             "big.npy",
             npy_declaring(10**12),
             "big.npy: its header declares (1, 1, 1, 250000000000) float32 (1e+12 bytes) but the "
@@ -226,3 +232,20 @@ def test_serve_on_all_addresses_answers_any_host_with_a_warning(built, monkeypat
     assert "warning: listening on ::" in res.output
     r = TestClient(apps[0]).get("/style.css", headers={"host": "my-machine.example:8000"})
     assert r.status_code == 200
+
+
+def test_build_of_a_folder_holding_a_bomb_is_one_error_line(built, tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "train"
+    folder.mkdir()
+    Image.fromarray(query_pixels(0)).save(folder / "a.png")
+    (folder / "b.jpg").write_bytes(jpeg_declaring(65000, 65000))
+    ckpt = built[0] / "run" / "checkpoint-10"
+    args = ["build", "-c", str(ckpt), "-d", str(folder), "-o", str(tmp_path / "idx")]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 1
+    assert res.output.splitlines() == [
+        f"Error: {folder / 'b.jpg'}: not a readable image (Image size (4225000000 pixels) exceeds "
+        "limit of 178956970 pixels, could be decompression bomb DOS attack)"
+    ]

@@ -63,8 +63,11 @@ def image_header(path: str | os.PathLike[str]) -> tuple[str, tuple[int, int]]:
             and zlib.crc32(head[12:29]) == struct.unpack(">I", head[29:])[0]
         ):
             return mode[0], (height, width)
-    with Image.open(path) as im:  # other formats, and any PNG the table does not cover
-        return im.mode, (im.size[1], im.size[0])
+    try:
+        with Image.open(path) as im:  # other formats, and any PNG the table does not cover
+            return im.mode, (im.size[1], im.size[0])
+    except (Image.DecompressionBombError, ValueError) as exc:  # past PIL's pixel / text limits
+        raise OSError(str(exc).rstrip(".")) from None
 
 
 MAX_PIXELS = 89_478_485  # PIL's own Image.MAX_IMAGE_PIXELS default: ~ a 9459 x 9459 image
