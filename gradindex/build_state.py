@@ -33,6 +33,8 @@ from gradindex.index.layout import (
     BUILD_STATE,
     FORMAT_VERSION,
     MANIFEST,
+    VECTORS,
+    lost_manifest,
     package_versions,
     write_json_atomic,
 )
@@ -100,7 +102,7 @@ def prepare_folder(
     if out.exists() and not out.is_dir():
         raise IndexStateError(f"{out}: exists and is not a folder; choose another --out")
     if out.exists() and overwrite and any(out.iterdir()):
-        if not ((out / MANIFEST).exists() or (out / BUILD_STATE).exists()):
+        if not any((out / n).exists() for n in (MANIFEST, BUILD_STATE, VECTORS)):
             raise IndexStateError(f"{out}: not an index folder; refusing to overwrite it")
         return _staging(out, state, resume=resume)
     if out.exists() and (out / MANIFEST).exists():
@@ -128,6 +130,8 @@ def prepare_folder(
                 "resume with the same ones or pass --overwrite"
             )
         return out
+    if out.exists() and (out / VECTORS).exists():  # a finished index whose manifest is gone
+        raise IndexStateError(lost_manifest(out))
     if out.exists() and any(out.iterdir()):
         raise IndexStateError(
             f"{out}: folder is not empty and holds no index; choose another --out"

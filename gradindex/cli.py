@@ -401,9 +401,20 @@ def _kernel_line(record: dict[str, Any]) -> str:
     return f"Gram of {record['rows']} rows, {lams} ({record['rule']})"
 
 
+_moved_checkpoints = click.option(
+    "--checkpoint",
+    "-c",
+    "checkpoints",
+    multiple=True,
+    help="The index's checkpoint folders, when they moved since the build: once per "
+    "checkpoint, in build order (each is checked against the fingerprint the index recorded).",
+)
+
+
 @main.command()
 @click.argument("index_dir", type=click.Path())
 @click.argument("images")
+@_moved_checkpoints
 @click.option(
     "-k", "k", default=10, show_default=True, type=int, help="How many training samples per query."
 )
@@ -490,6 +501,7 @@ def _kernel_line(record: dict[str, Any]) -> str:
 def query(
     index_dir: str,
     images: str,
+    checkpoints: tuple[str, ...],
     k: int,
     method: str,
     lambdas: tuple[float, ...],
@@ -516,7 +528,10 @@ def query(
 
     check_positive_k(k)  # before opening and embedding anything
     if output and not output.endswith((".jsonl", ".npz")):
-        raise click.BadParameter("must end in .jsonl or .npz", param_hint="--output")
+        raise click.ClickException(
+            f"--output {output}: give a .jsonl (one JSON record per query and method) or .npz "
+            "(arrays) file; no other format is written"
+        )
     if prompts and prompt_file:
         raise click.BadParameter("give --prompt or --prompt-file, not both", param_hint="--prompt")
     if from_vectors and (labels or prompts or prompt_file):
@@ -536,7 +551,9 @@ def query(
         from gradindex.index.milvus import MilvusBackend, default_name
 
         backend = MilvusBackend.connect(milvus, milvus_name or default_name(index_dir))
-    idx = AttributionIndex.open(index_dir, base_model=base_model, milvus=backend)
+    idx = AttributionIndex.open(
+        index_dir, checkpoints=list(checkpoints) or None, base_model=base_model, milvus=backend
+    )
     for m in set(methods) & set(KERNEL_METHODS):
         idx.check_kernel(m, lam)
     one_or_all = lambda v: (v[0] if len(v) == 1 else list(v)) if v else None  # noqa: E731
@@ -904,8 +921,15 @@ def demo(out: str, quick: bool) -> None:
     help="A 'gradindex query --output' .jsonl to open in the results viewer.",
 )
 @click.option("--max-upload-mb", default=16, show_default=True, type=click.IntRange(1, 1024))
+@_moved_checkpoints
 def serve(
-    index_dir: str, host: str, port: int, data: str | None, results: str | None, max_upload_mb: int
+    index_dir: str,
+    host: str,
+    port: int,
+    data: str | None,
+    results: str | None,
+    max_upload_mb: int,
+    checkpoints: tuple[str, ...],
 ) -> None:
     """Browse attributions in a web browser: upload a query image, see the top-k training
     images of every method side by side (read-only; needs the 'serve' extra)."""
@@ -919,13 +943,17 @@ def serve(
             f"gradindex serve needs the web extra ({exc.name} is missing): "
             "pip install 'gradindex[serve]'"
         ) from None
-    if host not in ("127.0.0.1", "localhost", "::1"):
+    from gradindex.serve.guard import LOOPBACK_HOSTS
+
+    loopback = host.strip("[]") in LOOPBACK_HOSTS  # IPv4 or IPv6: only loopback Host headers
+    if not loopback:
         click.echo(f"warning: listening on {host}: anyone who can reach it can query the index")
-    # Host names answered on IPv4 loopback (Starlette's host check cannot parse '[::1]:port')
-    loopback = ["127.0.0.1", "localhost"]
-    app = create_app(index_dir, data=data, results=results,
+    from gradindex.query import AttributionIndex
+
+    index = AttributionIndex.open(index_dir, checkpoints=list(checkpoints) or None)
+    app = create_app(index, data=data, results=results,
                      limits=Limits(max_upload_bytes=max_upload_mb * 2**20),
-                     hosts=loopback if host in loopback else None)  # fmt: skip
+                     hosts=list(LOOPBACK_HOSTS) if loopback else None)  # fmt: skip
     click.echo(f"gradindex serve: http://{host}:{port}/  (Ctrl-C stops it)")
     if app.state.start_results:
         click.echo(f"results: http://{host}:{port}/results/{app.state.start_results}")

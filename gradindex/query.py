@@ -55,10 +55,10 @@ from gradindex.index.columns import LazyColumn, all_done, search_rows
 from gradindex.index.faiss_common import METHODS
 from gradindex.index.faiss_folder import open_faiss_backends
 from gradindex.index.kernel import KERNEL_METHODS, Kernel
-from gradindex.index.layout import MANIFEST, VECTORS, check_files, read_manifest
+from gradindex.index.layout import MANIFEST, VECTORS, check_files, ids_digests, read_manifest
 from gradindex.index.milvus import MilvusBackend
 from gradindex.index.milvus import open_backends as milvus_backends
-from gradindex.index.records import check_records, recorded_checkpoints, summary
+from gradindex.index.records import check_records, check_shapes, recorded_checkpoints, summary
 from gradindex.index.store import VectorStore
 from gradindex.inputs.conditioner import Conditioner
 from gradindex.inputs.conditioning import ConditioningData, as_prompts
@@ -123,7 +123,8 @@ class AttributionIndex:
         with VectorStore.open(path / VECTORS) as store:
             store.check_manifest(manifest)  # another build's file, spec or shape
             # read on demand (a search reads its k ids): memory independent of N
-            self.ids: LazyColumn = LazyColumn(path / VECTORS, "ids")
+            digests = ids_digests(path, manifest)  # each block checked when first read
+            self.ids: LazyColumn = LazyColumn(path / VECTORS, "ids", digests=digests)
             self.flagged: LazyColumn = LazyColumn(path / VECTORS, "flagged", as_bool=True)
             check_records(path / MANIFEST, manifest, self.spec, self.flagged)
             if not all_done(path / VECTORS):
@@ -291,9 +292,10 @@ class AttributionIndex:
         A class-conditional index needs ``labels`` (one per image, or one for all; class names
         of a class-folder index work too), a text-conditional one ``prompts`` (likewise).
         ``data_range``: the images' value range, when it cannot be told (see ``prepare``)."""
+        embedder, conditioner = self._get_embedder(), self._get_conditioner()
+        sample = embedder.sample_shape  # the model's, checked before any image is resized
+        check_shapes(self.path / MANIFEST, self.manifest, sample, conditioner.image_shape(sample))
         x0 = self.prepare(images, data_range)
-        embedder = self._get_embedder()
-        conditioner = self._get_conditioner()
         n = len(x0)
         if conditioner.kind == "none" and (labels is not None or prompts is not None):
             raise SearchError("this index is unconditional: drop labels / prompts")

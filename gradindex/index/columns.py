@@ -5,42 +5,113 @@ those k ids, never the whole column.
 Holds ``LazyColumn`` (``ids``, ``flagged``: indexing reads only the rows asked; ``np.asarray``
 still gives the whole column for code that wants it), ``IdentityRows`` (search-index row i is
 store row i: the map of an index without flagged rows, held as its length only), and
-``search_rows`` / ``all_done``, which read the masks a chunk at a time.
+``search_rows`` / ``all_done``, which read the masks a chunk at a time, and the ids' digests
+(``column_digests``: one sha256 per block of ``DIGEST_BLOCK`` rows, recorded in the manifest):
+a ``LazyColumn`` given them checks each block the first time it reads from it, so a flipped
+byte in the ids is refused on first use without hashing the whole file on open.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import h5py
 import numpy as np
 
+from gradindex.errors import IndexStateError
+
 CHUNK = 1 << 20  # rows per read when a whole column is scanned
+DIGEST_BLOCK = 1 << 16  # rows per ids digest (a divisor of CHUNK): 512 KiB of int64 ids
+
+
+def block_digest(values: np.ndarray) -> str:
+    """sha256 of one block of a column's values: int64 little-endian bytes, or the UTF-8
+    strings joined by NUL (which an HDF5 string cannot hold)."""
+    if values.dtype.kind in "OUS":
+        data = "\x00".join(map(str, values)).encode("utf-8", "surrogatepass")
+        data += len(values).to_bytes(8, "little")
+    else:
+        data = np.ascontiguousarray(values, dtype="<i8").tobytes()
+    return hashlib.sha256(data).hexdigest()
+
+
+def column_digests(path: str | os.PathLike[str], name: str) -> list[str]:
+    """One ``block_digest`` per ``DIGEST_BLOCK`` rows of a 1-D dataset, read a chunk at a time."""
+    col = LazyColumn(path, name)
+    return [
+        block_digest(block[a : a + DIGEST_BLOCK])
+        for block in col.chunks()
+        for a in range(0, len(block), DIGEST_BLOCK)
+    ]
 
 
 class LazyColumn:
-    """One 1-D dataset of an HDF5 file; the file is opened for each read (no handle held)."""
+    """One 1-D dataset of an HDF5 file; the file is opened for each read (no handle held).
+    ``digests``: the column's ``column_digests`` as recorded at build time; each block is
+    checked against its digest the first time a read touches it."""
 
-    def __init__(self, path: str | os.PathLike[str], name: str, as_bool: bool = False):
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        name: str,
+        as_bool: bool = False,
+        digests: Sequence[str] | None = None,
+    ):
         self.path, self.name, self.as_bool = Path(path), name, as_bool
+        self._digests = None if digests is None else list(digests)
+        self._checked: set[int] = set()
         with h5py.File(self.path, "r") as f:
             ds = f[name]
             self.shape = tuple(ds.shape)
             self._strings = ds.dtype.kind == "O"
             self.dtype = np.dtype(bool if as_bool else object if self._strings else ds.dtype)
         self.ndim = len(self.shape)
+        blocks = -(-self.shape[0] // DIGEST_BLOCK) if self.ndim == 1 else -1
+        if self._digests is not None and len(self._digests) != blocks:
+            raise IndexStateError(
+                f"{self.path}: {self.name} has {self.shape[0]} rows but the manifest records "
+                f"digests of {len(self._digests) * DIGEST_BLOCK} at most; restore or rebuild it"
+            )
 
     def __len__(self) -> int:
         return self.shape[0]
 
-    def _read(self, f: h5py.File, sel: Any) -> np.ndarray:
+    def _raw(self, f: h5py.File, sel: Any) -> np.ndarray:
         ds = f[self.name]
-        out = ds.asstr()[sel] if self._strings else ds[sel]
-        out = np.asarray(out)
+        return np.asarray(ds.asstr()[sel] if self._strings else ds[sel])
+
+    def _read(self, f: h5py.File, sel: Any) -> np.ndarray:
+        if self._digests is not None:
+            n = len(self)
+            if isinstance(sel, slice):
+                r = range(*sel.indices(n))
+                lo, hi = (min(r[0], r[-1]), max(r[0], r[-1])) if len(r) else (0, -1)
+                wanted = range(lo // DIGEST_BLOCK, hi // DIGEST_BLOCK + 1)
+            else:
+                wanted = np.unique(np.atleast_1d(np.asarray(sel, dtype=np.int64)) // DIGEST_BLOCK)
+            for b in wanted:
+                self._check_block(f, int(b))
+        out = self._raw(f, sel)
         return out.astype(bool) if self.as_bool else out
+
+    def _check_block(self, f: h5py.File, b: int, values: np.ndarray | None = None) -> None:
+        """Refuse the column when block ``b``'s values differ from the recorded digest."""
+        if self._digests is None or b in self._checked:
+            return
+        if values is None:
+            values = self._raw(f, slice(b * DIGEST_BLOCK, (b + 1) * DIGEST_BLOCK))
+        if block_digest(values) != self._digests[b]:
+            first = b * DIGEST_BLOCK
+            raise IndexStateError(
+                f"{self.path}: {self.name} of rows {first}..{first + len(values) - 1} differ "
+                "from the manifest's digest (the file was altered or corrupted); restore the "
+                "index's own file or rebuild it"
+            )
+        self._checked.add(b)
 
     def __getitem__(self, index: Any) -> Any:
         """A slice or an integer reads that range; an integer array of any shape reads only
@@ -63,7 +134,10 @@ class LazyColumn:
     def chunks(self) -> Iterator[np.ndarray]:
         with h5py.File(self.path, "r") as f:
             for a in range(0, len(self), CHUNK):
-                yield self._read(f, slice(a, a + CHUNK))
+                block = self._raw(f, slice(a, a + CHUNK))
+                for j in range(0, len(block), DIGEST_BLOCK):  # checked as read: no second read
+                    self._check_block(f, (a + j) // DIGEST_BLOCK, block[j : j + DIGEST_BLOCK])
+                yield block.astype(bool) if self.as_bool else block
 
     def __iter__(self) -> Iterator[Any]:
         for block in self.chunks():

@@ -1,8 +1,9 @@
 """An index folder's own FAISS indexes as search backends, checked to be this build's.
 
 ``tracin.faiss`` / ``retrac.faiss`` hold the unflagged rows of ``vectors.h5`` in order; each is
-opened as a :class:`~gradindex.index.search.VectorIndex`, refused unless its build id, size,
-dimension, method, metric and a few of its rows match the folder, and wrapped in
+opened as a :class:`~gradindex.index.search.VectorIndex`, refused unless its bytes match the
+manifest's checksum (a flipped byte would change rankings) and its build id, size, dimension,
+method, metric and a few of its rows match the folder, and wrapped in
 :class:`~gradindex.index.backend.StoreRows` so that it answers in store row numbers.
 """
 
@@ -17,7 +18,7 @@ import numpy as np
 from gradindex.errors import IndexStateError
 from gradindex.index.backend import SearchBackend, StoreRows
 from gradindex.index.faiss_common import METHODS
-from gradindex.index.layout import VECTORS, faiss_file
+from gradindex.index.layout import VECTORS, faiss_file, recorded_digest
 from gradindex.index.search import VectorIndex
 from gradindex.index.store import VectorStore
 
@@ -73,4 +74,6 @@ def load_checked(
                 f"{fpath}: its rows differ from {VECTORS}'s (an index of another build); "
                 "restore this index's own files or rebuild it"
             )
+    for name in (fpath.name, fpath.name + ".json"):  # a flipped byte anywhere: every row counts
+        recorded_digest(folder, manifest, name)
     return vindex

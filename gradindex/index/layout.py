@@ -14,10 +14,12 @@ and atomic JSON writing. One folder per index:
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
 import os
+import stat
 import tempfile
 import uuid
 from importlib import metadata
@@ -25,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from gradindex.errors import IndexStateError, SpecError
+from gradindex.index.columns import column_digests
 from gradindex.spec import BuildSpec
 
 FORMAT_VERSION = 1
@@ -140,12 +143,15 @@ def read_manifest(folder: Path) -> dict[str, Any]:
                 f"{folder}: another gradindex process (pid {holder}) is building this index; "
                 "wait for it to finish"
             )
-        if (folder / BUILD_STATE).exists() or (folder / VECTORS).exists():
+        if (folder / BUILD_STATE).exists():
             raise IndexStateError(
                 f"{folder}: incomplete index (its build did not finish); "
                 "run the same build again with --resume to finish it"
             )
+        if (folder / VECTORS).exists():
+            raise IndexStateError(lost_manifest(folder))
         raise IndexStateError(f"{folder}: not a gradindex index (no {MANIFEST})")
+    regular_file(mpath)  # a named pipe would block the read forever
     try:
         manifest = json.loads(mpath.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -159,7 +165,92 @@ def read_manifest(folder: Path) -> dict[str, Any]:
             f"{FORMAT_VERSION}; rebuild the index with this version"
         )
     check_spec(mpath, manifest)
+    check_numbers(mpath, manifest)
     return manifest
+
+
+COUNTS = ("num_rows", "dim", "proj_dim", "num_params", "num_flagged")
+MAX_COUNT = 1 << 48  # rows, dimensions, parameters: far above any real index
+MAX_SIDE = 1 << 15  # pixels per side of a model's image (a 32768 x 32768 image)
+
+
+def show_value(value: Any) -> str:
+    """A manifest value for a message, at most a few dozen characters (no 30-digit numbers,
+    lists cut after four items)."""
+    if isinstance(value, list):
+        more = ", ..." if len(value) > 4 else ""
+        return "[" + ", ".join(show_value(v) for v in value[:4]) + more + "]"
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**12:
+        return f"{value:.3g}"
+    text = json.dumps(value) if not isinstance(value, str) else repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _count(value: Any, lo: int = 0, hi: int = MAX_COUNT) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and lo <= value <= hi
+
+
+def check_numbers(mpath: Path, manifest: dict[str, Any]) -> None:
+    """Every count and shape the manifest declares must be a plausible integer, and ``dim``
+    = checkpoints x ``proj_dim``, before anything is allocated from them (an edited
+    ``image_shape`` of [1, 1e5, 1e5] made a query allocate 320 GB); the store then checks the
+    counts against its datasets, a query the shapes against the model."""
+    altered = "the manifest was altered: restore it or rebuild the index"
+    for key in COUNTS:
+        value = manifest.get(key, 0 if key == "num_flagged" else None)
+        if not _count(value):
+            raise IndexStateError(f"{mpath}: {key} is {show_value(value)}, not a count; {altered}")
+    for key in ("sample_shape", "image_shape"):
+        value = manifest.get(key, manifest.get("sample_shape"))
+        if not (
+            isinstance(value, list)
+            and len(value) == 3
+            and all(_count(v, 1, MAX_SIDE) for v in value)
+        ):
+            raise IndexStateError(
+                f"{mpath}: {key} is {show_value(value)}, not [channels, height, width] of at most "
+                f"{MAX_SIDE} each; {altered}"
+            )
+    ckpts = manifest.get("checkpoints")
+    if isinstance(ckpts, list) and manifest["dim"] != manifest["proj_dim"] * len(ckpts):
+        raise IndexStateError(
+            f"{mpath}: dim {show_value(manifest['dim'])} is not {len(ckpts)} checkpoint(s) x "
+            f"proj_dim {show_value(manifest['proj_dim'])}; {altered}"
+        )
+
+
+def regular_file(path: Path) -> None:
+    """Refuse a path that is no regular file once links are followed: a symlink loop, a named
+    pipe (reading it blocks forever), a device or a folder."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise IndexStateError(
+                f"{path}: a symlink loop; put the index's own file in its place"
+            ) from None
+        if exc.errno == errno.ENOENT:
+            return  # missing files are named by the caller, which knows what is needed
+        raise IndexStateError(f"{path}: cannot read it ({exc.strerror or exc})") from None
+    if not stat.S_ISREG(mode):
+        kind = (
+            "a folder"
+            if stat.S_ISDIR(mode)
+            else "a named pipe"
+            if stat.S_ISFIFO(mode)
+            else ("a special file")
+        )
+        raise IndexStateError(f"{path}: {kind}, not a regular file; put the index's own file there")
+
+
+def lost_manifest(folder: Path) -> str:
+    """What to say of a folder with an index's files but neither a manifest nor the record of
+    an unfinished build (a finished index whose manifest.json was deleted): --resume cannot
+    tell what built the rows, --overwrite rebuilds in its place."""
+    return (
+        f"{folder}: holds an index's files but no {MANIFEST} (deleted?); restore it from a "
+        "backup, or rebuild in its place: the same 'gradindex build' with --overwrite"
+    )
 
 
 def check_spec(mpath: Path, manifest: dict[str, Any]) -> None:
@@ -191,6 +282,7 @@ def _inside(folder: Path, name: str) -> Path:
             f"(known: {', '.join(DATA_FILES)}); the manifest was altered: rebuild the index"
         )
     path = folder / name
+    regular_file(path)  # before resolve(), which raises RuntimeError on a loop
     real, home = path.resolve(), folder.resolve()
     if path.is_symlink() and real.parent != home:
         raise IndexStateError(
@@ -209,11 +301,36 @@ def file_digest(path: Path, chunk: int = 1 << 22) -> str:
 
 
 def file_records(folder: Path) -> dict[str, dict[str, Any]]:
-    """{name: {"bytes", "sha256"}} for the manifest."""
-    return {
+    """{name: {"bytes", "sha256"}} for the manifest; ``vectors.h5``'s adds "ids_sha256", a
+    digest per block of ids that a query checks as it reads them (``LazyColumn``)."""
+    records: dict[str, dict[str, Any]] = {
         name: {"bytes": (folder / name).stat().st_size, "sha256": file_digest(folder / name)}
         for name in index_files(folder)
     }
+    if VECTORS in records:
+        records[VECTORS]["ids_sha256"] = column_digests(folder / VECTORS, "ids")
+    return records
+
+
+def recorded_digest(folder: Path, manifest: dict[str, Any], name: str) -> None:
+    """Refuse a file whose sha256 differs from the manifest's record of it (a file that the
+    answer of every query relies on, checked when it is loaded); no record: nothing to check."""
+    rec = manifest.get("files", {}).get(name)
+    if isinstance(rec, dict) and "sha256" in rec and file_digest(folder / name) != rec["sha256"]:
+        raise IndexStateError(
+            f"{folder / name}: its checksum differs from the manifest's (the file was altered "
+            "or corrupted); restore the index's own file or rebuild the index"
+        )
+
+
+def ids_digests(folder: Path, manifest: dict[str, Any]) -> list[str] | None:
+    """The manifest's digests of ``vectors.h5``'s ids (None for indexes built before them)."""
+    digests = manifest.get("files", {}).get(VECTORS, {}).get("ids_sha256")
+    if digests is not None and not (
+        isinstance(digests, list) and all(isinstance(d, str) for d in digests)
+    ):
+        raise IndexStateError(f"{folder / MANIFEST}: unreadable ids digests; rebuild the index")
+    return digests
 
 
 def check_files(folder: Path, manifest: dict[str, Any], *, checksums: bool) -> list[str]:

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from gradindex.errors import IndexStateError, ModelError
+from gradindex.index.layout import show_value
 from gradindex.inputs.components import checkpoint_config
 from gradindex.inputs.models import Checkpoint, CheckpointSource, load_checkpoints
 from gradindex.spec import BuildSpec
@@ -44,8 +45,24 @@ def check_records(
         )
         if not same:
             raise IndexStateError(
-                f"{mpath}: records {key} {got!r} but the index's spec / vectors say {want!r} "
+                f"{mpath}: records {key} {show_value(got)} but the index's spec / vectors say "
+                f"{show_value(want)} "
                 "(the manifest was edited); restore it or rebuild the index"
+            )
+
+
+def check_shapes(
+    mpath: Path, manifest: dict[str, Any], sample_shape: Any, image_shape: Any
+) -> None:
+    """The manifest's sample / image shapes must be the loaded model's (and its VAE's): query
+    images are resized to ``image_shape``, so an edited one would allocate at will."""
+    found = {"sample_shape": list(sample_shape), "image_shape": list(image_shape)}
+    for key, want in found.items():
+        got = manifest.get(key, manifest["sample_shape"])
+        if list(got) != want:
+            raise IndexStateError(
+                f"{mpath}: {key} {got} but the checkpoints' model takes {want} (the manifest "
+                "was altered); restore it or rebuild the index"
             )
 
 
@@ -86,6 +103,7 @@ def recorded_checkpoints(
     """The index's checkpoints, loaded from ``sources`` (default: the recorded ones), refused
     unless their weights' fingerprints are those the index was built with."""
     records = manifest["checkpoints"]
+    given_sources = sources is not None
     if sources is None:
         memory = [r["source"] for r in records if r["source"].startswith("memory:")]
         if memory:
@@ -94,6 +112,13 @@ def recorded_checkpoints(
                 "AttributionIndex.open(path, checkpoints=[(model, scheduler), ...])"
             )
         sources = [r["source"] for r in records]
+        for i, src in enumerate(sources):  # moved since the build: say how to point at it
+            if not Path(src).exists():
+                raise ModelError(
+                    f"checkpoint {i} of the index, {src}, is gone; if it moved, give the "
+                    "checkpoint folders' new places in build order (query / serve --checkpoint "
+                    "DIR, once each; AttributionIndex.open(path, checkpoints=[...]))"
+                )
     if len(sources) != len(records):
         raise ModelError(f"the index has {len(records)} checkpoints but {len(sources)} were given")
     precondition = manifest["spec"].get("precondition", "none")
@@ -101,7 +126,10 @@ def recorded_checkpoints(
     weights = manifest.get("weights")  # None: built before the choice was recorded
     ckpts = load_checkpoints(list(sources), scheduler, base_model, precondition, weights)
     changed = "the weights or their optimizer state" if precondition == "adam" else "the weights"
-    check_fingerprints(ckpts, records, f"{changed} changed; rebuild the index")
+    given = "not this index's checkpoint; give its folders in build order"
+    check_fingerprints(
+        ckpts, records, given if given_sources else f"{changed} changed; rebuild the index"
+    )
     return ckpts
 
 

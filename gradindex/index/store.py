@@ -62,6 +62,37 @@ def _preallocated(
     h5py.h5d.create(f.id, name.encode(), tid, space, dcpl=dcpl).close()
 
 
+def check_self_contained(f: h5py.File, path: Path) -> None:
+    """Refuse an HDF5 file whose data lives elsewhere: only hard links to groups and to plain
+    datasets stored in the file itself. An external or soft link, a dataset with external
+    storage or a virtual dataset would make open and query read another file (and a checksum
+    of this one would not cover it)."""
+
+    def visit(group: h5py.Group, prefix: str) -> None:
+        for name in group:
+            where = f"{path}: {prefix}{name}"
+            link = group.get(name, getlink=True)
+            if not isinstance(link, h5py.HardLink):
+                kind = type(link).__name__.removesuffix("Link").lower()
+                raise IndexStateError(
+                    f"{where} is {'an' if kind[:1] in 'aeiou' else 'a'} {kind} link, not data stored in the file; an index reads "
+                    "nothing outside its folder: rebuild the index"
+                )
+            obj = group[name]
+            if isinstance(obj, h5py.Group):
+                visit(obj, f"{prefix}{name}/")
+            elif isinstance(obj, h5py.Dataset):
+                dcpl = obj.id.get_create_plist()
+                if dcpl.get_layout() == h5py.h5d.VIRTUAL or dcpl.get_external_count():
+                    what = "a virtual dataset" if obj.is_virtual else "stored in external files"
+                    raise IndexStateError(
+                        f"{where} is {what}, not data stored in the file; an index reads "
+                        "nothing outside its folder: rebuild the index"
+                    )
+
+    visit(f, "/")
+
+
 class VectorStore:
     """Rows of both methods' vectors plus norms, ids and the done/flag masks."""
 
@@ -107,6 +138,11 @@ class VectorStore:
             f = h5py.File(p, mode)
         except OSError as exc:
             raise IndexStateError(f"{p}: not a readable HDF5 file ({exc})") from None
+        try:
+            check_self_contained(f, p)
+        except IndexStateError:
+            f.close()
+            raise
         missing = [n for n in (*METHOD_DATASETS, "ids", "norms", "done") if n not in f]
         if missing:
             f.close()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -29,13 +30,35 @@ def load_model(model_dir: Path) -> torch.nn.Module:
             f"{model_dir}/config.json: _class_name {cls_name!r} is not a diffusers model class "
             "(a ModelMixin such as UNet2DModel); point at the model's folder, e.g. unet/"
         )
+    safetensors = weights_format(model_dir)  # diffusers' own multi-line fetch text avoided
     try:
-        model = cls.from_pretrained(model_dir, low_cpu_mem_usage=False)
+        model = cls.from_pretrained(model_dir, low_cpu_mem_usage=False, use_safetensors=safetensors)
     except (OSError, ValueError, RuntimeError) as exc:
         raise ModelError(
             f"{model_dir}: could not load the model ({str(exc).splitlines()[0]})"
         ) from None
     return model.eval()
+
+
+def weights_format(folder: Path) -> bool:
+    """``use_safetensors`` for a diffusers model folder: True with .safetensors weights; False
+    with only pickled .bin ones (diffusers reads them with torch's weights_only, so no code in
+    them runs), said in one warning; a folder without weights is a ModelError."""
+    names = [p.name for p in folder.iterdir()] if folder.is_dir() else []
+    if any(n.endswith((".safetensors", ".safetensors.index.json")) for n in names):
+        return True
+    if any(n.endswith((".bin", ".bin.index.json")) for n in names):
+        warnings.warn(
+            f"{folder}: weights from a pickled .bin file, read as plain tensors only; "
+            "save the model with save_pretrained to get .safetensors",
+            UserWarning,
+            stacklevel=3,
+        )
+        return False
+    raise ModelError(
+        f"{folder}: no weights (diffusion_pytorch_model.safetensors or .bin) beside its "
+        "config.json; point at a folder the model was saved to with save_pretrained"
+    )
 
 
 def load_scheduler(path: Path) -> Any:

@@ -28,7 +28,13 @@ import torch
 import torch.nn.functional as F
 
 from gradindex.errors import DataError
-from gradindex.inputs.files import IMAGE_SUFFIXES, image_files, image_header
+from gradindex.inputs.files import (
+    IMAGE_SUFFIXES,
+    check_npy_header,
+    check_pixels,
+    image_files,
+    image_header,
+)
 from gradindex.inputs.ranges import (  # noqa: F401 - the range rules, re-exported
     UINT8_RANGE,
     check_given_range,
@@ -113,8 +119,10 @@ def read_array(path: str | os.PathLike[str], key: str | None = None) -> np.ndarr
     one). Never unpickles: object arrays and broken files are a one-line DataError."""
     p = Path(path)
     if p.suffix != ".npz":
-        with array_file_errors(p):
-            return np.load(p, allow_pickle=False)
+        with array_file_errors(p), open(p, "rb") as f:
+            check_npy_header(f, os.fstat(f.fileno()).st_size, str(p))  # before allocating
+            f.seek(0)
+            return np.load(f, allow_pickle=False)
     with array_file_errors(p), np.load(p, allow_pickle=False) as z:
         keys = list(z.keys())
         if key not in keys and len(keys) != 1:
@@ -209,7 +217,11 @@ def decode_image(file: Any, name: str, channels: int) -> np.ndarray:
     from PIL import Image
 
     try:
-        with Image.open(file) as im:
+        with warnings.catch_warnings():  # PIL's warning past its limit: refused right below
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(file)
+        with im:
+            check_pixels(name, *im.size)  # from the header, before any pixel is decoded
             if im.mode in WIDE_MODES:
                 gray = _wide_gray(name, np.asarray(im))[None]  # [1, H, W]
                 return gray if channels == 1 else np.repeat(gray, 3, axis=0)
@@ -218,6 +230,10 @@ def decode_image(file: Any, name: str, channels: int) -> np.ndarray:
                 mode = "L" if im.mode in GRAY_MODES else "RGB"
             arr = np.asarray(im.convert(mode) if im.mode != mode else im, dtype=np.uint8)
             return arr[None] if arr.ndim == 2 else np.moveaxis(arr, -1, 0)
+    except Image.DecompressionBombError as exc:  # past PIL's own limit, found on opening
+        raise DataError(f"{name}: {str(exc).rstrip('.')}; downscale it first") from None
+    except DataError:
+        raise
     except (OSError, SyntaxError, ValueError) as exc:  # PIL: broken or truncated data
         raise DataError(f"{name}: not a readable image ({exc})") from None
 

@@ -1,5 +1,6 @@
-"""Image files on disk, before any pixel is decoded: the files of a folder (``image_files``)
-and one file's mode and size from its header (``image_header``).
+"""Image files on disk, before any pixel is decoded: the files of a folder (``image_files``),
+one file's mode and size from its header (``image_header``), and the checks that refuse a
+decompression bomb from its header alone (``check_pixels``, ``check_npy_header``).
 
 Why a module of its own: opening a folder of 10^6-10^8 small images is dominated by these two,
 per file, in every process that opens it (a build, each shard, serve), so both avoid building
@@ -12,6 +13,9 @@ import os
 import struct
 import zlib
 from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
 
 from gradindex.errors import DataError
 
@@ -59,5 +63,45 @@ def image_header(path: str | os.PathLike[str]) -> tuple[str, tuple[int, int]]:
             and zlib.crc32(head[12:29]) == struct.unpack(">I", head[29:])[0]
         ):
             return mode[0], (height, width)
-    with Image.open(path) as im:  # other formats, and any PNG the table does not cover
-        return im.mode, (im.size[1], im.size[0])
+    try:
+        with Image.open(path) as im:  # other formats, and any PNG the table does not cover
+            return im.mode, (im.size[1], im.size[0])
+    except (Image.DecompressionBombError, ValueError) as exc:  # past PIL's pixel / text limits
+        raise OSError(str(exc).rstrip(".")) from None
+
+
+MAX_PIXELS = 89_478_485  # PIL's own Image.MAX_IMAGE_PIXELS default: ~ a 9459 x 9459 image
+
+
+def check_pixels(name: str, width: int, height: int, limit: int = MAX_PIXELS) -> None:
+    """Refuse an image whose header declares more than ``limit`` pixels, before decoding it
+    (a 900-megapixel PNG of a few kB would take gigabytes)."""
+    if width * height > limit:
+        raise DataError(
+            f"{name}: {width}x{height} pixels is more than the limit of {limit:,}; "
+            "downscale it first"
+        )
+
+
+def check_npy_header(f: BinaryIO, total: int, name: str) -> None:
+    """Refuse a ``.npy`` whose header declares more data than the ``total`` bytes it holds
+    (or objects), before numpy allocates the declared array; ``f`` is left after the header."""
+    from numpy.lib import format as npformat
+
+    try:
+        version = npformat.read_magic(f)
+        read = (
+            npformat.read_array_header_1_0 if version == (1, 0) else npformat.read_array_header_2_0
+        )
+        shape, _, dtype = read(f)
+    except (ValueError, EOFError, SyntaxError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DataError(f"{name}: not a readable .npy of numbers ({first})") from None
+    if dtype.hasobject:
+        return  # np.load(allow_pickle=False) refuses it with its own message
+    declared = int(np.prod(shape, dtype=object)) * dtype.itemsize
+    if declared != total - f.tell():
+        raise DataError(
+            f"{name}: its header declares {tuple(shape)} {dtype} ({declared:.3g} bytes) but the "
+            f"file holds {total - f.tell()} bytes of data; a damaged or forged .npy"
+        )

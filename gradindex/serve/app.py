@@ -29,7 +29,6 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import Route
@@ -38,7 +37,7 @@ from starlette.templating import Jinja2Templates
 from gradindex.errors import GradIndexError
 from gradindex.query import SEARCH_METHODS, AttributionIndex
 from gradindex.serve.chart import profile_svg
-from gradindex.serve.guard import SecurityHeaders, read_form
+from gradindex.serve.guard import Admission, HostCheck, SecurityHeaders, read_form
 from gradindex.serve.images import png_bytes
 from gradindex.serve.limits import Limits
 from gradindex.serve.state import REACH_METHODS, ServeState
@@ -90,14 +89,15 @@ def create_app(
         Exception: server_error,
     }
     middleware = [Middleware(SecurityHeaders)]
-    if hosts:  # a page of another site that resolves its name to 127.0.0.1 is refused
-        middleware.insert(0, Middleware(TrustedHostMiddleware, allowed_hosts=list(hosts)))
+    if hosts:  # a page of another site that resolves its name to loopback is refused
+        middleware.insert(0, Middleware(HostCheck, hosts=list(hosts)))
     app = Starlette(
         routes=routes,
         exception_handlers=handlers,  # type: ignore[arg-type]
         middleware=middleware,
     )
     app.state.serve = state
+    app.state.admission = Admission(state.limits.max_queries)
     app.state.start_results = start_results
     return app
 
@@ -139,6 +139,11 @@ async def home(request: Request) -> HTMLResponse:
 
 
 async def run_query(request: Request) -> HTMLResponse:
+    with request.app.state.admission.slot():  # 503 past the bound, before the body is read
+        return await _run_query(request)
+
+
+async def _run_query(request: Request) -> HTMLResponse:
     started = time.perf_counter()
     state = _state(request)
     form = await read_form(request, state.limits)
@@ -155,7 +160,10 @@ async def run_query(request: Request) -> HTMLResponse:
     if not isinstance(upload, UploadFile):
         raise UploadError("no file was uploaded: pick a PNG or JPEG image, or a .npy of images")
     data = await upload.read()
-    images = decode_images(data, upload.filename or "", state.index.image_shape[0], state.limits)
+    channels = state.index.image_shape[0]
+    images = await run_in_threadpool(
+        decode_images, data, upload.filename or "", channels, state.limits
+    )
     label, prompt = _conditioning_fields(form, state)
     out = await run_in_threadpool(state.run_query, images, k, chosen, label, prompt)
     name = upload.filename or "upload"
@@ -222,19 +230,24 @@ async def thumbnail(request: Request) -> Response:
 async def results_home(request: Request) -> Response:
     state = _state(request)
     if request.method == "POST":
-        form = await read_form(request, state.limits)
-        upload = form.get("results")
-        if not isinstance(upload, UploadFile) or not upload.filename:
-            raise UploadError("no file was uploaded: pick a .jsonl from 'gradindex query --output'")
-        raw = await upload.read()
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            raise UploadError(f"{upload.filename}: not a UTF-8 text file (.jsonl)") from None
-        token = state.add_results(text, upload.filename)
+        with request.app.state.admission.slot():  # uploads share one bound
+            token = await _add_results(request, state)
         return RedirectResponse(f"/results/{token}", status_code=303)
     kept = [(t, name, len(entries)) for t, (name, entries) in state.results.items()]
     return _page(request, "results_home.html", kept=kept)
+
+
+async def _add_results(request: Request, state: ServeState) -> str:
+    form = await read_form(request, state.limits)
+    upload = form.get("results")
+    if not isinstance(upload, UploadFile) or not upload.filename:
+        raise UploadError("no file was uploaded: pick a .jsonl from 'gradindex query --output'")
+    raw = await upload.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise UploadError(f"{upload.filename}: not a UTF-8 text file (.jsonl)") from None
+    return state.add_results(text, upload.filename)
 
 
 async def results_page(request: Request) -> HTMLResponse:
@@ -331,7 +344,11 @@ async def bad_request(request: Request, exc: Exception) -> HTMLResponse:
 
 async def http_error(request: Request, exc: Exception) -> HTMLResponse:
     status = getattr(exc, "status_code", 500)
-    return HTMLResponse(_plain_page(getattr(exc, "detail", "")), status_code=status)
+    return HTMLResponse(
+        _plain_page(getattr(exc, "detail", "")),
+        status_code=status,
+        headers=getattr(exc, "headers", None),
+    )
 
 
 async def server_error(request: Request, exc: Exception) -> HTMLResponse:

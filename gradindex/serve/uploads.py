@@ -13,8 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from gradindex.errors import GradIndexError
+from gradindex.errors import DataError, GradIndexError
 from gradindex.inputs.data import load_images
+from gradindex.inputs.files import check_npy_header, check_pixels
 from gradindex.serve.limits import Limits
 
 
@@ -48,14 +49,13 @@ def _decode_picture(data: bytes, name: str, channels: int, limits: Limits) -> np
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as im:
-                w, h = im.size
-    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombWarning) as exc:
-        raise UploadError(f"{name}: not a readable image ({exc})") from None
-    if w * h > limits.max_pixels:
-        raise UploadError(
-            f"{name}: {w}x{h} pixels is more than the limit of {limits.max_pixels:,}; "
-            "downscale it first"
-        )
+                check_pixels(name, *im.size, limit=limits.max_pixels)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise UploadError(f"{name}: {str(exc).rstrip('.')}; downscale it first") from None
+    except DataError as exc:
+        raise UploadError(str(exc)) from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:  # ValueError:
+        raise UploadError(f"{name}: not a readable image ({exc})") from None  # text chunk bombs
     suffix = ".png" if data.startswith(PNG_MAGIC) else ".jpg"
     with tempfile.TemporaryDirectory(prefix="gradindex-serve-") as tmp:
         path = Path(tmp) / f"upload{suffix}"  # our own name: nothing from the request
@@ -67,6 +67,10 @@ def _decode_picture(data: bytes, name: str, channels: int, limits: Limits) -> np
 
 
 def _decode_npy(data: bytes, name: str, limits: Limits) -> np.ndarray:
+    try:  # the header's declared size against the bytes sent, before numpy allocates it
+        check_npy_header(io.BytesIO(data), len(data), name)
+    except DataError as exc:
+        raise UploadError(str(exc)) from None
     try:
         arr = np.load(io.BytesIO(data), allow_pickle=False)
     except (ValueError, EOFError, OSError) as exc:

@@ -1,0 +1,186 @@
+"""Messages that send a user the right way, one line each: checkpoint folders without weights
+or with pickled .bin weights (never diffusers' own fetch text), an --output of another format,
+checkpoints moved after the build (--checkpoint points the index at them), a deleted manifest
+(the advice given works)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from gradindex.cli import main
+from tests.conftest import scheduler, tiny_unet
+
+REPO = Path(__file__).resolve().parents[1]
+SPEC = ["--proj-dim", "32", "--timesteps", "2", "--fidelity-sample", "0"]
+
+
+def cli(*args) -> tuple[int, list[str]]:
+    res = CliRunner().invoke(main, [str(a) for a in args])
+    return res.exit_code, res.output.splitlines()
+
+
+def run(*args, cwd: Path) -> subprocess.CompletedProcess:
+    """The CLI in its own process: diffusers' logging writes to the real stderr."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "gradindex.cli", *map(str, args)],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    """A pipeline folder (unet/ + scheduler/) and 4 training images."""
+    from diffusers import DDPMPipeline
+
+    DDPMPipeline(unet=tiny_unet(1), scheduler=scheduler()).save_pretrained(tmp_path / "full")
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).random((4, 1, 8, 8), np.float32))
+    return tmp_path
+
+
+def _without_weights(run_dir: Path, name: str) -> Path:
+    folder = shutil.copytree(run_dir / "full", run_dir / name)
+    for f in (folder / "unet").glob("*.safetensors"):
+        f.unlink()
+    return folder
+
+
+def test_checkpoint_without_weights_is_one_line_of_ours(run_dir):
+    _without_weights(run_dir, "noweights")
+    res = run("build", "-c", "noweights", "-d", "x.npy", "-o", "out", *SPEC, cwd=run_dir)
+    assert res.returncode == 1
+    assert (res.stdout + res.stderr).splitlines() == [
+        "Error: noweights/unet: no weights (diffusion_pytorch_model.safetensors or .bin) beside "
+        "its config.json; point at a folder the model was saved to with save_pretrained"
+    ]
+
+
+def test_pickled_bin_checkpoint_loads_with_one_warning(run_dir):
+    folder = _without_weights(run_dir, "bin")
+    torch.save(tiny_unet(1).state_dict(), folder / "unet" / "diffusion_pytorch_model.bin")
+    res = run("build", "-c", "bin", "-d", "x.npy", "-o", "out", *SPEC, "--json", cwd=run_dir)
+    assert res.returncode == 0, res.stderr
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip() and "featurizing" not in ln]
+    assert lines == [
+        "Warning: bin/unet: weights from a pickled .bin file, read as plain tensors only; save "
+        "the model with save_pretrained to get .safetensors"
+    ]
+
+
+class Payload:
+    def __reduce__(self):
+        return (os.system, ("touch PAYLOAD_RAN",))
+
+
+def test_pickled_bin_with_code_is_refused_in_one_line_without_running_it(run_dir):
+    folder = _without_weights(run_dir, "evil")
+    torch.save({"conv_in.weight": Payload()}, folder / "unet" / "diffusion_pytorch_model.bin")
+    res = run("build", "-c", "evil", "-d", "x.npy", "-o", "out", *SPEC, cwd=run_dir)
+    assert res.returncode == 1
+    lines = [ln for ln in (res.stdout + res.stderr).splitlines() if not ln.startswith("Warning")]
+    assert len(lines) == 1 and lines[0].startswith("Error: evil/unet: could not load the model (")
+    assert "Traceback" not in res.stderr and "An error occurred" not in res.stderr
+    assert not (run_dir / "PAYLOAD_RAN").exists()
+
+
+def test_output_of_another_format_is_one_line_naming_the_formats(tmp_path):
+    code, lines = cli("query", tmp_path, tmp_path / "q.npy", "--output", "x.csv")
+    assert code == 1
+    assert lines == [
+        "Error: --output x.csv: give a .jsonl (one JSON record per query and method) or .npz "
+        "(arrays) file; no other format is written"
+    ]
+
+
+# -- checkpoints moved after the build -----------------------------------------------------------
+
+
+@pytest.fixture
+def moved(saved_checkpoints, tmp_path):
+    """An index over two checkpoint folders, its answer for 2 images, then the run moved."""
+    images = np.random.default_rng(3).random((5, 1, 8, 8), np.float32)
+    np.save(tmp_path / "x.npy", images)
+    np.save(tmp_path / "q.npy", images[:2])
+    args = [a for c in saved_checkpoints for a in ("-c", c)]
+    code, lines = cli("build", *args, "-d", tmp_path / "x.npy", "-o", tmp_path / "idx", *SPEC)
+    assert code == 0, lines
+    code, before = cli("query", tmp_path / "idx", tmp_path / "q.npy", "-k", "3")
+    assert code == 0, before
+    shutil.move(tmp_path / "run", tmp_path / "moved")
+    new = [tmp_path / "moved" / c.name for c in saved_checkpoints]
+    return tmp_path, saved_checkpoints, new, before
+
+
+def test_moved_checkpoints_name_the_option_that_points_at_them(moved):
+    root, old, _, _ = moved
+    code, lines = cli("query", root / "idx", root / "q.npy")
+    assert code == 1
+    assert lines == [
+        f"Error: checkpoint 0 of the index, {old[0].resolve()}, is gone; if it moved, give the "
+        "checkpoint folders' new places in build order (query / serve --checkpoint DIR, once "
+        "each; AttributionIndex.open(path, checkpoints=[...]))"
+    ]
+
+
+def test_query_with_checkpoint_answers_as_before_the_move(moved):
+    root, _, new, before = moved
+    code, lines = cli("query", root / "idx", root / "q.npy", "-k", "3", "-c", new[0], "-c", new[1])
+    assert code == 0, lines
+    assert lines == before
+
+
+def test_checkpoints_in_another_order_are_refused(moved):
+    root, _, new, _ = moved
+    code, lines = cli("query", root / "idx", root / "q.npy", "-c", new[1], "-c", new[0])
+    assert code == 1
+    assert len(lines) == 1 and lines[0].startswith(f"Error: checkpoint 0 ({new[1].resolve()})")
+    assert lines[0].endswith("not this index's checkpoint; give its folders in build order")
+
+
+def test_serve_with_checkpoint_answers_queries(moved, monkeypatch):
+    pytest.importorskip("starlette")
+    import uvicorn
+    from starlette.testclient import TestClient
+
+    from tests.serve_helpers import png_of, query_pixels
+
+    root, _, new, _ = moved
+    apps = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: apps.append(app))
+    code, lines = cli("serve", root / "idx", "-c", new[0], "-c", new[1])
+    assert code == 0, lines
+    r = TestClient(apps[0], base_url="http://localhost").post(
+        "/query", files={"image": ("q.png", png_of(query_pixels(0)))},
+        data={"k": "3", "method": ["tracin"]},
+    )  # fmt: skip
+    assert r.status_code == 200, r.text[-300:]
+
+
+# -- a deleted manifest ----------------------------------------------------------------------------
+
+
+def test_deleted_manifest_advice_is_consistent_and_works(run_dir):
+    build = ["build", "-c", run_dir / "full", "-d", run_dir / "x.npy", "-o", run_dir / "idx"]
+    code, lines = cli(*build, *SPEC)
+    assert code == 0, lines
+    (run_dir / "idx" / "manifest.json").unlink()
+    said = (
+        f"Error: {run_dir / 'idx'}: holds an index's files but no manifest.json (deleted?); "
+        "restore it from a backup, or rebuild in its place: the same 'gradindex build' with "
+        "--overwrite"
+    )
+    assert cli("info", run_dir / "idx") == (1, [said])
+    assert cli(*build, *SPEC, "--resume") == (1, [said])
+    code, lines = cli(*build, *SPEC, "--overwrite")  # the advice works
+    assert code == 0, lines
+    code, lines = cli("info", run_dir / "idx")
+    assert code == 0 and lines[0].startswith("index")
