@@ -55,7 +55,8 @@ from gradindex.index.columns import LazyColumn, all_done, search_rows
 from gradindex.index.faiss_common import METHODS
 from gradindex.index.faiss_folder import open_faiss_backends
 from gradindex.index.kernel import KERNEL_METHODS, Kernel
-from gradindex.index.layout import MANIFEST, VECTORS, check_files, read_manifest
+from gradindex.index.kernel_load import DenseKernel, load_kernel
+from gradindex.index.layout import KERNEL, MANIFEST, VECTORS, check_files, read_manifest
 from gradindex.index.milvus import MilvusBackend
 from gradindex.index.milvus import open_backends as milvus_backends
 from gradindex.index.records import check_records, recorded_checkpoints, summary
@@ -112,7 +113,9 @@ class AttributionIndex:
         self._checkpoint_sources = checkpoints
         self._scheduler = scheduler
         self._embedder: Embedder | None = None
-        problems = check_files(path, manifest, checksums=False)  # sizes only: cheap
+        # sizes only: cheap. kernel.h5 is checked when a kernel method first reads it (a
+        # damaged one is repaired by 'gradindex kernel' and never stops tracin / retrac)
+        problems = check_files(path, manifest, checksums=False, skip=(KERNEL,))
         if problems:
             raise IndexStateError(
                 f"{problems[0]}; rebuild the index"
@@ -137,7 +140,7 @@ class AttributionIndex:
                 backends = open_faiss_backends(path, manifest, store, self.index_rows, mmap)
         self.backends = check_backends(backends, METHODS, self.dim, len(self.index_rows))
         self._norms: np.ndarray | None = None  # read on first use (see ``norms``)
-        self._kernels: dict[str, Kernel] = {}  # read on first kernel search (``kernel_for``)
+        self._kernels: dict[str, Kernel | DenseKernel] = {}  # read on first use (``kernel_for``)
         if self.device.startswith("cuda"):  # search where the embeddings are made
             for backend in self.backends.values():
                 backend.to_gpu()
@@ -183,12 +186,12 @@ class AttributionIndex:
                 self._norms = store.norms
         return self._norms
 
-    def kernel_for(self, method: str) -> Kernel:
-        """The Gram and default λ a kernel method uses (kernel.h5), read on first use; an
-        index built before it existed gets an error naming ``gradindex kernel``."""
+    def kernel_for(self, method: str) -> Kernel | DenseKernel:
+        """The kernel factors and default λ a kernel method uses (kernel.h5), read on first
+        use; a missing or damaged kernel gets an error naming ``gradindex kernel``."""
         rows = KERNEL_METHODS[method]
         if rows not in self._kernels:
-            self._kernels[rows] = Kernel.load(self.path, self.manifest, rows)
+            self._kernels[rows] = load_kernel(self.path, self.manifest, rows)
         return self._kernels[rows]
 
     def kernel_vectors(self, rows: np.ndarray, method: str, lam: Any = None) -> np.ndarray:

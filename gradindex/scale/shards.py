@@ -225,7 +225,6 @@ def assemble(
                     )
                 offset += src.num_rows
             flagged, build_id = out.flagged, out.build_id  # a new id: another build
-            parts = [(p, s.build_id, int((~s.flagged).sum())) for p, s in zip(sources, stores)]
             keep = np.flatnonzero(~flagged)
             index_info = {}
             for method in METHODS:  # in RAM, or on disk in chunks (gradindex.index.ondisk)
@@ -236,7 +235,7 @@ def assemble(
         for s in stores:
             s.close()
     weights = [c["weight"] for c in base_manifest["checkpoints"]]
-    kernel = merge_kernels(stage, parts, weights, build_id)  # the parts' Grams summed
+    kernel = merge_kernels(stage, weights, build_id)  # one pass over the assembled rows
     manifest = {
         **base_manifest,
         **extra,
