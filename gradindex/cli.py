@@ -355,7 +355,30 @@ def _kernel_line(record: dict[str, Any]) -> str:
         for m, key in (("trak", "lambda"), ("retrak", "lambda_retrac"))
         if key in record
     )
-    return f"Gram of {record['rows']} rows, {lams} ({record['rule']})"
+    rank = record.get("rank") or {}
+    form = (
+        "eigen factors, rank "
+        + ", ".join(
+            f"{r} {'(exact)' if (record.get('exact') or {}).get(m) else '(top, rest by their mean)'}"
+            for m, r in rank.items()
+        )
+        if rank
+        else "dense Grams (format 1; convert: gradindex kernel DIR)"
+    )
+    return f"{form} of {record['rows']} rows, {lams} ({record['rule']})"
+
+
+def _kernel_search_line(record: dict[str, Any]) -> str | None:
+    """Each kernel method's recall@10 through its search index, measured when the kernel was
+    written, and whether it searches exactly; None for a kernel written before it was."""
+    search = record.get("search")
+    if not search:
+        return None
+    return "; ".join(
+        f"{m}: recall@10 {s['recall_at_10']:.3f} (target {s['target_recall']:g}), "
+        + ("exact search" if s["exact_search"] else "approximate search")
+        for m, s in search.items()
+    )
 
 
 @main.command()
@@ -671,7 +694,7 @@ def kernel(index_dir: str) -> None:
     computed it.
 
     Checks every other file's checksum first, then records the new file in the manifest."""
-    from gradindex.index.kernel import add_kernel
+    from gradindex.index.kernel_recall import add_kernel
     from gradindex.index.lifecycle import folder_lock
 
     with folder_lock(Path(index_dir).resolve()):  # one writer per folder, as build/add/merge
@@ -967,6 +990,8 @@ def format_info(info: dict[str, Any]) -> list[str]:
         add("kernel", f"none: {kern['skipped']}")
     elif kern:
         add("kernel", _kernel_line(kern))
+        if _kernel_search_line(kern):
+            add("kernel search", _kernel_search_line(kern))
     else:
         add("kernel", f"none; add it for --method trak with: gradindex kernel {info['path']}")
     built, data = info.get("build_seconds"), info.get("data_seconds") or {}

@@ -56,6 +56,7 @@ from gradindex.index.faiss_common import METHODS
 from gradindex.index.faiss_folder import open_faiss_backends
 from gradindex.index.kernel import KERNEL_METHODS, Kernel
 from gradindex.index.kernel_load import DenseKernel, load_kernel
+from gradindex.index.kernel_recall import searches_exactly
 from gradindex.index.layout import KERNEL, MANIFEST, VECTORS, check_files, read_manifest
 from gradindex.index.milvus import MilvusBackend
 from gradindex.index.milvus import open_backends as milvus_backends
@@ -113,8 +114,7 @@ class AttributionIndex:
         self._checkpoint_sources = checkpoints
         self._scheduler = scheduler
         self._embedder: Embedder | None = None
-        # sizes only: cheap. kernel.h5 is checked when a kernel method first reads it (a
-        # damaged one is repaired by 'gradindex kernel' and never stops tracin / retrac)
+        # sizes only: cheap; kernel.h5 when a kernel method reads it (not stopping tracin)
         problems = check_files(path, manifest, checksums=False, skip=(KERNEL,))
         if problems:
             raise IndexStateError(
@@ -187,8 +187,7 @@ class AttributionIndex:
         return self._norms
 
     def kernel_for(self, method: str) -> Kernel | DenseKernel:
-        """The kernel factors and default λ a kernel method uses (kernel.h5), read on first
-        use; a missing or damaged kernel gets an error naming ``gradindex kernel``."""
+        """A kernel method's factors and λ (kernel.h5), read on first use (checked there)."""
         rows = KERNEL_METHODS[method]
         if rows not in self._kernels:
             self._kernels[rows] = load_kernel(self.path, self.manifest, rows)
@@ -339,7 +338,8 @@ class AttributionIndex:
         _check_method(method, lam)
         q = self._as_queries(vectors)
         check_k(k)
-        if method in KERNEL_METHODS:
+        if method in KERNEL_METHODS:  # exact where its recall missed the target at build
+            exact = exact or searches_exactly(self.manifest, method)
             q, method = self.kernel_vectors(q, method, lam), stored_method(method)
         k = check_k(k, len(self.index_rows), "indexed samples")
         res = self.backends[method].search(q, k, exact=exact)  # rows: vectors.h5 row numbers

@@ -38,12 +38,7 @@ from gradindex.errors import IndexStateError, SearchError
 from gradindex.index.kernel_factors import Factors, rank_cap, row_set_factors
 from gradindex.index.layout import (
     KERNEL,
-    MANIFEST,
     VECTORS,
-    check_files,
-    file_digest,
-    read_manifest,
-    write_json_atomic,
 )
 from gradindex.index.store import VectorStore
 
@@ -161,31 +156,6 @@ def _write(
     record["rank"] = {r: int(f.basis.shape[-1]) for r, f in factors.items()}
     record["exact"] = {r: f.exact for r, f in factors.items()}
     return {**record, "proj_dim": d}
-
-
-def add_kernel(folder: str | os.PathLike[str]) -> dict[str, Any]:
-    """Compute (or recompute) the kernel of a finished index built before it existed, and
-    record it in the manifest (rewritten atomically); every other file is first checked
-    against its recorded checksum, so a damaged index is never blessed. Returns the record.
-    The caller holds the folder's writer lock (``lifecycle.folder_lock``; the CLI does)."""
-    path = Path(folder)
-    manifest = read_manifest(path)
-    others = {k: v for k, v in manifest.get("files", {}).items() if k != KERNEL}
-    problems = check_files(path, {**manifest, "files": others}, checksums=True)
-    if problems:
-        raise IndexStateError(f"{problems[0]}; rebuild the index")
-    with VectorStore.open(path / VECTORS) as store:
-        store.check_manifest(manifest)
-    weights = [float(c["weight"]) for c in manifest["checkpoints"]]
-    with VectorStore.open(path / VECTORS) as store:
-        why = too_wide(store.dim // len(weights))
-    if why is not None:
-        raise IndexStateError(f"{path}: no kernel for this index: {why}")
-    record = write_kernel(path, weights, manifest.get("build_id"))
-    kpath = path / KERNEL
-    files = {**others, KERNEL: {"bytes": kpath.stat().st_size, "sha256": file_digest(kpath)}}
-    write_json_atomic(path / MANIFEST, {**manifest, "kernel": record, "files": files})
-    return record
 
 
 def check_lambdas(lam: float | Sequence[float], num_ckpts: int) -> list[float]:

@@ -25,6 +25,7 @@ import numpy as np
 
 from gradindex.errors import IndexStateError
 from gradindex.index.kernel import merge_kernels
+from gradindex.index.kernel_recall import with_search_record
 from gradindex.index.layout import (
     FORMAT_VERSION,
     MANIFEST,
@@ -236,6 +237,10 @@ def assemble(
             s.close()
     weights = [c["weight"] for c in base_manifest["checkpoints"]]
     kernel = merge_kernels(stage, weights, build_id)  # one pass over the assembled rows
+    kernel = with_search_record(
+        stage, {**base_manifest, "kernel": kernel, "indexes": index_info, "build_id": build_id,
+                "num_rows": len(ids)}
+    )  # fmt: skip
     manifest = {
         **base_manifest,
         **extra,
