@@ -355,17 +355,16 @@ def _kernel_line(record: dict[str, Any]) -> str:
         for m, key in (("trak", "lambda"), ("retrak", "lambda_retrac"))
         if key in record
     )
-    rank = record.get("rank") or {}
-    form = (
-        "eigen factors, rank "
-        + ", ".join(
-            f"{r} {'(exact)' if (record.get('exact') or {}).get(m) else '(top, rest by their mean)'}"
-            for m, r in rank.items()
-        )
-        if rank
-        else "dense Grams (format 1; convert: gradindex kernel DIR)"
+    rank, exact = record.get("rank") or {}, record.get("exact") or {}
+    form = ", ".join(
+        f"{m} rank {rank[r]} "
+        + ("(exact)" if exact.get(r) else "(top eigenpairs, rest by their mean)")
+        for m, r in (("trak", "tracin"), ("retrak", "retrac"))
+        if r in rank
     )
-    return f"{form} of {record['rows']} rows, {lams} ({record['rule']})"
+    if not form:
+        form = "dense Grams (format 1; convert with: gradindex kernel DIR)"
+    return f"factors of {record['rows']} rows: {form}; {lams} ({record['rule']})"
 
 
 def _kernel_search_line(record: dict[str, Any]) -> str | None:
@@ -377,7 +376,7 @@ def _kernel_search_line(record: dict[str, Any]) -> str | None:
     return "; ".join(
         f"{m}: recall@10 {s['recall_at_10']:.3f} (target {s['target_recall']:g}), "
         + ("exact search" if s["exact_search"] else "approximate search")
-        for m, s in search.items()
+        for m, s in sorted(search.items(), key=lambda item: item[0] != "trak")
     )
 
 

@@ -133,8 +133,12 @@ def test_trak_scores_equal_dense_solve_with_fewer_rows_than_dims(setup):
     whole = setup[3]
     q = queries()
     res = whole.search(q, k=4, method="trak")
-    scores, order = top_k(dense_trak(whole.path, q), 4)
+    dense = dense_trak(whole.path, q)
+    scores, order = top_k(dense, 4)
     np.testing.assert_allclose(res.scores, scores, rtol=1e-4, atol=1e-4 * np.abs(scores).max())
+    # the transform itself: every row's score within 1e-5 of the largest (issue 27)
+    mine = whole.kernel_vectors(q, "trak").astype(np.float64) @ plain_rows(whole.path).T
+    assert np.abs(mine - dense).max() <= 1e-5 * np.abs(dense).max()
     np.testing.assert_array_equal(res.rows, order)
     np.testing.assert_array_equal(res.ids, whole.ids[order])
 

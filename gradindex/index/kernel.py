@@ -192,17 +192,21 @@ class Kernel:
         self.lambdas = check_lambdas(list(lambdas), len(self.basis))
 
     def transform(self, queries: np.ndarray, lam: Any = None) -> np.ndarray:
-        """Query rows [B, C·d] → q' [B, C·d] float32, q'_c = (G_c + λ_c I)⁻¹ q_c from the
-        factors: q_c / (λ + μ_c) + U_c diag(1/(Λ_c + λ) − 1/(λ + μ_c)) U_cᵀ q_c."""
+        """Query rows [B, C·d] → q' [B, C·d] float32 whose inner product with every stored row
+        is the kernel score. Exact factors (μ_c = 0: U_c spans the rows) give the span part
+        of (G_c + λ_c I)⁻¹ q_c, U_c diag(1/(Λ_c + λ)) U_cᵀ q_c: the rest of q_c is orthogonal
+        to every stored row, and leaving it out avoids float32 cancellation against q_c / λ.
+        Truncated factors give q_c / (λ + μ_c) + U_c diag(1/(Λ_c + λ) − 1/(λ + μ_c)) U_cᵀ q_c."""
         num_ckpts, d = self.basis.shape[:2]
         lambdas = self.lambdas if lam is None else check_lambdas(lam, num_ckpts)
         q = np.asarray(queries, dtype=np.float32).reshape(len(queries), num_ckpts, d)
         out = np.empty(q.shape, dtype=np.float32)
         for c in range(num_ckpts):
-            flat = lambdas[c] + self.tail[c]
-            coef = 1.0 / (self.eigenvalues[c] + lambdas[c]) - 1.0 / flat
-            inner = (q[:, c] @ self.basis[c]).astype(np.float64) * coef
-            out[:, c] = (
-                q[:, c] * np.float32(1.0 / flat) + inner.astype(np.float32) @ self.basis[c].T
-            )
+            coef = 1.0 / (self.eigenvalues[c] + lambdas[c])
+            if self.tail[c] > 0:
+                coef = coef - 1.0 / (lambdas[c] + self.tail[c])
+            inner = (q[:, c] @ self.basis[c]) * coef.astype(np.float32)
+            out[:, c] = inner @ self.basis[c].T
+            if self.tail[c] > 0:
+                out[:, c] += q[:, c] * np.float32(1.0 / (lambdas[c] + self.tail[c]))
         return out.reshape(len(queries), num_ckpts * d)

@@ -33,7 +33,7 @@ KERNEL_BYTES = 64 * 2**20
 FREE_BYTES = 4 * 2**20
 """Factors of one row set up to this size are always exact: their query transform reads them in
 well under a millisecond, whatever N."""
-ZERO = 1e-10
+ZERO = 1e-12
 """Eigenvalues below ZERO × the top one are rounding, not rank."""
 
 
