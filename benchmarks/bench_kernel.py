@@ -147,19 +147,21 @@ def timed_kernel(seconds: list[float]):
     return real, wrapper
 
 
-def dense_scores(x: np.ndarray, q: np.ndarray, num_ckpts: int, lams: list[float]) -> np.ndarray:
-    """Σ_c ⟨(G_c + λ_c I)⁻¹ q_c, x_c⟩ in float64 for every row (weights 1): the N × N dual
-    (K + λI)⁻¹ X q when N ≤ d, else a d × d solve."""
+def dense_scores(
+    x: np.ndarray, q: np.ndarray, weights: list[float], lams: list[float]
+) -> np.ndarray:
+    """Σ_c w_c φ_c(q)ᵀ (G_c + λ_c I)⁻¹ φ_c(z) in float64 for every row z (φ = block / √w):
+    the N × N dual (K + λI)⁻¹ Φ φ(q) when N ≤ d, else a d × d solve."""
     n, dim = x.shape
-    d = dim // num_ckpts
+    d = dim // len(weights)
     out = np.zeros((len(q), n))
-    for c in range(num_ckpts):
-        xc = x[:, c * d : (c + 1) * d].astype(np.float64)
-        qc = q[:, c * d : (c + 1) * d].astype(np.float64)
+    for c, w in enumerate(weights):
+        xc = x[:, c * d : (c + 1) * d].astype(np.float64) / np.sqrt(w)
+        qc = q[:, c * d : (c + 1) * d].astype(np.float64) / np.sqrt(w)
         if n <= d:
-            out += np.linalg.solve(xc @ xc.T + lams[c] * np.eye(n), xc @ qc.T).T
+            out += w * np.linalg.solve(xc @ xc.T + lams[c] * np.eye(n), xc @ qc.T).T
         else:
-            out += np.linalg.solve(xc.T @ xc + lams[c] * np.eye(d), qc.T).T @ xc.T
+            out += w * np.linalg.solve(xc.T @ xc + lams[c] * np.eye(d), qc.T).T @ xc.T
     return out
 
 
@@ -177,7 +179,7 @@ def accuracy(idx: gi.AttributionIndex, rows: dict, dense_max_d: int) -> dict:
         x = idx.vectors(stored_method(m))
         q = rows[stored_method(m)][:50]
         lams = man["kernel"]["lambda" if m == "trak" else "lambda_retrac"]
-        want = dense_scores(x, q, num_ckpts, lams)
+        want = dense_scores(x, q, [c["weight"] for c in man["checkpoints"]], lams)
         got = idx.kernel_vectors(q, m).astype(np.float64) @ x.T.astype(np.float64)
         top_w, top_g = (np.argsort(-s, axis=1)[:, :10] for s in (want, got))
         overlap = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(top_w, top_g, strict=True)])
@@ -249,6 +251,50 @@ def point(work: Path, n: int, num_ckpts: int, d: int, args: argparse.Namespace) 
     return result
 
 
+def demo_point(folder: Path, repeats: int, dense_max_d: int) -> dict:
+    """The issue's figures on a real demo index (``gradindex demo``'s index folder): kernel
+    bytes, open + first search per method, serve start-up, search p50, accuracy on held-out
+    queries (perturbed stored rows, as the build's recall check makes them)."""
+    from gradindex.index.tuning import heldout_queries
+    from gradindex.serve.app import create_app
+
+    first = {}
+    for m in SEARCH_METHODS:
+        t = time.perf_counter()
+        idx = gi.AttributionIndex.open(folder)
+        x0 = idx.vectors(stored_method(m))[:1]
+        idx.search(x0, 10, m)
+        first[m] = (time.perf_counter() - t) * 1e3
+    t = time.perf_counter()
+    create_app(folder)
+    serve_s = time.perf_counter() - t
+    idx = {m: gi.AttributionIndex.open(folder) for m in SEARCH_METHODS}
+    rows = {r: heldout_queries(idx["trak"].vectors(r), max(repeats, 50) + 1, 5)
+            for r in ("tracin", "retrac")}  # fmt: skip
+    man = idx["trak"].manifest
+    num_ckpts = len(man["checkpoints"])
+    return {
+        "N": man["num_rows"],
+        "checkpoints": num_ckpts,
+        "d": man["dim"] // num_ckpts,
+        "D": man["dim"],
+        "kernel_seconds": None,
+        "kernel_bytes": (folder / KERNEL).stat().st_size,
+        "row_bytes_per_set": 4 * man["num_rows"] * man["dim"],
+        "rank": man["kernel"].get("rank"),
+        "exact": man["kernel"].get("exact"),
+        "open_first_search_ms": first,
+        "serve_startup_s": serve_s,
+        "search": interleaved(
+            {m: _call(idx[m], "search", rows, m) for m in SEARCH_METHODS}, repeats
+        ),
+        "transform": interleaved(
+            {m: _call(idx[m], "kernel_vectors", rows, m) for m in ("trak", "retrak")}, repeats
+        ),
+        "accuracy": accuracy(idx["trak"], rows, dense_max_d),
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--grid", default=GRID, help="N:checkpoints:d,... (default: %(default)s)")
@@ -257,13 +303,17 @@ def main() -> None:
     p.add_argument("--dense-max-d", type=int, default=4096, help="largest d of a d x d solve")
     p.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
     p.add_argument("--out", default=str(RESULTS), help="folder for kernel.json / kernel.md")
+    p.add_argument("--demo", default=None, help="a 'gradindex demo' index folder to measure too")
     args = p.parse_args()
     torch.set_num_threads(1)
     work = Path(args.work or tempfile.mkdtemp(prefix="bench_kernel_"))
     results: dict = {"points": []}
     started = time.perf_counter()
     try:
-        for item in args.grid.split(","):
+        if args.demo:
+            results["demo"] = demo_point(Path(args.demo), args.repeats, args.dense_max_d)
+            print(json.dumps(results["demo"]), flush=True)
+        for item in filter(None, args.grid.split(",")):
             n, num_ckpts, d = (int(v) for v in item.split(":"))
             results["points"].append(point(work, n, num_ckpts, d, args))
             print(json.dumps(results["points"][-1]), flush=True)
@@ -291,45 +341,56 @@ def _acc(a: dict | None) -> str:
 
 
 def markdown(r: dict) -> str:
+    points = ([{**r["demo"], "label": "demo index"}] if r.get("demo") else []) + [
+        {**pt, "label": "synthetic"} for pt in r["points"]
+    ]
     lines = [
         "# Kernel methods at TracIn's cost",
         "",
         "Synthetic rows (shaped like projected gradients: clustered, power-law spectrum, "
         "heavy-tailed TracIn norms) written through the store's writer into a real build over "
-        "the digits UNet (K = 10 timesteps); every figure through `AttributionIndex`. Flat "
-        "(exact) search for every method, k = 10, 1 thread. Ratios against `tracin` in the "
-        "same run.",
+        "the digits UNet (K = 10 timesteps); the demo index (when given) is `gradindex demo`'s "
+        "own. Every figure through `AttributionIndex`; flat (exact) search for every method, "
+        "k = 10, 1 thread; ratios against `tracin` in the same run. Accuracy: the kernel "
+        "transform's scores over every row against the dense formula in float64 (the kernel "
+        "before session 8), 50 queries.",
         "",
-        "| N | C × d | kernel.h5 MiB | rows MiB (one set) | rank kept (trak / retrak) "
+        "| rows | N | C × d | kernel.h5 MiB | rows MiB (one set) | rank kept (trak / retrak) "
         "| kernel pass s | open + first search ms (tracin / trak / retrak) |",
-        "|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for pt in r["points"]:
+    for pt in points:
         rank, exact, first = pt["rank"] or {}, pt["exact"] or {}, pt["open_first_search_ms"]
         ranks = " / ".join(
             f"{rank.get(s, '?')}{' exact' if exact.get(s) else ''}" for s in ("tracin", "retrac")
         )
+        secs = "–" if pt["kernel_seconds"] is None else f"{pt['kernel_seconds']:.1f}"
         lines.append(
-            f"| {pt['N']:,} | {pt['checkpoints']} × {pt['d']} | {pt['kernel_bytes'] / 2**20:.1f} "
-            f"| {pt['row_bytes_per_set'] / 2**20:.1f} | {ranks} | {pt['kernel_seconds']:.1f} "
+            f"| {pt['label']} | {pt['N']:,} | {pt['checkpoints']} × {pt['d']} "
+            f"| {pt['kernel_bytes'] / 2**20:.1f} | {pt['row_bytes_per_set'] / 2**20:.1f} "
+            f"| {ranks} | {secs} "
             f"| {first['tracin']:.0f} / {first['trak']:.0f} / {first['retrak']:.0f} |"
         )
+    if r.get("demo"):
+        lines += ["", f"`serve` start-up on the demo index: {r['demo']['serve_startup_s']:.2f} s."]
     lines += [
         "",
-        "| N | C × d | method | search p50 ms | × tracin | p99 ms | one-image query p50 ms "
-        "| × tracin | vs the dense formula |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| rows | N | C × d | method | search p50 ms | × tracin | p99 ms "
+        "| one-image query p50 ms | × tracin | vs the dense formula |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for pt in r["points"]:
+    for pt in points:
         base_s = pt["search"]["tracin"]["p50_ms"]
-        base_q = pt["query"]["tracin"]["p50_ms"]
+        query = pt.get("query")
         for m, s in pt["search"].items():
-            q = pt["query"][m]
             acc = _acc(pt["accuracy"].get(m)) if m in pt["accuracy"] else ""
+            q = "– | –"
+            if query:
+                q = f"{query[m]['p50_ms']:.1f} | {query[m]['p50_ms'] / query['tracin']['p50_ms']:.2f}"
             lines.append(
-                f"| {pt['N']:,} | {pt['checkpoints']} × {pt['d']} | {m} | {s['p50_ms']:.2f} "
-                f"| {s['p50_ms'] / base_s:.2f} | {s['p99_ms']:.2f} | {q['p50_ms']:.1f} "
-                f"| {q['p50_ms'] / base_q:.2f} | {acc} |"
+                f"| {pt['label']} | {pt['N']:,} | {pt['checkpoints']} × {pt['d']} | {m} "
+                f"| {s['p50_ms']:.2f} | {s['p50_ms'] / base_s:.2f} | {s['p99_ms']:.2f} | {q} "
+                f"| {acc} |"
             )
     lines += [
         "",
