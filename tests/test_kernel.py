@@ -570,7 +570,7 @@ def test_truncated_factors_are_the_top_eigenpairs_and_the_left_out_mean(n, monke
     q = np.random.default_rng(1).standard_normal((3, 2 * d)).astype(np.float32)
     for eigh_max in (4096, 8):
         monkeypatch.setattr(kernel_factors, "EIGH_MAX", eigh_max)
-        fac = kernel_factors.row_set_factors(x, np.arange(n), weights, d, r)
+        fac = kernel_factors.row_set_factors(x, np.arange(n), weights, d, (r, r))
         assert fac.basis.shape == (2, d, r) and not fac.exact
         lams = [lambda_rule(t, top, d) for t, top in zip(fac.trace, fac.top, strict=True)]
         got = Kernel(fac.basis, fac.eigenvalues, fac.tail, lams).transform(q) @ x.T
@@ -591,9 +591,24 @@ def test_truncated_factors_are_the_top_eigenpairs_and_the_left_out_mean(n, monke
         np.testing.assert_allclose(got, want, atol=1e-5 * np.abs(want).max())
 
 
-def test_rank_cap_keeps_the_transform_under_half_a_scan_and_64_mib():
-    from gradindex.index.kernel_factors import rank_cap
+def test_rank_bounds_keep_the_transform_under_half_a_scan_and_64_mib():
+    from gradindex.index.kernel_factors import rank_bounds
 
-    assert rank_cap(9, 16, 2) >= 9  # a small kernel is always exact
-    assert rank_cap(1797, 4096, 3) == 1797 // 4  # the demo: C·d·r·4 x 2 <= 1/2 a scan
-    assert 2 * 3 * 4096 * rank_cap(10**6, 4096, 3) * 4 <= 64 * 2**20  # both row sets
+    assert rank_bounds(9, 16, 2)[0] >= 9  # a small kernel is always exact
+    assert rank_bounds(1797, 4096, 3) == (1797 // 4, 682)  # the demo: C·d·r·4 x 2 <= 1/2 a scan
+    floor, cap = rank_bounds(10**6, 4096, 3)
+    assert floor == cap and 2 * 3 * 4096 * cap * 4 <= 64 * 2**20  # both row sets
+
+
+def test_eigenvalues_above_a_share_of_lambda_are_kept_past_the_floor():
+    """Between the floor and the cap, every eigenvalue above KEEP_ABOVE · λ is kept (a flat
+    spectrum keeps more than N / 4), against numpy's eigvalsh of the Gram."""
+    from gradindex.index import kernel_factors as kf
+
+    n, d = 200, 64
+    x = np.random.default_rng(3).standard_normal((n, d)).astype(np.float32)  # flat spectrum
+    fac = kf.row_set_factors(x, np.arange(n), [1.0], d, (8, 60))
+    ev = np.linalg.eigvalsh(x.astype(np.float64).T @ x)[::-1]
+    lam = 3 * (ev.sum() - ev[0]) / d
+    want = min(60, max(8, int(np.sum(ev > kf.KEEP_ABOVE * lam))))
+    assert fac.basis.shape[-1] == want > 8

@@ -15,7 +15,7 @@ TracIn index with a transformed TracIn query (TRAK; D-TRAK on a ``loss="square"`
 datasets ``basis`` [C, d, r] float32, ``eigenvalues`` [C, r], ``tail`` [C] for the TracIn rows
 and the same with ``_retrac`` for the ReTrac rows, attrs ``lambda``, ``lambda_retrac``,
 ``rows``, ``build_id``, ``format`` (2), readable with plain h5py. Exact (r = rank) where the
-factors fit ``kernel_factors.rank_cap``, else the top r and the left-out mean. Default
+factors fit ``kernel_factors.rank_bounds``, else the top r and the left-out mean. Default
 λ_c = LAMBDA_SCALE · (trace(G_c) − top eigenvalue) / d, the scale chosen once on held-out
 calibration digits of ``benchmarks/bench_lds.py`` (never on its LDS targets); any λ > 0 keeps
 N < d well-posed. A ``kernel.h5`` of format 1 (dense ``gram`` [C, d, d]) is still served
@@ -35,18 +35,19 @@ import numpy as np
 from scipy.sparse.linalg import eigsh
 
 from gradindex.errors import IndexStateError, SearchError
-from gradindex.index.kernel_factors import Factors, rank_cap, row_set_factors
+from gradindex.index.kernel_factors import (
+    LAMBDA_SCALE,
+    Factors,
+    lambda_rule,
+    rank_bounds,
+    row_set_factors,
+)
 from gradindex.index.layout import (
     KERNEL,
     VECTORS,
 )
 from gradindex.index.store import VectorStore
 
-LAMBDA_SCALE = 3.0
-"""s of the default λ_c = s · (trace(G_c) − ‖G_c‖₂) / d: the mean eigenvalue with the top one
-left out, which alone is ~99% of the trace of 'square'-loss rows and ~40-60% of 'mse' ones
-(one ridge rule then fits both). s was chosen once on 100 calibration digits of
-``benchmarks/bench_lds.py``, never on its LDS targets (``benchmarks/results/lds.md``)."""
 KERNEL_METHODS = {"trak": "tracin", "retrak": "retrac"}
 """Search method served by a kernel → the stored rows (and Gram) it uses."""
 SUFFIX = {"tracin": "", "retrac": "_retrac"}
@@ -66,14 +67,6 @@ def top_eigenvalue(g: np.ndarray) -> float:
         return float(np.linalg.eigvalsh(g)[-1])
     v0 = np.ones(len(g))
     return float(eigsh(g, k=1, which="LA", v0=v0, return_eigenvectors=False)[0])
-
-
-def lambda_rule(trace: float, top: float, d: int) -> float:
-    """λ = LAMBDA_SCALE · (trace − top eigenvalue) / d; trace / d in its place when the rows
-    span one direction, 1.0 when they are all zero."""
-    rest = trace - top if trace > 0 else 0.0
-    lam = LAMBDA_SCALE * (rest if rest > 1e-9 * trace else trace) / d
-    return lam if math.isfinite(lam) and lam > 0 else 1.0
 
 
 def default_lambdas(gram: np.ndarray) -> list[float]:
@@ -98,7 +91,7 @@ def write_kernel(
     """Compute the kernel factors of ``folder``'s vectors.h5 (both row sets, from the rows),
     write ``kernel.h5`` and return the manifest's ``kernel`` record ({"skipped": why} and no
     file when d is too wide). ``max_rank``: eigenpairs kept per checkpoint (default
-    ``kernel_factors.rank_cap``; exact whenever the rank fits)."""
+    ``kernel_factors.rank_bounds``; exact whenever the rank fits)."""
     num_ckpts = len(weights)
     with VectorStore.open(folder / VECTORS) as store:
         d = store.dim // num_ckpts
@@ -111,8 +104,10 @@ def write_kernel(
                 f"{store.path}: row width {store.dim} is not a multiple of {num_ckpts} checkpoints"
             )
         keep = np.flatnonzero(~store.flagged)
-        r = max_rank or rank_cap(len(keep), d, num_ckpts)
-        factors = {rows: row_set_factors(store.file[rows], keep, weights, d, r) for rows in SUFFIX}
+        bounds = (max_rank, max_rank) if max_rank else rank_bounds(len(keep), d, num_ckpts)
+        factors = {
+            rows: row_set_factors(store.file[rows], keep, weights, d, bounds) for rows in SUFFIX
+        }
     return _write(folder, factors, len(keep), build_id)
 
 

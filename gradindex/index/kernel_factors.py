@@ -14,11 +14,13 @@ How they are computed (always from the rows, never from a d × d inverse):
 - N > d > EIGH_MAX: the streamed Gram's top r by subspace iteration (a full eigh of 8192² takes
   minutes), the left-out mean from the trace.
 
-r is the rank when the exact factors fit ``rank_cap`` (why that cap: see there), else the cap.
+r is the rank when the exact factors fit ``rank_bounds``'s cap; else at least its floor and
+every eigenvalue above KEEP_ABOVE · λ, up to the cap.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -35,6 +37,14 @@ FREE_BYTES = 4 * 2**20
 well under a millisecond, whatever N."""
 ZERO = 1e-12
 """Eigenvalues below ZERO × the top one are rounding, not rank."""
+KEEP_ABOVE = 0.03
+"""Eigenvalues above KEEP_ABOVE · λ are kept up to the cap, past the floor: one left out
+changes its direction's coefficient 1/(Λ + λ) by up to that share (replaced by the mean)."""
+LAMBDA_SCALE = 3.0
+"""s of the default λ_c = s · (trace(G_c) − ‖G_c‖₂) / d: the mean eigenvalue with the top one
+left out, which alone is ~99% of the trace of 'square'-loss rows and ~40-60% of 'mse' ones
+(one ridge rule then fits both). s was chosen once on 100 calibration digits of
+``benchmarks/bench_lds.py``, never on its LDS targets (``benchmarks/results/lds.md``)."""
 
 
 @dataclass
@@ -51,13 +61,22 @@ class Factors:
     exact: bool
 
 
-def rank_cap(num_rows: int, d: int, num_ckpts: int) -> int:
-    """How many eigenpairs a row set keeps at most: the larger of N / 4 (so the transform, two
-    passes over C·d·r floats, costs at most half an exact scan of the N·C·d stored floats) and
-    what FREE_BYTES holds, within KERNEL_BYTES for both row sets; never below 1."""
+def rank_bounds(num_rows: int, d: int, num_ckpts: int) -> tuple[int, int]:
+    """(floor, cap) of the eigenpairs a row set keeps. The floor: the larger of N / 4 (so the
+    transform, two passes over C·d·r floats, costs at most half an exact scan of the N·C·d
+    stored floats) and what FREE_BYTES holds; the cap: KERNEL_BYTES for both row sets. Between
+    them every eigenvalue above KEEP_ABOVE · λ is kept."""
     per_pair = 4 * d * num_ckpts
-    cap = max(num_rows // 4, FREE_BYTES // per_pair)
-    return max(1, min(cap, KERNEL_BYTES // (2 * per_pair)))
+    cap = max(1, KERNEL_BYTES // (2 * per_pair))
+    return min(cap, max(1, num_rows // 4, FREE_BYTES // per_pair)), cap
+
+
+def lambda_rule(trace: float, top: float, d: int) -> float:
+    """λ = LAMBDA_SCALE · (trace − top eigenvalue) / d; trace / d in its place when the rows
+    span one direction, 1.0 when they are all zero (see ``gradindex.index.kernel``)."""
+    rest = trace - top if trace > 0 else 0.0
+    lam = LAMBDA_SCALE * (rest if rest > 1e-9 * trace else trace) / d
+    return lam if math.isfinite(lam) and lam > 0 else 1.0
 
 
 def checkpoint_blocks(rows, keep: np.ndarray, c: int, d: int, weight: float) -> Iterator:
@@ -82,9 +101,12 @@ def top_eigenpairs(gram: np.ndarray, r: int) -> tuple[np.ndarray, np.ndarray]:
     return w[::-1][:r], (q @ v[:, ::-1])[:, :r]
 
 
-def checkpoint_factors(rows, keep: np.ndarray, c: int, d: int, weight: float, r: int) -> tuple:
-    """(U [d, ≤r], Λ [≤r], mean left-out eigenvalue, trace, top eigenvalue) of checkpoint c."""
-    n = len(keep)
+def checkpoint_factors(
+    rows, keep: np.ndarray, c: int, d: int, weight: float, bounds: tuple[int, int]
+) -> tuple:
+    """(U [d, r], Λ [r], mean left-out eigenvalue, trace, top eigenvalue) of checkpoint c,
+    r within ``bounds`` = (floor, cap) as ``rank_bounds`` says."""
+    n, (floor, r) = len(keep), bounds
     if n <= d:  # the dual: Φ is at most d × d floats
         blocks = list(checkpoint_blocks(rows, keep, c, d, weight))
         phi = np.concatenate(blocks) if blocks else np.zeros((0, d))
@@ -101,7 +123,8 @@ def checkpoint_factors(rows, keep: np.ndarray, c: int, d: int, weight: float, r:
         phi = None
     top = float(s[0]) if len(s) else 0.0
     nonzero = int(np.sum(s > ZERO * top)) if top > 0 else 0
-    kept = min(r, nonzero)
+    above = int(np.sum(s > KEEP_ABOVE * lambda_rule(trace, top, d)))
+    kept = min(r, nonzero, max(floor, above))
     s_kept = s[:kept]
     # the dual's U = Φᵀ V S^{-1/2}: unit columns, orthogonal
     u = v[:, :kept] if phi is None else phi.T @ (v[:, :kept] / np.sqrt(s_kept))
@@ -110,9 +133,9 @@ def checkpoint_factors(rows, keep: np.ndarray, c: int, d: int, weight: float, r:
     return u, s_kept, tail, trace, top
 
 
-def row_set_factors(rows, keep: np.ndarray, weights, d: int, r: int) -> Factors:
+def row_set_factors(rows, keep: np.ndarray, weights, d: int, bounds: tuple[int, int]) -> Factors:
     """Factors of every checkpoint of one row set (``rows``: its h5py dataset or array)."""
-    parts = [checkpoint_factors(rows, keep, c, d, w, r) for c, w in enumerate(weights)]
+    parts = [checkpoint_factors(rows, keep, c, d, w, bounds) for c, w in enumerate(weights)]
     width = max([1] + [len(p[1]) for p in parts])
     basis = np.zeros((len(parts), d, width), dtype=np.float32)
     eig = np.zeros((len(parts), width))
