@@ -699,6 +699,8 @@ def kernel(index_dir: str) -> None:
     with folder_lock(Path(index_dir).resolve()):  # one writer per folder, as build/add/merge
         record = add_kernel(index_dir)
     click.echo(f"kernel       {_kernel_line(record)}")
+    if _kernel_search_line(record):
+        click.echo(f"kernel search {_kernel_search_line(record)}")
 
 
 @main.command()

@@ -612,3 +612,25 @@ def test_eigenvalues_above_a_share_of_lambda_are_kept_past_the_floor():
     lam = 3 * (ev.sum() - ev[0]) / d
     want = min(60, max(8, int(np.sum(ev > kf.KEEP_ABOVE * lam))))
     assert fac.basis.shape[-1] == want > 8
+
+
+def test_a_kernel_dataset_stored_outside_the_file_is_refused(setup, tmp_path):
+    """basis as an external link to another file (or a group): refused in one line before
+    anything is read from it; tracin still answers."""
+    bad = tmp_path / "bad"
+    shutil.copytree(setup[3].path, bad)
+    with h5py.File(bad / "kernel.h5", "a") as f:
+        data = f["basis"][()]
+        del f["basis"], f["basis_retrac"]
+        f["basis_retrac"] = h5py.ExternalLink(str(tmp_path / "outside.h5"), "b")
+        f.create_group("basis")
+    with h5py.File(tmp_path / "outside.h5", "w") as g:
+        g["b"] = data
+    manifest = json.loads((bad / "manifest.json").read_text())
+    manifest["files"]["kernel.h5"] = {"bytes": (bad / "kernel.h5").stat().st_size, "sha256": ""}
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    idx = gi.AttributionIndex.open(bad)
+    for method, name in (("trak", "basis"), ("retrak", "basis_retrac")):
+        with pytest.raises(gi.IndexStateError, match=f"{name} is not a dataset stored in the file"):
+            idx.search(queries(), k=2, method=method)
+    assert idx.search(queries(), k=2, method="tracin").rows.shape == (5, 2)

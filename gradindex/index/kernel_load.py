@@ -107,13 +107,19 @@ def load_kernel(folder: Path, manifest: dict[str, Any], rows: str) -> Kernel | D
     )
 
 
-def _dataset(f: h5py.File, name: str, shape: tuple[int, ...], fix: str) -> h5py.Dataset:
-    """Dataset ``name``, checked to be a plain floating array of ``shape`` stored in the file
-    itself (no external link, external storage or virtual source) before it is read."""
+def _plain(f: h5py.File, name: str, fix: str) -> h5py.Dataset:
+    """Dataset ``name`` if it is stored in the file itself (no external link, external
+    storage or virtual source), before anything of it is read."""
     link = f.get(name, getlink=True)
     ds = f.get(name) if isinstance(link, h5py.HardLink) else None
     if not isinstance(ds, h5py.Dataset) or ds.external or ds.is_virtual:
         raise IndexStateError(f"{f.filename}: {name} is not a dataset stored in the file; {fix}")
+    return ds
+
+
+def _dataset(f: h5py.File, name: str, shape: tuple[int, ...], fix: str) -> h5py.Dataset:
+    """Dataset ``name``, plain (``_plain``) and checked to be floats of ``shape``."""
+    ds = _plain(f, name, fix)
     if ds.shape != shape or ds.dtype.kind != "f":
         raise IndexStateError(
             f"{f.filename}: {name} declares shape {ds.shape} ({ds.dtype}) but the index needs "
@@ -127,7 +133,7 @@ def _read_factors(
 ) -> Kernel:
     """A format-2 row set's factors; its rank checked against min(rows, d) before reading."""
     sfx = SUFFIX[rows]
-    basis = f[f"basis{sfx}"]
+    basis = _plain(f, f"basis{sfx}", fix)
     rank = basis.shape[-1] if basis.ndim == 3 else -1
     most = max(1, min(int(manifest.get("num_rows", 0)), cd[1]))
     if not 1 <= rank <= most:
