@@ -687,17 +687,23 @@ def add(
 
 @main.command()
 @click.argument("index_dir", type=click.Path())
-def kernel(index_dir: str) -> None:
-    """Compute the kernel of INDEX_DIR (per-checkpoint Grams of its TracIn and ReTrac rows,
-    kernel.h5), which '--method trak' / 'retrak' need: for indexes built before builds
-    computed it.
+@click.option(
+    "--exact",
+    is_flag=True,
+    help="Keep every eigenpair of the Grams: exact scores wherever the default keeps only the "
+    "top ones; kernel.h5 up to the rows' own size and slower kernel queries.",
+)
+def kernel(index_dir: str, exact: bool) -> None:
+    """Compute the kernel of INDEX_DIR (eigen factors of the per-checkpoint Grams of its TracIn
+    and ReTrac rows, kernel.h5), which '--method trak' / 'retrak' need: for indexes built
+    before builds computed it, a damaged kernel.h5, or one in the dense format of older builds.
 
     Checks every other file's checksum first, then records the new file in the manifest."""
     from gradindex.index.kernel_recall import add_kernel
     from gradindex.index.lifecycle import folder_lock
 
     with folder_lock(Path(index_dir).resolve()):  # one writer per folder, as build/add/merge
-        record = add_kernel(index_dir)
+        record = add_kernel(index_dir, exact=exact)
     click.echo(f"kernel       {_kernel_line(record)}")
     if _kernel_search_line(record):
         click.echo(f"kernel search {_kernel_search_line(record)}")

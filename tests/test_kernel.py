@@ -634,3 +634,28 @@ def test_a_kernel_dataset_stored_outside_the_file_is_refused(setup, tmp_path):
         with pytest.raises(gi.IndexStateError, match=f"{name} is not a dataset stored in the file"):
             idx.search(queries(), k=2, method=method)
     assert idx.search(queries(), k=2, method="tracin").rows.shape == (5, 2)
+
+
+def test_kernel_exact_keeps_every_eigenpair_where_the_default_truncates(
+    setup, tmp_path, monkeypatch
+):
+    """With budgets small enough that the default keeps 2 eigenpairs, 'gradindex kernel
+    --exact' keeps all 9 and trak equals the dense solve again."""
+    from gradindex.index import kernel_factors
+
+    monkeypatch.setattr(kernel_factors, "FREE_BYTES", 1)
+    monkeypatch.setattr(kernel_factors, "KERNEL_BYTES", 2 * 2 * 4 * D * 2)  # cap: 2 pairs
+    folder = tmp_path / "idx"
+    shutil.copytree(setup[3].path, folder)
+    assert run("kernel", folder).exit_code == 0
+    record = json.loads((folder / "manifest.json").read_text())["kernel"]
+    assert record["rank"]["tracin"] == 2 and not record["exact"]["tracin"]
+    res = run("kernel", folder, "--exact")
+    assert res.exit_code == 0, res.output
+    assert "trak rank 9 (exact), retrak rank 9 (exact)" in res.output
+    q = queries(seed=2)
+    for method, rows in (("trak", "tracin"), ("retrak", "retrac")):
+        res = gi.AttributionIndex.open(folder).search(q, k=4, method=method)
+        scores, order = top_k(dense_trak(folder, q, rows=rows), 4)
+        np.testing.assert_array_equal(res.rows, order)
+        np.testing.assert_allclose(res.scores, scores, rtol=1e-4, atol=1e-4 * np.abs(scores).max())

@@ -86,12 +86,13 @@ def too_wide(d: int) -> str | None:
 
 
 def write_kernel(
-    folder: Path, weights: Sequence[float], build_id: str | None, max_rank: int | None = None
+    folder: Path, weights: Sequence[float], build_id: str | None, exact: bool = False
 ) -> dict[str, Any]:
     """Compute the kernel factors of ``folder``'s vectors.h5 (both row sets, from the rows),
     write ``kernel.h5`` and return the manifest's ``kernel`` record ({"skipped": why} and no
-    file when d is too wide). ``max_rank``: eigenpairs kept per checkpoint (default
-    ``kernel_factors.rank_bounds``; exact whenever the rank fits)."""
+    file when d is too wide). Eigenpairs kept per checkpoint: as ``kernel_factors.rank_bounds``
+    says (exact whenever the rank fits), or with ``exact`` all of them (kernel.h5 then up to
+    the rows' own size, and each query's transform up to two scans of them)."""
     num_ckpts = len(weights)
     with VectorStore.open(folder / VECTORS) as store:
         d = store.dim // num_ckpts
@@ -104,7 +105,8 @@ def write_kernel(
                 f"{store.path}: row width {store.dim} is not a multiple of {num_ckpts} checkpoints"
             )
         keep = np.flatnonzero(~store.flagged)
-        bounds = (max_rank, max_rank) if max_rank else rank_bounds(len(keep), d, num_ckpts)
+        rank = max(1, min(len(keep), d))
+        bounds = (rank, rank) if exact else rank_bounds(len(keep), d, num_ckpts)
         factors = {
             rows: row_set_factors(store.file[rows], keep, weights, d, bounds) for rows in SUFFIX
         }

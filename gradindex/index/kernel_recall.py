@@ -56,10 +56,11 @@ def with_search_record(folder: Path, manifest: dict[str, Any]) -> dict[str, Any]
     return {**kernel, "search": kernel_search_record(folder, manifest)}
 
 
-def add_kernel(folder: str | os.PathLike[str]) -> dict[str, Any]:
+def add_kernel(folder: str | os.PathLike[str], exact: bool = False) -> dict[str, Any]:
     """Compute (or recompute) the kernel of a finished index built before it existed, and
     record it in the manifest (rewritten atomically); every other file is first checked
     against its recorded checksum, so a damaged index is never blessed. Returns the record.
+    ``exact``: keep every eigenpair (see ``kernel.write_kernel``).
     The caller holds the folder's writer lock (``lifecycle.folder_lock``; the CLI does)."""
     path = Path(folder)
     manifest = read_manifest(path)
@@ -74,7 +75,7 @@ def add_kernel(folder: str | os.PathLike[str]) -> dict[str, Any]:
         why = too_wide(store.dim // len(weights))
     if why is not None:
         raise IndexStateError(f"{path}: no kernel for this index: {why}")
-    record = write_kernel(path, weights, manifest.get("build_id"))
+    record = write_kernel(path, weights, manifest.get("build_id"), exact=exact)
     record = with_search_record(path, {**manifest, "kernel": record})
     kpath = path / KERNEL
     files = {**others, KERNEL: {"bytes": kpath.stat().st_size, "sha256": file_digest(kpath)}}
