@@ -1,22 +1,29 @@
-"""Kernel methods' cost: search and query latency of ``trak`` / ``retrak`` against ``tracin`` /
-``retrac`` in the same run, and the kernel pass's time and memory against N and d.
+"""Kernel methods at TracIn's cost (issue 27): ``trak`` / ``retrak`` against ``tracin`` /
+``retrac`` side by side in one run, at each (N, checkpoints, d) of the grid.
 
 Index: a real ``build_index`` over the digits UNet of ``bench_lds.py`` ((16, 32) channels,
-4 checkpoints, K = 10 timesteps, sjlt) whose gradient rows are replaced by synthetic rows shaped
-like projected gradients (``bench_search.synthetic``), written through the store's own writer
-(``VectorStore.write_rows``), so FAISS, the kernel pass and the manifest are the build's own.
+K = 10 timesteps, sjlt) whose gradient rows are replaced by synthetic rows shaped like projected
+gradients (``bench_search.synthetic``: clustered, power-law spectrum, heavy-tailed TracIn
+norms), written through the store's own writer, so FAISS (flat: exact search for every method),
+the kernel factors, their recall check and the manifest are the build's own. Per grid point:
 
-- single-vector search at N = 1e5, D = 512 (C = 4 checkpoints × d = 128, and C = 1 × d = 512):
-  the first call (reads kernel.h5 and inverts G_c + λI) and the p50 / p99 of the next ones, per
-  method, through ``AttributionIndex.search``, the methods called in turn (interleaved) so that
-  a shared machine's load falls on all alike; the kernel methods' query transform alone;
-- one-image end-to-end query (``AttributionIndex.query``: embedding + search) p50 per method;
-- the kernel pass (``kernel.write_kernel``: both Grams, one streamed pass each) time and peak
-  traced memory against N and d; kernel.h5 size.
+- the kernel pass (``kernel.write_kernel``: both row sets' factors from the rows): seconds;
+  kernel.h5 bytes against the rows' own bytes (4·N·D per row set), the rank kept per row set
+  and whether it is exact;
+- ``AttributionIndex.open`` plus the first search of each method in a fresh process state
+  (the kernel methods read kernel.h5 there);
+- single-vector search p50 / p99 per method through ``AttributionIndex.search``, the methods
+  called in turn (interleaved) so that a shared machine's load falls on all alike; the query
+  transform alone;
+- one-image end-to-end query p50 (``AttributionIndex.query``: embedding + search);
+- accuracy against the dense formula Σ_c w_c φ_c(q)ᵀ (G_c + λ_c I)⁻¹ φ_c(z) in float64 (the
+  kernel before session 8): max relative score error and top-10 overlap on 50 queries (N ≤ d
+  by the N × N dual solve; N > d by a d × d solve, skipped past ``--dense-max-d``).
 
 Writes ``benchmarks/results/kernel.json`` and ``benchmarks/results/kernel.md``.
 
-    python benchmarks/bench_kernel.py            # N = 1e5 latency + kernel pass grid
+    python benchmarks/bench_kernel.py                  # the full grid (<= 10 min, 2 idle cores)
+    python benchmarks/bench_kernel.py --grid 1000:1:512 --repeats 10 --query-repeats 3
 """
 
 from __future__ import annotations
@@ -29,7 +36,6 @@ import shutil
 import sys
 import tempfile
 import time
-import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -43,11 +49,13 @@ from bench_search import synthetic  # noqa: E402
 import gradindex as gi  # noqa: E402
 import gradindex.build_write as gbuild  # noqa: E402
 from gradindex.demo.training import small_unet_config  # noqa: E402
-from gradindex.index.kernel import write_kernel  # noqa: E402
 from gradindex.index.layout import KERNEL  # noqa: E402
 from gradindex.query import SEARCH_METHODS, stored_method  # noqa: E402
 
 RESULTS = HERE / "results"
+GRID = "100000:4:128,100000:1:512,1000:1:4096,1000:1:8192,2000:3:4096,10000:1:4096,10000:1:8192"
+"""N:checkpoints:d. N = 1e5 only at D = 512: at d = 4096 its rows (1.6 GB a row set) and
+their Gram would not fit the 10-minute run."""
 
 
 def checkpoints(root: Path, num: int) -> list[Path]:
@@ -100,175 +108,296 @@ def synthetic_index(out: Path, ckpts: list[Path], n: int, dim: int) -> gi.Attrib
             progress=False,
             fidelity_sample=0,
             overwrite=True,
+            index="flat",
         )
     finally:
         gbuild._fill_rows = real
 
 
 def interleaved(calls: dict, repeats: int) -> dict[str, dict[str, float]]:
-    """{name: fn(i)}: the first call of each (cold: a kernel method reads kernel.h5 and
-    inverts G_c + λI), then ``repeats`` rounds calling every one in turn, rotating the order, so
-    the load of a shared machine falls on all alike; p50 / p99 in ms."""
+    """{name: fn(i)}: ``repeats`` rounds calling every one in turn, rotating the order, so the
+    load of a shared machine falls on all alike; p50 / p99 in ms (after one warm-up call)."""
     names = list(calls)
-    out = {}
     for name in names:
-        t = time.perf_counter()
         calls[name](0)
-        out[name] = {"first_ms": (time.perf_counter() - t) * 1e3, "times": []}
+    times: dict[str, list[float]] = {n: [] for n in names}
     for i in range(repeats):
         for j in range(len(names)):
             name = names[(i + j) % len(names)]
             t = time.perf_counter()
             calls[name](i + 1)
-            out[name]["times"].append((time.perf_counter() - t) * 1e3)
-    for rec in out.values():
-        times = rec.pop("times")
-        rec["p50_ms"] = float(np.percentile(times, 50))
-        rec["p99_ms"] = float(np.percentile(times, 99))
-    return out
-
-
-def latency(folder: Path, ckpts: list[Path], n: int, dim: int, repeats: int) -> dict:
-    started = time.perf_counter()
-    synthetic_index(folder, ckpts, n, dim)
-    build_s = time.perf_counter() - started
-    queries = synthetic(repeats + 1, dim, "tracin", seed=9)
-    rq = queries.reshape(len(queries), len(ckpts), -1)
-    rq = (rq / np.linalg.norm(rq, axis=2, keepdims=True)).reshape(len(queries), dim)
-    rows = {"tracin": queries, "retrac": rq}
-    image = np.random.default_rng(3).random((1, 1, 8, 8), dtype=np.float32)
-    idx = {
-        m: gi.AttributionIndex.open(folder) for m in SEARCH_METHODS
-    }  # each pays its own cold call
-
-    def search(m):
-        return lambda i: idx[m].search(rows[stored_method(m)][i], 10, m)
-
-    def transform(m):
-        return lambda i: idx[m].kernel_vectors(rows[stored_method(m)][i], m)
-
-    def query(m):
-        return lambda i: idx[m].query(image, 10, m)
-
-    kernel_methods = [m for m in SEARCH_METHODS if m != stored_method(m)]
+            times[name].append((time.perf_counter() - t) * 1e3)
     return {
-        "N": n,
-        "D": dim,
-        "checkpoints": len(ckpts),
-        "d": dim // len(ckpts),
-        "build_seconds": build_s,
-        "search": interleaved({m: search(m) for m in SEARCH_METHODS}, repeats),
-        "transform": interleaved({m: transform(m) for m in kernel_methods}, repeats),
-        "query": interleaved({m: query(m) for m in SEARCH_METHODS}, max(5, repeats // 10)),
-        "kernel_bytes": (folder / KERNEL).stat().st_size,
+        n: {"p50_ms": float(np.percentile(t, 50)), "p99_ms": float(np.percentile(t, 99))}
+        for n, t in times.items()
     }
 
 
-def kernel_pass(folder: Path, num_ckpts: int) -> dict:
-    """Time and peak traced memory of recomputing both Grams of a built index."""
-    weights = [1.0] * num_ckpts
-    build_id = json.loads((folder / "manifest.json").read_text())["build_id"]
-    tracemalloc.start()
+def timed_kernel(seconds: list[float]):
+    """gbuild.write_kernel, timed into ``seconds``."""
+    real = gbuild.write_kernel
+
+    def wrapper(*args, **kwargs):
+        t = time.perf_counter()
+        try:
+            return real(*args, **kwargs)
+        finally:
+            seconds.append(time.perf_counter() - t)
+
+    return real, wrapper
+
+
+def dense_scores(
+    x: np.ndarray, q: np.ndarray, weights: list[float], lams: list[float]
+) -> np.ndarray:
+    """Σ_c w_c φ_c(q)ᵀ (G_c + λ_c I)⁻¹ φ_c(z) in float64 for every row z (φ = block / √w):
+    the N × N dual (K + λI)⁻¹ Φ φ(q) when N ≤ d, else a d × d solve."""
+    n, dim = x.shape
+    d = dim // len(weights)
+    out = np.zeros((len(q), n))
+    for c, w in enumerate(weights):
+        xc = x[:, c * d : (c + 1) * d].astype(np.float64) / np.sqrt(w)
+        qc = q[:, c * d : (c + 1) * d].astype(np.float64) / np.sqrt(w)
+        if n <= d:
+            out += w * np.linalg.solve(xc @ xc.T + lams[c] * np.eye(n), xc @ qc.T).T
+        else:
+            out += w * np.linalg.solve(xc.T @ xc + lams[c] * np.eye(d), qc.T).T @ xc.T
+    return out
+
+
+def accuracy(idx: gi.AttributionIndex, rows: dict, dense_max_d: int) -> dict:
+    """Max relative score error and top-10 overlap of each kernel method against the dense
+    formula on 50 queries; None where the dense solve is skipped."""
+    man = idx.manifest
+    num_ckpts = len(man["checkpoints"])
+    d = idx.dim // num_ckpts
+    out = {}
+    for m in ("trak", "retrak"):
+        if idx.manifest["num_rows"] > d > dense_max_d:
+            out[m] = None
+            continue
+        x = idx.vectors(stored_method(m))
+        q = rows[stored_method(m)][:50]
+        lams = man["kernel"]["lambda" if m == "trak" else "lambda_retrac"]
+        want = dense_scores(x, q, [c["weight"] for c in man["checkpoints"]], lams)
+        got = idx.kernel_vectors(q, m).astype(np.float64) @ x.T.astype(np.float64)
+        top_w, top_g = (np.argsort(-s, axis=1)[:, :10] for s in (want, got))
+        overlap = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(top_w, top_g, strict=True)])
+        rel = float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
+        out[m] = {"max_rel_error": rel, "top10_overlap": float(overlap)}
+    return out
+
+
+def _call(index: gi.AttributionIndex, what: str, data, method: str):
+    """fn(i): the i-th query vector searched / transformed, or the image queried, by method."""
+    if what == "query":
+        return lambda i: index.query(data, 10, method)
+    q = data[stored_method(method)]
+    if what == "search":
+        return lambda i: index.search(q[i], 10, method)
+    return lambda i: index.kernel_vectors(q[i], method)
+
+
+def point(work: Path, n: int, num_ckpts: int, d: int, args: argparse.Namespace) -> dict:
+    """Every figure of one grid point."""
+    ckpts = checkpoints(work / f"ckpts{num_ckpts}", num_ckpts)
+    folder = work / f"idx-{n}-{num_ckpts}-{d}"
+    dim = num_ckpts * d
+    kernel_s: list[float] = []
+    real, gbuild.write_kernel = timed_kernel(kernel_s)
+    try:
+        started = time.perf_counter()
+        synthetic_index(folder, ckpts, n, dim)
+        build_s = time.perf_counter() - started
+    finally:
+        gbuild.write_kernel = real
+    queries = synthetic(max(args.repeats, 50) + 1, dim, "tracin", seed=9)
+    rq = queries.reshape(len(queries), num_ckpts, -1)
+    rq = (rq / np.linalg.norm(rq, axis=2, keepdims=True)).reshape(len(queries), dim)
+    rows = {"tracin": queries, "retrac": rq}
+    first = {}
+    for m in SEARCH_METHODS:  # a fresh open each: what a one-off 'gradindex query' pays
+        t = time.perf_counter()
+        idx = gi.AttributionIndex.open(folder)
+        idx.search(rows[stored_method(m)][0], 10, m)
+        first[m] = (time.perf_counter() - t) * 1e3
+    idx = {m: gi.AttributionIndex.open(folder) for m in SEARCH_METHODS}
+    image = np.random.default_rng(3).random((1, 1, 8, 8), dtype=np.float32)
+    record = idx["trak"].manifest["kernel"]
+    result = {
+        "N": n,
+        "checkpoints": num_ckpts,
+        "d": d,
+        "D": dim,
+        "build_seconds": build_s,
+        "kernel_seconds": kernel_s[0] if kernel_s else None,
+        "kernel_bytes": (folder / KERNEL).stat().st_size,
+        "row_bytes_per_set": 4 * n * dim,
+        "rank": record.get("rank"),
+        "exact": record.get("exact"),
+        "open_first_search_ms": first,
+        "search": interleaved(
+            {m: _call(idx[m], "search", rows, m) for m in SEARCH_METHODS}, args.repeats
+        ),
+        "transform": interleaved(
+            {m: _call(idx[m], "kernel_vectors", rows, m) for m in ("trak", "retrak")}, args.repeats
+        ),
+        "query": interleaved(
+            {m: _call(idx[m], "query", image, m) for m in SEARCH_METHODS}, args.query_repeats
+        ),
+        "accuracy": accuracy(idx["trak"], rows, args.dense_max_d),
+    }
+    shutil.rmtree(folder)
+    return result
+
+
+def demo_point(folder: Path, repeats: int, dense_max_d: int) -> dict:
+    """The issue's figures on a real demo index (``gradindex demo``'s index folder): kernel
+    bytes, open + first search per method, serve start-up, search p50, accuracy on held-out
+    queries (perturbed stored rows, as the build's recall check makes them)."""
+    from gradindex.index.tuning import heldout_queries
+    from gradindex.serve.app import create_app
+
+    first = {}
+    for m in SEARCH_METHODS:
+        t = time.perf_counter()
+        idx = gi.AttributionIndex.open(folder)
+        x0 = idx.vectors(stored_method(m))[:1]
+        idx.search(x0, 10, m)
+        first[m] = (time.perf_counter() - t) * 1e3
     t = time.perf_counter()
-    write_kernel(folder, weights, build_id)
-    seconds = time.perf_counter() - t
-    peak = tracemalloc.get_traced_memory()[1]
-    tracemalloc.stop()
-    return {"seconds": seconds, "peak_mib": peak / 2**20}
+    create_app(folder)
+    serve_s = time.perf_counter() - t
+    idx = {m: gi.AttributionIndex.open(folder) for m in SEARCH_METHODS}
+    rows = {r: heldout_queries(idx["trak"].vectors(r), max(repeats, 50) + 1, 5)
+            for r in ("tracin", "retrac")}  # fmt: skip
+    man = idx["trak"].manifest
+    num_ckpts = len(man["checkpoints"])
+    return {
+        "N": man["num_rows"],
+        "checkpoints": num_ckpts,
+        "d": man["dim"] // num_ckpts,
+        "D": man["dim"],
+        "kernel_seconds": None,
+        "kernel_bytes": (folder / KERNEL).stat().st_size,
+        "row_bytes_per_set": 4 * man["num_rows"] * man["dim"],
+        "rank": man["kernel"].get("rank"),
+        "exact": man["kernel"].get("exact"),
+        "open_first_search_ms": first,
+        "serve_startup_s": serve_s,
+        "search": interleaved(
+            {m: _call(idx[m], "search", rows, m) for m in SEARCH_METHODS}, repeats
+        ),
+        "transform": interleaved(
+            {m: _call(idx[m], "kernel_vectors", rows, m) for m in ("trak", "retrak")}, repeats
+        ),
+        "accuracy": accuracy(idx["trak"], rows, dense_max_d),
+    }
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--n", type=int, default=100_000)
-    p.add_argument("--repeats", type=int, default=100)
-    p.add_argument("--grid", default="10000:512:4,100000:512:4,10000:512:1,100000:512:1,"
-                   "10000:2048:1,10000:4096:1")  # fmt: skip
+    p.add_argument("--grid", default=GRID, help="N:checkpoints:d,... (default: %(default)s)")
+    p.add_argument("--repeats", type=int, default=50)
+    p.add_argument("--query-repeats", type=int, default=7)
+    p.add_argument("--dense-max-d", type=int, default=4096, help="largest d of a d x d solve")
     p.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
+    p.add_argument("--out", default=str(RESULTS), help="folder for kernel.json / kernel.md")
+    p.add_argument("--demo", default=None, help="a 'gradindex demo' index folder to measure too")
     args = p.parse_args()
     torch.set_num_threads(1)
     work = Path(args.work or tempfile.mkdtemp(prefix="bench_kernel_"))
-    results: dict = {"latency": [], "kernel_pass": []}
+    results: dict = {"points": []}
+    started = time.perf_counter()
     try:
-        for num_ckpts in (4, 1):
-            ckpts = checkpoints(work / f"ckpts{num_ckpts}", num_ckpts)
-            results["latency"].append(
-                latency(work / f"lat{num_ckpts}", ckpts, args.n, 512, args.repeats)
-            )
-            print(json.dumps(results["latency"][-1]), flush=True)
-            shutil.rmtree(work / f"lat{num_ckpts}")
-        for item in args.grid.split(","):
-            n, dim, num_ckpts = (int(v) for v in item.split(":"))
-            ckpts = checkpoints(work / f"ckpts{num_ckpts}", num_ckpts)
-            folder = work / f"grid-{n}-{dim}-{num_ckpts}"
-            synthetic_index(folder, ckpts, n, dim)
-            rec = {"N": n, "D": dim, "checkpoints": num_ckpts, "d": dim // num_ckpts}
-            rec.update(kernel_pass(folder, num_ckpts))
-            rec["kernel_bytes"] = (folder / KERNEL).stat().st_size
-            results["kernel_pass"].append(rec)
-            print(rec, flush=True)
-            shutil.rmtree(folder)
+        if args.demo:
+            results["demo"] = demo_point(Path(args.demo), args.repeats, args.dense_max_d)
+            print(json.dumps(results["demo"]), flush=True)
+        for item in filter(None, args.grid.split(",")):
+            n, num_ckpts, d = (int(v) for v in item.split(":"))
+            results["points"].append(point(work, n, num_ckpts, d, args))
+            print(json.dumps(results["points"][-1]), flush=True)
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
+    results["seconds"] = time.perf_counter() - started
     results["machine"] = {
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
-        "note": "2 CPU cores shared with other developers; niced, 1 thread",
+        "note": os.environ.get("BENCH_MACHINE", "machine not described (set BENCH_MACHINE)"),
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "kernel.json").write_text(json.dumps(results, indent=2) + "\n")
-    (RESULTS / "kernel.md").write_text(markdown(results))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "kernel.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "kernel.md").write_text(markdown(results))
     print(markdown(results))
 
 
+def _acc(a: dict | None) -> str:
+    if a is None:
+        return "not computed (d x d solve past --dense-max-d)"
+    return f"top-10 overlap {a['top10_overlap']:.3f}, max rel. error {a['max_rel_error']:.1e}"
+
+
 def markdown(r: dict) -> str:
+    points = ([{**r["demo"], "label": "demo index"}] if r.get("demo") else []) + [
+        {**pt, "label": "synthetic"} for pt in r["points"]
+    ]
     lines = [
-        "# Kernel methods: latency and kernel pass",
+        "# Kernel methods at TracIn's cost",
         "",
-        "Synthetic rows (shaped like projected gradients) written through the store's writer "
-        "into a real build over the digits UNet (K = 10 timesteps); every figure through "
-        "`AttributionIndex`. Flat (exact) search, k = 10, 1 thread.",
+        "Synthetic rows (shaped like projected gradients: clustered, power-law spectrum, "
+        "heavy-tailed TracIn norms) written through the store's writer into a real build over "
+        "the digits UNet (K = 10 timesteps); the demo index (when given) is `gradindex demo`'s "
+        "own. Every figure through `AttributionIndex`; flat (exact) search for every method, "
+        "k = 10, 1 thread; ratios against `tracin` in the same run. Accuracy: the kernel "
+        "transform's scores over every row against the dense formula in float64 (the kernel "
+        "before session 8), 50 queries.",
         "",
+        "| rows | N | C × d | kernel.h5 MiB | rows MiB (one set) | rank kept (trak / retrak) "
+        "| kernel pass s | open + first search ms (tracin / trak / retrak) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for lat in r["latency"]:
-        lines += [
-            f"## N = {lat['N']:,}, D = {lat['D']} ({lat['checkpoints']} checkpoint(s) × "
-            f"d = {lat['d']}); kernel.h5 {lat['kernel_bytes'] / 2**20:.1f} MiB",
-            "",
-            "| method | search first call ms | search p50 ms | p99 ms | × tracin (p50) "
-            "| one-image query p50 ms | × tracin |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        base_s, base_q = lat["search"]["tracin"]["p50_ms"], lat["query"]["tracin"]["p50_ms"]
-        for m, s in lat["search"].items():
-            q = lat["query"][m]
-            lines.append(
-                f"| {m} | {s['first_ms']:.1f} | {s['p50_ms']:.2f} | {s['p99_ms']:.2f} | "
-                f"{s['p50_ms'] / base_s:.2f} | {q['p50_ms']:.1f} | {q['p50_ms'] / base_q:.2f} |"
-            )
-        lines += [
-            "",
-            "The query transform alone (`kernel_vectors`, one vector): "
-            + ", ".join(
-                f"{m} p50 {t['p50_ms']:.3f} ms (first call {t['first_ms']:.1f} ms)"
-                for m, t in lat["transform"].items()
-            )
-            + ".",
-            "",
-        ]
-    lines += [
-        "## Kernel pass (both Grams: TracIn and ReTrac rows, one streamed pass each)",
-        "",
-        "| N | D | checkpoints × d | seconds | peak traced MiB | kernel.h5 MiB |",
-        "|---|---|---|---|---|---|",
-    ]
-    for k in r["kernel_pass"]:
-        lines.append(
-            f"| {k['N']:,} | {k['D']} | {k['checkpoints']} × {k['d']} | {k['seconds']:.2f} | "
-            f"{k['peak_mib']:.1f} | {k['kernel_bytes'] / 2**20:.1f} |"
+    for pt in points:
+        rank, exact, first = pt["rank"] or {}, pt["exact"] or {}, pt["open_first_search_ms"]
+        ranks = " / ".join(
+            f"{rank.get(s, '?')}{' exact' if exact.get(s) else ''}" for s in ("tracin", "retrac")
         )
-    lines += ["", f"Machine: {r['machine']['platform']}, {r['machine']['note']}.", ""]
+        secs = "–" if pt["kernel_seconds"] is None else f"{pt['kernel_seconds']:.1f}"
+        lines.append(
+            f"| {pt['label']} | {pt['N']:,} | {pt['checkpoints']} × {pt['d']} "
+            f"| {pt['kernel_bytes'] / 2**20:.1f} | {pt['row_bytes_per_set'] / 2**20:.1f} "
+            f"| {ranks} | {secs} "
+            f"| {first['tracin']:.0f} / {first['trak']:.0f} / {first['retrak']:.0f} |"
+        )
+    if r.get("demo"):
+        lines += ["", f"`serve` start-up on the demo index: {r['demo']['serve_startup_s']:.2f} s."]
+    lines += [
+        "",
+        "| rows | N | C × d | method | search p50 ms | × tracin | p99 ms "
+        "| one-image query p50 ms | × tracin | vs the dense formula |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for pt in points:
+        base_s = pt["search"]["tracin"]["p50_ms"]
+        query = pt.get("query")
+        for m, s in pt["search"].items():
+            acc = _acc(pt["accuracy"].get(m)) if m in pt["accuracy"] else ""
+            q = "– | –"
+            if query:
+                q = f"{query[m]['p50_ms']:.1f} | {query[m]['p50_ms'] / query['tracin']['p50_ms']:.2f}"
+            lines.append(
+                f"| {pt['label']} | {pt['N']:,} | {pt['checkpoints']} × {pt['d']} | {m} "
+                f"| {s['p50_ms']:.2f} | {s['p50_ms'] / base_s:.2f} | {s['p99_ms']:.2f} | {q} "
+                f"| {acc} |"
+            )
+    lines += [
+        "",
+        f"Whole run {r['seconds']:.0f} s. Machine: {r['machine']['platform']}, "
+        f"{r['machine']['cpu_count']} CPUs; {r['machine']['note']}.",
+        "",
+    ]
     return "\n".join(lines)
 
 

@@ -33,6 +33,7 @@ from gradindex.errors import DataError, GradIndexError, IndexStateError, WriteEr
 from gradindex.featurize.embedding import Embedder
 from gradindex.featurize.fidelity import measure_fidelity
 from gradindex.index.kernel import write_kernel
+from gradindex.index.kernel_recall import with_search_record
 from gradindex.index.layout import (
     BUILD_STATE,
     FORMAT_VERSION,
@@ -100,6 +101,9 @@ def write_build(
         raise write_error(target, exc, staged=out != target) from None
     try:
         kernel = write_kernel(out, spec.weights(len(ckpts)), build_id)
+        kernel = with_search_record(
+            out, {**state, "kernel": kernel, "indexes": index_info, "build_id": build_id}
+        )
     except (OSError, RuntimeError) as exc:
         if not is_write_failure(exc):
             raise

@@ -398,7 +398,29 @@ def _kernel_line(record: dict[str, Any]) -> str:
         for m, key in (("trak", "lambda"), ("retrak", "lambda_retrac"))
         if key in record
     )
-    return f"Gram of {record['rows']} rows, {lams} ({record['rule']})"
+    rank, exact = record.get("rank") or {}, record.get("exact") or {}
+    form = ", ".join(
+        f"{m} rank {rank[r]} "
+        + ("(exact)" if exact.get(r) else "(top eigenpairs, rest by their mean)")
+        for m, r in (("trak", "tracin"), ("retrak", "retrac"))
+        if r in rank
+    )
+    if not form:
+        form = "dense Grams (format 1; convert with: gradindex kernel DIR)"
+    return f"factors of {record['rows']} rows: {form}; {lams} ({record['rule']})"
+
+
+def _kernel_search_line(record: dict[str, Any]) -> str | None:
+    """Each kernel method's recall@10 through its search index, measured when the kernel was
+    written, and whether it searches exactly; None for a kernel written before it was."""
+    search = record.get("search")
+    if not search:
+        return None
+    return "; ".join(
+        f"{m}: recall@10 {s['recall_at_10']:.3f} (target {s['target_recall']:g}), "
+        + ("exact search" if s["exact_search"] else "approximate search")
+        for m, s in sorted(search.items(), key=lambda item: item[0] != "trak")
+    )
 
 
 _moved_checkpoints = click.option(
@@ -522,11 +544,12 @@ def query(
     Thousands of queries are fine: embedding and search run in batches. Images of another
     size than the model's are resized with a warning, and their records say "resized".
     """
+    from gradindex.index.backend import check_k
     from gradindex.index.kernel import KERNEL_METHODS
     from gradindex.inputs.conditioning import read_prompts_file
-    from gradindex.query import SEARCH_METHODS, AttributionIndex, check_positive_k, stored_method
+    from gradindex.query import SEARCH_METHODS, AttributionIndex, stored_method
 
-    check_positive_k(k)  # before opening and embedding anything
+    check_k(k)  # before opening and embedding anything
     if output and not output.endswith((".jsonl", ".npz")):
         raise click.ClickException(
             f"--output {output}: give a .jsonl (one JSON record per query and method) or .npz "
@@ -740,18 +763,26 @@ def add(
 
 @main.command()
 @click.argument("index_dir", type=click.Path())
-def kernel(index_dir: str) -> None:
-    """Compute the kernel of INDEX_DIR (per-checkpoint Grams of its TracIn and ReTrac rows,
-    kernel.h5), which '--method trak' / 'retrak' need: for indexes built before builds
-    computed it.
+@click.option(
+    "--exact",
+    is_flag=True,
+    help="Keep every eigenpair of the Grams: exact scores wherever the default keeps only the "
+    "top ones; kernel.h5 up to the rows' own size and slower kernel queries.",
+)
+def kernel(index_dir: str, exact: bool) -> None:
+    """Compute the kernel of INDEX_DIR (eigen factors of the per-checkpoint Grams of its TracIn
+    and ReTrac rows, kernel.h5), which '--method trak' / 'retrak' need: for indexes built
+    before builds computed it, a damaged kernel.h5, or one in the dense format of older builds.
 
     Checks every other file's checksum first, then records the new file in the manifest."""
-    from gradindex.index.kernel import add_kernel
+    from gradindex.index.kernel_recall import add_kernel
     from gradindex.index.lifecycle import folder_lock
 
     with folder_lock(Path(index_dir).resolve()):  # one writer per folder, as build/add/merge
-        record = add_kernel(index_dir)
+        record = add_kernel(index_dir, exact=exact)
     click.echo(f"kernel       {_kernel_line(record)}")
+    if _kernel_search_line(record):
+        click.echo(f"kernel search {_kernel_search_line(record)}")
 
 
 @main.command()
@@ -867,10 +898,11 @@ def report(index_dir: str, queries: str | None, k: int, figures: str | None, as_
     samples under TracIn vs ReTrac, self-retrieval (a summary; --json for every number)."""
     from gradindex.eval.report import format_report
     from gradindex.eval.report import report as make_report
+    from gradindex.index.backend import check_k
     from gradindex.inputs.data import load_images
-    from gradindex.query import AttributionIndex, check_positive_k
+    from gradindex.query import AttributionIndex
 
-    check_positive_k(k)
+    check_k(k)
     idx = AttributionIndex.open(index_dir)
     images = load_images(queries, channels=idx.image_shape[0])[0] if queries else None
     result = make_report(idx, images, k=k, out_dir=Path(figures) if figures else None)
@@ -1059,6 +1091,8 @@ def format_info(info: dict[str, Any]) -> list[str]:
         add("kernel", f"none: {kern['skipped']}")
     elif kern:
         add("kernel", _kernel_line(kern))
+        if _kernel_search_line(kern):
+            add("kernel search", _kernel_search_line(kern))
     else:
         add("kernel", f"none; add it for --method trak with: gradindex kernel {info['path']}")
     built, data = info.get("build_seconds"), info.get("data_seconds") or {}

@@ -3,9 +3,7 @@
 Holds ``AttributionIndex``:
 
     idx = AttributionIndex.open(DIR)                 # checks manifest, files, format version
-    idx.embed(images)        -> {"tracin": [B, D], "retrac": [B, D]}
-                                                     # value range per input: uint8 0..255,
-                                                     # floats [0, 1] or [-1, 1] (data_range=)
+    idx.embed(images)        -> {"tracin": [B, D], "retrac": [B, D]}   # range: see prepare
     idx.search(vectors, k, method) -> SearchResult(scores [B, k], ids [B, k], rows [B, k])
     idx.search(emb["tracin"], k, "trak", lam=None)   # TRAK: TracIn query rows, kernel-corrected
     idx.search(emb["retrac"], k, "retrak")           # the kernel on the ReTrac rows
@@ -13,21 +11,18 @@ Holds ``AttributionIndex``:
     idx.query(images, labels=[...]) / idx.query(images, prompts=[...])   conditional models
     AttributionIndex.open(DIR, milvus=URI)           # search the collections 'gradindex
                                                      # export DIR --milvus URI' made instead
-    AttributionIndex.open(DIR, backends={"tracin": b1, "retrac": b2})
-                                                     # any gradindex.index.backend.SearchBackend
+    AttributionIndex.open(DIR, backends={"tracin": b1, ...})  # any index.backend.SearchBackend
 
 Search backends: one per stored method (``self.backends``), all called the same way and all
 answering in vectors.h5 row numbers (:mod:`gradindex.index.backend`): by default the folder's
 FAISS indexes (:mod:`gradindex.index.faiss_folder`), or Milvus collections, or any other.
 
 Methods: the stored ones (``METHODS``: tracin, retrac) have their own rows and search index;
-``SEARCH_METHODS`` adds the kernel ones (:mod:`gradindex.index.kernel`): ``trak``,
-Σ_c w_c φ_c(q)ᵀ (G_c + λ_c I)⁻¹ φ_c(z) on the TracIn index with the query transformed by its
-Gram, and ``retrak``, the same on the ReTrac rows; they take ``stored_method(method)``'s rows.
+``SEARCH_METHODS`` adds the kernel ones (``trak``, ``retrak``: :mod:`gradindex.index.kernel`),
+which search ``stored_method(method)``'s index with a kernel-transformed query.
 
-Checkpoints are loaded lazily (only ``embed``/``query`` need them) from the sources recorded in
-the manifest, or taken from the caller, and refused if their weights' fingerprint differs from
-the one the index was built with.
+Checkpoints are loaded lazily (only ``embed``/``query`` need them), refused if they are not the
+ones the index was built from (``gradindex.index.records``).
 """
 
 from __future__ import annotations
@@ -55,7 +50,16 @@ from gradindex.index.columns import LazyColumn, all_done, search_rows
 from gradindex.index.faiss_common import METHODS
 from gradindex.index.faiss_folder import open_faiss_backends
 from gradindex.index.kernel import KERNEL_METHODS, Kernel
-from gradindex.index.layout import MANIFEST, VECTORS, check_files, ids_digests, read_manifest
+from gradindex.index.kernel_load import DenseKernel, load_kernel
+from gradindex.index.kernel_recall import searches_exactly
+from gradindex.index.layout import (
+    KERNEL,
+    MANIFEST,
+    VECTORS,
+    check_files,
+    ids_digests,
+    read_manifest,
+)
 from gradindex.index.milvus import MilvusBackend
 from gradindex.index.milvus import open_backends as milvus_backends
 from gradindex.index.records import check_records, check_shapes, recorded_checkpoints, summary
@@ -75,7 +79,6 @@ __all__ = [
     "SEARCH_METHODS",
     "AttributionIndex",
     "SearchResult",
-    "check_positive_k",
     "result_to_json",
     "stored_method",
 ]
@@ -114,7 +117,8 @@ class AttributionIndex:
         self._checkpoint_sources = checkpoints
         self._scheduler = scheduler
         self._embedder: Embedder | None = None
-        problems = check_files(path, manifest, checksums=False)  # sizes only: cheap
+        # sizes only: cheap; kernel.h5 when a kernel method reads it (not stopping tracin)
+        problems = check_files(path, manifest, checksums=False, skip=(KERNEL,))
         if problems:
             raise IndexStateError(
                 f"{problems[0]}; rebuild the index"
@@ -140,7 +144,7 @@ class AttributionIndex:
                 backends = open_faiss_backends(path, manifest, store, self.index_rows, mmap)
         self.backends = check_backends(backends, METHODS, self.dim, len(self.index_rows))
         self._norms: np.ndarray | None = None  # read on first use (see ``norms``)
-        self._kernels: dict[str, Kernel] = {}  # read on first kernel search (``kernel_for``)
+        self._kernels: dict[str, Kernel | DenseKernel] = {}  # read on first use (``kernel_for``)
         if self.device.startswith("cuda"):  # search where the embeddings are made
             for backend in self.backends.values():
                 backend.to_gpu()
@@ -186,12 +190,11 @@ class AttributionIndex:
                 self._norms = store.norms
         return self._norms
 
-    def kernel_for(self, method: str) -> Kernel:
-        """The Gram and default λ a kernel method uses (kernel.h5), read on first use; an
-        index built before it existed gets an error naming ``gradindex kernel``."""
+    def kernel_for(self, method: str) -> Kernel | DenseKernel:
+        """A kernel method's factors and λ (kernel.h5), read on first use (checked there)."""
         rows = KERNEL_METHODS[method]
         if rows not in self._kernels:
-            self._kernels[rows] = Kernel.load(self.path, self.manifest, rows)
+            self._kernels[rows] = load_kernel(self.path, self.manifest, rows)
         return self._kernels[rows]
 
     def kernel_vectors(self, rows: np.ndarray, method: str, lam: Any = None) -> np.ndarray:
@@ -340,7 +343,8 @@ class AttributionIndex:
         _check_method(method, lam)
         q = self._as_queries(vectors)
         check_k(k)
-        if method in KERNEL_METHODS:
+        if method in KERNEL_METHODS:  # exact where its recall missed the target at build
+            exact = exact or searches_exactly(self.manifest, method)
             q, method = self.kernel_vectors(q, method, lam), stored_method(method)
         k = check_k(k, len(self.index_rows), "indexed samples")
         res = self.backends[method].search(q, k, exact=exact)  # rows: vectors.h5 row numbers
@@ -363,7 +367,7 @@ class AttributionIndex:
         images' value range (see ``embed``). ``result.resized`` is the images' (H, W) when
         they were resized to the model's size (with a warning), else None."""
         _check_method(method, lam)
-        check_positive_k(k)  # before the embedding, which is the slow part
+        check_k(k)  # before the embedding, which is the slow part
         if method in KERNEL_METHODS:
             self.check_kernel(method, lam)
         vectors = self.embed(images, labels=labels, prompts=prompts, data_range=data_range)
@@ -383,11 +387,6 @@ class AttributionIndex:
     def __repr__(self) -> str:
         m = self.manifest
         return f"AttributionIndex({str(self.path)!r}, rows={m['num_rows']}, dim={m['dim']})"
-
-
-def check_positive_k(k: Any) -> None:
-    """Refuse a k that is not a positive integer (before any image is embedded)."""
-    check_k(k)
 
 
 def _check_method(method: str, lam: Any = None) -> None:

@@ -214,9 +214,12 @@ def _expected_info(index_dir, saved_checkpoints):
         "fidelity     not measured (fidelity_sample=0)",
         "search       tracin: flat (exact)",
         "search       retrac: flat (exact)",
-        f"kernel       Gram of 7 rows, trak lambda {lams['tracin'][0]:.4g}, "
-        f"{lams['tracin'][1]:.4g}; retrak lambda {lams['retrac'][0]:.4g}, {lams['retrac'][1]:.4g} "
+        "kernel       factors of 7 rows: trak rank 7 (exact), retrak rank 7 (exact); "
+        f"trak lambda {lams['tracin'][0]:.4g}, {lams['tracin'][1]:.4g}; "
+        f"retrak lambda {lams['retrac'][0]:.4g}, {lams['retrac'][1]:.4g} "
         "(lambda_c = 3.0 * (trace(G_c) - top eigenvalue) / d)",
+        "kernel search trak: recall@10 1.000 (target 0.95), exact search; "
+        "retrak: recall@10 1.000 (target 0.95), exact search",
     ]
 
 

@@ -9,7 +9,7 @@ and atomic JSON writing. One folder per index:
     tracin.faiss     inner-product index over the TracIn rows (+ .json sidecar)
     retrac.faiss     inner-product (= cosine) index over the ReTrac rows (+ .json sidecar)
     *.faiss.ivfdata  the inverted lists of an on-disk index (kind "ondisk"), memory-mapped
-    kernel.h5        per-checkpoint Gram G_c [C, d, d] float64 of the TracIn rows ('trak')
+    kernel.h5        eigen factors of the per-checkpoint Grams of both row sets ('trak', 'retrak')
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from gradindex.spec import BuildSpec
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 VECTORS = "vectors.h5"
-KERNEL = "kernel.h5"  # per-checkpoint Gram of the TracIn rows (gradindex.index.kernel)
+KERNEL = "kernel.h5"  # the kernel methods' factors (gradindex.index.kernel)
 BUILD_STATE = "build.json"  # written at the start of a build, removed when it completes
 
 
@@ -333,9 +333,12 @@ def ids_digests(folder: Path, manifest: dict[str, Any]) -> list[str] | None:
     return digests
 
 
-def check_files(folder: Path, manifest: dict[str, Any], *, checksums: bool) -> list[str]:
+def check_files(
+    folder: Path, manifest: dict[str, Any], *, checksums: bool, skip: tuple[str, ...] = ()
+) -> list[str]:
     """Problems with the index's files, one line each naming the file: missing, wrong size
-    (truncated or grown), and with ``checksums`` a content mismatch (flipped bytes)."""
+    (truncated or grown), and with ``checksums`` a content mismatch (flipped bytes); the
+    files named in ``skip`` are left to whoever reads them."""
     files = manifest.get("files", {})
     if not isinstance(files, dict):
         raise IndexStateError(f"{folder / MANIFEST}: 'files' is not a mapping; rebuild the index")
@@ -344,6 +347,8 @@ def check_files(folder: Path, manifest: dict[str, Any], *, checksums: bool) -> l
     problems = []
     for name, rec in files.items():
         path = _inside(folder, name)
+        if name in skip:
+            continue
         if not isinstance(rec, dict) or not isinstance(rec.get("bytes"), int):
             problems.append(f"{path}: no size recorded in the manifest")
         elif not path.exists():
@@ -354,4 +359,6 @@ def check_files(folder: Path, manifest: dict[str, Any], *, checksums: bool) -> l
             )
         elif checksums and file_digest(path) != rec.get("sha256"):
             problems.append(f"{path}: checksum mismatch (file corrupted)")
+        if name == KERNEL and problems and problems[-1].startswith(str(path)):
+            problems[-1] += f"; recompute it with: gradindex kernel {folder}"
     return problems

@@ -25,6 +25,7 @@ import numpy as np
 
 from gradindex.errors import IndexStateError
 from gradindex.index.kernel import merge_kernels
+from gradindex.index.kernel_recall import with_search_record
 from gradindex.index.layout import (
     FORMAT_VERSION,
     MANIFEST,
@@ -258,7 +259,6 @@ def assemble(
                     )
                 offset += src.num_rows
             flagged, build_id = out.flagged, out.build_id  # a new id: another build
-            parts = [(p, s.build_id, int((~s.flagged).sum())) for p, s in zip(sources, stores)]
             keep = np.flatnonzero(~flagged)
             index_info = {}
             for method in METHODS:  # in RAM, or on disk in chunks (gradindex.index.ondisk)
@@ -269,7 +269,11 @@ def assemble(
         for s in stores:
             s.close()
     weights = [c["weight"] for c in base_manifest["checkpoints"]]
-    kernel = merge_kernels(stage, parts, weights, build_id)  # the parts' Grams summed
+    kernel = merge_kernels(stage, weights, build_id)  # one pass over the assembled rows
+    kernel = with_search_record(
+        stage, {**base_manifest, "kernel": kernel, "indexes": index_info, "build_id": build_id,
+                "num_rows": len(ids)}
+    )  # fmt: skip
     manifest = {
         **base_manifest,
         **extra,
