@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import os
+from collections.abc import Collection
 from pathlib import Path
 
 import torch
@@ -55,6 +56,27 @@ def _snapshot(model: torch.nn.Module, optimizer: torch.optim.Optimizer, **more) 
     }
 
 
+def _script_loss(sched, prediction_type: str, output, clean, noise, t) -> torch.Tensor:
+    """train_unconditional.py's loss: MSE to ε, or for ``sample`` the snr(t)-weighted MSE to
+    x0 (the script's weighting "from the distillation paper")."""
+    if prediction_type == "epsilon":
+        return F.mse_loss(output.float(), noise.float())
+    alpha_t = sched.alphas_cumprod[t].reshape(-1, 1, 1, 1)
+    return (alpha_t / (1 - alpha_t) * F.mse_loss(output, clean, reduction="none")).mean()
+
+
+def _save_pipeline(out: Path, unet, noise_scheduler, ema_model) -> None:
+    """The script's final save: the pipeline into the output folder, EMA weights copied in."""
+    from diffusers import DDPMPipeline
+
+    if ema_model is not None:
+        ema_model.store(unet.parameters())
+        ema_model.copy_to(unet.parameters())
+    DDPMPipeline(unet=unet, scheduler=noise_scheduler).save_pretrained(str(out))
+    if ema_model is not None:
+        ema_model.restore(unet.parameters())
+
+
 def train_unconditional(
     out: Path,
     *,
@@ -64,12 +86,17 @@ def train_unconditional(
     checkpointing_steps: int = 2,
     lr_warmup_steps: int = 1,
     log_with: str | None = None,
+    project: str = "train_unconditional",
+    config: dict | None = None,
+    skip_lr: Collection[int] = (),
 ) -> dict:
-    """train_unconditional.py's loop on a tiny UNet (batches of 3 random images in [-1, 1]).
+    """train_unconditional.py's loop on a tiny UNet (batches of 3 random images in [-1, 1]);
+    with ``log_with``, trackers started as ``init_trackers(project, config)`` (the script: its
+    own name, no config) and ``lr`` logged at every step but those in ``skip_lr``.
 
     Returns {"saved": {step: {"raw", "ema", "optimizer"}}, "final": {"raw", "ema"},
-    "lrs": {step: the lr logged at that step}}."""
-    from diffusers import DDPMPipeline, UNet2DModel
+    "lrs": {step: the rate after that step, as the script logs it}}."""
+    from diffusers import UNet2DModel
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
 
@@ -78,7 +105,7 @@ def train_unconditional(
     ema_model = EMAModel(
         model.parameters(), decay=0.9999, use_ema_warmup=True, inv_gamma=1.0, power=3 / 4,
         model_cls=UNet2DModel, model_config=model.config,
-    )  # fmt: skip
+    ) if use_ema else None  # fmt: skip
 
     def save_model_hook(models, weights, output_dir):  # the script's own hook
         if acc.is_main_process:
@@ -96,46 +123,35 @@ def train_unconditional(
     )
     model, optimizer, lr_scheduler = acc.prepare(model, optimizer, lr_scheduler)
     if log_with:
-        acc.init_trackers("train_unconditional")
+        acc.init_trackers(project, config=config)
     names = [n for n, _ in model.named_parameters()]
-    gen, saved, lrs = torch.Generator().manual_seed(0), {}, {}
+    gen, saved, lrs, ema = torch.Generator().manual_seed(0), {}, {}, None
     model.train()
     for step in range(1, steps + 1):
         clean = torch.rand(3, 1, 8, 8, generator=gen) * 2 - 1
         noise = torch.randn(clean.shape, generator=gen)
         t = torch.randint(0, 1000, (3,), generator=gen)
-        noisy = noise_scheduler.add_noise(clean, noise, t)
-        output = model(noisy, t).sample
-        if prediction_type == "epsilon":
-            loss = F.mse_loss(output.float(), noise.float())
-        else:  # "sample": the script's snr weighting "from the distillation paper"
-            alpha_t = noise_scheduler.alphas_cumprod[t].reshape(-1, 1, 1, 1)
-            loss = (alpha_t / (1 - alpha_t) * F.mse_loss(output, clean, reduction="none")).mean()
+        output = model(noise_scheduler.add_noise(clean, noise, t), t).sample
+        loss = _script_loss(noise_scheduler, prediction_type, output, clean, noise, t)
         acc.backward(loss)
         acc.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         lr_scheduler.step()
         optimizer.zero_grad()
+        logs = {"loss": loss.detach().item(), "step": step}
         if use_ema:
             ema_model.step(model.parameters())
-        ema = dict(zip(names, [p.clone() for p in ema_model.shadow_params])) if use_ema else None
+            ema = dict(zip(names, [p.clone() for p in ema_model.shadow_params]))
+            logs["ema_decay"] = ema_model.cur_decay_value
         if step % checkpointing_steps == 0:
             acc.save_state(str(out / f"checkpoint-{step}"))
             saved[step] = _snapshot(model, optimizer, ema=ema)
         lrs[step] = lr_scheduler.get_last_lr()[0]
-        logs = {"loss": loss.detach().item(), "lr": lrs[step], "step": step}
-        if use_ema:
-            logs["ema_decay"] = ema_model.cur_decay_value
-        acc.log(logs, step=step)
+        acc.log(logs if step in skip_lr else {**logs, "lr": lrs[step]}, step=step)
     acc.end_training()
     unet = acc.unwrap_model(model).eval()
     final = _snapshot(unet, optimizer, ema=ema)
-    if use_ema:
-        ema_model.store(unet.parameters())
-        ema_model.copy_to(unet.parameters())
-    DDPMPipeline(unet=unet, scheduler=noise_scheduler).save_pretrained(str(out))
-    if use_ema:
-        ema_model.restore(unet.parameters())
+    _save_pipeline(out, unet, noise_scheduler, ema_model)
     _reset_accelerate()
     return {"saved": saved, "final": final, "lrs": lrs}
 
