@@ -29,7 +29,8 @@ from gradindex.inputs.run_records import (
     spec_from_run,
 )
 from gradindex.spec import BuildSpec
-from tests.conftest import assert_rows_close, scheduler, tiny_unet
+from tests.conftest import assert_rows_close
+from tests.trainer_refs import train_unconditional
 
 STEPS, EVERY = 12, 4
 T2I_CONFIG = {  # the text-to-image scripts' vars(args), as init_trackers receives it
@@ -45,53 +46,14 @@ T2I_CONFIG = {  # the text-to-image scripts' vars(args), as init_trackers receiv
 
 
 def train_run(out, project, config=None, log_lr=True, prediction_type="epsilon", skip=()):
-    """Train a tiny UNet for STEPS steps like the scripts; returns {step: lr after it}."""
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, GradientState
-    from accelerate.utils import ProjectConfiguration
-    from diffusers import DDPMPipeline
-    from diffusers.optimization import get_scheduler
-
-    acc = Accelerator(
-        log_with="tensorboard",
-        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
-        cpu=True,
-    )
-
-    def save_model_hook(models, weights, output_dir):  # train_unconditional.py's
-        for model in models:
-            model.save_pretrained(os.path.join(output_dir, "unet"))
-            weights.pop()
-
-    acc.register_save_state_pre_hook(save_model_hook)
-    model = tiny_unet(5).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    lr_scheduler = get_scheduler(
-        "cosine", optimizer=optimizer, num_warmup_steps=3, num_training_steps=STEPS
-    )
-    model, optimizer, lr_scheduler = acc.prepare(model, optimizer, lr_scheduler)
-    acc.init_trackers(project, config=config)
-    gen, lrs = torch.Generator().manual_seed(0), {}
-    for step in range(1, STEPS + 1):
-        x = torch.randn(2, 1, 8, 8, generator=gen)
-        loss = model(x, torch.tensor([10, 500])).sample.pow(2).mean()
-        acc.backward(loss)
-        optimizer.step()
-        lr_scheduler.step()
-        optimizer.zero_grad()
-        if step % EVERY == 0:
-            acc.save_state(str(out / f"checkpoint-{step}"))
-        lrs[step] = lr_scheduler.get_last_lr()[0]
-        logs = {"loss": loss.item(), "step": step}
-        if log_lr and step not in skip:
-            logs["lr"] = lrs[step]
-        acc.log(logs, step=step)
-    acc.end_training()
-    unet = acc.unwrap_model(model).eval()
-    DDPMPipeline(unet=unet, scheduler=scheduler(prediction_type)).save_pretrained(out)
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    return lrs
+    """Train a tiny UNet for STEPS steps like the scripts (tests/trainer_refs.py), trackers
+    started as ``init_trackers(project, config)``, ``lr`` logged unless ``log_lr`` is False or
+    the step is in ``skip``; returns {step: lr after it}."""
+    return train_unconditional(
+        out, use_ema=False, prediction_type=prediction_type, steps=STEPS,
+        checkpointing_steps=EVERY, lr_warmup_steps=3, log_with="tensorboard", project=project,
+        config=config, skip_lr=skip if log_lr else range(1, STEPS + 1),
+    )["lrs"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ final ``DDPMPipeline.save_pretrained(OUTPUT)`` with the EMA weights copied in.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +21,8 @@ import gradindex as gi
 from gradindex.cli import main
 from gradindex.inputs.models import load_checkpoints
 from gradindex.inputs.optimizer_state import find_optimizer_file
-from tests.conftest import scheduler, tiny_unet
+from tests.conftest import scheduler
+from tests.trainer_refs import train_unconditional
 
 SPEC = gi.BuildSpec(proj_dim=16, timesteps=2, batch_size=4)
 STEPS = 4
@@ -30,65 +30,9 @@ SAVE_AT = (2, 4)  # checkpointing_steps=2: training ends at a checkpoint
 
 
 def train_run(out: Path, use_ema: bool = True) -> dict:
-    """A tiny run of train_unconditional.py's loop; returns the weights and optimizer state
-    it saved at each checkpoint, copied from the live objects (the independent reference)."""
-    from accelerate import Accelerator
-    from diffusers import DDPMPipeline, UNet2DModel
-    from diffusers.optimization import get_scheduler
-    from diffusers.training_utils import EMAModel
-
-    accelerator = Accelerator(cpu=True)
-    model = tiny_unet(0)
-    ema_model = EMAModel(
-        model.parameters(), decay=0.9999, use_ema_warmup=True, inv_gamma=1.0, power=3 / 4,
-        model_cls=UNet2DModel, model_config=model.config,
-    )  # fmt: skip
-
-    def save_model_hook(models, weights, output_dir):  # the script's own hook
-        if accelerator.is_main_process:
-            if use_ema:
-                ema_model.save_pretrained(os.path.join(output_dir, "unet_ema"))
-            for m in models:
-                m.save_pretrained(os.path.join(output_dir, "unet"))
-                weights.pop()
-
-    accelerator.register_save_state_pre_hook(save_model_hook)
-    noise_scheduler = scheduler()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    lr_scheduler = get_scheduler(
-        "cosine", optimizer=optimizer, num_warmup_steps=1, num_training_steps=STEPS
-    )
-    model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
-    gen = torch.Generator().manual_seed(0)
-    saved = {}
-    for step in range(1, STEPS + 1):
-        clean = torch.rand(3, 1, 8, 8, generator=gen) * 2 - 1
-        noise = torch.randn(clean.shape, generator=gen)
-        t = torch.randint(0, 1000, (3,), generator=gen)
-        noisy = noise_scheduler.add_noise(clean, noise, t)
-        loss = torch.nn.functional.mse_loss(model(noisy, t).sample, noise)
-        accelerator.backward(loss)
-        optimizer.step()
-        lr_scheduler.step()
-        optimizer.zero_grad()
-        if use_ema:
-            ema_model.step(model.parameters())
-        if step in SAVE_AT:
-            accelerator.save_state(str(out / f"checkpoint-{step}"))
-            names = [n for n, _ in model.named_parameters()]
-            saved[step] = {
-                "raw": {n: p.detach().clone() for n, p in model.named_parameters()},
-                "ema": dict(zip(names, [p.clone() for p in ema_model.shadow_params])),
-                "optimizer": optimizer.state_dict(),
-            }
-    unet = accelerator.unwrap_model(model)
-    if use_ema:
-        ema_model.store(unet.parameters())
-        ema_model.copy_to(unet.parameters())
-    DDPMPipeline(unet=unet, scheduler=noise_scheduler).save_pretrained(str(out))
-    if use_ema:
-        ema_model.restore(unet.parameters())
-    return saved
+    """A tiny run of train_unconditional.py's loop (tests/trainer_refs.py); returns the
+    weights and optimizer state it held at each checkpoint (the independent reference)."""
+    return train_unconditional(out, use_ema=use_ema, steps=STEPS, checkpointing_steps=2)["saved"]
 
 
 @pytest.fixture(scope="module")

@@ -49,9 +49,12 @@ def script_loss(sched, model, x0, t, gen, case, cond=None):
     return (loss * weight).mean()
 
 
-def reference(model, sched, x0s, case, seed=0, conds=None, names=None, timesteps=TIMESTEPS, M=M):
+def reference(
+    model, sched, x0s, case, seed=0, conds=None, names=None, timesteps=TIMESTEPS, M=M, scale=None
+):
     """TracIn / ReTrac rows (identity projection, one checkpoint) and per-draw norms; conds:
-    per-sample model keyword arguments; names: the parameters differentiated (default all)."""
+    per-sample model keyword arguments; names: the parameters differentiated (default all);
+    scale: a [p] preconditioner every per-draw gradient is multiplied by first (Adam's)."""
     params = [p for n, p in model.named_parameters() if names is None or n in names]
     tracin, retrac, norms = [], [], []
     for i, x0 in enumerate(x0s):
@@ -62,6 +65,7 @@ def reference(model, sched, x0s, case, seed=0, conds=None, names=None, timesteps
                 gen = torch.Generator().manual_seed(draw_seed(seed, k, m))
                 loss = script_loss(sched, model, x0, t, gen, case, conds and conds[i])
                 g = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)]).double()
+                g = g if scale is None else g * scale.double()
                 gs.append(g)
                 n.append(g.norm())
             per_k.append(torch.stack(gs).mean(0))
