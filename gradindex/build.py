@@ -35,6 +35,7 @@ import torch
 from gradindex.build_state import Plan, Rows, build_state, prepare_folder
 from gradindex.build_write import write_build
 from gradindex.errors import ModelError, SpecError
+from gradindex.featurize.budget import parse_memory
 from gradindex.featurize.embedding import Embedder
 from gradindex.featurize.fidelity import DEFAULT_SAMPLE, check_sample
 from gradindex.featurize.gradients import select_parameters
@@ -87,6 +88,8 @@ def build_index(
     shard: tuple[int, int] | None = None,
     fidelity_sample: int = DEFAULT_SAMPLE,
     data_options: Mapping[str, Any] | None = None,
+    max_memory: int | str | None = None,
+    featurize_path: str = "auto",
 ) -> AttributionIndex:
     """Build an attribution index over ``data`` at ``checkpoints`` into the folder ``out``.
 
@@ -107,10 +110,14 @@ def build_index(
     ``gradindex.featurize.fidelity``; 0 skips it). data_options: how ``data`` is read, for
     ``gradindex.inputs.open_data.open_source``: a Hugging Face dataset's ``image_column``,
     ``caption_column``, ``label_column``, ``id_column``, ``split``, and ``on_error`` ('raise',
-    or 'skip': bad samples left out and listed); recorded in the manifest.
+    or 'skip': bad samples left out and listed); recorded in the manifest. max_memory: bytes
+    (or '8G', '512M') featurizing may take, which sets the items per gradient call (None: 70%
+    of the available memory); featurize_path: 'auto', 'full' or 'streamed' (the same rows;
+    see ``gradindex.featurize.budget``), the path taken recorded in the manifest.
     """
     started = time.perf_counter()
     device = resolve_device(device)
+    max_memory = parse_memory(max_memory)
     fidelity_sample = check_sample(fidelity_sample)
     spec = spec or BuildSpec()
     ckpts = load_checkpoints(
@@ -123,7 +130,7 @@ def build_index(
         dict(data_options or {}),
     )  # fmt: skip
     cond_record = conditioner.record(rows.cond)
-    embedder = Embedder(ckpts, spec, device)
+    embedder = Embedder(ckpts, spec, device, featurize_path, max_memory)
     check_kind(index, embedder.dim, target_recall)
     plan = Plan(spec, ckpts, conditioner, rows, embedder, base_model, cond_record)
 

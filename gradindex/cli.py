@@ -285,6 +285,13 @@ def _spec_from_options(config: str | None, options: dict[str, Any]) -> BuildSpec
     help="Rows whose stored scores are checked against exact ones at the end of the build "
     "(recorded, shown by info, a warning naming a --proj-dim when below the bar); 0 skips it.",
 )
+@click.option(
+    "--max-memory",
+    default=None,
+    metavar="SIZE",
+    help="Memory featurizing may take (e.g. 8G, 512M), which sets the items per gradient call; "
+    "default: 70% of the available memory. One sample that does not fit is an error.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the index summary as JSON.")
 @_data_options
 @_spec_options
@@ -303,6 +310,7 @@ def build(
     labels_file: str | None,
     prompts_file: str | None,
     fidelity_sample: int,
+    max_memory: str | None,
     as_json: bool,
     **spec_options: Any,
 ) -> None:
@@ -336,6 +344,7 @@ def build(
         "overwrite": overwrite,
         "fidelity_sample": fidelity_sample,
         "data_options": data_options or None,
+        "max_memory": max_memory,
     }
     if world_from_env() is not None:
         if shard:

@@ -232,7 +232,10 @@ class AttributionIndex:
                 self.manifest, self._checkpoint_sources, self._scheduler, base_model
             )
             self.loaded_checkpoints: list[Checkpoint] = ckpts
-            self._embedder = Embedder(ckpts, self.spec, self.device)
+            # the build's featurize path (same rows either way, up to float32 rounding; an
+            # index from before the record was computed on the full path)
+            path = (self.manifest.get("featurize") or {}).get("path", "full")
+            self._embedder = Embedder(ckpts, self.spec, self.device, path)
         return self._embedder
 
     @property

@@ -30,6 +30,7 @@ import torch
 from torch.func import functional_call, grad, vmap
 
 from gradindex.errors import ModelError, SpecError
+from gradindex.featurize.budget import ACTIVATION_FACTOR, activation_bytes, items_per_call
 from gradindex.featurize.losses import diffusion_loss, item_loss_fn
 from gradindex.featurize.persample import HookGradients
 from gradindex.featurize.scratch import scratch
@@ -98,6 +99,8 @@ class Features:
     retrac: torch.Tensor  # [B, p]  r_c = mean_k ḡ_k / ‖ḡ_k‖
     norms: torch.Tensor  # [B, K·M] ‖g_{k,m}‖ per draw, draws in spec order
 
+    FIELDS = ("tracin", "retrac", "norms")
+
 
 # Items per gradient call: the default batch (16 images x 10 timesteps) in one call. Measured on
 # the demo UNet (2 threads, interleaved rounds): 160 items per call featurize 12% faster than two
@@ -158,6 +161,11 @@ class GradientFeaturizer:
             self._hooks = HookGradients(self.model, self.param_names, item_loss_fn(spec.loss))
         self.backend = "hooks" if self._hooks is not None else "vmap"
         self._auto = backend == "auto"
+        # bytes the per-item work of a call may take (set by ``Embedder`` from the memory
+        # budget; None: no budget) and the items per call that fit it, measured on first use
+        self.memory_left: int | None = None
+        self.budget = 0
+        self._fitted_items: int | None = None
         logger.info(
             "%s: per-item gradients via %s (%d parameters)",
             checkpoint.source,
@@ -286,11 +294,54 @@ class GradientFeaturizer:
         ``reuse=True`` returns views of a buffer that the next call of any featurizer
         overwrites (fresh memory costs a page fault per 4 KiB, ~1 ms/MB here): for callers that
         consume the features at once, like ``Embedder.embed``."""
-        spec = self.spec
-        K, M = spec.num_timesteps, spec.noise_draws
+        K, M = self.spec.num_timesteps, self.spec.noise_draws
         if len(draws) != K * M:
             raise SpecError(f"expected {K * M} draws, got {len(draws)}")
         x0 = x0.to(self.device, torch.float32)
+        items = min(self.max_items, self.max_bytes // (4 * self.row_dim))
+        if self.memory_left is not None:
+            if self._fitted_items is None:
+                self._fitted_items = self._fit_items(x0, draws, cond)
+            items = min(items, self._fitted_items)
+        per_call = max(1, items // M)  # samples one call can hold (a call holds whole ones)
+        if x0.shape[0] <= per_call:
+            return self._featurize(x0, draws, cond, reuse, items)
+        parts = [
+            self._featurize(
+                x0[i : i + per_call],
+                draws,
+                None if cond is None else {k: v[i : i + per_call] for k, v in cond.items()},
+                False,
+                items,
+            )
+            for i in range(0, x0.shape[0], per_call)
+        ]
+        return Features(*(torch.cat([getattr(f, n) for f in parts]) for n in Features.FIELDS))
+
+    def _fit_items(
+        self, x0: torch.Tensor, draws: list, cond: dict[str, torch.Tensor] | None
+    ) -> int:
+        """Items per call that fit ``memory_left``: per item, the activations of one (see
+        ``budget``) and its row in the call's buffer."""
+        one = None if cond is None else {k: v[:1] for k, v in cond.items()}
+        x_t, t, _, c = self._items(x0[:1], draws, range(1), one)
+        one_c = {k: v[:1] for k, v in c.items()}
+        act = activation_bytes(self.model, lambda: model_output(self.model, x_t[:1], t[:1], one_c))
+        per_item = int(ACTIVATION_FACTOR * act) + 4 * self.row_dim
+        assert self.memory_left is not None
+        return items_per_call(self.memory_left, per_item, self.spec.noise_draws, self.budget)
+
+    def _featurize(
+        self,
+        x0: torch.Tensor,
+        draws: list[tuple[int, torch.Tensor]],
+        cond: dict[str, torch.Tensor] | None,
+        reuse: bool,
+        items: int,
+    ) -> Features:
+        """``featurize`` of samples that fit one call's ``items`` per timestep."""
+        spec = self.spec
+        K, M = spec.num_timesteps, spec.noise_draws
         B = x0.shape[0]
         q = self.row_dim
         # per sample: [TracIn row, ReTrac row]
@@ -299,7 +350,6 @@ class GradientFeaturizer:
         else:
             acc = torch.empty(B, 2, q, device=self.device)
         norms = torch.empty(B, K * M, device=self.device)
-        items = min(self.max_items, self.max_bytes // (4 * q))
         step = max(1, min(K, items // (B * M)))  # timesteps per gradient call, at most
         step = -(-K // -(-K // step))  # as even as the same number of calls allows (8+2 -> 5+5)
         flat = scratch.get("items", (step * B * M * q,), self.device)  # [k·B·M · q]

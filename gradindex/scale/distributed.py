@@ -79,6 +79,7 @@ def distributed_build(
     keep_shards: bool = False,
     fidelity_sample: int = 32,
     data_options: Mapping[str, Any] | None = None,
+    max_memory: int | str | None = None,
 ) -> AttributionIndex | None:
     """Build ``out`` with every rank of the process group (initialised here from the launcher's
     environment unless the caller already did). Returns the index on rank 0, None elsewhere.
@@ -123,6 +124,7 @@ def distributed_build(
                 shard=(rank, world),
                 fidelity_sample=fidelity_sample,  # each shard measures its own rows
                 data_options=data_options,
+                max_memory=max_memory,
             )
         except Exception as exc:  # every rank must reach the collective, whatever happened
             error = exc
