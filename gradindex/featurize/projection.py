@@ -216,7 +216,8 @@ class SJLTProjector(Projector):
         p, d, nnz = self.in_dim, self.out_dim, self.nnz
         sizes = [d // nnz + (j < d % nnz) for j in range(nnz)]  # output block sizes, sum d
         gen = torch.Generator(device="cpu").manual_seed(derived_seed("sjlt", self.seed))
-        rows = torch.empty(nnz, p, dtype=torch.int32)  # output row of (block j, coordinate i)
+        small = torch.int16 if d <= torch.iinfo(torch.int16).max else torch.int32  # half the bytes
+        rows = torch.empty(nnz, p, dtype=small)  # output row of (block j, coordinate i)
         negative = torch.empty(nnz, p, dtype=torch.bool)
         offset = 0
         for j, size in enumerate(sizes):  # block j: one row in [offset, offset + size)

@@ -85,11 +85,10 @@ def distributed_build(
     environment unless the caller already did). Returns the index on rank 0, None elsewhere.
 
     Arguments are those of ``build_index`` (conditioning included: every rank takes its rows'
-    labels / prompts); every rank must pass the same. With ``resume`` a rank's finished shard
-    is reused when its settings (spec, checkpoints, rows, conditioning data) are the asked ones,
-    and refused, naming them, when not. ``keep_shards`` keeps the per-rank shard folders after
-    a successful merge.
-    """
+    labels / prompts, ``max_memory`` per rank); every rank must pass the same. With ``resume``
+    a rank's finished shard is reused when its settings (spec, checkpoints, rows, conditioning
+    data) are the asked ones, and refused, naming them, when not. ``keep_shards`` keeps the
+    per-rank shard folders after a successful merge."""
     import torch.distributed as dist
 
     own_group = not dist.is_initialized()
