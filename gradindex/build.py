@@ -111,8 +111,8 @@ def build_index(
     ``gradindex.inputs.open_data.open_source``: a Hugging Face dataset's ``image_column``,
     ``caption_column``, ``label_column``, ``id_column``, ``split``, and ``on_error`` ('raise',
     or 'skip': bad samples left out and listed); recorded in the manifest. max_memory: bytes
-    (or '8G', '512M') featurizing may take, which sets the items per gradient call (None: 70%
-    of the available memory); featurize_path: 'auto', 'full' or 'streamed' (the same rows;
+    (or '8G', '512M') featurizing may take, which sets the items per gradient call (None: what the
+    models and projections take plus 1 GiB, at most 70% of the available memory); featurize_path: 'auto', 'full' or 'streamed' (the same rows;
     see ``gradindex.featurize.budget``), the path taken recorded in the manifest.
     """
     started = time.perf_counter()

@@ -290,7 +290,8 @@ def _spec_from_options(config: str | None, options: dict[str, Any]) -> BuildSpec
     default=None,
     metavar="SIZE",
     help="Memory featurizing may take (e.g. 8G, 512M), which sets the items per gradient call; "
-    "default: 70% of the available memory. One sample that does not fit is an error.",
+    "default: what the models and projections take plus 1G (at most 70% of the available "
+    "memory). One sample that does not fit is an error.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the index summary as JSON.")
 @_data_options

@@ -8,8 +8,10 @@ Two paths compute the same rows (up to float32 summation order):
 - ``streamed``: each layer's per-item gradients projected inside the backward hooks
   (``streamed.StreamedFeaturizer``); memory scales with activations, not items × parameters.
 
-``choose_path`` takes ``streamed`` when the full path's buffers for one batch would pass
-``FULL_PATH_BYTES`` or half the budget (by model size: the demo UNet's are 0.5 GB, a 35.7M-
+The automatic budget is what is resident once the models and maps are built plus
+``AUTO_WORK_BYTES`` of per-item work (at most 70% of the available memory). ``choose_path``
+takes ``streamed`` when the full path's buffers for one batch would pass ``FULL_PATH_BYTES`` or
+half the budget (by model size: the demo UNet's are 0.5 GB, a 35.7M-
 parameter DDPM's 6.9 GB). The build records the path in the manifest and a query repeats it.
 
 Per-item memory (``item_bytes``): the activations autograd keeps, estimated from one no-grad
@@ -31,10 +33,14 @@ from gradindex.errors import MemoryBudgetError, SpecError
 PATHS = ("auto", "full", "streamed")
 # above this the full path's [items, p] and [B, 2, p] buffers cost more than they save
 FULL_PATH_BYTES = 1 << 30
-# autograd's saved tensors per item against the leaf-module outputs of one forward, measured
-# on the 35.7M-parameter CIFAR-10 DDPM UNet (peak RSS at 8 vs 24 items per call)
+# memory per item against the leaf-module outputs of one forward: measured 1.4 on the
+# 35.7M-parameter CIFAR-10 DDPM UNet (peak RSS +66 MB per item between 4 and 16 items per call,
+# 48 MB of outputs); 2 leaves room for the per-layer buffers and the allocator
 ACTIVATION_FACTOR = 2.0
-# share of the available memory an automatic budget takes
+# an automatic budget: what is resident once models and maps are built plus this much per-item
+# work (more items per call than that fit gain little: 1.40 vs 1.58 draws/CPU-s at 4 vs 16
+# items, 35.7M parameters), at most AUTO_SHARE of the available memory
+AUTO_WORK_BYTES = 1 << 30
 AUTO_SHARE = 0.7
 
 
@@ -80,13 +86,14 @@ def parse_memory(text: str | int | None) -> int | None:
     return int(value * units[unit])
 
 
-def budget_bytes(max_memory: int | None) -> int:
+def budget_bytes(max_memory: int | None, resident: int | None = None) -> int:
     """The budget: ``max_memory`` when given, else AUTO_SHARE of the available memory (8 GiB
-    when the system does not say)."""
+    when the system does not say), capped at ``resident`` + AUTO_WORK_BYTES when given."""
     if max_memory is not None:
         return max_memory
     avail = available_memory()
-    return int(AUTO_SHARE * avail) if avail else 8 << 30
+    budget = int(AUTO_SHARE * avail) if avail else 8 << 30
+    return budget if resident is None else min(budget, resident + AUTO_WORK_BYTES)
 
 
 def full_path_bytes(num_params: int, batch: int, noise_draws: int) -> int:

@@ -101,15 +101,17 @@ class Embedder:
             for seed in seeds
         ]
         self.block_dim = self.projectors[0].out_dim
-        self._set_budget(budget)
+        self._set_budget()
         self.dim = self.block_dim * len(checkpoints)
         self.sample_shape = checkpoints[0].sample_shape()
         self.draws = spec.draws(self.sample_shape)
 
-    def _set_budget(self, budget: int) -> None:
+    def _set_budget(self) -> None:
         """What the budget leaves for per-item work once models and projections are in memory
         (the process's resident size now) and, on the full path, the [B, 2, p] features."""
-        left = budget - resident_bytes()
+        resident = resident_bytes()
+        budget = budget_bytes(self.max_memory, resident)
+        left = budget - resident
         if self.path == "full":
             left -= 8 * self.num_params * self.spec.batch_size
         for feat in self.featurizers:
