@@ -292,3 +292,24 @@ def test_a_sketch_wider_than_the_model_is_not_suggested():
     narrow = _warning(record, "sjlt", num_params=1 << 30)
     assert narrow.endswith(f"rebuild with --proj-dim {1 << 29}")
     assert "identity" not in _warning(record, "kronecker", num_params=1000)
+
+
+@pytest.mark.parametrize("reference", ["exact", "second sketch"])
+def test_a_streamed_build_measures_its_fidelity_like_a_full_one(tmp_path, monkeypatch, reference):
+    """The streamed path's featurizers return projected rows: the reference must still be full
+    space (or a second map), not those rows again (which would read as perfect fidelity)."""
+    imgs, models = _images(40, seed=2), [tiny_unet(1)]
+    if reference == "second sketch":
+        monkeypatch.setattr(gradindex.featurize.fidelity, "FULL_SPACE_BUDGET", 0)
+    spec = gi.BuildSpec(proj_dim=16, timesteps=2, batch_size=20)
+    got = {}
+    for path in ("full", "streamed"):
+        idx, _ = _build(tmp_path / path, models, imgs, spec, fidelity_sample=4,
+                        featurize_path=path)  # fmt: skip
+        assert idx.manifest["featurize"]["path"] == path
+        got[path] = idx.info()["fidelity"]
+    assert got["streamed"]["reference"] == got["full"]["reference"]
+    assert got["full"]["reference"] == {"exact": "exact"}.get(reference, "second sketch (estimate)")
+    for m in ("tracin", "retrac"):
+        assert got["streamed"][m]["spearman"] == pytest.approx(got["full"][m]["spearman"], abs=1e-3)
+        assert got["full"][m]["spearman"] < 0.999  # d = 16: far from exact

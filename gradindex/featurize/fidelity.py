@@ -27,12 +27,10 @@ The reference: exact full-space scores Σ_c w_c ⟨a_c, a_c'⟩ and Σ_c w_c cos
   ``SECOND_SKETCH_SHARE`` of the build (S > 10% of the usable rows): the stored rows' own two
   halves. An sjlt map is nnz
   independent count sketches side by side (``SJLTProjector``), a Gaussian map d independent
-  columns, so the first and last column groups of each checkpoint's block are two independent
-  sketches of d_A and d_B outputs: no gradient is computed again (a second sketch featurized the
-  whole sample a second time, as long as a small build itself). This is split-half reliability
-  (the Spearman-Brown step below); being extrapolated from sketches of half the width it is
-  noisier than a second sketch and errs low where the sketch is poor (on the tiny test UNet at
-  d = 1,024 within 0.04 of the exact Spearman, at d = 256 up to 0.2 below it).
+  columns, so each checkpoint block's first and last column groups are independent sketches
+  of d_A and d_B outputs: nothing is featurized again. Split-half reliability (Spearman-Brown,
+  below): noisier than a second sketch, low where the sketch is poor (tiny test UNet: within
+  0.04 of the exact Spearman at d = 1,024, up to 0.2 below it at d = 256).
 - otherwise (a large build, ``kronecker``, sjlt with nnz = 1): a second, independent sketch
   (same kind and d, another seed), featurized again: at most 10% of the build's gradients.
 
@@ -67,6 +65,7 @@ from gradindex.featurize.embedding import Embedder
 from gradindex.featurize.gradients import GradientFeaturizer
 from gradindex.featurize.kronecker import KroneckerFeaturizer
 from gradindex.featurize.projection import make_projector
+from gradindex.featurize.streamed import StreamedFeaturizer
 from gradindex.inputs.conditioner import Conditioner
 from gradindex.inputs.conditioning import ConditioningData
 from gradindex.inputs.data import to_model_input
@@ -190,11 +189,14 @@ def _reference_scores(
     for c, w in enumerate(embedder.weights):
         feat, project = embedder.featurizers[c], None
         seed = _second_seed(spec.proj_seed, c)
-        if spec.projection == "kronecker":
+        inside = {"kronecker": KroneckerFeaturizer, "streamed": StreamedFeaturizer}.get(
+            embedder.path
+        )  # featurizers whose rows are projected already: full space or another map instead
+        if inside is not None:
             feat = (
                 GradientFeaturizer(checkpoints[c], spec, embedder.device)
                 if exact
-                else KroneckerFeaturizer(checkpoints[c], spec, seed, embedder.device)
+                else inside(checkpoints[c], spec, seed, embedder.device)
             )
         elif not exact:
             proj = make_projector(
