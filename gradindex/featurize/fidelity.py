@@ -249,8 +249,8 @@ def _half_scores(
 
 
 def _noise_from_halves(rho: float, d: int, d_a: int) -> float:
-    """q (relative score noise of the full d-column sketch) from corr(A, B) = rho of its two
-    halves: (1 + q·d/d_A)(1 + q·d/d_B) = 1/rho², solved for q ≥ 0."""
+    """q (the full sketch's relative score noise) from its halves' corr(A, B) = rho:
+    (1 + q·d/d_A)(1 + q·d/d_B) = 1/rho², solved for q ≥ 0."""
     a, b = d / d_a, d / (d - d_a)
     c = 1.0 - 1.0 / max(rho, 1e-6) ** 2  # ≤ 0
     return (-(a + b) + math.sqrt((a + b) ** 2 - 4 * a * b * c)) / (2 * a * b)
@@ -297,11 +297,7 @@ def _off_diagonal(m: np.ndarray) -> np.ndarray:
     return m[~np.eye(n, dtype=bool)].reshape(n, n - 1)
 
 
-REFERENCES = {
-    "exact": "exact",
-    "sketch": "second sketch (estimate)",
-    "halves": "split-half estimate (two independent halves of the stored sketch)",
-}
+REFERENCES = {"exact": "exact", "sketch": "second sketch (estimate)", "halves": "split-half estimate"}  # fmt: skip
 
 
 def _record(
