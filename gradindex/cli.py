@@ -901,6 +901,7 @@ _INFO_KEYS = {
     "proj_dim",
     "num_params",
     "layers",
+    "featurize",
     "checkpoints",
     "timesteps",
     "prediction_type",
@@ -929,6 +930,8 @@ def format_info(info: dict[str, Any]) -> list[str]:
     add("dim", f"{info['dim']} = {len(info['checkpoints'])} checkpoint(s) x {info['proj_dim']}")
     chosen = f"{', '.join(spec['params'])}; " if spec.get("params") else ""
     projection = f"{spec['projection']} projection, seed {spec['proj_seed']}"
+    if (info.get("featurize") or {}).get("path") == "streamed":
+        projection += ", streamed per layer"
     add("params", f"{info['num_params']:,} ({chosen}{projection})")
     if spec["projection"] == "kronecker":
         for name, route in (info.get("layers") or {}).items():

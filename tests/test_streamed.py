@@ -116,6 +116,7 @@ def test_the_automatic_path_is_recorded_and_a_query_repeats_it(tmp_path, monkeyp
     idx, imgs = _build(tmp_path)
     manifest = json.loads((tmp_path / "idx" / MANIFEST).read_text())
     assert manifest["featurize"] == {"path": "streamed", "max_memory": None}
+    assert idx.info()["featurize"]["path"] == "streamed"
     monkeypatch.setattr(budget, "FULL_PATH_BYTES", 1 << 40)
     small, _ = _build(tmp_path, "small")
     assert small.manifest["featurize"]["path"] == "full"

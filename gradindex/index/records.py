@@ -58,6 +58,7 @@ def summary(path: Path, manifest: dict[str, Any], conditioning: dict[str, Any]) 
         "proj_dim": m["proj_dim"],
         "num_params": m["num_params"],
         "layers": m.get("layers", {}),
+        "featurize": m.get("featurize"),  # the featurize path (None: built before, full)
         "checkpoints": m["checkpoints"],
         "timesteps": m["timesteps"],
         "prediction_type": m["prediction_type"],
