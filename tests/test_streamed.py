@@ -161,7 +161,7 @@ def test_parse_memory(text, want):
     assert parse_memory(text) == want
 
 
-@pytest.mark.parametrize("bad", ["", "G", "-1G", "0", "eight", 0, -5])
+@pytest.mark.parametrize("bad", ["", "G", "-1G", "0", "eight", "inf", "nan", "1e30T", 0, -5, True])
 def test_parse_memory_refuses(bad):
     with pytest.raises(SpecError, match="max_memory"):
         parse_memory(bad)

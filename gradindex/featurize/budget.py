@@ -81,7 +81,7 @@ def parse_memory(text: str | int | None) -> int | None:
         value = float(s[: len(s) - len(unit)])
     except ValueError:
         value = -1.0
-    if not value > 0:
+    if not 0 < value < 2**62:  # also NaN and inf
         raise SpecError(f"max_memory={text!r}: give a size such as 8G, 512M or a byte count")
     return int(value * units[unit])
 
