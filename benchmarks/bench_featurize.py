@@ -717,7 +717,8 @@ def main() -> None:
     if "profile" in args.sections:
         res["profile"] = section_profile(args.threads)
     if "sizes" in args.sections:
-        res["sizes"] = section_sizes(args.size_threads, args.sizes, args.size_rounds)
+        new = section_sizes(args.size_threads, args.sizes, args.size_rounds)
+        res["sizes"] = {**res.get("sizes", {}), **new}  # other sizes / thread counts kept
     res["seconds"] = time.perf_counter() - t0
     res["load_average_at_end"] = os.getloadavg()
     args.out.mkdir(parents=True, exist_ok=True)
