@@ -533,7 +533,8 @@ def _replay_rows(ckpt_dirs: list[Path], weights: list[float], images: np.ndarray
     noise seeded by (SEED, c, step, slot), one draw each; then aggregated, projected and
     weighted exactly as the index does (TracIn mean, ReTrac mean of unit gradients)."""
     from gradindex.featurize.embedding import projection_seed
-    from gradindex.featurize.gradients import GradientFeaturizer, noisy_input_and_target
+    from gradindex.featurize.gradients import GradientFeaturizer
+    from gradindex.featurize.losses import noisy_input_and_target
     from gradindex.featurize.projection import make_projector
     from gradindex.inputs.models import load_checkpoints
 

@@ -22,10 +22,15 @@ Every figure is measured in this run, on this machine, next to its baseline:
    default spec on the demo UNet, split into per-item gradients / norms + aggregation /
    projection by wall time, and the torch profiler's top operators by self CPU time.
 
+7. ``sizes``: whole default builds against the loop at the demo size and at the 35.7M-parameter
+   CIFAR-10 DDPM architecture, 1 and 2 threads, with where the time goes, the batched and FLOP
+   ceilings and the rows' fidelity against exact scores (``featurize_sizes.py``).
+
 Writes ``benchmarks/results/featurize.json`` and ``featurize.md``.
 
     python benchmarks/bench_featurize.py                      # everything (~15 min, 2 cores)
     python benchmarks/bench_featurize.py --sections build     # one section
+    python benchmarks/bench_featurize.py --sections sizes     # both model sizes (~8 min idle)
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from featurize_sizes import section_sizes, sizes_markdown
 
 from gradindex.demo.training import load_digits_images, small_unet_config
 
@@ -665,6 +671,8 @@ def to_markdown(res: dict) -> str:
             *(f"| `{o['op']}` | {o['share']:.1%} | {o['calls']:,} |" for o in r["top_ops"]),
             "",
         ]
+    if "sizes" in res:
+        lines += sizes_markdown(res["sizes"])
     return "\n".join(lines)
 
 
@@ -679,12 +687,18 @@ def main() -> None:
     ap.add_argument("--build-reps", type=int, default=3, help="interleaved rounds of builds")
     ap.add_argument("--models", nargs="*", default=["demo", "large"])
     ap.add_argument("--out", type=Path, default=HERE / "results")
+    ap.add_argument("--sizes", nargs="*", default=["demo", "cifar"], help="sizes section: models")
+    ap.add_argument("--size-threads", nargs="*", type=int, default=[1, 2])
+    ap.add_argument("--size-rounds", type=int, default=1, help="sizes section: interleaved rounds")
     args = ap.parse_args()
     res: dict = {"machine": machine(), "threads": args.threads}
     path = args.out / "featurize.json"
     if path.exists():  # keep the sections not rerun
         old = json.loads(path.read_text())
-        keep = ("grads", "build", "lora", "projection", "memory", "profile", "section_conditions")
+        keep = (
+            "grads", "build", "lora", "projection", "memory", "profile", "sizes",
+            "section_conditions",
+        )  # fmt: skip
         res.update({k: v for k, v in old.items() if k in keep})
     t0 = time.perf_counter()
     conditions = res.setdefault("section_conditions", {})  # kept sections keep their own
@@ -702,6 +716,9 @@ def main() -> None:
         res["memory"] = section_memory(args.threads)
     if "profile" in args.sections:
         res["profile"] = section_profile(args.threads)
+    if "sizes" in args.sections:
+        new = section_sizes(args.size_threads, args.sizes, args.size_rounds)
+        res["sizes"] = {**res.get("sizes", {}), **new}  # other sizes / thread counts kept
     res["seconds"] = time.perf_counter() - t0
     res["load_average_at_end"] = os.getloadavg()
     args.out.mkdir(parents=True, exist_ok=True)

@@ -35,6 +35,7 @@ import torch
 from gradindex.build_state import Plan, Rows, build_state, prepare_folder
 from gradindex.build_write import write_build
 from gradindex.errors import ModelError, SpecError
+from gradindex.featurize.budget import parse_memory
 from gradindex.featurize.embedding import Embedder
 from gradindex.featurize.fidelity import DEFAULT_SAMPLE, check_sample
 from gradindex.featurize.gradients import select_parameters
@@ -90,6 +91,8 @@ def build_index(
     data_options: Mapping[str, Any] | None = None,
     run_records: bool = True,
     weights: str = "raw",
+    max_memory: int | str | None = None,
+    featurize_path: str = "auto",
 ) -> AttributionIndex:
     """Build an attribution index over ``data`` at ``checkpoints`` into the folder ``out``.
 
@@ -112,6 +115,7 @@ def build_index(
     """
     started = time.perf_counter()
     device = resolve_device(device)
+    max_memory = parse_memory(max_memory)
     fidelity_sample = check_sample(fidelity_sample)
     spec = spec or BuildSpec()
     ckpts = load_checkpoints(
@@ -125,7 +129,7 @@ def build_index(
         dict(data_options or {}),
     )  # fmt: skip
     cond_record = conditioner.record(rows.cond)
-    embedder = Embedder(ckpts, spec, device)
+    embedder = Embedder(ckpts, spec, device, featurize_path, max_memory)
     check_kind(index, embedder.dim, target_recall)
     plan = Plan(spec, ckpts, conditioner, rows, embedder, base_model, cond_record, run, weights)
 

@@ -174,6 +174,7 @@ def model_record(plan: Plan) -> dict[str, Any]:
         "dim": embedder.dim,
         "proj_dim": embedder.block_dim,
         "layers": embedder.layer_routes(),
+        "featurize": embedder.featurize_record(),  # the path a query repeats
         "num_params": embedder.num_params,
         "sample_shape": list(embedder.sample_shape),
         "image_shape": [plan.rows.prep["channels"], *plan.rows.prep["size"]],

@@ -315,6 +315,14 @@ def _numbers(text: str, option: str) -> list[float]:
     help="Do not read the training run's TensorBoard records (by default the loss settings it "
     "logged fill the spec options left unset; see docs/methods.md).",
 )
+@click.option(
+    "--max-memory",
+    default=None,
+    metavar="SIZE",
+    help="Memory featurizing may take (e.g. 8G, 512M), which sets the items per gradient call; "
+    "default: what the models and projections take plus 1G (at most 70% of the available "
+    "memory). One sample that does not fit is an error.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the index summary as JSON.")
 @click.option(
     "--weights",
@@ -343,6 +351,7 @@ def build(
     prompts_file: str | None,
     fidelity_sample: int,
     no_run_records: bool,
+    max_memory: str | None,
     as_json: bool,
     weights: str,
     **spec_options: Any,
@@ -379,6 +388,7 @@ def build(
         "data_options": data_options or None,
         "run_records": not no_run_records,
         "weights": weights,
+        "max_memory": max_memory,
     }
     if world_from_env() is not None:
         if shard:
@@ -1010,6 +1020,7 @@ _INFO_KEYS = {
     "proj_dim",
     "num_params",
     "layers",
+    "featurize",
     "checkpoints",
     "timesteps",
     "prediction_type",
@@ -1026,8 +1037,7 @@ _INFO_KEYS = {
 
 
 def format_info(info: dict[str, Any]) -> list[str]:
-    """The human summary of ``AttributionIndex.info()``: one aligned line per fact (``--json``
-    prints everything)."""
+    """``AttributionIndex.info()`` for people: one aligned line per fact (``--json``: all)."""
     spec = info["spec"]
     lines: list[str] = []
 
@@ -1039,6 +1049,8 @@ def format_info(info: dict[str, Any]) -> list[str]:
     add("dim", f"{info['dim']} = {len(info['checkpoints'])} checkpoint(s) x {info['proj_dim']}")
     chosen = f"{', '.join(spec['params'])}; " if spec.get("params") else ""
     projection = f"{spec['projection']} projection, seed {spec['proj_seed']}"
+    if (info.get("featurize") or {}).get("path") == "streamed":
+        projection += ", streamed per layer"
     add("params", f"{info['num_params']:,} ({chosen}{projection})")
     if spec["projection"] == "kronecker":
         for name, route in (info.get("layers") or {}).items():

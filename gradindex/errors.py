@@ -28,6 +28,10 @@ class SampleStopError(DataError):
         self.sample = sample
 
 
+class MemoryBudgetError(GradIndexError, ValueError):
+    """A memory budget (``--max-memory``) that cannot hold what featurizing one sample needs."""
+
+
 class ModelError(GradIndexError, ValueError):
     """A checkpoint or scheduler that cannot be loaded or does not match the index."""
 

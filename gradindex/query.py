@@ -183,8 +183,7 @@ class AttributionIndex:
     @property
     def norms(self) -> np.ndarray:
         """Per-draw gradient norms [N, C, K·M] (float32), read from vectors.h5 on first use:
-        searching never needs them, and they are N·C·K·M·4 bytes (12 GB at 10⁸ samples with
-        C = 3, K = 10), so opening an index does not read them."""
+        searching never needs them, and at N·C·K·M·4 bytes they can be large."""
         if self._norms is None:
             with VectorStore.open(self.path / VECTORS) as store:
                 self._norms = store.norms
@@ -238,7 +237,9 @@ class AttributionIndex:
                 self.manifest, self._checkpoint_sources, self._scheduler, base_model
             )
             self.loaded_checkpoints: list[Checkpoint] = ckpts
-            self._embedder = Embedder(ckpts, self.spec, self.device)
+            # the build's featurize path (an index from before the record: the full one)
+            path = (self.manifest.get("featurize") or {}).get("path", "full")
+            self._embedder = Embedder(ckpts, self.spec, self.device, path)
         return self._embedder
 
     @property

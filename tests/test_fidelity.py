@@ -70,9 +70,13 @@ def test_recorded_fidelity_equals_independent_computation(tmp_path, monkeypatch,
     cond = case == "class-conditional"
     models = [tiny_unet(s, num_class_embeds=NUM_CLASSES) if cond else tiny_unet(s) for s in (1, 2)]
     labels = np.arange(9) % NUM_CLASSES if cond else None
-    if case == "second sketch":
+    nnz = 4
+    if case == "second sketch":  # an sjlt map of one count sketch does not split in halves
         monkeypatch.setattr(gradindex.featurize.fidelity, "FULL_SPACE_BUDGET", 0)
-    spec = gi.BuildSpec(proj_dim=64, timesteps=2, batch_size=4, checkpoint_weights=WEIGHTS, seed=3)
+        nnz = 1
+    spec = gi.BuildSpec(
+        proj_dim=64, timesteps=2, batch_size=4, checkpoint_weights=WEIGHTS, seed=3, sjlt_nnz=nnz
+    )
     idx, _ = _build(tmp_path, models, imgs, spec, labels=labels, fidelity_sample=7)
     fid = json.loads((tmp_path / "idx" / MANIFEST).read_text())["fidelity"]
     rows = np.asarray(fid["rows"])
@@ -88,7 +92,7 @@ def test_recorded_fidelity_equals_independent_computation(tmp_path, monkeypatch,
         for c, w in enumerate(WEIGHTS):
             seed = _second_seed(idx.spec.proj_seed, c)
             assert seed != projection_seed(idx.spec.proj_seed, c)
-            proj = make_projector("sjlt", p, 64, seed, nnz=4)
+            proj = make_projector("sjlt", p, 64, seed, nnz=1)
             a = proj.project(torch.from_numpy(T[:, c * p : (c + 1) * p]).float()).double().numpy()
             r = proj.project(torch.from_numpy(U[:, c * p : (c + 1) * p]).float()).double().numpy()
             r /= np.linalg.norm(r, axis=1, keepdims=True)
@@ -110,6 +114,93 @@ def test_recorded_fidelity_equals_independent_computation(tmp_path, monkeypatch,
             assert got["spearman_min"] == pytest.approx(np.min(rho), abs=1e-9)
         assert got["topk"] == pytest.approx(np.mean(overlap), abs=1e-9)
         assert got["topk_min"] == pytest.approx(np.min(overlap), abs=1e-9)
+
+
+def _q_from_halves(rho: float, d: int, d_a: int) -> float:
+    """(1 + q·d/d_A)(1 + q·d/d_B) = 1/rho², solved by bisection (independent of the closed form)."""
+    lo, hi = 0.0, 1e6
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        if (1 + mid * d / d_a) * (1 + mid * d / (d - d_a)) < 1 / rho**2:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+@pytest.mark.parametrize(("projection", "nnz"), [("sjlt", 4), ("sjlt", 3), ("gaussian", 1)])
+def test_without_room_for_exact_scores_the_stored_halves_estimate_fidelity(
+    tmp_path, monkeypatch, projection, nnz
+):
+    """No second featurizing (the reference gradients are never computed): the record is the
+    agreement of the stored rows' two independent column groups, turned into 1/√(1 + q)."""
+    imgs, models = _images(9), [tiny_unet(s) for s in (1, 2)]
+    monkeypatch.setattr(gradindex.featurize.fidelity, "FULL_SPACE_BUDGET", 0)
+
+    def no_second_pass(*args, **kwargs):
+        raise AssertionError("the halves' estimate featurized the sample again")
+
+    monkeypatch.setattr(gradindex.featurize.fidelity, "_reference_scores", no_second_pass)
+    spec = gi.BuildSpec(
+        proj_dim=60, projection=projection, sjlt_nnz=nnz, timesteps=2, batch_size=4,
+        checkpoint_weights=WEIGHTS, seed=3,
+    )  # fmt: skip
+    idx, _ = _build(tmp_path, models, imgs, spec, fidelity_sample=7)
+    fid = idx.info()["fidelity"]
+    assert fid["reference"].startswith("split-half estimate")
+    rows = np.asarray(fid["rows"])
+    # the map's independent column groups: sjlt's first nnz // 2 count sketches (d split in nnz
+    # blocks of sizes differing by at most one), half a Gaussian map's columns
+    d_a = {("sjlt", 4): 30, ("sjlt", 3): 20, ("gaussian", 1): 30}[(projection, nnz)]
+    for m in ("tracin", "retrac"):
+        x = idx.vectors(m)[rows].astype(np.float64)
+        half = []
+        for cols in (slice(0, d_a), slice(d_a, 60)):
+            total = 0.0
+            for c, w in enumerate(WEIGHTS):
+                b = x[:, c * 60 : (c + 1) * 60][:, cols]
+                if m == "retrac":  # Σ_c w_c cos
+                    b = math.sqrt(w) * b / np.linalg.norm(b, axis=1, keepdims=True)
+                total = total + b @ b.T
+            half.append(total)
+        rho, overlap = _expected(half[0], half[1], 3)
+        got = fid[m]
+        assert got["spearman_between_halves"] == pytest.approx(np.mean(rho), abs=1e-9)
+        if np.mean(rho) > 0:
+            q = _q_from_halves(np.mean(rho), 60, d_a)
+            assert got["spearman"] == pytest.approx(1 / math.sqrt(1 + q), abs=1e-6)
+        else:  # halves that do not agree at all: the sketch carries no rank information
+            assert got["spearman"] < 2e-3
+        assert got["topk"] == pytest.approx(np.mean(overlap), abs=1e-9)
+
+
+def test_halves_estimate_tracks_the_exact_fidelity(tmp_path, monkeypatch):
+    """The estimate measures the same thing: on a model whose exact scores fit, the halves'
+    Spearman lands near the exact one (at a d where the sketch is good; at small d it errs
+    low, as documented)."""
+    imgs, models = _images(24, seed=7), [tiny_unet(1)]
+    spec = gi.BuildSpec(proj_dim=1024, timesteps=2, batch_size=8, seed=1)
+    idx, _ = _build(tmp_path / "exact", models, imgs, spec)
+    exact = idx.info()["fidelity"]
+    monkeypatch.setattr(gradindex.featurize.fidelity, "FULL_SPACE_BUDGET", 0)
+    idx, _ = _build(tmp_path / "halves", models, imgs, spec)
+    est = idx.info()["fidelity"]
+    assert exact["reference"] == "exact" and est["rows"] == exact["rows"]
+    assert est["reference"].startswith("split-half")
+    for m in ("tracin", "retrac"):
+        assert est[m]["spearman"] == pytest.approx(exact[m]["spearman"], abs=0.06), m
+
+
+def test_a_large_build_measures_against_a_second_sketch(tmp_path, monkeypatch):
+    """When the sample is at most 10% of the rows, featurizing it again is cheap enough for the
+    more accurate second sketch."""
+    imgs, models = _images(40, seed=2), [tiny_unet(1)]
+    monkeypatch.setattr(gradindex.featurize.fidelity, "FULL_SPACE_BUDGET", 0)
+    spec = gi.BuildSpec(proj_dim=64, timesteps=1, batch_size=20)
+    idx, _ = _build(tmp_path, models, imgs, spec, fidelity_sample=4)
+    assert idx.info()["fidelity"]["reference"] == "second sketch (estimate)"
+    idx, _ = _build(tmp_path / "more", models, imgs, spec, fidelity_sample=5)
+    assert idx.info()["fidelity"]["reference"].startswith("split-half")
 
 
 def test_tiny_proj_dim_warns_with_a_larger_one_and_a_large_one_does_not(tmp_path):
@@ -201,3 +292,24 @@ def test_a_sketch_wider_than_the_model_is_not_suggested():
     narrow = _warning(record, "sjlt", num_params=1 << 30)
     assert narrow.endswith(f"rebuild with --proj-dim {1 << 29}")
     assert "identity" not in _warning(record, "kronecker", num_params=1000)
+
+
+@pytest.mark.parametrize("reference", ["exact", "second sketch"])
+def test_a_streamed_build_measures_its_fidelity_like_a_full_one(tmp_path, monkeypatch, reference):
+    """The streamed path's featurizers return projected rows: the reference must still be full
+    space (or a second map), not those rows again (which would read as perfect fidelity)."""
+    imgs, models = _images(40, seed=2), [tiny_unet(1)]
+    if reference == "second sketch":
+        monkeypatch.setattr(gradindex.featurize.fidelity, "FULL_SPACE_BUDGET", 0)
+    spec = gi.BuildSpec(proj_dim=16, timesteps=2, batch_size=20)
+    got = {}
+    for path in ("full", "streamed"):
+        idx, _ = _build(tmp_path / path, models, imgs, spec, fidelity_sample=4,
+                        featurize_path=path)  # fmt: skip
+        assert idx.manifest["featurize"]["path"] == path
+        got[path] = idx.info()["fidelity"]
+    assert got["streamed"]["reference"] == got["full"]["reference"]
+    assert got["full"]["reference"] == {"exact": "exact"}.get(reference, "second sketch (estimate)")
+    for m in ("tracin", "retrac"):
+        assert got["streamed"][m]["spearman"] == pytest.approx(got["full"][m]["spearman"], abs=1e-3)
+        assert got["full"][m]["spearman"] < 0.999  # d = 16: far from exact

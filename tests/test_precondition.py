@@ -218,3 +218,37 @@ def test_train_ddpm_writes_the_optimizer_state_without_changing_training(tmp_pat
     ckpt = load_checkpoints(last, result.pipeline_dir, precondition="adam")[0]
     assert ckpt.scales is not None and len(ckpt.scales) == len(shapes)
     assert ckpt.fingerprint != load_checkpoints(last, result.pipeline_dir)[0].fingerprint
+
+
+def test_streamed_path_scales_each_layer_before_its_norm_and_projection(tmp_path, images, run):
+    """The streamed path (per-layer projection inside the hooks) applies s ⊙ g itself: its rows
+    are the sjlt map of the loop's scaled full-space vectors, its norms those of s ⊙ g."""
+    from gradindex.featurize.embedding import projection_seed
+    from gradindex.featurize.projection import make_projector
+
+    folders, models, scales = run
+    weights = (0.5, 2.0)
+    spec = gi.BuildSpec(
+        proj_dim=60, timesteps=2, noise_draws=2, seed=3, batch_size=3,
+        checkpoint_weights=weights, precondition="adam",
+    )  # fmt: skip
+    idx = gi.build_index(
+        checkpoints=folders, data=images[:5], out=tmp_path / "idx", spec=spec, progress=False,
+        featurize_path="streamed", fidelity_sample=0,
+    )  # fmt: skip
+    assert idx.manifest["featurize"]["path"] == "streamed"
+    x0s = torch.from_numpy(images[:5]) * 2 - 1
+    ref_t, ref_r, ref_n = reference_rows(
+        models, scheduler(), x0s, [{}] * 5, idx.spec, weights, scales=scales
+    )
+    p = ref_t.shape[1] // 2
+    want_t, want_r = [], []
+    for c, w in enumerate(weights):
+        proj = make_projector("sjlt", p, 60, projection_seed(spec.proj_seed, c), nnz=4)
+        a = proj.project(torch.from_numpy(ref_t[:, c * p : (c + 1) * p]).float()).numpy()
+        r = proj.project(torch.from_numpy(ref_r[:, c * p : (c + 1) * p]).float()).numpy()
+        want_t.append(a)
+        want_r.append(np.sqrt(w) * r / np.linalg.norm(r, axis=1, keepdims=True))
+    assert rel_err(idx.vectors("tracin"), np.concatenate(want_t, 1)).max() <= 1e-4
+    assert rel_err(idx.vectors("retrac"), np.concatenate(want_r, 1)).max() <= 1e-4
+    np.testing.assert_allclose(idx.norms, ref_n, rtol=1e-4)

@@ -15,9 +15,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from gradindex.featurize.budget import budget_bytes, choose_path, resident_bytes
 from gradindex.featurize.gradients import GradientFeaturizer
 from gradindex.featurize.kronecker import KroneckerFeaturizer
 from gradindex.featurize.projection import Projector, make_projector
+from gradindex.featurize.streamed import StreamedFeaturizer, streamable
 from gradindex.inputs.models import Checkpoint
 from gradindex.spec import BuildSpec
 
@@ -39,25 +41,54 @@ def projection_seed(proj_seed: int, checkpoint_index: int) -> int:
 
 
 class Embedder:
-    """Featurizers and projectors for every checkpoint of one spec."""
+    """Featurizers and projectors for every checkpoint of one spec.
+
+    ``path``: how per-item gradients become rows ('full', 'streamed' or 'auto', see
+    ``gradindex.featurize.budget``; the same numbers either way, up to float32 rounding): a
+    build records the path taken (``path``) and a query passes it back. ``max_memory``: the
+    memory budget in bytes (None: automatic), which sets the items per gradient call."""
 
     def __init__(
-        self, checkpoints: list[Checkpoint], spec: BuildSpec, device: str | torch.device = "cpu"
+        self,
+        checkpoints: list[Checkpoint],
+        spec: BuildSpec,
+        device: str | torch.device = "cpu",
+        path: str = "auto",
+        max_memory: int | None = None,
     ):
         self.spec = spec
         self.device = torch.device(device)
         self.weights = spec.weights(len(checkpoints))
+        self.max_memory = max_memory
+        budget = budget_bytes(max_memory)
         seeds = [projection_seed(spec.proj_seed, c) for c in range(len(checkpoints))]
         self.featurizers: list[GradientFeaturizer]
         if spec.projection == "kronecker":  # projected inside the hooks: rows are already [B, d]
+            self.path = "kronecker"
             self.featurizers = [
                 KroneckerFeaturizer(c, spec, seed, self.device)
                 for c, seed in zip(checkpoints, seeds, strict=True)
             ]
         else:
-            self.featurizers = [GradientFeaturizer(c, spec, self.device) for c in checkpoints]
+            first = GradientFeaturizer(checkpoints[0], spec, self.device)
+            can = streamable(first.model, first.param_names, spec)
+            self.path = choose_path(
+                path, can, first.num_params, spec.batch_size, spec.noise_draws, budget
+            )
+            if self.path == "streamed":
+                self.featurizers = [
+                    StreamedFeaturizer(c, spec, seed, self.device)
+                    for c, seed in zip(checkpoints, seeds, strict=True)
+                ]
+            else:
+                rest = [GradientFeaturizer(c, spec, self.device) for c in checkpoints[1:]]
+                self.featurizers = [first, *rest]
         self.num_params = self.featurizers[0].num_params
-        kind = "identity" if spec.projection == "kronecker" else spec.projection
+        kind = (
+            "identity"
+            if spec.projection == "kronecker" or self.path == "streamed"
+            else spec.projection
+        )
         self.projectors: list[Projector] = [
             make_projector(
                 kind,
@@ -70,9 +101,25 @@ class Embedder:
             for seed in seeds
         ]
         self.block_dim = self.projectors[0].out_dim
+        self._set_budget()
         self.dim = self.block_dim * len(checkpoints)
         self.sample_shape = checkpoints[0].sample_shape()
         self.draws = spec.draws(self.sample_shape)
+
+    def _set_budget(self) -> None:
+        """What the budget leaves for per-item work once models and projections are in memory
+        (the process's resident size now) and, on the full path, the [B, 2, p] features."""
+        resident = resident_bytes()
+        budget = budget_bytes(self.max_memory, resident)
+        left = budget - resident
+        if self.path == "full":
+            left -= 8 * self.num_params * self.spec.batch_size
+        for feat in self.featurizers:
+            feat.memory_left, feat.budget = left, budget
+
+    def featurize_record(self) -> dict[str, object]:
+        """The manifest's record of how rows were computed (a query repeats ``path``)."""
+        return {"path": self.path, "max_memory": self.max_memory}
 
     def layer_routes(self) -> dict[str, str]:
         """How each selected parameter's gradient is projected: 'kronecker d_out x d_in, ghost

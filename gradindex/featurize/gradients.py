@@ -2,8 +2,6 @@
 
 Holds:
 - ``select_parameters``: the parameters gradients are taken over (glob patterns on names).
-- ``noisy_input_and_target``: x_t and the regression target of one (x0, t, ε); the loss of
-  the two is ``gradindex.featurize.losses`` (one definition for every backend).
 - ``GradientFeaturizer``: for one checkpoint, turns a batch of clean images into
   a_c (TracIn, raw mean over draws), r_c (ReTrac, mean over timesteps of unit-normalized
   per-timestep means) and the per-draw gradient norms — all in full parameter space, before
@@ -30,7 +28,14 @@ import torch
 from torch.func import functional_call, grad, vmap
 
 from gradindex.errors import ModelError, SpecError
-from gradindex.featurize.losses import diffusion_loss, item_loss_fn, loss_weights
+from gradindex.featurize.aggregate import accumulate, norm_over_blocks
+from gradindex.featurize.budget import ACTIVATION_FACTOR, activation_bytes, items_per_call
+from gradindex.featurize.losses import (
+    diffusion_loss,
+    item_loss_fn,
+    loss_weights,
+    noisy_input_and_target,
+)
 from gradindex.featurize.persample import HookGradients
 from gradindex.featurize.scratch import scratch
 from gradindex.featurize.taps import HookError
@@ -59,39 +64,6 @@ def select_parameters(model: torch.nn.Module, patterns: tuple[str, ...] | None) 
     return chosen
 
 
-def noisy_input_and_target(
-    x0: torch.Tensor,
-    eps: torch.Tensor,
-    t: torch.Tensor,
-    alphas_cumprod: torch.Tensor,
-    prediction_type: str,
-    eps_in: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """x_t = √ᾱ_t x0 + √(1-ᾱ_t) ε_in and the regression target of the scheduler's prediction
-    type, made from ε (ε_in = ε unless the run trained with input perturbation).
-    Shapes: x0, eps, eps_in [I, C, H, W]; t [I] (long)."""
-    a = alphas_cumprod.to(x0.device, x0.dtype)[t].view(-1, 1, 1, 1)
-    sa, s1a = a.sqrt(), (1.0 - a).sqrt()
-    x_t = sa * x0 + s1a * (eps if eps_in is None else eps_in)
-    if prediction_type == "epsilon":
-        target = eps
-    elif prediction_type == "v_prediction":
-        target = sa * eps - s1a * x0
-    elif prediction_type == "sample":
-        target = x0
-    else:
-        raise SpecError(f"scheduler prediction_type {prediction_type!r} is not supported")
-    return x_t, target
-
-
-def _norm_over_blocks(blocks: list[torch.Tensor]) -> torch.Tensor:
-    """Euclidean norm over the last dimension of the blocks laid side by side: [..., n_j] → [...]."""
-    sq = torch.linalg.vector_norm(blocks[0], dim=-1).square_()
-    for g in blocks[1:]:
-        sq += torch.linalg.vector_norm(g, dim=-1).square_()
-    return sq.sqrt_()
-
-
 @dataclass
 class Features:
     """Full-space features of a batch for one checkpoint."""
@@ -99,6 +71,8 @@ class Features:
     tracin: torch.Tensor  # [B, p]  a_c = mean_k ḡ_k
     retrac: torch.Tensor  # [B, p]  r_c = mean_k ḡ_k / ‖ḡ_k‖
     norms: torch.Tensor  # [B, K·M] ‖g_{k,m}‖ per draw, draws in spec order
+
+    FIELDS = ("tracin", "retrac", "norms")
 
 
 # Items per gradient call: the default batch (16 images x 10 timesteps) in one call. Measured on
@@ -163,6 +137,11 @@ class GradientFeaturizer:
             self._hooks = HookGradients(self.model, self.param_names, item_loss_fn(spec.loss))
         self.backend = "hooks" if self._hooks is not None else "vmap"
         self._auto = backend == "auto"
+        # bytes the per-item work of a call may take (set by ``Embedder`` from the memory
+        # budget; None: no budget) and the items per call that fit it, measured on first use
+        self.memory_left: int | None = None
+        self.budget = 0
+        self._fitted_items: int | None = None
         logger.info(
             "%s: per-item gradients via %s (%d parameters)",
             checkpoint.source,
@@ -301,11 +280,54 @@ class GradientFeaturizer:
         ``reuse=True`` returns views of a buffer that the next call of any featurizer
         overwrites (fresh memory costs a page fault per 4 KiB, ~1 ms/MB here): for callers that
         consume the features at once, like ``Embedder.embed``."""
-        spec = self.spec
-        K, M = spec.num_timesteps, spec.noise_draws
+        K, M = self.spec.num_timesteps, self.spec.noise_draws
         if len(draws) != K * M:
             raise SpecError(f"expected {K * M} draws, got {len(draws)}")
         x0 = x0.to(self.device, torch.float32)
+        items = min(self.max_items, self.max_bytes // (4 * self.row_dim))
+        if self.memory_left is not None:
+            if self._fitted_items is None:
+                self._fitted_items = self._fit_items(x0, draws, cond)
+            items = min(items, self._fitted_items)
+        per_call = max(1, items // M)  # samples one call can hold (a call holds whole ones)
+        if x0.shape[0] <= per_call:
+            return self._featurize(x0, draws, cond, reuse, items)
+        parts = [
+            self._featurize(
+                x0[i : i + per_call],
+                draws,
+                None if cond is None else {k: v[i : i + per_call] for k, v in cond.items()},
+                False,
+                items,
+            )
+            for i in range(0, x0.shape[0], per_call)
+        ]
+        return Features(*(torch.cat([getattr(f, n) for f in parts]) for n in Features.FIELDS))
+
+    def _fit_items(
+        self, x0: torch.Tensor, draws: list, cond: dict[str, torch.Tensor] | None
+    ) -> int:
+        """Items per call that fit ``memory_left``: per item, the activations of one (see
+        ``budget``) and its row in the call's buffer."""
+        one = None if cond is None else {k: v[:1] for k, v in cond.items()}
+        x_t, t, _, c = self._items(x0[:1], draws, range(1), one)
+        one_c = {k: v[:1] for k, v in c.items()}
+        act = activation_bytes(self.model, lambda: model_output(self.model, x_t[:1], t[:1], one_c))
+        per_item = int(ACTIVATION_FACTOR * act) + 4 * self.row_dim
+        assert self.memory_left is not None
+        return items_per_call(self.memory_left, per_item, self.spec.noise_draws, self.budget)
+
+    def _featurize(
+        self,
+        x0: torch.Tensor,
+        draws: list[tuple[int, torch.Tensor]],
+        cond: dict[str, torch.Tensor] | None,
+        reuse: bool,
+        items: int,
+    ) -> Features:
+        """``featurize`` of samples that fit one call's ``items`` per timestep."""
+        spec = self.spec
+        K, M = spec.num_timesteps, spec.noise_draws
         B = x0.shape[0]
         q = self.row_dim
         # per sample: [TracIn row, ReTrac row]
@@ -314,7 +336,6 @@ class GradientFeaturizer:
         else:
             acc = torch.empty(B, 2, q, device=self.device)
         norms = torch.empty(B, K * M, device=self.device)
-        items = min(self.max_items, self.max_bytes // (4 * q))
         step = max(1, min(K, items // (B * M)))  # timesteps per gradient call, at most
         step = -(-K // -(-K // step))  # as even as the same number of calls allows (8+2 -> 5+5)
         flat = scratch.get("items", (step * B * M * q,), self.device)  # [k·B·M · q]
@@ -335,7 +356,7 @@ class GradientFeaturizer:
                     g.mul_(self.scale[a : a + g.shape[-1]])
             blocks = [(a, g.view(nk, B, M, -1)) for a, g in blocks]  # [k, B, M, n] each
             if item_norms is None:
-                item_norms = _norm_over_blocks([g for _, g in blocks])  # [k, B, M]
+                item_norms = norm_over_blocks([g for _, g in blocks])  # [k, B, M]
             item_norms = item_norms.view(nk, B, M)
             norms[:, k0 * M : (k0 + nk) * M] = item_norms.permute(1, 0, 2).reshape(B, nk * M)
             if M == 1:  # ḡ_k is the draw itself
@@ -343,14 +364,14 @@ class GradientFeaturizer:
             elif sum_norms is not None:
                 s_norm = sum_norms.view(nk, B)
             else:  # ‖M·ḡ_k‖ from each block's sums over the M draws
-                s_norm = _norm_over_blocks([g.sum(2) for _, g in blocks])  # [k, B]
+                s_norm = norm_over_blocks([g.sum(2) for _, g in blocks])  # [k, B]
             # Both accumulations in one pass over the rows, one small matrix per sample:
             # acc[b] += coef[b] @ g[:, b, m]  with coef[b] = [1/(M·K) ..., 1/(‖M·ḡ_k‖·K) ...].
             # Measured: 20% less time than norm + add_ + addcmul_ per timestep (memory-bound).
             coef = torch.empty(B, 2, nk, device=self.device)
             coef[:, 0] = 1.0 / (M * K)
             coef[:, 1] = (1.0 / (s_norm * K)).T
-            _accumulate(acc, blocks, coef, first=k0 == 0)
+            accumulate(acc, blocks, coef, first=k0 == 0)
             del blocks
         return Features(tracin=acc[:, 0], retrac=acc[:, 1], norms=norms)
 
@@ -368,30 +389,3 @@ def _preconditioner(
             "scales; load it with load_checkpoints(..., precondition='adam')"
         )
     return flat_scale(checkpoint.scales, names, checkpoint.source, device)
-
-
-def _accumulate(
-    acc: torch.Tensor,
-    blocks: list[tuple[int, torch.Tensor]],
-    coef: torch.Tensor,
-    first: bool,
-) -> None:
-    """acc[:, :, a : a + n] (+)= Σ_m coef @ g[:, :, m] for each (a, g [k, B, M, n]) column block,
-    coef [B, 2, k]: TracIn and ReTrac rows in one pass. ``first``: the first write (no zero
-    fill, no read-back)."""
-    B = acc.shape[0]
-    for a, g in blocks:
-        # into a contiguous [B, 2, n] first: torch runs a batched matmul whose output
-        # has acc's batch stride item by item (measured 1.4-2x slower than the copy)
-        part = scratch.get("aggregate", (B, 2, g.shape[-1]), acc.device)
-        for m in range(g.shape[2]):
-            g_m = g[:, :, m].permute(1, 0, 2)  # [B, k, n]
-            if m == 0:
-                torch.bmm(coef, g_m, out=part)
-            else:
-                part.baddbmm_(coef, g_m)
-        dst = acc[:, :, a : a + g.shape[-1]]  # [B, 2, n]
-        if first:
-            dst.copy_(part)
-        else:
-            dst += part

@@ -6,6 +6,7 @@ its mean over that sample's elements (DESIGN §1). Both backends reduce the same
 - ``item_losses`` / ``item_loss_fn``: a batch's per-item losses [I] (the hook and Kronecker
   backends differentiate their sum in one backward).
 
+- ``noisy_input_and_target``: x_t and the regression target of one (x0, t, ε).
 - ``loss_weights``: the per-timestep weight of a sample's loss that the run trained with
   (``BuildSpec.snr_weighting``), from diffusers' own ``training_utils.compute_snr``; the
   featurizer multiplies each item's gradient by it (the gradient of w(t)·ℓ is w(t)·∇ℓ).
@@ -88,3 +89,28 @@ def loss_weights(spec: BuildSpec, scheduler: Any, prediction_type: str) -> Tenso
             f"{bad[:5]} (snr(t) is 0 or infinite there); leave them out of BuildSpec.timesteps"
         )
     return weights.float()
+
+
+def noisy_input_and_target(
+    x0: torch.Tensor,
+    eps: torch.Tensor,
+    t: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    prediction_type: str,
+    eps_in: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x_t = √ᾱ_t x0 + √(1-ᾱ_t) ε_in and the regression target of the scheduler's prediction
+    type, made from ε (ε_in = ε unless the run trained with input perturbation).
+    Shapes: x0, eps, eps_in [I, C, H, W]; t [I] (long)."""
+    a = alphas_cumprod.to(x0.device, x0.dtype)[t].view(-1, 1, 1, 1)
+    sa, s1a = a.sqrt(), (1.0 - a).sqrt()
+    x_t = sa * x0 + s1a * (eps if eps_in is None else eps_in)
+    if prediction_type == "epsilon":
+        target = eps
+    elif prediction_type == "v_prediction":
+        target = sa * eps - s1a * x0
+    elif prediction_type == "sample":
+        target = x0
+    else:
+        raise SpecError(f"scheduler prediction_type {prediction_type!r} is not supported")
+    return x_t, target

@@ -193,21 +193,31 @@ class SJLTProjector(Projector):
     kind = "sjlt"
 
     def __init__(
-        self, in_dim: int, out_dim: int, seed: int, nnz: int, device: torch.device
+        self,
+        in_dim: int,
+        out_dim: int,
+        seed: int,
+        nnz: int,
+        device: torch.device,
+        breaks: tuple[int, ...] = (),
     ) -> None:
         super().__init__(in_dim, out_dim, seed)
         self.nnz = nnz
-        chunks = self._build()
+        chunks = self._build(breaks)
+        self._starts = {start: j for j, (start, _) in enumerate(chunks)}
         self._cache: dict[torch.device, list[tuple[int, torch.Tensor]]] = {
             device: [(start, m.to(device)) for start, m in chunks]
         }
 
-    def _build(self) -> list[tuple[int, torch.Tensor]]:
-        """(first input coordinate, CSR M_k [d, n_k] with entries ±1/sqrt(nnz)) per chunk, on CPU."""
+    def _build(self, breaks: tuple[int, ...] = ()) -> list[tuple[int, torch.Tensor]]:
+        """(first input coordinate, CSR M_k [d, n_k] with entries ±1/sqrt(nnz)) per chunk, on CPU.
+        Chunks start every SJLT_CHUNK coordinates and at each of ``breaks`` (storage only: the
+        map is the same), so ``add_columns`` can project any column range between breaks."""
         p, d, nnz = self.in_dim, self.out_dim, self.nnz
         sizes = [d // nnz + (j < d % nnz) for j in range(nnz)]  # output block sizes, sum d
         gen = torch.Generator(device="cpu").manual_seed(derived_seed("sjlt", self.seed))
-        rows = torch.empty(nnz, p, dtype=torch.int32)  # output row of (block j, coordinate i)
+        small = torch.int16 if d <= torch.iinfo(torch.int16).max else torch.int32  # half the bytes
+        rows = torch.empty(nnz, p, dtype=small)  # output row of (block j, coordinate i)
         negative = torch.empty(nnz, p, dtype=torch.bool)
         offset = 0
         for j, size in enumerate(sizes):  # block j: one row in [offset, offset + size)
@@ -218,8 +228,9 @@ class SJLTProjector(Projector):
         rows_np, negative_np = rows.numpy(), negative.numpy()
         key = np.uint16 if d <= 2**16 else np.int32  # 16-bit keys take numpy's O(n) radix sort
         chunks = []
-        for start in range(0, p, SJLT_CHUNK):
-            n = min(SJLT_CHUNK, p - start)
+        cuts = sorted({*range(0, p, SJLT_CHUNK), *(b for b in breaks if 0 < b < p)}) + [p]
+        for start, stop in zip(cuts[:-1], cuts[1:], strict=True):
+            n = stop - start
             r = rows_np[:, start : start + n].reshape(-1)  # [nnz*n], block-major
             # Stable sort by row; within a row all entries come from one block, columns ascending.
             order = np.argsort(r.astype(key), kind="stable")  # [nnz*n]
@@ -255,6 +266,22 @@ class SJLTProjector(Projector):
             out.addmm_(m, x[:, start : start + m.shape[1]].T)  # [d, n] @ [n, B]
         return out.T.contiguous()  # [B, d]
 
+    def add_columns(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        """The projection of coordinates [start, start + n) alone: x [B, n] float32 → P[:, cols]
+        x [d, B] (transposed: the caller sums these over column ranges). ``start`` and
+        ``start + n`` must be chunk starts (the ``breaks`` the map was built with) or in_dim."""
+        stop = start + x.shape[1]
+        j = self._starts.get(start)
+        if j is None or (stop != self.in_dim and stop not in self._starts):
+            raise ValueError(f"columns [{start}, {stop}) do not fall on this map's chunks")
+        out = torch.zeros(self.out_dim, x.shape[0], dtype=torch.float32, device=x.device)
+        chunks = self._chunks(x.device)
+        while j < len(chunks) and chunks[j][0] < stop:
+            a, m = chunks[j]
+            out.addmm_(m, x[:, a - start : a - start + m.shape[1]].T)  # [d, n_k] @ [n_k, B]
+            j += 1
+        return out
+
     def __repr__(self) -> str:
         return (
             f"SJLTProjector(in_dim={self.in_dim}, out_dim={self.out_dim}, seed={self.seed}, "
@@ -270,11 +297,13 @@ def make_projector(
     *,
     nnz: int = 4,
     device: str | torch.device = "cpu",
+    breaks: tuple[int, ...] = (),
 ) -> Projector:
     """Build the projector of ``kind`` (one of PROJECTIONS) from R^in_dim to R^out_dim.
 
     ``identity`` ignores ``out_dim`` (its output has in_dim columns); ``nnz`` (nonzeros per input
-    coordinate) is used by ``sjlt`` only. ``device`` is where the projector's numbers are kept
+    coordinate) and ``breaks`` (column ranges ``SJLTProjector.add_columns`` projects alone) are
+    used by ``sjlt`` only. ``device`` is where the projector's numbers are kept
     first; ``project`` accepts inputs on any device and returns on the input's device.
     """
     if not isinstance(kind, str) or kind not in PROJECTIONS:
@@ -292,4 +321,4 @@ def make_projector(
         raise SpecError(
             f"nnz must be <= out_dim ({out_dim}), got {nnz}; lower nnz or raise out_dim"
         )
-    return SJLTProjector(in_dim, out_dim, seed, nnz, device)
+    return SJLTProjector(in_dim, out_dim, seed, nnz, device, tuple(breaks))

@@ -78,6 +78,7 @@ def summary(path: Path, manifest: dict[str, Any], conditioning: dict[str, Any]) 
         "proj_dim": m["proj_dim"],
         "num_params": m["num_params"],
         "layers": m.get("layers", {}),
+        "featurize": m.get("featurize"),  # the featurize path (None: built before, full)
         "checkpoints": m["checkpoints"],
         "weights": m.get("weights"),  # raw / ema; None for indexes built before it was recorded
         "timesteps": m["timesteps"],

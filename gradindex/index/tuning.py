@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from dataclasses import dataclass, field
 
 import faiss
 import numpy as np
 
 from gradindex.errors import SearchError
+from gradindex.featurize.budget import available_memory
 from gradindex.index.exact import has_exact_rows
 from gradindex.index.faiss_common import faiss_reason, first_line
 
@@ -69,20 +69,6 @@ def choose_kind(n: int, d: int) -> str:
     if avail is not None and hnsw_bytes > 0.5 * avail:
         return "ivf"
     return "hnsw"
-
-
-def available_memory() -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
 
 
 def factory_for(kind: str, n: int) -> str:

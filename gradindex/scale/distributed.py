@@ -81,14 +81,14 @@ def distributed_build(
     data_options: Mapping[str, Any] | None = None,
     run_records: bool = True,
     weights: str = "raw",
+    max_memory: int | str | None = None,
 ) -> AttributionIndex | None:
     """Build ``out`` with every rank of the process group (initialised here from the launcher's
     environment unless the caller already did). Returns the index on rank 0, None elsewhere.
     Arguments are those of ``build_index`` (conditioning included: every rank takes its rows'
-    labels / prompts); every rank must pass the same. With ``resume`` a rank's finished shard
-    is reused when its settings are the asked ones, refused naming them when not.
-    ``keep_shards`` keeps the per-rank shard folders.
-    """
+    labels / prompts, ``max_memory`` per rank); every rank must pass the same. With ``resume``
+    a rank's finished shard is reused when its settings are the asked ones, refused naming them
+    when not. ``keep_shards`` keeps the per-rank shard folders after a successful merge."""
     import torch.distributed as dist
 
     own_group = not dist.is_initialized()
@@ -124,6 +124,7 @@ def distributed_build(
                 fidelity_sample=fidelity_sample,  # each shard measures its own rows
                 data_options=data_options,
                 weights=weights,
+                max_memory=max_memory,
             )
         except Exception as exc:  # every rank must reach the collective, whatever happened
             error = exc
