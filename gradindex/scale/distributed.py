@@ -85,10 +85,9 @@ def distributed_build(
 ) -> AttributionIndex | None:
     """Build ``out`` with every rank of the process group (initialised here from the launcher's
     environment unless the caller already did). Returns the index on rank 0, None elsewhere.
-    Arguments are those of ``build_index`` (conditioning included: every rank takes its rows'
-    labels / prompts, ``max_memory`` per rank); every rank must pass the same. With ``resume``
-    a rank's finished shard is reused when its settings are the asked ones, refused naming them
-    when not. ``keep_shards`` keeps the per-rank shard folders after a successful merge."""
+    Arguments are ``build_index``'s (``max_memory`` per rank), the same on every rank. With
+    ``resume`` a rank's finished shard is reused when its settings are the asked ones, refused
+    naming them when not. ``keep_shards`` keeps the shard folders after a successful merge."""
     import torch.distributed as dist
 
     own_group = not dist.is_initialized()
