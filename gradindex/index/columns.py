@@ -25,7 +25,7 @@ import numpy as np
 from gradindex.errors import IndexStateError
 
 CHUNK = 1 << 20  # rows per read when a whole column is scanned
-DIGEST_BLOCK = 1 << 16  # rows per ids digest (a divisor of CHUNK): 512 KiB of int64 ids
+DIGEST_BLOCK = 1 << 14  # rows per ids digest: 128 KiB of int64 ids; a query checks whole blocks
 
 
 def block_digest(values: np.ndarray) -> str:
@@ -42,11 +42,11 @@ def block_digest(values: np.ndarray) -> str:
 def column_digests(path: str | os.PathLike[str], name: str) -> list[str]:
     """One ``block_digest`` per ``DIGEST_BLOCK`` rows of a 1-D dataset, read a chunk at a time."""
     col = LazyColumn(path, name)
-    return [
-        block_digest(block[a : a + DIGEST_BLOCK])
-        for block in col.chunks()
-        for a in range(0, len(block), DIGEST_BLOCK)
-    ]
+    with h5py.File(col.path, "r") as f:
+        return [
+            block_digest(col._raw(f, slice(a, a + DIGEST_BLOCK)))
+            for a in range(0, len(col), DIGEST_BLOCK)
+        ]
 
 
 class LazyColumn:
@@ -132,9 +132,15 @@ class LazyColumn:
             return self._read(f, uniq)[inverse].reshape(idx.shape)
 
     def chunks(self) -> Iterator[np.ndarray]:
+        # whole digest blocks per read when the column has digests, whatever CHUNK is
+        step = (
+            CHUNK
+            if self._digests is None
+            else max(DIGEST_BLOCK, CHUNK // DIGEST_BLOCK * DIGEST_BLOCK)
+        )
         with h5py.File(self.path, "r") as f:
-            for a in range(0, len(self), CHUNK):
-                block = self._raw(f, slice(a, a + CHUNK))
+            for a in range(0, len(self), step):
+                block = self._raw(f, slice(a, a + step))
                 for j in range(0, len(block), DIGEST_BLOCK):  # checked as read: no second read
                     self._check_block(f, (a + j) // DIGEST_BLOCK, block[j : j + DIGEST_BLOCK])
                 yield block.astype(bool) if self.as_bool else block

@@ -291,8 +291,8 @@ def _inside(folder: Path, name: str) -> Path:
     return path
 
 
-def file_digest(path: Path, chunk: int = 1 << 22) -> str:
-    """sha256 of a file's bytes, read in 4 MiB pieces."""
+def file_digest(path: Path, chunk: int = 1 << 20) -> str:
+    """sha256 of a file's bytes, read in 1 MiB pieces (a bounded allocation at any file size)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
