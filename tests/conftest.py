@@ -112,3 +112,20 @@ def assert_rows_close(actual: np.ndarray, desired: np.ndarray) -> None:
     np.testing.assert_array_less(
         np.abs(np.asarray(actual) - desired), 1e-4 * np.abs(desired) + 1e-5 * scale + 1e-30
     )
+
+
+def run(*args):
+    """The CLI run in-process on these arguments (click's CliRunner)."""
+    from click.testing import CliRunner
+
+    from gradindex.cli import main
+
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def error_line(res) -> str:
+    """The one ``Error:`` line of a failed CLI run (exit 1, no traceback)."""
+    lines = [ln for ln in res.output.splitlines() if ln.startswith("Error:")]
+    assert res.exit_code == 1 and len(lines) == 1, res.output
+    assert "Traceback" not in res.output
+    return lines[0]

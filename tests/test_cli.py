@@ -10,12 +10,9 @@ import pytest
 from click.testing import CliRunner
 
 from gradindex.cli import main
+from tests.conftest import run
 
 SPEC = ["--proj-dim", "64", "--timesteps", "2", "--batch-size", "4"]
-
-
-def run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 @pytest.fixture

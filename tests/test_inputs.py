@@ -11,26 +11,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from click.testing import CliRunner
 from PIL import Image
 
 import gradindex as gi
-from gradindex.cli import main
 from gradindex.inputs import data
-from tests.conftest import scheduler, tiny_unet
+from tests.conftest import error_line, run, scheduler, tiny_unet
 
 SPEC = gi.BuildSpec(proj_dim=32, timesteps=2, batch_size=4)
-
-
-def run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def error_line(res) -> str:
-    lines = [ln for ln in res.output.splitlines() if ln.startswith("Error:")]
-    assert res.exit_code == 1 and len(lines) == 1, res.output
-    assert "Traceback" not in res.output
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

@@ -11,14 +11,12 @@ import shutil
 import h5py
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from diffusers import DDPMPipeline
 
 import gradindex as gi
-from gradindex.cli import main
 from gradindex.scale.append import add_samples
 from gradindex.scale.shards import merge_shards
-from tests.conftest import scheduler, tiny_unet
+from tests.conftest import run, scheduler, tiny_unet
 
 WEIGHTS = (1.0, 3.0)
 D = 16  # per checkpoint; 9 rows < d: the Gram is singular, only the ridge makes it invertible
@@ -98,10 +96,6 @@ def top_k(scores, k):
 
 def queries(n=5, seed=1):
     return np.random.default_rng(seed).standard_normal((n, D * len(WEIGHTS))).astype(np.float32)
-
-
-def run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 def test_kernel_factors_equal_the_gram_of_rows_read_with_h5py(setup):

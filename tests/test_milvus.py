@@ -9,12 +9,10 @@ import sys
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
 import gradindex as gi
-from gradindex.cli import main
 from gradindex.errors import MilvusError
-from tests.conftest import scheduler, tiny_unet
+from tests.conftest import run, scheduler, tiny_unet
 
 pytest.importorskip("pymilvus")
 pytest.importorskip("milvus_lite")
@@ -23,10 +21,6 @@ from gradindex.index.milvus import MilvusBackend, export_index  # noqa: E402
 from gradindex.index.milvus_client import pymilvus_module  # noqa: E402
 
 N, K = 360, 10
-
-
-def run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 def _error_line(res):

@@ -13,16 +13,15 @@ import faiss
 import h5py
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
 import gradindex as gi
-from gradindex.cli import main
 from gradindex.errors import IndexStateError, SearchError
 from gradindex.index import ondisk, search
 from gradindex.index.ondisk import build_ondisk
 from gradindex.index.ondisk_search import _groups, search_bounded
 from gradindex.index.search import VectorIndex, set_num_threads
 from gradindex.index.store import ChunkedRows
+from tests.conftest import run
 from tests.test_search import brute_force, clustered
 
 N, D = 2999, 40
@@ -230,10 +229,6 @@ def test_auto_goes_on_disk_only_past_the_memory_budget(monkeypatch):
 
 
 # -- through the index folder and the CLI ------------------------------------------------------
-
-
-def run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 def test_cli_build_info_query_move(tmp_path, saved_checkpoints):

@@ -7,25 +7,12 @@ import json
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from diffusers import DDPMPipeline
 
 import gradindex as gi
-from gradindex.cli import main
-from tests.conftest import assert_rows_close, scheduler, tiny_unet
+from tests.conftest import assert_rows_close, error_line, run, scheduler, tiny_unet
 
 SPEC = gi.BuildSpec(proj_dim=32, timesteps=2, batch_size=4)
-
-
-def run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def error_line(res) -> str:
-    lines = [ln for ln in res.output.splitlines() if ln.startswith("Error:")]
-    assert res.exit_code == 1 and len(lines) == 1, res.output
-    assert "Traceback" not in res.output
-    return lines[0]
 
 
 def top(res) -> list[list[int]]:
