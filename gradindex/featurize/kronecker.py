@@ -45,9 +45,9 @@ from gradindex.featurize.taps import (
     Call,
     HookError,
     Tap,
-    in_place_error,
     parameter_owners,
     run_taps,
+    saved_input,
 )
 from gradindex.inputs.models import Checkpoint
 from gradindex.spec import BuildSpec
@@ -236,20 +236,11 @@ class _KronCall:
 
 def _kron_hook(module: nn.Module, layer: dict, call: Call, state: _KronCall) -> Callable:
     def hook(mod: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> Tensor:
-        a = (args[0] if args else kwargs["input"]).detach()
-        if a.shape[0] != call.items or output.shape[0] != call.items:
-            raise HookError(
-                f"a {type(mod).__name__} saw a leading dimension of {a.shape[0]}, not the "
-                f"{call.items} items (the model moves the batch dimension)"
-            )
-        saved = {"a": a, "version": a._version}
+        take = saved_input(mod, args, kwargs, output, call.items)
 
         def on_grad(delta: Tensor) -> None:
-            a = saved.pop("a")
-            if a._version != saved["version"]:
-                raise in_place_error(mod)
             with torch.no_grad():
-                _project_layer(mod, layer, a.float(), delta.float(), state)
+                _project_layer(mod, layer, take().float(), delta.float(), state)
 
         return Tap.apply(output, call.anchor, on_grad, False)
 

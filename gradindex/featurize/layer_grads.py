@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gradindex.featurize.scratch import scratch
-from gradindex.featurize.taps import Call, HookError, Tap, in_place_error
+from gradindex.featurize.taps import Call, Tap, saved_input
 
 _PATCH_BYTES = 128 * 2**20  # cap on the Conv2d input patches copied at once
 
@@ -28,18 +28,10 @@ def forward_hook(slots: dict[str, tuple[int, int]], call: Call) -> Callable:
     n = call.items
 
     def hook(module: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> Tensor:
-        a = (args[0] if args else kwargs["input"]).detach()
-        if a.shape[0] != n or output.shape[0] != n:
-            raise HookError(
-                f"a {type(module).__name__} saw a leading dimension of {a.shape[0]}, not the {n} "
-                "items (the model moves the batch dimension)"
-            )
-        saved = {"a": a, "version": a._version}
+        take = saved_input(module, args, kwargs, output, n)
 
         def on_grad(delta: Tensor) -> None:
-            a = saved.pop("a")  # freed once this layer's gradient is formed
-            if a._version != saved["version"]:
-                raise in_place_error(module)
+            a = take()
             with torch.no_grad():
                 a = a.float() if a.is_floating_point() else a  # Embedding: indices stay long
                 write_layer_grads(module, a, delta.float(), slots, call)

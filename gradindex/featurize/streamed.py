@@ -35,7 +35,7 @@ from gradindex.featurize.layer_grads import write_layer_grads
 from gradindex.featurize.persample import HookGradients
 from gradindex.featurize.projection import SJLTProjector, make_projector
 from gradindex.featurize.scratch import scratch
-from gradindex.featurize.taps import Call, HookError, Tap, in_place_error, run_taps
+from gradindex.featurize.taps import Call, HookError, Tap, run_taps, saved_input
 from gradindex.inputs.models import Checkpoint
 from gradindex.spec import BuildSpec
 
@@ -146,19 +146,10 @@ class StreamedFeaturizer(GradientFeaturizer):
 
     def _hook(self, slots: dict[str, tuple[int, int]], state: _StreamCall) -> Callable:
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> Tensor:
-            a = (args[0] if args else kwargs["input"]).detach()
-            n = state.item_sq.shape[0]
-            if a.shape[0] != n or output.shape[0] != n:
-                raise HookError(
-                    f"a {type(module).__name__} saw a leading dimension of {a.shape[0]}, not "
-                    f"the {n} items (the model moves the batch dimension)"
-                )
-            saved = {"a": a, "version": a._version}
+            take = saved_input(module, args, kwargs, output, state.item_sq.shape[0])
 
             def on_grad(delta: Tensor) -> None:
-                a = saved.pop("a")
-                if a._version != saved["version"]:
-                    raise in_place_error(module)
+                a = take()
                 if module in state.seen:
                     raise ModelError(
                         f"a {type(module).__name__} runs more than once per forward, which the "

@@ -46,6 +46,29 @@ def in_place_error(module: nn.Module) -> ModelError:
     )
 
 
+def saved_input(
+    module: nn.Module, args: tuple, kwargs: dict, output: Tensor, items: int
+) -> Callable[[], Tensor]:
+    """The input of a hooked layer call, checked to hold one row per item, kept for the
+    backward: the function returns it once (then frees it), refusing it if it was modified in
+    place after the layer used it."""
+    a = (args[0] if args else kwargs["input"]).detach()
+    if a.shape[0] != items or output.shape[0] != items:
+        raise HookError(
+            f"a {type(module).__name__} saw a leading dimension of {a.shape[0]}, not the "
+            f"{items} items (the model moves the batch dimension)"
+        )
+    saved, version = {"a": a}, a._version
+
+    def take() -> Tensor:
+        a = saved.pop("a")  # freed once this layer's gradient is formed
+        if a._version != version:
+            raise in_place_error(module)
+        return a
+
+    return take
+
+
 def parameter_owners(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
     """id(parameter) → every (module, attribute) holding it directly (shared weights included)."""
     owners: dict[int, list[tuple[nn.Module, str]]] = {}
