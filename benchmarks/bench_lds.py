@@ -76,8 +76,9 @@ CONFIG = {
     "num_subsets": 32,
     "subset_fraction": 0.5,
     "subset_seed_base": 1000,  # subset s uses seed subset_seed_base + s
-    "train_seed": 0,  # the same init / batch-order seed for every model
-    "steps": 400,
+    "train_seed": 0,  # the full model's init / batch-order seed
+    "subset_train_seeds": [0, 1, 2],  # every subset model is trained once per seed, averaged
+    "steps": 400,  # the full model's; subset models take steps * subset_fraction (same epochs)
     "batch_size": 64,
     "learning_rate": 1e-3,
     "warmup_steps": 0,
@@ -123,18 +124,39 @@ def masks() -> np.ndarray:
     )
 
 
-def train_one(name: str, images: np.ndarray, checkpoint_every: int):
+def subset_steps() -> int:
+    """Optimizer steps of a subset model: the full model's epochs over a smaller set."""
+    return max(1, round(CONFIG["steps"] * CONFIG["subset_fraction"]))
+
+
+def subset_name(s: int, seed: int) -> str:
+    return f"subset-{s:03d}-seed{seed}"
+
+
+def subset_names() -> list[tuple[int, int, str]]:
+    """(subset, seed, model name) of every subset model, subset-major."""
+    return [
+        (s, seed, subset_name(s, seed))
+        for s in range(CONFIG["num_subsets"])
+        for seed in CONFIG["subset_train_seeds"]
+    ]
+
+
+def train_one(
+    name: str, images: np.ndarray, checkpoint_every: int, steps: int | None = None, seed=None
+):
     out = CACHE / "models" / name
     started = time.perf_counter()
     fresh = not (out / "train_config.json").exists()
+    steps = CONFIG["steps"] if steps is None else steps
     result = train_ddpm(
         images,
         out,
-        steps=CONFIG["steps"],
+        steps=steps,
         batch_size=CONFIG["batch_size"],
         learning_rate=CONFIG["learning_rate"],
         checkpoint_every=checkpoint_every,
-        seed=CONFIG["train_seed"],
+        seed=CONFIG["train_seed"] if seed is None else seed,
         warmup_steps=CONFIG["warmup_steps"],
         lr_schedule=CONFIG["lr_schedule"],
         num_train_timesteps=1000,
@@ -185,11 +207,13 @@ def cmd_train(shard: tuple[int, int]) -> None:
         targets()
     train, _, _ = data_split()
     m = masks()
-    for s in range(i, CONFIG["num_subsets"], n):
-        log.info("subset model %d", s)
-        train_one(f"subset-{s:03d}", train[m[s]], CONFIG["steps"])
+    steps = subset_steps()
+    for s, seed, name in subset_names()[i::n]:
+        log.info("subset model %d, seed %d", s, seed)
+        train_one(name, train[m[s]], steps, steps=steps, seed=seed)
         if (CACHE / "targets.npz").exists():
-            measure_one(f"subset-{s:03d}")
+            measure_one(name)
+            measure_one(name, "calibration")
 
 
 # -- measured outputs -----------------------------------------------------------------------
@@ -243,7 +267,7 @@ def measure_one(name: str, which: str = "targets") -> np.ndarray:
 
 def cmd_measure(shard: tuple[int, int]) -> None:
     i, n = shard
-    names = ["full"] + [f"subset-{s:03d}" for s in range(CONFIG["num_subsets"])]
+    names = ["full"] + [name for _, _, name in subset_names()]
     for name in names[i::n]:
         if (CACHE / "models" / name / "train_config.json").exists():
             measure_one(name)
@@ -539,20 +563,50 @@ def method_scores(
 # -- report ---------------------------------------------------------------------------------
 
 
-def measured_matrix(partial: bool, which: str = "targets") -> tuple[np.ndarray, list[int]]:
-    """Per-draw losses [T, S, R] of the subset models (measuring what is missing) and their
-    subset numbers. ``partial``: use the models trained so far instead of refusing."""
+def measured_matrix(
+    partial: bool, which: str = "targets"
+) -> tuple[np.ndarray, list[int], np.ndarray]:
+    """Per-draw losses [T, S, R] of the subset models averaged over their training seeds
+    (measuring what is missing), their subset numbers, and the per-seed mean losses
+    [T, S, seeds] (the seed-noise ceiling). ``partial``: use the subsets whose every seed is
+    trained so far instead of refusing."""
+    seeds = CONFIG["subset_train_seeds"]
     done = [
         s
         for s in range(CONFIG["num_subsets"])
-        if (CACHE / "models" / f"subset-{s:03d}" / "train_config.json").exists()
+        if all(
+            (CACHE / "models" / subset_name(s, k) / "train_config.json").exists() for k in seeds
+        )
     ]
     if len(done) < CONFIG["num_subsets"]:
-        msg = f"{len(done)} of {CONFIG['num_subsets']} subset models trained"
+        msg = f"{len(done)} of {CONFIG['num_subsets']} subsets trained with every seed"
         if not partial or len(done) < 4:
             raise SystemExit(msg + "; finish training or pass --partial")
         log.warning("%s: reporting on those (partial)", msg)
-    return np.stack([measure_one(f"subset-{s:03d}", which) for s in done], axis=1), done
+    per_seed = np.stack(
+        [
+            np.stack([measure_one(subset_name(s, k), which) for s in done], axis=1)
+            for k in seeds
+        ],
+        axis=-1,
+    )  # [T, S, R, seeds]
+    return per_seed.mean(axis=-1), done, per_seed.mean(axis=2)
+
+
+def seed_ceiling(per_seed: np.ndarray, boot: int) -> dict:
+    """How well one training seed's outputs predict the mean of the other seeds' outputs:
+    Spearman over subsets per target, averaged over seeds (per target), with its bootstrap
+    interval over targets. An attribution method predicting the seed-averaged outputs cannot
+    be expected to do much better than this (it ranks the noise-free part only)."""
+    k = per_seed.shape[-1]
+    per = np.mean(
+        [
+            spearman_rows(per_seed[..., j], np.delete(per_seed, j, axis=-1).mean(axis=-1))
+            for j in range(k)
+        ],
+        axis=0,
+    )
+    return {"per_target": per, "ci": bootstrap_ci(per, boot).to_dict(), "seeds": int(k)}
 
 
 def mc_error(per_draw: np.ndarray) -> dict[str, float]:

@@ -366,12 +366,13 @@ def _kernel_line(record: dict[str, Any]) -> str:
 )
 @click.option(
     "--method",
-    type=click.Choice(["tracin", "retrac", "trak", "retrak", "both", "all"]),
+    type=click.Choice(["tracin", "retrac", "trak", "retrak", "influence", "both", "all"]),
     default="both",
     show_default=True,
     help="both: tracin and retrac; all: also trak (TRAK, the TracIn rows kernel-corrected) and "
     "retrak (the ReTrac rows kernel-corrected); both kernel methods need the index's kernel, "
-    "see 'gradindex kernel'.",
+    "see 'gradindex kernel'. influence: EK-FAC influence functions on the TracIn rows (needs "
+    "the index's factors, see 'gradindex factors').",
 )
 @click.option(
     "--lambda",
@@ -379,7 +380,8 @@ def _kernel_line(record: dict[str, Any]) -> str:
     type=float,
     multiple=True,
     help="trak's / retrak's ridge lambda: once for every checkpoint or once per checkpoint "
-    "(default: the index's, s * trace(G_c) / d, see 'gradindex info').",
+    "(default: the index's, s * trace(G_c) / d, see 'gradindex info'); influence's damping: "
+    "lambda_l / mean eigenvalue of each layer (default 0.1).",
 )
 @click.option("--exact", is_flag=True, help="Force exact search (ignore approximate indexes).")
 @click.option(
@@ -478,10 +480,11 @@ def query(
         raise click.BadParameter("query vectors are already conditioned", param_hint="--vectors")
     if from_vectors and data_range:
         raise click.BadParameter("query vectors are already embedded", param_hint="--data-range")
-    methods = {"both": ["tracin", "retrac"], "all": list(SEARCH_METHODS)}.get(method, [method])
-    if lambdas and not set(methods) & set(KERNEL_METHODS):
+    every = [m for m in SEARCH_METHODS if m != "influence"]  # influence needs its factors
+    methods = {"both": ["tracin", "retrac"], "all": every}.get(method, [method])
+    if lambdas and not set(methods) & {*KERNEL_METHODS, "influence"}:
         raise click.BadParameter(
-            "applies to --method trak / retrak (or all) only", param_hint="--lambda"
+            "applies to --method trak / retrak / influence (or all) only", param_hint="--lambda"
         )
     lam = None if not lambdas else lambdas[0] if len(lambdas) == 1 else list(lambdas)
     if milvus_name and not milvus:
@@ -494,18 +497,23 @@ def query(
     idx = AttributionIndex.open(index_dir, base_model=base_model, milvus=backend)
     for m in set(methods) & set(KERNEL_METHODS):
         idx.check_kernel(m, lam)
+    if "influence" in methods:
+        from gradindex.query_influence import check_factors
+
+        check_factors(idx, lam)
     one_or_all = lambda v: (v[0] if len(v) == 1 else list(v)) if v else None  # noqa: E731
     cond = {
         "labels": one_or_all(labels),
         "prompts": read_prompts_file(prompt_file) if prompt_file else one_or_all(prompts),
     }
-    stored = list(dict.fromkeys(stored_method(m) for m in methods))  # trak: the TracIn rows, ...
-    vecs, names, resized = _query_vectors(idx, images, stored, from_vectors, cond, data_range)
+    key = lambda m: m if m == "influence" else stored_method(m)  # noqa: E731
+    stored = list(dict.fromkeys(key(m) for m in methods))  # trak: the TracIn rows, ...
+    vecs, names, resized = _query_vectors(
+        idx, images, stored, from_vectors, cond, data_range, lam if "influence" in methods else None
+    )
     results = {
         m: dataclasses.replace(
-            idx.search(
-                vecs[stored_method(m)], k, m, exact=exact, lam=lam if m in KERNEL_METHODS else None
-            ),
+            idx.search(vecs[key(m)], k, m, exact=exact, lam=lam if m in KERNEL_METHODS else None),
             resized=resized,
         )
         for m in methods
@@ -558,9 +566,10 @@ def _query_vectors(
     from_vectors: bool,
     cond: dict[str, Any],
     data_range: tuple[float, float] | None = None,
+    damping: float | None = None,
 ) -> tuple[dict[str, np.ndarray], np.ndarray, tuple[int, int] | None]:
     """{method: [B, D]}, the query names, and the images' (H, W) if they were resized (else
-    None), from images or from stored vectors."""
+    None), from images or from stored vectors ('influence': its own rows, ``damping``)."""
     from gradindex.errors import DataError
     from gradindex.inputs.conditioning import query_inputs
     from gradindex.inputs.data import read_array, read_npz
@@ -568,7 +577,12 @@ def _query_vectors(
     if not from_vectors:  # labels / captions: the given ones, else what the images carry
         kind = idx.conditioning["kind"]
         arr, names, cond = query_inputs(source, idx.image_shape[0], kind, **cond)
-        return idx.embed(arr, **cond, data_range=data_range), names, idx.resized_from(arr)
+        vecs = idx.embed(arr, **cond, data_range=data_range) if set(methods) - {"influence"} else {}
+        if "influence" in methods:
+            from gradindex.query_influence import embed_influence
+
+            vecs["influence"] = embed_influence(idx, arr, damping, data_range=data_range, **cond)
+        return vecs, names, idx.resized_from(arr)
     path = Path(source)
     if not path.exists():
         raise DataError(f"{source}: no such file")
@@ -677,6 +691,31 @@ def kernel(index_dir: str) -> None:
     with folder_lock(Path(index_dir).resolve()):  # one writer per folder, as build/add/merge
         record = add_kernel(index_dir)
     click.echo(f"kernel       {_kernel_line(record)}")
+
+
+@main.command()
+@click.argument("index_dir", type=click.Path())
+@click.option("--data", required=True, help="The training images (same formats as build's).")
+@click.option("--samples", type=int, default=None, help="Estimate from a random sample of them.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Sample and draw seed.")
+def factors(index_dir: str, data: str, samples: int | None, seed: int) -> None:
+    """Compute the EK-FAC influence factors of INDEX_DIR (factors.h5), which '--method
+    influence' needs: two passes over (a sample of) the training data per checkpoint.
+
+    Checks every other file's checksum first, then records the new file in the manifest."""
+    from gradindex.index.lifecycle import folder_lock
+    from gradindex.inputs.conditioning import query_inputs
+    from gradindex.query import AttributionIndex
+    from gradindex.query_influence import add_factors
+
+    with folder_lock(Path(index_dir).resolve()):  # one writer per folder, as build/add/merge
+        idx = AttributionIndex.open(index_dir)
+        arr, _, cond = query_inputs(data, idx.image_shape[0], idx.conditioning["kind"])
+        record = add_factors(idx, arr, samples=samples, seed=seed, **cond)
+    click.echo(
+        f"factors      {record['factored_layers']} K-FAC layers + {record['diagonal_parameters']} "
+        f"diagonal parameters per checkpoint, from {record['samples']} samples"
+    )
 
 
 @main.command()

@@ -9,6 +9,7 @@ Holds ``AttributionIndex``:
     idx.search(vectors, k, method) -> SearchResult(scores [B, k], ids [B, k], rows [B, k])
     idx.search(emb["tracin"], k, "trak", lam=None)   # TRAK: TracIn query rows, kernel-corrected
     idx.search(emb["retrac"], k, "retrak")           # the kernel on the ReTrac rows
+    idx.query(images, k, "influence")                # EK-FAC influence (query_influence)
     idx.query(images, k, method)   -> the same, from images
     idx.query(images, labels=[...]) / idx.query(images, prompts=[...])   conditional models
     AttributionIndex.open(DIR, milvus=URI)           # search the collections 'gradindex
@@ -23,7 +24,7 @@ FAISS indexes (:mod:`gradindex.index.faiss_folder`), or Milvus collections, or a
 Methods: the stored ones (``METHODS``: tracin, retrac) have their own rows and search index;
 ``SEARCH_METHODS`` adds the kernel ones (:mod:`gradindex.index.kernel`): ``trak``,
 Σ_c w_c φ_c(q)ᵀ (G_c + λ_c I)⁻¹ φ_c(z) on the TracIn index with the query transformed by its
-Gram, and ``retrak``, the same on the ReTrac rows; they take ``stored_method(method)``'s rows.
+Gram, ``retrak``, the same on the ReTrac rows, and ``influence`` (``query_influence``).
 
 Checkpoints are loaded lazily (only ``embed``/``query`` need them) from the sources recorded in
 the manifest, or taken from the caller, and refused if their weights' fingerprint differs from
@@ -65,6 +66,8 @@ from gradindex.inputs.conditioning import ConditioningData, as_prompts
 from gradindex.inputs.data import image_size, resolve_data_range, to_model_input
 from gradindex.inputs.devices import resolve_device
 from gradindex.inputs.models import Checkpoint, CheckpointSource
+from gradindex.query_influence import METHOD as INFLUENCE
+from gradindex.query_influence import influence_query
 from gradindex.spec import BuildSpec
 
 logger = logging.getLogger(__name__)
@@ -78,14 +81,14 @@ __all__ = [
     "stored_method",
 ]
 
-SEARCH_METHODS = (*METHODS, *KERNEL_METHODS)
+SEARCH_METHODS = (*METHODS, *KERNEL_METHODS, INFLUENCE)
 """What search / query accept: the stored methods plus those served from their rows."""
 
 
 def stored_method(method: str) -> str:
     """The stored rows a search method's query vectors are: ``trak`` takes TracIn rows,
-    ``retrak`` ReTrac rows."""
-    return KERNEL_METHODS.get(method, method)
+    ``retrak`` ReTrac rows; 'influence' searches the TracIn rows with its own query rows."""
+    return "tracin" if method == INFLUENCE else KERNEL_METHODS.get(method, method)
 
 
 class AttributionIndex:
@@ -329,15 +332,14 @@ class AttributionIndex:
         exact: bool = False,
         lam: Any = None,
     ) -> SearchResult:
-        """Top-k training samples for query rows ([B, D] or [D]), best first, from this
-        method's search backend (the folder's FAISS index, Milvus, ...: same scores, ids and
-        rows). For a kernel method the rows are ``stored_method(method)``'s query rows and
-        ``lam`` overrides the kernel's λ (see ``kernel_vectors``)."""
-        _check_method(method, lam)
+        """Top-k training samples for query rows ([B, D] or [D]) of ``stored_method(method)``,
+        best first, from its search backend; ``lam`` overrides a kernel method's λ."""
+        _check_method(method, lam, damping=False)  # 'influence' rows are damped when made
         q = self._as_queries(vectors)
         check_k(k)
         if method in KERNEL_METHODS:
-            q, method = self.kernel_vectors(q, method, lam), stored_method(method)
+            q = self.kernel_vectors(q, method, lam)
+        method = stored_method(method)
         k = check_k(k, len(self.index_rows), "indexed samples")
         res = self.backends[method].search(q, k, exact=exact)  # rows: vectors.h5 row numbers
         return SearchResult(scores=res.scores, ids=self.ids[res.rows], rows=res.rows)
@@ -353,15 +355,16 @@ class AttributionIndex:
         data_range: tuple[float, float] | None = None,
         lam: Any = None,
     ) -> SearchResult:
-        """Top-k training samples for test images, by any of ``SEARCH_METHODS`` (``lam``: a
-        kernel method's λ, see ``kernel_vectors``); ``labels`` /
-        ``prompts`` condition a class- / text-conditional model, ``data_range`` gives the
-        images' value range (see ``embed``). ``result.resized`` is the images' (H, W) when
-        they were resized to the model's size (with a warning), else None."""
+        """Top-k training samples for test images by any of ``SEARCH_METHODS`` (``lam``: a
+        kernel method's λ, or 'influence''s damping); ``labels`` / ``prompts`` condition a
+        conditional model, ``data_range`` is the images' value range (see ``embed``).
+        ``result.resized``: the images' (H, W) when resized to the model's size, else None."""
         _check_method(method, lam)
         check_positive_k(k)  # before the embedding, which is the slow part
         if method in KERNEL_METHODS:
             self.check_kernel(method, lam)
+        if method == INFLUENCE:  # lam: its damping, applied while embedding
+            return influence_query(self, images, k, exact, labels, prompts, data_range, lam)
         vectors = self.embed(images, labels=labels, prompts=prompts, data_range=data_range)
         res = self.search(vectors[stored_method(method)], k, method, exact=exact, lam=lam)
         return dataclasses.replace(res, resized=self.resized_from(images))
@@ -386,11 +389,10 @@ def check_positive_k(k: Any) -> None:
     check_k(k)
 
 
-def _check_method(method: str, lam: Any = None) -> None:
+def _check_method(method: str, lam: Any = None, damping: bool = True) -> None:
     """A method search knows; λ (a kernel method's ridge) refused with another, not ignored."""
     if method not in SEARCH_METHODS:
         raise SearchError(f"unknown method {method!r}; use one of {', '.join(SEARCH_METHODS)}")
-    if lam is not None and method not in KERNEL_METHODS:
-        raise SearchError(
-            f"lambda applies to method {' / '.join(map(repr, KERNEL_METHODS))} only, not {method!r}"
-        )
+    allowed = " / ".join((*KERNEL_METHODS, INFLUENCE) if damping else KERNEL_METHODS)
+    if lam is not None and method not in allowed.split(" / "):
+        raise SearchError(f"lambda applies to {allowed} only, not {method!r}")

@@ -10,6 +10,7 @@ and atomic JSON writing. One folder per index:
     retrac.faiss     inner-product (= cosine) index over the ReTrac rows (+ .json sidecar)
     *.faiss.ivfdata  the inverted lists of an on-disk index (kind "ondisk"), memory-mapped
     kernel.h5        per-checkpoint Gram G_c [C, d, d] float64 of the TracIn rows ('trak')
+    factors.h5       EK-FAC factors per layer and checkpoint ('influence'), when computed
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 VECTORS = "vectors.h5"
 KERNEL = "kernel.h5"  # per-checkpoint Gram of the TracIn rows (gradindex.index.kernel)
+FACTORS = "factors.h5"  # EK-FAC factors of method 'influence' (gradindex.index.factors)
 BUILD_STATE = "build.json"  # written at the start of a build, removed when it completes
 
 
@@ -48,6 +50,7 @@ DATA_FILES: tuple[str, ...] = (
         for suffix in ("", ".json", ".ivfdata")  # .ivfdata: on-disk indexes only
     ),
     KERNEL,
+    FACTORS,
 )
 
 
