@@ -62,6 +62,11 @@ from gradindex.eval.lds import (
 from gradindex.index.kernel import KERNEL_METHODS, LAMBDA_RULE, LAMBDA_SCALE
 from gradindex.query import SEARCH_METHODS, stored_method
 
+try:  # run as a script (benchmarks/ on sys.path) or imported as benchmarks.bench_lds
+    import lds_extra as extra_mod
+except ImportError:  # pragma: no cover
+    from benchmarks import lds_extra as extra_mod
+
 HERE = Path(__file__).resolve().parent
 CACHE = Path(os.environ.get("GRADINDEX_LDS_CACHE") or HERE / "cache" / "lds")
 RESULTS = HERE / "results"
@@ -387,6 +392,17 @@ def cmd_features(
             for loss in losses:
                 if pre == "none" or loss in adam_losses:
                     embeddings(loss, K, ckpts, pre)
+                if pre == "none" and loss == "mse":
+                    influence_rows(K, ckpts)
+
+
+def influence_rows(K: int, ckpts: str) -> dict[str, np.ndarray]:
+    """The 'influence' query rows of the targets / calibration digits on the mse index."""
+    train, _, _ = data_split()
+    return extra_mod.influence_embeddings(
+        build("mse", K, ckpts), CACHE, f"mse-{variant_name(K, ckpts)}", train,
+        all_targets()[0], calibration_images(),
+    )  # fmt: skip
 
 
 METHODS = [  # (label, index loss, search method, precondition)
@@ -402,6 +418,8 @@ METHODS = [  # (label, index loss, search method, precondition)
     ("ReTrac (mse, Adam-preconditioned)", "mse", "retrac", "adam"),
     ("TRAK (mse, Adam-preconditioned)", "mse", "trak", "adam"),
     ("ReTrac kernel (mse, Adam-preconditioned)", "mse", "retrak", "adam"),
+    ("D-TRAK (square, Adam-preconditioned)", "square", "trak", "adam"),
+    (extra_mod.INFLUENCE_LABEL, "mse", "influence", "none"),
 ]
 REFERENCE = "D-TRAK (square)"
 EXTRA_PAIRS = [
@@ -411,6 +429,8 @@ EXTRA_PAIRS = [
     ("ReTrac (mse, Adam-preconditioned)", "Diffusion-ReTrac (mse)"),
     ("TRAK (mse, Adam-preconditioned)", "TRAK (mse)"),
     ("ReTrac kernel (mse, Adam-preconditioned)", "ReTrac kernel (mse)"),
+    ("D-TRAK (square, Adam-preconditioned)", "D-TRAK (square)"),
+    (extra_mod.INFLUENCE_LABEL, "Diffusion-TracIn (mse)"),
 ]
 OLD_TRAK_LAMBDAS = [1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0]  # the previous benchmark's grid
 
@@ -513,6 +533,7 @@ def method_scores(
     best for that method alone on the calibration digits."""
     scores: dict[str, np.ndarray] = {}
     extra: dict = {"lambda": {}, "calibration_lds": {}, "seconds": {}, "missing": [], "check": {}}
+    extra["calibration_lds_default"] = {}
     for loss, pre in dict.fromkeys((mloss, p) for _, mloss, _, p in METHODS):
         name = variant_name(K, ckpts, pre)
         if not (CACHE / "index" / f"{loss}-{name}" / "manifest.json").exists():
@@ -526,10 +547,16 @@ def method_scores(
             if method not in SEARCH_METHODS:
                 extra["missing"].append(f"{label}: method {method!r} not in this gradindex")
                 continue
-            q = emb[f"target_{stored_method(method)}"]
+            rows = influence_rows(K, ckpts) if method == "influence" else emb
+            key = "influence" if method == "influence" else stored_method(method)
+            q = rows[f"target_{key}"]
             started = time.perf_counter()
             scores[label] = index_scores(idx, q, method)
             extra["seconds"][label] = time.perf_counter() - started
+            calib = index_scores(idx, rows[f"calib_{key}"], method)
+            extra["calibration_lds_default"][label] = extra_mod.calibration_lds(
+                calib, m, calib_losses
+            )
             if method not in KERNEL_METHODS:
                 continue
             formula = formula_scores(idx, q, method)
@@ -574,9 +601,7 @@ def measured_matrix(
     done = [
         s
         for s in range(CONFIG["num_subsets"])
-        if all(
-            (CACHE / "models" / subset_name(s, k) / "train_config.json").exists() for k in seeds
-        )
+        if all((CACHE / "models" / subset_name(s, k) / "train_config.json").exists() for k in seeds)
     ]
     if len(done) < CONFIG["num_subsets"]:
         msg = f"{len(done)} of {CONFIG['num_subsets']} subsets trained with every seed"
@@ -584,29 +609,10 @@ def measured_matrix(
             raise SystemExit(msg + "; finish training or pass --partial")
         log.warning("%s: reporting on those (partial)", msg)
     per_seed = np.stack(
-        [
-            np.stack([measure_one(subset_name(s, k), which) for s in done], axis=1)
-            for k in seeds
-        ],
+        [np.stack([measure_one(subset_name(s, k), which) for s in done], axis=1) for k in seeds],
         axis=-1,
     )  # [T, S, R, seeds]
     return per_seed.mean(axis=-1), done, per_seed.mean(axis=2)
-
-
-def seed_ceiling(per_seed: np.ndarray, boot: int) -> dict:
-    """How well one training seed's outputs predict the mean of the other seeds' outputs:
-    Spearman over subsets per target, averaged over seeds (per target), with its bootstrap
-    interval over targets. An attribution method predicting the seed-averaged outputs cannot
-    be expected to do much better than this (it ranks the noise-free part only)."""
-    k = per_seed.shape[-1]
-    per = np.mean(
-        [
-            spearman_rows(per_seed[..., j], np.delete(per_seed, j, axis=-1).mean(axis=-1))
-            for j in range(k)
-        ],
-        axis=0,
-    )
-    return {"per_target": per, "ci": bootstrap_ci(per, boot).to_dict(), "seeds": int(k)}
 
 
 def mc_error(per_draw: np.ndarray) -> dict[str, float]:
@@ -648,13 +654,15 @@ def old_figures() -> dict:
 
 def cmd_report(variants: list[tuple[int, str]], partial: bool = False) -> None:
     started = time.perf_counter()
-    per_draw, done = measured_matrix(partial)  # [T, S, R]
+    declared = extra_mod.read_declared(RESULTS)
+    per_draw, done, per_seed = measured_matrix(partial)  # [T, S, R], [T, S, seeds]
     calib_losses = measured_matrix(partial, "calibration")[0].mean(axis=2)  # [Tc, S]
     m = masks()[done]
     losses = per_draw.mean(axis=2)  # [T, S]
     _, groups = all_targets()
     boot = CONFIG["num_boot"]
     results = {"config": CONFIG, "mc_error": mc_error(per_draw), "by_K": {}}
+    results["ceiling"] = extra_mod.ceiling_record(per_seed, groups, boot)
     for K, ckpts in variants:
         name = variant_name(K, ckpts)
         scores, extra = method_scores(K, ckpts, m, losses, calib_losses)
@@ -689,6 +697,14 @@ def cmd_report(variants: list[tuple[int, str]], partial: bool = False) -> None:
                 if a in per_target and REFERENCE in per_target:
                     delta = (per_target[a] - per_target[REFERENCE])[groups == g]
                     diffs[f"{a} − {REFERENCE}, {gname}"] = bootstrap_ci(delta, boot).to_dict()
+        for method, row in rows.items():  # distance to the seed-noise ceiling
+            row["below_ceiling"] = {
+                g: results["ceiling"][g]["mean"] - row[g]["mean"]
+                for g in ("all", "heldout", "generated")
+            }
+            row["calibration"] = extra["calibration_lds_default"].get(method)
+        if name == declared["K"]:
+            results["primary"] = extra_mod.primary_record(declared, per_target, groups, boot)
         results["by_K"][name] = {"K": K, "methods": rows, "paired_vs_dtrak": diffs, **extra}
     results["benchside_figures"] = old_figures()
     results["lambda_rule"] = LAMBDA_RULE
@@ -795,6 +811,7 @@ def markdown(r: dict) -> str:
             "projection and the kernel.",
             "",
         ]
+    lines += primary_lines(r)
     for block in r["by_K"].values():
         which = "every checkpoint" if block["checkpoints"] == "all" else "final checkpoint only"
         lines += [
@@ -802,9 +819,9 @@ def markdown(r: dict) -> str:
             "",
             (f"Missing: {'; '.join(block['missing'])}." if block["missing"] else ""),
             "",
-            f"| method | LDS all [95% CI] | held-out digits | generated | distinct top-10 "
-            f"| − {REFERENCE} (paired) |",
-            "|---|---|---|---|---|---|",
+            f"| method | LDS all [95% CI] | held-out digits | generated | calibration digits "
+            f"| ceiling − LDS (all) | distinct top-10 | − {REFERENCE} (paired) |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for name, row in block["methods"].items():
             cells = [
@@ -813,6 +830,9 @@ def markdown(r: dict) -> str:
             ]
             d = block["paired_vs_dtrak"].get(f"{name} − {REFERENCE}")
             diff = f"{d['mean']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]" if d else "—"
+            cal = row.get("calibration")
+            cells.append("—" if cal is None else f"{cal:.3f}")
+            cells.append(f"{row['below_ceiling']['all']:+.3f}")
             lines.append(
                 f"| {name} | " + " | ".join(cells) + f" | {row['distinct_top10_fraction']:.2f} "
                 f"| {diff} |"
@@ -880,6 +900,30 @@ def markdown(r: dict) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def primary_lines(r: dict) -> list[str]:
+    """The declared primary comparison and the seed-noise ceiling, first in lds.md."""
+    c, p = r["ceiling"], r.get("primary", {})
+    out = [
+        f"**Seed-noise ceiling** ({c['seeds']} training seeds per subset model; {c['what']}): "
+        f"all {c['all']['mean']:.3f} [{c['all']['ci_low']:.3f}, {c['all']['ci_high']:.3f}], "
+        f"held-out {c['heldout']['mean']:.3f}, generated {c['generated']['mean']:.3f}. "
+        "The measured outputs are the mean over the seeds.",
+        "",
+        f"**Primary comparison, declared before the run** (`results/{p.get('declared_in')}`): "
+        f"{p.get('method')} − {p.get('reference')} at {p.get('K')}, paired over targets:",
+        "",
+    ]
+    for key, label in (("held_out", "held-out digits"), ("generated", "generated")):
+        d = p.get(key)
+        if d is None:
+            out.append(f"- {label}: not computed ({', '.join(p.get('missing', []))} missing)")
+            continue
+        verdict = "goal met" if d["met"] else f"short of the +{d['goal']:.2f} goal by "
+        verdict += "" if d["met"] else f"{d['goal'] - d['diff']:.3f} (or its interval reaches 0)"
+        out.append(f"- {label}: {d['diff']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]: {verdict}")
+    return [*out, ""]
 
 
 def _shard(text: str) -> tuple[int, int]:
