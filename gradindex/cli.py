@@ -348,6 +348,20 @@ def build(
     _print_info(idx.info(), as_json)
 
 
+def _factors_line(info: dict[str, Any]) -> str:
+    """gradindex info's line about the influence factors."""
+    fac = info.get("factors")
+    if not fac:
+        return (
+            f"none; add them for --method influence with: gradindex factors {info['path']} "
+            "--data TRAINING_DATA"
+        )
+    return (
+        f"EK-FAC, {fac['factored_layers']} K-FAC layers + {fac['diagonal_parameters']} diagonal "
+        f"parameters, from {fac['samples']} samples (--method influence)"
+    )
+
+
 def _kernel_line(record: dict[str, Any]) -> str:
     """The manifest's kernel record in one line: rows, each kernel method's λ, the rule."""
     lams = "; ".join(
@@ -1008,6 +1022,7 @@ def format_info(info: dict[str, Any]) -> list[str]:
         add("kernel", _kernel_line(kern))
     else:
         add("kernel", f"none; add it for --method trak with: gradindex kernel {info['path']}")
+    add("factors", _factors_line(info))
     built, data = info.get("build_seconds"), info.get("data_seconds") or {}
     version = (info.get("versions") or {}).get("gradindex", "?")
     add("built", (f"in {built:g} s " if built is not None else "") + f"by gradindex {version}")

@@ -224,6 +224,8 @@ def test_cli_factors_then_query_influence(tmp_path):
         checkpoints=[str(c) for c in ckpts], data=train, out=out, spec=_spec(), progress=False
     )
     run = CliRunner().invoke
+    r = run(main, ["info", str(out)])
+    assert "factors      none; add them for --method influence with: gradindex factors" in r.output
     r = run(main, ["query", str(out), str(tmp_path / "train.npy"), "--method", "influence"])
     assert r.exit_code != 0 and "gradindex factors" in r.output and "Traceback" not in r.output
     r = run(main, ["factors", str(out), "--data", str(tmp_path / "train.npy")])
@@ -236,5 +238,6 @@ def test_cli_factors_then_query_influence(tmp_path):
     assert r.exit_code == 0, r.output
     recs = [json.loads(line) for line in r.output.splitlines() if line.startswith("{")]
     assert len(recs) == 5 and all(rec["method"] == "influence" for rec in recs)
-    r = run(main, ["info", str(out), "--verify"])
+    r = run(main, ["info", str(out), "--verify"])  # factors.h5 is checksummed in the manifest
     assert r.exit_code == 0, r.output
+    assert "factors      EK-FAC" in r.output and "(--method influence)" in r.output

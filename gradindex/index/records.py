@@ -69,6 +69,7 @@ def summary(path: Path, manifest: dict[str, Any], conditioning: dict[str, Any]) 
         "conditioning": conditioning,
         "fidelity": m.get("fidelity"),  # None for indexes built before it was measured
         "kernel": m.get("kernel"),  # None for indexes built before it (gradindex kernel)
+        "factors": m.get("factors"),  # method 'influence' (gradindex factors), None without
     }
 
 
