@@ -393,6 +393,6 @@ def _check_method(method: str, lam: Any = None, damping: bool = True) -> None:
     """A method search knows; λ (a kernel method's ridge) refused with another, not ignored."""
     if method not in SEARCH_METHODS:
         raise SearchError(f"unknown method {method!r}; use one of {', '.join(SEARCH_METHODS)}")
-    allowed = " / ".join((*KERNEL_METHODS, INFLUENCE) if damping else KERNEL_METHODS)
-    if lam is not None and method not in allowed.split(" / "):
-        raise SearchError(f"lambda applies to {allowed} only, not {method!r}")
+    allowed = (*KERNEL_METHODS, INFLUENCE) if damping else tuple(KERNEL_METHODS)
+    if lam is not None and method not in allowed:
+        raise SearchError(f"lambda applies to {' / '.join(map(repr, allowed))} only: {method!r}")

@@ -177,7 +177,7 @@ def test_bad_damping_is_refused(setup, damping):
 def test_lambda_on_influence_rows_in_search_is_refused(setup):
     ckpts, _, out = setup
     idx = gi.AttributionIndex.open(out, checkpoints=ckpts)
-    with pytest.raises(SearchError, match="lambda applies to trak / retrak only"):
+    with pytest.raises(SearchError, match="lambda applies to 'trak' / 'retrak' only"):
         idx.search(np.zeros(idx.dim, np.float32), k=2, method="influence", lam=1.0)
 
 
