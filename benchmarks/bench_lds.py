@@ -99,6 +99,7 @@ CONFIG = {
 }
 
 log = logging.getLogger("bench_lds")
+OPTIONS = {"fast": False}  # --fast: no λ-scale sweep, formula checks or whitened-cosine rows
 
 
 # -- data and models ------------------------------------------------------------------------
@@ -557,7 +558,7 @@ def method_scores(
             extra["calibration_lds_default"][label] = extra_mod.calibration_lds(
                 calib, m, calib_losses
             )
-            if method not in KERNEL_METHODS:
+            if method not in KERNEL_METHODS or OPTIONS["fast"]:
                 continue
             formula = formula_scores(idx, q, method)
             extra["check"][label] = {
@@ -661,7 +662,7 @@ def cmd_report(variants: list[tuple[int, str]], partial: bool = False) -> None:
     losses = per_draw.mean(axis=2)  # [T, S]
     _, groups = all_targets()
     boot = CONFIG["num_boot"]
-    results = {"config": CONFIG, "mc_error": mc_error(per_draw), "by_K": {}}
+    results = {"config": CONFIG, "mc_error": mc_error(per_draw), "by_K": {}, **OPTIONS}
     results["ceiling"] = extra_mod.ceiling_record(per_seed, groups, boot)
     for K, ckpts in variants:
         name = variant_name(K, ckpts)
@@ -954,8 +955,15 @@ def main() -> None:
     )
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--partial", action="store_true", help="report on the models trained so far")
+    p.add_argument(
+        "--fast",
+        action="store_true",
+        help="report: every method at its default λ only (no λ-scale sweep on the calibration "
+        "digits, no benchmark-side formula checks or whitened-cosine rows)",
+    )
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    OPTIONS["fast"] = args.fast
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     CACHE.mkdir(parents=True, exist_ok=True)
     if args.stage in ("all", "train"):
