@@ -846,33 +846,41 @@ def markdown(r: dict) -> str:
                 lines.append(
                     f"- {pair}: {d['mean']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]"
                 )
-        lines += [
-            "",
-            "Rows 'λ per method': the scale s best for that method alone on the calibration "
-            "digits (where it differs from the default). 'whitened cosine (benchmark-side)': "
-            "tried, not shipped (computed from the index's rows, not served).",
-            "",
-            "LDS on the calibration digits against the scale s of the λ rule (the default is "
-            f"s = {r['lambda_scale']:g}):",
-            "",
-            "| method | " + " | ".join(f"s = {v:g}" for v in r["config"]["lambda_scales"]) + " |",
-            "|---|" + "---|" * len(r["config"]["lambda_scales"]),
-        ]
-        for name, by_scale in block["calibration_lds"].items():
-            lines.append(f"| {name} | " + " | ".join(f"{v:.3f}" for v in by_scale.values()) + " |")
-        lines += ["", "Index-served kernel scores against the benchmark-side formula "
-                  "(`lds.trak_scores`, an N × N solve over the index's rows, same λ):", ""]  # fmt: skip
-        for name, chk in block["check"].items():
-            lines.append(
-                f"- {name}: max |index − formula| / max |formula| = "
-                f"{chk['max_abs_diff_over_max_abs']:.1e}; LDS by the formula {chk['lds_formula']:.3f}"
-                + (
-                    f"; the previous benchmark's procedure on these models (formula, λ "
-                    f"cross-fitted on the targets) {chk['lds_old_procedure']:.3f}"
-                    if "lds_old_procedure" in chk
-                    else ""
+        if r.get("fast"):
+            lines += ["", "Run with `--fast`: every method at its default λ only (no λ-scale sweep "
+                      "on the calibration digits, no formula checks, no whitened-cosine rows).", ""]  # fmt: skip
+        else:
+            lines += [
+                "",
+                "Rows 'λ per method': the scale s best for that method alone on the calibration "
+                "digits (where it differs from the default). 'whitened cosine (benchmark-side)': "
+                "tried, not shipped (computed from the index's rows, not served).",
+                "",
+                "LDS on the calibration digits against the scale s of the λ rule (the default is "
+                f"s = {r['lambda_scale']:g}):",
+                "",
+                "| method | "
+                + " | ".join(f"s = {v:g}" for v in r["config"]["lambda_scales"])
+                + " |",
+                "|---|" + "---|" * len(r["config"]["lambda_scales"]),
+            ]
+            for name, by_scale in block["calibration_lds"].items():
+                lines.append(
+                    f"| {name} | " + " | ".join(f"{v:.3f}" for v in by_scale.values()) + " |"
                 )
-            )
+            lines += ["", "Index-served kernel scores against the benchmark-side formula "
+                      "(`lds.trak_scores`, an N × N solve over the index's rows, same λ):", ""]  # fmt: skip
+            for name, chk in block["check"].items():
+                lines.append(
+                    f"- {name}: max |index − formula| / max |formula| = "
+                    f"{chk['max_abs_diff_over_max_abs']:.1e}; LDS by the formula {chk['lds_formula']:.3f}"
+                    + (
+                        f"; the previous benchmark's procedure on these models (formula, λ "
+                        f"cross-fitted on the targets) {chk['lds_old_procedure']:.3f}"
+                        if "lds_old_procedure" in chk
+                        else ""
+                    )
+                )
         old = r.get("benchside_figures") or {}
         if old:
             lines += ["", "Against the previous benchmark-side figures (lds_benchside.md: "
@@ -910,7 +918,13 @@ def primary_lines(r: dict) -> list[str]:
         f"**Seed-noise ceiling** ({c['seeds']} training seeds per subset model; {c['what']}): "
         f"all {c['all']['mean']:.3f} [{c['all']['ci_low']:.3f}, {c['all']['ci_high']:.3f}], "
         f"held-out {c['heldout']['mean']:.3f}, generated {c['generated']['mean']:.3f}. "
-        "The measured outputs are the mean over the seeds.",
+        "The measured outputs are the mean over the seeds; a method predicting that mean can "
+        "exceed this single-retraining predictor (rows with a negative 'ceiling − LDS').",
+        "",
+        "'EK-FAC influence (mse)': method `influence` on the mse index: the query gradient "
+        "preconditioned per layer by EK-FAC factors of the GGN (sampled targets, every training "
+        "digit once, one (t, ε) draw each), damping 0.1 × the layer's mean eigenvalue, then "
+        "projected and searched on the TracIn rows.",
         "",
         f"**Primary comparison, declared before the run** (`results/{p.get('declared_in')}`): "
         f"{p.get('method')} − {p.get('reference')} at {p.get('K')}, paired over targets:",
