@@ -394,15 +394,16 @@ def cmd_features(
                 if pre == "none" or loss in adam_losses:
                     embeddings(loss, K, ckpts, pre)
                 if pre == "none" and loss == "mse":
-                    influence_rows(K, ckpts)
+                    for damping in extra_mod.INFLUENCE_DAMPING.values():
+                        influence_rows(K, ckpts, damping)
 
 
-def influence_rows(K: int, ckpts: str) -> dict[str, np.ndarray]:
+def influence_rows(K: int, ckpts: str, damping: float = 0.1) -> dict[str, np.ndarray]:
     """The 'influence' query rows of the targets / calibration digits on the mse index."""
     train, _, _ = data_split()
     return extra_mod.influence_embeddings(
         build("mse", K, ckpts), CACHE, f"mse-{variant_name(K, ckpts)}", train,
-        all_targets()[0], calibration_images(),
+        all_targets()[0], calibration_images(), damping,
     )  # fmt: skip
 
 
@@ -421,6 +422,7 @@ METHODS = [  # (label, index loss, search method, precondition)
     ("ReTrac kernel (mse, Adam-preconditioned)", "mse", "retrak", "adam"),
     ("D-TRAK (square, Adam-preconditioned)", "square", "trak", "adam"),
     (extra_mod.INFLUENCE_LABEL, "mse", "influence", "none"),
+    (extra_mod.DAMPING_LABEL, "mse", "influence", "none"),
 ]
 REFERENCE = "D-TRAK (square)"
 EXTRA_PAIRS = [
@@ -548,7 +550,8 @@ def method_scores(
             if method not in SEARCH_METHODS:
                 extra["missing"].append(f"{label}: method {method!r} not in this gradindex")
                 continue
-            rows = influence_rows(K, ckpts) if method == "influence" else emb
+            damping = extra_mod.INFLUENCE_DAMPING.get(label, 0.1)
+            rows = influence_rows(K, ckpts, damping) if method == "influence" else emb
             key = "influence" if method == "influence" else stored_method(method)
             q = rows[f"target_{key}"]
             started = time.perf_counter()
