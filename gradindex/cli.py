@@ -955,6 +955,7 @@ _INFO_KEYS = {
     "conditioning",
     "fidelity",
     "kernel",
+    "factors",
 }
 
 

@@ -216,6 +216,8 @@ def _expected_info(index_dir, saved_checkpoints):
         f"kernel       Gram of 7 rows, trak lambda {lams['tracin'][0]:.4g}, "
         f"{lams['tracin'][1]:.4g}; retrak lambda {lams['retrac'][0]:.4g}, {lams['retrac'][1]:.4g} "
         "(lambda_c = 3.0 * (trace(G_c) - top eigenvalue) / d)",
+        f"factors      none; add them for --method influence with: gradindex factors {index_dir} "
+        "--data TRAINING_DATA",
     ]
 
 
