@@ -401,6 +401,20 @@ def build(
     _print_info(idx.info(), as_json)
 
 
+def _factors_line(info: dict[str, Any]) -> str:
+    """gradindex info's line about the influence factors."""
+    fac = info.get("factors")
+    if not fac:
+        return (
+            f"none; add them for --method influence with: gradindex factors {info['path']} "
+            "--data TRAINING_DATA"
+        )
+    return (
+        f"EK-FAC, {fac['factored_layers']} K-FAC layers + {fac['diagonal_parameters']} diagonal "
+        f"parameters, from {fac['samples']} samples (--method influence)"
+    )
+
+
 def _kernel_line(record: dict[str, Any]) -> str:
     """The manifest's kernel record in one line: rows, each kernel method's λ, the rule."""
     lams = "; ".join(
@@ -452,12 +466,13 @@ _moved_checkpoints = click.option(
 )
 @click.option(
     "--method",
-    type=click.Choice(["tracin", "retrac", "trak", "retrak", "both", "all"]),
+    type=click.Choice(["tracin", "retrac", "trak", "retrak", "influence", "both", "all"]),
     default="both",
     show_default=True,
     help="both: tracin and retrac; all: also trak (TRAK, the TracIn rows kernel-corrected) and "
     "retrak (the ReTrac rows kernel-corrected); both kernel methods need the index's kernel, "
-    "see 'gradindex kernel'.",
+    "see 'gradindex kernel'. influence: EK-FAC influence functions on the TracIn rows (needs "
+    "the index's factors, see 'gradindex factors').",
 )
 @click.option(
     "--lambda",
@@ -465,7 +480,8 @@ _moved_checkpoints = click.option(
     type=float,
     multiple=True,
     help="trak's / retrak's ridge lambda: once for every checkpoint or once per checkpoint "
-    "(default: the index's, s * trace(G_c) / d, see 'gradindex info').",
+    "(default: the index's, s * trace(G_c) / d, see 'gradindex info'); influence's damping: "
+    "lambda_l / mean eigenvalue of each layer (default 0.1).",
 )
 @click.option("--exact", is_flag=True, help="Force exact search (ignore approximate indexes).")
 @click.option(
@@ -552,12 +568,12 @@ def query(
     """Top-k training samples for each test image in IMAGES (same formats as --data).
 
     Thousands of queries are fine: embedding and search run in batches. Images of another
-    size than the model's are resized with a warning, and their records say "resized".
-    """
+    size than the model's are resized with a warning, and their records say "resized"."""
     from gradindex.index.backend import check_k
     from gradindex.index.kernel import KERNEL_METHODS
     from gradindex.inputs.conditioning import read_prompts_file
     from gradindex.query import SEARCH_METHODS, AttributionIndex, stored_method
+    from gradindex.query_influence import check_factors
 
     check_k(k)  # before opening and embedding anything
     if output and not output.endswith((".jsonl", ".npz")):
@@ -571,10 +587,11 @@ def query(
         raise click.BadParameter("query vectors are already conditioned", param_hint="--vectors")
     if from_vectors and data_range:
         raise click.BadParameter("query vectors are already embedded", param_hint="--data-range")
-    methods = {"both": ["tracin", "retrac"], "all": list(SEARCH_METHODS)}.get(method, [method])
-    if lambdas and not set(methods) & set(KERNEL_METHODS):
+    every = [m for m in SEARCH_METHODS if m != "influence"]  # influence needs its factors
+    methods = {"both": ["tracin", "retrac"], "all": every}.get(method, [method])
+    if lambdas and not set(methods) & {*KERNEL_METHODS, "influence"}:
         raise click.BadParameter(
-            "applies to --method trak / retrak (or all) only", param_hint="--lambda"
+            "applies to --method trak / retrak / influence (or all) only", param_hint="--lambda"
         )
     lam = None if not lambdas else lambdas[0] if len(lambdas) == 1 else list(lambdas)
     if milvus_name and not milvus:
@@ -589,18 +606,21 @@ def query(
     )
     for m in set(methods) & set(KERNEL_METHODS):
         idx.check_kernel(m, lam)
+    if "influence" in methods:
+        check_factors(idx, lam)
     one_or_all = lambda v: (v[0] if len(v) == 1 else list(v)) if v else None  # noqa: E731
     cond = {
         "labels": one_or_all(labels),
         "prompts": read_prompts_file(prompt_file) if prompt_file else one_or_all(prompts),
     }
-    stored = list(dict.fromkeys(stored_method(m) for m in methods))  # trak: the TracIn rows, ...
-    vecs, names, resized = _query_vectors(idx, images, stored, from_vectors, cond, data_range)
+    key = lambda m: m if m == "influence" else stored_method(m)  # noqa: E731
+    stored = list(dict.fromkeys(key(m) for m in methods))  # trak: the TracIn rows, ...
+    vecs, names, resized = _query_vectors(
+        idx, images, stored, from_vectors, cond, data_range, lam if "influence" in methods else None
+    )
     results = {
         m: dataclasses.replace(
-            idx.search(
-                vecs[stored_method(m)], k, m, exact=exact, lam=lam if m in KERNEL_METHODS else None
-            ),
+            idx.search(vecs[key(m)], k, m, exact=exact, lam=lam if m in KERNEL_METHODS else None),
             resized=resized,
         )
         for m in methods
@@ -653,9 +673,10 @@ def _query_vectors(
     from_vectors: bool,
     cond: dict[str, Any],
     data_range: tuple[float, float] | None = None,
+    damping: float | None = None,
 ) -> tuple[dict[str, np.ndarray], np.ndarray, tuple[int, int] | None]:
     """{method: [B, D]}, the query names, and the images' (H, W) if they were resized (else
-    None), from images or from stored vectors."""
+    None), from images or from stored vectors ('influence': its own rows, ``damping``)."""
     from gradindex.errors import DataError
     from gradindex.inputs.conditioning import query_inputs
     from gradindex.inputs.data import read_array, read_npz
@@ -666,13 +687,23 @@ def _query_vectors(
 
         fit = preparer(idx.spec.resolution, idx.spec.center_crop)  # as the training images
         arr, names, cond = query_inputs(source, idx.image_shape[0], kind, **cond, fit=fit)
-        return idx.embed(arr, **cond, data_range=data_range), names, idx.resized_from(arr)
+        vecs = idx.embed(arr, **cond, data_range=data_range) if set(methods) - {"influence"} else {}
+        if "influence" in methods:
+            from gradindex.query_influence import embed_influence
+
+            vecs["influence"] = embed_influence(idx, arr, damping, data_range=data_range, **cond)
+        return vecs, names, idx.resized_from(arr)
     path = Path(source)
     if not path.exists():
         raise DataError(f"{source}: no such file")
     if path.suffix == ".npz":
         vecs = read_npz(path, methods)
     elif path.suffix == ".npy":
+        if "influence" in methods:  # its rows are preconditioned, unlike any embed() rows
+            raise DataError(
+                f"{source}: --method influence needs its own query rows (an .npz with an "
+                "'influence' array from gradindex.query_influence.embed_influence), or images"
+            )
         arr = read_array(path)
         vecs = {m: arr for m in methods}
     else:
@@ -793,6 +824,31 @@ def kernel(index_dir: str, exact: bool) -> None:
     click.echo(f"kernel       {_kernel_line(record)}")
     if _kernel_search_line(record):
         click.echo(f"kernel search {_kernel_search_line(record)}")
+
+
+@main.command()
+@click.argument("index_dir", type=click.Path())
+@click.option("--data", required=True, help="The training images (same formats as build's).")
+@click.option("--samples", type=int, default=None, help="Estimate from a random sample of them.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Sample and draw seed.")
+def factors(index_dir: str, data: str, samples: int | None, seed: int) -> None:
+    """Compute the EK-FAC influence factors of INDEX_DIR (factors.h5), which '--method
+    influence' needs: two passes over (a sample of) the training data per checkpoint.
+
+    Checks every other file's checksum first, then records the new file in the manifest."""
+    from gradindex.index.lifecycle import folder_lock
+    from gradindex.inputs.conditioning import query_inputs
+    from gradindex.query import AttributionIndex
+    from gradindex.query_influence import add_factors
+
+    with folder_lock(Path(index_dir).resolve()):  # one writer per folder, as build/add/merge
+        idx = AttributionIndex.open(index_dir)
+        arr, _, cond = query_inputs(data, idx.image_shape[0], idx.conditioning["kind"])
+        record = add_factors(idx, arr, samples=samples, seed=seed, **cond)
+    click.echo(
+        f"factors      {record['factored_layers']} K-FAC layers + {record['diagonal_parameters']} "
+        f"diagonal parameters per checkpoint, from {record['samples']} samples"
+    )
 
 
 @main.command()
@@ -1033,6 +1089,7 @@ _INFO_KEYS = {
     "fidelity",
     "kernel",
     "run_records",
+    "factors",
 }
 
 
@@ -1098,15 +1155,8 @@ def format_info(info: dict[str, Any]) -> list[str]:
                 f"{m}: lists in {od.get('ivfdata')} ({od.get('bytes', 0) / 2**20:.1f} MiB), "
                 "memory-mapped at query time",
             )
-    kern = info.get("kernel")
-    if kern and "skipped" in kern:
-        add("kernel", f"none: {kern['skipped']}")
-    elif kern:
-        add("kernel", _kernel_line(kern))
-        if _kernel_search_line(kern):
-            add("kernel search", _kernel_search_line(kern))
-    else:
-        add("kernel", f"none; add it for --method trak with: gradindex kernel {info['path']}")
+    for label, text in _served_lines(info):
+        add(label, text)
     built, data = info.get("build_seconds"), info.get("data_seconds") or {}
     version = (info.get("versions") or {}).get("gradindex", "?")
     add("built", (f"in {built:g} s " if built is not None else "") + f"by gradindex {version}")
@@ -1116,6 +1166,22 @@ def format_info(info: dict[str, Any]) -> list[str]:
     for key in sorted(set(info) - _INFO_KEYS):
         add(key, _render(info[key]))
     return lines
+
+
+def _served_lines(info: dict[str, Any]) -> list[tuple[str, str]]:
+    """The methods served from the rows: the kernel (trak, retrak) and the influence factors."""
+    kern = info.get("kernel")
+    if kern and "skipped" in kern:
+        lines = [("kernel", f"none: {kern['skipped']}")]
+    elif kern:
+        lines = [("kernel", _kernel_line(kern))]
+        if _kernel_search_line(kern):
+            lines.append(("kernel search", _kernel_search_line(kern)))
+    else:
+        lines = [
+            ("kernel", f"none; add it for --method trak with: gradindex kernel {info['path']}")
+        ]
+    return [*lines, ("factors", _factors_line(info))]
 
 
 def _trained_lines(spec: dict[str, Any], run: dict[str, Any]) -> list[tuple[str, str]]:

@@ -7,19 +7,19 @@ Holds ``AttributionIndex``:
     idx.search(vectors, k, method) -> SearchResult(scores [B, k], ids [B, k], rows [B, k])
     idx.search(emb["tracin"], k, "trak", lam=None)   # TRAK: TracIn query rows, kernel-corrected
     idx.search(emb["retrac"], k, "retrak")           # the kernel on the ReTrac rows
+    idx.query(images, k, "influence")                # EK-FAC influence (query_influence)
     idx.query(images, k, method)   -> the same, from images
     idx.query(images, labels=[...]) / idx.query(images, prompts=[...])   conditional models
-    AttributionIndex.open(DIR, milvus=URI)           # search the collections 'gradindex
-                                                     # export DIR --milvus URI' made instead
+    AttributionIndex.open(DIR, milvus=URI)           # the collections 'gradindex export' made
     AttributionIndex.open(DIR, backends={"tracin": b1, ...})  # any index.backend.SearchBackend
 
-Search backends: one per stored method (``self.backends``), all called the same way and all
-answering in vectors.h5 row numbers (:mod:`gradindex.index.backend`): by default the folder's
-FAISS indexes (:mod:`gradindex.index.faiss_folder`), or Milvus collections, or any other.
+Search backends: one per stored method (``self.backends``), answering in vectors.h5 row numbers
+(:mod:`gradindex.index.backend`): the folder's FAISS indexes, Milvus collections, or any other.
 
 Methods: the stored ones (``METHODS``: tracin, retrac) have their own rows and search index;
 ``SEARCH_METHODS`` adds the kernel ones (``trak``, ``retrak``: :mod:`gradindex.index.kernel`),
-which search ``stored_method(method)``'s index with a kernel-transformed query.
+which search ``stored_method(method)``'s index with a kernel-transformed query, and
+``influence`` (``query_influence``).
 
 Checkpoints are loaded lazily (only ``embed``/``query`` need them), refused if they are not the
 ones the index was built from (``gradindex.index.records``).
@@ -71,6 +71,8 @@ from gradindex.inputs.devices import resolve_device
 from gradindex.inputs.models import Checkpoint, CheckpointSource
 from gradindex.inputs.prepare import prepare_images
 from gradindex.inputs.ranges import query_range
+from gradindex.query_influence import METHOD as INFLUENCE
+from gradindex.query_influence import influence_query
 from gradindex.spec import BuildSpec
 
 logger = logging.getLogger(__name__)
@@ -83,14 +85,14 @@ __all__ = [
     "stored_method",
 ]
 
-SEARCH_METHODS = (*METHODS, *KERNEL_METHODS)
+SEARCH_METHODS = (*METHODS, *KERNEL_METHODS, INFLUENCE)
 """What search / query accept: the stored methods plus those served from their rows."""
 
 
 def stored_method(method: str) -> str:
     """The stored rows a search method's query vectors are: ``trak`` takes TracIn rows,
-    ``retrak`` ReTrac rows."""
-    return KERNEL_METHODS.get(method, method)
+    ``retrak`` ReTrac rows; 'influence' searches the TracIn rows with its own query rows."""
+    return "tracin" if method == INFLUENCE else KERNEL_METHODS.get(method, method)
 
 
 class AttributionIndex:
@@ -199,7 +201,7 @@ class AttributionIndex:
     def kernel_vectors(self, rows: np.ndarray, method: str, lam: Any = None) -> np.ndarray:
         """Query rows of ``stored_method(method)`` → the rows whose inner product with the
         stored ones is ``method``'s kernel score. ``lam``: one λ or one per checkpoint."""
-        return self.kernel_for(method).transform(self._as_queries(rows), lam)
+        return self.kernel_for(method).transform(as_queries(rows, self.dim), lam)
 
     def check_kernel(self, method: str, lam: Any = None) -> None:
         """Refuse a missing kernel or a bad λ now, before the slow embedding of a query."""
@@ -326,9 +328,6 @@ class AttributionIndex:
 
     # -- search -------------------------------------------------------------------------
 
-    def _as_queries(self, vectors: np.ndarray) -> np.ndarray:
-        return as_queries(vectors, self.dim)
-
     def search(
         self,
         vectors: np.ndarray,
@@ -337,16 +336,15 @@ class AttributionIndex:
         exact: bool = False,
         lam: Any = None,
     ) -> SearchResult:
-        """Top-k training samples for query rows ([B, D] or [D]), best first, from this
-        method's search backend (the folder's FAISS index, Milvus, ...: same scores, ids and
-        rows). For a kernel method the rows are ``stored_method(method)``'s query rows and
-        ``lam`` overrides the kernel's λ (see ``kernel_vectors``)."""
-        _check_method(method, lam)
-        q = self._as_queries(vectors)
+        """Top-k training samples for query rows ([B, D] or [D]) of ``stored_method(method)``
+        ('influence': rows of ``embed_influence``), best first; ``lam``: a kernel method's λ."""
+        _check_method(method, lam, damping=False)  # 'influence' rows are damped when made
+        q = as_queries(vectors, self.dim)
         check_k(k)
         if method in KERNEL_METHODS:  # exact where its recall missed the target at build
             exact = exact or searches_exactly(self.manifest, method)
-            q, method = self.kernel_vectors(q, method, lam), stored_method(method)
+            q = self.kernel_vectors(q, method, lam)
+        method = stored_method(method)
         k = check_k(k, len(self.index_rows), "indexed samples")
         res = self.backends[method].search(q, k, exact=exact)  # rows: vectors.h5 row numbers
         return SearchResult(scores=res.scores, ids=self.ids[res.rows], rows=res.rows)
@@ -362,15 +360,16 @@ class AttributionIndex:
         data_range: tuple[float, float] | None = None,
         lam: Any = None,
     ) -> SearchResult:
-        """Top-k training samples for test images, by any of ``SEARCH_METHODS`` (``lam``: a
-        kernel method's λ, see ``kernel_vectors``); ``labels`` /
-        ``prompts`` condition a class- / text-conditional model, ``data_range`` gives the
-        images' value range (see ``embed``). ``result.resized`` is the images' (H, W) when
-        they were resized to the model's size (with a warning), else None."""
+        """Top-k training samples for test images by any of ``SEARCH_METHODS`` (``lam``: a
+        kernel method's λ, or 'influence''s damping); ``labels`` / ``prompts`` condition a
+        conditional model, ``data_range`` is the images' value range (see ``embed``).
+        ``result.resized``: the images' (H, W) when resized to the model's size, else None."""
         _check_method(method, lam)
         check_k(k)  # before the embedding, which is the slow part
         if method in KERNEL_METHODS:
             self.check_kernel(method, lam)
+        if method == INFLUENCE:  # lam: its damping, applied while embedding
+            return influence_query(self, images, k, exact, labels, prompts, data_range, lam)
         vectors = self.embed(images, labels=labels, prompts=prompts, data_range=data_range)
         res = self.search(vectors[stored_method(method)], k, method, exact=exact, lam=lam)
         return dataclasses.replace(res, resized=self.resized_from(images))
@@ -390,11 +389,10 @@ class AttributionIndex:
         return f"AttributionIndex({str(self.path)!r}, rows={m['num_rows']}, dim={m['dim']})"
 
 
-def _check_method(method: str, lam: Any = None) -> None:
+def _check_method(method: str, lam: Any = None, damping: bool = True) -> None:
     """A method search knows; λ (a kernel method's ridge) refused with another, not ignored."""
     if method not in SEARCH_METHODS:
         raise SearchError(f"unknown method {method!r}; use one of {', '.join(SEARCH_METHODS)}")
-    if lam is not None and method not in KERNEL_METHODS:
-        raise SearchError(
-            f"lambda applies to method {' / '.join(map(repr, KERNEL_METHODS))} only, not {method!r}"
-        )
+    allowed = (*KERNEL_METHODS, INFLUENCE) if damping else tuple(KERNEL_METHODS)
+    if lam is not None and method not in allowed:
+        raise SearchError(f"lambda applies to {' / '.join(map(repr, allowed))} only: {method!r}")

@@ -217,6 +217,8 @@ def _expected_info(index_dir, saved_checkpoints):
         "(lambda_c = 3.0 * (trace(G_c) - top eigenvalue) / d)",
         "kernel search trak: recall@10 1.000 (target 0.95), exact search; "
         "retrak: recall@10 1.000 (target 0.95), exact search",
+        f"factors      none; add them for --method influence with: gradindex factors {index_dir} "
+        "--data TRAINING_DATA",
     ]
 
 

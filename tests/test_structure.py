@@ -20,7 +20,7 @@ LAYERS = [
     ("gradindex.inputs",),
     ("gradindex.featurize",),
     ("gradindex.index",),
-    ("gradindex.query",),
+    ("gradindex.query", "gradindex.query_influence"),
     ("gradindex.build", "gradindex.build_state", "gradindex.build_write"),
     ("gradindex.scale",),
     ("gradindex.eval",),

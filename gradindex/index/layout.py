@@ -10,6 +10,7 @@ and atomic JSON writing. One folder per index:
     retrac.faiss     inner-product (= cosine) index over the ReTrac rows (+ .json sidecar)
     *.faiss.ivfdata  the inverted lists of an on-disk index (kind "ondisk"), memory-mapped
     kernel.h5        eigen factors of the per-checkpoint Grams of both row sets ('trak', 'retrak')
+    factors.h5       EK-FAC factors per layer and checkpoint ('influence'), when computed
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 VECTORS = "vectors.h5"
 KERNEL = "kernel.h5"  # the kernel methods' factors (gradindex.index.kernel)
+FACTORS = "factors.h5"  # EK-FAC factors of method 'influence' (gradindex.index.factors)
 BUILD_STATE = "build.json"  # written at the start of a build, removed when it completes
 
 
@@ -51,6 +53,7 @@ DATA_FILES: tuple[str, ...] = (
         for suffix in ("", ".json", ".ivfdata")  # .ivfdata: on-disk indexes only
     ),
     KERNEL,
+    FACTORS,
 )
 
 

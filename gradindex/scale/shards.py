@@ -284,6 +284,7 @@ def assemble(
         "num_flagged": int(flagged.sum()),
         "indexes": index_info,
         "kernel": kernel,
+        "factors": None,  # influence factors are not merged: 'gradindex factors' recomputes them
         "versions": package_versions(),
         "files": file_records(stage),
         "assemble_seconds": round(time.perf_counter() - started, 3),

@@ -112,7 +112,7 @@ def _page(request: Request, template: str, status: int = 200, **context: Any) ->
         "index": state.index,
         "images": state.images,
         "methods": state.methods,
-        "all_methods": SEARCH_METHODS,
+        "all_methods": [m for m in SEARCH_METHODS if m != "influence"],  # CLI / library only
         # one reason for all kernel methods (they share kernel.h5): the first one found
         "kernel_problem": next((p for p in state.kernel_problems.values() if p), None),
         "limits": state.limits,

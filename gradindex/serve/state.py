@@ -57,7 +57,9 @@ class ServeState:
         self.class_names = index.conditioning.get("class_names")
         # why each kernel method cannot be searched (no kernel.h5, ...), or None
         self.kernel_problems = {m: _kernel_problem(index, m) for m in KERNEL_METHODS}
-        self.methods = [m for m in SEARCH_METHODS if self.kernel_problems.get(m) is None]
+        self.methods = [  # 'influence' queries need their own rows (embed_influence): not served
+            m for m in SEARCH_METHODS if m != "influence" and self.kernel_problems.get(m) is None
+        ]
         self.results: OrderedDict[str, tuple[str, list[dict[str, Any]]]] = OrderedDict()
         self.reach_counts, self.reach_queries = compute_reach(index, limits)
         self._norm_median: list[float] | None = None
