@@ -49,8 +49,12 @@ from bench_search import synthetic  # noqa: E402
 import gradindex as gi  # noqa: E402
 import gradindex.build_write as gbuild  # noqa: E402
 from gradindex.demo.training import small_unet_config  # noqa: E402
+from gradindex.index.faiss_common import METHODS  # noqa: E402
+from gradindex.index.kernel import KERNEL_METHODS  # noqa: E402
 from gradindex.index.layout import KERNEL  # noqa: E402
-from gradindex.query import SEARCH_METHODS, stored_method  # noqa: E402
+from gradindex.query import stored_method  # noqa: E402
+
+SEARCH_METHODS = (*METHODS, *KERNEL_METHODS)  # the methods served from the rows and kernel.h5
 
 RESULTS = HERE / "results"
 GRID = "100000:4:128,100000:1:512,1000:1:4096,1000:1:8192,2000:3:4096,10000:1:4096,10000:1:8192"
