@@ -36,7 +36,9 @@ from torch import Tensor, nn
 
 from gradindex.errors import ModelError, SpecError
 from gradindex.featurize.embedding import Embedder
-from gradindex.featurize.gradients import GradientFeaturizer, noisy_input_and_target
+from gradindex.featurize.gradients import GradientFeaturizer
+from gradindex.featurize.layer_grads import factorable
+from gradindex.featurize.losses import noisy_input_and_target
 from gradindex.featurize.persample import HookGradients
 from gradindex.featurize.taps import Tap, parameter_owners, run_taps
 
@@ -67,18 +69,6 @@ class CheckpointFactors:
     diag_slices: dict[str, tuple[int, int]]  # unfactored parameter name -> its columns
     samples: int = 0
     extra: dict = field(default_factory=dict)
-
-
-def factorable(module: nn.Module) -> bool:
-    """A weight whose gradient is Σ_pos δ_pos a_posᵀ with a_pos a patch of ``F.unfold``."""
-    if type(module) is nn.Linear:
-        return True
-    return (
-        type(module) is nn.Conv2d
-        and module.groups == 1
-        and module.padding_mode == "zeros"
-        and not isinstance(module.padding, str)
-    )
 
 
 def _patches(module: nn.Module, a: Tensor) -> Tensor:

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from gradindex.errors import ModelError
 from gradindex.featurize.gradients import MAX_ITEMS, GradientFeaturizer
-from gradindex.featurize.layer_grads import conv2d_item_weight_grads, forward_hook
+from gradindex.featurize.layer_grads import conv2d_item_weight_grads, factorable, forward_hook
 from gradindex.featurize.losses import item_loss_fn
 from gradindex.featurize.persample import HookGradients
 from gradindex.featurize.projection import derived_seed, make_projector
@@ -77,16 +77,7 @@ class LayerPlan:
 
 
 def _factorable(module: nn.Module, attr: str) -> bool:
-    if attr != "weight":
-        return False
-    if type(module) is nn.Linear:
-        return True
-    return (
-        type(module) is nn.Conv2d
-        and module.groups == 1
-        and module.padding_mode == "zeros"
-        and not isinstance(module.padding, str)
-    )
+    return attr == "weight" and factorable(module)
 
 
 class KroneckerGradients:

@@ -156,3 +156,15 @@ def conv2d_item_weight_grads(
             patches = scratch.get("patches", windows.shape, a.device)
             patches = patches.copy_(windows).view(chunk.shape[0], c_in * kh * kw, positions)
         bmm_into(view[s : s + step], d[s : s + step], patches.transpose(1, 2), first)
+
+
+def factorable(module: nn.Module) -> bool:
+    """A weight whose gradient is Σ_pos δ_pos a_posᵀ with a_pos a patch of ``F.unfold``."""
+    if type(module) is nn.Linear:
+        return True
+    return (
+        type(module) is nn.Conv2d
+        and module.groups == 1
+        and module.padding_mode == "zeros"
+        and not isinstance(module.padding, str)
+    )
