@@ -30,7 +30,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -295,28 +295,14 @@ class AttributionIndex:
         data_range: tuple[float, float] | None = None,
     ) -> dict[str, np.ndarray]:
         """Test images → {"tracin": [B, D], "retrac": [B, D]} float32, with the index's spec.
-        A class-conditional index needs ``labels`` (one per image, or one for all; class names
-        of a class-folder index work too), a text-conditional one ``prompts`` (likewise).
-        ``data_range``: the images' value range, when it cannot be told (see ``prepare``)."""
+        ``labels`` / ``prompts``: one per image or one for all, for a class- / text-conditional
+        index; ``data_range``: the images' value range, when it cannot be told (``prepare``)."""
         embedder, conditioner = self._get_embedder(), self._get_conditioner()
         sample = embedder.sample_shape  # the model's, checked before any image is resized
         check_shapes(self.path / MANIFEST, self.manifest, sample, conditioner.image_shape(sample))
         x0 = self.prepare(images, data_range)
-        n = len(x0)
-        if conditioner.kind == "none" and (labels is not None or prompts is not None):
-            raise SearchError("this index is unconditional: drop labels / prompts")
-        data = ConditioningData(
-            labels=None if labels is None else conditioner.labels_from(labels, n),
-            prompts=None if prompts is None else as_prompts(prompts, n),
-        )
-        bs = batch_size or self.spec.batch_size
-        parts = [
-            embedder.embed(
-                conditioner.encode_images(x0[i : i + bs]),
-                conditioner.model_kwargs(data.rows(i, i + bs), len(x0[i : i + bs])),
-            )
-            for i in range(0, n, bs)
-        ]
+        batches = self.model_batches(x0, labels, prompts, batch_size or self.spec.batch_size)
+        parts = [embedder.embed(xb, kwargs) for xb, kwargs in batches]
         out = {m: np.concatenate([getattr(p, m) for p in parts]) for m in METHODS}
         flagged = np.concatenate([p.flagged for p in parts])
         if flagged.any():
@@ -326,7 +312,23 @@ class AttributionIndex:
             )
         return out
 
-    # -- search -------------------------------------------------------------------------
+    def model_batches(
+        self, x0: Any, labels: Any, prompts: Any, batch_size: int
+    ) -> Iterator[tuple[Any, dict[str, Any]]]:
+        """(model input: pixels or VAE latents, conditioning kwargs) of ``x0``, per batch."""
+        conditioner, n = self._get_conditioner(), len(x0)
+        if conditioner.kind == "none" and (labels is not None or prompts is not None):
+            raise SearchError("this index is unconditional: drop labels / prompts")
+        data = ConditioningData(
+            labels=None if labels is None else conditioner.labels_from(labels, n),
+            prompts=None if prompts is None else as_prompts(prompts, n),
+        )
+        for i in range(0, n, batch_size):
+            xb = x0[i : i + batch_size]
+            yield (
+                conditioner.encode_images(xb),
+                conditioner.model_kwargs(data.rows(i, i + batch_size), len(xb)),
+            )
 
     def search(
         self,

@@ -28,7 +28,6 @@ from gradindex.errors import IndexStateError, SearchError
 from gradindex.featurize.gradients import GradientFeaturizer
 from gradindex.featurize.kfac import DAMPING, check_damping, estimate_factors, influence_rows
 from gradindex.index.factors import load_factors, record_factors, write_factors
-from gradindex.inputs.conditioning import ConditioningData, as_prompts
 
 METHOD = "influence"
 
@@ -45,25 +44,6 @@ def check_influence_index(idx: Any) -> None:
             f"method 'influence' needs an index of plain gradients, not precondition="
             f"{idx.spec.precondition!r}"
         )
-
-
-def _batches(idx: Any, x0: Any, labels: Any, prompts: Any, bs: int) -> list[tuple[Any, Any]]:
-    """(model input, conditioning kwargs) per batch, as ``AttributionIndex.embed`` makes them."""
-    conditioner = idx._get_conditioner()
-    n = len(x0)
-    if conditioner.kind == "none" and (labels is not None or prompts is not None):
-        raise SearchError("this index is unconditional: drop labels / prompts")
-    data = ConditioningData(
-        labels=None if labels is None else conditioner.labels_from(labels, n),
-        prompts=None if prompts is None else as_prompts(prompts, n),
-    )
-    return [
-        (
-            conditioner.encode_images(x0[i : i + bs]),
-            conditioner.model_kwargs(data.rows(i, i + bs), len(x0[i : i + bs])),
-        )
-        for i in range(0, n, bs)
-    ]
 
 
 def add_factors(
@@ -91,7 +71,7 @@ def add_factors(
         x0 = x0[torch.as_tensor(keep)] if isinstance(x0, torch.Tensor) else x0[keep]
         labels = _subset(labels, keep)
         prompts = _subset(prompts, keep)
-    batches = _batches(idx, x0, labels, prompts, idx.spec.batch_size)
+    batches = list(idx.model_batches(x0, labels, prompts, idx.spec.batch_size))
     embedder = idx._get_embedder()
     factors = []
     for feat in embedder.featurizers:
@@ -156,7 +136,7 @@ def embed_influence(
     bs = batch_size or idx.spec.batch_size
     rows = [
         influence_rows(embedder, factors, xb, cond, DAMPING if damping is None else damping)
-        for xb, cond in _batches(idx, x0, labels, prompts, bs)
+        for xb, cond in idx.model_batches(x0, labels, prompts, bs)
     ]
     out = np.concatenate(rows).astype(np.float32)
     if not np.isfinite(out).all():
