@@ -233,3 +233,19 @@ def test_snr_gamma_flag_alone_and_no_run_records(unconditional_run, tmp_path):
     assert (spec["snr_weighting"], spec["snr_gamma"], spec["noise_offset"]) == ("min_snr", 5.0, 0.1)
     assert manifest["run_records"] is None and "from run" not in result.output
     assert "loss weight  min-SNR, gamma 5, noise offset 0.1" in result.output
+
+
+def test_an_output_folder_one_step_past_the_last_checkpoint_at_the_schedules_end_is_named(
+    tmp_path,
+):
+    """A cosine schedule logs lr 0 after its last step: an output folder saved one step after
+    the last checkpoint sums to 0. The error names the steps and why, not duplicate weights."""
+    out = tmp_path / "end"
+    lrs = train_unconditional(
+        out, use_ema=False, steps=5, checkpointing_steps=2, lr_warmup_steps=2,
+        log_with="tensorboard",
+    )["lrs"]  # fmt: skip
+    assert lrs[5] == 0.0 and lrs[4] > 0
+    srcs = [str(out / "checkpoint-2"), str(out / "checkpoint-4"), str(out)]
+    with pytest.raises(SpecError, match=r"steps 5\.\.5 sum to 0 \(a schedule ending at 0"):
+        auto_weights(srcs, read_run(out))

@@ -226,11 +226,13 @@ def auto_weights(sources: list[str], record: RunRecord | None) -> tuple[list[flo
             (s - p) * (a + b) / 2 for s, p, a, b in zip(steps[1:], steps, etas, etas[1:])
         ]
         method = f"approximation ({method}): each checkpoint's learning rate x steps, trapezoid"
-    for source, w in zip(sources, weights):
+    for source, w, a, b in zip(sources, weights, [0, *steps], steps):
         if not w > 0:
             raise SpecError(
-                f"checkpoint_weights='auto': {source} gets weight {w:g} (no learning rate "
-                "between it and the checkpoint before: the same weights twice?); leave it out"
+                f"checkpoint_weights='auto': {source} gets weight {w:g}: the learning rates of "
+                f"steps {a + 1}..{b} sum to 0 (a schedule ending at 0 logs 0 after its last "
+                "step; or the folder repeats the checkpoint before); leave it out, or give "
+                "--checkpoint-weights"
             )
     return weights, {"method": method, "steps": steps, "weights": weights}
 
