@@ -27,8 +27,8 @@ Holds ``KroneckerGradients`` (the hooks and the plan), ``LayerPlan`` (one parame
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
 import torch
@@ -45,6 +45,7 @@ from gradindex.featurize.taps import (
     Call,
     HookError,
     Tap,
+    forward_hooks,
     parameter_owners,
     run_taps,
     saved_input,
@@ -198,22 +199,11 @@ class KroneckerGradients:
             rows[:, self.kron_dim :] = self._dense_proj.project(dense_out)
         return rows, item_sq, group_sq
 
-    @contextmanager
-    def _hooks(self, call: Call, state: _KronCall) -> Iterator[None]:
-        handles = [
-            module.register_forward_hook(_kron_hook(module, layer, call, state), with_kwargs=True)
-            for module, layer in self._layers.items()
-        ]
+    def _hooks(self, call: Call, state: _KronCall) -> AbstractContextManager[None]:
+        hooks = [(m, _kron_hook(m, layer, call, state)) for m, layer in self._layers.items()]
         if self._dense is not None:
-            handles += [
-                module.register_forward_hook(forward_hook(slots, call), with_kwargs=True)
-                for module, slots in self._dense._slots.items()
-            ]
-        try:
-            yield
-        finally:
-            for h in handles:
-                h.remove()
+            hooks += [(m, forward_hook(slots, call)) for m, slots in self._dense._slots.items()]
+        return forward_hooks(hooks)
 
 
 @dataclass

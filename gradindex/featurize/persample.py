@@ -31,15 +31,15 @@ loss down to the earliest selected module.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 
 import torch
 from torch import Tensor, nn
 
 from gradindex.errors import ModelError
 from gradindex.featurize.layer_grads import forward_hook
-from gradindex.featurize.taps import Call, parameter_owners, run_taps
+from gradindex.featurize.taps import Call, forward_hooks, parameter_owners, run_taps
 
 logger = logging.getLogger(__name__)
 
@@ -198,14 +198,5 @@ class HookGradients:
         for slot in self._all_slots - call.written:  # parameters the forward never used
             call.target(slot, (slot[1] - slot[0],))[0].zero_()
 
-    @contextmanager
-    def _hooks(self, call: Call) -> Iterator[None]:
-        handles = [
-            module.register_forward_hook(forward_hook(slots, call), with_kwargs=True)
-            for module, slots in self._slots.items()
-        ]
-        try:
-            yield
-        finally:
-            for h in handles:
-                h.remove()
+    def _hooks(self, call: Call) -> AbstractContextManager[None]:
+        return forward_hooks((m, forward_hook(slots, call)) for m, slots in self._slots.items())

@@ -22,8 +22,8 @@ Holds ``StreamedFeaturizer`` (a ``GradientFeaturizer`` whose rows are these proj
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
 import torch
@@ -35,7 +35,7 @@ from gradindex.featurize.layer_grads import write_layer_grads
 from gradindex.featurize.persample import HookGradients
 from gradindex.featurize.projection import SJLTProjector, make_projector
 from gradindex.featurize.scratch import scratch
-from gradindex.featurize.taps import Call, HookError, Tap, run_taps, saved_input
+from gradindex.featurize.taps import Call, HookError, Tap, forward_hooks, run_taps, saved_input
 from gradindex.inputs.models import Checkpoint
 from gradindex.spec import BuildSpec
 
@@ -132,17 +132,8 @@ class StreamedFeaturizer(GradientFeaturizer):
         rows.copy_(state.rows_t.T)
         return [(0, rows)], state.item_sq.sqrt_(), state.group_sq.sqrt_()
 
-    @contextmanager
-    def _stream_hooks(self, state: _StreamCall) -> Iterator[None]:
-        handles = [
-            module.register_forward_hook(self._hook(slots, state), with_kwargs=True)
-            for module, slots in self._slots.items()
-        ]
-        try:
-            yield
-        finally:
-            for h in handles:
-                h.remove()
+    def _stream_hooks(self, state: _StreamCall) -> AbstractContextManager[None]:
+        return forward_hooks((m, self._hook(slots, state)) for m, slots in self._slots.items())
 
     def _hook(self, slots: dict[str, tuple[int, int]], state: _StreamCall) -> Callable:
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> Tensor:

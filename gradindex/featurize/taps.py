@@ -17,7 +17,8 @@ Used by ``persample.HookGradients`` (per-item gradients) and ``kronecker.Kroneck
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
@@ -44,6 +45,18 @@ def in_place_error(module: nn.Module) -> ModelError:
         f"the model modifies the input of a {name} in place after the {name} used it, so its "
         "gradient cannot be computed; make that operation out of place (x = x * 2, not x.mul_(2))"
     )
+
+
+@contextmanager
+def forward_hooks(hooks: Iterable[tuple[nn.Module, Callable]]) -> Iterator[None]:
+    """Each (module, hook) registered as a keyword-taking forward hook for the block, then
+    removed, whatever happens inside."""
+    handles = [module.register_forward_hook(hook, with_kwargs=True) for module, hook in hooks]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def saved_input(
