@@ -25,6 +25,7 @@ from gradindex.featurize.kfac import CheckpointFactors, LayerFactors
 from gradindex.index.layout import (
     FACTORS,
     MANIFEST,
+    check_build_id,
     check_files,
     file_digest,
     read_manifest,
@@ -84,12 +85,7 @@ def load_factors(folder: Path, manifest: dict[str, Any]) -> list[CheckpointFacto
         )
     num_ckpts = len(manifest["checkpoints"])
     with h5py.File(path, "r") as f:
-        build_id = str(f.attrs.get("build_id", ""))
-        if manifest.get("build_id") and build_id != manifest["build_id"]:
-            raise IndexStateError(
-                f"{path}: build id {build_id} but the manifest's is {manifest['build_id']} "
-                f"(factors of another build); {_recompute(folder)}"
-            )
+        check_build_id(path, str(f.attrs.get("build_id", "")), manifest, _recompute(folder))
         if [k for k in f if k.startswith("c")] != [f"c{c}" for c in range(num_ckpts)]:
             raise IndexStateError(f"{path}: not {num_ckpts} checkpoints; {_recompute(folder)}")
         return [_read_checkpoint(f[f"c{c}"], int(f.attrs["samples"])) for c in range(num_ckpts)]

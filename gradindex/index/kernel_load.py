@@ -25,7 +25,7 @@ from gradindex.index.kernel import (
     check_lambdas,
     lambda_key,
 )
-from gradindex.index.layout import KERNEL
+from gradindex.index.layout import KERNEL, check_build_id
 
 logger = logging.getLogger(__name__)
 
@@ -86,12 +86,7 @@ def load_kernel(folder: Path, manifest: dict[str, Any], rows: str) -> Kernel | D
     d = int(manifest["dim"]) // num_ckpts
     try:
         with h5py.File(path, "r") as f:
-            build_id = str(f.attrs.get("build_id", ""))
-            if manifest.get("build_id") and build_id != manifest["build_id"]:
-                raise IndexStateError(
-                    f"{path}: build id {build_id} but the manifest's is {manifest['build_id']}; "
-                    f"{fix}"
-                )
+            check_build_id(path, str(f.attrs.get("build_id", "")), manifest, fix)
             lambdas = list(record[lambda_key(rows)])
             if f"basis{SUFFIX[rows]}" in f:
                 return _read_factors(f, rows, (num_ckpts, d), manifest, fix, lambdas)

@@ -326,6 +326,16 @@ def recorded_digest(folder: Path, manifest: dict[str, Any], name: str) -> None:
         )
 
 
+def check_build_id(path: Path, build_id: str, manifest: dict[str, Any], fix: str) -> None:
+    """Refuse a file (kernel.h5, factors.h5) stamped with another build's id than the
+    manifest's: computed from other rows, it would answer for them."""
+    if manifest.get("build_id") and build_id != manifest["build_id"]:
+        raise IndexStateError(
+            f"{path}: build id {build_id} but the manifest's is {manifest['build_id']} (a file "
+            f"of another build); {fix}"
+        )
+
+
 def ids_digests(folder: Path, manifest: dict[str, Any]) -> list[str] | None:
     """The manifest's digests of ``vectors.h5``'s ids (None for indexes built before them)."""
     digests = manifest.get("files", {}).get(VECTORS, {}).get("ids_sha256")
