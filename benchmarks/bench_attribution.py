@@ -345,7 +345,7 @@ def _fidelity_record(results: list, f: dict, weights: list[float], feat_s: float
 
 
 def _open_or_build(path: Path, ckpt_dirs: list[Path], images: np.ndarray, weights: list[float]):
-    from gradindex.build import build_index
+    from gradindex.build.pipeline import build_index
     from gradindex.query import AttributionIndex
     from gradindex.spec import BuildSpec
 

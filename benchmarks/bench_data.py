@@ -95,16 +95,16 @@ def grow(tmpl: Path, out: Path, n: int, nlist: int = 1024) -> float:
     import h5py
     from bench_search import synthetic
 
-    from gradindex.index.kernel import write_kernel
-    from gradindex.index.layout import (
+    from gradindex.search.ondisk import _stamp_build_id, build_ondisk
+    from gradindex.store.kernel import write_kernel
+    from gradindex.store.layout import (
         MANIFEST,
         VECTORS,
         faiss_file,
         file_records,
         write_json_atomic,
     )
-    from gradindex.index.ondisk import _stamp_build_id, build_ondisk
-    from gradindex.index.store import ChunkedRows, VectorStore
+    from gradindex.store.vectors import ChunkedRows, VectorStore
 
     started = time.perf_counter()
     shutil.rmtree(out, ignore_errors=True)
@@ -194,10 +194,10 @@ def phase_open(work: Path, sizes: list[int], nlist: int = 1024) -> dict:
 
 
 def child_datapath(npy: str) -> dict:
-    from gradindex.index.store import VectorStore
     from gradindex.inputs.data import to_model_input
     from gradindex.inputs.open_data import open_source
     from gradindex.inputs.sources import prefetch
+    from gradindex.store.vectors import VectorStore
 
     base = maxrss_mib()
     src = open_source(npy, 1)

@@ -413,7 +413,7 @@ def _memory_worker(n: int, threads: int, out: str) -> dict:
     from diffusers import DDPMScheduler
 
     import gradindex as gi
-    from gradindex import build as build_module
+    from gradindex.build import pipeline as build_module
 
     model = _unet(TINY_UNET)
     rng = np.random.default_rng(0)

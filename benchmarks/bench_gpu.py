@@ -188,7 +188,7 @@ def section_projection(batch: int = 16) -> list[dict]:
 def section_faiss(n: int = 200_000, d: int = 512, queries: int = 1000) -> dict:
     import faiss
 
-    from gradindex.index.search import VectorIndex
+    from gradindex.search.faiss_index import VectorIndex
 
     status = {
         "faiss": faiss.__version__,

@@ -47,12 +47,12 @@ sys.path.insert(0, str(HERE))
 from bench_search import synthetic  # noqa: E402
 
 import gradindex as gi  # noqa: E402
-import gradindex.build_write as gbuild  # noqa: E402
+import gradindex.build.write as gbuild  # noqa: E402
 from gradindex.demo.training import small_unet_config  # noqa: E402
-from gradindex.index.faiss_common import METHODS  # noqa: E402
-from gradindex.index.kernel import KERNEL_METHODS  # noqa: E402
-from gradindex.index.layout import KERNEL  # noqa: E402
 from gradindex.query import stored_method  # noqa: E402
+from gradindex.search.faiss_common import METHODS  # noqa: E402
+from gradindex.store.kernel import KERNEL_METHODS  # noqa: E402
+from gradindex.store.layout import KERNEL  # noqa: E402
 
 SEARCH_METHODS = (*METHODS, *KERNEL_METHODS)  # the methods served from the rows and kernel.h5
 
@@ -259,7 +259,7 @@ def demo_point(folder: Path, repeats: int, dense_max_d: int) -> dict:
     """The issue's figures on a real demo index (``gradindex demo``'s index folder): kernel
     bytes, open + first search per method, serve start-up, search p50, accuracy on held-out
     queries (perturbed stored rows, as the build's recall check makes them)."""
-    from gradindex.index.tuning import heldout_queries
+    from gradindex.search.tuning import heldout_queries
     from gradindex.serve.app import create_app
 
     first = {}

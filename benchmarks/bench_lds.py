@@ -59,8 +59,8 @@ from gradindex.eval.lds import (
     subset_masks,
     trak_scores,
 )
-from gradindex.index.kernel import KERNEL_METHODS, LAMBDA_RULE, LAMBDA_SCALE
 from gradindex.query import SEARCH_METHODS, stored_method
+from gradindex.store.kernel import KERNEL_METHODS, LAMBDA_RULE, LAMBDA_SCALE
 
 try:  # run as a script (benchmarks/ on sys.path) or imported as benchmarks.bench_lds
     import lds_extra as extra_mod

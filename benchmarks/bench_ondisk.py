@@ -1,7 +1,7 @@
 """On-disk IVF benchmark: memory of building, opening and searching it vs the IVF in RAM.
 
 N = 2e5 ReTrac-like rows (unit norm, clustered; ``bench_search.synthetic``), D = 512, in an
-HDF5 store. Builds the on-disk IVF from the store in chunks (``gradindex.index.ondisk.build_ondisk``)
+HDF5 store. Builds the on-disk IVF from the store in chunks (``gradindex.search.ondisk.build_ondisk``)
 and the in-RAM IVF of the search layer (``VectorIndex.build(kind="ivf")``, the matrix loaded
 whole; same training sample and seed, so the same quantizer). Each phase runs in a fresh
 process. Memory: the peak anonymous RSS (sampled every 5 ms from outside the process: what
@@ -56,9 +56,9 @@ def phase_data(work: Path, n: int, d: int) -> dict:
 def phase_build(work: Path, n: int, d: int) -> dict:
     import h5py
 
-    from gradindex.index.ondisk import build_ondisk
-    from gradindex.index.search import set_num_threads
-    from gradindex.index.store import ChunkedRows
+    from gradindex.search.faiss_index import set_num_threads
+    from gradindex.search.ondisk import build_ondisk
+    from gradindex.store.vectors import ChunkedRows
 
     set_num_threads(1)
     before = mem()
@@ -73,7 +73,7 @@ def phase_ram(work: Path, n: int, d: int) -> dict:
     """The in-RAM IVF of the search layer (``kind="ivf"``) over the whole matrix, saved."""
     import h5py
 
-    from gradindex.index.search import VectorIndex, set_num_threads
+    from gradindex.search.faiss_index import VectorIndex, set_num_threads
 
     set_num_threads(1)
     before = mem()
@@ -89,7 +89,7 @@ def phase_ram(work: Path, n: int, d: int) -> dict:
 def phase_search(work: Path, variant: str, n: int, d: int) -> dict:
     import numpy as np
 
-    from gradindex.index.search import VectorIndex, set_num_threads
+    from gradindex.search.faiss_index import VectorIndex, set_num_threads
 
     set_num_threads(1)
     rng = np.random.default_rng(7)

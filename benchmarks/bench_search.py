@@ -35,8 +35,8 @@ import faiss
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from gradindex.index import tuning as search_tuning
-from gradindex.index.search import VectorIndex, set_num_threads
+from gradindex.search import tuning as search_tuning
+from gradindex.search.faiss_index import VectorIndex, set_num_threads
 
 HERE = Path(__file__).resolve().parent
 K = 10

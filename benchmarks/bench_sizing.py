@@ -61,9 +61,9 @@ def real_build(tmp: Path) -> dict:
 
 
 def synthetic(tmp: Path, dims: tuple[int, ...], ns: tuple[int, int]) -> list[dict]:
-    from gradindex.index import tuning as st
-    from gradindex.index.search import VectorIndex
-    from gradindex.index.store import VectorStore
+    from gradindex.search import tuning as st
+    from gradindex.search.faiss_index import VectorIndex
+    from gradindex.store.vectors import VectorStore
 
     rows = []
     rng = np.random.default_rng(0)

@@ -142,7 +142,7 @@ def _build_worker(size: str, threads: int, path: str) -> dict:
     from diffusers import DDPMScheduler
 
     import gradindex as gi
-    import gradindex.build_write as bw
+    import gradindex.build.write as bw
     import gradindex.featurize.gradients as gr
     import gradindex.featurize.projection as pr
 

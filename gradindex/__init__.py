@@ -34,10 +34,10 @@ _EXPORTS = {
     "IndexStateError": "gradindex.errors",
     "ModelError": "gradindex.errors",
     "SearchError": "gradindex.errors",
-    "SearchResult": "gradindex.index.search",
+    "SearchResult": "gradindex.search.faiss_index",
     "SpecError": "gradindex.errors",
-    "VectorIndex": "gradindex.index.search",
-    "build_index": "gradindex.build",
+    "VectorIndex": "gradindex.search.faiss_index",
+    "build_index": "gradindex.build.pipeline",
 }
 
 __all__ = [
@@ -67,7 +67,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover
-    from gradindex.build import build_index
+    from gradindex.build.pipeline import build_index
     from gradindex.errors import (
         DataError,
         GradIndexError,
@@ -76,6 +76,6 @@ if TYPE_CHECKING:  # pragma: no cover
         SearchError,
         SpecError,
     )
-    from gradindex.index.search import SearchResult, VectorIndex
     from gradindex.query import AttributionIndex
+    from gradindex.search.faiss_index import SearchResult, VectorIndex
     from gradindex.spec import BuildSpec

@@ -361,11 +361,11 @@ def build(
     Under torchrun (RANK / WORLD_SIZE set) every process builds its own shard into
     OUT.shards/ and rank 0 merges them into OUT.
     """
-    from gradindex.build import build_index
+    from gradindex.build.distributed import distributed_build, world_from_env
+    from gradindex.build.pipeline import build_index
     from gradindex.errors import SpecError
     from gradindex.inputs.conditioning import read_labels_file, read_prompts_file
     from gradindex.inputs.slices import parse_shard
-    from gradindex.scale.distributed import distributed_build, world_from_env
 
     data_options = _data_kwargs(spec_options)
     spec = _spec_from_options(config, spec_options)
@@ -569,11 +569,11 @@ def query(
 
     Thousands of queries are fine: embedding and search run in batches. Images of another
     size than the model's are resized with a warning, and their records say "resized"."""
-    from gradindex.index.backend import check_k
-    from gradindex.index.kernel import KERNEL_METHODS
     from gradindex.inputs.conditioning import read_prompts_file
     from gradindex.query import SEARCH_METHODS, AttributionIndex, stored_method
     from gradindex.query_influence import check_factors
+    from gradindex.search.backend import check_k
+    from gradindex.store.kernel import KERNEL_METHODS
 
     check_k(k)  # before opening and embedding anything
     if output and not output.endswith((".jsonl", ".npz")):
@@ -598,7 +598,7 @@ def query(
         raise click.BadParameter("needs --milvus URI", param_hint="--milvus-name")
     backend = None
     if milvus:
-        from gradindex.index.milvus import MilvusBackend, default_name
+        from gradindex.search.milvus import MilvusBackend, default_name
 
         backend = MilvusBackend.connect(milvus, milvus_name or default_name(index_dir))
     idx = AttributionIndex.open(
@@ -744,7 +744,7 @@ def merge(
     Checks the shards share spec, checkpoints and model and cover the dataset exactly once;
     rows end up in dataset order.
     """
-    from gradindex.scale.shards import merge_shards
+    from gradindex.build.shards import merge_shards
 
     idx = merge_shards(
         out, list(shard_dirs), index=index_kind, target_recall=target_recall, overwrite=overwrite
@@ -789,7 +789,7 @@ def add(
     array rows continue the index's numbering). The index is replaced in one step at the end, so
     an interrupted add leaves it as it was.
     """
-    from gradindex.scale.append import add_samples
+    from gradindex.build.append import add_samples
 
     idx = add_samples(
         index_dir,
@@ -816,8 +816,8 @@ def kernel(index_dir: str, exact: bool) -> None:
     before builds computed it, a damaged kernel.h5, or one in the dense format of older builds.
 
     Checks every other file's checksum first, then records the new file in the manifest."""
-    from gradindex.index.kernel_recall import add_kernel
-    from gradindex.index.lifecycle import folder_lock
+    from gradindex.search.kernel_recall import add_kernel
+    from gradindex.store.lifecycle import folder_lock
 
     with folder_lock(Path(index_dir).resolve()):  # one writer per folder, as build/add/merge
         record = add_kernel(index_dir, exact=exact)
@@ -836,10 +836,10 @@ def factors(index_dir: str, data: str, samples: int | None, seed: int) -> None:
     influence' needs: two passes over (a sample of) the training data per checkpoint.
 
     Checks every other file's checksum first, then records the new file in the manifest."""
-    from gradindex.index.lifecycle import folder_lock
     from gradindex.inputs.conditioning import query_inputs
     from gradindex.query import AttributionIndex
     from gradindex.query_influence import add_factors
+    from gradindex.store.lifecycle import folder_lock
 
     with folder_lock(Path(index_dir).resolve()):  # one writer per folder, as build/add/merge
         idx = AttributionIndex.open(index_dir)
@@ -857,8 +857,8 @@ def factors(index_dir: str, data: str, samples: int | None, seed: int) -> None:
 @click.option("--verify", is_flag=True, help="Recompute file checksums against the manifest.")
 def info(index_dir: str, as_json: bool, verify: bool) -> None:
     """Describe an index: rows, dimensions, spec, checkpoints, search settings."""
-    from gradindex.index.layout import check_files, read_manifest
     from gradindex.query import AttributionIndex
+    from gradindex.store.layout import check_files, read_manifest
 
     if verify:  # before opening, so a corrupted file is named rather than half-loaded
         path = Path(index_dir)
@@ -921,7 +921,7 @@ def export(
     inner products FAISS gives. Each collection is checked against exact FAISS search.
     Then: gradindex query INDEX_DIR IMAGES --milvus URI.
     """
-    from gradindex.index.milvus import export_index
+    from gradindex.search.milvus import export_index
 
     rec = export_index(
         index_dir,
@@ -964,9 +964,9 @@ def report(index_dir: str, queries: str | None, k: int, figures: str | None, as_
     samples under TracIn vs ReTrac, self-retrieval (a summary; --json for every number)."""
     from gradindex.eval.report import format_report
     from gradindex.eval.report import report as make_report
-    from gradindex.index.backend import check_k
     from gradindex.inputs.data import load_images
     from gradindex.query import AttributionIndex
+    from gradindex.search.backend import check_k
 
     check_k(k)
     idx = AttributionIndex.open(index_dir)

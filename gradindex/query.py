@@ -14,15 +14,15 @@ Holds ``AttributionIndex``:
     AttributionIndex.open(DIR, backends={"tracin": b1, ...})  # any index.backend.SearchBackend
 
 Search backends: one per stored method (``self.backends``), answering in vectors.h5 row numbers
-(:mod:`gradindex.index.backend`): the folder's FAISS indexes, Milvus collections, or any other.
+(:mod:`gradindex.search.backend`): the folder's FAISS indexes, Milvus collections, or any other.
 
 Methods: the stored ones (``METHODS``: tracin, retrac) have their own rows and search index;
-``SEARCH_METHODS`` adds the kernel ones (``trak``, ``retrak``: :mod:`gradindex.index.kernel`),
+``SEARCH_METHODS`` adds the kernel ones (``trak``, ``retrak``: :mod:`gradindex.store.kernel`),
 which search ``stored_method(method)``'s index with a kernel-transformed query, and
 ``influence`` (``query_influence``).
 
 Checkpoints are loaded lazily (only ``embed``/``query`` need them), refused if they are not the
-ones the index was built from (``gradindex.index.records``).
+ones the index was built from (``gradindex.store.records``).
 """
 
 from __future__ import annotations
@@ -38,32 +38,6 @@ import numpy as np
 
 from gradindex.errors import IndexStateError, SearchError
 from gradindex.featurize.embedding import Embedder
-from gradindex.index.backend import (
-    SearchBackend,
-    SearchResult,
-    as_queries,
-    check_backends,
-    check_k,
-    result_to_json,
-)
-from gradindex.index.columns import LazyColumn, all_done, search_rows
-from gradindex.index.faiss_common import METHODS
-from gradindex.index.faiss_folder import open_faiss_backends
-from gradindex.index.kernel import KERNEL_METHODS, Kernel
-from gradindex.index.kernel_load import DenseKernel, load_kernel
-from gradindex.index.kernel_recall import searches_exactly
-from gradindex.index.layout import (
-    KERNEL,
-    MANIFEST,
-    VECTORS,
-    check_files,
-    ids_digests,
-    read_manifest,
-)
-from gradindex.index.milvus import MilvusBackend
-from gradindex.index.milvus import open_backends as milvus_backends
-from gradindex.index.records import check_records, check_shapes, recorded_checkpoints, summary
-from gradindex.index.store import VectorStore
 from gradindex.inputs.conditioner import Conditioner
 from gradindex.inputs.conditioning import ConditioningData, as_prompts
 from gradindex.inputs.data import image_size, to_model_input, to_nchw
@@ -73,7 +47,33 @@ from gradindex.inputs.prepare import prepare_images
 from gradindex.inputs.ranges import query_range
 from gradindex.query_influence import METHOD as INFLUENCE
 from gradindex.query_influence import influence_query
+from gradindex.search.backend import (
+    SearchBackend,
+    SearchResult,
+    as_queries,
+    check_backends,
+    check_k,
+    result_to_json,
+)
+from gradindex.search.faiss_common import METHODS
+from gradindex.search.faiss_folder import open_faiss_backends
+from gradindex.search.kernel_recall import searches_exactly
+from gradindex.search.milvus import MilvusBackend
+from gradindex.search.milvus import open_backends as milvus_backends
 from gradindex.spec import BuildSpec
+from gradindex.store.columns import LazyColumn, all_done, search_rows
+from gradindex.store.kernel import KERNEL_METHODS, Kernel
+from gradindex.store.kernel_load import DenseKernel, load_kernel
+from gradindex.store.layout import (
+    KERNEL,
+    MANIFEST,
+    VECTORS,
+    check_files,
+    ids_digests,
+    read_manifest,
+)
+from gradindex.store.records import check_records, check_shapes, recorded_checkpoints, summary
+from gradindex.store.vectors import VectorStore
 
 logger = logging.getLogger(__name__)
 
@@ -167,11 +167,11 @@ class AttributionIndex:
         """Open an index folder. ``checkpoints`` overrides the recorded checkpoint sources
         (needed when the index was built from in-memory models); ``base_model`` the recorded
         VAE / text encoder / tokenizer folder (or a mapping of those objects). ``milvus``: a
-        Milvus URI (or a ``gradindex.index.milvus.MilvusBackend``) that ``search`` / ``query`` then
+        Milvus URI (or a ``gradindex.search.milvus.MilvusBackend``) that ``search`` / ``query`` then
         answer from, instead of the folder's FAISS indexes; the collections must come from
         ``gradindex export`` of this very build. ``backends``: {method: SearchBackend} for every
         stored method, over the folder's unflagged rows, answering in store rows (any backend;
-        see :mod:`gradindex.index.backend`)."""
+        see :mod:`gradindex.search.backend`)."""
         p = Path(path)
         return cls(
             p, read_manifest(p), checkpoints, scheduler, device, mmap, base_model, milvus, backends

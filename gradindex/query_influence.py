@@ -7,7 +7,7 @@ with Ĝ_c the EK-FAC GGN of checkpoint c (``gradindex.featurize.kfac``) and x(z)
 TracIn row: the query is preconditioned in full parameter space before projection, the
 stored rows and their search index are TracIn's, unchanged. The factors are computed once
 (``add_factors``: one pass over a sample of the training data per checkpoint and factor
-pass, two passes in all) into the index folder (``gradindex.index.factors``).
+pass, two passes in all) into the index folder (``gradindex.store.factors``).
 
 Refused: a ``kronecker`` projection (its rows are projected inside the hooks, so there is no
 full-space query gradient to precondition) and Adam-preconditioned indexes (the stored rows
@@ -27,7 +27,7 @@ import torch
 from gradindex.errors import IndexStateError, SearchError
 from gradindex.featurize.gradients import GradientFeaturizer
 from gradindex.featurize.kfac import DAMPING, check_damping, estimate_factors, influence_rows
-from gradindex.index.factors import load_factors, record_factors, write_factors
+from gradindex.store.factors import load_factors, record_factors, write_factors
 
 METHOD = "influence"
 

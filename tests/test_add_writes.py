@@ -13,12 +13,12 @@ import pytest
 from click.testing import CliRunner
 
 import gradindex as gi
+from gradindex.build import shards
+from gradindex.build.append import add_samples
 from gradindex.cli import main
-from gradindex.index import kernel, lifecycle
-from gradindex.index.search import VectorIndex
-from gradindex.index.store import VectorStore
-from gradindex.scale import shards
-from gradindex.scale.append import add_samples
+from gradindex.search.faiss_index import VectorIndex
+from gradindex.store import kernel, lifecycle
+from gradindex.store.vectors import VectorStore
 from tests.test_shards import SPEC, assert_same_index, whole_build
 
 

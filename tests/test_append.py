@@ -14,11 +14,11 @@ from diffusers import DDPMPipeline
 from PIL import Image
 
 import gradindex as gi
+from gradindex.build.append import add_samples
 from gradindex.cli import main
-from gradindex.index import lifecycle
-from gradindex.index.search import VectorIndex
-from gradindex.index.store import VectorStore
-from gradindex.scale.append import add_samples
+from gradindex.search.faiss_index import VectorIndex
+from gradindex.store import lifecycle
+from gradindex.store.vectors import VectorStore
 from tests.conftest import scheduler, tiny_unet
 from tests.test_shards import SPEC, assert_same_index, whole_build
 
@@ -168,16 +168,16 @@ def test_cli_add(setup, tmp_path):
 CHILD = """
 import sys, time
 import gradindex as gi
-from gradindex.index import search
-from gradindex.scale.append import add_samples
+from gradindex.search import faiss_index
+from gradindex.build.append import add_samples
 import numpy as np
-build = search.VectorIndex.build.__func__
+build = faiss_index.VectorIndex.build.__func__
 def stalls(cls, vectors, *a, **k):
     if len(vectors) < 9:  # the scratch build of the 4 new rows
         return build(cls, vectors, *a, **k)
     print("indexing", flush=True)  # all 9 rows are copied into the staging folder
     time.sleep(60)
-search.VectorIndex.build = classmethod(stalls)
+faiss_index.VectorIndex.build = classmethod(stalls)
 add_samples(sys.argv[1], np.load(sys.argv[2]), progress=False)
 """
 

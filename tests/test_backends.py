@@ -1,4 +1,4 @@
-"""Search-backend conformance: every backend behind gradindex.index.backend.SearchBackend --
+"""Search-backend conformance: every backend behind gradindex.search.backend.SearchBackend --
 FAISS flat (the folder's own), FAISS HNSW and IVF, the on-disk IVF, Milvus Lite, and a numpy
 brute-force test double written here against the interface -- answers the same way, alone and
 through AttributionIndex(backends=...): top-k equal to numpy brute force over vectors.h5 (read
@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 import gradindex as gi
-from gradindex.index.backend import SearchBackend, SearchResult, StoreRows
-from gradindex.index.ondisk import build_ondisk
-from gradindex.index.search import VectorIndex
+from gradindex.search.backend import SearchBackend, SearchResult, StoreRows
+from gradindex.search.faiss_index import VectorIndex
+from gradindex.search.ondisk import build_ondisk
 from tests.conftest import scheduler, tiny_unet
 
 N = 48
@@ -82,7 +82,7 @@ def folder(tmp_path_factory):
 def _milvus(path, store_rows, manifest) -> dict[str, SearchBackend]:
     pytest.importorskip("pymilvus", reason="pymilvus is not installed")
     pytest.importorskip("milvus_lite", reason="Milvus Lite is not installed")
-    from gradindex.index.milvus import export_index, open_backends
+    from gradindex.search.milvus import export_index, open_backends
 
     uri = str(path.parent / "lite.db")
     if not (path.parent / "lite.db").exists():

@@ -13,10 +13,10 @@ from click.testing import CliRunner
 from diffusers import DDPMPipeline
 
 import gradindex as gi
+from gradindex.build.append import add_samples
+from gradindex.build.shards import merge_shards
 from gradindex.cli import main
-from gradindex.index.layout import MANIFEST, read_manifest, write_json_atomic
-from gradindex.scale.append import add_samples
-from gradindex.scale.shards import merge_shards
+from gradindex.store.layout import MANIFEST, read_manifest, write_json_atomic
 from tests.conftest import assert_rows_close, scheduler, tiny_unet
 
 SPEC = gi.BuildSpec(proj_dim=32, timesteps=3, batch_size=4)

@@ -12,10 +12,10 @@ import pytest
 from click.testing import CliRunner
 
 import gradindex as gi
-from gradindex.build_write import _report_waiting
+from gradindex.build.write import _report_waiting
 from gradindex.cli import main
-from gradindex.index.store import VectorStore
 from gradindex.serve.images import TrainingImages
+from gradindex.store.vectors import VectorStore
 from tests.test_sources import _digits, _hf_dataset, _png, write_tars
 
 N = 24
@@ -146,7 +146,7 @@ def test_a_file_that_breaks_mid_build_is_named_and_a_resume_after_fixing_it_fini
 
 
 def test_a_build_that_mostly_waited_for_its_data_says_so(caplog):
-    with caplog.at_level(logging.INFO, logger="gradindex.build_write"):
+    with caplog.at_level(logging.INFO, logger="gradindex.build.write"):
         _report_waiting({"featurizing_s": 40.0, "waiting_s": 3.0, "reading_s": 3.5})
         assert "featurizing took 40.0 s, of which 3.0 s waiting" in caplog.text
         assert not [r for r in caplog.records if r.levelno >= logging.WARNING]

@@ -14,7 +14,7 @@ import pytest
 from diffusers import DDPMPipeline
 
 import gradindex as gi
-from gradindex.scale.distributed import distributed_build, world_from_env
+from gradindex.build.distributed import distributed_build, world_from_env
 from tests.conftest import scheduler, tiny_unet
 
 ROOT = Path(__file__).resolve().parents[1]

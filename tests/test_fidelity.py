@@ -21,7 +21,7 @@ from gradindex.errors import SpecError
 from gradindex.featurize.embedding import projection_seed
 from gradindex.featurize.fidelity import _second_seed
 from gradindex.featurize.projection import make_projector
-from gradindex.index.layout import MANIFEST
+from gradindex.store.layout import MANIFEST
 from tests.conftest import scheduler, tiny_unet
 from tests.diffusion_refs import reference_rows
 

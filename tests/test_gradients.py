@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import gradindex as gi
-from gradindex.build import _resolve_timesteps
+from gradindex.build.pipeline import _resolve_timesteps
 from gradindex.featurize.gradients import GradientFeaturizer, select_parameters
 from gradindex.inputs.models import load_checkpoints
 from tests.conftest import scheduler, tiny_unet

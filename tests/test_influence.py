@@ -16,8 +16,8 @@ from gradindex.cli import main
 from gradindex.errors import IndexStateError, SearchError, SpecError
 from gradindex.featurize.gradients import GradientFeaturizer
 from gradindex.featurize.kfac import FactorEstimator, estimate_factors, factorable, ggn_loss
-from gradindex.index.layout import FACTORS, MANIFEST
 from gradindex.query_influence import add_factors, embed_influence
+from gradindex.store.layout import FACTORS, MANIFEST
 from tests.conftest import scheduler, tiny_unet
 
 

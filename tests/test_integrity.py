@@ -21,10 +21,10 @@ from click.testing import CliRunner
 import gradindex as gi
 from gradindex.cli import main
 from gradindex.errors import IndexStateError, ModelError, SearchError, SpecError
-from gradindex.index.layout import write_json_atomic
-from gradindex.index.search import VectorIndex
 from gradindex.inputs.models import load_checkpoint
+from gradindex.search.faiss_index import VectorIndex
 from gradindex.spec import BuildSpec
+from gradindex.store.layout import write_json_atomic
 from tests.conftest import scheduler, tiny_unet
 
 MAX_ROW_DIM = 1 << 20  # faiss/impl/index_read.cpp: d < (1 << 20) + 1 (measured below)
@@ -261,7 +261,7 @@ def test_row_width_check(spec, num_params, ckpts, ok):
 def test_identity_build_too_wide_is_refused_before_featurizing(tmp_path, monkeypatch):
     """A model whose three checkpoints would give 3 x 400k identity columns: refused with the
     fix before any gradient is taken and before the folder is touched."""
-    import gradindex.build as build
+    import gradindex.build.pipeline as build
 
     big = torch.nn.Linear(1000, 400)  # 400,400 parameters
     model = tiny_unet(1)
@@ -299,8 +299,8 @@ def test_retrac_over_rows_of_unequal_norms_is_refused():
 
 
 def test_ondisk_retrac_over_rows_of_unequal_norms_is_refused(tmp_path):
-    from gradindex.index.ondisk import build_ondisk
-    from gradindex.index.store import ChunkedRows
+    from gradindex.search.ondisk import build_ondisk
+    from gradindex.store.vectors import ChunkedRows
 
     x = heavy_tailed(3000, 8, 0)
     x[:1000] /= np.linalg.norm(x[:1000], axis=1, keepdims=True)  # the first chunk looks fine

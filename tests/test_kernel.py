@@ -14,8 +14,8 @@ import pytest
 from diffusers import DDPMPipeline
 
 import gradindex as gi
-from gradindex.scale.append import add_samples
-from gradindex.scale.shards import merge_shards
+from gradindex.build.append import add_samples
+from gradindex.build.shards import merge_shards
 from tests.conftest import run, scheduler, tiny_unet
 
 WEIGHTS = (1.0, 3.0)
@@ -350,19 +350,19 @@ def test_trak_through_hnsw_keeps_recall(setup):
 
 
 def test_build_stopped_before_the_kernel_resumes_to_a_consistent_one(setup, tmp_path, monkeypatch):
-    import gradindex.build_write
+    import gradindex.build.write
 
     root, ckpts, images, whole = setup
-    real = gradindex.build_write.write_kernel
+    real = gradindex.build.write.write_kernel
 
     def stop(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(gradindex.build_write, "write_kernel", stop)
+    monkeypatch.setattr(gradindex.build.write, "write_kernel", stop)
     with pytest.raises(KeyboardInterrupt):
         _build(ckpts, images, tmp_path / "idx")
     assert not (tmp_path / "idx" / "manifest.json").exists()
-    monkeypatch.setattr(gradindex.build_write, "write_kernel", real)
+    monkeypatch.setattr(gradindex.build.write, "write_kernel", real)
     idx = _build(ckpts, images, tmp_path / "idx", resume=True)
     want = plain_gram(idx.path)
     np.testing.assert_allclose(stored_gram(idx.path), want, atol=1e-6 * np.abs(want).max())
@@ -420,7 +420,7 @@ def test_query_refuses_a_bad_lambda_before_embedding(setup, monkeypatch):
 def test_default_lambda_leaves_out_the_top_eigenvalue(d):
     """λ_c = 3 · (trace − top eigenvalue) / d, against numpy's full eigendecomposition; rows
     along one direction fall back to 3 · trace / d."""
-    from gradindex.index.kernel import default_lambdas
+    from gradindex.store.kernel import default_lambdas
 
     rng = np.random.default_rng(d)
     x = rng.standard_normal((40, d)) + 5 * rng.standard_normal(d)  # a dominant direction
@@ -556,8 +556,8 @@ def test_truncated_factors_are_the_top_eigenpairs_and_the_left_out_mean(n, monke
     by their mean μ: (G + λI)⁻¹ ≈ U diag(1/(Λ+λ)) Uᵀ + (I − UUᵀ)/(λ + μ) on the rows' span.
     Against numpy's full eigh of the Gram; with the subspace-iteration path (EIGH_MAX lowered)
     too."""
-    from gradindex.index import kernel_factors
-    from gradindex.index.kernel import Kernel, lambda_rule
+    from gradindex.store import kernel_factors
+    from gradindex.store.kernel import Kernel, lambda_rule
 
     d, r, weights = 48, 12, (1.0, 2.0)
     x = decaying_rows(n, d, 2)
@@ -586,7 +586,7 @@ def test_truncated_factors_are_the_top_eigenpairs_and_the_left_out_mean(n, monke
 
 
 def test_rank_bounds_keep_the_transform_under_half_a_scan_and_64_mib():
-    from gradindex.index.kernel_factors import rank_bounds
+    from gradindex.store.kernel_factors import rank_bounds
 
     assert rank_bounds(9, 16, 2)[0] >= 9  # a small kernel is always exact
     assert rank_bounds(1797, 4096, 3) == (1797 // 4, 682)  # the demo: C·d·r·4 x 2 <= 1/2 a scan
@@ -597,7 +597,7 @@ def test_rank_bounds_keep_the_transform_under_half_a_scan_and_64_mib():
 def test_eigenvalues_above_a_share_of_lambda_are_kept_past_the_floor():
     """Between the floor and the cap, every eigenvalue above KEEP_ABOVE · λ is kept (a flat
     spectrum keeps more than N / 4), against numpy's eigvalsh of the Gram."""
-    from gradindex.index import kernel_factors as kf
+    from gradindex.store import kernel_factors as kf
 
     n, d = 200, 64
     x = np.random.default_rng(3).standard_normal((n, d)).astype(np.float32)  # flat spectrum
@@ -635,7 +635,7 @@ def test_kernel_exact_keeps_every_eigenpair_where_the_default_truncates(
 ):
     """With budgets small enough that the default keeps 2 eigenpairs, 'gradindex kernel
     --exact' keeps all 9 and trak equals the dense solve again."""
-    from gradindex.index import kernel_factors
+    from gradindex.store import kernel_factors
 
     monkeypatch.setattr(kernel_factors, "FREE_BYTES", 1)
     monkeypatch.setattr(kernel_factors, "KERNEL_BYTES", 2 * 2 * 4 * D * 2)  # cap: 2 pairs

@@ -11,10 +11,10 @@ from click.testing import CliRunner
 from diffusers import DDPMPipeline
 
 import gradindex as gi
-import gradindex.build_write as gbuild
+import gradindex.build.write as gbuild
 from gradindex.cli import main
-from gradindex.index.kernel_recall import recall_queries
-from gradindex.index.store import VectorStore
+from gradindex.search.kernel_recall import recall_queries
+from gradindex.store.vectors import VectorStore
 from tests.conftest import scheduler, tiny_unet
 
 N, C, D = 3000, 2, 16  # rows, checkpoints, d per checkpoint

@@ -17,10 +17,10 @@ from click.testing import CliRunner
 from torch import nn
 
 import gradindex as gi
+from gradindex.build.append import add_samples
 from gradindex.cli import main
 from gradindex.featurize import gradients
-from gradindex.index.store import VectorStore
-from gradindex.scale.append import add_samples
+from gradindex.store.vectors import VectorStore
 from tests.conftest import assert_rows_close, scheduler, tiny_unet
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -145,7 +145,7 @@ def test_a_second_build_into_a_folder_being_written_is_refused(tmp_path, images,
 HOLDER = """
 import sys, time
 from pathlib import Path
-from gradindex.index.lifecycle import folder_lock
+from gradindex.store.lifecycle import folder_lock
 with folder_lock(Path(sys.argv[1])):
     print("held", flush=True)
     time.sleep(120)
@@ -173,8 +173,8 @@ def test_the_lock_dies_with_its_process(tmp_path, images, pair):
 
 
 def test_a_failed_add_leaves_no_staging_folder(tmp_path, images, pair, monkeypatch):
-    from gradindex.index import lifecycle
-    from gradindex.scale.append import add_samples
+    from gradindex.build.append import add_samples
+    from gradindex.store import lifecycle
 
     out = tmp_path / "idx"
     _build(pair, images[:4], out)

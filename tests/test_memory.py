@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 
 import gradindex as gi
-from gradindex.index import columns
-from gradindex.index.columns import IdentityRows, LazyColumn, search_rows
-from gradindex.index.kernel import write_kernel
-from gradindex.index.layout import MANIFEST, VECTORS, faiss_file, file_records, write_json_atomic
-from gradindex.index.ondisk import build_from_store
-from gradindex.index.store import VectorStore
 from gradindex.query import AttributionIndex
+from gradindex.search.ondisk import build_from_store
+from gradindex.store import columns
+from gradindex.store.columns import IdentityRows, LazyColumn, search_rows
+from gradindex.store.kernel import write_kernel
+from gradindex.store.layout import MANIFEST, VECTORS, faiss_file, file_records, write_json_atomic
+from gradindex.store.vectors import VectorStore
 from tests.conftest import scheduler, tiny_unet
 
 

@@ -1,4 +1,4 @@
-"""On-disk IVF (gradindex.index.ondisk): built from an HDF5 store in chunks, it answers like the in-RAM
+"""On-disk IVF (gradindex.search.ondisk): built from an HDF5 store in chunks, it answers like the in-RAM
 IVF with the same quantizer and nprobe, its exact search equals numpy brute force, its folder can
 be moved, an interrupted build leaves nothing that opens, and no read takes more than a chunk."""
 
@@ -16,11 +16,11 @@ import pytest
 
 import gradindex as gi
 from gradindex.errors import IndexStateError, SearchError
-from gradindex.index import ondisk, search
-from gradindex.index.ondisk import build_ondisk
-from gradindex.index.ondisk_search import _groups, search_bounded
-from gradindex.index.search import VectorIndex, set_num_threads
-from gradindex.index.store import ChunkedRows
+from gradindex.search import faiss_index, ondisk
+from gradindex.search.faiss_index import VectorIndex, set_num_threads
+from gradindex.search.ondisk import build_ondisk
+from gradindex.search.ondisk_search import _groups, search_bounded
+from gradindex.store.vectors import ChunkedRows
 from tests.conftest import run
 from tests.test_search import brute_force, clustered
 
@@ -112,7 +112,7 @@ def test_exact_search_equals_brute_force(tmp_path, monkeypatch, k):
         "tracin",
         target_recall=0.8,
     )
-    monkeypatch.setattr(search, "_CHUNK_BYTES", 1)  # exact search in chunks of 1024 rows
+    monkeypatch.setattr(faiss_index, "_CHUNK_BYTES", 1)  # exact search in chunks of 1024 rows
     q = np.random.default_rng(9).standard_normal((11, D)).astype(np.float32)
     res = od.search(q, k, exact=True)
     xs = x.astype(np.float16).astype(np.float32)[keep]
@@ -321,7 +321,7 @@ def test_interrupted_folder_build_is_incomplete_then_resumes(
 
 
 def test_merged_shards_get_an_ondisk_index(tmp_path, saved_checkpoints):
-    from gradindex.scale.shards import merge_shards
+    from gradindex.build.shards import merge_shards
 
     images = np.random.default_rng(3).random((8, 1, 8, 8), dtype=np.float32)
     spec = gi.BuildSpec(proj_dim=16, timesteps=2, batch_size=4)

@@ -142,7 +142,7 @@ def test_added_images_are_prepared_as_the_index_was(mixed, ckpt, tmp_path):
     """gradindex add reads a folder of mixed sizes with the index's resolution."""
     import shutil
 
-    from gradindex.scale.append import add_samples
+    from gradindex.build.append import add_samples
 
     root, folder = mixed
     first, more = tmp_path / "first", tmp_path / "more"

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import gradindex as gi
-from gradindex.index.store import VectorStore
+from gradindex.store.vectors import VectorStore
 from tests.conftest import scheduler, tiny_unet
 
 

@@ -20,7 +20,7 @@ from click.testing import CliRunner
 
 import gradindex as gi
 from gradindex.cli import main
-from gradindex.index.store import VectorStore
+from gradindex.store.vectors import VectorStore
 from tests.conftest import assert_rows_close, scheduler, tiny_unet
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,7 +30,7 @@ import sys, numpy as np, torch
 torch.set_num_threads(1)
 import gradindex as gi
 ckpts, data, out, resume = sys.argv[1].split(","), sys.argv[2], sys.argv[3], sys.argv[4] == "1"
-from gradindex.index.store import VectorStore
+from gradindex.store.vectors import VectorStore
 write = VectorStore.write_rows
 def reporting(self, start, *a):
     write(self, start, *a)

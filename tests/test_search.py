@@ -1,4 +1,4 @@
-"""Tests for gradindex.index.search: exact search against numpy brute force, recall of tuned
+"""Tests for gradindex.search.faiss_index: exact search against numpy brute force, recall of tuned
 approximate indexes on held-out rows (heavy-tailed TracIn norms included), build-time
 rejection of indexes that miss their target, save/load (plain FAISS and mmap), bad input."""
 
@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from gradindex.errors import IndexStateError, SearchError
-from gradindex.index import tuning as search_tuning
-from gradindex.index.search import SearchResult, VectorIndex, set_num_threads
+from gradindex.search import tuning as search_tuning
+from gradindex.search.faiss_index import SearchResult, VectorIndex, set_num_threads
 
 
 @pytest.fixture(autouse=True)
@@ -103,7 +103,7 @@ def test_bulk_batches_match_one_batch(monkeypatch: pytest.MonkeyPatch) -> None:
     q = clustered(23, 16, "retrac", seed=5)
     vi = VectorIndex.build(x, "tracin", kind="flat")
     whole = vi.search(q, 5)
-    monkeypatch.setattr("gradindex.index.search.QUERY_BATCH", 4)
+    monkeypatch.setattr("gradindex.search.faiss_index.QUERY_BATCH", 4)
     parts = vi.search(q, 5)
     np.testing.assert_array_equal(whole.rows, parts.rows)
     np.testing.assert_allclose(whole.scores, parts.scores, rtol=1e-5)  # BLAS vs scan rounding
@@ -180,7 +180,9 @@ def test_missed_target_can_raise_or_be_kept() -> None:
 
 @pytest.mark.parametrize("kind", ["hnsw", "ivf", "IVF16,SQ8"])
 def test_exact_equals_brute_force_on_approximate_index(kind: str, monkeypatch) -> None:
-    monkeypatch.setattr("gradindex.index.search._CHUNK_BYTES", 4096)  # IVF rows in several chunks
+    monkeypatch.setattr(
+        "gradindex.search.faiss_index._CHUNK_BYTES", 4096
+    )  # IVF rows in several chunks
     x = clustered(2500, 16, "tracin")
     q = np.random.default_rng(4).standard_normal((7, 16)).astype(np.float32)
     with warnings.catch_warnings():

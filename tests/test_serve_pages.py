@@ -246,7 +246,7 @@ def test_training_images_from_every_data_source_by_row(tmp_path):
 def test_build_records_the_data_source_absolute(built, monkeypatch):
     manifest = json.loads((built[0] / "idx" / "manifest.json").read_text())
     assert manifest["data_source"] == str((built[0] / "train.npy").resolve())
-    from gradindex.build import data_source
+    from gradindex.build.pipeline import data_source
 
     monkeypatch.chdir(built[0])
     assert data_source("train.npy") == str(built[0].resolve() / "train.npy")

@@ -10,9 +10,9 @@ import pytest
 from click.testing import CliRunner
 
 import gradindex as gi
+from gradindex.build.shards import merge_shards
 from gradindex.cli import main
-from gradindex.index.layout import MANIFEST, read_manifest, write_json_atomic
-from gradindex.scale.shards import merge_shards
+from gradindex.store.layout import MANIFEST, read_manifest, write_json_atomic
 from tests.test_shards import SPEC, whole_build
 
 
@@ -64,7 +64,7 @@ def test_shards_without_a_data_digest_merge_with_a_warning(setup, caplog):
         manifest = read_manifest(p)
         del manifest["shard"]["data_digest"]
         write_json_atomic(p / MANIFEST, manifest)
-    with caplog.at_level(logging.WARNING, logger="gradindex.scale.shards"):
+    with caplog.at_level(logging.WARNING, logger="gradindex.build.shards"):
         merged = merge_shards(root / "m_old", parts)
     assert "cannot check" in caplog.text
     np.testing.assert_array_equal(merged.ids, whole.ids)

@@ -10,11 +10,11 @@ from click.testing import CliRunner
 from diffusers import DDPMPipeline
 
 import gradindex as gi
+from gradindex.build.shards import merge_shards
 from gradindex.cli import main
 from gradindex.featurize.fidelity import format_fidelity
-from gradindex.index.store import VectorStore
 from gradindex.inputs.slices import parse_shard, shard_rows
-from gradindex.scale.shards import merge_shards
+from gradindex.store.vectors import VectorStore
 from tests.conftest import scheduler, tiny_unet
 
 SPEC = gi.BuildSpec(proj_dim=64, projection="sjlt", timesteps=3, noise_draws=2, batch_size=2)

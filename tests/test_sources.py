@@ -13,11 +13,11 @@ import pytest
 from PIL import Image
 
 import gradindex as gi
-from gradindex.index.store import VectorStore
 from gradindex.inputs.open_data import open_source, source_conditioning
 from gradindex.inputs.slices import digest_rows, shard_rows
 from gradindex.inputs.sources import ArraySource, prefetch
 from gradindex.inputs.tars import expand_braces
+from gradindex.store.vectors import VectorStore
 from tests.conftest import scheduler, tiny_unet
 
 SPEC = gi.BuildSpec(proj_dim=16, timesteps=1, batch_size=64)

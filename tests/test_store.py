@@ -1,4 +1,4 @@
-"""gradindex.index.store: what lands on disk, read back with plain h5py (not the store's own reader)."""
+"""gradindex.store.vectors: what lands on disk, read back with plain h5py (not the store's own reader)."""
 
 from __future__ import annotations
 

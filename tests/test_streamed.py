@@ -18,8 +18,8 @@ from gradindex.errors import MemoryBudgetError, SpecError
 from gradindex.featurize.budget import parse_memory
 from gradindex.featurize.embedding import Embedder, projection_seed
 from gradindex.featurize.projection import make_projector
-from gradindex.index.layout import MANIFEST
 from gradindex.inputs.models import load_checkpoints
+from gradindex.store.layout import MANIFEST
 from tests.conftest import scheduler, tiny_unet
 from tests.diffusion_refs import reference_rows
 

@@ -1,4 +1,4 @@
-"""Tests for gradindex.inputs.threads and the thread policy of gradindex.index.search: the caller's torch
+"""Tests for gradindex.inputs.threads and the thread policy of gradindex.search.faiss_index: the caller's torch
 threads survive builds and searches, FAISS runs on the threads it was given, and the OpenMP
 runtime a fresh ``gradindex`` process loads has a passive wait policy unless the user said
 otherwise."""
@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from gradindex.index.search import VectorIndex, batch_threads, set_num_threads
 from gradindex.inputs import threads
+from gradindex.search.faiss_index import VectorIndex, batch_threads, set_num_threads
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gradindex.build import build_index
+from gradindex.build.pipeline import build_index
 from gradindex.errors import SpecError
 from gradindex.spec import BuildSpec, draw_seed
 from tests.conftest import assert_rows_close, scheduler, tiny_unet

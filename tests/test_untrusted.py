@@ -21,8 +21,8 @@ from click.testing import CliRunner
 import gradindex as gi
 from gradindex.cli import main
 from gradindex.errors import IndexStateError
-from gradindex.index.layout import file_records
 from gradindex.spec import BuildSpec
+from gradindex.store.layout import file_records
 from tests.conftest import scheduler, tiny_unet
 
 

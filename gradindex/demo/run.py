@@ -17,13 +17,13 @@ from typing import Any
 
 import numpy as np
 
-from gradindex.build import build_index
+from gradindex.build.pipeline import build_index
 from gradindex.demo.sampling import sample_images
 from gradindex.demo.training import load_digits_images, small_unet_config, train_ddpm
 from gradindex.errors import IndexStateError
 from gradindex.eval.viz import attribution_grid, timestep_norm_plot
-from gradindex.index.backend import SearchResult
 from gradindex.query import SEARCH_METHODS, AttributionIndex, stored_method
+from gradindex.search.backend import SearchResult
 from gradindex.spec import BuildSpec
 
 logger = logging.getLogger(__name__)

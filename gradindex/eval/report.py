@@ -30,8 +30,8 @@ import numpy as np
 
 from gradindex.errors import IndexStateError, SearchError
 from gradindex.eval.viz import pyplot, timestep_norm_plot
-from gradindex.index.kernel import KERNEL_METHODS
 from gradindex.query import AttributionIndex
+from gradindex.store.kernel import KERNEL_METHODS
 
 logger = logging.getLogger(__name__)
 

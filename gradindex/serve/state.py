@@ -23,13 +23,13 @@ import numpy as np
 
 from gradindex.errors import GradIndexError
 from gradindex.eval.report import norm_by_timestep, reach
-from gradindex.index.kernel import KERNEL_METHODS
-from gradindex.index.layout import VECTORS
-from gradindex.index.store import VectorStore
 from gradindex.query import SEARCH_METHODS, AttributionIndex, stored_method
 from gradindex.serve.images import TrainingImages
 from gradindex.serve.limits import Limits
 from gradindex.serve.uploads import UploadError, parse_results
+from gradindex.store.kernel import KERNEL_METHODS
+from gradindex.store.layout import VECTORS
+from gradindex.store.vectors import VectorStore
 
 REACH_METHODS = ("tracin", "retrac")
 INFLUENTIAL_TOP = 10  # the report's "most found" list length

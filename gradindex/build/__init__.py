@@ -1,0 +1,1 @@
+"""Building an index folder: plan and check, write, shards and merge, torchrun, add."""

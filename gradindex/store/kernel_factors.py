@@ -1,0 +1,153 @@
+"""The eigen factors of one row set's per-checkpoint Grams, computed from the stored rows.
+
+G_c = Σ_z φ_c(z) φ_c(z)ᵀ has rank ≤ min(N, d), so it is never stored: ``kernel.h5`` keeps its
+top r eigenpairs (U_c [d, r] float32, Λ_c [r]), the mean μ_c of the eigenvalues left out, the
+trace and the top eigenvalue (the λ rule's inputs). A kernel query is then
+
+    (G_c + λ I)⁻¹ q = q / (λ + μ_c) + U_c diag(1 / (Λ_c + λ) − 1 / (λ + μ_c)) U_cᵀ q,
+
+exact when r is the rank (μ_c = 0), and one d × r product each way per checkpoint.
+
+How they are computed (always from the rows, never from a d × d inverse):
+- N ≤ d: the dual. K = Φ Φᵀ (N × N) = V S Vᵀ, U = Φᵀ V S^{-1/2}, all N eigenpairs exact.
+- N > d, d ≤ EIGH_MAX: the Gram streamed in float64, ``numpy.linalg.eigh``.
+- N > d > EIGH_MAX: the streamed Gram's top r by subspace iteration (a full eigh of 8192² takes
+  minutes), the left-out mean from the trace.
+
+r is the rank when the exact factors fit ``rank_bounds``'s cap; else at least its floor and
+every eigenvalue above KEEP_ABOVE · λ, up to the cap.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from gradindex.store.vectors import ChunkedRows
+
+EIGH_MAX = 4096
+"""Largest Gram side decomposed in full (numpy eigh of 4096² takes seconds; of 8192² minutes)."""
+KERNEL_BYTES = 64 * 2**20
+"""Most bytes the factors of both row sets may take on disk (and in memory when served)."""
+FREE_BYTES = 4 * 2**20
+"""Factors of one row set up to this size are always exact: their query transform reads them in
+well under a millisecond, whatever N."""
+ZERO = 1e-12
+"""Eigenvalues below ZERO × the top one are rounding, not rank."""
+KEEP_ABOVE = 0.03
+"""Eigenvalues above KEEP_ABOVE · λ are kept up to the cap, past the floor: one left out
+changes its direction's coefficient 1/(Λ + λ) by up to that share (replaced by the mean)."""
+LAMBDA_SCALE = 3.0
+"""s of the default λ_c = s · (trace(G_c) − ‖G_c‖₂) / d: the mean eigenvalue with the top one
+left out, which alone is ~99% of the trace of 'square'-loss rows and ~40-60% of 'mse' ones
+(one ridge rule then fits both). s was chosen once on 100 calibration digits of
+``benchmarks/bench_lds.py``, never on its LDS targets (``benchmarks/results/lds.md``)."""
+
+
+@dataclass
+class Factors:
+    """One row set's kernel factors: basis [C, d, r] float32 and eigenvalues [C, r] (zero
+    padded past a checkpoint's own rank), and per checkpoint the mean left-out eigenvalue,
+    trace and top eigenvalue, the rank kept and whether nothing non-zero was left out."""
+
+    basis: np.ndarray
+    eigenvalues: np.ndarray
+    tail: np.ndarray
+    trace: np.ndarray
+    top: np.ndarray
+    exact: bool
+
+
+def rank_bounds(num_rows: int, d: int, num_ckpts: int) -> tuple[int, int]:
+    """(floor, cap) of the eigenpairs a row set keeps. The floor: the larger of N / 4 (so the
+    transform, two passes over C·d·r floats, costs at most half an exact scan of the N·C·d
+    stored floats) and what FREE_BYTES holds; the cap: KERNEL_BYTES for both row sets. Between
+    them every eigenvalue above KEEP_ABOVE · λ is kept."""
+    per_pair = 4 * d * num_ckpts
+    cap = max(1, KERNEL_BYTES // (2 * per_pair))
+    return min(cap, max(1, num_rows // 4, FREE_BYTES // per_pair)), cap
+
+
+def lambda_rule(trace: float, top: float, d: int) -> float:
+    """λ = LAMBDA_SCALE · (trace − top eigenvalue) / d; trace / d in its place when the rows
+    span one direction, 1.0 when they are all zero (see ``gradindex.store.kernel``)."""
+    rest = trace - top if trace > 0 else 0.0
+    lam = LAMBDA_SCALE * (rest if rest > 1e-9 * trace else trace) / d
+    return lam if math.isfinite(lam) and lam > 0 else 1.0
+
+
+def checkpoint_blocks(rows, keep: np.ndarray, c: int, d: int, weight: float) -> Iterator:
+    """Checkpoint ``c``'s columns of the kept rows, φ = block / √w, float64, chunk by chunk."""
+    scale = 1.0 / np.sqrt(weight)
+    for _, block in ChunkedRows(rows, keep).chunks():
+        yield block[:, c * d : (c + 1) * d].astype(np.float64) * scale
+
+
+def top_eigenpairs(gram: np.ndarray, r: int) -> tuple[np.ndarray, np.ndarray]:
+    """(eigenvalues descending [r], vectors [n, r]) of a symmetric PSD matrix: every one by
+    eigh up to EIGH_MAX, else the top r by subspace iteration from a fixed start (reproducible)."""
+    n = len(gram)
+    if n <= EIGH_MAX:
+        w, v = np.linalg.eigh(gram)
+        return w[::-1][:r], v[:, ::-1][:, :r]
+    rng = np.random.default_rng(0)
+    q = np.linalg.qr(gram @ rng.standard_normal((n, min(n, r + 16))))[0]
+    for _ in range(4):  # power steps: the spectrum's tail falls off, four are plenty
+        q = np.linalg.qr(gram @ q)[0]
+    w, v = np.linalg.eigh(q.T @ gram @ q)
+    return w[::-1][:r], (q @ v[:, ::-1])[:, :r]
+
+
+def checkpoint_factors(
+    rows, keep: np.ndarray, c: int, d: int, weight: float, bounds: tuple[int, int]
+) -> tuple:
+    """(U [d, r], Λ [r], mean left-out eigenvalue, trace, top eigenvalue) of checkpoint c,
+    r within ``bounds`` = (floor, cap) as ``rank_bounds`` says."""
+    n, (floor, r) = len(keep), bounds
+    if n <= d:  # the dual: Φ is at most d × d floats
+        blocks = list(checkpoint_blocks(rows, keep, c, d, weight))
+        phi = np.concatenate(blocks) if blocks else np.zeros((0, d))
+        full = n <= EIGH_MAX
+        s, v = top_eigenpairs(phi @ phi.T, n if full else r)
+        trace = float(np.einsum("ij,ij->", phi, phi))
+    else:
+        gram = np.zeros((d, d))
+        for b in checkpoint_blocks(rows, keep, c, d, weight):
+            gram += b.T @ b
+        trace = float(np.trace(gram))
+        full = d <= EIGH_MAX
+        s, v = top_eigenpairs(gram, d if full else r)
+        phi = None
+    top = float(s[0]) if len(s) else 0.0
+    nonzero = int(np.sum(s > ZERO * top)) if top > 0 else 0
+    above = int(np.sum(s > KEEP_ABOVE * lambda_rule(trace, top, d)))
+    kept = min(r, nonzero, max(floor, above))
+    s_kept = s[:kept]
+    # the dual's U = Φᵀ V S^{-1/2}: unit columns, orthogonal
+    u = v[:, :kept] if phi is None else phi.T @ (v[:, :kept] / np.sqrt(s_kept))
+    left = nonzero - kept if full else min(n, d) - kept
+    tail = max(trace - float(s_kept.sum()), 0.0) / left if left > 0 else 0.0
+    return u, s_kept, tail, trace, top
+
+
+def row_set_factors(rows, keep: np.ndarray, weights, d: int, bounds: tuple[int, int]) -> Factors:
+    """Factors of every checkpoint of one row set (``rows``: its h5py dataset or array)."""
+    parts = [checkpoint_factors(rows, keep, c, d, w, bounds) for c, w in enumerate(weights)]
+    width = max([1] + [len(p[1]) for p in parts])
+    basis = np.zeros((len(parts), d, width), dtype=np.float32)
+    eig = np.zeros((len(parts), width))
+    for c, (u, s, *_rest) in enumerate(parts):
+        basis[c, :, : len(s)] = u
+        eig[c, : len(s)] = s
+    tail = np.array([p[2] for p in parts])
+    return Factors(
+        basis=basis,
+        eigenvalues=eig,
+        tail=tail,
+        trace=np.array([p[3] for p in parts]),
+        top=np.array([p[4] for p in parts]),
+        exact=bool(np.all(tail == 0)),
+    )
