@@ -442,7 +442,7 @@ def test_ctrl_c_is_one_line_with_what_to_do(tmp_path, monkeypatch, saved_checkpo
     def interrupted(**kw):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("gradindex.build.build_index", interrupted)
+    monkeypatch.setattr("gradindex.build.pipeline.build_index", interrupted)
     args = ["build", "-c", str(saved_checkpoints[0]), "-d", str(tmp_path / "d.npy")]
     res = CliRunner().invoke(main, [*args, "-o", str(tmp_path / "o"), "--proj-dim", "8"])
     assert res.exit_code == 1
