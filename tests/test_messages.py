@@ -211,6 +211,28 @@ def test_serve_with_checkpoint_answers_queries(moved, monkeypatch):
     assert r.status_code == 200, r.text[-300:]
 
 
+@pytest.mark.parametrize("given", ["missing", "one"])
+def test_serve_with_wrong_checkpoints_fails_at_start_not_at_a_first_query(
+    moved, monkeypatch, given
+):
+    """A --checkpoint that does not exist, or too few of them, stops `serve` before it listens
+    (it started and only the first query failed)."""
+    import uvicorn
+
+    root, _, new, _ = moved
+    started = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: started.append(app))
+    args = ["-c", root / "nowhere", "-c", new[1]] if given == "missing" else ["-c", new[0]]
+    code, lines = cli("serve", root / "idx", *args)
+    assert not started and code == 1
+    expected = (
+        f"Error: checkpoint 0, {root / 'nowhere'}: no such checkpoint folder"
+        if given == "missing"
+        else "Error: the index has 2 checkpoints but 1 were given"
+    )
+    assert lines == [expected]
+
+
 # -- a deleted manifest ----------------------------------------------------------------------------
 
 
