@@ -72,7 +72,13 @@ from gradindex.store.layout import (
     ids_digests,
     read_manifest,
 )
-from gradindex.store.records import check_records, check_shapes, recorded_checkpoints, summary
+from gradindex.store.records import (
+    check_given_sources,
+    check_records,
+    check_shapes,
+    recorded_checkpoints,
+    summary,
+)
 from gradindex.store.vectors import VectorStore
 
 logger = logging.getLogger(__name__)
@@ -116,6 +122,8 @@ class AttributionIndex:
         self.manifest = manifest
         self.spec = BuildSpec.from_dict(manifest["spec"])
         self.device = resolve_device(device)
+        if checkpoints is not None:
+            check_given_sources(manifest, checkpoints)
         self._checkpoint_sources = checkpoints
         self._scheduler = scheduler
         self._embedder: Embedder | None = None

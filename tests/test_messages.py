@@ -76,6 +76,52 @@ def test_pickled_bin_checkpoint_loads_with_one_warning(run_dir):
     ]
 
 
+@pytest.mark.parametrize(
+    ("where", "text", "why"),
+    [
+        ("unet/config.json", "{bad", "not a valid JSON config (Expecting property name"),
+        ("unet/config.json", "[1, 2]", "a config must be a JSON object, not list"),
+        ("scheduler/scheduler_config.json", "\xff\xfe", "not a valid JSON config ("),
+    ],
+)
+def test_a_damaged_config_is_one_line_naming_the_file(run_dir, where, text, why):
+    folder = shutil.copytree(run_dir / "full", run_dir / "damaged")
+    (folder / where).write_bytes(text.encode("latin-1"))
+    res = run("build", "-c", "damaged", "-d", "x.npy", "-o", "out", *SPEC, cwd=run_dir)
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    lines = (res.stdout + res.stderr).splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"Error: damaged/{where}: {why}"), lines
+
+
+@pytest.mark.parametrize(
+    ("edit", "expected"),
+    [
+        (
+            "drop",
+            "Error: other/unet: the weights file lacks 1 of the model's tensors (conv_in.bias)",
+        ),
+        ("reshape", "Error: other/unet: could not load the model ("),
+    ],
+)
+def test_weights_of_another_architecture_are_refused_naming_the_tensor(run_dir, edit, expected):
+    """A tensor missing from the weights file (diffusers would initialise it afresh and only log
+    it) or of another shape (torch's error announces a list on its first line and gives the
+    reason on the next) is one line naming the tensor."""
+    from safetensors.torch import save_file
+
+    folder = _without_weights(run_dir, "other")
+    weights = dict(tiny_unet(1).state_dict())
+    if edit == "drop":
+        del weights["conv_in.bias"]
+    else:
+        weights["conv_in.bias"] = torch.zeros(weights["conv_in.bias"].numel() + 1)
+    save_file(weights, folder / "unet" / "diffusion_pytorch_model.safetensors")
+    res = run("build", "-c", "other", "-d", "x.npy", "-o", "out", *SPEC, cwd=run_dir)
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    (line,) = [ln for ln in (res.stdout + res.stderr).splitlines() if ln.startswith("Error")]
+    assert line.startswith(expected) and "conv_in" in line, line
+
+
 class Payload:
     def __reduce__(self):
         return (os.system, ("touch PAYLOAD_RAN",))
@@ -163,6 +209,28 @@ def test_serve_with_checkpoint_answers_queries(moved, monkeypatch):
         data={"k": "3", "method": ["tracin"]},
     )  # fmt: skip
     assert r.status_code == 200, r.text[-300:]
+
+
+@pytest.mark.parametrize("given", ["missing", "one"])
+def test_serve_with_wrong_checkpoints_fails_at_start_not_at_a_first_query(
+    moved, monkeypatch, given
+):
+    """A --checkpoint that does not exist, or too few of them, stops `serve` before it listens
+    (it started and only the first query failed)."""
+    import uvicorn
+
+    root, _, new, _ = moved
+    started = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: started.append(app))
+    args = ["-c", root / "nowhere", "-c", new[1]] if given == "missing" else ["-c", new[0]]
+    code, lines = cli("serve", root / "idx", *args)
+    assert not started and code == 1
+    expected = (
+        f"Error: checkpoint 0, {root / 'nowhere'}: no such checkpoint folder"
+        if given == "missing"
+        else "Error: the index has 2 checkpoints but 1 were given"
+    )
+    assert lines == [expected]
 
 
 # -- a deleted manifest ----------------------------------------------------------------------------

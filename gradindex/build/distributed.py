@@ -167,6 +167,10 @@ def _raise_failures(
     outcome = None if error is None else (str(error).splitlines() or [type(error).__name__])[0]
     outcomes: list[str | None] = [None] * world
     dist.all_gather_object(outcomes, outcome)
+    # every rank past the all-gather before any raises or tears its connections down: a rank
+    # destroying the group while a peer still completes the gather can abort that peer (seen
+    # once in CI: "terminate called without an active exception" on rank 1)
+    dist.barrier()
     if error is not None:
         raise error
     failed = [(r, o) for r, o in enumerate(outcomes) if o is not None]

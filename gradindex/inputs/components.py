@@ -20,10 +20,25 @@ import torch
 from gradindex.errors import ModelError
 
 
+def read_config(path: Path) -> dict[str, Any]:
+    """A component's JSON config as a dict; a damaged one (not UTF-8, not JSON, not an object)
+    is a one-line ModelError naming the file, not a decoder traceback."""
+    try:
+        value = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelError(
+            f"{path}: not a valid JSON config ({str(exc).splitlines()[0]}); the checkpoint "
+            "folder is damaged: save the model again with save_pretrained"
+        ) from None
+    if not isinstance(value, dict):
+        raise ModelError(f"{path}: a config must be a JSON object, not {type(value).__name__}")
+    return value
+
+
 def load_model(model_dir: Path) -> torch.nn.Module:
     import diffusers
 
-    cls_name = json.loads((model_dir / "config.json").read_text()).get("_class_name", "UNet2DModel")
+    cls_name = read_config(model_dir / "config.json").get("_class_name", "UNet2DModel")
     cls = diffusers_class(cls_name, diffusers.ModelMixin)
     if cls is None:
         raise ModelError(
@@ -32,12 +47,33 @@ def load_model(model_dir: Path) -> torch.nn.Module:
         )
     safetensors = weights_format(model_dir)  # diffusers' own multi-line fetch text avoided
     try:
-        model = cls.from_pretrained(model_dir, low_cpu_mem_usage=False, use_safetensors=safetensors)
+        model, info = cls.from_pretrained(
+            model_dir,
+            low_cpu_mem_usage=False,
+            use_safetensors=safetensors,
+            output_loading_info=True,
+        )
     except (OSError, ValueError, RuntimeError) as exc:
+        raise ModelError(f"{model_dir}: could not load the model ({_reason(exc)})") from None
+    missing = list(info.get("missing_keys") or []) + list(info.get("mismatched_keys") or [])
+    if missing:  # diffusers would fill them with fresh initial values and say so only in a log
+        names = ", ".join(str(m if isinstance(m, str) else m[0]) for m in missing[:3])
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         raise ModelError(
-            f"{model_dir}: could not load the model ({str(exc).splitlines()[0]})"
-        ) from None
+            f"{model_dir}: the weights file lacks {len(missing)} of the model's tensors "
+            f"({names}{more}); it was saved from another architecture or is incomplete"
+        )
     return model.eval()
+
+
+def _reason(exc: BaseException) -> str:
+    """One line from a loader's error: its first line, and the next one where the first only
+    announces a list (torch's "Error(s) in loading state_dict for UNet2DModel:")."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+    first = lines[0]
+    if first.endswith(":") and len(lines) > 1:
+        first = f"{first} {lines[1]}"
+    return first if len(first) <= 300 else first[:297] + "..."
 
 
 def weights_format(folder: Path) -> bool:
@@ -67,7 +103,7 @@ def load_scheduler(path: Path) -> Any:
     cfg_file = path / "scheduler_config.json"
     if not cfg_file.exists():
         raise ModelError(f"{path}: no scheduler_config.json")
-    cls_name = json.loads(cfg_file.read_text()).get("_class_name", "DDPMScheduler")
+    cls_name = read_config(cfg_file).get("_class_name", "DDPMScheduler")
     cls = diffusers_class(cls_name, diffusers.SchedulerMixin)
     if cls is None:
         if str(cls_name) in dir(diffusers):  # names something else of diffusers
@@ -117,9 +153,7 @@ def load_component(folder: Path, name: str) -> Any:
         if name == "vae":
             import diffusers
 
-            cls_name = json.loads((folder / "config.json").read_text()).get(
-                "_class_name", "AutoencoderKL"
-            )
+            cls_name = read_config(folder / "config.json").get("_class_name", "AutoencoderKL")
             cls = diffusers_class(cls_name, diffusers.ModelMixin) or diffusers.AutoencoderKL
             return cls.from_pretrained(folder).eval()
         try:
@@ -130,9 +164,7 @@ def load_component(folder: Path, name: str) -> Any:
             ) from None
         if name == "tokenizer":
             return transformers.AutoTokenizer.from_pretrained(str(folder))
-        arch = json.loads((folder / "config.json").read_text()).get("architectures") or [
-            "CLIPTextModel"
-        ]
+        arch = read_config(folder / "config.json").get("architectures") or ["CLIPTextModel"]
         cls = getattr(transformers, str(arch[0]), None)
         if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
             cls = transformers.CLIPTextModel  # a config names a model class, nothing else

@@ -4,6 +4,7 @@ checkpoints given at query time, and summarised for ``AttributionIndex.info`` / 
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -121,8 +122,7 @@ def recorded_checkpoints(
                     "checkpoint folders' new places in build order (query / serve --checkpoint "
                     "DIR, once each; AttributionIndex.open(path, checkpoints=[...]))"
                 )
-    if len(sources) != len(records):
-        raise ModelError(f"the index has {len(records)} checkpoints but {len(sources)} were given")
+    check_given_sources(manifest, sources)
     precondition = manifest["spec"].get("precondition", "none")
     scheduler = scheduler if scheduler is not None else recorded_scheduler(records)
     weights = manifest.get("weights")  # None: built before the choice was recorded
@@ -133,6 +133,17 @@ def recorded_checkpoints(
         ckpts, records, given if given_sources else f"{changed} changed; rebuild the index"
     )
     return ckpts
+
+
+def check_given_sources(manifest: dict[str, Any], sources: list[CheckpointSource]) -> None:
+    """What can be checked of checkpoints given for an index without loading them: their count,
+    and that each folder exists, so ``serve --checkpoint`` fails at start, not at a first query."""
+    records = manifest["checkpoints"]
+    if len(sources) != len(records):
+        raise ModelError(f"the index has {len(records)} checkpoints but {len(sources)} were given")
+    for i, src in enumerate(sources):
+        if isinstance(src, str | os.PathLike) and not Path(src).exists():
+            raise ModelError(f"checkpoint {i}, {src}: no such checkpoint folder")
 
 
 def recorded_scheduler(records: list[dict[str, Any]]) -> str | None:
