@@ -13,17 +13,12 @@ Holds ``AttributionIndex``:
     AttributionIndex.open(DIR, milvus=URI)           # the collections 'gradindex export' made
     AttributionIndex.open(DIR, backends={"tracin": b1, ...})  # any index.backend.SearchBackend
 
-Search backends: one per stored method (``self.backends``), answering in vectors.h5 row numbers
-(:mod:`gradindex.search.backend`): the folder's FAISS indexes, Milvus collections, or any other.
-
+Search backends (:mod:`gradindex.search.backend`): one per stored method, in vectors.h5 rows.
 Methods: the stored ones (``METHODS``: tracin, retrac) have their own rows and search index;
-``SEARCH_METHODS`` adds the kernel ones (``trak``, ``retrak``: :mod:`gradindex.store.kernel`),
-which search ``stored_method(method)``'s index with a kernel-transformed query, and
-``influence`` (``query_influence``).
-
-Checkpoints are loaded lazily (only ``embed``/``query`` need them), refused if they are not the
-ones the index was built from (``gradindex.store.records``).
-"""
+``SEARCH_METHODS`` adds ``trak`` / ``retrak`` (:mod:`gradindex.store.kernel`: a kernel-transformed
+query on ``stored_method(method)``'s index) and ``influence`` (``query_influence``).
+Checkpoints load lazily (only ``embed``/``query`` need them), refused unless they are the
+index's (``gradindex.store.records``)."""
 
 from __future__ import annotations
 
@@ -122,18 +117,14 @@ class AttributionIndex:
         self.manifest = manifest
         self.spec = BuildSpec.from_dict(manifest["spec"])
         self.device = resolve_device(device)
-        if checkpoints is not None:
-            check_given_sources(manifest, checkpoints)
+        check_given_sources(manifest, checkpoints)  # count and folders now, weights when loaded
         self._checkpoint_sources = checkpoints
         self._scheduler = scheduler
         self._embedder: Embedder | None = None
         # sizes only: cheap; kernel.h5 when a kernel method reads it (not stopping tracin)
-        problems = check_files(path, manifest, checksums=False, skip=(KERNEL,))
-        if problems:
-            raise IndexStateError(
-                f"{problems[0]}; rebuild the index"
-                + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else "")
-            )
+        if problems := check_files(path, manifest, checksums=False, skip=(KERNEL,)):
+            more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
+            raise IndexStateError(f"{problems[0]}; rebuild the index{more}")
         with VectorStore.open(path / VECTORS) as store:
             store.check_manifest(manifest)  # another build's file, spec or shape
             # read on demand (a search reads its k ids): memory independent of N

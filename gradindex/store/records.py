@@ -135,9 +135,12 @@ def recorded_checkpoints(
     return ckpts
 
 
-def check_given_sources(manifest: dict[str, Any], sources: list[CheckpointSource]) -> None:
+def check_given_sources(manifest: dict[str, Any], sources: list[CheckpointSource] | None) -> None:
     """What can be checked of checkpoints given for an index without loading them: their count,
-    and that each folder exists, so ``serve --checkpoint`` fails at start, not at a first query."""
+    and that each folder exists, so ``serve --checkpoint`` fails at start, not at a first query
+    (None: the recorded ones, checked when loaded)."""
+    if sources is None:
+        return
     records = manifest["checkpoints"]
     if len(sources) != len(records):
         raise ModelError(f"the index has {len(records)} checkpoints but {len(sources)} were given")
