@@ -101,6 +101,8 @@ device_option = click.option(
 
 
 def spec_options(func: Any) -> Any:
+    """One option per BuildSpec field, its help the field's own doc; all default to None, so
+    ``spec_from_options`` can tell what was given from what --config or the spec fills."""
     for f in reversed(dataclasses.fields(BuildSpec)):
         if f.name in _SKIP:
             continue
@@ -156,6 +158,7 @@ def _type_error(name: str, value: Any) -> bool:
 
 
 def spec_from_options(config: str | None, options: dict[str, Any]) -> BuildSpec:
+    """The spec: --config's fields, overridden by the options given (popped from ``options``)."""
     base = _read_config(config) if config else {}
     for f in dataclasses.fields(BuildSpec):
         value = options.pop(f.name, None)
