@@ -14,7 +14,7 @@ from gradindex.serve.uploads import parse_results
 
 # two queries, k = 3; ids are the sample ids a folder index gives (file names)
 TRACIN = SearchResult(
-    scores=np.array([[0.5, 0.25, 0.125], [2.0, 1.0, -1.5]], dtype=np.float32),
+    scores=np.array([[0.5, 0.25, 0.1234567], [2.0, 1.0, -1.5]], dtype=np.float32),
     ids=np.array([["c.png", "a.png", "e.png"], ["b.png", "c.png", "d.png"]]),
     rows=np.array([[2, 0, 4], [1, 2, 3]], dtype=np.int64),
 )
@@ -48,7 +48,7 @@ def expected_records() -> list[dict]:
 
 def test_terminal_lines_and_json_records():
     assert result_lines(RESULTS, NAMES, as_json=False) == [
-        "tracin query q1.png: c.png:0.5, a.png:0.25, e.png:0.125",
+        "tracin query q1.png: c.png:0.5, a.png:0.25, e.png:0.1235",
         "tracin query q2.png: b.png:2, c.png:1, d.png:-1.5",
         "retrac query q1.png: a.png:0.9, b.png:0.8, c.png:0.7",
         "retrac query q2.png: e.png:0.6, d.png:0.5, a.png:0.4",
@@ -64,7 +64,9 @@ def test_terminal_lines_and_json_records():
 def test_jsonl_file_is_read_back_by_serve(tmp_path):
     out = tmp_path / "r.jsonl"
     assert write_results(RESULTS, NAMES, None, str(out)) == f"wrote 4 records to {out}"
-    lines = out.read_text().splitlines()
+    text = out.read_text()
+    assert text.endswith("}\n")  # one record a line, each line ended
+    lines = text.splitlines()
     assert [json.loads(ln) for ln in lines] == expected_records()
     shown = parse_results(out.read_text(), "r.jsonl", INDEX_IDS, Limits())
     assert [q["query"] for q in shown] == ["q1.png", "q2.png"]
