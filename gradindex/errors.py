@@ -1,7 +1,7 @@
 """Exception types for user-facing mistakes.
 
 Every error a user can cause derives from :class:`GradIndexError`; the CLI turns these into a
-one-line ``Error: ...`` message and a non-zero exit code in one place (``cli.py``).
+one-line ``Error: ...`` message and a non-zero exit code in one place (``cli/main.py``).
 """
 
 from __future__ import annotations

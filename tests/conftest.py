@@ -118,7 +118,7 @@ def run(*args):
     """The CLI run in-process on these arguments (click's CliRunner)."""
     from click.testing import CliRunner
 
-    from gradindex.cli import main
+    from gradindex.cli.main import main
 
     return CliRunner().invoke(main, [str(a) for a in args])
 

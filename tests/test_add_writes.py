@@ -15,7 +15,7 @@ from click.testing import CliRunner
 import gradindex as gi
 from gradindex.build import shards
 from gradindex.build.append import add_samples
-from gradindex.cli import main
+from gradindex.cli.main import main
 from gradindex.search.faiss_index import VectorIndex
 from gradindex.store import kernel, lifecycle
 from gradindex.store.vectors import VectorStore

@@ -15,7 +15,7 @@ from PIL import Image
 
 import gradindex as gi
 from gradindex.build.append import add_samples
-from gradindex.cli import main
+from gradindex.cli.main import main
 from gradindex.search.faiss_index import VectorIndex
 from gradindex.store import lifecycle
 from gradindex.store.vectors import VectorStore

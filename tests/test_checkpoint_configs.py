@@ -15,7 +15,7 @@ from diffusers import DDPMPipeline
 import gradindex as gi
 from gradindex.build.append import add_samples
 from gradindex.build.shards import merge_shards
-from gradindex.cli import main
+from gradindex.cli.main import main
 from gradindex.store.layout import MANIFEST, read_manifest, write_json_atomic
 from tests.conftest import assert_rows_close, scheduler, tiny_unet
 

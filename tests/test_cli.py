@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from gradindex.cli import main
+from gradindex.cli.main import main
 from tests.conftest import run
 
 SPEC = ["--proj-dim", "64", "--timesteps", "2", "--batch-size", "4"]
@@ -253,7 +253,7 @@ def test_info_summary_shows_keys_it_does_not_know(built_dir):
     """A key added to AttributionIndex.info() later still shows, one line, nested keys
     dotted."""
     import gradindex as gi
-    from gradindex.cli import format_info
+    from gradindex.store.describe import format_info
 
     info = gi.AttributionIndex.open(built_dir).info()
     info["audit"] = {"rows": 48, "tracin": {"top10_overlap": 0.833333, "ok": False}}
@@ -297,3 +297,30 @@ def test_report_prints_a_summary_of_its_json(built_dir):
         m["retrac"]["self_retrieval"]["rank1"],
     ]
     assert "{" not in res.stdout
+
+
+def test_help_loads_no_model_search_or_store_code():
+    """Commands import their stage when they run: `python -m gradindex.cli --help` (the
+    torchrun entry) lists every command without loading diffusers, FAISS or h5py."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import runpy, sys\n"
+        "sys.argv = ['gradindex', '--help']\n"
+        "try:\n"
+        "    runpy.run_module('gradindex.cli', run_name='__main__')\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'diffusers', 'faiss', 'h5py'}))\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    *help_text, loaded = out.stdout.splitlines()
+    listed = [ln.split()[0] for ln in help_text[help_text.index("Commands:") + 1 :] if ln.strip()]
+    assert " ".join(listed) == "add build demo export factors info kernel merge query report serve"
+    assert loaded == "[]"

@@ -146,7 +146,7 @@ def test_bad_labels(tmp_path, images):
 def test_cli_labels(tmp_path, images):
     from click.testing import CliRunner
 
-    from gradindex.cli import main
+    from gradindex.cli.main import main
 
     folder = tmp_path / "run"
     class_unet(5).save_pretrained(folder / "unet")
@@ -235,7 +235,7 @@ def test_an_npz_is_read_once_for_images_and_labels(tmp_path, images, monkeypatch
     twice: once for the images, again for the labels)."""
     from click.testing import CliRunner
 
-    from gradindex.cli import main
+    from gradindex.cli.main import main
     from gradindex.inputs.conditioning import read_inputs
 
     path = tmp_path / "train.npz"
@@ -284,7 +284,7 @@ def test_query_folder_of_some_classes_takes_the_index_numbers(tmp_path, images):
     its own; its labels reach the index as names, so 'eel' is the index's class 2, not 1."""
     from click.testing import CliRunner
 
-    from gradindex.cli import main
+    from gradindex.cli.main import main
     from gradindex.inputs.conditioning import query_inputs
 
     names = ["cat", "dog", "eel"]

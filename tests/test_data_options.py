@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 import gradindex as gi
 from gradindex.build.write import _report_waiting
-from gradindex.cli import main
+from gradindex.cli.main import main
 from gradindex.serve.images import TrainingImages
 from gradindex.store.vectors import VectorStore
 from tests.test_sources import _digits, _hf_dataset, _png, write_tars

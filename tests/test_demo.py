@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from gradindex.cli import main
+from gradindex.cli.main import main
 from gradindex.demo.run import DemoSettings, run_demo
 
 

@@ -14,7 +14,7 @@ import click
 import pytest
 
 import gradindex
-from gradindex.cli import main
+from gradindex.cli.main import main
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"

@@ -16,7 +16,7 @@ from scipy.stats import spearmanr
 
 import gradindex as gi
 import gradindex.featurize.fidelity
-from gradindex.cli import main
+from gradindex.cli.main import main
 from gradindex.errors import SpecError
 from gradindex.featurize.embedding import projection_seed
 from gradindex.featurize.fidelity import _second_seed

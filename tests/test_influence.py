@@ -12,7 +12,7 @@ import torch
 from click.testing import CliRunner
 
 import gradindex as gi
-from gradindex.cli import main
+from gradindex.cli.main import main
 from gradindex.errors import IndexStateError, SearchError, SpecError
 from gradindex.featurize.gradients import GradientFeaturizer
 from gradindex.featurize.kfac import FactorEstimator, estimate_factors, factorable, ggn_loss

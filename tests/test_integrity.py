@@ -19,7 +19,7 @@ import torch
 from click.testing import CliRunner
 
 import gradindex as gi
-from gradindex.cli import main
+from gradindex.cli.main import main
 from gradindex.errors import IndexStateError, ModelError, SearchError, SpecError
 from gradindex.inputs.models import load_checkpoint
 from gradindex.search.faiss_index import VectorIndex

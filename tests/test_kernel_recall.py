@@ -12,7 +12,7 @@ from diffusers import DDPMPipeline
 
 import gradindex as gi
 import gradindex.build.write as gbuild
-from gradindex.cli import main
+from gradindex.cli.main import main
 from gradindex.search.kernel_recall import recall_queries
 from gradindex.store.vectors import VectorStore
 from tests.conftest import scheduler, tiny_unet

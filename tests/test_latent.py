@@ -20,7 +20,7 @@ from click.testing import CliRunner  # noqa: E402
 from diffusers import DDPMScheduler, UNet2DConditionModel  # noqa: E402
 
 import gradindex as gi  # noqa: E402
-from gradindex.cli import main  # noqa: E402
+from gradindex.cli.main import main  # noqa: E402
 from tests.diffusion_refs import (  # noqa: E402
     CAPTIONS,
     reference_inputs,

@@ -18,7 +18,7 @@ from torch import nn
 
 import gradindex as gi
 from gradindex.build.append import add_samples
-from gradindex.cli import main
+from gradindex.cli.main import main
 from gradindex.featurize import gradients
 from gradindex.store.vectors import VectorStore
 from tests.conftest import assert_rows_close, scheduler, tiny_unet

@@ -146,7 +146,7 @@ def test_lora_cli_worked_example(tmp_path, sd_run, lora_run, caption_folder):
     from click.testing import CliRunner
     from transformers import CLIPTextModel
 
-    from gradindex.cli import main
+    from gradindex.cli.main import main
 
     base = tmp_path / "sd-base"
     shutil.copytree(sd_run, base)

@@ -16,7 +16,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from gradindex.cli import main
+from gradindex.cli.main import main
 from tests.conftest import scheduler, tiny_unet
 
 REPO = Path(__file__).resolve().parents[1]

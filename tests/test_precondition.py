@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 
 import gradindex as gi
-from gradindex.cli import main
+from gradindex.cli.main import main
 from gradindex.demo import training
 from gradindex.demo.training import small_unet_config, train_ddpm
 from gradindex.inputs.models import load_checkpoints

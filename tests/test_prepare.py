@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 import gradindex as gi
-from gradindex.cli import main
+from gradindex.cli.main import main
 from gradindex.inputs.open_data import open_source
 from gradindex.inputs.prepare import prepare_image
 from tests.conftest import scheduler, tiny_unet

@@ -19,7 +19,7 @@ import pytest
 from click.testing import CliRunner
 
 import gradindex as gi
-from gradindex.cli import main
+from gradindex.cli.main import main
 from gradindex.store.vectors import VectorStore
 from tests.conftest import assert_rows_close, scheduler, tiny_unet
 

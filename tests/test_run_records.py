@@ -19,7 +19,7 @@ import torch
 from click.testing import CliRunner
 
 from gradindex import AttributionIndex
-from gradindex.cli import main
+from gradindex.cli.main import main
 from gradindex.errors import ModelError, SpecError
 from gradindex.inputs.run_records import (
     RunRecord,

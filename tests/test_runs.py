@@ -18,7 +18,7 @@ import torch
 from click.testing import CliRunner
 
 import gradindex as gi
-from gradindex.cli import main
+from gradindex.cli.main import main
 from gradindex.inputs.models import load_checkpoints
 from gradindex.inputs.optimizer_state import find_optimizer_file
 from tests.conftest import scheduler

@@ -155,7 +155,7 @@ def test_browser_requests_outside_the_index_are_refused(server, page, built):
 def test_browser_results_file_pages_through_queries(server, page, index, tmp_path):
     from click.testing import CliRunner
 
-    from gradindex.cli import main
+    from gradindex.cli.main import main
 
     queries = np.stack([query_pixels(s) for s in (2, 3, 4)])[:, None]
     np.save(tmp_path / "q.npy", queries)

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from gradindex.cli import main
+from gradindex.cli.main import main
 from tests import serve_helpers as sh
 from tests.serve_helpers import Limits, TestClient, create_app, png_of, query_pixels
 

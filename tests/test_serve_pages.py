@@ -157,7 +157,7 @@ def test_cli_serve_binds_loopback_by_default(index, monkeypatch):
     import uvicorn
     from click.testing import CliRunner
 
-    from gradindex.cli import main
+    from gradindex.cli.main import main
 
     seen = {}
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(kw, app=app))
@@ -289,7 +289,7 @@ def test_the_demo_prints_a_browse_command_that_shows_its_training_images(tmp_pat
     from click.testing import CliRunner
     from PIL import Image
 
-    from gradindex.cli import main
+    from gradindex.cli.main import main
 
     res = CliRunner().invoke(main, ["demo", "--out", str(tmp_path / "demo"), "--quick"])
     assert res.exit_code == 0, res.output
@@ -342,7 +342,7 @@ def test_uploaded_files_answer_as_the_cli_query_of_the_same_files(client, index,
     from click.testing import CliRunner
     from PIL import Image
 
-    from gradindex.cli import main
+    from gradindex.cli.main import main
 
     wide = (np.random.default_rng(3).random((8, 8)) * 65535).astype(np.uint16)
     Image.fromarray(wide).save(tmp_path / "wide.png")

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 import gradindex as gi
 from gradindex.build.shards import merge_shards
-from gradindex.cli import main
+from gradindex.cli.main import main
 from gradindex.store.layout import MANIFEST, read_manifest, write_json_atomic
 from tests.test_shards import SPEC, whole_build
 

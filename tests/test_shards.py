@@ -11,7 +11,7 @@ from diffusers import DDPMPipeline
 
 import gradindex as gi
 from gradindex.build.shards import merge_shards
-from gradindex.cli import main
+from gradindex.cli.main import main
 from gradindex.featurize.fidelity import format_fidelity
 from gradindex.inputs.slices import parse_shard, shard_rows
 from gradindex.store.vectors import VectorStore

@@ -344,7 +344,7 @@ def test_cli_builds_from_tars_and_parquet_and_bad_data_is_one_error_line(
 ):
     from click.testing import CliRunner
 
-    from gradindex.cli import main
+    from gradindex.cli.main import main
 
     _, _, files, _ = digits
     data, want_ids = files[fmt]
@@ -470,7 +470,7 @@ def test_an_imagefolder_with_metadata_csv_carries_its_captions(tmp_path):
 def test_build_help_names_every_data_format():
     from click.testing import CliRunner
 
-    from gradindex.cli import main
+    from gradindex.cli.main import main
 
     text = " ".join(CliRunner().invoke(main, ["build", "--help"]).output.split())
     for fmt in (".npy/.npz", "file.h5:/dataset", "folder of images", "save_to_disk", ".parquet",

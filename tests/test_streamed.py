@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 import gradindex as gi
 import gradindex.featurize.budget as budget
-from gradindex.cli import main
+from gradindex.cli.main import main
 from gradindex.errors import MemoryBudgetError, SpecError
 from gradindex.featurize.budget import parse_memory
 from gradindex.featurize.embedding import Embedder, projection_seed

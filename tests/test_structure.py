@@ -27,15 +27,14 @@ LAYERS = [
     ("gradindex.demo", "gradindex.serve"),
     ("gradindex.cli", "gradindex"),
 ]
-# the one place function-level imports are allowed: the CLI imports each command's stage only
-# when that command runs, so `gradindex --help` does not load torch, diffusers and FAISS
+# the one place function-level imports are allowed: the cli package's modules import each
+# command's stage only when that command runs, so `gradindex --help` does not load diffusers,
+# FAISS or h5py
 LAZY_IMPORTS_ALLOWED = {"gradindex.cli"}
 MAX_MODULE_LINES = 400
 MAX_FUNCTION_LINES = 80
 # stated reasons for the few pieces over the limits
-LONG_MODULES: dict[str, str] = {
-    "gradindex.cli": "one click command per subcommand; each is a thin wrapper over the library",
-}
+LONG_MODULES: dict[str, str] = {}
 LONG_FUNCTIONS: dict[str, str] = {}
 
 
@@ -142,10 +141,16 @@ def test_no_import_cycles() -> None:
             visit(node)
 
 
+def lazy_imports_allowed(path: str) -> bool:
+    """Whether the file (relative to the repository) is, or is inside, a LAZY_IMPORTS_ALLOWED
+    module or package."""
+    name = module_name(PACKAGE.parent / path)
+    return any(name == m or name.startswith(m + ".") for m in LAZY_IMPORTS_ALLOWED)
+
+
 def test_no_function_level_imports_outside_the_cli() -> None:
     _, lazy = import_graph()
-    allowed = {m.replace(".", "/") + ".py" for m in LAZY_IMPORTS_ALLOWED}
-    bad = [line for line in lazy if line.split(":")[0] not in allowed]
+    bad = [line for line in lazy if not lazy_imports_allowed(line.split(":")[0])]
     assert not bad, "function-level gradindex imports:\n" + "\n".join(bad)
 
 
@@ -181,6 +186,8 @@ def test_the_checks_see_a_planted_violation(tmp_path: Path) -> None:
     inner = [d for n in ast.walk(tree.body[1]) for d in _imported(n, known)]
     assert top == ["gradindex.query"] and inner == ["gradindex.cli"]
     assert layer_of("gradindex.query") > layer_of("gradindex.store.vectors")
+    assert lazy_imports_allowed("gradindex/cli/query_commands.py")
+    assert not lazy_imports_allowed("gradindex/store/describe.py")
 
 
 def test_benchmarks_import_only_gradindex_names_that_exist():

@@ -149,7 +149,7 @@ def test_openmp_defaults_respect_the_users_settings(monkeypatch, tmp_path) -> No
 
 def openmp_settings(env: dict[str, str]) -> str:
     """libgomp's own report (OMP_DISPLAY_ENV) of a fresh process that starts like the CLI."""
-    code = "import gradindex.cli, torch; torch.ones(4).sum()"
+    code = "import gradindex.cli.main, torch; torch.ones(4).sum()"
     env = {**env, "PYTHONPATH": str(ROOT), "OMP_DISPLAY_ENV": "VERBOSE"}
     out = subprocess.run(
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120

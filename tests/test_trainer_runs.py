@@ -25,7 +25,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from gradindex.cli import main
+from gradindex.cli.main import main
 from tests.conftest import scheduler, tiny_unet
 from tests.diffusion_refs import rel_err
 from tests.test_trained_loss import reference

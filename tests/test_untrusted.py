@@ -19,7 +19,7 @@ import pytest
 from click.testing import CliRunner
 
 import gradindex as gi
-from gradindex.cli import main
+from gradindex.cli.main import main
 from gradindex.errors import IndexStateError
 from gradindex.spec import BuildSpec
 from gradindex.store.layout import file_records
