@@ -41,7 +41,7 @@ from gradindex.featurize.scratch import scratch
 from gradindex.featurize.taps import HookError
 from gradindex.inputs.models import Checkpoint, model_output
 from gradindex.inputs.optimizer_state import flat_scale
-from gradindex.spec import BuildSpec
+from gradindex.spec import METHODS, BuildSpec
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ class Features:
     retrac: torch.Tensor  # [B, p]  r_c = mean_k ḡ_k / ‖ḡ_k‖
     norms: torch.Tensor  # [B, K·M] ‖g_{k,m}‖ per draw, draws in spec order
 
-    FIELDS = ("tracin", "retrac", "norms")
+    FIELDS = (*METHODS, "norms")
 
 
 # Items per gradient call: the default batch (16 images x 10 timesteps) in one call. Measured on

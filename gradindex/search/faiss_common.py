@@ -34,10 +34,10 @@ import numpy as np
 
 from gradindex.errors import SearchError, WriteError
 from gradindex.inputs.threads import available_cpus
+from gradindex.spec import METHODS
+from gradindex.store.layout import FORMAT_VERSION
 
-METHODS = ("tracin", "retrac")
 ON_MISS = ("fallback", "warn", "raise")
-FORMAT_VERSION = 1
 BLAS_MIN_QUERIES = 4  # batches this large or larger take FAISS's BLAS path
 _num_threads: int | None = None
 
