@@ -7,6 +7,9 @@ or a stage importing a later one fails here with the offending file and line.
 from __future__ import annotations
 
 import ast
+import io
+import re
+import tokenize
 from pathlib import Path
 from typing import Any
 
@@ -299,6 +302,56 @@ def test_the_new_checks_see_planted_violations() -> None:
     ]
     gone = {"b": one["b"]}
     assert len(duplicated_constants(gone)) == 3
+
+
+# a timing or speed-up in a docstring or comment: it goes stale; figures live in docs/ and
+# benchmarks/results/ (issue 28)
+TIMING = re.compile(
+    r"\d\s?(ms|µs)\b|\d\s?[x×]\s(faster|slower)|\d%\s(faster|slower|less time)"
+    r"|[Mm]easured (here|on (the|one|a|two)\b)|\bon (two|2) cores\b|steps/s"
+)
+
+
+def timings_in_prose(src: str) -> list[tuple[int, str]]:
+    """(line, match) of each timing in the docstrings, string statements and comments of src."""
+    texts = [
+        (tok.start[0], tok.string)
+        for tok in tokenize.generate_tokens(io.StringIO(src).readline)
+        if tok.type == tokenize.COMMENT
+    ]
+    texts += [
+        (node.lineno, node.value.value)
+        for node in ast.walk(ast.parse(src))
+        if isinstance(node, ast.Expr)
+        and isinstance(node.value, ast.Constant)
+        and isinstance(node.value.value, str)
+    ]
+    return [(line, m.group(0)) for line, text in texts for m in TIMING.finditer(text)]
+
+
+def test_no_timings_in_docstrings_or_comments() -> None:
+    bad = [
+        f"{name}:{line} {found!r}"
+        for name, path in modules().items()
+        for line, found in timings_in_prose(path.read_text())
+    ]
+    assert not bad, "timings belong in docs/ or benchmarks/results/:\n" + "\n".join(bad)
+
+
+def test_the_timing_check_sees_planted_timings() -> None:
+    """Docstrings and comments are read; a message string (program output) is not."""
+    src = (
+        '"""Fast: measured here, 0.66 ms a query."""\n'
+        "x = 1  # 1.35× faster per call\n"
+        "def f():\n    '''12% faster than two calls.'''\n"
+        "msg = 'a message with 5 ms in it is output, not prose'\n"
+    )
+    assert timings_in_prose(src) == [
+        (2, "5× faster"),
+        (1, "measured here"),
+        (1, "6 ms"),
+        (4, "2% faster"),
+    ]
 
 
 def test_benchmarks_import_only_gradindex_names_that_exist():
