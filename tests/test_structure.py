@@ -354,6 +354,34 @@ def test_the_timing_check_sees_planted_timings() -> None:
     ]
 
 
+def modules_no_test_imports(tests: Path) -> list[str]:
+    """gradindex modules with code (not a docstring-only package ``__init__``) that no file
+    under ``tests`` imports by name (``import m``, ``from m import x``, ``from pkg import m``)."""
+    imported: set[str] = set()
+    for path in tests.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported.update(a.name for a in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                imported.add(node.module)
+                imported.update(f"{node.module}.{a.name}" for a in node.names)
+    missing = []
+    for name, path in modules().items():
+        body = ast.parse(path.read_text()).body
+        docstring_only = all(
+            isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant) for n in body
+        )
+        if name not in imported and not docstring_only:
+            missing.append(name)
+    return missing
+
+
+def test_every_module_with_code_is_imported_by_a_test() -> None:
+    """Each module is tested directly, not only through the stages above it (issue 28)."""
+    missing = modules_no_test_imports(Path(__file__).resolve().parent)
+    assert not missing, "no test imports: " + ", ".join(missing)
+
+
 def test_benchmarks_import_only_gradindex_names_that_exist():
     """Benchmarks are not run by the suite, so a module move can leave one importing a name
     from its old place (bench_serve did: sample_images from demo.training); every
