@@ -10,8 +10,8 @@ The handful of names a user needs::
 
 Names are imported lazily (PEP 562) so ``gradindex --help`` and light users do not pay for
 importing torch, diffusers and faiss up front, and so the OpenMP defaults of
-:mod:`gradindex.inputs.threads` (a short OpenMP spin: threads spinning 300,000 times at every
-barrier made training on a shared machine up to 100x slower) are in the environment before
+:mod:`gradindex.inputs.threads` (a short OpenMP spin at every barrier, so waiting threads do
+not take a shared machine's cores from working ones) are in the environment before
 torch or FAISS loads libgomp.
 """
 

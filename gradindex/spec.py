@@ -28,6 +28,7 @@ SPEC_PROJECTIONS: tuple[str, ...] = ("identity", "gaussian", "sjlt", "kronecker"
 ``gradindex.featurize.projection``, plus "kronecker", applied layer by layer inside the gradient
 hooks (``gradindex.featurize.kronecker``)."""
 LOSSES = ("mse", "l1", "square")
+METHODS = ("tracin", "retrac")  # the row sets every build stores, each with its search index
 STORE_DTYPES = ("float32", "float16")
 RESIZE_MODES = ("bilinear", "nearest", "error")
 LATENT_MODES = ("mean", "sample")
@@ -53,7 +54,6 @@ OMITTED_AT_DEFAULT = {
 """Fields added after indexes were built without them: left out of ``to_dict`` (so of the JSON
 and the fingerprint) at their default, so those indexes keep their fingerprint; a dict without
 them reads as the default."""
-
 _POSITIVE_WEIGHTS = (
     "must be 'auto' or positive finite numbers, one per checkpoint (a checkpoint that should not "
     "count is left out, not weighted 0)"

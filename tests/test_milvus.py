@@ -17,8 +17,9 @@ from tests.conftest import run, scheduler, tiny_unet
 pytest.importorskip("pymilvus")
 pytest.importorskip("milvus_lite")
 
-from gradindex.search.milvus import MilvusBackend, export_index  # noqa: E402
+from gradindex.search.milvus import MilvusBackend  # noqa: E402
 from gradindex.search.milvus_client import pymilvus_module  # noqa: E402
+from gradindex.search.milvus_export import export_index  # noqa: E402
 
 N, K = 360, 10
 

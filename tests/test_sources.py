@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import io
 import tarfile
-import time
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -362,36 +362,43 @@ def _index_ids(folder):
     return list(gi.AttributionIndex.open(folder).ids)
 
 
-class _SlowSource(ArraySource):
-    """An array whose every read takes ``delay`` seconds (a slow disk or decoder)."""
+class _WatchedSource(ArraySource):
+    """An array source that records which spans have started and finished reading, as events
+    the consumer can wait on (no clock involved)."""
 
-    def __init__(self, array: np.ndarray, delay: float):
+    def __init__(self, array: np.ndarray, spans: list[tuple[int, int]]):
         super().__init__(array)
-        self.delay = delay
+        self.started = {a: threading.Event() for a, _ in spans}
+        self.done = {a: threading.Event() for a, _ in spans}
 
     def _read(self, start: int, stop: int) -> np.ndarray:
-        time.sleep(self.delay)
-        return super()._read(start, stop)
+        self.started[start].set()
+        rows = super()._read(start, stop)
+        self.done[start].set()
+        return rows
 
 
-@pytest.mark.parametrize("slow", ("reading", "featurizing"))
-def test_prefetch_times_what_the_featurizer_waited_for(slow):
-    """Reads slower than the consumer: it waits about all the reading time. A consumer slower
-    than the reads: the next batch is ready each time, it waits about nothing."""
+@pytest.mark.parametrize("depth", (1, 2))
+def test_prefetch_reads_the_next_batch_while_this_one_is_used_and_no_further_than_depth(depth):
+    """While the consumer holds batch i, the reader thread finishes batch i+1 (the read is
+    hidden behind the featurizing); it starts nothing past i + depth + 1 (depth batches queued
+    and one in hand), so memory stays bounded however slow the consumer. Batches arrive in
+    order with their own rows; the timing record is filled."""
     spans = [(a, a + 2) for a in range(0, 12, 2)]
-    read_delay, use_delay = (0.05, 0.0) if slow == "reading" else (0.0, 0.05)
+    array = np.arange(12 * 16, dtype=np.uint8).reshape(12, 1, 4, 4)
+    source = _WatchedSource(array, spans)
     timing: dict[str, float] = {}
     got = []
-    for a, b, rows in prefetch(_SlowSource(np.zeros((12, 4, 4), np.uint8), read_delay), spans,
-                               timing=timing):  # fmt: skip
-        got.append((a, b, len(rows)))
-        time.sleep(use_delay)
-    assert got == [(a, b, 2) for a, b in spans]
-    assert timing["reading_s"] >= 6 * read_delay
-    if slow == "reading":
-        assert timing["waiting_s"] >= 0.5 * timing["reading_s"] >= 0.15
-    else:
-        assert timing["waiting_s"] < 0.1  # 6 x 0.05 s featurized, the reads hidden behind it
+    for i, (a, b, rows) in enumerate(prefetch(source, spans, depth=depth, timing=timing)):
+        got.append((a, b))
+        np.testing.assert_array_equal(rows, array[a:b])
+        if i + 1 < len(spans):  # read ahead: without it this waits forever (10 s, then fails)
+            assert source.done[spans[i + 1][0]].wait(10), f"batch {i + 1} not read during {i}"
+        beyond = i + depth + 2
+        if beyond < len(spans):  # never set while batch i is held, however long we wait
+            assert not source.started[spans[beyond][0]].wait(0.2), (i, beyond)
+    assert got == spans
+    assert set(timing) == {"reading_s", "waiting_s"} and min(timing.values()) >= 0
 
 
 def test_decoded_16bit_files_take_their_range_without_a_decode_and_arrays_are_scanned(tmp_path):

@@ -7,7 +7,11 @@ or a stage importing a later one fails here with the offending file and line.
 from __future__ import annotations
 
 import ast
+import io
+import re
+import tokenize
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -36,6 +40,10 @@ MAX_FUNCTION_LINES = 80
 # stated reasons for the few pieces over the limits
 LONG_MODULES: dict[str, str] = {}
 LONG_FUNCTIONS: dict[str, str] = {}
+# names and values that mean one thing everywhere, so each is assigned at module level in one
+# module and imported elsewhere (two copies drift apart: a third method added to one of them)
+DEFINED_ONCE_NAMES = ("FORMAT_VERSION", "METHODS")
+DEFINED_ONCE_VALUES = (("tracin", "retrac"),)
 
 
 def module_name(path: Path) -> str:
@@ -99,6 +107,69 @@ def import_graph() -> tuple[dict[str, set[str]], list[str]]:
                         lazy.append(f"{path.relative_to(PACKAGE.parent)}:{sub.lineno} {dep}")
         graph[name] = {d for d in deps if d != name and d in known}
     return graph, lazy
+
+
+def packages() -> set[str]:
+    return {name for name, path in modules().items() if path.name == "__init__.py"}
+
+
+def package_of(name: str, pkgs: set[str]) -> str:
+    """The package a module belongs to (a package's ``__init__`` belongs to itself)."""
+    return name if name in pkgs else name.rpartition(".")[0]
+
+
+def private_imports(tree: ast.AST, importer: str, pkgs: set[str]) -> list[str]:
+    """``from gradindex.A.b import _x`` where ``gradindex.A`` is not the importer's package."""
+    found = []
+    for node in ast.walk(tree):
+        if not (isinstance(node, ast.ImportFrom) and node.level == 0 and node.module):
+            continue
+        if not (node.module == "gradindex" or node.module.startswith("gradindex.")):
+            continue
+        if package_of(node.module, pkgs) == package_of(importer, pkgs):
+            continue
+        for alias in node.names:
+            if alias.name.startswith("_") and not alias.name.endswith("__"):
+                found.append(f"{importer}:{node.lineno} imports {node.module}.{alias.name}")
+    return found
+
+
+def module_constants(tree: ast.Module) -> list[tuple[str, Any]]:
+    """(name, value) of each module-level assignment; the value when it is a literal (lists as
+    tuples), else None."""
+    out = []
+    for node in tree.body:
+        if isinstance(node, ast.Assign):
+            targets, value = node.targets, node.value
+        elif isinstance(node, ast.AnnAssign) and node.value is not None:
+            targets, value = [node.target], node.value
+        else:
+            continue
+        try:
+            literal = ast.literal_eval(value)
+        except ValueError:
+            literal = None
+        if isinstance(literal, list):
+            literal = tuple(literal)
+        out += [(t.id, literal) for t in targets if isinstance(t, ast.Name)]
+    return out
+
+
+def duplicated_constants(trees: dict[str, ast.Module]) -> list[str]:
+    """Each name of DEFINED_ONCE_NAMES and value of DEFINED_ONCE_VALUES assigned in more than
+    one module (or in none: the check would otherwise pass after a rename)."""
+    where: dict[Any, set[str]] = {k: set() for k in (*DEFINED_ONCE_NAMES, *DEFINED_ONCE_VALUES)}
+    for mod, tree in trees.items():
+        for name, value in module_constants(tree):
+            if name in DEFINED_ONCE_NAMES:
+                where[name].add(mod)
+            if isinstance(value, tuple) and value in DEFINED_ONCE_VALUES:
+                where[value].add(mod)
+    return [
+        f"{key!r} assigned in {sorted(mods) or 'no module'}"
+        for key, mods in where.items()
+        if len(mods) != 1
+    ]
 
 
 def test_every_module_is_in_a_layer() -> None:
@@ -188,6 +259,135 @@ def test_the_checks_see_a_planted_violation(tmp_path: Path) -> None:
     assert layer_of("gradindex.query") > layer_of("gradindex.store.vectors")
     assert lazy_imports_allowed("gradindex/cli/query_commands.py")
     assert not lazy_imports_allowed("gradindex/store/describe.py")
+
+
+def test_no_private_name_is_imported_across_packages() -> None:
+    pkgs = packages()
+    bad = [
+        line
+        for name, path in modules().items()
+        for line in private_imports(ast.parse(path.read_text()), name, pkgs)
+    ]
+    assert not bad, "private names imported from another package:\n" + "\n".join(bad)
+
+
+def test_shared_constants_are_defined_once() -> None:
+    trees = {name: ast.parse(path.read_text()) for name, path in modules().items()}
+    bad = duplicated_constants(trees)
+    assert not bad, "\n".join(bad)
+
+
+def test_the_new_checks_see_planted_violations() -> None:
+    """A private name from another package is caught, one from the importer's own package and a
+    dunder are not; a second FORMAT_VERSION, a list copy of the method pair, and a constant
+    that no longer exists anywhere are caught."""
+    pkgs = {"gradindex", "gradindex.store", "gradindex.search", "gradindex.build"}
+    src = (
+        "from gradindex.build.shards import _plain\n"
+        "from gradindex.search.exact import _blocks\n"
+        "from gradindex import __version__\n"
+        "def f():\n    from gradindex.store.layout import _atomic\n"
+    )
+    found = private_imports(ast.parse(src), "gradindex.search.ondisk", pkgs)
+    assert found == [
+        "gradindex.search.ondisk:1 imports gradindex.build.shards._plain",
+        "gradindex.search.ondisk:5 imports gradindex.store.layout._atomic",
+    ]
+    assert private_imports(ast.parse(src), "gradindex.build.append", pkgs) == [
+        "gradindex.build.append:2 imports gradindex.search.exact._blocks",
+        "gradindex.build.append:5 imports gradindex.store.layout._atomic",
+    ]
+    one = {
+        "a": ast.parse("FORMAT_VERSION = 1\nMETHODS = ('tracin', 'retrac')\n"),
+        "b": ast.parse("from a import METHODS\nPAIR = METHODS\nx = 1\n"),
+    }
+    assert duplicated_constants(one) == []
+    two = dict(one, c=ast.parse("FORMAT_VERSION: int = 1\nREACH = ['tracin', 'retrac']\n"))
+    assert duplicated_constants(two) == [
+        "'FORMAT_VERSION' assigned in ['a', 'c']",
+        "('tracin', 'retrac') assigned in ['a', 'c']",
+    ]
+    gone = {"b": one["b"]}
+    assert len(duplicated_constants(gone)) == 3
+
+
+# a timing or speed-up in a docstring or comment: it goes stale; figures live in docs/ and
+# benchmarks/results/ (issue 28)
+TIMING = re.compile(
+    r"\d\s?(ms|µs)\b|\d\s?[x×]\s(faster|slower)|\d%\s(faster|slower|less time)"
+    r"|[Mm]easured (here|on (the|one|a|two)\b)|\bon (two|2) cores\b|steps/s"
+)
+
+
+def timings_in_prose(src: str) -> list[tuple[int, str]]:
+    """(line, match) of each timing in the docstrings, string statements and comments of src."""
+    texts = [
+        (tok.start[0], tok.string)
+        for tok in tokenize.generate_tokens(io.StringIO(src).readline)
+        if tok.type == tokenize.COMMENT
+    ]
+    texts += [
+        (node.lineno, node.value.value)
+        for node in ast.walk(ast.parse(src))
+        if isinstance(node, ast.Expr)
+        and isinstance(node.value, ast.Constant)
+        and isinstance(node.value.value, str)
+    ]
+    return [(line, m.group(0)) for line, text in texts for m in TIMING.finditer(text)]
+
+
+def test_no_timings_in_docstrings_or_comments() -> None:
+    bad = [
+        f"{name}:{line} {found!r}"
+        for name, path in modules().items()
+        for line, found in timings_in_prose(path.read_text())
+    ]
+    assert not bad, "timings belong in docs/ or benchmarks/results/:\n" + "\n".join(bad)
+
+
+def test_the_timing_check_sees_planted_timings() -> None:
+    """Docstrings and comments are read; a message string (program output) is not."""
+    src = (
+        '"""Fast: measured here, 0.66 ms a query."""\n'
+        "x = 1  # 1.35× faster per call\n"
+        "def f():\n    '''12% faster than two calls.'''\n"
+        "msg = 'a message with 5 ms in it is output, not prose'\n"
+    )
+    assert timings_in_prose(src) == [
+        (2, "5× faster"),
+        (1, "measured here"),
+        (1, "6 ms"),
+        (4, "2% faster"),
+    ]
+
+
+def modules_no_test_imports(tests: Path) -> list[str]:
+    """gradindex modules with code (not a docstring-only package ``__init__``) that no file
+    under ``tests`` imports by name (``import m``, ``from m import x``, ``from pkg import m``)."""
+    imported: set[str] = set()
+    for path in tests.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported.update(a.name for a in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                imported.add(node.module)
+                imported.update(f"{node.module}.{a.name}" for a in node.names)
+    missing = []
+    for name, path in modules().items():
+        body = ast.parse(path.read_text()).body
+        docstring_only = all(
+            isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant) for n in body
+        )
+        entry_shim = name.endswith(".__main__")  # `python -m` runs it; importing would exit
+        if name not in imported and not docstring_only and not entry_shim:
+            missing.append(name)
+    return missing
+
+
+def test_every_module_with_code_is_imported_by_a_test() -> None:
+    """Each module is tested directly, not only through the stages above it (issue 28)."""
+    missing = modules_no_test_imports(Path(__file__).resolve().parent)
+    assert not missing, "no test imports: " + ", ".join(missing)
 
 
 def test_benchmarks_import_only_gradindex_names_that_exist():

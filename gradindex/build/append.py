@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from gradindex.build.pipeline import build_index
-from gradindex.build.shards import _plain, assemble, open_part
+from gradindex.build.shards import assemble, open_part, plain_value
 from gradindex.build.state import is_write_failure, write_reason
 from gradindex.errors import (
     DataError,
@@ -244,7 +244,7 @@ def _new_ids(ids: Any, data_ids: np.ndarray, old_ids: np.ndarray, n: int) -> np.
     clash = np.intersect1d(old_ids, new)
     if clash.size:
         raise SpecError(
-            f"{clash.size} of the new ids are already in the index (first: {_plain(clash[0])!r}); "
+            f"{clash.size} of the new ids are already in the index (first: {plain_value(clash[0])!r}); "
             "ids must not collide: rename the files or pass other ids"
         )
     return new

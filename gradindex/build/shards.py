@@ -231,7 +231,7 @@ def assemble(
         ids = concat_ids([s.ids for s in stores], sources)
         first = stores[0].file
         stage.mkdir(parents=True)
-        attrs = {k: _plain(first.attrs[k]) for k in first.attrs}
+        attrs = {k: plain_value(first.attrs[k]) for k in first.attrs}
         out = VectorStore.create(
             stage / VECTORS,
             ids,
@@ -297,7 +297,7 @@ def _extra_columns(out: VectorStore, stores: list[VectorStore], sources: list[Pa
     """Copy the row-aligned extra datasets (conditioning labels / prompts) of every part into
     ``out`` whole; preallocate the multi-dimensional ones (latents) and return their names, to
     be copied row block by row block."""
-    core = {"ids", "tracin", "retrac", "norms", "done", "flagged"}
+    core = {"ids", *METHODS, "norms", "done", "flagged"}
     names = [n for n in stores[0].file if n not in core]
     blocks = []
     for name in names:
@@ -316,7 +316,7 @@ def _extra_columns(out: VectorStore, stores: list[VectorStore], sources: list[Pa
     return blocks
 
 
-def _plain(value: Any) -> Any:
+def plain_value(value: Any) -> Any:
     """An HDF5 attribute (numpy scalar or str) as a plain Python value."""
     return value.item() if isinstance(value, np.generic) else value
 
@@ -334,7 +334,7 @@ def concat_ids(parts: list[np.ndarray], sources: list[Path]) -> np.ndarray:
         dup = uniq[counts > 1]
         where = [str(s) for s, p in zip(sources, parts, strict=True) if np.isin(dup[:1], p).any()]
         raise IndexStateError(
-            f"{len(dup)} id(s) occur in more than one part (first: {_plain(dup[0])!r}, in "
+            f"{len(dup)} id(s) occur in more than one part (first: {plain_value(dup[0])!r}, in "
             f"{' and '.join(where)}); give every sample its own id"
         )
     return ids

@@ -14,6 +14,7 @@ import numpy as np
 
 from gradindex.cli.options import conditioning_options, moved_checkpoints
 from gradindex.cli.output import json_default, print_info
+from gradindex.spec import METHODS
 
 
 @click.command()
@@ -25,7 +26,7 @@ from gradindex.cli.output import json_default, print_info
 )
 @click.option(
     "--method",
-    type=click.Choice(["tracin", "retrac", "trak", "retrak", "influence", "both", "all"]),
+    type=click.Choice([*METHODS, "trak", "retrak", "influence", "both", "all"]),
     default="both",
     show_default=True,
     help="both: tracin and retrac; all: also trak (TRAK, the TracIn rows kernel-corrected) and "
@@ -138,7 +139,7 @@ def query(
     check_k(k)  # before opening and embedding anything
     _check_inputs(output, from_vectors, labels, prompts, prompt_file, data_range)
     every = [m for m in SEARCH_METHODS if m != "influence"]  # influence needs its factors
-    methods = {"both": ["tracin", "retrac"], "all": every}.get(method, [method])
+    methods = {"both": list(METHODS), "all": every}.get(method, [method])
     if lambdas and not set(methods) & {*KERNEL_METHODS, "influence"}:
         raise click.BadParameter(
             "applies to --method trak / retrak / influence (or all) only", param_hint="--lambda"

@@ -38,7 +38,7 @@ class DemoSettings:
     train_steps: int = 1200
     checkpoint_every: int = 400  # checkpoints at 400, 800, 1200
     unet_config: dict | None = None  # None: the trainer's small default
-    # K = 6 timesteps (the default spec has 10) keeps the whole demo within minutes on 2 cores
+    # K = 6 timesteps (the default spec has 10) keeps the whole demo short on a small CPU (timings: docs/demo.md)
     spec: BuildSpec = field(default_factory=lambda: BuildSpec(timesteps=6))
     num_queries: int = 32  # generated images queried (statistics over all of them)
     num_shown: int = 8  # rows in attribution.png

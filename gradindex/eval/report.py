@@ -31,11 +31,11 @@ import numpy as np
 from gradindex.errors import IndexStateError, SearchError
 from gradindex.eval.viz import pyplot, timestep_norm_plot
 from gradindex.query import AttributionIndex
+from gradindex.spec import METHODS
 from gradindex.store.kernel import KERNEL_METHODS
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("tracin", "retrac")
 TITLES = {
     "tracin": "Diffusion-TracIn",
     "retrac": "Diffusion-ReTrac",

@@ -33,9 +33,8 @@ from gradindex.errors import MemoryBudgetError, SpecError
 PATHS = ("auto", "full", "streamed")
 # above this the full path's [items, p] and [B, 2, p] buffers cost more than they save
 FULL_PATH_BYTES = 1 << 30
-# memory per item against the leaf-module outputs of one forward: measured 1.4 on the
-# 35.7M-parameter CIFAR-10 DDPM UNet (peak RSS +66 MB per item between 4 and 16 items per call,
-# 48 MB of outputs); 2 leaves room for the per-layer buffers and the allocator
+# memory per item against the leaf-module outputs of one forward (docs/build-speed.md gives the
+# ratio seen on the CIFAR-10 DDPM UNet); 2 leaves room for the per-layer buffers and the allocator
 ACTIVATION_FACTOR = 2.0
 # an automatic budget: what is resident once models and maps are built plus this much per-item
 # work (more items per call than that fit gain little: 1.40 vs 1.58 draws/CPU-s at 4 vs 16

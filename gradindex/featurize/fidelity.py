@@ -71,11 +71,10 @@ from gradindex.inputs.conditioning import ConditioningData
 from gradindex.inputs.data import to_model_input
 from gradindex.inputs.models import Checkpoint
 from gradindex.ranking import spearman_rows
-from gradindex.spec import BuildSpec
+from gradindex.spec import METHODS, BuildSpec
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("tracin", "retrac")
 DEFAULT_SAMPLE = 32
 FIDELITY_BAR = {"spearman": 0.95, "topk": 0.8}
 # Exact scores need a checkpoint's full-space a_c and r_c of the whole sample at once:

@@ -41,7 +41,7 @@ from gradindex.featurize.scratch import scratch
 from gradindex.featurize.taps import HookError
 from gradindex.inputs.models import Checkpoint, model_output
 from gradindex.inputs.optimizer_state import flat_scale
-from gradindex.spec import BuildSpec
+from gradindex.spec import METHODS, BuildSpec
 
 logger = logging.getLogger(__name__)
 
@@ -72,12 +72,11 @@ class Features:
     retrac: torch.Tensor  # [B, p]  r_c = mean_k ḡ_k / ‖ḡ_k‖
     norms: torch.Tensor  # [B, K·M] ‖g_{k,m}‖ per draw, draws in spec order
 
-    FIELDS = ("tracin", "retrac", "norms")
+    FIELDS = (*METHODS, "norms")
 
 
-# Items per gradient call: the default batch (16 images x 10 timesteps) in one call. Measured on
-# the demo UNet (2 threads, interleaved rounds): 160 items per call featurize 12% faster than two
-# calls of 80, and 40 per call 27% slower; the [items, p] buffer stays under ``max_bytes``.
+# Items per gradient call: the default batch (16 images x 10 timesteps) in one call, faster than
+# smaller calls (docs/build-speed.md); the [items, p] buffer stays under ``max_bytes``.
 MAX_ITEMS = 160
 
 
@@ -278,7 +277,7 @@ class GradientFeaturizer:
         K·M (t, ε) pairs; cond: per-sample conditioning keyword arguments of the model, samples
         first (``class_labels`` [B], ``encoder_hidden_states`` [B, L, E]), repeated per draw.
         ``reuse=True`` returns views of a buffer that the next call of any featurizer
-        overwrites (fresh memory costs a page fault per 4 KiB, ~1 ms/MB here): for callers that
+        overwrites (fresh memory costs a page fault per 4 KiB): for callers that
         consume the features at once, like ``Embedder.embed``."""
         K, M = self.spec.num_timesteps, self.spec.noise_draws
         if len(draws) != K * M:
@@ -367,7 +366,7 @@ class GradientFeaturizer:
                 s_norm = norm_over_blocks([g.sum(2) for _, g in blocks])  # [k, B]
             # Both accumulations in one pass over the rows, one small matrix per sample:
             # acc[b] += coef[b] @ g[:, b, m]  with coef[b] = [1/(M·K) ..., 1/(‖M·ḡ_k‖·K) ...].
-            # Measured: 20% less time than norm + add_ + addcmul_ per timestep (memory-bound).
+            # One pass instead of norm + add_ + addcmul_ per timestep (memory-bound).
             coef = torch.empty(B, 2, nk, device=self.device)
             coef[:, 0] = 1.0 / (M * K)
             coef[:, 1] = (1.0 / (s_norm * K)).T

@@ -110,8 +110,8 @@ def _conv2d_weight_grads(
 def conv2d_item_weight_grads(
     module: nn.Conv2d, a: Tensor, delta: Tensor, view: Tensor, first: bool
 ) -> None:
-    """view [I, out, in/groups·kh·kw] (+)= g_W[i] = δ[i] · patches(a[i])ᵀ, two ways (CPU timings
-    differ by up to 5× either way): patches as a strided view of the padded input (copied a few
+    """view [I, out, in/groups·kh·kw] (+)= g_W[i] = δ[i] · patches(a[i])ᵀ, two ways (which is
+    faster depends on the layer's shape): patches as a strided view of the padded input (copied a few
     items at a time, a no-op for 1×1 kernels), or one convolution weight gradient whose groups
     are the items (a as [1, I·in, H, W], δ as [1, I·out, H', W']; fast for large maps, few
     channels)."""

@@ -158,7 +158,7 @@ class HookGradients:
         columns ``column_blocks()[j]`` of every item, is contiguous at flat[I·start_j : I·stop_j].
         Why: a per-item weight gradient (a batched matmul) written into the columns of [I, p]
         rows has a batch stride of p, and torch then runs it item by item instead of as one MKL
-        batch; into a block it runs batched (measured 1.35× faster per call on the demo UNet).
+        batch; into a block it runs batched.
         ``flat``: a float32 buffer of at least I·p elements to write into (kept by the caller)."""
         n = x_t.shape[0]
         if flat is None:

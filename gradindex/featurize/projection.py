@@ -39,7 +39,7 @@ GAUSSIAN_BLOCK_ROWS = 1 << 13
 # otherwise they are regenerated on every call (slow: that is the price of a dense projection).
 GAUSSIAN_CACHE_BYTES = 256 * 1024**2
 # Input coordinates per SJLT CSR chunk: a performance setting only (not part of the map); 2^15
-# keeps a sample's slice of x (128 KB) in L2 and measured fastest on one core.
+# keeps a sample's slice of x (128 KB) in L2.
 SJLT_CHUNK = 1 << 15
 
 
@@ -184,9 +184,8 @@ class SJLTProjector(Projector):
 
     Stored as CSR matrices M_k [d, SJLT_CHUNK] over consecutive chunks of input coordinates and
     applied as sum_k M_k @ x[:, chunk_k]^T (MKL on CPU, cuSPARSE on GPU): O(p*nnz) per vector.
-    Chunking keeps each sample's slice of x in cache while its nonzeros are gathered; measured on
-    one core it is ~4x faster than one [d, p] CSR matrix and ~5x faster than ``index_add_``
-    scattering. Memory: p*nnz*8 bytes (float32 value + int32 column) plus 4(d+1) bytes per chunk,
+    Chunking keeps each sample's slice of x in cache while its nonzeros are gathered (one
+    [d, p] CSR matrix or ``index_add_`` scattering do not; docs/build-speed.md). Memory: p*nnz*8 bytes (float32 value + int32 column) plus 4(d+1) bytes per chunk,
     e.g. 325 MB at p = 1e7, d = 4096, nnz = 4.
     """
 

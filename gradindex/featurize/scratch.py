@@ -1,7 +1,7 @@
 """Reusable float32 work buffers, kept between calls.
 
-Fresh memory costs a page fault per 4 KiB on first touch (measured ~1 ms/MB on the 2-core CI
-machine, as much as the arithmetic that fills it), and glibc returns blocks over 32 MiB to the
+Fresh memory costs a page fault per 4 KiB on first touch (as much time as the arithmetic that
+fills it, docs/build-speed.md), and glibc returns blocks over 32 MiB to the
 system on free, so a large tensor allocated per call pays that every call. The featurizers
 (per-item gradients, the features, the aggregation's per-block parts) and the Conv2d patch
 copies take their buffers from here instead. Not thread-safe: callers run one at a time per

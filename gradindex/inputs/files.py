@@ -24,8 +24,8 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".we
 
 def image_files(folder: Path) -> list[str]:
     """The image files under ``folder`` (sub-folders too, symlinked folders not followed) as
-    sorted relative paths. One ``os.scandir`` per folder: a tenth of ``rglob``'s time, which
-    builds a Path and stats each file (0.05 s per 1,500 files here)."""
+    sorted relative paths. One ``os.scandir`` per folder, not ``rglob``, which builds a Path
+    and stats each file."""
     found, todo = [], [(str(folder), "")]
     while todo:
         where, rel = todo.pop()
@@ -47,8 +47,8 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 def image_header(path: str | os.PathLike[str]) -> tuple[str, tuple[int, int]]:
     """(PIL mode, (H, W)) of an image file, from its header; OSError when it is no readable
     image. A PNG's comes from its first 33 bytes (the IHDR chunk, CRC checked) through PIL's
-    own table of modes: a sixth of ``Image.open``'s time (20 vs 140 us a file here), which
-    is most of opening a folder of small images. Other formats go through ``Image.open``."""
+    own table of modes, without ``Image.open``'s plugin dispatch, which is most of the time of
+    opening a folder of small images. Other formats go through ``Image.open``."""
     from PIL import Image, PngImagePlugin
 
     with open(path, "rb") as f:

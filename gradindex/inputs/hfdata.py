@@ -56,6 +56,8 @@ class ArrowTable:
             ds = datasets.load_from_disk(str(path))
         except (FileNotFoundError, ValueError) as exc:
             raise DataError(f"{path}: not a readable saved dataset ({exc})") from None
+        except IndexError:  # datasets cannot load a dataset saved with no rows (0 shards)
+            raise DataError(f"{path}: the dataset is empty: no images to index") from None
         if isinstance(ds, datasets.DatasetDict):
             split = split or ("train" if "train" in ds else None)
             if split not in ds:

@@ -12,10 +12,9 @@ Holds:
 Why: with OpenMP's default wait policy an idle worker thread spins for a while at every barrier
 before it sleeps. When other processes keep the cores busy, the spinning threads take the time
 slices the working ones need, and every one of the thousands of parallel regions in a training
-step waits for a descheduled thread. Measured here (demo UNet training steps, 2 torch threads,
-2 cores, two busy processes beside it): 0.16 steps/s with the default spin count, 4-6 with a
-passive policy, which however halves the idle speed; a short spin keeps both (see
-``SPIN_COUNT``; ``benchmarks/bench_threads.py`` measures it idle and loaded, before and after).
+step waits for a descheduled thread. A passive policy (no spin) fixes the loaded case but
+slows the idle one; a short spin keeps both (``benchmarks/bench_threads.py`` measures it idle
+and loaded; the figures are in docs/threads.md).
 
 Every default is an ``os.environ.setdefault``: a user's own setting wins, and explicit
 ``torch.set_num_threads`` calls are never touched. A program that imports torch before
@@ -30,10 +29,9 @@ from collections.abc import MutableMapping
 from pathlib import Path
 
 SPIN_COUNT = "1000"
-"""libgomp's spins at a barrier before a waiting thread sleeps (its default: 300,000, ~3 ms).
-Measured on the demo trainer (2 cores, ``benchmarks/bench_threads.py``): the default collapses
-to 0.16 steps/s beside two busy processes, a passive policy (0 spins) holds 4-6 steps/s there but
-halves idle speed (9 vs 17-18 steps/s); 1,000 spins kept idle speed (15-17) and 4.8-5.0 loaded."""
+"""libgomp's spins at a barrier before a waiting thread sleeps (its default: 300,000): short
+enough that a waiting thread yields its core to a working one on a loaded machine, long enough
+that an idle machine keeps its speed (docs/threads.md)."""
 _CGROUP_V2 = Path("/sys/fs/cgroup/cpu.max")
 _CGROUP_V1 = (
     Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us"),

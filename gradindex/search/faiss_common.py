@@ -9,13 +9,14 @@ setting is a torch thread setting: every build and search restores the caller's 
 returns (OpenMP keeps the count per calling thread, so other Python threads are untouched). IVF
 and HNSW answer one query on one thread anyway (FAISS parallelizes over queries); a flat index
 would split its scan over threads, but with the cores shared by other jobs the OpenMP barriers
-stall: measured here, one query over 30k x 64 took 0.66 ms on one thread and 32 ms on two, and
-one over 100k x 512 took 50 ms vs 136 ms. Batches amortize the barriers over many queries.
+stall, so one query is slower on two threads than on one. Batches amortize the barriers over
+many queries.
 
 Batches: FAISS >= 1.14.2 scans the whole database once per query when ``n_queries * D`` is below
-``faiss.cvar.distance_compute_blas_threshold`` (128000 by default: 64 queries at D=256 took
-10x longer than one BLAS pass here). Every search sets the threshold to ``4 * D`` so batches of
-four or more queries take the blocked BLAS path (measured: 1-3 queries are as fast either way).
+``faiss.cvar.distance_compute_blas_threshold`` (128000 by default), far slower than one blocked
+BLAS pass for a batch. Every search sets the threshold to ``4 * D`` so batches of four or more
+queries take the BLAS path (1-3 queries are as fast either way). Figures:
+docs/search.md#why-the-search-code-is-shaped-this-way.
 """
 
 from __future__ import annotations
@@ -34,10 +35,10 @@ import numpy as np
 
 from gradindex.errors import SearchError, WriteError
 from gradindex.inputs.threads import available_cpus
+from gradindex.spec import METHODS
+from gradindex.store.layout import FORMAT_VERSION
 
-METHODS = ("tracin", "retrac")
 ON_MISS = ("fallback", "warn", "raise")
-FORMAT_VERSION = 1
 BLAS_MIN_QUERIES = 4  # batches this large or larger take FAISS's BLAS path
 _num_threads: int | None = None
 

@@ -10,7 +10,7 @@ Holds:
   unequal norms are refused, see ``faiss_common.check_common_norm``).
 
 Scores are always inner products of the vectors as given: nothing is rescaled, and the MIPS->L2
-extra-coordinate trick is not used (measured to wreck IVF/HNSW recall on heavy-tailed norms).
+extra-coordinate trick is not used (it wrecks IVF/HNSW recall on heavy-tailed norms).
 Approximate kinds are tuned and validated against exact search at build time
 (:mod:`gradindex.search.tuning`).
 
@@ -281,8 +281,8 @@ class VectorIndex(SearchBackend):
     def load(cls, path: str | os.PathLike, mmap: bool = False) -> VectorIndex:
         """Open an index written by :meth:`save`; ``mmap=True`` maps its rows instead of reading.
 
-        mmap uses ``faiss.IO_FLAG_MMAP_IFC``: measured here, plain ``IO_FLAG_MMAP`` maps only IVF
-        lists and still reads flat / HNSW storage into memory, while ``_IFC`` maps all of them.
+        mmap uses ``faiss.IO_FLAG_MMAP_IFC``: plain ``IO_FLAG_MMAP`` maps only IVF lists and
+        still reads flat / HNSW storage into memory, while ``_IFC`` maps all of them.
         An on-disk index (kind ``ondisk``) is always memory-mapped from its ``.ivfdata`` file,
         found next to ``path`` wherever the folder was moved (:func:`gradindex.search.ondisk.read_ondisk`).
         """

@@ -43,7 +43,6 @@ from gradindex.errors import MilvusError, SearchError
 from gradindex.search.backend import SearchBackend, SearchResult
 from gradindex.search.faiss_common import METHODS
 from gradindex.search.milvus_client import (
-    FORMAT_VERSION,
     MAX_NPROBE,
     MAX_TOPK,
     META_KEY,
@@ -55,7 +54,7 @@ from gradindex.search.milvus_client import (
     search_collection,
 )
 from gradindex.search.milvus_export import export_index
-from gradindex.store.layout import VECTORS
+from gradindex.store.layout import FORMAT_VERSION, VECTORS
 
 __all__ = [
     "MilvusBackend",

@@ -22,7 +22,6 @@ from gradindex.search.faiss_common import first_line
 MILVUS_KINDS = ("flat", "ivf")
 METRICS = {"tracin": "IP", "retrac": "COSINE"}
 META_KEY = "gradindex"  # collection property holding the export record (JSON)
-FORMAT_VERSION = 1
 MAX_TOPK = 16384  # Milvus's limit on k (and on queries per request)
 MAX_NPROBE = 65536  # Milvus's limits on nlist and nprobe: this nprobe scans every IVF list
 REQUEST_BYTES = 16 << 20  # rows per insert / queries per search kept under this (gRPC: 64 MiB)

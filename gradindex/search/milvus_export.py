@@ -18,7 +18,6 @@ from gradindex.search import tuning as st
 from gradindex.search.faiss_common import METHODS
 from gradindex.search.faiss_index import VectorIndex
 from gradindex.search.milvus_client import (
-    FORMAT_VERSION,
     MAX_NPROBE,
     META_KEY,
     METRICS,
@@ -32,7 +31,14 @@ from gradindex.search.milvus_client import (
     pymilvus_module,
     search_collection,
 )
-from gradindex.store.layout import VECTORS, check_files, faiss_file, package_versions, read_manifest
+from gradindex.store.layout import (
+    FORMAT_VERSION,
+    VECTORS,
+    check_files,
+    faiss_file,
+    package_versions,
+    read_manifest,
+)
 from gradindex.store.vectors import VectorStore
 
 logger = logging.getLogger(__name__)

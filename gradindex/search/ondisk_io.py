@@ -25,9 +25,10 @@ from gradindex.errors import IndexStateError
 
 IVFDATA_SUFFIX = ".ivfdata"
 PREFETCH_THREADS = 0
-"""Threads FAISS starts per search to read the probed lists ahead (its default is 32). Measured
-here with the lists in page cache: one query took 1-4 ms with 32, 0.1 ms with none. Without
-them the searching threads fault the pages in themselves (batches search on every core)."""
+"""Threads FAISS starts per search to read the probed lists ahead (its default is 32): none,
+because starting them costs more than a query over lists already in the page cache; the
+searching threads fault the pages in themselves (batches search on every core). Figures:
+docs/search.md#why-the-search-code-is-shaped-this-way."""
 
 
 def read_ondisk(path: str | os.PathLike[str], info: dict[str, Any]) -> faiss.Index:
@@ -56,7 +57,7 @@ def release_pages(index: faiss.Index) -> None:
     """Unmap the list pages a search touched from this process (``madvise(MADV_DONTNEED)`` on
     the lists' mapping): they stay in the page cache, so the next search finds them without a
     disk read, but the process's resident memory stays flat in N instead of growing by every
-    list it ever probed (measured: +564 MiB over 20 queries of a 10^7-row index without it).
+    list it ever probed.
     The mapping is the file's, read back on the next touch: nothing is lost. A no-op where
     the platform has no madvise."""
     advice, madvise = getattr(mmap, "MADV_DONTNEED", None), _madvise()

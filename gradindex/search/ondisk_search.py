@@ -2,8 +2,7 @@
 
 FAISS scans the probed lists of a memory-mapped ``OnDiskInvertedLists`` in place: every page
 it reads stays mapped into the process until unmapped, so one search of a 10^7-row index raised
-peak RSS by the bytes of its probed lists (+66 MiB at D = 16, nlist 1,024, nprobe 24: clustered
-rows make the probed lists the big ones). :func:`search_bounded` probes the same lists a few at
+peak RSS by the bytes of its probed lists (clustered rows make the probed lists the big ones). :func:`search_bounded` probes the same lists a few at
 a time (``search_preassigned`` with the other probes masked out) and unmaps the pages after each
 group (:func:`gradindex.search.ondisk_io.release_pages`; they stay in the page cache). The top-k
 of the union of the groups' top-k is the top-k of all probed lists: the same answer as one
@@ -19,12 +18,10 @@ from gradindex.search.ondisk_io import release_pages
 
 RESIDENT_BYTES = 2 << 20
 """Bytes of inverted lists probed per group (a group is at least one list). The kernel maps
-more than the bytes read (read-ahead fills the page cache in large folios, mapped whole): a
-group of 7.5 MB of lists raised RSS by 26-41 MiB here, 2 MB groups by about 10. Measured on a
-10^7-row index, D = 16 (``benchmarks/bench_data.py --phases open``): peak RSS over 20 queries
-+1.9 % (nlist 1,024) / +5.4 % (4,096) over a 10^4-row index's, where keeping the pages mapped
-gave +205 % / +227 %; a query's median 13.8 / 6.9 ms against 7.2 / 3.2 ms. A larger value
-trades memory for speed."""
+more than the bytes read (read-ahead fills the page cache in large folios, mapped whole), so
+small groups keep resident memory near flat in N at some cost in query time; a larger value
+trades memory for speed (figures: docs/search.md#why-the-search-code-is-shaped-this-way,
+``benchmarks/bench_data.py --phases open``)."""
 
 
 def search_bounded(

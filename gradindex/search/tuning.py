@@ -37,9 +37,9 @@ logger = logging.getLogger(__name__)
 RECALL_K = 10
 """Recall is measured as recall@10 (top 10 of exact search)."""
 AUTO_FLAT_BELOW = 20_000
-"""``auto`` uses exact flat search below this many rows: a scan is then a few ms at D=512."""
+"""``auto`` uses exact flat search below this many rows: a scan is then cheap at D=512."""
 AUTO_FLAT_MAX_BYTES = 16 << 20
-"""...and whenever the whole matrix is this small (a scan takes ~2-3 ms here)."""
+"""...and whenever the whole matrix is this small (docs/search.md#why-the-search-code-is-shaped-this-way)."""
 MAX_SCAN_FRACTION = 0.25
 """A ladder stops before an index would visit more than this share of the rows per query:
 beyond it the approximate index is no longer clearly faster than a flat scan."""
@@ -57,9 +57,9 @@ _K_FACTORS = (16, 8, 4, 2, 1)  # largest first, then shrunk while recall holds
 def choose_kind(n: int, d: int) -> str:
     """The kind ``auto`` builds: flat when a scan is cheap, else HNSW, else IVF if memory is short.
 
-    HNSW is preferred because it held recall@10 >= 0.95 at well under 1 ms per query for both
-    methods on clustered synthetic data at N=1e5, D=512, whereas inner-product IVF needed more
-    than 12% of its lists for 0.73 on heavy-tailed TracIn norms. HNSW walks its graph at random,
+    HNSW is preferred because it holds recall@10 >= 0.95 for both methods at a small fraction of
+    a scan's cost, where inner-product IVF probing a large share of its lists stays far below
+    that on heavy-tailed TracIn norms (docs/search.md#why-the-search-code-is-shaped-this-way). HNSW walks its graph at random,
     so when the index would not fit comfortably in memory (memory-mapped use) IVF is chosen.
     """
     if n < AUTO_FLAT_BELOW or n * d * 4 <= AUTO_FLAT_MAX_BYTES:
@@ -295,8 +295,8 @@ def tune(
         logger.info("ladder %s on %s queries: recall@%d %.4f", knobs, which, k, r)
         return r
 
-    # the tuning half must clear the target by a margin: indexes tuned to pass exactly were
-    # measured to land just under it (0.944-0.949) on unseen queries
+    # the tuning half must clear the target by a margin: indexes tuned to pass exactly land
+    # just under it on unseen queries
     tune_target = min(1.0, target + TUNE_MARGIN)
 
     def passes(knobs: dict[str, int]) -> tuple[bool, float, float]:

@@ -40,8 +40,9 @@ from gradindex.serve.chart import profile_svg
 from gradindex.serve.guard import Admission, HostCheck, SecurityHeaders, read_form
 from gradindex.serve.images import png_bytes
 from gradindex.serve.limits import Limits
-from gradindex.serve.state import REACH_METHODS, ServeState
+from gradindex.serve.state import ServeState
 from gradindex.serve.uploads import UploadError, decode_images
+from gradindex.spec import METHODS
 
 logger = logging.getLogger(__name__)
 
@@ -207,9 +208,9 @@ async def training_row(request: Request) -> HTMLResponse:
         row=info,
         chart=profile_svg(info["profile"]),
         neighbours=[{"query": "this row", "cards": near}],
-        neighbour_methods=[m for m in REACH_METHODS],
+        neighbour_methods=list(METHODS),
         neighbour_k=NEIGHBOURS,
-        reach_methods=REACH_METHODS,
+        reach_methods=METHODS,
         reach_queries=state.reach_queries,
         reach_k=state.limits.reach_k,
     )

@@ -27,11 +27,11 @@ from gradindex.query import SEARCH_METHODS, AttributionIndex, stored_method
 from gradindex.serve.images import TrainingImages
 from gradindex.serve.limits import Limits
 from gradindex.serve.uploads import UploadError, parse_results
+from gradindex.spec import METHODS
 from gradindex.store.kernel import KERNEL_METHODS
 from gradindex.store.layout import VECTORS
 from gradindex.store.vectors import VectorStore
 
-REACH_METHODS = ("tracin", "retrac")
 INFLUENTIAL_TOP = 10  # the report's "most found" list length
 RESULTS_KEPT = 8  # uploaded results files kept in memory
 
@@ -108,7 +108,7 @@ class ServeState:
         if idx.flagged[row]:
             return out
         with VectorStore.open(idx.path / VECTORS) as store:  # searches need no lock
-            for m in REACH_METHODS:
+            for m in METHODS:
                 res = idx.search(
                     store.vectors(m, np.array([row])), min(k + 1, len(idx.index_rows)), m
                 )
@@ -214,7 +214,7 @@ def compute_reach(index: AttributionIndex, limits: Limits) -> tuple[dict[str, np
     k = min(limits.reach_k + 1, len(usable))
     counts = {}
     with VectorStore.open(index.path / VECTORS) as store:
-        for m in REACH_METHODS:
+        for m in METHODS:
             res = index.search(store.vectors(m, rows), k, m)
             others = [r[r != s][: k - 1] for r, s in zip(res.rows, rows, strict=True)]
             counts[m] = reach(np.concatenate(others), len(index))

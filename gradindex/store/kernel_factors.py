@@ -29,7 +29,7 @@ import numpy as np
 from gradindex.store.vectors import ChunkedRows
 
 EIGH_MAX = 4096
-"""Largest Gram side decomposed in full (numpy eigh of 4096² takes seconds; of 8192² minutes)."""
+"""Largest Gram side decomposed in full (``eigh`` grows as d³; wider ones use subspace iteration)."""
 KERNEL_BYTES = 64 * 2**20
 """Most bytes the factors of both row sets may take on disk (and in memory when served)."""
 FREE_BYTES = 4 * 2**20

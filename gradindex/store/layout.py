@@ -28,10 +28,12 @@ from pathlib import Path
 from typing import Any
 
 from gradindex.errors import IndexStateError, SpecError
-from gradindex.spec import BuildSpec
+from gradindex.spec import METHODS, BuildSpec
 from gradindex.store.columns import column_digests
 
 FORMAT_VERSION = 1
+"""The index folder's format: stamped in the manifest, each FAISS sidecar and the Milvus export
+record, and checked when any of them is read (``kernel.h5`` has its own, ``kernel.FORMAT``)."""
 MANIFEST = "manifest.json"
 VECTORS = "vectors.h5"
 KERNEL = "kernel.h5"  # the kernel methods' factors (gradindex.store.kernel)
@@ -49,7 +51,7 @@ DATA_FILES: tuple[str, ...] = (
     VECTORS,
     *(
         faiss_file(m) + suffix
-        for m in ("tracin", "retrac")
+        for m in METHODS
         for suffix in ("", ".json", ".ivfdata")  # .ivfdata: on-disk indexes only
     ),
     KERNEL,

@@ -36,10 +36,9 @@ import h5py
 import numpy as np
 
 from gradindex.errors import IndexStateError, SearchError, SpecError
-from gradindex.spec import BuildSpec
+from gradindex.spec import METHODS, BuildSpec
 from gradindex.store.layout import new_build_id
 
-METHOD_DATASETS = ("tracin", "retrac")
 CHUNK_BYTES = 64 << 20
 """Rows read per chunk by ``ChunkedRows``: 64 MiB of float32 (>= 1024 rows)."""
 
@@ -119,7 +118,7 @@ class VectorStore:
             f.create_dataset("ids", data=ids.astype(np.int64))
         else:
             f.create_dataset("ids", data=ids.astype(object), dtype=h5py.string_dtype("utf-8"))
-        for name in METHOD_DATASETS:
+        for name in METHODS:
             _preallocated(f, name, (n, dim), dtype)
         _preallocated(f, "norms", (n, num_checkpoints, num_draws), "float32")
         _preallocated(f, "done", (n,), "uint8", zero_fill=True)
@@ -143,7 +142,7 @@ class VectorStore:
         except IndexStateError:
             f.close()
             raise
-        missing = [n for n in (*METHOD_DATASETS, "ids", "norms", "done") if n not in f]
+        missing = [n for n in (*METHODS, "ids", "norms", "done") if n not in f]
         if missing:
             f.close()
             raise IndexStateError(f"{p}: damaged vector store, missing {', '.join(missing)}")
@@ -238,7 +237,7 @@ class VectorStore:
 
     def vectors(self, method: str, rows: slice | np.ndarray | None = None) -> np.ndarray:
         """Stored rows of one method as float32 [N, D] (or the selected rows)."""
-        if method not in METHOD_DATASETS:
+        if method not in METHODS:
             raise IndexStateError(f"unknown method {method!r}")
         ds = self.file[method]
         data = ds[()] if rows is None else ds[rows]
