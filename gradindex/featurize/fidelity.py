@@ -363,8 +363,8 @@ def _warning(record: dict[str, Any], projection: str, num_params: int) -> str:
     fix = f"rebuild with --proj-dim {d}"
     if d >= num_params and projection != "kronecker":  # no sketch that wide beats exact rows
         fix = (
-            f"rebuild with --projection identity (exact: the model's {num_params} parameters "
-            f"are fewer than the --proj-dim {d} a sketch would need)"
+            f"rebuild with --projection identity (exact: a sketch would need a --proj-dim of at "
+            f"least the model's {num_params} parameters)"
         )
     return (
         f"projection fidelity is below the bar ({_measured(record)}): the index ranks training "
