@@ -100,7 +100,7 @@ def _conditioning_options(func: Any) -> Any:
     )(func)
 
 
-_DATA_OPTIONS = {  # how --data is read (gradindex.inputs.open_data.open_source's keywords)
+_DATA_OPTIONS = {  # how --data is read (gradindex.inputs.training_data.open_source's keywords)
     "image_column": "Image column of a Hugging Face dataset / parquet --data (default: the "
     "first of image, img, pixel_values).",
     "caption_column": "Caption column of a dataset --data (default: text, caption, ...).",
@@ -364,7 +364,7 @@ def build(
     from gradindex.build.distributed import distributed_build, world_from_env
     from gradindex.build.pipeline import build_index
     from gradindex.errors import SpecError
-    from gradindex.inputs.conditioning import read_labels_file, read_prompts_file
+    from gradindex.inputs.query_images import read_labels_file, read_prompts_file
     from gradindex.inputs.slices import parse_shard
 
     data_options = _data_kwargs(spec_options)
@@ -569,7 +569,7 @@ def query(
 
     Thousands of queries are fine: embedding and search run in batches. Images of another
     size than the model's are resized with a warning, and their records say "resized"."""
-    from gradindex.inputs.conditioning import read_prompts_file
+    from gradindex.inputs.query_images import read_prompts_file
     from gradindex.query import SEARCH_METHODS, AttributionIndex, stored_method
     from gradindex.query_influence import check_factors
     from gradindex.search.backend import check_k
@@ -678,8 +678,8 @@ def _query_vectors(
     """{method: [B, D]}, the query names, and the images' (H, W) if they were resized (else
     None), from images or from stored vectors ('influence': its own rows, ``damping``)."""
     from gradindex.errors import DataError
-    from gradindex.inputs.conditioning import query_inputs
-    from gradindex.inputs.data import read_array, read_npz
+    from gradindex.inputs.files import read_array, read_npz
+    from gradindex.inputs.query_images import query_inputs
 
     if not from_vectors:  # labels / captions: the given ones, else what the images carry
         kind = idx.conditioning["kind"]
@@ -836,7 +836,7 @@ def factors(index_dir: str, data: str, samples: int | None, seed: int) -> None:
     influence' needs: two passes over (a sample of) the training data per checkpoint.
 
     Checks every other file's checksum first, then records the new file in the manifest."""
-    from gradindex.inputs.conditioning import query_inputs
+    from gradindex.inputs.query_images import query_inputs
     from gradindex.query import AttributionIndex
     from gradindex.query_influence import add_factors
     from gradindex.store.lifecycle import folder_lock
@@ -964,7 +964,7 @@ def report(index_dir: str, queries: str | None, k: int, figures: str | None, as_
     samples under TracIn vs ReTrac, self-retrieval (a summary; --json for every number)."""
     from gradindex.eval.report import format_report
     from gradindex.eval.report import report as make_report
-    from gradindex.inputs.data import load_images
+    from gradindex.inputs.query_images import load_images
     from gradindex.query import AttributionIndex
     from gradindex.search.backend import check_k
 

@@ -13,10 +13,10 @@ import pytest
 from PIL import Image
 
 import gradindex as gi
-from gradindex.inputs.open_data import open_source, source_conditioning
 from gradindex.inputs.slices import digest_rows, shard_rows
 from gradindex.inputs.sources import ArraySource, prefetch
 from gradindex.inputs.tars import expand_braces
+from gradindex.inputs.training_data import open_source, source_conditioning
 from gradindex.store.vectors import VectorStore
 from tests.conftest import scheduler, tiny_unet
 
@@ -400,7 +400,7 @@ def test_decoded_16bit_files_take_their_range_without_a_decode_and_arrays_are_sc
     column holds float arrays is not 'decoded': its range comes from its values."""
     import datasets
 
-    from gradindex.inputs.data import range_of_bounds, value_bounds
+    from gradindex.inputs.ranges import range_of_bounds, value_bounds
 
     rng = np.random.default_rng(3)
     folder = tmp_path / "w"

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -39,13 +38,14 @@ from gradindex.featurize.budget import parse_memory
 from gradindex.featurize.embedding import Embedder
 from gradindex.featurize.fidelity import DEFAULT_SAMPLE, check_sample
 from gradindex.featurize.gradients import select_parameters
-from gradindex.inputs.conditioner import Conditioner
-from gradindex.inputs.data import to_model_input
+from gradindex.inputs.dataref import DataRef, parse_data
 from gradindex.inputs.devices import resolve_device
+from gradindex.inputs.encoders import Conditioner
 from gradindex.inputs.models import Checkpoint, CheckpointSource, load_checkpoints, with_model
-from gradindex.inputs.open_data import open_inputs
+from gradindex.inputs.pixels import to_model_input
 from gradindex.inputs.run_records import resolve_from_run
 from gradindex.inputs.slices import data_digest, shard_rows
+from gradindex.inputs.training_data import open_inputs
 from gradindex.query import AttributionIndex
 from gradindex.search.tuning import check_kind
 from gradindex.spec import BuildSpec
@@ -99,7 +99,7 @@ def build_index(
     checkpoints: diffusers folders, ``(module, scheduler)`` pairs, or state dicts / weight files
     applied to ``model``. data: an array, ``.npy``/``.npz``, ``file.h5:/dataset``, an image
     folder, a Hugging Face dataset (``save_to_disk`` folder, parquet, a Hub folder), tar shards
-    or a ``DataSource`` (``gradindex.inputs.open_data``). index: ``flat`` (exact), ``ivf``,
+    or a ``DataSource`` (``gradindex.inputs.training_data``). index: ``flat`` (exact), ``ivf``,
     ``hnsw``, a FAISS factory string, ``ondisk`` (IVF lists memory-mapped from a file:
     ``gradindex.search.ondisk``) or ``auto``. shard: ``(i, n)`` builds only shard i of n as an
     exact index (``gradindex.build.shards``). labels / prompts: per-image class labels /
@@ -125,7 +125,7 @@ def build_index(
     spec = _check_checkpoints(spec, ckpts)
     conditioner = Conditioner.for_checkpoints(ckpts, base_model, spec.latents, spec.seed, device)
     spec, rows = _read_rows(
-        data, ids, labels, prompts, spec, conditioner, ckpts[0].sample_shape(), shard,
+        parse_data(data), ids, labels, prompts, spec, conditioner, ckpts[0].sample_shape(), shard,
         dict(data_options or {}),
     )  # fmt: skip
     cond_record = conditioner.record(rows.cond)
@@ -147,7 +147,7 @@ def build_index(
 
 
 def _read_rows(
-    data: Any,
+    data: DataRef,
     ids: Any,
     labels: Any,
     prompts: Any,
@@ -188,19 +188,7 @@ def _read_rows(
         to_model_input(images[start : min(start + 4096, checked)], **prep, warn=start == 0)
     if conditioner.kind == "class":  # labels in the model's range
         conditioner.model_kwargs(cond_data, len(images))
-    source = data_source(data)
-    return spec, Rows(images, row_ids, cond_data, prep, shard_info, source, options or None)
-
-
-def data_source(data: Any) -> str | None:
-    """The training data's location as given at build time, made absolute ('file.h5:/set'
-    keeps its dataset), or None for in-memory data: viewers read the training images there."""
-    if not isinstance(data, (str, os.PathLike)):
-        return None
-    path, sep, dataset = str(data).partition(":/")
-    if sep and path.endswith((".h5", ".hdf5")):
-        return f"{Path(path).resolve()}:/{dataset}"
-    return str(Path(data).resolve())
+    return spec, Rows(images, row_ids, cond_data, prep, shard_info, data.location, options or None)
 
 
 def _check_checkpoints(spec: BuildSpec, ckpts: list[Checkpoint]) -> BuildSpec:

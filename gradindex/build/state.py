@@ -30,8 +30,8 @@ import numpy as np
 from gradindex.errors import DataError, IndexStateError, SampleStopError, WriteError
 from gradindex.featurize.embedding import Embedder
 from gradindex.inputs.components import checkpoint_config
-from gradindex.inputs.conditioner import Conditioner
-from gradindex.inputs.conditioning import ConditioningData
+from gradindex.inputs.encoders import Conditioner
+from gradindex.inputs.labels import ConditioningData
 from gradindex.inputs.models import Checkpoint
 from gradindex.inputs.sources import DataSource
 from gradindex.spec import NOT_IDENTITY, OMITTED_AT_DEFAULT, BuildSpec

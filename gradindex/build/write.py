@@ -32,9 +32,9 @@ from gradindex.build.state import (
 from gradindex.errors import DataError, GradIndexError, IndexStateError, WriteError
 from gradindex.featurize.embedding import Embedder
 from gradindex.featurize.fidelity import measure_fidelity
-from gradindex.inputs.conditioner import Conditioner
-from gradindex.inputs.conditioning import ConditioningData
-from gradindex.inputs.data import to_model_input
+from gradindex.inputs.encoders import Conditioner
+from gradindex.inputs.labels import ConditioningData
+from gradindex.inputs.pixels import to_model_input
 from gradindex.inputs.sources import prefetch
 from gradindex.search.faiss_index import METHODS
 from gradindex.search.kernel_recall import with_search_record

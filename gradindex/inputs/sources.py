@@ -3,7 +3,7 @@
 Holds ``DataSource`` (``len``, ``ids``, ``read(start, stop)`` → [B, C, H, W] in the data's own
 dtype, ``rows(lo, hi)`` → a view of a shard's rows, ``data_range()``) and the array, HDF5 and
 image-folder sources; Hugging Face ``datasets`` and WebDataset tars are in ``inputs.hfdata``
-and ``inputs.tars``, the choice of source in ``inputs.open_data``. ``prefetch`` reads the next
+and ``inputs.tars``, the choice of source in ``inputs.training_data``. ``prefetch`` reads the next
 batches in a background thread so decoding overlaps featurizing. Every source counts the
 bytes it read (``bytes_read``): a shard job reads its own rows only.
 """
@@ -24,16 +24,9 @@ from typing import Any
 import numpy as np
 
 from gradindex.errors import DataError
-from gradindex.inputs.data import (
-    GRAY_MODES,
-    UINT8_RANGE,
-    WIDE_MODES,
-    decode_image,
-    range_of_bounds,
-    to_nchw,
-    value_bounds,
-)
 from gradindex.inputs.files import IMAGE_SUFFIXES, image_files, image_header
+from gradindex.inputs.pixels import GRAY_MODES, WIDE_MODES, decode_image, to_nchw
+from gradindex.inputs.ranges import UINT8_RANGE, range_of_bounds, value_bounds
 
 RANGE_BATCH = 4096  # rows per read when scanning a float source for its value range
 

@@ -1,10 +1,12 @@
-"""The training source for whatever the user gives as ``data``, and the conditioning it carries.
+"""The training data's opener: the lazy source of the user's ``data``, and what it carries.
 
-``open_source(data, channels)`` → a lazy ``DataSource`` (see ``inputs.sources``):
+``open_source(data, channels)`` → a lazy ``DataSource`` (see ``inputs.sources``) for each kind of
+``DataRef`` (``inputs.dataref.parse_data`` tells the kind, once):
 
     numpy array / tensor            ArraySource (in memory, as given)
     file.npy                        NpySource (row ranges by file reads)
-    file.npz                        ArraySource (an .npz cannot be memory-mapped: read whole)
+    file.npz                        ArraySource (an .npz cannot be memory-mapped: read whole,
+                                    once, with the labels / captions arrays a model needs)
     file.h5:/images                 H5Source (h5py slices)
     folder of image files           FolderSource (listed once, decoded per batch)
     save_to_disk folder / .parquet  HFSource (datasets / pyarrow)
@@ -12,27 +14,31 @@
     a DataSource                    itself
 
 ``source_conditioning`` then takes labels / captions from the source's columns or members when
-the model needs them and none were given, else from ``inputs.conditioning``'s rules.
+the model needs them and none were given, else from ``inputs.labels``' rules.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import warnings
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
-import torch
-
 from gradindex.errors import DataError
-from gradindex.inputs.conditioning import ConditioningData, load_conditioning, read_inputs
-from gradindex.inputs.data import array_file_errors, load_images
-from gradindex.inputs.files import IMAGE_SUFFIXES
-from gradindex.inputs.hfdata import HFSource, has_parquet, is_hf_folder
+from gradindex.inputs.dataref import DataRef, parse_data
+from gradindex.inputs.files import array_file_errors, read_npz_data
+from gradindex.inputs.hfdata import HFSource
+from gradindex.inputs.labels import (
+    ConditioningData,
+    load_conditioning,
+    npz_columns,
+    npz_conditioning,
+)
+from gradindex.inputs.pixels import to_nchw
 from gradindex.inputs.prepare import Prepared
+from gradindex.inputs.query_images import load_images
 from gradindex.inputs.sources import ArraySource, DataSource, FolderSource, H5Source, NpySource
-from gradindex.inputs.tars import TarSource, is_tar_pattern
+from gradindex.inputs.tars import TarSource
 
 logger = logging.getLogger(__name__)
 
@@ -46,17 +52,20 @@ def open_source(
     on_error: str = "raise",
     resolution: int | None = None,
     center_crop: bool = False,
+    carried: Sequence[str] = (),
     **columns: str | None,
 ) -> DataSource:
     """A lazy source over ``data``. on_error: 'raise' (a bad sample is a one-line DataError
     naming it) or 'skip' (every sample is decoded once up front; bad ones are left out, listed
     in ``source.skipped`` and a warning). resolution / center_crop: images of any size come
     out as the diffusers trainers prepare them (``inputs.prepare``). columns: ``image_column``,
-    ``caption_column``, ``label_column``, ``id_column``, ``split`` of a Hugging Face dataset."""
+    ``caption_column``, ``label_column``, ``id_column``, ``split`` of a Hugging Face dataset.
+    carried: an ``.npz``'s arrays to read with its images (``labels.npz_columns``)."""
     if on_error not in ON_ERROR:
         raise DataError(f"on_error={on_error!r}: use 'raise' or 'skip'")
     any_size = resolution is not None
-    source = _open(data, channels, on_error == "skip", any_size, columns)
+    skip = on_error == "skip"
+    source = _open(parse_data(data), channels, skip, any_size, columns, tuple(carried))
     if any_size and not isinstance(source, Prepared):
         source = Prepared(source, int(resolution), center_crop)
     if on_error == "skip":
@@ -66,37 +75,39 @@ def open_source(
 
 
 def _open(
-    data: Any, channels: int | None, skip: bool, any_size: bool, columns: dict[str, Any]
+    ref: DataRef,
+    channels: int | None,
+    skip: bool,
+    any_size: bool,
+    columns: dict[str, Any],
+    carried: tuple[str, ...],
 ) -> DataSource:
-    if isinstance(data, DataSource):
-        return data
-    if isinstance(data, torch.Tensor):
-        data = data.detach().cpu().numpy()
-    if not isinstance(data, (str, os.PathLike)):
-        arr, _ = load_images(data, channels)  # arrays and lists of arrays: already in memory
-        return ArraySource(arr)
-    text = str(data)
-    if is_tar_pattern(text):
-        return TarSource(text, channels, skip_bad=skip)
-    h5_path, sep, dataset = text.partition(":/")
-    if sep and h5_path.endswith((".h5", ".hdf5")):
-        return H5Source(h5_path, "/" + dataset)
-    path = Path(text)
-    if not path.exists():
-        raise DataError(f"{text}: no such file or folder")
-    if path.suffix == ".parquet" or (path.is_dir() and (is_hf_folder(path) or has_parquet(path))):
+    """The source for each kind of ``DataRef`` (``inputs.dataref``)."""
+    kind, path = ref.kind, ref.path
+    if kind == "source":
+        return ref.value
+    if kind == "array":
+        return ArraySource(to_nchw(ref.value))  # already in memory
+    if kind == "tar":
+        return TarSource(ref.pattern, channels, skip_bad=skip)
+    if kind == "h5":
+        return H5Source(str(path), ref.dataset)
+    if kind in ("hf", "parquet"):
         return HFSource(path, channels, **columns)
-    if path.is_dir():
+    if kind == "folder":
         return FolderSource(path, channels, skip_bad=skip, any_size=any_size)
-    if path.suffix == ".npy":
+    if kind == "npy":
         with array_file_errors(path):
             return NpySource(path)
-    if path.suffix == ".npz" or path.suffix.lower() in IMAGE_SUFFIXES:
-        arr, ids = load_images(path, channels)  # an .npz cannot be memory-mapped
-        source = ArraySource(arr, text)
-        source.ids = ids
+    if kind == "npz":  # cannot be memory-mapped: read whole, once, with its labels / captions
+        arrays = read_npz_data(path, ("images", *carried))
+        source = ArraySource(to_nchw(arrays["images"]), str(path))
+        source.labels, source.prompts = npz_conditioning(arrays)
         return source
-    return ArraySource(*load_images(path, channels)[:1])  # its own one-line refusal
+    images, ids = load_images(ref, channels)  # one image file
+    source = ArraySource(images, str(path))
+    source.ids = ids
+    return source
 
 
 def open_inputs(
@@ -109,18 +120,12 @@ def open_inputs(
     **options: Any,
 ) -> tuple[DataSource, ConditioningData]:
     """A lazy source over ``data`` and its rows' labels / captions (``source_conditioning``),
-    each file read once: an ``.npz`` (which cannot be memory-mapped) is read whole, once, for
-    its images and conditioning arrays (``conditioning.read_inputs``). options: ``open_source``'s
-    (``on_error``, a dataset's column names)."""
-    if isinstance(data, (str, os.PathLike)) and Path(data).suffix == ".npz":
-        found = read_inputs(data, channels, kind, labels, prompts, required)
-        source = ArraySource(found.images, str(data))
-        source.ids = found.ids
-        if options.get("resolution") is not None:
-            source = Prepared(source, int(options["resolution"]), bool(options.get("center_crop")))
-        return source, found.cond
-    source = open_source(data, channels, **options)
-    return source, source_conditioning(source, data, kind, labels, prompts, required)
+    each file read once (an ``.npz`` whole, with its ``labels`` / ``captions`` arrays).
+    options: ``open_source``'s (``on_error``, a dataset's column names)."""
+    ref = parse_data(data)
+    carried = npz_columns(kind, labels, prompts) if ref.kind == "npz" else ()
+    source = open_source(ref, channels, carried=carried, **options)
+    return source, source_conditioning(source, ref, kind, labels, prompts, required)
 
 
 def _warn_skipped(source: DataSource) -> None:
@@ -158,5 +163,10 @@ def source_conditioning(
         labels = source.labels
     if kind == "text" and prompts is None and source.prompts is not None:
         prompts = source.prompts
-    found = data if isinstance(data, (str, os.PathLike)) else None
-    return load_conditioning(found, source.ids, len(source), kind, labels, prompts, required)
+    ref = parse_data(data)
+    columns = npz_columns(kind, labels, prompts) if ref.kind == "npz" else ()
+    if columns:  # its labels / captions array (the images were read when it was opened)
+        labels, prompts = npz_conditioning(read_npz_data(ref.path, columns), kind)
+    return load_conditioning(
+        parse_data(data), source.ids, len(source), kind, labels, prompts, required
+    )
