@@ -144,3 +144,41 @@ def test_an_image_folder_named_with_a_colon_shows_in_the_viewer(tmp_path):
     np.testing.assert_array_equal(shown.image(2), PIXELS[2])
     gone = TrainingImages(str(tmp_path / "pics:" / "gone"), 5, 1, None)
     assert "no longer there" in gone.problem
+
+
+def _reads_per_row(monkeypatch, path: Path, n: int, **build) -> np.ndarray:
+    """How many times each row of the ``.npy`` at ``path`` is read by a build of it."""
+    from gradindex.inputs.sources import NpySource
+
+    counts = np.zeros(n, np.int64)
+    real = NpySource._read
+
+    def counted(self, start: int, stop: int) -> np.ndarray:
+        counts[start:stop] += 1
+        return real(self, start, stop)
+
+    monkeypatch.setattr(NpySource, "_read", counted)
+    gi.build_index(
+        checkpoints=[(tiny_unet(1), scheduler())],
+        data=str(path),
+        spec=gi.BuildSpec(proj_dim=8, timesteps=1, batch_size=4),
+        progress=False,
+        fidelity_sample=0,
+        **build,
+    )
+    return counts
+
+
+def test_a_uint8_image_is_read_once_on_its_way_to_its_row(tmp_path, monkeypatch):
+    """uint8 pixels cannot be NaN or outside 0..255: their rows are read once, as they are
+    featurized (the first one once more, checked before anything is written). They were all
+    read twice: a check pass before writing, then again to featurize."""
+    np.save(tmp_path / "u8.npy", np.repeat(PIXELS, 2, axis=0))  # 10 rows
+    counts = _reads_per_row(monkeypatch, tmp_path / "u8.npy", 10, out=tmp_path / "a")
+    assert counts.tolist() == [2] + [1] * 9
+    floats = np.repeat(PIXELS, 2, axis=0).astype(np.float32) / 255  # every row checked first
+    floats[7, 0, 3, 3] = np.nan
+    np.save(tmp_path / "f.npy", floats)
+    with pytest.raises(gi.DataError, match="NaN"):
+        _reads_per_row(monkeypatch, tmp_path / "f.npy", 10, out=tmp_path / "b")
+    assert not (tmp_path / "b" / "vectors.h5").exists()  # refused before writing

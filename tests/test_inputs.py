@@ -188,14 +188,14 @@ def test_object_and_broken_npy_files_are_one_line(tmp_path, uint8_index, saved_c
 
 
 def test_object_captions_in_npz_are_one_line(tmp_path):
-    from gradindex.inputs.training_data import open_inputs
+    from gradindex.inputs.training_data import open_source
 
     path = tmp_path / "d.npz"
     np.savez(path, images=np.zeros((2, 1, 8, 8), np.uint8), captions=_object_array())
     with pytest.raises(gi.DataError, match="Python objects"):
         query_images.read_inputs(path, 1, "text")  # query images
     with pytest.raises(gi.DataError, match="Python objects"):
-        open_inputs(path, 1, "text")  # training data
+        open_source(path, 1, carried=("captions",))  # training data, read with its captions
 
 
 # -- item 9: image files in the model's channels, mixed sizes, --config --------------------------

@@ -121,12 +121,12 @@ def to_model_input(
             f"images have {arr.shape[1]} channel(s) but the model takes {channels}; "
             "convert them (e.g. to grayscale or RGB) first"
         )
-    lo, hi = check_given_range(arr.dtype, data_range)  # uint8: 0..255 only
+    lo, hi = check_given_range(arr.dtype, data_range)  # uint8: 0..255 only, so always within
     x = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
     if not torch.isfinite(x).all():
         bad = int((~torch.isfinite(x)).flatten(1).any(1).sum())
         raise DataError(f"{bad} image(s) contain NaN or infinite pixel values; fix or drop them")
-    if not within(float(x.min()), float(x.max()), (lo, hi)):
+    if arr.dtype != np.uint8 and not within(float(x.min()), float(x.max()), (lo, hi)):
         raise DataError(
             f"pixel values span [{float(x.min()):g}, {float(x.max()):g}] but were given as "
             f"[{lo:g}, {hi:g}]; rescale the images or give their range (data_range=(low, high), "

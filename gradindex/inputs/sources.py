@@ -351,7 +351,8 @@ def prefetch(
     timing: dict[str, float] | None = None,
 ) -> Iterator[tuple[int, int, np.ndarray]]:
     """(start, stop, rows) for each span, read ``depth`` spans ahead in a background thread:
-    the next batch decodes while this one is featurized. A read error is raised here. ``timing``
+    the next batch decodes while this one is featurized; each span, checked once, is read by
+    the source's own ``_read``. A read error is raised here. ``timing``
     gets ``reading_s`` (seconds in ``source.read``) and ``waiting_s`` (seconds the consumer
     waited for a batch: near 0 when decoding keeps up)."""
     box: queue.Queue = queue.Queue(maxsize=depth)
@@ -363,8 +364,10 @@ def prefetch(
             for a, b in spans:
                 if stop_flag.is_set():
                     return
+                if not 0 <= a < b <= len(source):
+                    raise IndexError(f"rows [{a}, {b}) are not rows of {source.name}")
                 t0 = time.perf_counter()
-                rows = source.read(a, b)
+                rows = source._read(a, b)  # a checked span: no clamping
                 clock["reading_s"] += time.perf_counter() - t0
                 box.put((a, b, rows))
         except BaseException as exc:  # handed to the consumer, raised there

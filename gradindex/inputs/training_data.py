@@ -22,10 +22,14 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from gradindex.errors import DataError
+import numpy as np
+
+from gradindex.errors import DataError, SpecError
 from gradindex.inputs.dataref import DataRef, parse_data
+from gradindex.inputs.encoders import Conditioner
 from gradindex.inputs.files import array_file_errors, read_npz_data
 from gradindex.inputs.hfdata import HFSource
 from gradindex.inputs.labels import (
@@ -34,15 +38,18 @@ from gradindex.inputs.labels import (
     npz_columns,
     npz_conditioning,
 )
-from gradindex.inputs.pixels import to_nchw
+from gradindex.inputs.pixels import to_model_input, to_nchw
 from gradindex.inputs.prepare import Prepared
 from gradindex.inputs.query_images import load_images
+from gradindex.inputs.slices import data_digest, shard_rows
 from gradindex.inputs.sources import ArraySource, DataSource, FolderSource, H5Source, NpySource
 from gradindex.inputs.tars import TarSource
+from gradindex.spec import BuildSpec
 
 logger = logging.getLogger(__name__)
 
 ON_ERROR = ("raise", "skip")
+CHECK_BATCH = 4096  # rows per read when checking an array's rows before writing
 
 
 def open_source(
@@ -63,69 +70,37 @@ def open_source(
     carried: an ``.npz``'s arrays to read with its images (``labels.npz_columns``)."""
     if on_error not in ON_ERROR:
         raise DataError(f"on_error={on_error!r}: use 'raise' or 'skip'")
-    any_size = resolution is not None
-    skip = on_error == "skip"
-    source = _open(parse_data(data), channels, skip, any_size, columns, tuple(carried))
-    if any_size and not isinstance(source, Prepared):
-        source = Prepared(source, int(resolution), center_crop)
-    if on_error == "skip":
-        source = source.check(skip=True)
-        _warn_skipped(source)
-    return source
-
-
-def _open(
-    ref: DataRef,
-    channels: int | None,
-    skip: bool,
-    any_size: bool,
-    columns: dict[str, Any],
-    carried: tuple[str, ...],
-) -> DataSource:
-    """The source for each kind of ``DataRef`` (``inputs.dataref``)."""
+    ref, skip, any_size = parse_data(data), on_error == "skip", resolution is not None
     kind, path = ref.kind, ref.path
     if kind == "source":
-        return ref.value
-    if kind == "array":
-        return ArraySource(to_nchw(ref.value))  # already in memory
-    if kind == "tar":
-        return TarSource(ref.pattern, channels, skip_bad=skip)
-    if kind == "h5":
-        return H5Source(str(path), ref.dataset)
-    if kind in ("hf", "parquet"):
-        return HFSource(path, channels, **columns)
-    if kind == "folder":
-        return FolderSource(path, channels, skip_bad=skip, any_size=any_size)
-    if kind == "npy":
+        source = ref.value
+    elif kind == "array":
+        source = ArraySource(to_nchw(ref.value))  # already in memory
+    elif kind == "tar":
+        source = TarSource(ref.pattern, channels, skip_bad=skip)
+    elif kind == "h5":
+        source = H5Source(str(path), ref.dataset)
+    elif kind in ("hf", "parquet"):
+        source = HFSource(path, channels, **columns)
+    elif kind == "folder":
+        source = FolderSource(path, channels, skip_bad=skip, any_size=any_size)
+    elif kind == "npy":
         with array_file_errors(path):
-            return NpySource(path)
-    if kind == "npz":  # cannot be memory-mapped: read whole, once, with its labels / captions
+            source = NpySource(path)
+    elif kind == "npz":  # cannot be memory-mapped: read whole, once, with its labels / captions
         arrays = read_npz_data(path, ("images", *carried))
         source = ArraySource(to_nchw(arrays["images"]), str(path))
         source.labels, source.prompts = npz_conditioning(arrays)
-        return source
-    images, ids = load_images(ref, channels)  # one image file
-    source = ArraySource(images, str(path))
-    source.ids = ids
+    else:  # one image file
+        images, ids = load_images(ref, channels)
+        source = ArraySource(images, str(path))
+        source.ids = ids
+    if any_size and not isinstance(source, Prepared):
+        source = Prepared(source, int(resolution), center_crop)
+    if skip:
+        source = source.check(skip=True)
+        _warn_skipped(source)
     return source
-
-
-def open_inputs(
-    data: Any,
-    channels: int | None,
-    kind: str,
-    labels: Any = None,
-    prompts: Any = None,
-    required: bool = True,
-    **options: Any,
-) -> tuple[DataSource, ConditioningData]:
-    """A lazy source over ``data`` and its rows' labels / captions (``source_conditioning``),
-    each file read once (an ``.npz`` whole, with its ``labels`` / ``captions`` arrays).
-    options: ``open_source``'s (``on_error``, a dataset's column names)."""
-    ref = parse_data(data)
-    carried = npz_columns(kind, labels, prompts) if ref.kind == "npz" else ()
-    source = open_source(ref, channels, carried=carried, **options)
-    return source, source_conditioning(source, ref, kind, labels, prompts, required)
 
 
 def _warn_skipped(source: DataSource) -> None:
@@ -146,15 +121,16 @@ def _warn_skipped(source: DataSource) -> None:
 
 def source_conditioning(
     source: DataSource,
-    data: Any,
+    ref: DataRef | None,
     kind: str,
     labels: Any = None,
     prompts: Any = None,
     required: bool = True,
 ) -> ConditioningData:
-    """Labels / captions of ``source``'s rows for a model of conditioning ``kind``: given ones
-    win; else a dataset's label / caption column or a tar's .cls / .txt members; else the
-    rules of ``load_conditioning`` (an .npz's arrays, class sub-folders, metadata.jsonl)."""
+    """Labels / captions of ``source``'s rows (opened from ``ref``, ``parse_data``'s) for a
+    model of conditioning ``kind``: given ones win; else what the source carries (a dataset's
+    label / caption column, a tar's .cls / .txt members, an .npz's arrays); else the rules of
+    ``load_conditioning`` (class sub-folders, metadata.jsonl)."""
     for what, given in (("labels", labels), ("prompts", prompts)):
         wanted = kind == ("class" if what == "labels" else "text")
         if wanted and given is None and what in source.missing:
@@ -163,10 +139,78 @@ def source_conditioning(
         labels = source.labels
     if kind == "text" and prompts is None and source.prompts is not None:
         prompts = source.prompts
-    ref = parse_data(data)
-    columns = npz_columns(kind, labels, prompts) if ref.kind == "npz" else ()
-    if columns:  # its labels / captions array (the images were read when it was opened)
-        labels, prompts = npz_conditioning(read_npz_data(ref.path, columns), kind)
-    return load_conditioning(
-        parse_data(data), source.ids, len(source), kind, labels, prompts, required
+    return load_conditioning(ref, source.ids, len(source), kind, labels, prompts, required)
+
+
+@dataclass
+class TrainingRows:
+    """The training rows a build featurizes (its shard's), opened and checked once."""
+
+    images: DataSource  # [N, C, H, W] as stored, read by row range
+    ids: np.ndarray
+    cond: ConditioningData  # their labels / captions
+    prep: dict[str, Any]  # to_model_input's arguments: channels, size, data_range, resize
+    shard: dict[str, Any] | None  # index, count, start, stop, total_rows, data_digest
+    source: str | None = None  # the data's location, absolute (None: in memory): thumbnails
+    options: dict[str, Any] | None = None  # open_source's column names / on_error, as given
+
+
+def open_training(
+    ref: DataRef,
+    ids: Any,
+    given: dict[str, Any],
+    spec: BuildSpec,
+    conditioner: Conditioner,
+    sample_shape: tuple[int, ...],
+    shard: tuple[int, int] | None,
+    options: dict[str, Any],
+) -> tuple[BuildSpec, TrainingRows]:
+    """Open a build's training data (images read lazily; ids, labels / captions with it;
+    ``given``: the ``labels`` / ``prompts`` passed), resolve its value range from the whole
+    data set (every shard the same), cut a shard's rows, and check them before anything is
+    written. Float arrays, ``.npy`` and HDF5 rows are all checked (one pass of reads); uint8
+    ones and decoded sources (image folders, tars, datasets) by their first row: uint8 pixels
+    cannot be NaN or out of 0..255, and a decoded row is checked as it is featurized (a bad one
+    stops the build there, naming it, its committed rows kept for a resume). Returns the spec
+    with its data_range, and the rows."""
+    channels, height, width = conditioner.image_shape(sample_shape)
+    kind, labels, prompts = conditioner.kind, given.get("labels"), given.get("prompts")
+    carried = npz_columns(kind, labels, prompts) if ref.kind == "npz" else ()
+    trainer = {"resolution": spec.resolution, "center_crop": spec.center_crop}  # inputs.prepare
+    images = open_source(ref, channels, carried=carried, **options, **trainer)
+    cond_data = source_conditioning(images, ref, kind, labels, prompts)
+    row_ids = _resolve_ids(ids, images.ids, len(images))  # lazy: rows read a batch at a time
+    if spec.data_range is None:
+        spec = spec.replace(data_range=images.data_range())
+    prep = dict(
+        channels=channels, size=(height, width), data_range=spec.data_range, resize=spec.resize
     )
+    shard_info = None
+    if shard is not None:  # after data_range: every shard resolves it from the whole dataset
+        lo, hi = shard_rows(shard, len(images))
+        shard_info = {"index": shard[0], "count": shard[1], "start": lo, "stop": hi}
+        shard_info["total_rows"] = len(images)
+        shard_info["data_digest"] = data_digest(images, row_ids)  # merge: same data, same order
+        images, row_ids = images.rows(lo, hi), row_ids[lo:hi]  # only this shard's rows read
+        cond_data = cond_data.rows(lo, hi)
+    whole = not images.decodes and images.dtype != np.uint8
+    checked = len(images) if whole else 1
+    for start in range(0, checked, CHECK_BATCH):
+        to_model_input(images[start : min(start + CHECK_BATCH, checked)], **prep, warn=start == 0)
+    if kind == "class":  # labels in the model's range
+        conditioner.model_kwargs(cond_data, len(images))
+    rows = TrainingRows(images, row_ids, cond_data, prep, shard_info, ref.location, options or None)
+    return spec, rows
+
+
+def _resolve_ids(ids: Any, data_ids: np.ndarray, n: int) -> np.ndarray:
+    if ids is None:
+        return data_ids
+    arr = np.asarray(ids)
+    if arr.ndim != 1 or len(arr) != n:
+        raise SpecError(
+            f"ids has shape {arr.shape} but there are {n} images; give one id per image"
+        )
+    if len(np.unique(arr)) != n:
+        raise SpecError("ids are not unique; give each training sample its own id")
+    return arr if arr.dtype.kind in "iu" else arr.astype(str)
