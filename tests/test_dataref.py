@@ -89,6 +89,7 @@ def test_a_dataref_passes_through_unchanged(tmp_path):
         ("notes.txt", "notes.txt: unsupported file type; give an array, a .npy/.npz file"),
         ({"images": 1}, "cannot read images from a dict: give an array"),
         (3, "cannot read images from a int: give an array"),
+        ([np.zeros((1, 8, 8)), np.zeros((1, 4, 4))], "the images in the list differ in shape"),
     ],
 )
 def test_bad_data_is_one_line_saying_what_to_give(tmp_path, monkeypatch, given, words):

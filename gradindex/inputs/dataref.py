@@ -73,7 +73,8 @@ class DataRef:
 def parse_data(data: Any) -> DataRef:
     """Tell what ``data`` is, once. Paths are checked to exist (HDF5 datasets, tar shards and
     a file's contents are checked by whoever opens them); anything unreadable is a one-line
-    ``DataError`` saying what to give instead."""
+    ``DataError`` saying what to give instead. ``file.h5:/dataset`` splits after the first
+    '.h5:' or '.hdf5:' whose file exists (a folder or dataset name may hold ':/' too)."""
     if isinstance(data, DataRef):
         return data
     if isinstance(data, DataSource):
@@ -83,18 +84,18 @@ def parse_data(data: Any) -> DataRef:
     if isinstance(data, np.ndarray):
         return DataRef("array", "array", value=data)
     if isinstance(data, (list, tuple)) and data and all(isinstance(a, np.ndarray) for a in data):
+        if len({a.shape for a in data}) > 1:
+            raise DataError("the images in the list differ in shape; give images of one size")
         return DataRef("array", "list of arrays", value=np.stack(data))
     if not isinstance(data, (str, os.PathLike)):
         raise DataError(f"cannot read images from a {type(data).__name__}: {WHAT_TO_GIVE}")
-    return _parse_path(os.fspath(data))
-
-
-def _parse_path(text: str) -> DataRef:
-    if is_tar_pattern(text):
+    text = os.fspath(data)
+    if text.endswith(".tar") or (".tar" in text and "{" in text):  # shards-{000..009}.tar
         return DataRef("tar", text, pattern=text)
-    h5 = _h5_parts(text)
-    if h5 is not None:
-        return DataRef("h5", text, path=Path(h5[0]), dataset=h5[1])
+    cuts = [m.end() - 2 for m in _H5_SPLIT.finditer(text)]  # the ':' of each '.h5:/'
+    if cuts:
+        cut = next((c for c in cuts if Path(text[:c]).is_file()), cuts[0])
+        return DataRef("h5", text, path=Path(text[:cut]), dataset=text[cut + 1 :])
     path = Path(text)
     if not path.exists():
         raise DataError(f"{text}: no such file or folder")
@@ -110,21 +111,6 @@ def _parse_path(text: str) -> DataRef:
     if kind is None:
         raise DataError(f"{text}: unsupported file type; {WHAT_TO_GIVE}")
     return DataRef(kind, text, path=path)
-
-
-def _h5_parts(text: str) -> tuple[str, str] | None:
-    """(file, '/dataset') of 'file.h5:/dataset': split after the first '.h5:' or '.hdf5:'
-    whose file exists (a folder or dataset may itself hold ':/'), else after the first one."""
-    cuts = [m.end() - 2 for m in _H5_SPLIT.finditer(text)]  # the ':' of each '.h5:/'
-    if not cuts:
-        return None
-    cut = next((c for c in cuts if Path(text[:c]).is_file()), cuts[0])
-    return text[:cut], text[cut + 1 :]
-
-
-def is_tar_pattern(text: str) -> bool:
-    """A tar shard or a brace pattern of them ('shards-{000..009}.tar')."""
-    return text.endswith(".tar") or (".tar" in text and "{" in text)
 
 
 def is_hf_folder(path: Path) -> bool:

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from gradindex.errors import DataError
-from gradindex.inputs.files import IMAGE_SUFFIXES, image_files, image_header
+from gradindex.inputs.files import IMAGE_SUFFIXES, array_file_errors, image_files, image_header
 from gradindex.inputs.pixels import GRAY_MODES, WIDE_MODES, decode_image, to_nchw
 from gradindex.inputs.ranges import UINT8_RANGE, range_of_bounds, value_bounds
 
@@ -235,7 +235,8 @@ class NpySource(DataSource):
     def __init__(self, path: Path):
         super().__init__()
         self.path, self.name = path, str(path)
-        mapped = np.load(path, mmap_mode="r", allow_pickle=False)
+        with array_file_errors(path):  # pickled or broken: one line
+            mapped = np.load(path, mmap_mode="r", allow_pickle=False)
         self.offset, self.fortran = int(mapped.offset), bool(mapped.flags.f_contiguous)
         self.fortran &= mapped.ndim > 1 and not mapped.flags.c_contiguous
         self.mapped = mapped if self.fortran else None  # column-major: read through the map

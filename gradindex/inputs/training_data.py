@@ -30,7 +30,7 @@ import numpy as np
 from gradindex.errors import DataError, SpecError
 from gradindex.inputs.dataref import DataRef, parse_data
 from gradindex.inputs.encoders import Conditioner
-from gradindex.inputs.files import array_file_errors, read_npz_data
+from gradindex.inputs.files import read_npz_data
 from gradindex.inputs.hfdata import HFSource
 from gradindex.inputs.labels import (
     ConditioningData,
@@ -85,8 +85,7 @@ def open_source(
     elif kind == "folder":
         source = FolderSource(path, channels, skip_bad=skip, any_size=any_size)
     elif kind == "npy":
-        with array_file_errors(path):
-            source = NpySource(path)
+        source = NpySource(path)
     elif kind == "npz":  # cannot be memory-mapped: read whole, once, with its labels / captions
         arrays = read_npz_data(path, ("images", *carried))
         source = ArraySource(to_nchw(arrays["images"]), str(path))
