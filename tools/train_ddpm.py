@@ -119,7 +119,7 @@ def main(
 
 
 def _load(data: str) -> np.ndarray:
-    """Any source ``gradindex.inputs.pixels.load_images`` reads -> float32 [N, C, H, W] in [0, 1]."""
+    """Any source ``gradindex.inputs.query_images.load_images`` reads -> float32 [N, C, H, W] in [0, 1]."""
     from gradindex.inputs.query_images import load_images
 
     images, _ = load_images(data)

@@ -13,10 +13,11 @@ old index stays usable until the new one is complete. One build writes a folder 
 weights, index kind) is checked before the first row is featurized, except the pixels of
 decoded files (image folders, tars, datasets): each is decoded once, as it is featurized.
 
-Here: reading and checking the inputs into a ``build_state.Plan`` (``_read_rows`` opens the
-training data lazily and checks array rows in one pass before anything is written); which
-folder to write and what identifies the build: ``gradindex.build.state``; writing rows, indexes
-and manifest: ``gradindex.build.write``.
+Here: loading the checkpoints and planning the build (a ``build.state.Plan``); the user's
+``data`` is parsed once (``inputs.dataref.parse_data``) and opened and checked before anything
+is written by ``inputs.training_data.open_training``; which folder to write and what identifies
+the build: ``gradindex.build.state``; writing rows, indexes and manifest:
+``gradindex.build.write``. A training image's walk through these: docs/architecture.md.
 """
 
 from __future__ import annotations
