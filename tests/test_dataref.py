@@ -172,12 +172,15 @@ def _reads_per_row(monkeypatch, path: Path, n: int, **build) -> np.ndarray:
 
 def test_a_uint8_image_is_read_once_on_its_way_to_its_row(tmp_path, monkeypatch):
     """uint8 pixels cannot be NaN or outside 0..255: their rows are read once, as they are
-    featurized (the first one once more, checked before anything is written). They were all
-    read twice: a check pass before writing, then again to featurize."""
+    featurized (the first one once more, checked before anything is written); float rows twice
+    (one pass for their range and NaN). They were read twice and three times."""
     np.save(tmp_path / "u8.npy", np.repeat(PIXELS, 2, axis=0))  # 10 rows
     counts = _reads_per_row(monkeypatch, tmp_path / "u8.npy", 10, out=tmp_path / "a")
     assert counts.tolist() == [2] + [1] * 9
-    floats = np.repeat(PIXELS, 2, axis=0).astype(np.float32) / 255  # every row checked first
+    floats = np.repeat(PIXELS, 2, axis=0).astype(np.float32) / 255
+    np.save(tmp_path / "f.npy", floats)  # one pass finds the range and checks every row
+    counts = _reads_per_row(monkeypatch, tmp_path / "f.npy", 10, out=tmp_path / "f")
+    assert counts.tolist() == [3] + [2] * 9  # it was 3 for every row: range, check, featurize
     floats[7, 0, 3, 3] = np.nan
     np.save(tmp_path / "f.npy", floats)
     with pytest.raises(gi.DataError, match="NaN"):

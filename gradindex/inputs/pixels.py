@@ -122,10 +122,10 @@ def to_model_input(
             "convert them (e.g. to grayscale or RGB) first"
         )
     lo, hi = check_given_range(arr.dtype, data_range)  # uint8: 0..255 only, so always within
-    x = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
-    if not torch.isfinite(x).all():
-        bad = int((~torch.isfinite(x)).flatten(1).any(1).sum())
-        raise DataError(f"{bad} image(s) contain NaN or infinite pixel values; fix or drop them")
+    pixels = np.ascontiguousarray(arr, dtype=np.float32)
+    if arr.dtype.kind == "f":  # in float32: a float64 beyond its range is infinite there
+        check_finite(pixels)
+    x = torch.from_numpy(pixels)
     if arr.dtype != np.uint8 and not within(float(x.min()), float(x.max()), (lo, hi)):
         raise DataError(
             f"pixel values span [{float(x.min()):g}, {float(x.max()):g}] but were given as "
@@ -152,6 +152,14 @@ def to_model_input(
         else:
             x = F.interpolate(x, size=target, mode="nearest")
     return x.contiguous()
+
+
+def check_finite(images: np.ndarray) -> None:
+    """Refuse images [N, ...] holding NaN or infinite pixels, saying how many."""
+    if images.dtype.kind != "f" or np.isfinite(images).all():
+        return
+    bad = int((~np.isfinite(images)).reshape(len(images), -1).any(1).sum())
+    raise DataError(f"{bad} image(s) contain NaN or infinite pixel values; fix or drop them")
 
 
 def image_size(images: np.ndarray | torch.Tensor) -> tuple[int, int]:

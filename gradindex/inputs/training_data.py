@@ -38,9 +38,10 @@ from gradindex.inputs.labels import (
     npz_columns,
     npz_conditioning,
 )
-from gradindex.inputs.pixels import to_model_input, to_nchw
+from gradindex.inputs.pixels import check_finite, to_model_input, to_nchw
 from gradindex.inputs.prepare import Prepared
 from gradindex.inputs.query_images import load_images
+from gradindex.inputs.ranges import range_of_bounds, value_bounds
 from gradindex.inputs.slices import data_digest, shard_rows
 from gradindex.inputs.sources import ArraySource, DataSource, FolderSource, H5Source, NpySource
 from gradindex.inputs.tars import TarSource
@@ -167,7 +168,8 @@ def open_training(
     """Open a build's training data (images read lazily; ids, labels / captions with it;
     ``given``: the ``labels`` / ``prompts`` passed), resolve its value range from the whole
     data set (every shard the same), cut a shard's rows, and check them before anything is
-    written. Float arrays, ``.npy`` and HDF5 rows are all checked (one pass of reads); uint8
+    written. Float arrays, ``.npy`` and HDF5 rows are all checked (one pass of reads, which
+    also finds their range when none is given: ``_float_range``); uint8
     ones and decoded sources (image folders, tars, datasets) by their first row: uint8 pixels
     cannot be NaN or out of 0..255, and a decoded row is checked as it is featurized (a bad one
     stops the build there, naming it, its committed rows kept for a resume). Returns the spec
@@ -179,27 +181,43 @@ def open_training(
     images = open_source(ref, channels, carried=carried, **options, **trainer)
     cond_data = source_conditioning(images, ref, kind, labels, prompts)
     row_ids = _resolve_ids(ids, images.ids, len(images))  # lazy: rows read a batch at a time
-    if spec.data_range is None:
-        spec = spec.replace(data_range=images.data_range())
+    lo, hi = (0, len(images)) if shard is None else shard_rows(shard, len(images))
+    whole = not images.decodes and images.dtype != np.uint8  # float arrays: every row checked
+    scanned = whole and spec.data_range is None
+    if spec.data_range is None:  # from the whole data set: every shard resolves the same one
+        found = _float_range(images, lo, hi) if scanned else images.data_range()
+        spec = spec.replace(data_range=found)
     prep = dict(
         channels=channels, size=(height, width), data_range=spec.data_range, resize=spec.resize
     )
     shard_info = None
-    if shard is not None:  # after data_range: every shard resolves it from the whole dataset
-        lo, hi = shard_rows(shard, len(images))
+    if shard is not None:
         shard_info = {"index": shard[0], "count": shard[1], "start": lo, "stop": hi}
         shard_info["total_rows"] = len(images)
         shard_info["data_digest"] = data_digest(images, row_ids)  # merge: same data, same order
         images, row_ids = images.rows(lo, hi), row_ids[lo:hi]  # only this shard's rows read
         cond_data = cond_data.rows(lo, hi)
-    whole = not images.decodes and images.dtype != np.uint8
-    checked = len(images) if whole else 1
+    checked = len(images) if whole and not scanned else 1  # a scanned row is in its range
     for start in range(0, checked, CHECK_BATCH):
         to_model_input(images[start : min(start + CHECK_BATCH, checked)], **prep, warn=start == 0)
     if kind == "class":  # labels in the model's range
         conditioner.model_kwargs(cond_data, len(images))
     rows = TrainingRows(images, row_ids, cond_data, prep, shard_info, ref.location, options or None)
     return spec, rows
+
+
+def _float_range(images: DataSource, lo: int, hi: int) -> tuple[float, float]:
+    """A float array's value range, from all its rows, in one pass of reads that also refuses
+    non-finite pixels in rows [lo, hi) (this build's): those rows are then within the range
+    by construction, and need no second pass before anything is written."""
+    low = high = None
+    for start in range(0, len(images), CHECK_BATCH):
+        block = images.read(start, start + CHECK_BATCH)
+        check_finite(block[max(lo - start, 0) : max(hi - start, 0)])
+        a, b = value_bounds(block)
+        if a is not None:
+            low, high = (a, b) if low is None else (min(low, a), max(high, b))
+    return range_of_bounds(low, high)
 
 
 def _resolve_ids(ids: Any, data_ids: np.ndarray, n: int) -> np.ndarray:
