@@ -194,9 +194,9 @@ def phase_open(work: Path, sizes: list[int], nlist: int = 1024) -> dict:
 
 
 def child_datapath(npy: str) -> dict:
-    from gradindex.inputs.data import to_model_input
-    from gradindex.inputs.open_data import open_source
+    from gradindex.inputs.pixels import to_model_input
     from gradindex.inputs.sources import prefetch
+    from gradindex.inputs.training_data import open_source
     from gradindex.store.vectors import VectorStore
 
     base = maxrss_mib()
@@ -251,9 +251,9 @@ def write_tars(root: Path, pixels: np.ndarray, shards: int) -> str:
 
 
 def phase_shards(work: Path, n: int = 20000) -> dict:
-    from gradindex.inputs.open_data import open_source
     from gradindex.inputs.slices import shard_rows
     from gradindex.inputs.tars import expand_braces
+    from gradindex.inputs.training_data import open_source
 
     (work / "tars").mkdir(exist_ok=True)
     pattern = write_tars(work / "tars", digits(n), 8)
@@ -276,7 +276,7 @@ def phase_formats(work: Path, n: int = 3000) -> dict:
     import h5py
     from PIL import Image
 
-    from gradindex.inputs.open_data import open_source
+    from gradindex.inputs.training_data import open_source
 
     rgb = np.repeat(np.kron(digits(n), np.ones((4, 4), np.uint8))[..., None], 3, axis=-1)
     root = work / "fmt"
@@ -328,7 +328,7 @@ def webdataset_rate(pattern: str, n: int) -> dict:
     """The webdataset package streaming the same shards, decoding with the same PIL call."""
     import webdataset as wds
 
-    from gradindex.inputs.data import decode_image
+    from gradindex.inputs.pixels import decode_image
 
     t0 = time.perf_counter()
     count = 0

@@ -33,11 +33,11 @@ import numpy as np
 
 from gradindex.errors import IndexStateError, SearchError
 from gradindex.featurize.embedding import Embedder
-from gradindex.inputs.conditioner import Conditioner
-from gradindex.inputs.conditioning import ConditioningData, as_prompts
-from gradindex.inputs.data import image_size, to_model_input, to_nchw
 from gradindex.inputs.devices import resolve_device
+from gradindex.inputs.encoders import Conditioner
+from gradindex.inputs.labels import ConditioningData, as_prompts
 from gradindex.inputs.models import Checkpoint, CheckpointSource
+from gradindex.inputs.pixels import image_size, to_model_input, to_nchw
 from gradindex.inputs.prepare import prepare_images
 from gradindex.inputs.ranges import query_range
 from gradindex.query_influence import METHOD as INFLUENCE

@@ -185,7 +185,7 @@ def reference_inputs(run, pixels, captions, sample=False, seed=0):
     from diffusers import AutoencoderKL
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    from gradindex.inputs.conditioner import latent_noise_seed
+    from gradindex.inputs.encoders import latent_noise_seed
 
     vae = AutoencoderKL.from_pretrained(run / "vae").eval()
     tok = CLIPTokenizer.from_pretrained(run / "tokenizer")

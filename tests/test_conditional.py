@@ -14,7 +14,7 @@ from diffusers import UNet2DModel
 from PIL import Image
 
 import gradindex as gi
-from gradindex.inputs.data import load_images
+from gradindex.inputs.query_images import load_images
 from tests.conftest import scheduler, tiny_unet
 from tests.diffusion_refs import reference_rows, rel_err
 
@@ -236,7 +236,7 @@ def test_an_npz_is_read_once_for_images_and_labels(tmp_path, images, monkeypatch
     from click.testing import CliRunner
 
     from gradindex.cli.main import main
-    from gradindex.inputs.conditioning import read_inputs
+    from gradindex.inputs.query_images import read_inputs
 
     path = tmp_path / "train.npz"
     labels = np.array([0, 1, 2, 0, 1, 2, 0])
@@ -266,7 +266,7 @@ def test_an_npz_is_read_once_for_images_and_labels(tmp_path, images, monkeypatch
 
 def test_labels_given_win_and_the_files_are_not_read(tmp_path, images, monkeypatch):
     """Given labels are used as given: a broken labels array in the file is never opened."""
-    from gradindex.inputs.conditioning import query_inputs, read_inputs
+    from gradindex.inputs.query_images import query_inputs, read_inputs
 
     path = tmp_path / "q.npz"
     np.savez(path, images=images[:2], labels=np.array(["x", "y"], dtype=object))
@@ -285,7 +285,7 @@ def test_query_folder_of_some_classes_takes_the_index_numbers(tmp_path, images):
     from click.testing import CliRunner
 
     from gradindex.cli.main import main
-    from gradindex.inputs.conditioning import query_inputs
+    from gradindex.inputs.query_images import query_inputs
 
     names = ["cat", "dog", "eel"]
     for root, keep in ((tmp_path / "train", names), (tmp_path / "q", ["dog", "eel"])):
@@ -314,7 +314,7 @@ def test_query_folder_of_some_classes_takes_the_index_numbers(tmp_path, images):
 
 
 def test_label_and_prompt_files(tmp_path):
-    from gradindex.inputs.conditioning import read_labels_file, read_prompts_file
+    from gradindex.inputs.query_images import read_labels_file, read_prompts_file
 
     (tmp_path / "l.txt").write_text("0\n\n -1 \ndog\n 2\n")
     assert read_labels_file(tmp_path / "l.txt") == [0, -1, "dog", 2]

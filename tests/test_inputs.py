@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 import gradindex as gi
-from gradindex.inputs import data
+from gradindex.inputs import files, query_images, ranges
+from gradindex.inputs import pixels as pixel_rules
 from tests.conftest import error_line, run, scheduler, tiny_unet
 
 SPEC = gi.BuildSpec(proj_dim=32, timesteps=2, batch_size=4)
@@ -85,7 +86,7 @@ def test_explicit_and_recorded_ranges_still_work(tmp_path, pixels):
 def test_range_from_values_tolerates_resampling_overshoot(lo, hi, want):
     """[0, 1] images slightly overshot by resampling are still [0, 1], not [-1, 1]."""
     arr = np.linspace(lo, hi, 64, dtype=np.float32).reshape(1, 1, 8, 8)
-    assert data.resolve_data_range(arr) == want
+    assert ranges.resolve_data_range(arr) == want
 
 
 @pytest.mark.parametrize("lo,hi", [(-0.3, 1.2), (0.5, 2.0), (0.0, 300.0)])
@@ -119,19 +120,19 @@ def _mapped(pixels: np.ndarray) -> torch.Tensor:
 def test_resize_warns_and_equals_torch_interpolate(pixels, mode):
     big = np.random.default_rng(1).integers(0, 256, (3, 1, 11, 13), dtype=np.uint8)
     with pytest.warns(UserWarning, match=r"resized from 11x13 to the model's 8x8"):
-        x = data.to_model_input(big, channels=1, size=8, data_range=(0, 255), resize=mode)
+        x = pixel_rules.to_model_input(big, channels=1, size=8, data_range=(0, 255), resize=mode)
     kw = {"mode": "nearest"} if mode == "nearest" else {"mode": mode, "antialias": True}
     want = F.interpolate(_mapped(big), size=(8, 8), **kw)
     torch.testing.assert_close(x, want, rtol=0, atol=1e-6)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the model's own size: no warning
-        data.to_model_input(pixels, channels=1, size=8, data_range=(0, 255), resize=mode)
+        pixel_rules.to_model_input(pixels, channels=1, size=8, data_range=(0, 255), resize=mode)
 
 
 def test_resize_error_mode_refuses_with_both_sizes():
     big = np.zeros((2, 1, 11, 13), dtype=np.uint8)
     with pytest.raises(gi.DataError, match=r"images are 11x13 but the model takes 8x8"):
-        data.to_model_input(big, channels=1, size=8, data_range=(0, 255), resize="error")
+        pixel_rules.to_model_input(big, channels=1, size=8, data_range=(0, 255), resize="error")
 
 
 def test_query_records_that_it_resized(uint8_index, pixels):
@@ -181,18 +182,20 @@ def test_object_and_broken_npy_files_are_one_line(tmp_path, uint8_index, saved_c
     line = error_line(run("build", "-c", saved_checkpoints[0], "--data", obj, "--out", out))
     assert "obj.npy" in line and "Python objects" in line
     with pytest.raises(gi.DataError, match="junk.npy: "):
-        data.read_array(tmp_path / "junk.npy")
+        files.read_array(tmp_path / "junk.npy")
     with pytest.raises(gi.DataError, match="Python objects"):
-        data.load_images(obj)
+        query_images.load_images(obj)
 
 
 def test_object_captions_in_npz_are_one_line(tmp_path):
-    from gradindex.inputs.conditioning import load_conditioning
+    from gradindex.inputs.training_data import open_source
 
     path = tmp_path / "d.npz"
     np.savez(path, images=np.zeros((2, 1, 8, 8), np.uint8), captions=_object_array())
     with pytest.raises(gi.DataError, match="Python objects"):
-        load_conditioning(path, np.arange(2), 2, "text")
+        query_images.read_inputs(path, 1, "text")  # query images
+    with pytest.raises(gi.DataError, match="Python objects"):
+        open_source(path, 1, carried=("captions",))  # training data, read with its captions
 
 
 # -- item 9: image files in the model's channels, mixed sizes, --config --------------------------
@@ -210,18 +213,20 @@ def test_la_and_16bit_pngs_load_in_the_models_channels(tmp_path):
     wide = rng.integers(0, 65536, (8, 8), dtype=np.uint16)
     alpha = np.full((8, 8), 77, np.uint8)
     _png(tmp_path / "la" / "a.png", np.stack([gray, alpha], -1), "LA")
-    arr, _ = data.load_images(tmp_path / "la", channels=1)
+    arr, _ = query_images.load_images(tmp_path / "la", channels=1)
     assert arr.shape == (1, 1, 8, 8) and arr.dtype == np.uint8
     np.testing.assert_array_equal(arr[0, 0], gray)
     _png(tmp_path / "w" / "a.png", wide)
     assert Image.open(tmp_path / "w" / "a.png").mode == "I;16"
-    arr, _ = data.load_images(tmp_path / "w", channels=1)
+    arr, _ = query_images.load_images(tmp_path / "w", channels=1)
     np.testing.assert_array_equal(arr[0, 0], wide.astype(np.float32) / 65535)
-    arr, _ = data.load_images(tmp_path / "w", channels=3)  # a grayscale file on an RGB model
+    arr, _ = query_images.load_images(
+        tmp_path / "w", channels=3
+    )  # a grayscale file on an RGB model
     assert arr.shape == (1, 3, 8, 8)
     np.testing.assert_array_equal(arr[0, 2], wide.astype(np.float32) / 65535)
     _png(tmp_path / "w" / "b.png", gray)  # 8- and 16-bit together: both as [0, 1] floats
-    arr, ids = data.load_images(tmp_path / "w")
+    arr, ids = query_images.load_images(tmp_path / "w")
     assert list(ids) == ["a.png", "b.png"] and arr.shape == (2, 1, 8, 8)
     np.testing.assert_array_equal(arr[1, 0], gray.astype(np.float32) / 255)
 
@@ -240,7 +245,7 @@ def test_mixed_size_folder_names_the_odd_file(tmp_path):
         _png(tmp_path / "f" / name, np.zeros((8, 8), np.uint8))
     _png(tmp_path / "f" / "c.png", np.zeros((10, 6), np.uint8))
     with pytest.raises(gi.DataError, match=r"3 are 8x8 \(HxW\) but c\.png is 10x6"):
-        data.load_images(tmp_path / "f")
+        query_images.load_images(tmp_path / "f")
 
 
 @pytest.mark.parametrize(
@@ -274,9 +279,9 @@ def test_one_hwc_image_without_a_batch_axis_is_refused():
     """[H, W, C] could be one image or H images C pixels wide: refused, never guessed."""
     one = np.zeros((8, 8, 3), dtype=np.uint8)
     with pytest.raises(gi.DataError, match=r"shape \(8, 8, 3\).*x\[None\]"):
-        data.to_nchw(one)
-    assert data.to_nchw(one[None]).shape == (1, 3, 8, 8)
-    assert data.to_nchw(np.zeros((5, 8, 8), dtype=np.uint8)).shape == (5, 1, 8, 8)
+        pixel_rules.to_nchw(one)
+    assert pixel_rules.to_nchw(one[None]).shape == (1, 3, 8, 8)
+    assert pixel_rules.to_nchw(np.zeros((5, 8, 8), dtype=np.uint8)).shape == (5, 1, 8, 8)
 
 
 def test_query_vectors_that_are_not_a_real_matrix_are_one_line(tmp_path, uint8_index):

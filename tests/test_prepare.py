@@ -18,8 +18,8 @@ from PIL import Image
 
 import gradindex as gi
 from gradindex.cli.main import main
-from gradindex.inputs.open_data import open_source
 from gradindex.inputs.prepare import prepare_image
+from gradindex.inputs.training_data import open_source
 from tests.conftest import scheduler, tiny_unet
 
 R = 8  # the tiny UNet's sample size

@@ -246,12 +246,12 @@ def test_training_images_from_every_data_source_by_row(tmp_path):
 def test_build_records_the_data_source_absolute(built, monkeypatch):
     manifest = json.loads((built[0] / "idx" / "manifest.json").read_text())
     assert manifest["data_source"] == str((built[0] / "train.npy").resolve())
-    from gradindex.build.pipeline import data_source
+    from gradindex.inputs.dataref import parse_data
 
     monkeypatch.chdir(built[0])
-    assert data_source("train.npy") == str(built[0].resolve() / "train.npy")
-    assert data_source("d.h5:/images") == f"{built[0].resolve() / 'd.h5'}:/images"
-    assert data_source(np.zeros((2, 1, 4, 4))) is None
+    assert parse_data("train.npy").location == str(built[0].resolve() / "train.npy")
+    assert parse_data("d.h5:/images").location == f"{built[0].resolve() / 'd.h5'}:/images"
+    assert parse_data(np.zeros((2, 1, 4, 4))).location is None
 
 
 def test_results_file_given_at_startup_opens_in_the_viewer(index, tmp_path):

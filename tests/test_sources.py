@@ -13,10 +13,11 @@ import pytest
 from PIL import Image
 
 import gradindex as gi
-from gradindex.inputs.open_data import open_source, source_conditioning
+from gradindex.inputs.dataref import parse_data
 from gradindex.inputs.slices import digest_rows, shard_rows
 from gradindex.inputs.sources import ArraySource, prefetch
 from gradindex.inputs.tars import expand_braces
+from gradindex.inputs.training_data import open_source, source_conditioning
 from gradindex.store.vectors import VectorStore
 from tests.conftest import scheduler, tiny_unet
 
@@ -154,11 +155,11 @@ def test_each_source_reads_the_pixels_by_range(digits, fmt):
 def test_labels_and_captions_come_from_columns_and_members(digits, fmt):
     _, labels, files, _ = digits
     src = open_source(files[fmt][0], channels=1)
-    cls = source_conditioning(src, files[fmt][0], "class")
+    cls = source_conditioning(src, parse_data(files[fmt][0]), "class")
     np.testing.assert_array_equal(cls.labels, labels)
-    text = source_conditioning(src.rows(10, 20), files[fmt][0], "text")
+    text = source_conditioning(src.rows(10, 20), parse_data(files[fmt][0]), "text")
     assert text.prompts == [_caption(v) for v in labels[10:20]]
-    assert source_conditioning(src, files[fmt][0], "none").labels is None
+    assert source_conditioning(src, parse_data(files[fmt][0]), "none").labels is None
 
 
 def test_a_class_model_builds_with_the_tar_labels(digits):
@@ -256,10 +257,10 @@ def test_a_label_member_missing_from_one_sample_is_named_when_labels_are_needed(
             tf.addfile(m, io.BytesIO(data))
     src = open_source(tars, 1)
     np.testing.assert_array_equal(src.read(0, 12)[:, 0], pixels[:12])  # unconditional: fine
-    assert source_conditioning(src, tars, "text").prompts[2] == _caption(labels[2])
+    assert source_conditioning(src, parse_data(tars), "text").prompts[2] == _caption(labels[2])
     with pytest.raises(gi.DataError, match=r"sample 0002 has no \.cls member"):
-        source_conditioning(src.rows(0, 6), tars, "class")
-    given = source_conditioning(src, tars, "class", labels=labels[:12])
+        source_conditioning(src.rows(0, 6), parse_data(tars), "class")
+    given = source_conditioning(src, parse_data(tars), "class", labels=labels[:12])
     np.testing.assert_array_equal(given.labels, labels[:12])
 
 
@@ -407,7 +408,7 @@ def test_decoded_16bit_files_take_their_range_without_a_decode_and_arrays_are_sc
     column holds float arrays is not 'decoded': its range comes from its values."""
     import datasets
 
-    from gradindex.inputs.data import range_of_bounds, value_bounds
+    from gradindex.inputs.ranges import range_of_bounds, value_bounds
 
     rng = np.random.default_rng(3)
     folder = tmp_path / "w"
@@ -466,12 +467,12 @@ def test_an_imagefolder_with_metadata_csv_carries_its_captions(tmp_path):
         for name, v in zip(names, labels[:6], strict=True):
             w.writerow([name, _caption(v) + ", with a comma", "x"])
     src = open_source(str(folder), channels=1)
-    cond = source_conditioning(src, str(folder), "text")
+    cond = source_conditioning(src, parse_data(folder), "text")
     by_name = {n: _caption(v) + ", with a comma" for n, v in zip(names, labels[:6], strict=True)}
     assert cond.prompts == [by_name[str(i)] for i in src.ids]
     (folder / "metadata.csv").write_text("name,caption\nsub/0000.png,a\n")
     with pytest.raises(gi.DataError, match="needs the columns file_name and text"):
-        source_conditioning(src, str(folder), "text")
+        source_conditioning(src, parse_data(folder), "text")
 
 
 def test_build_help_names_every_data_format():

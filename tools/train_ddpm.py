@@ -119,8 +119,8 @@ def main(
 
 
 def _load(data: str) -> np.ndarray:
-    """Any source ``gradindex.inputs.data.load_images`` reads -> float32 [N, C, H, W] in [0, 1]."""
-    from gradindex.inputs.data import load_images
+    """Any source ``gradindex.inputs.query_images.load_images`` reads -> float32 [N, C, H, W] in [0, 1]."""
+    from gradindex.inputs.query_images import load_images
 
     images, _ = load_images(data)
     if images.dtype == np.uint8:

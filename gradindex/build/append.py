@@ -34,9 +34,10 @@ from gradindex.errors import (
     SpecError,
     WriteError,
 )
+from gradindex.inputs.dataref import DataRef, parse_data
 from gradindex.inputs.models import CheckpointSource, load_checkpoints
-from gradindex.inputs.open_data import open_source
 from gradindex.inputs.ranges import UINT8_RANGE
+from gradindex.inputs.training_data import open_source
 from gradindex.query import AttributionIndex
 from gradindex.spec import BuildSpec
 from gradindex.store.layout import MANIFEST, VECTORS
@@ -75,14 +76,14 @@ def add_samples(
     advice = f"an add writes beside the index: make {target.parent} writable"
     with folder_lock(target, advice):
         return _add(
-            target, data, ids, labels, prompts, base_model, checkpoints, scheduler, device,
+            target, parse_data(data), ids, labels, prompts, base_model, checkpoints, scheduler, device,
             progress, data_range,
         )  # fmt: skip
 
 
 def _add(
     target: Path,
-    data: Any,
+    data: DataRef,
     ids: np.ndarray | list | None,
     labels: Any,
     prompts: Any,

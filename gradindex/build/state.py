@@ -1,8 +1,9 @@
 """What a build is: its checked inputs, the records that identify it, its folder's states.
 
 Holds:
-- ``Plan`` / ``Rows``: a build's inputs (spec, checkpoints, conditioner, embedder, training
-  rows), read and checked by ``gradindex.build.pipeline`` before anything is written.
+- ``Plan``: a build's inputs (spec, checkpoints, conditioner, embedder, training rows:
+  ``inputs.training_data.TrainingRows``), read and checked by ``gradindex.build.pipeline``
+  before anything is written.
 - ``build_state``: the record of a build's settings (spec, checkpoints, rows, shard,
   conditioning) written to ``build.json`` before the first row and kept in the manifest.
 - ``prepare_folder``: from the folder's state (absent / empty, unfinished ``build.json``,
@@ -25,15 +26,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from gradindex.errors import DataError, IndexStateError, SampleStopError, WriteError
 from gradindex.featurize.embedding import Embedder
 from gradindex.inputs.components import checkpoint_config
-from gradindex.inputs.conditioner import Conditioner
-from gradindex.inputs.conditioning import ConditioningData
+from gradindex.inputs.encoders import Conditioner
 from gradindex.inputs.models import Checkpoint
-from gradindex.inputs.sources import DataSource
+from gradindex.inputs.training_data import TrainingRows
 from gradindex.spec import NOT_IDENTITY, OMITTED_AT_DEFAULT, BuildSpec
 from gradindex.store.layout import (
     BUILD_STATE,
@@ -48,26 +46,13 @@ from gradindex.store.lifecycle import check_writable, staging_folder, staging_pa
 
 
 @dataclass
-class Rows:
-    """The training rows a build featurizes (its shard's), read once and checked."""
-
-    images: DataSource  # [N, C, H, W] as stored, read by row range
-    ids: np.ndarray
-    cond: ConditioningData  # their labels / captions
-    prep: dict[str, Any]  # to_model_input's arguments: channels, size, data_range, resize
-    shard: dict[str, Any] | None  # index, count, start, stop, total_rows
-    source: str | None = None  # the data's location, absolute (None: in memory): thumbnails
-    options: dict[str, Any] | None = None  # open_source's column names / on_error, as given
-
-
-@dataclass
 class Plan:
     """A build's inputs, read and checked before anything is written."""
 
     spec: BuildSpec  # num_train_timesteps and data_range filled in
     ckpts: list[Checkpoint]
     conditioner: Conditioner
-    rows: Rows
+    rows: TrainingRows
     embedder: Embedder
     base_model: Any  # as given: a folder, a mapping of components, or None
     cond_record: dict[str, Any]  # conditioner.record(rows.cond): what a query repeats

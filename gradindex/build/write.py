@@ -23,7 +23,6 @@ from tqdm.auto import tqdm
 
 from gradindex.build.state import (
     Plan,
-    Rows,
     is_write_failure,
     model_record,
     sample_error,
@@ -32,10 +31,11 @@ from gradindex.build.state import (
 from gradindex.errors import DataError, GradIndexError, IndexStateError, WriteError
 from gradindex.featurize.embedding import Embedder
 from gradindex.featurize.fidelity import measure_fidelity
-from gradindex.inputs.conditioner import Conditioner
-from gradindex.inputs.conditioning import ConditioningData
-from gradindex.inputs.data import to_model_input
+from gradindex.inputs.encoders import Conditioner
+from gradindex.inputs.labels import ConditioningData
+from gradindex.inputs.pixels import to_model_input
 from gradindex.inputs.sources import prefetch
+from gradindex.inputs.training_data import TrainingRows
 from gradindex.search.faiss_index import METHODS
 from gradindex.search.kernel_recall import with_search_record
 from gradindex.search.ondisk import build_from_store
@@ -169,17 +169,17 @@ def _open_store(path: Path, plan: Plan, resume: bool) -> VectorStore:
 def _fill_rows(
     store: VectorStore,
     embedder: Embedder,
-    rows: Rows,
+    rows: TrainingRows,
     spec: BuildSpec,
     progress: bool,
     conditioner: Conditioner,
 ) -> dict[str, float]:
     """Embed every row not yet done, batch by batch, committing each batch to disk (a latent
     model's latents first, so a row marked done has its latent too). Returns the seconds spent
-    reading the data and featurizing (this run's rows) and waiting for the data."""
+    reading the data and featurizing (this run's rows) and waiting for the data. A sample that
+    cannot be read raises ``_BadRead``, apart from errors of featurizing what was read."""
     images, prep, cond_data = rows.images, rows.prep, rows.cond
     done = store.done
-    todo = np.flatnonzero(~done)
     bar = tqdm(
         total=len(images),
         initial=int(done.sum()),
@@ -190,13 +190,22 @@ def _fill_rows(
     )
     timing: dict[str, float] = {}
     started = time.perf_counter()
+    batches = prefetch(
+        images, _contiguous_batches(np.flatnonzero(~done), spec.batch_size), timing=timing
+    )
     with bar:
-        batches = _contiguous_batches(todo, spec.batch_size)
-        for start, stop, pixels in _reads(prefetch(images, batches, timing=timing)):
-            x0 = conditioner.encode_images(to_model_input(pixels, **prep, warn=False))
-            if conditioner.vae is not None:
-                store.write_column("latents", start, x0.cpu().numpy())
+        while True:
+            try:  # decoded while the batch before is featurized
+                start, stop, pixels = next(batches)
+            except StopIteration:
+                break
+            except DataError as exc:
+                raise _BadRead(exc) from None
             cond = conditioner.model_kwargs(cond_data.rows(start, stop), stop - start)
+            x0 = to_model_input(pixels, **prep, warn=False)
+            if conditioner.vae is not None:  # a latent model: its latents, stored with the row
+                x0 = conditioner.encode_images(x0)
+                store.write_column("latents", start, x0.cpu().numpy())
             emb = embedder.embed(x0, cond)
             store.write_rows(start, emb.tracin, emb.retrac, emb.norms, emb.flagged)
             bar.update(stop - start)
@@ -211,15 +220,6 @@ class _BadRead(Exception):
     def __init__(self, error: DataError) -> None:
         super().__init__(str(error))
         self.error = error
-
-
-def _reads(batches: Iterator[Any]) -> Iterator[Any]:
-    """The prefetched batches, decoded while the one before is featurized; a sample that cannot
-    be read raised as ``_BadRead``, apart from errors of the loop body."""
-    try:
-        yield from batches
-    except DataError as exc:
-        raise _BadRead(exc) from None
 
 
 def _report_waiting(timing: dict[str, float]) -> None:

@@ -154,7 +154,7 @@ def build(
     from gradindex.build.distributed import distributed_build, world_from_env
     from gradindex.build.pipeline import build_index
     from gradindex.errors import SpecError
-    from gradindex.inputs.conditioning import read_labels_file, read_prompts_file
+    from gradindex.inputs.query_images import read_labels_file, read_prompts_file
     from gradindex.inputs.slices import parse_shard
 
     reading = data_kwargs(options)  # how --data is read
@@ -310,7 +310,7 @@ def factors(index_dir: str, data: str, samples: int | None, seed: int) -> None:
     influence' needs: two passes over (a sample of) the training data per checkpoint.
 
     Checks every other file's checksum first, then records the new file in the manifest."""
-    from gradindex.inputs.conditioning import query_inputs
+    from gradindex.inputs.query_images import query_inputs
     from gradindex.query import AttributionIndex
     from gradindex.query_influence import add_factors
     from gradindex.store.lifecycle import folder_lock

@@ -53,7 +53,7 @@ def conditioning_options(func: Any) -> Any:
     )(func)
 
 
-_DATA_OPTIONS = {  # how --data is read (gradindex.inputs.open_data.open_source's keywords)
+_DATA_OPTIONS = {  # how --data is read (gradindex.inputs.training_data.open_source's keywords)
     "image_column": "Image column of a Hugging Face dataset / parquet --data (default: the "
     "first of image, img, pixel_values).",
     "caption_column": "Caption column of a dataset --data (default: text, caption, ...).",

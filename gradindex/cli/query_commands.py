@@ -129,7 +129,7 @@ def query(
 
     Thousands of queries are fine: embedding and search run in batches. Images of another
     size than the model's are resized with a warning, and their records say "resized"."""
-    from gradindex.inputs.conditioning import read_prompts_file
+    from gradindex.inputs.query_images import read_prompts_file
     from gradindex.query import SEARCH_METHODS, AttributionIndex, stored_method
     from gradindex.query_influence import check_factors
     from gradindex.search.backend import check_k
@@ -216,8 +216,8 @@ def _query_vectors(
     """{method: [B, D]}, the query names, and the images' (H, W) if they were resized (else
     None), from images or from stored vectors ('influence': its own rows, ``damping``)."""
     from gradindex.errors import DataError
-    from gradindex.inputs.conditioning import query_inputs
-    from gradindex.inputs.data import read_array, read_npz
+    from gradindex.inputs.files import read_array, read_npz
+    from gradindex.inputs.query_images import query_inputs
 
     if not from_vectors:  # labels / captions: the given ones, else what the images carry
         kind = idx.conditioning["kind"]
@@ -297,7 +297,7 @@ def report(index_dir: str, queries: str | None, k: int, figures: str | None, as_
     samples under TracIn vs ReTrac, self-retrieval (a summary; --json for every number)."""
     from gradindex.eval.report import format_report
     from gradindex.eval.report import report as make_report
-    from gradindex.inputs.data import load_images
+    from gradindex.inputs.query_images import load_images
     from gradindex.query import AttributionIndex
     from gradindex.search.backend import check_k
 

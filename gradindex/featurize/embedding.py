@@ -132,7 +132,7 @@ class Embedder:
     def embed(self, x0: torch.Tensor, cond: dict[str, torch.Tensor] | None = None) -> Embedding:
         """x0: [B, C, H, W] already in the model's range (latents for a latent model) → rows for
         both methods. cond: the model's per-sample conditioning keyword arguments
-        (``gradindex.inputs.conditioning``), samples first."""
+        (``gradindex.inputs.labels``), samples first."""
         tracin_blocks, retrac_blocks, norm_blocks = [], [], []
         for feat, proj, w in zip(self.featurizers, self.projectors, self.weights, strict=True):
             f = feat.featurize(x0, self.draws, cond, reuse=True)  # projected into new tensors

@@ -66,10 +66,10 @@ from gradindex.featurize.gradients import GradientFeaturizer
 from gradindex.featurize.kronecker import KroneckerFeaturizer
 from gradindex.featurize.projection import make_projector
 from gradindex.featurize.streamed import StreamedFeaturizer
-from gradindex.inputs.conditioner import Conditioner
-from gradindex.inputs.conditioning import ConditioningData
-from gradindex.inputs.data import to_model_input
+from gradindex.inputs.encoders import Conditioner
+from gradindex.inputs.labels import ConditioningData
 from gradindex.inputs.models import Checkpoint
+from gradindex.inputs.pixels import to_model_input
 from gradindex.ranking import spearman_rows
 from gradindex.spec import METHODS, BuildSpec
 

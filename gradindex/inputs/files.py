@@ -4,14 +4,20 @@ decompression bomb from its header alone (``check_pixels``, ``check_npy_header``
 
 Why a module of its own: opening a folder of 10^6-10^8 small images is dominated by these two,
 per file, in every process that opens it (a build, each shard, serve), so both avoid building
-Python objects they do not need. Decoding pixels is ``gradindex.inputs.data.decode_image``.
+Python objects they do not need. Decoding pixels is ``gradindex.inputs.pixels.decode_image``.
+
+Also the numpy array files (``read_array``, ``read_npz``, ``read_npz_data``): read without ever
+unpickling, broken or pickled files a one-line DataError (``array_file_errors``).
 """
 
 from __future__ import annotations
 
 import os
 import struct
+import zipfile
 import zlib
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
@@ -105,3 +111,77 @@ def check_npy_header(f: BinaryIO, total: int, name: str) -> None:
             f"{name}: its header declares {tuple(shape)} {dtype} ({declared:.3g} bytes) but the "
             f"file holds {total - f.tell()} bytes of data; a damaged or forged .npy"
         )
+
+
+# the arrays of an .npz data file besides its images: class labels, captions (either name)
+_NPZ_COLUMNS = {"labels": ("labels",), "captions": ("captions", "text")}
+
+
+def read_npz_data(
+    path: str | os.PathLike[str], columns: Sequence[str] = ("images",)
+) -> dict[str, np.ndarray]:
+    """The ``columns`` of an ``.npz`` data file, from one open: ``images`` (the array named so,
+    or its only one), ``labels``, ``captions`` (or ``text``), those present. Only the arrays
+    asked for are read (a broken labels array never stops reading the images); never
+    unpickles."""
+    p = Path(path)
+    with array_file_errors(p), np.load(p, allow_pickle=False) as z:
+        names = list(z.keys())
+        arrays = {}
+        if "images" in columns:
+            if "images" not in names and len(names) != 1:
+                raise DataError(f"{p}: holds arrays {names}; name the array 'images'")
+            arrays["images"] = z["images" if "images" in names else names[0]]
+        for column in columns:
+            key = next((k for k in _NPZ_COLUMNS.get(column, ()) if k in names), None)
+            if key is not None and len(names) > 1:
+                arrays[column] = z[key]
+    return arrays
+
+
+def read_array(path: str | os.PathLike[str], key: str | None = None) -> np.ndarray:
+    """The array of a ``.npy`` file, or of a ``.npz`` file (its ``key`` array, or its only
+    one). Never unpickles: object arrays and broken files are a one-line DataError."""
+    p = Path(path)
+    if p.suffix != ".npz":
+        with array_file_errors(p), open(p, "rb") as f:
+            check_npy_header(f, os.fstat(f.fileno()).st_size, str(p))  # before allocating
+            f.seek(0)
+            return np.load(f, allow_pickle=False)
+    with array_file_errors(p), np.load(p, allow_pickle=False) as z:
+        keys = list(z.keys())
+        if key not in keys and len(keys) != 1:
+            raise DataError(f"{p}: holds arrays {keys}; name the array {key!r}")
+        return z[key if key in keys else keys[0]]
+
+
+def read_npz(path: str | os.PathLike[str], keys: Sequence[str]) -> dict[str, np.ndarray]:
+    """The named arrays of an ``.npz`` file (each must be there), never unpickled."""
+    p = Path(path)
+    with array_file_errors(p), np.load(p, allow_pickle=False) as z:
+        missing = [k for k in keys if k not in z]
+        if missing:
+            raise DataError(f"{p}: no array named {', '.join(missing)} (has: {', '.join(z)})")
+        return {k: z[k] for k in keys}
+
+
+@contextmanager
+def array_file_errors(path: Path) -> Iterator[None]:
+    """numpy's errors on object arrays, pickles and broken files → one-line DataError."""
+    try:
+        yield
+    except DataError:  # already says what is wrong (a ValueError too)
+        raise
+    except (ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise DataError(f"{path}: {_array_file_problem(exc)}") from None
+
+
+def _array_file_problem(exc: Exception) -> str:
+    text = str(exc)
+    if "allow_pickle" in text or "pickled" in text:
+        return (
+            "holds Python objects (an object-dtype or pickled array), which are never "
+            "unpickled; save plain numbers or strings (e.g. np.stack(images).astype(np.float32))"
+        )
+    first = text.splitlines()[0] if text else type(exc).__name__
+    return f"not a readable numpy array file ({first})"

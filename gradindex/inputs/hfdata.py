@@ -22,18 +22,14 @@ from typing import Any
 import numpy as np
 
 from gradindex.errors import DataError
-from gradindex.inputs.data import decode_image, to_nchw
+from gradindex.inputs.dataref import is_hf_folder
+from gradindex.inputs.pixels import decode_image, to_nchw
 from gradindex.inputs.sources import DataSource
 
 IMAGE_COLUMNS = ("image", "img", "pixel_values", "images")
 CAPTION_COLUMNS = ("text", "caption", "prompt", "captions")
 LABEL_COLUMNS = ("label", "labels", "class")
 ID_COLUMNS = ("id", "key", "__key__", "file_name")
-
-
-def is_hf_folder(path: Path) -> bool:
-    """A ``save_to_disk`` folder (a Dataset's ``state.json`` or a DatasetDict's ``dataset_dict.json``)."""
-    return (path / "state.json").exists() or (path / "dataset_dict.json").exists()
 
 
 INSTALL = "Hugging Face datasets need the datasets package: pip install 'gradindex[datasets]'"
@@ -183,14 +179,6 @@ class HFSource(DataSource):
         arr = np.asarray(value)
         self.bytes_read += arr.nbytes
         return to_nchw(arr[None])[0]
-
-
-def has_parquet(folder: Path) -> bool:
-    """A folder holding parquet files: the Hub's dataset layout keeps them under
-    ``data/`` (``data/train-00000-of-00001.parquet``), its parquet conversion under
-    ``<config>/<split>/``. Three levels deep at most: an image folder is not walked twice."""
-    patterns = ("*.parquet", "*/*.parquet", "*/*/*.parquet")
-    return any(next(folder.glob(p), None) is not None for p in patterns)
 
 
 def _parquet(path: Path, split: str | None = None) -> ParquetTable:

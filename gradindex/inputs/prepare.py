@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from gradindex.errors import DataError
-from gradindex.inputs.data import to_nchw
+from gradindex.inputs.pixels import to_nchw
 from gradindex.inputs.sources import DataSource
 
 logger = logging.getLogger(__name__)

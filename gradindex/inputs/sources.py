@@ -3,7 +3,7 @@
 Holds ``DataSource`` (``len``, ``ids``, ``read(start, stop)`` → [B, C, H, W] in the data's own
 dtype, ``rows(lo, hi)`` → a view of a shard's rows, ``data_range()``) and the array, HDF5 and
 image-folder sources; Hugging Face ``datasets`` and WebDataset tars are in ``inputs.hfdata``
-and ``inputs.tars``, the choice of source in ``inputs.open_data``. ``prefetch`` reads the next
+and ``inputs.tars``, the choice of source in ``inputs.training_data``. ``prefetch`` reads the next
 batches in a background thread so decoding overlaps featurizing. Every source counts the
 bytes it read (``bytes_read``): a shard job reads its own rows only.
 """
@@ -24,16 +24,9 @@ from typing import Any
 import numpy as np
 
 from gradindex.errors import DataError
-from gradindex.inputs.data import (
-    GRAY_MODES,
-    UINT8_RANGE,
-    WIDE_MODES,
-    decode_image,
-    range_of_bounds,
-    to_nchw,
-    value_bounds,
-)
-from gradindex.inputs.files import IMAGE_SUFFIXES, image_files, image_header
+from gradindex.inputs.files import IMAGE_SUFFIXES, array_file_errors, image_files, image_header
+from gradindex.inputs.pixels import GRAY_MODES, WIDE_MODES, decode_image, to_nchw
+from gradindex.inputs.ranges import UINT8_RANGE, range_of_bounds, value_bounds
 
 RANGE_BATCH = 4096  # rows per read when scanning a float source for its value range
 
@@ -242,7 +235,8 @@ class NpySource(DataSource):
     def __init__(self, path: Path):
         super().__init__()
         self.path, self.name = path, str(path)
-        mapped = np.load(path, mmap_mode="r", allow_pickle=False)
+        with array_file_errors(path):  # pickled or broken: one line
+            mapped = np.load(path, mmap_mode="r", allow_pickle=False)
         self.offset, self.fortran = int(mapped.offset), bool(mapped.flags.f_contiguous)
         self.fortran &= mapped.ndim > 1 and not mapped.flags.c_contiguous
         self.mapped = mapped if self.fortran else None  # column-major: read through the map
@@ -358,7 +352,8 @@ def prefetch(
     timing: dict[str, float] | None = None,
 ) -> Iterator[tuple[int, int, np.ndarray]]:
     """(start, stop, rows) for each span, read ``depth`` spans ahead in a background thread:
-    the next batch decodes while this one is featurized. A read error is raised here. ``timing``
+    the next batch decodes while this one is featurized; each span, checked once, is read by
+    the source's own ``_read``. A read error is raised here. ``timing``
     gets ``reading_s`` (seconds in ``source.read``) and ``waiting_s`` (seconds the consumer
     waited for a batch: near 0 when decoding keeps up)."""
     box: queue.Queue = queue.Queue(maxsize=depth)
@@ -370,8 +365,10 @@ def prefetch(
             for a, b in spans:
                 if stop_flag.is_set():
                     return
+                if not 0 <= a < b <= len(source):
+                    raise IndexError(f"rows [{a}, {b}) are not rows of {source.name}")
                 t0 = time.perf_counter()
-                rows = source.read(a, b)
+                rows = source._read(a, b)  # a checked span: no clamping
                 clock["reading_s"] += time.perf_counter() - t0
                 box.put((a, b, rows))
         except BaseException as exc:  # handed to the consumer, raised there

@@ -21,8 +21,8 @@ from typing import BinaryIO
 import numpy as np
 
 from gradindex.errors import DataError
-from gradindex.inputs.data import decode_image
 from gradindex.inputs.files import IMAGE_SUFFIXES
+from gradindex.inputs.pixels import decode_image
 from gradindex.inputs.sources import DataSource
 
 CAPTION_EXT = ".txt"
@@ -44,10 +44,6 @@ def expand_braces(pattern: str) -> list[str]:
     else:
         items = body.split(",")
     return [p for item in items for p in expand_braces(head + item + tail)]
-
-
-def is_tar_pattern(text: str) -> bool:
-    return text.endswith(".tar") or (".tar" in text and "{" in text)
 
 
 class TarSource(DataSource):

@@ -12,18 +12,30 @@ from __future__ import annotations
 import io
 import threading
 from collections import OrderedDict
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from gradindex.errors import DataError
-from gradindex.inputs.open_data import open_source
+from gradindex.inputs.dataref import DataRef, parse_data
 from gradindex.inputs.sources import DataSource
-from gradindex.inputs.tars import is_tar_pattern
+from gradindex.inputs.training_data import open_source
 
 THUMB_SIDE = 96  # pixels of a thumbnail's longer side (small images are scaled up, nearest)
 CACHE = 2048  # thumbnails kept in memory
+
+
+def _located(source: str) -> DataRef:
+    """The recorded training data location, parsed as the build parsed it, or a DataError
+    saying it has gone."""
+    try:
+        ref = parse_data(source)
+    except DataError:
+        ref = None
+    if ref is None or not ref.exists:
+        path = source if ref is None or ref.path is None else ref.path
+        raise DataError(f"{path}: the training data is no longer there; use --data PATH")
+    return ref
 
 
 class TrainingImages:
@@ -71,10 +83,8 @@ class TrainingImages:
                 "the index records no training data location (built from an in-memory array); "
                 "start 'gradindex serve' with --data PATH to see training images"
             )
-        path = source.partition(":/")[0] if ":/" in source else source
-        if not is_tar_pattern(source) and not Path(path).exists():
-            raise DataError(f"{path}: the training data is no longer there; use --data PATH")
-        self._source = open_source(source, self.channels, **self.options)
+        ref = _located(source)
+        self._source = open_source(ref, self.channels, **self.options)
         return len(self._source)
 
     def image(self, row: int) -> np.ndarray:

@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 
 from gradindex.errors import DataError, GradIndexError
-from gradindex.inputs.data import load_images
 from gradindex.inputs.files import check_npy_header, check_pixels
+from gradindex.inputs.query_images import load_images
 from gradindex.serve.limits import Limits
 
 

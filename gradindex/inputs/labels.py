@@ -1,20 +1,17 @@
-"""Conditioning that travels with the images: class labels and text prompts, read from the data.
+"""Class labels and captions that travel with the data, and which kind a model needs.
 
 Holds:
 - ``conditioning_kind(model)``: "none", "class" (a ``UNet2DModel`` with ``num_class_embeds``)
   or "text" (a ``UNet2DConditionModel``, cross-attending to a text encoder's hidden states).
-- ``load_conditioning(source, ids, n, kind, labels=, prompts=)``: per-row labels / captions of a
-  data set — given as arguments, as ``labels`` / ``captions`` arrays of an ``.npz``, as class
+- ``ConditioningData``: per-row labels / captions of a data set or a query batch.
+- ``load_conditioning(ref, ids, n, kind, labels=, prompts=)``: per-row labels / captions of a
+  data set — given as arguments (a source's own columns: ``inputs.training_data``), as class
   sub-folders of an image folder, or as ``metadata.jsonl`` / ``metadata.csv`` (``file_name``,
   ``text``: the ``imagefolder`` layout diffusers' text_to_image example reads).
-- ``read_inputs(source, channels, kind, labels=, prompts=)``: images, ids and their labels /
-  captions from one data source, each read once (an ``.npz`` is opened once for all three):
-  what a build reads; ``query_inputs``: the same for query images, whose labels / captions are
-  optional and whose class sub-folders are named, not numbered (the index numbers them).
-- ``read_labels_file`` / ``read_prompts_file``: one label / prompt per line (CLI ``--labels``,
-  ``--prompts``, ``--prompt-file``).
+- ``as_labels`` / ``as_prompts``: one label / caption per row, checked.
 
-What the model is then given for them: ``gradindex.inputs.conditioner``.
+What the model is then given for them (label lookups, text-encoder states):
+``gradindex.inputs.encoders``.
 """
 
 from __future__ import annotations
@@ -23,7 +20,6 @@ import csv
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +29,7 @@ import numpy as np
 import torch
 
 from gradindex.errors import DataError, ModelError
-from gradindex.inputs.data import array_file_errors, load_images, read_array
+from gradindex.inputs.dataref import DataRef
 
 logger = logging.getLogger(__name__)
 
@@ -87,80 +83,8 @@ class ConditioningData:
         return h.hexdigest()[:16]
 
 
-@dataclass
-class Inputs:
-    """Images with their ids and labels / captions, read from one data source."""
-
-    images: np.ndarray  # [N, C, H, W], dtype as stored
-    ids: np.ndarray  # row numbers, or file names relative to an image folder
-    cond: ConditioningData
-
-
-def read_inputs(
-    source: Any,
-    channels: int | None,
-    kind: str,
-    labels: Any = None,
-    prompts: Any = None,
-    required: bool = True,
-    fit: Any = None,
-) -> Inputs:
-    """The images of ``source`` (``load_images``) and the labels / captions a model of
-    conditioning ``kind`` needs (``load_conditioning``), reading the source once: an ``.npz``
-    is opened once for its images, labels and captions."""
-    given = labels is not None or prompts is not None  # then the file's are not read
-    arrays = _npz_arrays(source, () if given else _NPZ_KEYS.get(kind, ()))
-    if arrays is None:
-        images, ids = load_images(source, channels, fit)
-    else:  # the labels / captions read with the images stand in for the file's
-        images, ids = load_images(arrays["images"], channels)
-        found, source = arrays.get("conditioning"), None
-        if found is not None:
-            labels, prompts = (found, None) if kind == "class" else (None, found.tolist())
-    cond = load_conditioning(source, ids, len(images), kind, labels, prompts, required)
-    return Inputs(images, ids, cond)
-
-
-def query_inputs(
-    source: Any,
-    channels: int | None,
-    kind: str,
-    labels: Any = None,
-    prompts: Any = None,
-    fit: Any = None,
-) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """Query images, their names and the ``labels`` / ``prompts`` arguments of
-    ``AttributionIndex.embed``: the given ones, else what ``source`` carries (as a build reads
-    its data), else none (``embed`` then says what to pass). Labels from class sub-folders come
-    as the sub-folder names: a query folder may hold only some classes, so its own numbering
-    is not the index's, which ``embed`` maps the names to. fit: each image of a folder
-    prepared as the index's training images were (``inputs.prepare``)."""
-    given = labels is not None or prompts is not None
-    found = read_inputs(source, channels, "none" if given else kind, required=False, fit=fit)
-    cond = {"labels": labels, "prompts": prompts}
-    if not given and kind != "none":
-        cond = {"labels": found.cond.labels, "prompts": found.cond.prompts}
-        if found.cond.class_names is not None:  # sub-folder names → the index's class numbers
-            cond["labels"] = [found.cond.class_names[i] for i in found.cond.labels]
-    return found.images, found.ids, cond
-
-
-def read_labels_file(path: str | os.PathLike[str]) -> Any:
-    """Class labels from a file: a ``.npy`` array, or text with one label per line (integers,
-    or class names of an index built from class sub-folders)."""
-    if str(path).endswith(".npy"):
-        return read_array(path)
-    lines = [ln.strip() for ln in Path(path).read_text().splitlines() if ln.strip()]
-    return [int(ln) if ln.lstrip("-").isdigit() else ln for ln in lines]
-
-
-def read_prompts_file(path: str | os.PathLike[str]) -> list[str]:
-    """Prompts from a text file, one per line (blank lines skipped, the rest kept as written)."""
-    return [ln for ln in Path(path).read_text().splitlines() if ln.strip()]
-
-
 def load_conditioning(
-    source: Any,
+    source: DataRef | None,
     ids: np.ndarray,
     n: int,
     kind: str,
@@ -168,7 +92,7 @@ def load_conditioning(
     prompts: Any = None,
     required: bool = True,
 ) -> ConditioningData:
-    """The labels / captions of the ``n`` rows of ``source`` (ids as ``load_images`` gave them),
+    """The labels / captions of the ``n`` rows of the data ``source`` (ids as read from it),
     for a model of conditioning ``kind``. Arguments win over what the data source holds; with
     ``required=False``, a source that holds none gives empty data instead of an error."""
     if kind == "none":
@@ -181,8 +105,6 @@ def load_conditioning(
         if prompts is not None:
             raise DataError("the model is class-conditional: give labels, not prompts")
         class_names = None
-        if labels is None:
-            labels = _npz_array(source, _NPZ_KEYS["class"])
         if labels is None:
             labels, class_names = _folder_classes(source, ids)
         if labels is None and not required:
@@ -198,9 +120,6 @@ def load_conditioning(
         if labels is not None:
             raise DataError("the model is text-conditional: give prompts, not labels")
         if prompts is None:
-            arr = _npz_array(source, _NPZ_KEYS["text"])
-            prompts = None if arr is None else arr.tolist()
-        if prompts is None:
             prompts = _folder_captions(source, ids)
         if prompts is None and not required:
             return ConditioningData()
@@ -212,6 +131,21 @@ def load_conditioning(
             )
         return ConditioningData(prompts=as_prompts(prompts, n))
     raise ModelError(f"unknown conditioning kind {kind!r}")
+
+
+def npz_columns(kind: str, labels: Any = None, prompts: Any = None) -> tuple[str, ...]:
+    """The arrays of an ``.npz`` data file (``files.read_npz_data``) that hold what a model of
+    conditioning ``kind`` needs, when none were given (given ones win: the file's are not read)."""
+    if labels is not None or prompts is not None:
+        return ()
+    return {"class": ("labels",), "text": ("captions",)}.get(kind, ())
+
+
+def npz_conditioning(arrays: dict[str, np.ndarray]) -> tuple[Any, Any]:
+    """(labels, prompts) from an ``.npz``'s arrays read for ``npz_columns`` (None: not read,
+    or not there)."""
+    captions = arrays.get("captions")
+    return arrays.get("labels"), None if captions is None else captions.tolist()
 
 
 def as_labels(labels: Any, n: int) -> np.ndarray:
@@ -241,46 +175,17 @@ def as_prompts(prompts: Any, n: int) -> list[str]:
     return list(prompts)
 
 
-# the arrays of an .npz data file that hold a model's labels / captions, by conditioning kind
-_NPZ_KEYS = {"none": (), "class": ("labels",), "text": ("captions", "text")}
-
-
-def _npz_arrays(source: Any, keys: tuple[str, ...]) -> dict[str, np.ndarray] | None:
-    """The images (as ``load_images`` picks them) and, as "conditioning", the first of ``keys``
-    present of an ``.npz`` data file, from one open; None for any other source."""
-    if not isinstance(source, (str, os.PathLike)) or Path(source).suffix != ".npz":
-        return None
-    path = Path(source)
-    with array_file_errors(path), np.load(path, allow_pickle=False) as z:
-        names = list(z.keys())
-        if "images" not in names and len(names) != 1:
-            raise DataError(f"{path}: holds arrays {names}; name the array 'images'")
-        arrays = {"images": z["images" if "images" in names else names[0]]}
-        key = next((k for k in keys if k in names), None)
-        if key is not None:
-            arrays["conditioning"] = z[key]
-    return arrays
-
-
-def _npz_array(source: Any, keys: tuple[str, ...]) -> np.ndarray | None:
-    if not isinstance(source, (str, os.PathLike)) or Path(source).suffix != ".npz":
-        return None
-    with array_file_errors(Path(source)), np.load(source, allow_pickle=False) as z:
-        for key in keys:
-            if key in z:
-                return z[key]
-    return None
-
-
-def _folder_classes(source: Any, ids: np.ndarray) -> tuple[np.ndarray | None, list[str] | None]:
+def _folder_classes(
+    source: DataRef | None, ids: np.ndarray
+) -> tuple[np.ndarray | None, list[str] | None]:
     """Labels from class sub-folders (``root/<class>/<image>``), classes in sorted name order
     as torchvision's ImageFolder numbers them."""
-    if not isinstance(source, (str, os.PathLike)) or not Path(source).is_dir():
+    if source is None or source.kind != "folder":
         return None, None
     parts = [Path(str(i)).parts for i in ids]
     if any(len(p) < 2 for p in parts):
         raise DataError(
-            f"{source}: some images are not in a class sub-folder; put every image in "
+            f"{source.given}: some images are not in a class sub-folder; put every image in "
             "<folder>/<class>/ or pass labels explicitly"
         )
     names = sorted({p[0] for p in parts})
@@ -288,13 +193,13 @@ def _folder_classes(source: Any, ids: np.ndarray) -> tuple[np.ndarray | None, li
     return np.array([lookup[p[0]] for p in parts], dtype=np.int64), names
 
 
-def _folder_captions(source: Any, ids: np.ndarray) -> list[str] | None:
+def _folder_captions(source: DataRef | None, ids: np.ndarray) -> list[str] | None:
     """Captions from every ``metadata.jsonl`` / ``metadata.csv`` under an image folder (the
     ``imagefolder`` layout: ``file_name`` relative to the metadata file's folder, ``text`` the
     caption)."""
-    if not isinstance(source, (str, os.PathLike)) or not Path(source).is_dir():
+    if source is None or source.kind != "folder":
         return None
-    root = Path(source)
+    root = source.path
     files = sorted([*root.rglob("metadata.jsonl"), *root.rglob("metadata.csv")])
     if not files:
         return None

@@ -26,7 +26,7 @@ from gradindex.inputs.components import (
     has_component,
     load_component,
 )
-from gradindex.inputs.conditioning import ConditioningData, as_labels, as_prompts, conditioning_kind
+from gradindex.inputs.labels import ConditioningData, as_labels, as_prompts, conditioning_kind
 from gradindex.inputs.models import Checkpoint
 
 logger = logging.getLogger(__name__)
