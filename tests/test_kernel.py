@@ -609,7 +609,7 @@ def test_rank_bounds_keep_the_transform_under_half_a_scan_and_64_mib():
     from gradindex.store.kernel_factors import rank_bounds
 
     assert rank_bounds(9, 16, 2)[0] >= 9  # a small kernel is always exact
-    assert rank_bounds(1797, 4096, 3) == (1797 // 4, 682)  # the demo: C·d·r·4 x 2 <= 1/2 a scan
+    assert rank_bounds(1797, 4096, 3) == (1797 // 4, 640)  # C·d·r·4 x 2 <= 1/2 a scan
     floor, cap = rank_bounds(10**6, 4096, 3)
     assert floor == cap and 2 * 3 * 4096 * cap * 4 <= 64 * 2**20  # both row sets
 
