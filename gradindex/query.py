@@ -59,7 +59,7 @@ from gradindex.search.milvus import MilvusBackend
 from gradindex.search.milvus import open_backends as milvus_backends
 from gradindex.spec import BuildSpec
 from gradindex.store.columns import LazyColumn, all_done, search_rows
-from gradindex.store.kernel import KERNEL_METHODS, Kernel
+from gradindex.store.kernel import KERNEL_METHODS, Kernel, check_lambdas
 from gradindex.store.kernel_dual import DualKernel
 from gradindex.store.kernel_load import DenseKernel, load_kernel
 from gradindex.store.layout import (
@@ -126,8 +126,7 @@ class AttributionIndex:
             )
         with VectorStore.open(path / VECTORS) as store:
             store.check_manifest(manifest)  # another build's file, spec or shape
-            # read on demand (a search reads its k ids): memory independent of N
-            digests = ids_digests(path, manifest)  # each block checked when first read
+            digests = ids_digests(path, manifest)  # ids read on demand, each block checked
             self.ids: LazyColumn = LazyColumn(path / VECTORS, "ids", digests=digests)
             self.flagged: LazyColumn = LazyColumn(path / VECTORS, "flagged", as_bool=True)
             check_records(path / MANIFEST, manifest, self.spec, self.flagged)
@@ -203,7 +202,8 @@ class AttributionIndex:
 
     def check_kernel(self, method: str, lam: Any = None) -> None:
         """Refuse a missing kernel or a bad λ now, before the slow embedding of a query."""
-        self.kernel_vectors(np.zeros(self.dim, dtype=np.float32), method, lam)
+        lambdas = self.kernel_for(method).lambdas
+        check_lambdas(lambdas if lam is None else lam, len(lambdas))
 
     @property
     def dim(self) -> int:

@@ -20,7 +20,7 @@ The search goes over the kept (unflagged) rows in order, which are the rows a se
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -34,27 +34,34 @@ class DualKernel:
 
     def __init__(
         self,
-        rows: np.ndarray,  # X [N, C·d] float32: the kept rows, in search-index order
+        rows: np.ndarray | Callable[[], np.ndarray],  # X [N, C·d]: the kept rows, index order
         basis: np.ndarray,  # V [C, N, r] float32: eigenvectors of K_c
         eigenvalues: np.ndarray,  # S [C, r], zero padded
         tail: np.ndarray,  # μ [C]: mean eigenvalue left out (0: exact)
         lambdas: Sequence[float],
         weights: Sequence[float],
     ):
-        num_ckpts, n, _ = basis.shape
-        d = rows.shape[1] // num_ckpts
-        x = np.asarray(rows, dtype=np.float32).reshape(n, num_ckpts, d)
-        self.rows = np.ascontiguousarray(x.transpose(1, 0, 2))  # [C, N, d]
+        self._read_rows = rows if callable(rows) else lambda: rows
+        self._rows: np.ndarray | None = None  # [C, N, d], read on first use (not at `serve`)
         self.basis = np.ascontiguousarray(basis, dtype=np.float32)
         self.eigenvalues = np.asarray(eigenvalues, dtype=np.float64)
         self.tail = np.asarray(tail, dtype=np.float64)
         self.weights = np.asarray(weights, dtype=np.float64)
-        self.lambdas = check_lambdas(list(lambdas), num_ckpts)
+        self.lambdas = check_lambdas(list(lambdas), len(self.basis))
         self._solver: tuple[tuple[float, ...], list[np.ndarray | None]] | None = None
 
     @property
+    def rows(self) -> np.ndarray:
+        """The kept rows per checkpoint [C, N, d] float32 (read when first needed)."""
+        if self._rows is None:
+            num_ckpts, n, _ = self.basis.shape
+            x = np.asarray(self._read_rows(), dtype=np.float32).reshape(n, num_ckpts, -1)
+            self._rows = np.ascontiguousarray(x.transpose(1, 0, 2))
+        return self._rows
+
+    @property
     def num_rows(self) -> int:
-        return self.rows.shape[1]
+        return self.basis.shape[1]
 
     def _coef(self, c: int, lam: float) -> np.ndarray:
         """Per kept eigenpair, the coefficient of V_c diag(·) V_cᵀ in (K_c + λ)⁻¹ (zero pads

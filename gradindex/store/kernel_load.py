@@ -161,12 +161,17 @@ def _read_factors(
 def _read_dual(
     folder: Path, f: h5py.File, rows: str, num_ckpts: int, manifest: dict, fix: str, lambdas: list
 ) -> DualKernel:
-    """A row set's dual factors (format 3) and its kept rows from vectors.h5, whose count
-    the factors must match (the build id already ties the two files)."""
+    """A row set's dual factors (format 3); its kept rows are read from vectors.h5 when first
+    scored, their count checked against the factors now (the build id ties the two files)."""
     with VectorStore.open(folder / VECTORS) as store:
         keep = np.flatnonzero(~store.flagged)
-        n = len(keep)
-        v, eig, tail = _eigen(f, f"dual_basis{SUFFIX[rows]}", (num_ckpts, n), max(1, n), fix)
-        x = store.vectors(rows, keep if n < store.num_rows else None)
+        every = len(keep) == store.num_rows
+    n = len(keep)
+    v, eig, tail = _eigen(f, f"dual_basis{SUFFIX[rows]}", (num_ckpts, n), max(1, n), fix)
+
+    def read() -> np.ndarray:
+        with VectorStore.open(folder / VECTORS) as store:
+            return store.vectors(rows, None if every else keep)
+
     weights = [float(c["weight"]) for c in manifest["checkpoints"]]
-    return DualKernel(x, v, eig, tail, lambdas, weights)
+    return DualKernel(read, v, eig, tail, lambdas, weights)
