@@ -120,7 +120,9 @@ def test_dual_scores_equal_a_dense_solve_for_fewer_rows_than_d(template, tmp_pat
     assert man["kernel"]["exact"] == {"tracin": True, "retrac": True}
     idx = gi.AttributionIndex.open(tmp_path / "idx")
     q = queries()
-    assert_scores(idx, idx.path, method, rows, q, dense(idx.path, q, rows))
+    for _ in range(2):  # V_c applied twice, then (a λ asked again) M_c formed
+        assert_scores(idx, idx.path, method, rows, q, dense(idx.path, q, rows))
+    assert idx.kernel_for(method)._solver is not None
     for lam in ([0.05, 2.0], [40.0, 0.3]):
         res = idx.search(q, k=29, method=method, lam=lam)
         want = dense(idx.path, q, rows, lams=lam)

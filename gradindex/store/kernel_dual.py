@@ -7,13 +7,14 @@ the same non-zero eigenvalues), the push-through identity gives every row's scor
     scores_c = X_c (G_c + λ_c I)⁻¹ q_c = (K_c + λ_c I)⁻¹ X_c q_c        (√w_c cancels)
 
 so a query is one pass over the rows (X_c q_c: what a TracIn scan reads) and one N × N product
-per checkpoint with M_c = V_c diag(1/(S_c + λ)) V_cᵀ, formed once per λ from the stored
+per checkpoint with M_c = V_c diag(1/(S_c + λ)) V_cᵀ, formed from the stored
 eigenpairs of K_c (V_c [N, r] float32, S_c). Exact at r = rank: X_c q_c lies in the span of K_c.
 Truncated (r < rank, where the factors would pass ``kernel_factors.KERNEL_BYTES``), the left-out
 eigenvalues take their mean μ_c: M_c = V_c diag(1/(S_c+λ) − 1/(μ_c+λ)) V_cᵀ + I / (μ_c+λ).
 V_c holds N·r floats where the primal basis U_c holds d·r, so N < d keeps more eigenpairs in the
-same bytes, and the query never reads a d-sided factor. Where r < N / 2, V_c is applied twice
-instead of forming M_c (2·N·r floats read, not N²).
+same bytes, and the query never reads a d-sided factor. M_c (N²·r flops) is formed when a λ
+is asked for the second time: before that, and wherever r < N / 2, V_c is applied twice
+(2·N·r floats read, not N²), so a one-off query never pays for M_c.
 
 The search goes over the kept (unflagged) rows in order, which are the rows a search index holds.
 """
@@ -42,22 +43,22 @@ class DualKernel:
         weights: Sequence[float],
     ):
         self._read_rows = rows if callable(rows) else lambda: rows
-        self._rows: np.ndarray | None = None  # [C, N, d], read on first use (not at `serve`)
+        self._rows: np.ndarray | None = None  # [N, C·d], read on first use (not at `serve`)
         self.basis = np.ascontiguousarray(basis, dtype=np.float32)
         self.eigenvalues = np.asarray(eigenvalues, dtype=np.float64)
         self.tail = np.asarray(tail, dtype=np.float64)
         self.weights = np.asarray(weights, dtype=np.float64)
         self.lambdas = check_lambdas(list(lambdas), len(self.basis))
         self._solver: tuple[tuple[float, ...], list[np.ndarray | None]] | None = None
+        self._asked: tuple[float, ...] | None = None  # the λ of the last scores call
 
-    @property
-    def rows(self) -> np.ndarray:
-        """The kept rows per checkpoint [C, N, d] float32 (read when first needed)."""
+    def block(self, c: int) -> np.ndarray:
+        """Checkpoint c's columns of the kept rows, X_c [N, d] float32: a strided view (BLAS
+        reads it in place), the rows read when first needed."""
         if self._rows is None:
-            num_ckpts, n, _ = self.basis.shape
-            x = np.asarray(self._read_rows(), dtype=np.float32).reshape(n, num_ckpts, -1)
-            self._rows = np.ascontiguousarray(x.transpose(1, 0, 2))
-        return self._rows
+            self._rows = np.ascontiguousarray(self._read_rows(), dtype=np.float32)
+        d = self._rows.shape[1] // len(self.basis)
+        return self._rows[:, c * d : (c + 1) * d]
 
     @property
     def num_rows(self) -> int:
@@ -73,8 +74,12 @@ class DualKernel:
         return coef
 
     def _solvers(self, lambdas: list[float]) -> list[np.ndarray | None]:
-        """M_c [N, N] float32 for each checkpoint, or None where V_c is applied twice."""
+        """M_c [N, N] float32 for each checkpoint, or None where V_c is applied twice (all
+        None the first time a λ is asked)."""
         key = tuple(lambdas)
+        first, self._asked = self._asked != key, key
+        if first and (self._solver is None or self._solver[0] != key):
+            return [None] * len(lambdas)
         if self._solver is None or self._solver[0] != key:
             out: list[np.ndarray | None] = []
             for c, lam in enumerate(lambdas):
@@ -101,13 +106,13 @@ class DualKernel:
 
     def scores(self, queries: np.ndarray, lam: Any = None) -> np.ndarray:
         """Query rows [B, C·d] → kernel scores [B, N] float32 of every kept row."""
-        num_ckpts, n, d = self.rows.shape
+        num_ckpts, n, _ = self.basis.shape
         lambdas = self.lambdas if lam is None else check_lambdas(lam, num_ckpts)
-        q = np.asarray(queries, dtype=np.float32).reshape(len(queries), num_ckpts, d)
+        q = np.asarray(queries, dtype=np.float32).reshape(len(queries), num_ckpts, -1)
         solvers = self._solvers(lambdas)
         out = np.zeros((len(q), n), dtype=np.float32)
         for c in range(num_ckpts):
-            b = q[:, c] @ self.rows[c].T  # [B, N]: one pass over the block, as TracIn's
+            b = q[:, c] @ self.block(c).T  # [B, N]: one pass over the block, as TracIn's
             out += self._apply(c, lambdas[c], solvers[c], b)
         return out
 
@@ -127,15 +132,15 @@ class DualKernel:
         kept row (two passes over the rows: ``scores`` is the fast way to search).
         q'_c = q_c / (λ + μ_c) [truncated only] + X_cᵀ V_c diag(coef / (w_c S_c)) V_cᵀ X_c q_c,
         since X_c X_cᵀ V_c = w_c V_c S_c."""
-        num_ckpts, _, d = self.rows.shape
+        num_ckpts = len(self.basis)
         lambdas = self.lambdas if lam is None else check_lambdas(lam, num_ckpts)
-        q = np.asarray(queries, dtype=np.float32).reshape(len(queries), num_ckpts, d)
+        q = np.asarray(queries, dtype=np.float32).reshape(len(queries), num_ckpts, -1)
         out = np.empty(q.shape, dtype=np.float32)
         for c in range(num_ckpts):
-            s, v = self.eigenvalues[c], self.basis[c]
+            s, v, x = self.eigenvalues[c], self.basis[c], self.block(c)
             coef = np.where(s > 0, self._coef(c, lambdas[c]) / (self.weights[c] * s + 1e-300), 0)
-            inner = ((q[:, c] @ self.rows[c].T) @ v) * coef.astype(np.float32)
-            out[:, c] = (inner @ v.T) @ self.rows[c]
+            inner = ((q[:, c] @ x.T) @ v) * coef.astype(np.float32)
+            out[:, c] = (inner @ v.T) @ x
             if self.tail[c] > 0:
                 out[:, c] += q[:, c] * np.float32(1.0 / (lambdas[c] + self.tail[c]))
-        return out.reshape(len(queries), num_ckpts * d)
+        return out.reshape(len(queries), -1)
