@@ -645,8 +645,8 @@ def test_a_kernel_dataset_stored_outside_the_file_is_refused(setup, tmp_path):
     manifest["files"]["kernel.h5"] = {"bytes": (bad / "kernel.h5").stat().st_size, "sha256": ""}
     (bad / "manifest.json").write_text(json.dumps(manifest))
     idx = gi.AttributionIndex.open(bad)
-    for method, name in (("trak", name), ("retrak", f"{name}_retrac")):
-        with pytest.raises(gi.IndexStateError, match=f"{name} is not a dataset stored in the file"):
+    for method, which in (("trak", name), ("retrak", f"{name}_retrac")):
+        with pytest.raises(gi.IndexStateError, match=f"{which} is not a dataset stored in the"):
             idx.search(queries(), k=2, method=method)
     assert idx.search(queries(), k=2, method="tracin").rows.shape == (5, 2)
 
