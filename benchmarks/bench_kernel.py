@@ -369,7 +369,9 @@ def markdown(r: dict) -> str:
         "own. Every figure through `AttributionIndex`; flat (exact) search for every method, "
         "k = 10, 1 thread; ratios against `tracin` in the same run. Form: `dual` (N < d: "
         "V [N, r] per checkpoint, every row scored by (K + λ)⁻¹ X q) or `primal` (U [d, r], "
-        "a transformed query through the TracIn / ReTrac index). Accuracy: the scores search "
+        "a transformed query through the TracIn / ReTrac index). A dual kernel forms its N × N "
+        "products when a λ is asked the second time: one call inside its p99. Accuracy: the "
+        "scores search "
         "serves, over every row, against the dense formula in float64 (the kernel before "
         "session 8), 50 queries.",
         "",
