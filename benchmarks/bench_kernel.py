@@ -18,7 +18,9 @@ the kernel factors, their recall check and the manifest are the build's own. Per
 - one-image end-to-end query p50 (``AttributionIndex.query``: embedding + search);
 - accuracy against the dense formula Σ_c w_c φ_c(q)ᵀ (G_c + λ_c I)⁻¹ φ_c(z) in float64 (the
   kernel before session 8): max relative score error and top-10 overlap on 50 queries (N ≤ d
-  by the N × N dual solve; N > d by a d × d solve, skipped past ``--dense-max-d``).
+  by the N × N dual solve; N > d by a d × d solve, skipped past ``--dense-max-d``), of the
+  scores search serves: a dual kernel's own (``DualKernel.scores``), else the transformed
+  query's inner products with the rows. The form of each row set's kernel (dual / primal).
 
 Writes ``benchmarks/results/kernel.json`` and ``benchmarks/results/kernel.md``.
 
@@ -52,6 +54,7 @@ from gradindex.demo.training import small_unet_config  # noqa: E402
 from gradindex.query import stored_method  # noqa: E402
 from gradindex.search.faiss_common import METHODS  # noqa: E402
 from gradindex.store.kernel import KERNEL_METHODS  # noqa: E402
+from gradindex.store.kernel_dual import DualKernel  # noqa: E402
 from gradindex.store.layout import KERNEL  # noqa: E402
 
 SEARCH_METHODS = (*METHODS, *KERNEL_METHODS)  # the methods served from the rows and kernel.h5
@@ -184,7 +187,11 @@ def accuracy(idx: gi.AttributionIndex, rows: dict, dense_max_d: int) -> dict:
         q = rows[stored_method(m)][:50]
         lams = man["kernel"]["lambda" if m == "trak" else "lambda_retrac"]
         want = dense_scores(x, q, [c["weight"] for c in man["checkpoints"]], lams)
-        got = idx.kernel_vectors(q, m).astype(np.float64) @ x.T.astype(np.float64)
+        kernel = idx.kernel_for(m)
+        if isinstance(kernel, DualKernel):  # what search serves; the synthetic rows: none flagged
+            got = kernel.scores(q).astype(np.float64)
+        else:
+            got = idx.kernel_vectors(q, m).astype(np.float64) @ x.T.astype(np.float64)
         top_w, top_g = (np.argsort(-s, axis=1)[:, :10] for s in (want, got))
         overlap = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(top_w, top_g, strict=True)])
         rel = float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
@@ -199,6 +206,9 @@ def _call(index: gi.AttributionIndex, what: str, data, method: str):
     q = data[stored_method(method)]
     if what == "search":
         return lambda i: index.search(q[i], 10, method)
+    kernel = index.kernel_for(method)
+    if isinstance(kernel, DualKernel):  # the whole kernel search: scores, no transform
+        return lambda i: kernel.scores(q[i : i + 1])
     return lambda i: index.kernel_vectors(q[i], method)
 
 
@@ -239,6 +249,7 @@ def point(work: Path, n: int, num_ckpts: int, d: int, args: argparse.Namespace) 
         "row_bytes_per_set": 4 * n * dim,
         "rank": record.get("rank"),
         "exact": record.get("exact"),
+        "form": record.get("form"),
         "open_first_search_ms": first,
         "search": interleaved(
             {m: _call(idx[m], "search", rows, m) for m in SEARCH_METHODS}, args.repeats
@@ -287,6 +298,7 @@ def demo_point(folder: Path, repeats: int, dense_max_d: int) -> dict:
         "row_bytes_per_set": 4 * man["num_rows"] * man["dim"],
         "rank": man["kernel"].get("rank"),
         "exact": man["kernel"].get("exact"),
+        "form": man["kernel"].get("form"),
         "open_first_search_ms": first,
         "serve_startup_s": serve_s,
         "search": interleaved(
@@ -355,13 +367,17 @@ def markdown(r: dict) -> str:
         "heavy-tailed TracIn norms) written through the store's writer into a real build over "
         "the digits UNet (K = 10 timesteps); the demo index (when given) is `gradindex demo`'s "
         "own. Every figure through `AttributionIndex`; flat (exact) search for every method, "
-        "k = 10, 1 thread; ratios against `tracin` in the same run. Accuracy: the kernel "
-        "transform's scores over every row against the dense formula in float64 (the kernel "
-        "before session 8), 50 queries.",
+        "k = 10, 1 thread; ratios against `tracin` in the same run. Form: `dual` (N < d: "
+        "V [N, r] per checkpoint, every row scored by (K + λ)⁻¹ X q) or `primal` (U [d, r], "
+        "a transformed query through the TracIn / ReTrac index). A dual kernel forms its N × N "
+        "products when a λ is asked the second time: one call inside its p99. Accuracy: the "
+        "scores search "
+        "serves, over every row, against the dense formula in float64 (the kernel before "
+        "session 8), 50 queries.",
         "",
-        "| rows | N | C × d | kernel.h5 MiB | rows MiB (one set) | rank kept (trak / retrak) "
-        "| kernel pass s | open + first search ms (tracin / trak / retrak) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| rows | N | C × d | kernel.h5 MiB | rows MiB (one set) | form | rank kept "
+        "(trak / retrak) | kernel pass s | open + first search ms (tracin / trak / retrak) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for pt in points:
         rank, exact, first = pt["rank"] or {}, pt["exact"] or {}, pt["open_first_search_ms"]
@@ -369,10 +385,11 @@ def markdown(r: dict) -> str:
             f"{rank.get(s, '?')}{' exact' if exact.get(s) else ''}" for s in ("tracin", "retrac")
         )
         secs = "–" if pt["kernel_seconds"] is None else f"{pt['kernel_seconds']:.1f}"
+        form = " / ".join(sorted(set((pt.get("form") or {"": "primal"}).values())))
         lines.append(
             f"| {pt['label']} | {pt['N']:,} | {pt['checkpoints']} × {pt['d']} "
             f"| {pt['kernel_bytes'] / 2**20:.1f} | {pt['row_bytes_per_set'] / 2**20:.1f} "
-            f"| {ranks} | {secs} "
+            f"| {form} | {ranks} | {secs} "
             f"| {first['tracin']:.0f} / {first['trak']:.0f} / {first['retrak']:.0f} |"
         )
     if r.get("demo"):

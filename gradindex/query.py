@@ -8,17 +8,16 @@ Holds ``AttributionIndex``:
     idx.search(emb["tracin"], k, "trak", lam=None)   # TRAK: TracIn query rows, kernel-corrected
     idx.search(emb["retrac"], k, "retrak")           # the kernel on the ReTrac rows
     idx.query(images, k, "influence")                # EK-FAC influence (query_influence)
-    idx.query(images, k, method)   -> the same, from images
-    idx.query(images, labels=[...]) / idx.query(images, prompts=[...])   conditional models
+    idx.query(images, k, method, labels=None, prompts=None)  -> the same, from images
     AttributionIndex.open(DIR, milvus=URI)           # the collections 'gradindex export' made
     AttributionIndex.open(DIR, backends={"tracin": b1, ...})  # any index.backend.SearchBackend
 
 Search backends (:mod:`gradindex.search.backend`): one per stored method, in vectors.h5 rows.
 Methods: the stored ones (``METHODS``: tracin, retrac) have their own rows and search index;
-``SEARCH_METHODS`` adds ``trak`` / ``retrak`` (:mod:`gradindex.store.kernel`: a kernel-transformed
-query on ``stored_method(method)``'s index) and ``influence`` (``query_influence``).
-Checkpoints load lazily (only ``embed``/``query`` need them), refused unless they are the
-index's (``gradindex.store.records``)."""
+``SEARCH_METHODS`` adds ``trak`` / ``retrak`` (:mod:`gradindex.store.kernel`: a transformed query
+through ``stored_method(method)``'s index, or a dual kernel's own scores of every indexed row)
+and ``influence`` (``query_influence``). Checkpoints load lazily (only ``embed``/``query`` need
+them), refused unless they are the index's (``gradindex.store.records``)."""
 
 from __future__ import annotations
 
@@ -57,7 +56,8 @@ from gradindex.search.milvus import MilvusBackend
 from gradindex.search.milvus import open_backends as milvus_backends
 from gradindex.spec import BuildSpec
 from gradindex.store.columns import LazyColumn, all_done, search_rows
-from gradindex.store.kernel import KERNEL_METHODS, Kernel
+from gradindex.store.kernel import KERNEL_METHODS, Kernel, check_lambdas
+from gradindex.store.kernel_dual import DualKernel
 from gradindex.store.kernel_load import DenseKernel, load_kernel
 from gradindex.store.layout import (
     KERNEL,
@@ -121,14 +121,12 @@ class AttributionIndex:
         self._checkpoint_sources = checkpoints
         self._scheduler = scheduler
         self._embedder: Embedder | None = None
-        # sizes only: cheap; kernel.h5 when a kernel method reads it (not stopping tracin)
-        if problems := check_files(path, manifest, checksums=False, skip=(KERNEL,)):
+        if problems := check_files(path, manifest, checksums=False, skip=(KERNEL,)):  # sizes
             more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
             raise IndexStateError(f"{problems[0]}; rebuild the index{more}")
         with VectorStore.open(path / VECTORS) as store:
             store.check_manifest(manifest)  # another build's file, spec or shape
-            # read on demand (a search reads its k ids): memory independent of N
-            digests = ids_digests(path, manifest)  # each block checked when first read
+            digests = ids_digests(path, manifest)  # ids read on demand, each block checked
             self.ids: LazyColumn = LazyColumn(path / VECTORS, "ids", digests=digests)
             self.flagged: LazyColumn = LazyColumn(path / VECTORS, "flagged", as_bool=True)
             check_records(path / MANIFEST, manifest, self.spec, self.flagged)
@@ -145,7 +143,7 @@ class AttributionIndex:
                 backends = open_faiss_backends(path, manifest, store, self.index_rows, mmap)
         self.backends = check_backends(backends, METHODS, self.dim, len(self.index_rows))
         self._norms: np.ndarray | None = None  # read on first use (see ``norms``)
-        self._kernels: dict[str, Kernel | DenseKernel] = {}  # read on first use (``kernel_for``)
+        self._kernels: dict[str, Kernel | DualKernel | DenseKernel] = {}  # read when first used
         if self.device.startswith("cuda"):  # search where the embeddings are made
             for backend in self.backends.values():
                 backend.to_gpu()
@@ -190,7 +188,7 @@ class AttributionIndex:
                 self._norms = store.norms
         return self._norms
 
-    def kernel_for(self, method: str) -> Kernel | DenseKernel:
+    def kernel_for(self, method: str) -> Kernel | DualKernel | DenseKernel:
         """A kernel method's factors and λ (kernel.h5), read on first use (checked there)."""
         rows = KERNEL_METHODS[method]
         if rows not in self._kernels:
@@ -204,7 +202,8 @@ class AttributionIndex:
 
     def check_kernel(self, method: str, lam: Any = None) -> None:
         """Refuse a missing kernel or a bad λ now, before the slow embedding of a query."""
-        self.kernel_vectors(np.zeros(self.dim, dtype=np.float32), method, lam)
+        lambdas = self.kernel_for(method).lambdas
+        check_lambdas(lambdas if lam is None else lam, len(lambdas))
 
     @property
     def dim(self) -> int:
@@ -341,13 +340,16 @@ class AttributionIndex:
         ('influence': rows of ``embed_influence``), best first; ``lam``: a kernel method's λ."""
         _check_method(method, lam, damping=False)  # 'influence' rows are damped when made
         q = as_queries(vectors, self.dim)
-        check_k(k)
-        if method in KERNEL_METHODS:  # exact where its recall missed the target at build
-            exact = exact or searches_exactly(self.manifest, method)
-            q = self.kernel_vectors(q, method, lam)
-        method = stored_method(method)
         k = check_k(k, len(self.index_rows), "indexed samples")
-        res = self.backends[method].search(q, k, exact=exact)  # rows: vectors.h5 row numbers
+        kernel = self.kernel_for(method) if method in KERNEL_METHODS else None
+        if isinstance(kernel, DualKernel):  # scores every indexed row itself: exact
+            scores, pos = kernel.top_k(q, k, lam)
+            rows = np.asarray(self.index_rows[pos], dtype=np.int64)
+            return SearchResult(scores=scores, ids=self.ids[rows], rows=rows)
+        if kernel is not None:  # exact where its recall missed the target at build
+            exact = exact or searches_exactly(self.manifest, method)
+            q = kernel.transform(q, lam)
+        res = self.backends[stored_method(method)].search(q, k, exact=exact)  # store rows
         return SearchResult(scores=res.scores, ids=self.ids[res.rows], rows=res.rows)
 
     def query(
@@ -386,8 +388,7 @@ class AttributionIndex:
         return {c: self.query(images, k, method, exact=exact, labels=c) for c in range(num_classes)}
 
     def __repr__(self) -> str:
-        m = self.manifest
-        return f"AttributionIndex({str(self.path)!r}, rows={m['num_rows']}, dim={m['dim']})"
+        return f"AttributionIndex({str(self.path)!r}, rows={len(self)}, dim={self.dim})"
 
 
 def _check_method(method: str, lam: Any = None, damping: bool = True) -> None:

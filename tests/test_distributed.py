@@ -139,7 +139,9 @@ def test_torchrun_two_process_build_equals_one_process_build(run_setup):
 
 
 def _gram(path, sfx):
-    """G_c = U diag(Λ) Uᵀ from kernel.h5's factors (exact below the rank cap)."""
+    """U diag(Λ) Uᵀ from kernel.h5's factors (exact below the rank cap): G_c, or the N x N
+    K_c of a dual basis (N < d)."""
     with h5py.File(path, "r") as f:
-        u, ev = f[f"basis{sfx}"][()].astype(np.float64), f[f"eigenvalues{sfx}"][()]
+        name = f"dual_basis{sfx}" if f"dual_basis{sfx}" in f else f"basis{sfx}"
+        u, ev = f[name][()].astype(np.float64), f[f"eigenvalues{sfx}"][()]
     return np.einsum("cdr,cr,cer->cde", u, ev, u)

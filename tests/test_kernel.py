@@ -68,12 +68,30 @@ def plain_gram(folder, rows="tracin"):
     )
 
 
-def stored_gram(folder, rows="tracin"):
-    """G_c rebuilt from kernel.h5's factors with plain h5py: U diag(Λ) Uᵀ (exact at r = rank)."""
+def basis_name(folder, rows="tracin"):
+    """kernel.h5's factor dataset of ``rows``: ``dual_basis`` (N < d) or ``basis``."""
     sfx = "" if rows == "tracin" else f"_{rows}"
     with h5py.File(folder / "kernel.h5", "r") as f:
-        u, ev = f[f"basis{sfx}"][()].astype(np.float64), f[f"eigenvalues{sfx}"][()]
+        return f"dual_basis{sfx}" if f"dual_basis{sfx}" in f else f"basis{sfx}"
+
+
+def stored_gram(folder, rows="tracin"):
+    """The Gram rebuilt from kernel.h5's factors with plain h5py, U diag(Λ) Uᵀ (exact at
+    r = rank): G_c [C, d, d] from a primal basis, K_c = Φ_c Φ_cᵀ [C, N, N] from a dual one."""
+    sfx = "" if rows == "tracin" else f"_{rows}"
+    with h5py.File(folder / "kernel.h5", "r") as f:
+        u = f[basis_name(folder, rows)][()].astype(np.float64)
+        ev = f[f"eigenvalues{sfx}"][()]
     return np.einsum("cdr,cr,cer->cde", u, ev, u)
+
+
+def form_gram(folder, rows="tracin"):
+    """What ``stored_gram`` must equal, from the rows read with h5py: G_c, or K_c (dual)."""
+    if not basis_name(folder, rows).startswith("dual"):
+        return plain_gram(folder, rows)
+    x = plain_rows(folder, rows)
+    blocks = [x[:, c * D : (c + 1) * D] for c in range(len(WEIGHTS))]
+    return np.stack([b @ b.T / w for b, w in zip(blocks, WEIGHTS, strict=True)])
 
 
 def dense_trak(folder, queries, lams=None, rows="tracin"):
@@ -99,18 +117,19 @@ def queries(n=5, seed=1):
 
 
 def test_kernel_factors_equal_the_gram_of_rows_read_with_h5py(setup):
-    """kernel.h5 keeps eigen factors, not d x d Grams: U diag(Λ) Uᵀ is the Gram of the rows
-    (9 rows < d = 16: exact at r = 9), U has orthonormal columns, λ follows the rule."""
+    """kernel.h5 keeps eigen factors, not d x d Grams; 9 rows < d = 16, so the dual form:
+    V diag(Λ) Vᵀ is the N x N Gram Φ Φᵀ of the rows (exact at r = 9), V has orthonormal
+    columns, λ follows the rule."""
     whole = setup[3]
     with h5py.File(whole.path / "kernel.h5", "r") as f:
-        assert "gram" not in f and f.attrs["format"] == 2
-        u, tail = f["basis"][()], f["tail"][()]
+        assert "gram" not in f and "basis" not in f and f.attrs["format"] == 3
+        u, tail = f["dual_basis"][()], f["tail"][()]
         rows, build_id = int(f.attrs["rows"]), f.attrs["build_id"]
-    assert u.dtype == np.float32 and u.shape == (2, D, 9) and np.all(tail == 0)
+    assert u.dtype == np.float32 and u.shape == (2, 9, 9) and np.all(tail == 0)
     for c in range(2):
         np.testing.assert_allclose(u[c].T @ u[c], np.eye(9), atol=1e-5)
     for r in ("tracin", "retrac"):
-        want = plain_gram(whole.path, r)
+        want = form_gram(whole.path, r)
         np.testing.assert_allclose(stored_gram(whole.path, r), want, atol=1e-6 * np.abs(want).max())
     assert rows == 9 and build_id == whole.manifest["build_id"]
     record = whole.manifest["kernel"]
@@ -121,6 +140,7 @@ def test_kernel_factors_equal_the_gram_of_rows_read_with_h5py(setup):
     assert record["rows"] == 9 and "kernel.h5" in whole.manifest["files"]
     assert record["rank"] == {"tracin": 9, "retrac": 9}
     assert record["exact"] == {"tracin": True, "retrac": True}
+    assert record["form"] == {"tracin": "dual", "retrac": "dual"}
 
 
 def test_trak_scores_equal_dense_solve_with_fewer_rows_than_dims(setup):
@@ -224,7 +244,7 @@ def test_kernel_command_restores_a_removed_kernel(setup, tmp_path):
     res = run("info", old, "--verify")
     assert res.exit_code == 0, res.output
     assert "verified     6 files match their checksums" in res.stdout  # kernel.h5 included
-    want = plain_gram(old)
+    want = form_gram(old)
     np.testing.assert_allclose(stored_gram(old), want, atol=1e-6 * np.abs(want).max())
     q = queries()
     res = gi.AttributionIndex.open(old).search(q, k=4, method="trak")
@@ -266,7 +286,7 @@ def test_merge_makes_the_kernel_of_the_assembled_rows(shards, tmp_path):
     for parts in ([shards[0], shards[1]], [shards[0], old]):
         merged = merge_shards(tmp_path / f"merged{len(str(parts[1]))}", parts)
         for rows in ("tracin", "retrac"):
-            want = plain_gram(merged.path, rows)
+            want = form_gram(merged.path, rows)
             got = stored_gram(merged.path, rows)
             np.testing.assert_allclose(got, want, atol=1e-6 * np.abs(want).max())
         assert merged.manifest["kernel"]["rows"] == 9
@@ -284,7 +304,7 @@ def test_gram_after_merge_and_add_equals_one_build(setup, shards):
             mine, one = stored_gram(idx.path, rows), stored_gram(whole.path, rows)
             # the rows themselves agree to float32 rounding across batchings (test_shards)
             np.testing.assert_allclose(mine, one, atol=1e-5 * np.abs(one).max())
-            want = plain_gram(idx.path, rows)
+            want = form_gram(idx.path, rows)
             np.testing.assert_allclose(mine, want, atol=1e-6 * np.abs(want).max())
         with h5py.File(idx.path / "kernel.h5", "r") as f:
             assert f.attrs["build_id"] == idx.manifest["build_id"] and f.attrs["rows"] == 9
@@ -305,7 +325,7 @@ def test_a_kernel_without_the_retrac_gram_serves_trak_and_names_the_command_for_
     old = tmp_path / "old"
     shutil.copytree(whole.path, old)
     with h5py.File(old / "kernel.h5", "a") as f:
-        for name in ("basis_retrac", "eigenvalues_retrac", "tail_retrac"):
+        for name in [n for n in f if n.endswith("_retrac")]:
             del f[name]
     manifest = json.loads((old / "manifest.json").read_text())
     del manifest["kernel"]["lambda_retrac"], manifest["files"]["kernel.h5"]
@@ -364,7 +384,7 @@ def test_build_stopped_before_the_kernel_resumes_to_a_consistent_one(setup, tmp_
     assert not (tmp_path / "idx" / "manifest.json").exists()
     monkeypatch.setattr(gradindex.build.write, "write_kernel", real)
     idx = _build(ckpts, images, tmp_path / "idx", resume=True)
-    want = plain_gram(idx.path)
+    want = form_gram(idx.path)
     np.testing.assert_allclose(stored_gram(idx.path), want, atol=1e-6 * np.abs(want).max())
     assert idx.manifest["kernel"]["rows"] == 9
     assert run("info", idx.path, "--verify").exit_code == 0
@@ -481,7 +501,7 @@ def test_a_dense_kernel_of_an_older_build_is_served_and_converted(setup, tmp_pat
         np.testing.assert_allclose(res.scores, scores, rtol=1e-4, atol=1e-4 * np.abs(scores).max())
     assert run("kernel", old).exit_code == 0
     with h5py.File(old / "kernel.h5", "r") as f:
-        assert f.attrs["format"] == 2 and "gram" not in f
+        assert f.attrs["format"] == 3 and "gram" not in f
     for method, rows in (("trak", "tracin"), ("retrak", "retrac")):
         res = gi.AttributionIndex.open(old).search(q, k=5, method=method)
         np.testing.assert_array_equal(res.rows, top_k(dense_trak(old, q, rows=rows), 5)[1])
@@ -589,7 +609,7 @@ def test_rank_bounds_keep_the_transform_under_half_a_scan_and_64_mib():
     from gradindex.store.kernel_factors import rank_bounds
 
     assert rank_bounds(9, 16, 2)[0] >= 9  # a small kernel is always exact
-    assert rank_bounds(1797, 4096, 3) == (1797 // 4, 682)  # the demo: C·d·r·4 x 2 <= 1/2 a scan
+    assert rank_bounds(1797, 4096, 3) == (1797 // 4, 640)  # C·d·r·4 x 2 <= 1/2 a scan
     floor, cap = rank_bounds(10**6, 4096, 3)
     assert floor == cap and 2 * 3 * 4096 * cap * 4 <= 64 * 2**20  # both row sets
 
@@ -613,19 +633,20 @@ def test_a_kernel_dataset_stored_outside_the_file_is_refused(setup, tmp_path):
     anything is read from it; tracin still answers."""
     bad = tmp_path / "bad"
     shutil.copytree(setup[3].path, bad)
+    name = basis_name(bad)
     with h5py.File(bad / "kernel.h5", "a") as f:
-        data = f["basis"][()]
-        del f["basis"], f["basis_retrac"]
-        f["basis_retrac"] = h5py.ExternalLink(str(tmp_path / "outside.h5"), "b")
-        f.create_group("basis")
+        data = f[name][()]
+        del f[name], f[f"{name}_retrac"]
+        f[f"{name}_retrac"] = h5py.ExternalLink(str(tmp_path / "outside.h5"), "b")
+        f.create_group(name)
     with h5py.File(tmp_path / "outside.h5", "w") as g:
         g["b"] = data
     manifest = json.loads((bad / "manifest.json").read_text())
     manifest["files"]["kernel.h5"] = {"bytes": (bad / "kernel.h5").stat().st_size, "sha256": ""}
     (bad / "manifest.json").write_text(json.dumps(manifest))
     idx = gi.AttributionIndex.open(bad)
-    for method, name in (("trak", "basis"), ("retrak", "basis_retrac")):
-        with pytest.raises(gi.IndexStateError, match=f"{name} is not a dataset stored in the file"):
+    for method, which in (("trak", name), ("retrak", f"{name}_retrac")):
+        with pytest.raises(gi.IndexStateError, match=f"{which} is not a dataset stored in the"):
             idx.search(queries(), k=2, method=method)
     assert idx.search(queries(), k=2, method="tracin").rows.shape == (5, 2)
 
@@ -638,7 +659,7 @@ def test_kernel_exact_keeps_every_eigenpair_where_the_default_truncates(
     from gradindex.store import kernel_factors
 
     monkeypatch.setattr(kernel_factors, "FREE_BYTES", 1)
-    monkeypatch.setattr(kernel_factors, "KERNEL_BYTES", 2 * 2 * 4 * D * 2)  # cap: 2 pairs
+    monkeypatch.setattr(kernel_factors, "KERNEL_BYTES", 2 * 2 * 4 * 9 * 2)  # dual cap: 2 pairs
     folder = tmp_path / "idx"
     shutil.copytree(setup[3].path, folder)
     assert run("kernel", folder).exit_code == 0

@@ -11,15 +11,22 @@ rows already indexed:
 with q_c the query's block (√w_c φ_c(q)) and x(z) the stored row: ``trak`` searches the
 TracIn index with a transformed TracIn query (TRAK; D-TRAK on a ``loss="square"`` index) and
 ``retrak`` the ReTrac index with a transformed ReTrac query. G_c has rank ≤ min(N, d), so
-``kernel.h5`` keeps its eigen factors, not G_c (:mod:`gradindex.store.kernel_factors`):
-datasets ``basis`` [C, d, r] float32, ``eigenvalues`` [C, r], ``tail`` [C] for the TracIn rows
-and the same with ``_retrac`` for the ReTrac rows, attrs ``lambda``, ``lambda_retrac``,
-``rows``, ``build_id``, ``format`` (2), readable with plain h5py. Exact (r = rank) where the
-factors fit ``kernel_factors.rank_bounds``, else the top r and the left-out mean. Default
-λ_c = LAMBDA_SCALE · (trace(G_c) − top eigenvalue) / d, the scale chosen once on held-out
-calibration digits of ``benchmarks/bench_lds.py`` (never on its LDS targets); any λ > 0 keeps
-N < d well-posed. A ``kernel.h5`` of format 1 (dense ``gram`` [C, d, d]) is still served
-(:mod:`gradindex.store.kernel_load`); ``gradindex kernel DIR`` rewrites it.
+``kernel.h5`` keeps eigen factors, never G_c (:mod:`gradindex.store.kernel_factors`), in one of
+two forms per row set, chosen by size:
+
+- N ≥ d, the primal: ``basis`` [C, d, r] float32 (U_c), served by :class:`Kernel` as above;
+- N < d, the dual: ``dual_basis`` [C, N, r] float32 (V_c, eigenvectors of the N × N Gram
+  K_c = Φ_c Φ_cᵀ), smaller and cheaper at the same r, served by
+  :class:`gradindex.store.kernel_dual.DualKernel`, which scores every row itself.
+
+Either with ``eigenvalues`` [C, r] and ``tail`` [C] (``_retrac`` suffixed for the ReTrac rows),
+attrs ``lambda``, ``lambda_retrac``, ``rows``, ``build_id``, ``format`` (3), readable with
+plain h5py. Exact (r = rank) where the factors fit the bounds of ``kernel_factors``, else the
+top r and the left-out mean. Default λ_c = LAMBDA_SCALE · (trace(G_c) − top eigenvalue) / d,
+the scale chosen once on held-out calibration digits of ``benchmarks/bench_lds.py`` (never on
+its LDS targets); any λ > 0 keeps N < d well-posed. Older files are still served
+(:mod:`gradindex.store.kernel_load`): format 2 (primal factors only) as they are, format 1
+(dense ``gram`` [C, d, d]) by Cholesky; ``gradindex kernel DIR`` rewrites either.
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ from gradindex.errors import IndexStateError, SearchError
 from gradindex.store.kernel_factors import (
     LAMBDA_SCALE,
     Factors,
+    dual_bounds,
     lambda_rule,
     rank_bounds,
     row_set_factors,
@@ -52,8 +60,9 @@ KERNEL_METHODS = {"trak": "tracin", "retrak": "retrac"}
 """Search method served by a kernel → the stored rows (and Gram) it uses."""
 SUFFIX = {"tracin": "", "retrac": "_retrac"}
 """Row set → the suffix of its datasets in kernel.h5 (``basis``, ``basis_retrac``, ...)."""
-FORMAT = 2
-"""kernel.h5 format: 1 held dense Grams (``gram`` [C, d, d]), 2 their eigen factors."""
+FORMAT = 3
+"""kernel.h5 format: 1 held dense Grams (``gram`` [C, d, d]), 2 their primal eigen factors,
+3 primal or dual factors per row set (``basis`` or ``dual_basis``)."""
 MAX_KERNEL_DIM = 8192
 """Largest d with a kernel (an ``identity`` projection's d is the parameter count, whose
 eigenbasis would not be computed in any reasonable time)."""
@@ -90,9 +99,10 @@ def write_kernel(
 ) -> dict[str, Any]:
     """Compute the kernel factors of ``folder``'s vectors.h5 (both row sets, from the rows),
     write ``kernel.h5`` and return the manifest's ``kernel`` record ({"skipped": why} and no
-    file when d is too wide). Eigenpairs kept per checkpoint: as ``kernel_factors.rank_bounds``
-    says (exact whenever the rank fits), or with ``exact`` all of them (kernel.h5 then up to
-    the rows' own size, and each query's transform up to two scans of them)."""
+    file when d is too wide). The dual form where fewer rows than d are kept, else the primal;
+    eigenpairs kept per checkpoint as ``kernel_factors.dual_bounds`` / ``rank_bounds`` say
+    (exact whenever the rank fits), or with ``exact`` all of them (kernel.h5 then up to the
+    rows' own size, and each primal query's transform up to two scans of them)."""
     num_ckpts = len(weights)
     with VectorStore.open(folder / VECTORS) as store:
         d = store.dim // num_ckpts
@@ -106,11 +116,18 @@ def write_kernel(
             )
         keep = np.flatnonzero(~store.flagged)
         rank = max(1, min(len(keep), d))
-        bounds = (rank, rank) if exact else rank_bounds(len(keep), d, num_ckpts)
+        dual = 0 < len(keep) < d
+        if exact:
+            bounds = (rank, rank)
+        else:
+            bounds = (
+                dual_bounds(len(keep), num_ckpts) if dual else rank_bounds(len(keep), d, num_ckpts)
+            )
         factors = {
-            rows: row_set_factors(store.file[rows], keep, weights, d, bounds) for rows in SUFFIX
+            rows: row_set_factors(store.file[rows], keep, weights, d, bounds, dual)
+            for rows in SUFFIX
         }
-    return _write(folder, factors, len(keep), build_id)
+    return _write(folder, factors, len(keep), d, build_id)
 
 
 def merge_kernels(folder: Path, weights: Sequence[float], build_id: str | None) -> dict[str, Any]:
@@ -125,10 +142,9 @@ def lambda_key(rows: str) -> str:
 
 
 def _write(
-    folder: Path, factors: dict[str, Factors], rows: int, build_id: str | None
+    folder: Path, factors: dict[str, Factors], rows: int, d: int, build_id: str | None
 ) -> dict[str, Any]:
     """Write ``kernel.h5`` atomically (temporary file, then rename); the manifest record."""
-    d = next(iter(factors.values())).basis.shape[1]
     lambdas = {
         r: [lambda_rule(t, top, d) for t, top in zip(f.trace, f.top, strict=True)]
         for r, f in factors.items()
@@ -137,7 +153,8 @@ def _write(
     try:
         with h5py.File(tmp, "w") as f:
             for r, fac in factors.items():
-                f.create_dataset(f"basis{SUFFIX[r]}", data=fac.basis)
+                name = "dual_basis" if fac.dual else "basis"
+                f.create_dataset(f"{name}{SUFFIX[r]}", data=fac.basis)
                 f.create_dataset(f"eigenvalues{SUFFIX[r]}", data=fac.eigenvalues)
                 f.create_dataset(f"tail{SUFFIX[r]}", data=fac.tail)
                 f.attrs[lambda_key(r)] = np.asarray(lambdas[r])
@@ -152,6 +169,7 @@ def _write(
     record.update({lambda_key(r): lam for r, lam in lambdas.items()})
     record["rank"] = {r: int(f.basis.shape[-1]) for r, f in factors.items()}
     record["exact"] = {r: f.exact for r, f in factors.items()}
+    record["form"] = {r: "dual" if f.dual else "primal" for r, f in factors.items()}
     return {**record, "proj_dim": d}
 
 

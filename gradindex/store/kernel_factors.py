@@ -16,6 +16,11 @@ How they are computed (always from the rows, never from a d × d inverse):
 
 r is the rank when the exact factors fit ``rank_bounds``'s cap; else at least its floor and
 every eigenvalue above KEEP_ABOVE · λ, up to the cap.
+
+Where N < d the factors are kept in the dual form instead (``dual=True``,
+:mod:`gradindex.store.kernel_dual`): V_c [N, r], the eigenvectors of K = Φ Φᵀ themselves, N·r
+floats instead of d·r, r = the rank up to ``dual_bounds``'s cap (the query's cost does not grow
+with r, so every eigenpair that fits is kept).
 """
 
 from __future__ import annotations
@@ -30,11 +35,12 @@ from gradindex.store.vectors import ChunkedRows
 
 EIGH_MAX = 4096
 """Largest Gram side decomposed in full (``eigh`` grows as d³; wider ones use subspace iteration)."""
-KERNEL_BYTES = 64 * 2**20
-"""Most bytes the factors of both row sets may take on disk (and in memory when served)."""
+KERNEL_BYTES = 60 * 2**20
+"""Most bytes the factors of both row sets may take on disk (and in memory when served): with
+the eigenvalues and HDF5's own bytes, kernel.h5 stays under 64 MB (10⁶ bytes) at any N."""
 FREE_BYTES = 4 * 2**20
-"""Factors of one row set up to this size are always exact: their query transform reads them in
-well under a millisecond, whatever N."""
+"""Factors of one row set up to this size are always exact: their query transform reads little,
+whatever N."""
 ZERO = 1e-12
 """Eigenvalues below ZERO × the top one are rounding, not rank."""
 KEEP_ABOVE = 0.03
@@ -59,6 +65,8 @@ class Factors:
     trace: np.ndarray
     top: np.ndarray
     exact: bool
+    dual: bool = False
+    """basis is V [C, N, r] (eigenvectors of K_c = Φ_c Φ_cᵀ), not U [C, d, r]."""
 
 
 def rank_bounds(num_rows: int, d: int, num_ckpts: int) -> tuple[int, int]:
@@ -69,6 +77,13 @@ def rank_bounds(num_rows: int, d: int, num_ckpts: int) -> tuple[int, int]:
     per_pair = 4 * d * num_ckpts
     cap = max(1, KERNEL_BYTES // (2 * per_pair))
     return min(cap, max(1, num_rows // 4, FREE_BYTES // per_pair)), cap
+
+
+def dual_bounds(num_rows: int, num_ckpts: int) -> tuple[int, int]:
+    """(floor, cap) of the eigenpairs a dual row set keeps: all that KERNEL_BYTES holds for
+    both row sets (V_c is N·r floats; the query reads at most N² of them either way)."""
+    cap = max(1, KERNEL_BYTES // (2 * 4 * num_rows * num_ckpts))
+    return cap, cap
 
 
 def lambda_rule(trace: float, top: float, d: int) -> float:
@@ -102,10 +117,10 @@ def top_eigenpairs(gram: np.ndarray, r: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def checkpoint_factors(
-    rows, keep: np.ndarray, c: int, d: int, weight: float, bounds: tuple[int, int]
+    rows, keep: np.ndarray, c: int, d: int, weight: float, bounds: tuple[int, int], dual: bool
 ) -> tuple:
-    """(U [d, r], Λ [r], mean left-out eigenvalue, trace, top eigenvalue) of checkpoint c,
-    r within ``bounds`` = (floor, cap) as ``rank_bounds`` says."""
+    """(U [d, r] or with ``dual`` V [N, r], Λ [r], mean left-out eigenvalue, trace, top
+    eigenvalue) of checkpoint c, r within ``bounds`` = (floor, cap) (``rank_bounds``)."""
     n, (floor, r) = len(keep), bounds
     if n <= d:  # the dual: Φ is at most d × d floats
         blocks = list(checkpoint_blocks(rows, keep, c, d, weight))
@@ -127,17 +142,21 @@ def checkpoint_factors(
     kept = min(r, nonzero, max(floor, above))
     s_kept = s[:kept]
     # the dual's U = Φᵀ V S^{-1/2}: unit columns, orthogonal
-    u = v[:, :kept] if phi is None else phi.T @ (v[:, :kept] / np.sqrt(s_kept))
+    u = v[:, :kept] if phi is None or dual else phi.T @ (v[:, :kept] / np.sqrt(s_kept))
     left = nonzero - kept if full else min(n, d) - kept
     tail = max(trace - float(s_kept.sum()), 0.0) / left if left > 0 else 0.0
     return u, s_kept, tail, trace, top
 
 
-def row_set_factors(rows, keep: np.ndarray, weights, d: int, bounds: tuple[int, int]) -> Factors:
-    """Factors of every checkpoint of one row set (``rows``: its h5py dataset or array)."""
-    parts = [checkpoint_factors(rows, keep, c, d, w, bounds) for c, w in enumerate(weights)]
+def row_set_factors(
+    rows, keep: np.ndarray, weights, d: int, bounds: tuple[int, int], dual: bool = False
+) -> Factors:
+    """Factors of every checkpoint of one row set (``rows``: its h5py dataset or array);
+    ``dual`` (N < d only): V_c [N, r] rather than U_c [d, r]."""
+    dual = dual and 0 < len(keep) < d
+    parts = [checkpoint_factors(rows, keep, c, d, w, bounds, dual) for c, w in enumerate(weights)]
     width = max([1] + [len(p[1]) for p in parts])
-    basis = np.zeros((len(parts), d, width), dtype=np.float32)
+    basis = np.zeros((len(parts), len(keep) if dual else d, width), dtype=np.float32)
     eig = np.zeros((len(parts), width))
     for c, (u, s, *_rest) in enumerate(parts):
         basis[c, :, : len(s)] = u
@@ -150,4 +169,5 @@ def row_set_factors(rows, keep: np.ndarray, weights, d: int, bounds: tuple[int, 
         trace=np.array([p[3] for p in parts]),
         top=np.array([p[4] for p in parts]),
         exact=bool(np.all(tail == 0)),
+        dual=dual,
     )

@@ -2,9 +2,11 @@
 size checked against the manifest before a byte of data is read, and every problem named with
 the command that repairs it (``gradindex kernel DIR``, seconds), never "rebuild the index".
 
-Serves both formats: 2 (eigen factors, :class:`gradindex.store.kernel.Kernel`) and 1, written
-before session 8 (dense Grams ``gram`` [C, d, d] float64, :class:`DenseKernel`, which solves by
-a cached Cholesky factor as those builds did; ``gradindex kernel DIR`` rewrites it as format 2).
+Serves every format: 3 (per row set primal factors, :class:`gradindex.store.kernel.Kernel`, or
+dual ones with the kept rows read from ``vectors.h5``, :class:`gradindex.store.kernel_dual.
+DualKernel`), 2 (primal factors only: read as they are) and 1, written before session 8 (dense
+Grams ``gram`` [C, d, d] float64, :class:`DenseKernel`, which solves by a cached Cholesky factor
+as those builds did; ``gradindex kernel DIR`` rewrites either as format 3).
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ from gradindex.store.kernel import (
     check_lambdas,
     lambda_key,
 )
-from gradindex.store.layout import KERNEL, check_build_id
+from gradindex.store.kernel_dual import DualKernel
+from gradindex.store.layout import KERNEL, VECTORS, check_build_id
+from gradindex.store.vectors import VectorStore
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +64,9 @@ class DenseKernel:
         return out.reshape(len(queries), num_ckpts * d).astype(np.float32)
 
 
-def load_kernel(folder: Path, manifest: dict[str, Any], rows: str) -> Kernel | DenseKernel:
+def load_kernel(
+    folder: Path, manifest: dict[str, Any], rows: str
+) -> Kernel | DualKernel | DenseKernel:
     """The kernel of a finished index's ``rows`` ("tracin": method 'trak', "retrac":
     'retrak'); a missing, truncated, foreign or malformed kernel.h5 is refused in one line
     naming ``gradindex kernel DIR``."""
@@ -90,6 +96,8 @@ def load_kernel(folder: Path, manifest: dict[str, Any], rows: str) -> Kernel | D
             lambdas = list(record[lambda_key(rows)])
             if f"basis{SUFFIX[rows]}" in f:
                 return _read_factors(f, rows, (num_ckpts, d), manifest, fix, lambdas)
+            if f"dual_basis{SUFFIX[rows]}" in f:
+                return _read_dual(folder, f, rows, num_ckpts, manifest, fix, lambdas)
             if LEGACY[rows] in f:
                 gram = _dataset(f, LEGACY[rows], (num_ckpts, d, d), fix)[()]
                 logger.warning("%s: a dense kernel (format 1); convert it: gradindex kernel %s",
@@ -123,22 +131,47 @@ def _dataset(f: h5py.File, name: str, shape: tuple[int, ...], fix: str) -> h5py.
     return ds
 
 
-def _read_factors(
-    f: h5py.File, rows: str, cd: tuple[int, int], manifest: dict, fix: str, lambdas: list
-) -> Kernel:
-    """A format-2 row set's factors; its rank checked against min(rows, d) before reading."""
-    sfx = SUFFIX[rows]
-    basis = _plain(f, f"basis{sfx}", fix)
+def _eigen(f: h5py.File, name: str, cd: tuple[int, int], most: int, fix: str) -> tuple:
+    """(basis [C, side, r], eigenvalues [C, r], tail [C]) of dataset ``name`` (``basis`` or
+    ``dual_basis``, suffixed), side = ``cd[1]``; its rank checked against ``most`` first."""
+    sfx = name[name.index("basis") + 5 :]
+    basis = _plain(f, name, fix)
     rank = basis.shape[-1] if basis.ndim == 3 else -1
-    most = max(1, min(int(manifest.get("num_rows", 0)), cd[1]))
     if not 1 <= rank <= most:
         raise IndexStateError(
-            f"{f.filename}: basis{sfx} declares shape {basis.shape} but the index allows "
+            f"{f.filename}: {name} declares shape {basis.shape} but the index allows "
             f"({cd[0]}, {cd[1]}, <= {most}); {fix}"
         )
-    u = _dataset(f, f"basis{sfx}", (*cd, rank), fix)[()]
+    u = _dataset(f, name, (*cd, rank), fix)[()]
     eig = _dataset(f, f"eigenvalues{sfx}", (cd[0], rank), fix)[()]
     tail = _dataset(f, f"tail{sfx}", (cd[0],), fix)[()]
     if not (np.isfinite(u).all() and np.all(eig >= 0) and np.all(tail >= 0)):
         raise IndexStateError(f"{f.filename}: kernel factors not finite or negative; {fix}")
-    return Kernel(u, eig, tail, lambdas)
+    return u, eig, tail
+
+
+def _read_factors(
+    f: h5py.File, rows: str, cd: tuple[int, int], manifest: dict, fix: str, lambdas: list
+) -> Kernel:
+    """A row set's primal factors (format 2 or 3), rank at most min(rows, d)."""
+    most = max(1, min(int(manifest.get("num_rows", 0)), cd[1]))
+    return Kernel(*_eigen(f, f"basis{SUFFIX[rows]}", cd, most, fix), lambdas)
+
+
+def _read_dual(
+    folder: Path, f: h5py.File, rows: str, num_ckpts: int, manifest: dict, fix: str, lambdas: list
+) -> DualKernel:
+    """A row set's dual factors (format 3); its kept rows are read from vectors.h5 when first
+    scored, their count checked against the factors now (the build id ties the two files)."""
+    with VectorStore.open(folder / VECTORS) as store:
+        keep = np.flatnonzero(~store.flagged)
+        every = len(keep) == store.num_rows
+    n = len(keep)
+    v, eig, tail = _eigen(f, f"dual_basis{SUFFIX[rows]}", (num_ckpts, n), max(1, n), fix)
+
+    def read() -> np.ndarray:
+        with VectorStore.open(folder / VECTORS) as store:
+            return store.vectors(rows, None if every else keep)
+
+    weights = [float(c["weight"]) for c in manifest["checkpoints"]]
+    return DualKernel(read, v, eig, tail, lambdas, weights)
