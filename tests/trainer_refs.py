@@ -159,7 +159,7 @@ def train_unconditional(
 def train_lora(
     out: Path, config: dict, *, checkpointing_steps: int = 2, latent_shape=(2, 4, 8, 8)
 ) -> dict:
-    """train_text_to_image_lora.py's loop: the adapter of ``tests.test_lora.lora_unet`` on the
+    """train_text_to_image_lora.py's loop: the adapter of ``tests.inputs.test_lora.lora_unet`` on the
     frozen base UNet of ``tests.diffusion_refs.make_sd_run``, trained on random latents and text
     states for ``config["max_train_steps"]`` steps with ``config``'s rate, schedule and
     ``snr_gamma``. Returns {"saved": {step: {"raw" (adapter weights), "optimizer"}}, "final",
@@ -171,7 +171,7 @@ def train_lora(
     from peft.utils import get_peft_model_state_dict
 
     from tests.diffusion_refs import MAX_LEN, TEXT_DIM
-    from tests.test_lora import lora_unet
+    from tests.inputs.test_lora import lora_unet
 
     acc = _accelerator(out, "tensorboard")
     unet = lora_unet(11)

@@ -13,7 +13,7 @@ its mean over that sample's elements (DESIGN §1). Both backends reduce the same
 
 To add a loss: add its elementwise function to ``ELEMENTWISE`` below and its name to
 ``gradindex.spec.LOSSES`` (which checks ``BuildSpec.loss`` and lists the CLI's ``--loss``
-choices); tests/test_losses.py checks the two name the same losses.
+choices); tests/featurize/test_losses.py checks the two name the same losses.
 """
 
 from __future__ import annotations

@@ -103,7 +103,7 @@ def test_auto_weights_are_the_logged_learning_rate_sums(unconditional_run, tmp_p
     # the rows: gradients of train_unconditional.py's own sample-prediction loss, by autograd
     from diffusers import DDPMScheduler, UNet2DModel
 
-    from tests.test_trained_loss import reference
+    from tests.featurize.test_trained_loss import reference
 
     sched = DDPMScheduler.from_pretrained(out / "scheduler")
     x0s = torch.from_numpy(np.load(tmp_path / "x.npy")) * 2 - 1

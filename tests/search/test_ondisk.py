@@ -22,7 +22,7 @@ from gradindex.search.ondisk import build_ondisk
 from gradindex.search.ondisk_search import _groups, search_bounded
 from gradindex.store.vectors import ChunkedRows
 from tests.conftest import run
-from tests.test_search import brute_force, clustered
+from tests.search.test_search import brute_force, clustered
 
 N, D = 2999, 40
 

@@ -17,7 +17,7 @@ import gradindex as gi
 from gradindex.build.distributed import distributed_build, world_from_env
 from tests.conftest import scheduler, tiny_unet
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SPEC_ARGS = ["--proj-dim", "64", "--timesteps", "3", "--noise-draws", "2", "--batch-size", "2"]
 SPEC = gi.BuildSpec(proj_dim=64, timesteps=3, noise_draws=2, batch_size=2)
 

@@ -103,7 +103,7 @@ def test_recorded_kernel_recall_is_the_brute_force_recall_and_misses_mean_exact_
 
 
 def test_a_flat_index_records_exact_kernel_search(tmp_path):
-    from tests.test_kernel import SPEC
+    from tests.store.test_kernel import SPEC
 
     ckpt = tmp_path / "c"
     DDPMPipeline(unet=tiny_unet(1), scheduler=scheduler()).save_pretrained(ckpt)

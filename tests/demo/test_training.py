@@ -23,7 +23,7 @@ from gradindex.demo.training import (
 from gradindex.errors import DataError, ModelError
 
 N, STEPS, BATCH, EVERY, LR = 64, 30, 16, 10, 3e-3
-TOOL = Path(__file__).resolve().parents[1] / "tools" / "train_ddpm.py"
+TOOL = Path(__file__).resolve().parents[2] / "tools" / "train_ddpm.py"
 
 
 def tiny_config() -> dict:

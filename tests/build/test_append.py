@@ -19,8 +19,8 @@ from gradindex.cli.main import main
 from gradindex.search.faiss_index import VectorIndex
 from gradindex.store import lifecycle
 from gradindex.store.vectors import VectorStore
+from tests.build.test_shards import SPEC, assert_same_index, whole_build
 from tests.conftest import scheduler, tiny_unet
-from tests.test_shards import SPEC, assert_same_index, whole_build
 
 
 @pytest.fixture(scope="module")
@@ -194,7 +194,7 @@ def test_sigkill_during_add_leaves_the_original_index_intact(setup, tmp_path):
     np.save(data, images[5:])
     script = tmp_path / "child.py"
     script.write_text(CHILD)
-    repo = str(Path(__file__).resolve().parents[1])
+    repo = str(Path(__file__).resolve().parents[2])
     env = {**os.environ, "PYTHONPATH": repo, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
         [sys.executable, str(script), str(half.path), str(data)],
@@ -217,7 +217,7 @@ def test_sigkill_during_add_leaves_the_original_index_intact(setup, tmp_path):
 
 
 def test_add_to_a_class_conditional_index_keeps_labels(tmp_path, images):
-    from tests.test_conditional import class_unet
+    from tests.inputs.test_conditional import class_unet
 
     pairs = [(class_unet(1), scheduler()), (class_unet(2), scheduler())]
     labels = np.array([2, 0, 1, 2, 1, 0, 1])

@@ -19,7 +19,7 @@ from gradindex.cli.main import main
 from gradindex.search.faiss_index import VectorIndex
 from gradindex.store import kernel, lifecycle
 from gradindex.store.vectors import VectorStore
-from tests.test_shards import SPEC, assert_same_index, whole_build
+from tests.build.test_shards import SPEC, assert_same_index, whole_build
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from gradindex.build.write import _report_waiting
 from gradindex.cli.main import main
 from gradindex.serve.images import TrainingImages
 from gradindex.store.vectors import VectorStore
-from tests.test_sources import _digits, _hf_dataset, _png, write_tars
+from tests.inputs.test_sources import _digits, _hf_dataset, _png, write_tars
 
 N = 24
 

@@ -239,7 +239,7 @@ def test_cli_shard_build_and_merge(setup, tmp_path):
 
 
 def test_merge_of_class_conditional_shards_keeps_labels(tmp_path, images):
-    from tests.test_conditional import class_unet
+    from tests.inputs.test_conditional import class_unet
 
     pairs = [(class_unet(1), scheduler())]
     labels = np.array([2, 0, 1, 2, 1, 0, 1])

@@ -12,7 +12,7 @@ training loops themselves held.
   arguments; rows and auto weights as above, the weights from the logged schedule.
 
 The Hub's parquet layout building the same rows as the image folder is
-``tests/test_sources.py::test_a_hub_layout_parquet_folder_builds_the_rows_of_the_image_folder``.
+``tests/inputs/test_sources.py::test_a_hub_layout_parquet_folder_builds_the_rows_of_the_image_folder``.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from click.testing import CliRunner
 from gradindex.cli.main import main
 from tests.conftest import scheduler, tiny_unet
 from tests.diffusion_refs import rel_err
-from tests.test_trained_loss import reference
+from tests.featurize.test_trained_loss import reference
 from tests.trainer_refs import adam_scale, train_lora, train_unconditional, with_weights
 
 GRID = (250, 750)  # --timesteps 2: the evenly spaced grid over 1000 training timesteps
@@ -220,7 +220,7 @@ def test_lora_run_index_uses_the_min_snr_loss_and_scheduled_lr(
     the training loop (no lr logged), rows = autograd of the script's per-sample loss."""
     pytest.importorskip("peft")
     from tests.diffusion_refs import CAPTIONS, reference_inputs
-    from tests.test_lora import lora_unet
+    from tests.inputs.test_lora import lora_unet
 
     out = tmp_path / "lora-out"
     run = train_lora(out, LORA_ARGS, checkpointing_steps=EVERY)

@@ -315,7 +315,7 @@ def test_help_loads_no_model_search_or_store_code():
         "    pass\n"
         "print(sorted({m.split('.')[0] for m in sys.modules} & {'diffusers', 'faiss', 'h5py'}))\n"
     )
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     out = subprocess.run(
         [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120
     )

@@ -12,7 +12,8 @@ import pytest
 from PIL import Image
 
 from gradindex.errors import DataError
-from gradindex.inputs.hfdata import HFSource, ParquetTable, _split_files, has_parquet, is_hf_folder
+from gradindex.inputs.dataref import has_parquet, is_hf_folder
+from gradindex.inputs.hfdata import HFSource, ParquetTable, _split_files
 
 datasets = pytest.importorskip("datasets")
 

@@ -128,7 +128,7 @@ def test_lora_run_logged_snr_gamma_gives_the_scripts_rows(tmp_path, sd_run, capt
     from diffusers import DDPMScheduler
 
     from tests.diffusion_refs import CAPTIONS, reference_inputs
-    from tests.test_lora import lora_unet, save_lora
+    from tests.inputs.test_lora import lora_unet, save_lora
 
     out = tmp_path / "lora_out"
     model = lora_unet(11)

@@ -23,7 +23,7 @@ from gradindex.cli.main import main
 from gradindex.store.vectors import VectorStore
 from tests.conftest import assert_rows_close, scheduler, tiny_unet
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 CHILD = """
 import sys, numpy as np, torch
@@ -316,7 +316,7 @@ def test_resume_of_a_finished_build_is_a_checked_noop(tmp_path, images, small_in
 
 def test_resume_of_a_finished_conditional_build_checks_its_labels(tmp_path, images):
     """The no-op resume compares the conditioning data too (a digest kept in the manifest)."""
-    from tests.test_conditional import class_unet
+    from tests.inputs.test_conditional import class_unet
 
     labels = np.array([2, 0, 1, 2, 1, 0, 1])
     kw = dict(

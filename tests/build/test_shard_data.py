@@ -13,7 +13,7 @@ import gradindex as gi
 from gradindex.build.shards import merge_shards
 from gradindex.cli.main import main
 from gradindex.store.layout import MANIFEST, read_manifest, write_json_atomic
-from tests.test_shards import SPEC, whole_build
+from tests.build.test_shards import SPEC, whole_build
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from click.testing import CliRunner
 from gradindex.cli.main import main
 from tests.conftest import scheduler, tiny_unet
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SPEC = ["--proj-dim", "32", "--timesteps", "2", "--fidelity-sample", "0"]
 
 

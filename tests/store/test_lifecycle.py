@@ -23,7 +23,7 @@ from gradindex.featurize import gradients
 from gradindex.store.vectors import VectorStore
 from tests.conftest import assert_rows_close, scheduler, tiny_unet
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SPEC = gi.BuildSpec(proj_dim=32, timesteps=2, batch_size=3)
 
 

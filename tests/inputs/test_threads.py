@@ -18,7 +18,7 @@ import torch
 from gradindex.inputs import threads
 from gradindex.search.faiss_index import VectorIndex, batch_threads, set_num_threads
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class RecordingIndex:

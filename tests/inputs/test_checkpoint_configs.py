@@ -138,7 +138,7 @@ def test_a_lora_checkpoint_records_its_adapter_and_checks_its_base_config(
     """LoRA: the adapter's settings are recorded; an edited base UNet config.json is refused."""
     pytest.importorskip("peft")
     from tests.diffusion_refs import CAPTIONS
-    from tests.test_lora import lora_unet, save_lora
+    from tests.inputs.test_lora import lora_unet, save_lora
 
     base = tmp_path / "base"
     shutil.copytree(sd_run, base)
