@@ -56,3 +56,14 @@ class SearchError(GradIndexError, ValueError):
 class MilvusError(GradIndexError):
     """A Milvus server or collection that cannot be used as asked: pymilvus missing, server
     unreachable, collection missing, taken, or exported from another build of the index."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The one line a user is shown for ``exc``: its message's first non-blank line, or, for an
+    error raised without a message, the first line of its class's description — never a bare
+    class name such as ``ModelError``."""
+    for line in str(exc).splitlines():
+        if line.strip():
+            return line.strip()
+    doc = (type(exc).__doc__ or "").strip().splitlines()
+    return doc[0].rstrip(".:") if doc else "failed without a message"

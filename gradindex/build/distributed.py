@@ -25,7 +25,7 @@ from typing import Any
 
 from gradindex.build.pipeline import build_index
 from gradindex.build.shards import merge_shards
-from gradindex.errors import GradIndexError, SpecError
+from gradindex.errors import GradIndexError, SpecError, first_line
 from gradindex.query import AttributionIndex
 from gradindex.spec import BuildSpec
 from gradindex.store.lifecycle import check_target
@@ -164,7 +164,7 @@ def _raise_failures(
     dist: Any, rank: int, world: int, error: BaseException | None, stage: str
 ) -> None:
     """Every rank learns every rank's outcome; each raises if any failed (its own error first)."""
-    outcome = None if error is None else (str(error).splitlines() or [type(error).__name__])[0]
+    outcome = None if error is None else first_line(error)
     outcomes: list[str | None] = [None] * world
     dist.all_gather_object(outcomes, outcome)
     # every rank past the all-gather before any raises or tears its connections down: a rank

@@ -14,7 +14,7 @@ import click
 from gradindex.cli.app_commands import demo, export, serve
 from gradindex.cli.index_commands import add, build, factors, kernel, merge
 from gradindex.cli.query_commands import info, query, report
-from gradindex.errors import GradIndexError
+from gradindex.errors import GradIndexError, first_line
 
 
 class _Group(click.Group):
@@ -32,7 +32,7 @@ class _Group(click.Group):
                         if not str(w.message).startswith("There is a performance drop"):
                             click.echo(f"Warning: {w.message}", err=True)
         except GradIndexError as exc:
-            raise click.ClickException(str(exc).splitlines()[0]) from None
+            raise click.ClickException(first_line(exc)) from None
         except (FileNotFoundError, PermissionError, IsADirectoryError) as exc:
             raise click.ClickException(f"{exc.filename}: {exc.strerror}") from None
         except OSError as exc:

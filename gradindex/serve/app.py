@@ -34,7 +34,7 @@ from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import Route
 from starlette.templating import Jinja2Templates
 
-from gradindex.errors import GradIndexError
+from gradindex.errors import GradIndexError, first_line
 from gradindex.query import SEARCH_METHODS, AttributionIndex
 from gradindex.serve.chart import profile_svg
 from gradindex.serve.guard import Admission, HostCheck, SecurityHeaders, read_form
@@ -340,7 +340,7 @@ def _data_url(image: Any) -> str:
 
 
 async def bad_request(request: Request, exc: Exception) -> HTMLResponse:
-    return _page(request, "error.html", status=400, message=str(exc).splitlines()[0])
+    return _page(request, "error.html", status=400, message=first_line(exc))
 
 
 async def http_error(request: Request, exc: Exception) -> HTMLResponse:

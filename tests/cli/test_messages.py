@@ -252,3 +252,25 @@ def test_deleted_manifest_advice_is_consistent_and_works(run_dir):
     assert code == 0, lines
     code, lines = cli("info", run_dir / "idx")
     assert code == 0 and lines[0].startswith("index")
+
+
+# -- an error raised without a message -------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["ModelError", "DataError", "IndexStateError", "SearchError"])
+def test_an_error_without_a_message_is_described_never_named(tmp_path, monkeypatch, kind):
+    """The one-line handler shows what the error means (its class's description), not the bare
+    class name and not a traceback (an empty message made it fail on ``splitlines()[0]``)."""
+    import gradindex.errors as errors
+
+    error = getattr(errors, kind)
+
+    def raises(**kw):
+        raise error()
+
+    monkeypatch.setattr("gradindex.build.pipeline.build_index", raises)
+    np.save(tmp_path / "x.npy", np.zeros((2, 1, 8, 8), np.float32))
+    code, lines = cli("build", "-c", tmp_path, "-d", tmp_path / "x.npy", "-o", tmp_path / "o")
+    described = error.__doc__.strip().splitlines()[0].rstrip(".:")
+    assert code == 1 and lines == [f"Error: {described}"]
+    assert kind not in lines[0]
