@@ -49,7 +49,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from featurize_sizes import section_sizes, sizes_markdown
+from featurize_sizes import section_sizes
+from featurize_sizes_md import sizes_markdown
 
 from gradindex.demo.training import load_digits_images, small_unet_config
 
