@@ -273,6 +273,7 @@ class SJLTProjector(Projector):
             for _, m in chunks:
                 m.keep()
         self._starts = {start: j for j, (start, _) in enumerate(chunks)}
+        self._recent: dict[tuple, list[tuple[int, torch.Tensor]]] = {}
         self._cache: dict[torch.device, list[tuple[int, _CompactCSR]]] = {
             device: [(start, m.to(device)) for start, m in chunks]
         }
@@ -333,12 +334,24 @@ class SJLTProjector(Projector):
         if j is None or (stop != self.in_dim and stop not in self._starts):
             raise ValueError(f"columns [{start}, {stop}) do not fall on this map's chunks")
         out = torch.zeros(self.out_dim, x.shape[0], dtype=torch.float32, device=x.device)
-        chunks = self._chunks(x.device)
-        while j < len(chunks) and chunks[j][0] < stop:
-            a, m = chunks[j]
-            out.addmm_(m.csr(), x[:, a - start : a - start + m.n].T)  # [d, n_k] @ [n_k, B]
-            j += 1
+        for a, m in self._range(x.device, j, stop):
+            out.addmm_(m, x[:, a - start : a - start + m.shape[1]].T)  # [d, n_k] @ [n_k, B]
         return out
+
+    def _range(self, device: torch.device, j: int, stop: int) -> list[tuple[int, torch.Tensor]]:
+        """The expanded chunks from chunk j up to coordinate ``stop``; the last few ranges asked
+        for are kept (one layer's weight and bias columns), as the streamed path projects a
+        layer's items in parts."""
+        key = (device, j, stop)
+        if key not in self._recent:
+            chunks, found = self._chunks(device), []
+            while j < len(chunks) and chunks[j][0] < stop:
+                found.append((chunks[j][0], chunks[j][1].csr()))
+                j += 1
+            if len(self._recent) >= 4:
+                self._recent.pop(next(iter(self._recent)))  # the oldest
+            self._recent[key] = found
+        return self._recent[key]
 
     def nbytes(self) -> int:
         """Bytes this map keeps (on its first device)."""
