@@ -22,15 +22,16 @@ Every figure is measured in this run, on this machine, next to its baseline:
    default spec on the demo UNet, split into per-item gradients / norms + aggregation /
    projection by wall time, and the torch profiler's top operators by self CPU time.
 
-7. ``sizes``: whole default builds against the loop at the demo size and at the 35.7M-parameter
-   CIFAR-10 DDPM architecture, 1 and 2 threads, with where the time goes, the batched and FLOP
-   ceilings and the rows' fidelity against exact scores (``featurize_sizes.py``).
+7. ``sizes``: whole default builds and Kronecker builds against the loop at the demo size and at
+   the 35.7M-parameter CIFAR-10 DDPM architecture, 1 and 2 threads, with where the time goes,
+   the batched and FLOP ceilings and the rows' fidelity against exact scores
+   (``featurize_sizes.py``).
 
 Writes ``benchmarks/results/featurize.json`` and ``featurize.md``.
 
     python benchmarks/bench_featurize.py                      # everything (~15 min, 2 cores)
     python benchmarks/bench_featurize.py --sections build     # one section
-    python benchmarks/bench_featurize.py --sections sizes     # both model sizes (~8 min idle)
+    python benchmarks/bench_featurize.py --sections sizes     # both model sizes (~10 min idle)
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from featurize_sizes import section_sizes, sizes_markdown
+from featurize_sizes import section_sizes
+from featurize_sizes_md import sizes_markdown
 
 from gradindex.demo.training import load_digits_images, small_unet_config
 

@@ -14,6 +14,8 @@ them). Contenders, per size and thread count:
   featurizers, less projection and aggregation), projection, rows (aggregation into TracIn /
   ReTrac features), fidelity, and the rest (I/O: reading, storing, FAISS, manifest).
 - ``build_full`` (demo size only: at 35.7M it takes ~12 GB): the full path forced.
+- ``kronecker``: the same build with ``projection='kronecker'`` (LoGra-style per-layer factors,
+  d = 4,096, exact norms; per-item weight gradients formed only where a layer's norm needs them).
 - ``ceiling``: one batched forward + backward of the summed loss at the build's items per call
   (no per-sample gradients at all): the most any per-sample method could reach.
 
@@ -137,8 +139,9 @@ def _exact_scores(x0: torch.Tensor, queries: int, grads) -> dict:
     return {"tracin": tracin.tolist(), "retrac": retrac.tolist()}
 
 
-def _build_worker(size: str, threads: int, path: str) -> dict:
-    """One default build over N images, its phases timed in CPU-seconds."""
+def _build_worker(size: str, threads: int, path: str, projection: str = "sjlt") -> dict:
+    """One build over N images (the default spec but ``projection``), its phases timed in
+    CPU-seconds."""
     from diffusers import DDPMScheduler
 
     import gradindex as gi
@@ -182,7 +185,7 @@ def _build_worker(size: str, threads: int, path: str) -> dict:
         checkpoints=[(model, DDPMScheduler())],
         data=images,
         out=out,
-        spec=gi.BuildSpec(timesteps=cfg["k"]),
+        spec=gi.BuildSpec(timesteps=cfg["k"], projection=projection),
         progress=False,
         featurize_path=path,
     )
@@ -277,12 +280,15 @@ def section_sizes(threads_list: list[int], sizes: list[str], rounds: int = 1) ->
     res: dict = {}
     for size in sizes:
         for threads in threads_list:
-            runs: dict[str, list] = {"loop": [], "build": [], "build_full": [], "ceiling": []}
+            runs: dict[str, list] = {n: [] for n in ("loop", "build", "build_full", "kronecker")}
+            runs["ceiling"] = []
             for _ in range(rounds):
                 runs["loop"].append(_fresh(_loop_worker, size, threads))
                 runs["build"].append(_fresh(_build_worker, size, threads, "auto"))
                 if size == "demo":
                     runs["build_full"].append(_fresh(_build_worker, size, threads, "full"))
+                kron = _fresh(_build_worker, size, threads, "auto", "kronecker")
+                runs["kronecker"].append(kron)
                 runs["ceiling"].append(_fresh(_ceiling_worker, size, threads, 16))
             res[f"{size}/{threads}"] = _summarise(size, runs)
             print(f"sizes {size} threads={threads}: done", flush=True)
@@ -296,7 +302,7 @@ def _summarise(size: str, runs: dict) -> dict:
         "draws_per_cpu_s": loop,
         "peak_rss_mb": max(r["peak_rss_mb"] for r in runs["loop"]),
     }
-    for name in ("build", "build_full"):
+    for name in ("build", "build_full", "kronecker"):
         if not runs[name]:
             continue
         rate = float(np.median([r["draws"] / r["cpu_s"] for r in runs[name]]))
@@ -319,66 +325,3 @@ def _summarise(size: str, runs: dict) -> dict:
     out["ceiling"] = {**c, "x_loop": c["draws_per_cpu_s"] / loop}
     out["flop_ceiling_x_loop"] = c["flop_ceiling_draws_per_cpu_s"] / loop
     return out
-
-
-def sizes_markdown(res: dict) -> list[str]:
-    """The section's tables."""
-    lines = [
-        "## Model sizes: whole builds against the per-sample loop (`--sections sizes`)",
-        "",
-        "Draws per CPU-second (higher is better), each contender a fresh process, interleaved; "
-        "peak RSS of that process. Loop RSS is measured before its exact-score vectors.",
-        "",
-        "| size / threads | params | loop | default build (× loop) | path | full path (× loop) "
-        "| batched fwd+bwd ceiling (× loop) | FLOP ceiling (× loop) | RSS loop / build MB |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for key, r in res.items():
-        b, f, c = r.get("build", {}), r.get("build_full"), r["ceiling"]
-        full = f"{f['draws_per_cpu_s']:.2f} ({f['x_loop']:.2f}×)" if f else "—"
-        lines.append(
-            f"| {key} | {r['params'] / 1e6:.2f}M | {r['loop']['draws_per_cpu_s']:.2f} "
-            f"| {b['draws_per_cpu_s']:.2f} (**{b['x_loop']:.2f}×**) | {b['featurize']['path']} "
-            f"| {full} | {c['draws_per_cpu_s']:.2f} ({c['x_loop']:.2f}×) "
-            f"| {c['flop_ceiling_draws_per_cpu_s']:.2f} ({r['flop_ceiling_x_loop']:.2f}×) "
-            f"| {r['loop']['peak_rss_mb']:.0f} / {b['peak_rss_mb']:.0f} ({b['rss_x_loop']:.2f}×) |"
-        )
-    lines += [
-        "",
-        "Where the default build's time goes (CPU-s; I/O and the rest: reading, storing, FAISS, "
-        "manifest; set-up, outside the build's time: model and data):",
-        "",
-        "| size / threads | gradients | projection | rows | fidelity | I/O and rest | total "
-        "| fidelity share |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for key, r in res.items():
-        for name in ("build", "build_full"):
-            if name not in r:
-                continue
-            p = r[name]["phases_cpu_s"]
-            total = sum(p.values())
-            lines.append(
-                f"| {key} {name} | {p['gradients']:.1f} | {p['projection']:.1f} | {p['rows']:.1f} "
-                f"| {p['fidelity']:.1f} | {p['io_and_rest']:.1f} | {total:.1f} "
-                f"| {p['fidelity'] / total:.1%} |"
-            )
-    lines += [
-        "",
-        "Stored rows against exact full-space scores (the loop's), query rows against the rest:",
-        "",
-        "| size / threads | method | Spearman | top-k overlap | the build's own record |",
-        "|---|---|---|---|---|",
-    ]
-    for key, r in res.items():
-        b = r["build"]
-        for m in ("tracin", "retrac"):
-            v = b["fidelity_vs_exact"][m]
-            own = b["fidelity_record"]
-            rec = own.get(m) or {}
-            topk = v[f"top{v['k']}"]
-            lines.append(
-                f"| {key} | {m} | {v['spearman']:.3f} | {topk:.2f} (k = {v['k']}) "
-                f"| {rec.get('spearman', float('nan')):.3f} ({own.get('reference')}) |"
-            )
-    return lines + [""]

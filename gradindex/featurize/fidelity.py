@@ -192,11 +192,13 @@ def _reference_scores(
             embedder.path
         )  # featurizers whose rows are projected already: full space or another map instead
         if inside is not None:
+            own = feat
             feat = (
                 GradientFeaturizer(checkpoints[c], spec, embedder.device)
                 if exact
                 else inside(checkpoints[c], spec, seed, embedder.device)
             )
+            feat.memory_left, feat.budget = own.memory_left, own.budget  # the build's items/call
         elif not exact:
             proj = make_projector(
                 spec.projection, feat.row_dim, spec.proj_dim, seed, nnz=spec.sjlt_nnz,

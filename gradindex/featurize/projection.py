@@ -17,6 +17,7 @@ them holds a dense p x d matrix unless it fits a small memory budget.
 from __future__ import annotations
 
 import abc
+import functools
 import hashlib
 import logging
 import math
@@ -41,6 +42,10 @@ GAUSSIAN_CACHE_BYTES = 256 * 1024**2
 # Input coordinates per SJLT CSR chunk: a performance setting only (not part of the map); 2^15
 # keeps a sample's slice of x (128 KB) in L2.
 SJLT_CHUNK = 1 << 15
+# SJLT maps whose expanded CSR (float32 values, int32 columns: 8 bytes per nonzero) fits in
+# this many bytes keep it beside the compact form; larger ones expand one chunk at a time as
+# they project (a slower projection in a quarter of the memory). Performance only: the same map.
+SJLT_EXPANDED_BYTES = 256 * 2**20
 
 
 def derived_seed(tag: str, *parts: int) -> int:
@@ -173,6 +178,62 @@ class GaussianProjector(Projector):
         return out  # [B, d]
 
 
+@functools.lru_cache(maxsize=8)
+def _sign_table(scale: float, device: torch.device) -> torch.Tensor:
+    """[256, 8] float32: entry b of sign byte v (bit b set: negative) is ∓scale."""
+    bits = (torch.arange(256)[:, None] >> torch.arange(8)).bitwise_and_(1).bool()
+    plus = torch.tensor(scale, dtype=torch.float32)  # float32(scale), as the CSR always held
+    return torch.where(bits, -plus, plus).to(device)
+
+
+class _CompactCSR:
+    """One SJLT chunk [d, n] as CSR with int16 columns (n <= 2^15) and one sign bit per entry;
+    ``csr()`` expands it to the int32 / float32 CSR tensor torch multiplies, entries ±scale
+    (kept expanded after ``keep()``: a small map's multiply then skips the expansion)."""
+
+    def __init__(
+        self, crow: np.ndarray, cols: np.ndarray, negative: np.ndarray, n: int, scale: float
+    ) -> None:
+        self.n, self.scale, self.entries = n, scale, len(cols)
+        self.crow = torch.from_numpy(crow)  # [d + 1] int32
+        self.cols = torch.from_numpy(cols)  # [entries] int16 (int32 for a chunk over 2^15)
+        self.bits = torch.from_numpy(np.packbits(negative, bitorder="little"))  # [entries / 8]
+        self.kept: torch.Tensor | None = None
+
+    def keep(self) -> None:
+        self.kept = self._expand()
+
+    def to(self, device: torch.device) -> _CompactCSR:
+        out = object.__new__(_CompactCSR)
+        out.__dict__.update(self.__dict__)
+        out.crow, out.cols, out.bits = (t.to(device) for t in (self.crow, self.cols, self.bits))
+        out.kept = None if self.kept is None else out._expand()
+        return out
+
+    def nbytes(self) -> int:
+        held = [self.crow, self.cols, self.bits]
+        if self.kept is not None:
+            held += [self.kept.crow_indices(), self.kept.col_indices(), self.kept.values()]
+        return sum(t.numel() * t.element_size() for t in held)
+
+    def csr(self) -> torch.Tensor:
+        """The chunk as a torch sparse CSR [d, n] float32 matrix."""
+        return self.kept if self.kept is not None else self._expand()
+
+    def _expand(self) -> torch.Tensor:
+        table = _sign_table(self.scale, self.bits.device)  # byte → its 8 entries' values
+        values = table.index_select(0, self.bits.int()).view(-1)[: self.entries]
+        with warnings.catch_warnings():  # "sparse CSR support is in beta state"
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.sparse_csr_tensor(
+                self.crow,
+                self.cols.to(torch.int32),
+                values,
+                (len(self.crow) - 1, self.n),
+                check_invariants=False,
+            )
+
+
 class SJLTProjector(Projector):
     """Sparse Johnson-Lindenstrauss map: each input coordinate has exactly ``nnz`` nonzeros.
 
@@ -182,11 +243,15 @@ class SJLTProjector(Projector):
     and independent signs make E[P^T P] = I. Rows and signs are drawn over all p coordinates from
     one CPU generator, so the map depends only on (seed, p, d, nnz).
 
-    Stored as CSR matrices M_k [d, SJLT_CHUNK] over consecutive chunks of input coordinates and
-    applied as sum_k M_k @ x[:, chunk_k]^T (MKL on CPU, cuSPARSE on GPU): O(p*nnz) per vector.
-    Chunking keeps each sample's slice of x in cache while its nonzeros are gathered (one
-    [d, p] CSR matrix or ``index_add_`` scattering do not; docs/build-speed.md). Memory: p*nnz*8 bytes (float32 value + int32 column) plus 4(d+1) bytes per chunk,
-    e.g. 325 MB at p = 1e7, d = 4096, nnz = 4.
+    Applied as CSR matrices M_k [d, SJLT_CHUNK] over consecutive chunks of input coordinates,
+    sum_k M_k @ x[:, chunk_k]^T (MKL on CPU, cuSPARSE on GPU): O(p*nnz) per vector. Chunking keeps
+    each sample's slice of x in cache while its nonzeros are gathered (one [d, p] CSR matrix or
+    ``index_add_`` scattering do not; docs/build-speed.md).
+
+    Kept compact (``_CompactCSR``): a chunk's columns as int16 and its signs as bits, expanded to
+    the int32 / float32 CSR that torch multiplies one chunk at a time while projecting (the same
+    matrix, so the same numbers); maps under ``SJLT_EXPANDED_BYTES`` keep the expanded form too.
+    Memory above that: about p*nnz*2.1 bytes plus 4(d+1) bytes per chunk (p*nnz*8 expanded).
     """
 
     kind = "sjlt"
@@ -203,13 +268,17 @@ class SJLTProjector(Projector):
         super().__init__(in_dim, out_dim, seed)
         self.nnz = nnz
         chunks = self._build(breaks)
+        if in_dim * nnz * 8 <= SJLT_EXPANDED_BYTES:
+            for _, m in chunks:
+                m.keep()
         self._starts = {start: j for j, (start, _) in enumerate(chunks)}
-        self._cache: dict[torch.device, list[tuple[int, torch.Tensor]]] = {
+        self._recent: dict[tuple, list[tuple[int, torch.Tensor]]] = {}
+        self._cache: dict[torch.device, list[tuple[int, _CompactCSR]]] = {
             device: [(start, m.to(device)) for start, m in chunks]
         }
 
-    def _build(self, breaks: tuple[int, ...] = ()) -> list[tuple[int, torch.Tensor]]:
-        """(first input coordinate, CSR M_k [d, n_k] with entries ±1/sqrt(nnz)) per chunk, on CPU.
+    def _build(self, breaks: tuple[int, ...] = ()) -> list[tuple[int, _CompactCSR]]:
+        """(first input coordinate, M_k [d, n_k] with entries ±1/sqrt(nnz)) per chunk, on CPU.
         Chunks start every SJLT_CHUNK coordinates and at each of ``breaks`` (storage only: the
         map is the same), so ``add_columns`` can project any column range between breaks."""
         p, d, nnz = self.in_dim, self.out_dim, self.nnz
@@ -236,21 +305,11 @@ class SJLTProjector(Projector):
             crow = np.zeros(d + 1, dtype=np.int32)
             np.cumsum(np.bincount(r, minlength=d), out=crow[1:])
             signs = negative_np[:, start : start + n].reshape(-1)[order]
-            values = np.where(signs, np.float32(-scale), np.float32(scale))
-            cols = (order % n).astype(np.int32)
-            with warnings.catch_warnings():  # "sparse CSR support is in beta state"
-                warnings.simplefilter("ignore", UserWarning)
-                m = torch.sparse_csr_tensor(
-                    torch.from_numpy(crow),
-                    torch.from_numpy(cols),
-                    torch.from_numpy(values),
-                    (d, n),
-                    check_invariants=False,
-                )
-            chunks.append((start, m))
+            cols = (order % n).astype(np.int16 if n <= 1 << 15 else np.int32)
+            chunks.append((start, _CompactCSR(crow, cols, signs, n, scale)))
         return chunks
 
-    def _chunks(self, device: torch.device) -> list[tuple[int, torch.Tensor]]:
+    def _chunks(self, device: torch.device) -> list[tuple[int, _CompactCSR]]:
         if device not in self._cache:
             source = next(iter(self._cache.values()))
             self._cache[device] = [(start, m.to(device)) for start, m in source]
@@ -262,7 +321,7 @@ class SJLTProjector(Projector):
         if x.shape[0] == 0:
             return out.T
         for start, m in self._chunks(x.device):
-            out.addmm_(m, x[:, start : start + m.shape[1]].T)  # [d, n] @ [n, B]
+            out.addmm_(m.csr(), x[:, start : start + m.n].T)  # [d, n] @ [n, B]
         return out.T.contiguous()  # [B, d]
 
     def add_columns(self, x: torch.Tensor, start: int) -> torch.Tensor:
@@ -274,12 +333,28 @@ class SJLTProjector(Projector):
         if j is None or (stop != self.in_dim and stop not in self._starts):
             raise ValueError(f"columns [{start}, {stop}) do not fall on this map's chunks")
         out = torch.zeros(self.out_dim, x.shape[0], dtype=torch.float32, device=x.device)
-        chunks = self._chunks(x.device)
-        while j < len(chunks) and chunks[j][0] < stop:
-            a, m = chunks[j]
+        for a, m in self._range(x.device, j, stop):
             out.addmm_(m, x[:, a - start : a - start + m.shape[1]].T)  # [d, n_k] @ [n_k, B]
-            j += 1
         return out
+
+    def _range(self, device: torch.device, j: int, stop: int) -> list[tuple[int, torch.Tensor]]:
+        """The expanded chunks from chunk j up to coordinate ``stop``; the last few ranges asked
+        for are kept (one layer's weight and bias columns), as the streamed path projects a
+        layer's items in parts."""
+        key = (device, j, stop)
+        if key not in self._recent:
+            chunks, found = self._chunks(device), []
+            while j < len(chunks) and chunks[j][0] < stop:
+                found.append((chunks[j][0], chunks[j][1].csr()))
+                j += 1
+            if len(self._recent) >= 4:
+                self._recent.pop(next(iter(self._recent)))  # the oldest
+            self._recent[key] = found
+        return self._recent[key]
+
+    def nbytes(self) -> int:
+        """Bytes this map keeps (on its first device)."""
+        return sum(m.nbytes() for _, m in next(iter(self._cache.values())))
 
     def __repr__(self) -> str:
         return (

@@ -175,3 +175,43 @@ def test_streamed_path_refuses_what_it_cannot_compute():
     with pytest.raises(SpecError, match="featurize path 'fast'"):
         Embedder(ckpts, spec.replace(projection="sjlt"), path="fast")
     assert Embedder(ckpts, spec, path="auto").path == "full"  # auto: only what it can do
+
+
+@pytest.mark.parametrize(
+    ("projection", "reference"),
+    [("kronecker", "sketch"), ("sjlt", "sketch"), ("sjlt", "exact")],
+)
+def test_the_fidelity_check_keeps_the_builds_items_per_call(
+    tmp_path, monkeypatch, projection, reference
+):
+    """The fidelity check featurizes its sample again (a second Kronecker / streamed sketch, or
+    full-space gradients) with the items per call the memory budget gave the build: at 35.7M
+    parameters 160 items per call would hold ~10 GB of activations. Here the budget allows 2."""
+    import gradindex.featurize.fidelity as fidelity
+    import gradindex.featurize.gradients as gradients
+
+    monkeypatch.setattr(budget, "FULL_PATH_BYTES", 0)  # sjlt builds stream
+    if reference == "sketch":
+        monkeypatch.setattr(fidelity, "FULL_SPACE_BUDGET", 0)
+    monkeypatch.setattr(gradients, "items_per_call", lambda *args: 2)
+    calls: list[int] = []
+    featurize = gradients.GradientFeaturizer._featurize
+
+    def record(self, x0, draws, cond, reuse, items):
+        calls.append(items)
+        return featurize(self, x0, draws, cond, reuse, items)
+
+    monkeypatch.setattr(gradients.GradientFeaturizer, "_featurize", record)
+    n = 40 if projection == "sjlt" and reference == "sketch" else 8  # sjlt: a sample <= 10%
+    imgs = np.random.default_rng(0).random((n, 1, 8, 8), dtype=np.float32)
+    idx = gi.build_index(
+        checkpoints=[(tiny_unet(1), scheduler())],
+        data=imgs,
+        out=tmp_path / "idx",
+        spec=gi.BuildSpec(proj_dim=64, timesteps=2, batch_size=4, projection=projection),
+        progress=False,
+        fidelity_sample=4,
+    )
+    record_ = idx.manifest["fidelity"]
+    assert record_["reference"] == ("exact" if reference == "exact" else "second sketch (estimate)")
+    assert len(calls) > n // 4 and max(calls) == 2, calls

@@ -1,0 +1,81 @@
+"""The markdown tables of ``bench_featurize.py --sections sizes`` (``featurize_sizes.py``)."""
+
+from __future__ import annotations
+
+BUILDS = ("build", "build_full", "kronecker")
+
+
+def _rate(b: dict | None) -> str:
+    return f"{b['draws_per_cpu_s']:.2f} ({b['x_loop']:.2f}×)" if b else "—"
+
+
+def _rss(b: dict | None) -> str:
+    return f"{b['peak_rss_mb']:.0f} ({b['rss_x_loop']:.2f}×)" if b else "—"
+
+
+def sizes_markdown(res: dict) -> list[str]:
+    """The section's tables: speed and memory, where the time goes, fidelity against exact."""
+    lines = [
+        "## Model sizes: whole builds against the per-sample loop (`--sections sizes`)",
+        "",
+        "Draws per CPU-second (higher is better), each contender a fresh process, interleaved; "
+        "peak RSS of that process. Loop RSS is measured before its exact-score vectors.",
+        "",
+        "| size / threads | params | loop | default build (× loop) | path | full path (× loop) "
+        "| kronecker (× loop) | batched fwd+bwd ceiling (× loop) | FLOP ceiling (× loop) "
+        "| RSS MB: loop / default build / kronecker |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for key, r in res.items():
+        b, c = r.get("build", {}), r["ceiling"]
+        lines.append(
+            f"| {key} | {r['params'] / 1e6:.2f}M | {r['loop']['draws_per_cpu_s']:.2f} "
+            f"| {b['draws_per_cpu_s']:.2f} (**{b['x_loop']:.2f}×**) | {b['featurize']['path']} "
+            f"| {_rate(r.get('build_full'))} | {_rate(r.get('kronecker'))} "
+            f"| {c['draws_per_cpu_s']:.2f} ({c['x_loop']:.2f}×) "
+            f"| {c['flop_ceiling_draws_per_cpu_s']:.2f} ({r['flop_ceiling_x_loop']:.2f}×) "
+            f"| {r['loop']['peak_rss_mb']:.0f} / {_rss(b)} / {_rss(r.get('kronecker'))} |"
+        )
+    lines += [
+        "",
+        "Where each build's time goes (CPU-s; I/O and the rest: reading, storing, FAISS, "
+        "manifest; set-up, outside the build's time: model and data; Kronecker's projection "
+        "runs inside its gradient hooks, so it counts as gradients):",
+        "",
+        "| size / threads | gradients | projection | rows | fidelity | I/O and rest | total "
+        "| fidelity share |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for key, r in res.items():
+        for name in BUILDS:
+            if name not in r:
+                continue
+            p = r[name]["phases_cpu_s"]
+            total = sum(p.values())
+            lines.append(
+                f"| {key} {name} | {p['gradients']:.1f} | {p['projection']:.1f} | {p['rows']:.1f} "
+                f"| {p['fidelity']:.1f} | {p['io_and_rest']:.1f} | {total:.1f} "
+                f"| {p['fidelity'] / total:.1%} |"
+            )
+    lines += [
+        "",
+        "Stored rows against exact full-space scores (the loop's), query rows against the rest:",
+        "",
+        "| size / threads | build | method | Spearman | top-k overlap | the build's own record |",
+        "|---|---|---|---|---|---|",
+    ]
+    for key, r in res.items():
+        for name in ("build", "kronecker"):
+            if name not in r:
+                continue
+            b = r[name]
+            for m in ("tracin", "retrac"):
+                v = b["fidelity_vs_exact"][m]
+                own = b["fidelity_record"]
+                rec = own.get(m) or {}
+                topk = v[f"top{v['k']}"]
+                lines.append(
+                    f"| {key} | {name} | {m} | {v['spearman']:.3f} | {topk:.2f} (k = {v['k']}) "
+                    f"| {rec.get('spearman', float('nan')):.3f} ({own.get('reference')}) |"
+                )
+    return lines + [""]
