@@ -51,7 +51,7 @@ from gradindex.search.backend import (
 )
 from gradindex.search.faiss_common import METHODS
 from gradindex.search.faiss_folder import open_faiss_backends
-from gradindex.search.kernel_recall import searches_exactly
+from gradindex.search.kernel_recall import searches_exactly, share_rows
 from gradindex.search.milvus import MilvusBackend
 from gradindex.search.milvus import open_backends as milvus_backends
 from gradindex.spec import BuildSpec
@@ -131,9 +131,7 @@ class AttributionIndex:
             self.flagged: LazyColumn = LazyColumn(path / VECTORS, "flagged", as_bool=True)
             check_records(path / MANIFEST, manifest, self.spec, self.flagged)
             if not all_done(path / VECTORS):
-                raise IndexStateError(
-                    f"{path / VECTORS}: not every row was written; rebuild or resume"
-                )
+                raise IndexStateError(f"{path / VECTORS}: rows never written; resume the build")
             self.index_rows = search_rows(self.flagged)  # search-index row i → store row
             if milvus is not None and backends is not None:
                 raise SearchError("give milvus= or backends=, not both")
@@ -189,10 +187,12 @@ class AttributionIndex:
         return self._norms
 
     def kernel_for(self, method: str) -> Kernel | DualKernel | DenseKernel:
-        """A kernel method's factors and λ (kernel.h5), read on first use (checked there)."""
+        """A kernel method's factors and λ (kernel.h5), read on first use (checked there); a
+        dual kernel scores the rows its search index holds (``share_rows``)."""
         rows = KERNEL_METHODS[method]
         if rows not in self._kernels:
-            self._kernels[rows] = load_kernel(self.path, self.manifest, rows)
+            kernel = load_kernel(self.path, self.manifest, rows)
+            self._kernels[rows] = share_rows(kernel, self.backends[rows])
         return self._kernels[rows]
 
     def kernel_vectors(self, rows: np.ndarray, method: str, lam: Any = None) -> np.ndarray:

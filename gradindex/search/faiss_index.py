@@ -1,33 +1,24 @@
 """Vector indexes for attribution search: exact and approximate, validated, saved as plain FAISS.
 
-Holds:
+Holds :class:`VectorIndex`: ``build`` / ``search`` / ``save`` / ``load`` / ``info`` over one
+float32 matrix, for ``tracin`` (maximum inner product search over rows of very different norms)
+or ``retrac`` (rows of one common norm, so inner product ranks as cosine; unequal norms refused).
 
-- ``METHODS``, ``INDEX_KINDS`` -- the accepted method and kind names.
-- :class:`SearchResult` (from :mod:`gradindex.search.backend`) -- a search's scores, ids, rows.
-- :class:`VectorIndex` -- ``build`` / ``search`` / ``save`` / ``load`` / ``info`` over one
-  float32 matrix, for ``tracin`` (maximum inner product search over rows of very different
-  norms) or ``retrac`` (rows of one common norm, so inner product ranks as cosine; rows of
-  unequal norms are refused, see ``faiss_common.check_common_norm``).
+Scores are inner products of the vectors as given (no MIPS->L2 extra coordinate: it wrecks
+IVF/HNSW recall on heavy-tailed norms). Approximate kinds are tuned against exact search at
+build time (:mod:`gradindex.search.tuning`).
 
-Scores are always inner products of the vectors as given: nothing is rescaled, and the MIPS->L2
-extra-coordinate trick is not used (it wrecks IVF/HNSW recall on heavy-tailed norms).
-Approximate kinds are tuned and validated against exact search at build time
-(:mod:`gradindex.search.tuning`).
-
-Exact search (``kind="flat"`` or ``exact=True``) always runs over the original float32 rows:
-flat and HNSW keep them in a flat storage searched directly; IVF keeps them in its lists, which
-are scanned list by list in bounded chunks (in RAM or memory-mapped on disk); lossy codes
-(factory strings with PQ/SQ/...) are wrapped in an exact re-ranking stage that keeps them. So
-``exact=True`` costs no second copy of the matrix.
+Exact search (``kind="flat"`` or ``exact=True``) runs over the original float32 rows, with no
+second copy: flat and HNSW keep them in a flat storage (``flat_rows``); IVF in its lists, scanned
+in bounded chunks; lossy codes (PQ/SQ/...) are wrapped in an exact re-ranking stage.
 
 Indexes larger than RAM (``kind="ondisk"``: an IVF whose lists live in a memory-mapped
 ``.ivfdata`` file) are built by :mod:`gradindex.search.ondisk`, opened by ``ondisk_io`` and
 searched by ``ondisk_search`` (resident memory bounded). Threads and FAISS's BLAS threshold:
 :mod:`gradindex.search.faiss_common` (``set_num_threads`` / ``batch_threads`` importable here).
 
-Every ``VectorIndex`` is a :class:`~gradindex.search.backend.SearchBackend`: its rows are the rows
-of the matrix it was built over (an index folder's FAISS index holds the unflagged store rows,
-and :class:`~gradindex.search.backend.StoreRows` maps its rows back to store rows).
+Every ``VectorIndex`` is a :class:`~gradindex.search.backend.SearchBackend` over the rows of the
+matrix it was built over (in an index folder: the unflagged store rows, in order).
 """
 
 from __future__ import annotations
@@ -198,6 +189,15 @@ class VectorIndex(SearchBackend):
         scores = np.take_along_axis(scores, order, axis=1)
         rows = np.take_along_axis(rows, order, axis=1)
         return SearchResult(scores=scores, ids=rows.copy(), rows=rows)
+
+    def flat_rows(self) -> np.ndarray | None:
+        """Every row, float32 [ntotal, dim]: a view of the flat storage in RAM (no copy; valid
+        while this index lives), or None where the index keeps none (IVF lists, on disk)."""
+        flat = None if self._flat is None else faiss.downcast_index(self._flat)
+        if not isinstance(flat, faiss.IndexFlat) or self.ntotal == 0:
+            return None
+        view = faiss.rev_swig_ptr(flat.get_xb(), self.ntotal * self.dim)
+        return np.asarray(view).view(np.float32).reshape(self.ntotal, self.dim)
 
     def sample_rows(self, count: int = 3) -> tuple[np.ndarray, np.ndarray] | None:
         """A few stored rows as (row numbers [m], float32 rows [m, D]), read cheaply (flat

@@ -20,9 +20,11 @@ from typing import Any
 import numpy as np
 
 from gradindex.errors import IndexStateError
+from gradindex.search.backend import StoreRows
 from gradindex.search.faiss_index import VectorIndex
 from gradindex.search.tuning import RECALL_K, heldout_queries
 from gradindex.store.kernel import KERNEL_METHODS, too_wide, write_kernel
+from gradindex.store.kernel_dual import DualKernel
 from gradindex.store.kernel_load import load_kernel
 from gradindex.store.layout import (
     KERNEL,
@@ -46,6 +48,18 @@ def searches_exactly(manifest: dict[str, Any], method: str) -> bool:
     (False for a kernel written before it was measured)."""
     search = (manifest.get("kernel") or {}).get("search") or {}
     return bool((search.get(method) or {}).get("exact_search", False))
+
+
+def share_rows(kernel: Any, backend: Any) -> Any:
+    """``kernel``, made to score the rows its search index already holds in RAM where it is a
+    dual kernel over a flat / HNSW FAISS index (the same kept rows in the same order), so a
+    served index keeps one copy of them, not two; any other kernel or backend as it is."""
+    backend = backend.inner if isinstance(backend, StoreRows) else backend  # flagged rows
+    if isinstance(kernel, DualKernel) and isinstance(backend, VectorIndex):
+        rows = backend.flat_rows()
+        if rows is not None and rows.shape[0] == kernel.num_rows:
+            kernel.use_rows(rows)
+    return kernel
 
 
 def with_search_record(folder: Path, manifest: dict[str, Any]) -> dict[str, Any]:

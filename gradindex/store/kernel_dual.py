@@ -52,6 +52,13 @@ class DualKernel:
         self._solver: tuple[tuple[float, ...], list[np.ndarray | None]] | None = None
         self._asked: tuple[float, ...] | None = None  # the λ of the last scores call
 
+    def use_rows(self, rows: np.ndarray) -> None:
+        """Score these rows instead of reading them (a search index's own float32 copy of the
+        kept rows, in the same order: no second copy in memory)."""
+        if rows.dtype != np.float32 or rows.shape[0] != self.num_rows:
+            raise ValueError(f"rows {rows.shape} {rows.dtype} are not this kernel's kept rows")
+        self._read_rows, self._rows = (lambda: rows), None
+
     def block(self, c: int) -> np.ndarray:
         """Checkpoint c's columns of the kept rows, X_c [N, d] float32: a strided view (BLAS
         reads it in place), the rows read when first needed."""

@@ -261,3 +261,21 @@ def test_dual_kernel_class_equals_a_primal_solve_on_either_path_and_transform():
     top, pos = kern.top_k(q, 4)
     np.testing.assert_array_equal(pos, np.argsort(-want, axis=1)[:, :4])
     np.testing.assert_allclose(kern.transform(q) @ x.T, want, atol=2e-4 * scale)
+
+
+def test_a_served_dual_kernel_scores_the_rows_its_flat_index_holds(template, tmp_path):
+    """``share_rows``: an opened index's dual kernel reads its row set from the FAISS flat
+    storage (its blocks are views of it: one copy of the rows in memory, not two), and scores
+    as the kernel that reads them from vectors.h5."""
+    from gradindex.store.kernel_load import load_kernel
+
+    grow(template, tmp_path / "idx", 37)
+    idx = gi.AttributionIndex.open(tmp_path / "idx")
+    q = queries()
+    for method, rows in (("trak", "tracin"), ("retrak", "retrac")):
+        kern, flat = idx.kernel_for(method), idx.backends[rows].inner.flat_rows()  # 8 flagged
+        assert flat is not None and flat.shape == (29, 2 * D)
+        assert all(np.shares_memory(kern.block(c), flat) for c in range(2))
+        read = load_kernel(idx.path, idx.manifest, rows)
+        want = read.scores(q)
+        assert np.abs(kern.scores(q) - want).max() <= 1e-6 * np.abs(want).max()
