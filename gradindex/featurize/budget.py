@@ -87,13 +87,14 @@ def parse_memory(text: str | int | None) -> int | None:
 
 
 def budget_bytes(max_memory: int | None, resident: int | None = None) -> int:
-    """The budget: ``max_memory`` when given, else AUTO_SHARE of the available memory (8 GiB
-    when the system does not say), capped at ``resident`` + AUTO_WORK_BYTES when given."""
+    """The budget: ``max_memory`` when given, else AUTO_SHARE of the memory still available
+    (8 GiB when the system does not say); with ``resident`` (what the process already holds,
+    which the available memory does not include), that plus at most AUTO_WORK_BYTES of it."""
     if max_memory is not None:
         return max_memory
     avail = available_memory()
-    budget = int(AUTO_SHARE * avail) if avail else 8 << 30
-    return budget if resident is None else min(budget, resident + AUTO_WORK_BYTES)
+    share = int(AUTO_SHARE * avail) if avail else 8 << 30
+    return share if resident is None else resident + min(share, AUTO_WORK_BYTES)
 
 
 def full_path_bytes(num_params: int, batch: int, noise_draws: int) -> int:

@@ -89,7 +89,7 @@ def export_index(
         with VectorStore.open(folder / VECTORS) as store:
             store.check_manifest(manifest)  # rows of another build would be exported
             if not store.done.all():
-                raise IndexStateError(f"{folder / VECTORS}: not every row was written; resume")
+                raise IndexStateError(f"{folder / VECTORS}: rows never written; resume the build")
             rows = np.flatnonzero(~store.flagged)  # the rows the FAISS indexes hold
             if rows.size == 0:
                 raise IndexStateError(f"{folder}: every row is flagged; nothing to export")

@@ -90,6 +90,26 @@ def test_a_budget_that_splits_a_batch_gives_the_same_rows():
             np.testing.assert_allclose(getattr(got, m), getattr(free, m), rtol=1e-5, atol=1e-6)
 
 
+def test_the_automatic_budget_adds_to_what_the_process_already_holds(monkeypatch):
+    """The available memory excludes what this process holds: a query in a process holding
+    12 GiB (a large index open beside the model) with 9 GiB still available gets the usual
+    AUTO_WORK_BYTES of per-item work and embeds (it was refused as 'cannot hold one sample':
+    70% of the available memory was compared with the whole resident size); with little
+    available, the work is bounded by 70% of it."""
+    ckpts = _checkpoints()
+    spec = gi.BuildSpec(proj_dim=64, timesteps=2, noise_draws=2, batch_size=3,
+                        num_train_timesteps=1000)  # fmt: skip
+    x0 = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    monkeypatch.setattr("gradindex.featurize.embedding.resident_bytes", lambda: 12 << 30)
+    for avail, work in ((9 << 30, budget.AUTO_WORK_BYTES), (200 << 20, int(0.7 * (200 << 20)))):
+        monkeypatch.setattr(budget, "available_memory", lambda a=avail: a)
+        emb = Embedder(ckpts, spec, path="full")
+        buffers = 8 * emb.featurizers[0].num_params * spec.batch_size
+        assert [f.memory_left for f in emb.featurizers] == [work - buffers] * len(ckpts)
+    monkeypatch.setattr(budget, "available_memory", lambda: 9 << 30)
+    assert Embedder(ckpts, spec).embed(x0).tracin.shape[0] == 3
+
+
 def _activation(feat) -> int:
     x = torch.zeros(1, 1, 8, 8)
     return budget.activation_bytes(feat.model, lambda: feat.model(x, torch.tensor([1])))
