@@ -205,9 +205,9 @@ class VectorIndex(SearchBackend):
         None when it keeps no float32 copy of them (lossy codes only)."""
         if self.ntotal == 0:
             return None
-        if self._flat is not None:
+        if (flat := self.flat_rows()) is not None:
             rows = np.unique(np.linspace(0, self.ntotal - 1, count).astype(np.int64))
-            return rows, np.stack([self._flat.reconstruct(int(r)) for r in rows])
+            return rows, flat[rows]
         ivf = faiss.extract_index_ivf(self._index)
         if ivf.code_size != 4 * ivf.d:
             return None

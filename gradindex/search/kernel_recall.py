@@ -8,7 +8,8 @@ rows perturbed as in :func:`gradindex.search.tuning.heldout_queries`) are transf
 kernel and searched approximately and exactly; the recall@10 is recorded per kernel method in
 the manifest's ``kernel.search`` entry, and a method whose recall misses the target searches
 exactly (``exact_search``), which ``AttributionIndex.search`` obeys. A dual-form kernel
-(``kernel.h5`` format 3, N < d) scores every indexed row itself: exact by construction.
+(``kernel.h5`` format 3, N < d) scores every indexed row itself: exact by construction, and
+``share_rows`` points it at the rows its flat FAISS index already holds (one copy in memory).
 """
 
 from __future__ import annotations
