@@ -43,12 +43,15 @@ from scipy.sparse.linalg import eigsh
 
 from gradindex.errors import IndexStateError, SearchError
 from gradindex.store.kernel_factors import (
+    EIGH_MAX,
     LAMBDA_SCALE,
     Factors,
     dual_bounds,
+    dual_columns,
     lambda_rule,
     rank_bounds,
     row_set_factors,
+    share_columns,
 )
 from gradindex.store.layout import (
     KERNEL,
@@ -100,8 +103,8 @@ def write_kernel(
     """Compute the kernel factors of ``folder``'s vectors.h5 (both row sets, from the rows),
     write ``kernel.h5`` and return the manifest's ``kernel`` record ({"skipped": why} and no
     file when d is too wide). The dual form where fewer rows than d are kept, else the primal;
-    eigenpairs kept per checkpoint as ``kernel_factors.dual_bounds`` / ``rank_bounds`` say
-    (exact whenever the rank fits), or with ``exact`` all of them (kernel.h5 then up to the
+    eigenpairs kept per checkpoint as ``kernel_factors.share_columns`` (the dual: one byte
+    budget for both row sets) / ``rank_bounds`` (the primal) say (exact whenever the rank fits), or with ``exact`` all of them (kernel.h5 then up to the
     rows' own size, and each primal query's transform up to two scans of them)."""
     num_ckpts = len(weights)
     with VectorStore.open(folder / VECTORS) as store:
@@ -117,7 +120,8 @@ def write_kernel(
         keep = np.flatnonzero(~store.flagged)
         rank = max(1, min(len(keep), d))
         dual = 0 < len(keep) < d
-        if exact:
+        shared = dual and not exact and len(keep) <= EIGH_MAX
+        if exact or shared:
             bounds = (rank, rank)
         else:
             bounds = (
@@ -127,6 +131,8 @@ def write_kernel(
             rows: row_set_factors(store.file[rows], keep, weights, d, bounds, dual)
             for rows in SUFFIX
         }
+    if shared:
+        factors = share_columns(factors, dual_columns(len(keep), num_ckpts), d)
     return _write(folder, factors, len(keep), d, build_id)
 
 

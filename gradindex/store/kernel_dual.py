@@ -6,9 +6,14 @@ the same non-zero eigenvalues), the push-through identity gives every row's scor
 
     scores_c = X_c (G_c + λ_c I)⁻¹ q_c = (K_c + λ_c I)⁻¹ X_c q_c        (√w_c cancels)
 
-so a query is one pass over the rows (X_c q_c: what a TracIn scan reads) and one N × N product
-per checkpoint with M_c = V_c diag(1/(S_c + λ)) V_cᵀ, formed from the stored
+so a query is one pass over the rows (X_c q_c: what a TracIn scan reads, summed in float64) and
+one N × N product per checkpoint with M_c = V_c diag(1/(S_c + λ)) V_cᵀ, formed from the stored
 eigenpairs of K_c (V_c [N, r] float32, S_c). Exact at r = rank: X_c q_c lies in the span of K_c.
+Exact means to float64's rounding of the formula, not float32's: with λ small against the top
+eigenvalues, a float32 X_c q_c (or Vᵀ X_c q_c) carries rounding of the size of its large
+components into every direction, where 1/λ multiplies it (relative errors of 1e-5 to 1e-4 at
+d = 4,096); the scan therefore sums in float64 and the leading eigenpairs are applied in
+float64 (``Plan``), the rest in float32.
 Truncated (r < rank, where the factors would pass ``kernel_factors.KERNEL_BYTES``), the left-out
 eigenvalues take their mean μ_c: M_c = V_c diag(1/(S_c+λ) − 1/(μ_c+λ)) V_cᵀ + I / (μ_c+λ).
 V_c holds N·r floats where the primal basis U_c holds d·r, so N < d keeps more eigenpairs in the
@@ -22,11 +27,33 @@ The search goes over the kept (unflagged) rows in order, which are the rows a se
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from gradindex.store.kernel import check_lambdas
+
+DEFLATE_ABOVE = 4.0
+"""Eigenpairs with S > DEFLATE_ABOVE · λ are applied in float64 (see ``Plan``)."""
+MAX_DEFLATED = 256
+"""At most this many: N · MAX_DEFLATED doubles per query and checkpoint."""
+SCAN_BYTES = 2**22
+"""Rows widened to float64 at a time by the scan (a cache-sized buffer, not a float64 copy)."""
+
+
+@dataclass
+class Plan:
+    """How one checkpoint applies (K_c + λ)⁻¹ at one λ. The leading eigenpairs (S > DEFLATE_ABOVE
+    · λ, at most MAX_DEFLATED) go in float64: along them X_c q is large and its coefficient
+    small, and float32 rounding there, spread into the small-eigenvalue directions and
+    multiplied by 1/λ, would cost about √(S / λ) of the scores' precision. The rest of y, small
+    once they are taken out, goes through float32: V_c twice, or one N × N matrix."""
+
+    top: np.ndarray  # [N, k] float64: the leading eigenvectors
+    top_coef: np.ndarray  # [k] float64
+    rest_coef: np.ndarray  # [r - k] float32
+    matrix: np.ndarray | None  # [N, N] float32: V_rest diag(rest_coef) V_restᵀ, or None
 
 
 class DualKernel:
@@ -49,7 +76,7 @@ class DualKernel:
         self.tail = np.asarray(tail, dtype=np.float64)
         self.weights = np.asarray(weights, dtype=np.float64)
         self.lambdas = check_lambdas(list(lambdas), len(self.basis))
-        self._solver: tuple[tuple[float, ...], list[np.ndarray | None]] | None = None
+        self._cached: tuple[tuple[float, ...], list[Plan]] | None = None  # the last λ asked twice
         self._asked: tuple[float, ...] | None = None  # the λ of the last scores call
 
     def use_rows(self, rows: np.ndarray) -> None:
@@ -59,13 +86,18 @@ class DualKernel:
             raise ValueError(f"rows {rows.shape} {rows.dtype} are not this kernel's kept rows")
         self._read_rows, self._rows = (lambda: rows), None
 
-    def block(self, c: int) -> np.ndarray:
-        """Checkpoint c's columns of the kept rows, X_c [N, d] float32: a strided view (BLAS
-        reads it in place), the rows read when first needed."""
+    def all_rows(self) -> np.ndarray:
+        """The kept rows X [N, C·d] float32, read when first needed."""
         if self._rows is None:
             self._rows = np.ascontiguousarray(self._read_rows(), dtype=np.float32)
-        d = self._rows.shape[1] // len(self.basis)
-        return self._rows[:, c * d : (c + 1) * d]
+        return self._rows
+
+    def block(self, c: int) -> np.ndarray:
+        """Checkpoint c's columns of the kept rows, X_c [N, d] float32: a strided view (BLAS
+        reads it in place)."""
+        rows = self.all_rows()
+        d = rows.shape[1] // len(self.basis)
+        return rows[:, c * d : (c + 1) * d]
 
     @property
     def num_rows(self) -> int:
@@ -80,48 +112,69 @@ class DualKernel:
             coef = np.where(s > 0, coef - 1.0 / (lam + self.tail[c]), 0.0)
         return coef
 
-    def _solvers(self, lambdas: list[float]) -> list[np.ndarray | None]:
-        """M_c [N, N] float32 for each checkpoint, or None where V_c is applied twice (all
-        None the first time a λ is asked)."""
-        key = tuple(lambdas)
-        first, self._asked = self._asked != key, key
-        if first and (self._solver is None or self._solver[0] != key):
-            return [None] * len(lambdas)
-        if self._solver is None or self._solver[0] != key:
-            out: list[np.ndarray | None] = []
-            for c, lam in enumerate(lambdas):
-                v, coef = self.basis[c], self._coef(c, lam).astype(np.float32)
-                if 2 * v.shape[1] < len(v):
-                    out.append(None)
-                    continue
-                m = (v * coef) @ v.T
-                if self.tail[c] > 0:
-                    m[np.diag_indices_from(m)] += np.float32(1.0 / (lam + self.tail[c]))
-                out.append(m)
-            self._solver = (key, out)
-        return self._solver[1]
+    def _plan(self, c: int, lam: float, with_matrix: bool) -> Plan:
+        """Checkpoint c's way to apply (K_c + λ)⁻¹ at this λ (see ``Plan``)."""
+        k = int(min(MAX_DEFLATED, np.sum(self.eigenvalues[c] > DEFLATE_ABOVE * lam)))
+        coef = self._coef(c, lam)
+        v = self.basis[c][:, k:]
+        rest = coef[k:].astype(np.float32)
+        matrix = (v * rest) @ v.T if with_matrix and 2 * v.shape[1] >= len(v) else None
+        return Plan(self.basis[c][:, :k].astype(np.float64), coef[:k], rest, matrix)
 
-    def _apply(self, c: int, lam: float, solver: np.ndarray | None, b: np.ndarray) -> np.ndarray:
-        """(K_c + λ)⁻¹ b for b [B, N] (rows: queries' X_c q_c)."""
-        if solver is not None:
-            return b @ solver  # M_c is symmetric
-        v = self.basis[c]
-        out = ((b @ v) * self._coef(c, lam).astype(np.float32)) @ v.T
+    def _plans(self, lambdas: list[float]) -> list[Plan]:
+        """One ``Plan`` per checkpoint; the N × N matrices are formed (and kept) only when the
+        same λ is asked twice in a row, so a one-off λ never pays for them."""
+        key = tuple(lambdas)
+        again, self._asked = self._asked == key, key
+        if self._cached is not None and self._cached[0] == key:
+            return self._cached[1]
+        plans = [self._plan(c, lam, with_matrix=again) for c, lam in enumerate(lambdas)]
+        if again:
+            self._cached = (key, plans)
+        return plans
+
+    def _apply(self, c: int, lam: float, plan: Plan, y: np.ndarray) -> np.ndarray:
+        """(K_c + λ)⁻¹ y for y [B, N] float64 (rows: queries' X_c q_c): the leading eigenpairs
+        and the left-out mean in float64, what is left of y (small) through float32 V_c."""
+        a = y @ plan.top
+        out = (a * plan.top_coef) @ plan.top.T
         if self.tail[c] > 0:
-            out += b * np.float32(1.0 / (lam + self.tail[c]))
+            out += y / (lam + self.tail[c])
+        rest = (y - a @ plan.top.T).astype(np.float32)
+        if plan.matrix is not None:
+            return out + rest @ plan.matrix  # symmetric
+        v = self.basis[c][:, len(plan.top_coef) :]
+        return out + ((rest @ v) * plan.rest_coef) @ v.T
+
+    def _scan(self, queries: np.ndarray) -> np.ndarray:
+        """X_c q_c [C, B, N] float64 for every checkpoint, accumulated in float64: one pass over
+        the float32 rows, SCAN_BYTES of them widened at a time (a float32 sum's rounding, times
+        1/λ, would be most of a 1e-5 error on its own)."""
+        num_ckpts = len(self.basis)
+        n, d = self.num_rows, queries.shape[1] // num_ckpts
+        q = queries.astype(np.float64).reshape(len(queries), num_ckpts, d)
+        out = np.empty((num_ckpts, len(queries), n))
+        step = max(1, SCAN_BYTES // (8 * num_ckpts * d))
+        buf = np.empty((min(step, n), num_ckpts * d))
+        rows = self.all_rows()
+        for a in range(0, n, step):
+            b = min(n, a + step)
+            wide = buf[: b - a]
+            wide[...] = rows[a:b]
+            for c in range(num_ckpts):
+                out[c, :, a:b] = q[:, c] @ wide[:, c * d : (c + 1) * d].T
         return out
 
     def scores(self, queries: np.ndarray, lam: Any = None) -> np.ndarray:
         """Query rows [B, C·d] → kernel scores [B, N] float32 of every kept row."""
-        num_ckpts, n, _ = self.basis.shape
+        num_ckpts = len(self.basis)
         lambdas = self.lambdas if lam is None else check_lambdas(lam, num_ckpts)
-        q = np.asarray(queries, dtype=np.float32).reshape(len(queries), num_ckpts, -1)
-        solvers = self._solvers(lambdas)
-        out = np.zeros((len(q), n), dtype=np.float32)
+        y = self._scan(np.asarray(queries, dtype=np.float32).reshape(len(queries), -1))
+        plans = self._plans(lambdas)
+        out = np.zeros((len(queries), self.num_rows))
         for c in range(num_ckpts):
-            b = q[:, c] @ self.block(c).T  # [B, N]: one pass over the block, as TracIn's
-            out += self._apply(c, lambdas[c], solvers[c], b)
-        return out
+            out += self._apply(c, lambdas[c], plans[c], y[c])
+        return out.astype(np.float32)
 
     def top_k(self, queries: np.ndarray, k: int, lam: Any = None) -> tuple[np.ndarray, np.ndarray]:
         """(scores [B, k] float32, kept-row positions [B, k] int64), best first, equal scores

@@ -80,10 +80,53 @@ def rank_bounds(num_rows: int, d: int, num_ckpts: int) -> tuple[int, int]:
 
 
 def dual_bounds(num_rows: int, num_ckpts: int) -> tuple[int, int]:
-    """(floor, cap) of the eigenpairs a dual row set keeps: all that KERNEL_BYTES holds for
-    both row sets (V_c is N·r floats; the query reads at most N² of them either way)."""
-    cap = max(1, KERNEL_BYTES // (2 * 4 * num_rows * num_ckpts))
+    """(floor, cap) of the eigenpairs a dual row set keeps when its N × N Gram is too large to
+    decompose in full (N > EIGH_MAX): an even share of KERNEL_BYTES."""
+    cap = max(1, dual_columns(num_rows, num_ckpts) // 2)
     return cap, cap
+
+
+def dual_columns(num_rows: int, num_ckpts: int) -> int:
+    """The dual columns KERNEL_BYTES holds for both row sets together: each set stores V
+    [C, N, width] float32, so this bounds the sum of the two widths."""
+    return max(2, KERNEL_BYTES // (4 * num_rows * num_ckpts))
+
+
+def share_columns(factors: dict[str, Factors], columns: int, d: int) -> dict[str, Factors]:
+    """Trim dual factors computed in full to ``columns`` (``dual_columns``) for all row sets
+    together. One threshold τ, common to every set and checkpoint, sets the widths: a
+    checkpoint keeps its eigenpairs with S > τ · λ_c (λ_c its default), a set's width is its
+    widest checkpoint's, and τ is the smallest whose widths fit. An eigenvalue far below λ_c
+    barely moves its coefficient 1/(S + λ) from the left-out mean's, so a set whose spectrum
+    falls off fast (heavy-tailed TracIn rows) gives columns to a flatter one (unit ReTrac rows)
+    rather than the two splitting the bytes evenly."""
+    ratios = {}
+    for r, f in factors.items():
+        lam = np.array([lambda_rule(t, top, d) for t, top in zip(f.trace, f.top, strict=True)])
+        ratios[r] = f.eigenvalues / lam[:, None]  # descending per checkpoint, zero padded
+
+    def widths(tau: float) -> dict[str, int]:
+        return {r: max(1, int((x > tau).sum(axis=1).max())) for r, x in ratios.items()}
+
+    taus = np.unique(np.concatenate([x[x > 0] for x in ratios.values()] + [np.zeros(1)]))
+    lo, hi = 0, len(taus) - 1  # the widths shrink as τ grows: the smallest τ that fits
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if sum(widths(taus[mid]).values()) <= columns else (mid + 1, hi)
+    chosen = widths(taus[lo])
+    return {r: trimmed(f, chosen[r]) for r, f in factors.items()}
+
+
+def trimmed(f: Factors, width: int) -> Factors:
+    """Factors ``f`` (every non-zero eigenpair kept) cut to their first ``width`` eigenpairs per
+    checkpoint, the mean of the ones left out as each checkpoint's tail."""
+    eig = f.eigenvalues[:, :width].copy()
+    tail = np.zeros(len(eig))
+    for c, full in enumerate(f.eigenvalues):
+        left = int(np.sum(full > 0)) - int(np.sum(eig[c] > 0))
+        tail[c] = max(f.trace[c] - float(eig[c].sum()), 0.0) / left if left > 0 else 0.0
+    basis = np.ascontiguousarray(f.basis[:, :, :width])
+    return Factors(basis, eig, tail, f.trace, f.top, bool(np.all(tail == 0)), f.dual)
 
 
 def lambda_rule(trace: float, top: float, d: int) -> float:

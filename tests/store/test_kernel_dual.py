@@ -122,7 +122,7 @@ def test_dual_scores_equal_a_dense_solve_for_fewer_rows_than_d(template, tmp_pat
     q = queries()
     for _ in range(2):  # V_c applied twice, then (a λ asked again) M_c formed
         assert_scores(idx, idx.path, method, rows, q, dense(idx.path, q, rows))
-    assert idx.kernel_for(method)._solver is not None
+    assert idx.kernel_for(method)._cached is not None
     for lam in ([0.05, 2.0], [40.0, 0.3]):
         res = idx.search(q, k=29, method=method, lam=lam)
         want = dense(idx.path, q, rows, lams=lam)
@@ -279,3 +279,59 @@ def test_a_served_dual_kernel_scores_the_rows_its_flat_index_holds(template, tmp
         read = load_kernel(idx.path, idx.manifest, rows)
         want = read.scores(q)
         assert np.abs(kern.scores(q) - want).max() <= 1e-6 * np.abs(want).max()
+
+
+def test_dual_scores_keep_float64_precision_when_lambda_is_small_against_the_top():
+    """Rows shaped like projected gradients (clustered, power-law spectrum) at N = 300, d = 1,024,
+    λ by the default rule: the condition (S_max + λ) / λ is ~10²; every row's score equals a
+    float64 solve to 5e-6 of the largest, on the first call and with M_c formed. A float32 sum
+    of X_c q (or of V_cᵀ X_c q) misses by 2-3e-5 here: its rounding, of the size of the large
+    components, lands in directions that 1/λ multiplies."""
+    from gradindex.store.kernel_dual import DualKernel
+
+    rng = np.random.default_rng(0)
+    n, d = 300, 1024
+    spectrum = np.arange(1, d + 1) ** -0.7
+    centers = rng.standard_normal((16, d)) * spectrum
+
+    def rows(m):
+        x = rng.standard_normal((m, d)) * spectrum * 0.6 + centers[rng.integers(0, 16, m)]
+        return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+    x, q = rows(n), rows(8)
+    x64 = x.astype(np.float64)
+    s, v = np.linalg.eigh(x64 @ x64.T)
+    lam = 3.0 * (s.sum() - s[-1]) / d
+    assert (s[-1] + lam) / lam > 100
+    want = np.linalg.solve(x64.T @ x64 + lam * np.eye(d), q.astype(np.float64).T).T @ x64.T
+    kern = DualKernel(x, v[None, :, ::-1].astype(np.float32), s[None, ::-1], [0.0], [lam], [1.0])
+    for _ in range(3):  # V_c twice, then M_c formed, then M_c reused
+        got = kern.scores(q).astype(np.float64)
+        assert np.abs(got - want).max() <= 5e-6 * np.abs(want).max()
+    assert kern._cached is not None
+
+
+def test_the_dual_byte_budget_goes_where_the_spectrum_is_flat():
+    """``share_columns`` at d = 3, where the default λ_c (3 · (trace − top) / d) is the sum of
+    the non-top eigenvalues, 1 for every checkpoint here: set A's eigenvalues (50, 0.6, 0.3, 0.1),
+    set B's (3, 0.4, 0.35, 0.25) and (6, 0.9, 0.1, 0). At 5 columns the smallest common
+    threshold that fits is τ = 0.3: A keeps 2, B's widest checkpoint 3 (τ = 0.25 would need
+    3 + 3). Each checkpoint's tail is the mean of what it leaves out (B's second: nothing)."""
+    from gradindex.store.kernel_factors import Factors, share_columns
+
+    def factors(eigs):
+        e = np.array(eigs, dtype=np.float64)
+        basis = np.arange(e.size * 2, dtype=np.float32).reshape(len(e), 2, -1)
+        return Factors(basis, e, np.zeros(len(e)), e.sum(1), e[:, 0].copy(), True, True)
+
+    a = factors([[50.0, 0.6, 0.3, 0.1]])
+    b = factors([[3.0, 0.4, 0.35, 0.25], [6.0, 0.9, 0.1, 0.0]])
+    out = share_columns({"tracin": a, "retrac": b}, 5, 3)
+    assert out["tracin"].eigenvalues.tolist() == [[50.0, 0.6]]
+    assert out["retrac"].eigenvalues.tolist() == [[3.0, 0.4, 0.35], [6.0, 0.9, 0.1]]
+    np.testing.assert_allclose(out["tracin"].tail, [0.2])
+    np.testing.assert_allclose(out["retrac"].tail, [0.25, 0.0])
+    np.testing.assert_array_equal(out["retrac"].basis, b.basis[:, :, :3])
+    assert not out["tracin"].exact and not out["retrac"].exact
+    wide = share_columns({"tracin": a, "retrac": b}, 8, 3)
+    assert [f.eigenvalues.shape[1] for f in wide.values()] == [4, 4] and wide["retrac"].exact
