@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from scipy.linalg.blas import ssymv
 
 from gradindex.store.kernel import check_lambdas
 
@@ -141,8 +142,10 @@ class DualKernel:
         if self.tail[c] > 0:
             out += y / (lam + self.tail[c])
         rest = (y - a @ plan.top.T).astype(np.float32)
+        if plan.matrix is not None and len(rest) == 1:  # one query: read half of M (symmetric)
+            return out + ssymv(1.0, plan.matrix.T, rest[0], lower=0)[None]
         if plan.matrix is not None:
-            return out + rest @ plan.matrix  # symmetric
+            return out + rest @ plan.matrix
         v = self.basis[c][:, len(plan.top_coef) :]
         return out + ((rest @ v) * plan.rest_coef) @ v.T
 

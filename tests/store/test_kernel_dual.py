@@ -309,6 +309,9 @@ def test_dual_scores_keep_float64_precision_when_lambda_is_small_against_the_top
         got = kern.scores(q).astype(np.float64)
         assert np.abs(got - want).max() <= 5e-6 * np.abs(want).max()
     assert kern._cached is not None
+    for i in (0, 5):  # one query at a time (M_c read as symmetric), the same λ cached
+        got = kern.scores(q[i : i + 1]).astype(np.float64)
+        assert np.abs(got - want[i]).max() <= 5e-6 * np.abs(want[i]).max()
 
 
 def test_the_dual_byte_budget_goes_where_the_spectrum_is_flat():
