@@ -197,20 +197,20 @@ def row_set_factors(
     """Factors of every checkpoint of one row set (``rows``: its h5py dataset or array);
     ``dual`` (N < d only): V_c [N, r] rather than U_c [d, r]."""
     dual = dual and 0 < len(keep) < d
-    parts = [checkpoint_factors(rows, keep, c, d, w, bounds, dual) for c, w in enumerate(weights)]
-    width = max([1] + [len(p[1]) for p in parts])
-    basis = np.zeros((len(parts), len(keep) if dual else d, width), dtype=np.float32)
-    eig = np.zeros((len(parts), width))
-    for c, (u, s, *_rest) in enumerate(parts):
-        basis[c, :, : len(s)] = u
-        eig[c, : len(s)] = s
-    tail = np.array([p[2] for p in parts])
+    side, cap = (len(keep) if dual else d), max(1, min(bounds[1], len(keep), d))
+    basis = np.zeros((len(weights), side, cap), dtype=np.float32)  # each checkpoint's u, as
+    eig = np.zeros((len(weights), cap))  # computed: no float64 bases held side by side
+    tail, trace, top = (np.zeros(len(weights)) for _ in range(3))
+    for c, w in enumerate(weights):
+        u, s, tail[c], trace[c], top[c] = checkpoint_factors(rows, keep, c, d, w, bounds, dual)
+        basis[c, :, : len(s)], eig[c, : len(s)] = u, s
+    width = max(1, int((eig > 0).sum(axis=1).max()))
     return Factors(
-        basis=basis,
-        eigenvalues=eig,
+        basis=np.ascontiguousarray(basis[:, :, :width]) if width < cap else basis,
+        eigenvalues=eig[:, :width],
         tail=tail,
-        trace=np.array([p[3] for p in parts]),
-        top=np.array([p[4] for p in parts]),
+        trace=trace,
+        top=top,
         exact=bool(np.all(tail == 0)),
         dual=dual,
     )
