@@ -163,6 +163,32 @@ def kernel_scores(folder: Path, queries: dict[str, np.ndarray]) -> dict[str, np.
     return out
 
 
+def kernel_margin(folder: Path) -> dict:
+    """An index's own kernel.h5 (format 3), per row set: the rank kept per checkpoint, the
+    form, and a bound on its largest left-out eigenvalue / λ: the smallest kept one over λ
+    (0 where nothing non-zero was left out), worst checkpoint. To place a kernel the library
+    truncated against what this benchmark measured."""
+    manifest = json.loads((folder / MANIFEST).read_text())
+    record = manifest.get("kernel") or {}
+    kept_rows = int(manifest["num_rows"]) - int(manifest.get("num_flagged") or 0)
+    out: dict = {"folder": str(folder), "build_id": manifest.get("build_id"), "rows": kept_rows}
+    with h5py.File(folder / KERNEL, "r") as f:
+        if "eigenvalues" not in f or lambda_key("tracin") not in record:
+            raise SystemExit(f"{folder}: no eigen factors in kernel.h5 (format 3 is read); "
+                             f"convert it with: gradindex kernel {folder}")  # fmt: skip
+        for rows, sfx in SUFFIX.items():
+            eig, tail = f[f"eigenvalues{sfx}"][()], f[f"tail{sfx}"][()]
+            lam = np.asarray(record[lambda_key(rows)], dtype=np.float64)
+            kept = (eig > 0).sum(axis=1)
+            smallest = np.array([e[:k].min() if k else 0.0 for e, k in zip(eig, kept, strict=True)])
+            out[rows] = {
+                "rank_per_checkpoint": [int(k) for k in kept],
+                "form": "dual" if f"dual_basis{sfx}" in f else "primal",
+                "left_out_over_lambda_at_most": float(np.where(tail > 0, smallest / lam, 0).max()),
+            }
+    return out
+
+
 def check_cache(cache: Path) -> None:
     """Refuse unless every input exists, so that ``bench_lds``'s readers never write in the
     cache (they compute and store what is missing)."""
@@ -280,10 +306,13 @@ def main() -> None:
         "--dual-shares", type=float, nargs="+", default=[0.9, 0.81, 0.65, 0.5, 0.25, 0.1]
     )
     p.add_argument("--primal-shares", type=float, nargs="+", default=[1.0, 0.81, 0.5, 0.25])
+    p.add_argument("--margin", type=Path, nargs="*", default=[], help="index folders whose own "
+                   "(truncated) kernel to place against the measured bar, e.g. the demo's")  # fmt: skip
     args = p.parse_args()
     for s in args.dual_shares + args.primal_shares:
         if not 0 < s <= 1:
             p.error(f"share {s}: must lie in (0, 1]")
+    margins = [kernel_margin(folder.resolve()) for folder in args.margin]
     work = args.work or Path(tempfile.mkdtemp(prefix="kernel_lds_"))
     try:
         r = run(args.cache.resolve(), work, args.dual_shares, args.primal_shares)
@@ -294,7 +323,8 @@ def main() -> None:
     r["num_boot"] = lds_bench.CONFIG["num_boot"]
     r["lds_json"] = report.lds_json_figures(RESULTS / "lds.json", list(r["methods"]), K)
     r["K"], r["bar"] = K, {"top10_overlap": BAR_OVERLAP, "abs_delta_lds": BAR_LDS}
-    r["verdict"] = report.verdict(r)
+    r["verdict"], r["margins"] = report.verdict(r), margins
+    r["command"] = " ".join(["python", "benchmarks/bench_kernel_lds.py", *sys.argv[1:]])
     r["machine"] = (f"{platform.platform()}, {platform.processor() or platform.machine()}, "
                     f"{os.cpu_count()} CPUs (shared)")  # fmt: skip
     RESULTS.mkdir(parents=True, exist_ok=True)

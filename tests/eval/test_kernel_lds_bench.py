@@ -1,11 +1,12 @@
 """benchmarks/bench_kernel_lds.py's helpers: the forced-rank kernel it measures is the exact
 kernel's top r eigenpairs (numpy's, on a tiny random store) with the left-out mean as its tail,
 in the dual and the primal form, and the library's own choice comes back after it; the top-10
-overlap against a brute-force count."""
+overlap against a brute-force count; the margin read from a truncated kernel.h5."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -14,7 +15,8 @@ import numpy as np
 import pytest
 
 from gradindex.store.kernel import write_kernel
-from gradindex.store.layout import KERNEL, VECTORS
+from gradindex.store.kernel_factors import LAMBDA_SCALE
+from gradindex.store.layout import KERNEL, MANIFEST, VECTORS
 from gradindex.store.vectors import VectorStore
 
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
@@ -104,3 +106,57 @@ def test_top_overlap_counts_shared_top_k_with_ties_by_position():
     want = [len(top(x, 10) & top(y, 10)) / 10 for x, y in zip(a, b, strict=True)]
     np.testing.assert_allclose(bench.top_overlap(a, b, 10), want)
     np.testing.assert_allclose(bench.top_overlap(a, a, 7), 1.0)
+
+
+def test_kernel_margin_bounds_the_left_out_eigenvalues_by_the_smallest_kept(tmp_path):
+    bench = _bench()
+    rows = _store(tmp_path)
+    rank = 4
+    with bench.forced_rank(rank, "dual"):
+        record = write_kernel(tmp_path, WEIGHTS, "build")
+    manifest = {"num_rows": N, "num_flagged": 1, "build_id": "build", "kernel": record}
+    (tmp_path / MANIFEST).write_text(json.dumps(manifest))
+    got = bench.kernel_margin(tmp_path)
+    assert got["rows"] == N - 1
+    for name in ("tracin", "retrac"):
+        want = []
+        for c, w in enumerate(WEIGHTS):
+            phi = rows[name][:, c * D : (c + 1) * D].astype(np.float64) / np.sqrt(w)
+            s = np.linalg.eigvalsh(phi @ phi.T)[::-1]
+            lam = LAMBDA_SCALE * (s.sum() - s[0]) / D  # the documented default rule
+            assert s[rank] <= s[rank - 1]  # the bound holds
+            want.append(s[rank - 1] / lam)
+        assert got[name]["rank_per_checkpoint"] == [rank, rank]
+        assert got[name]["form"] == "dual"
+        np.testing.assert_allclose(got[name]["left_out_over_lambda_at_most"], max(want), rtol=1e-6)
+    exact = write_kernel(tmp_path, WEIGHTS, "build")  # nothing left out: 0
+    (tmp_path / MANIFEST).write_text(json.dumps({**manifest, "kernel": exact}))
+    assert bench.kernel_margin(tmp_path)["tracin"]["left_out_over_lambda_at_most"] == 0
+
+
+def test_safe_ratio_is_the_largest_ratio_below_every_miss():
+    sys.path.insert(0, str(BENCH))
+    try:
+        import kernel_lds_report as report
+    finally:
+        sys.path.remove(str(BENCH))
+
+    def results(cases):  # {kernel: (left-out ratio, met)} for one method on one index
+        left = {k: {"left_out": {"tracin": {"largest_left_out_over_lambda": v}}} for k, (v, _) in cases.items()}  # fmt: skip
+        return {
+            "labels": {"A": {"index": "i", "rows": "tracin"}},
+            "indexes": {"i": {"kernels": left}},
+            "methods": {
+                "A": {"exact": {}} | {k: {"meets_bar": ok} for k, (_, ok) in cases.items()}
+            },
+        }
+
+    assert (
+        report.safe_ratio(results({"a": (0.1, True), "b": (0.3, True), "c": (0.5, False)})) == 0.3
+    )
+    # a pass above a miss is not 'safe': only ratios below every miss count
+    assert (
+        report.safe_ratio(results({"a": (0.1, True), "b": (0.2, False), "c": (0.4, True)})) == 0.1
+    )
+    assert report.safe_ratio(results({"a": (0.2, False)})) is None
+    assert report.safe_ratio(results({"a": (0.2, True)})) == 0.2
