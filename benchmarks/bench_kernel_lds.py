@@ -109,11 +109,12 @@ def copy_index(src: Path, dst: Path) -> None:
 
 
 def write_kernel_at(folder: Path, rank: int | None, form: str) -> dict:
-    """Recompute ``folder``'s kernel with the library's ``add_kernel``: its defaults when
-    ``rank`` is None, else ``rank`` eigenpairs in ``form``. Returns what was kept."""
+    """Recompute ``folder``'s kernel with the library's ``add_kernel``: exact (every
+    eigenpair, ``exact=True``) when ``rank`` is None, else ``rank`` eigenpairs in ``form``.
+    Returns what was kept."""
     started = time.perf_counter()
     with folder_lock(folder), forced_rank(rank, form) if rank else contextlib.nullcontext():
-        record = add_kernel(folder)
+        record = add_kernel(folder, exact=rank is None)
     kept = {}
     with h5py.File(folder / KERNEL, "r") as f:
         for rows, sfx in SUFFIX.items():
@@ -168,6 +169,8 @@ def kernel_margin(folder: Path) -> dict:
     form, and a bound on its largest left-out eigenvalue / λ: the smallest kept one over λ
     (0 where nothing non-zero was left out), worst checkpoint. To place a kernel the library
     truncated against what this benchmark measured."""
+    if not (folder / MANIFEST).is_file() or not (folder / KERNEL).is_file():
+        raise SystemExit(f"--margin {folder}: not an index folder with a kernel.h5")
     manifest = json.loads((folder / MANIFEST).read_text())
     record = manifest.get("kernel") or {}
     kept_rows = int(manifest["num_rows"]) - int(manifest.get("num_flagged") or 0)
@@ -175,7 +178,7 @@ def kernel_margin(folder: Path) -> dict:
     with h5py.File(folder / KERNEL, "r") as f:
         if "eigenvalues" not in f or lambda_key("tracin") not in record:
             raise SystemExit(f"{folder}: no eigen factors in kernel.h5 (format 3 is read); "
-                             f"convert it with: gradindex kernel {folder}")  # fmt: skip
+                             f"convert it (or a copy) with: gradindex kernel {folder}")  # fmt: skip
         for rows, sfx in SUFFIX.items():
             eig, tail = f[f"eigenvalues{sfx}"][()], f[f"tail{sfx}"][()]
             lam = np.asarray(record[lambda_key(rows)], dtype=np.float64)
@@ -245,6 +248,8 @@ def run(cache: Path, work: Path, dual: list[float], primal: list[float]) -> dict
     """Every (index, form, share): kernel recomputed in the copy, scores, LDS against exact."""
     lds_bench.CACHE = cache
     check_cache(cache)
+    if work.resolve() == cache or cache in work.resolve().parents:
+        raise SystemExit(f"--work {work} lies in the LDS cache {cache}: give a scratch folder")
     per_draw, done, _ = lds_bench.measured_matrix(False)
     losses, m = per_draw.mean(axis=2), lds_bench.masks()[done]
     groups = lds_bench.all_targets()[1]
@@ -256,7 +261,7 @@ def run(cache: Path, work: Path, dual: list[float], primal: list[float]) -> dict
         with np.load(cache / "embed" / f"{loss}-K{K}.npz") as f:
             queries = {rows: f[f"target_{rows}"] for rows in SUFFIX}
         n = int(json.loads((folder / MANIFEST).read_text())["num_rows"])
-        kernels = {"exact": write_kernel_at(folder, None, "dual")}
+        kernels = {"exact": write_kernel_at(folder, None, "dual")}  # dual: N < d
         exact, spectra = kernel_scores(folder, queries), exact_spectra(folder)
         idx = gi.AttributionIndex.open(folder)
         per_exact, rows = {}, {}
