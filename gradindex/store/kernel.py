@@ -17,7 +17,9 @@ two forms per row set, chosen by size:
 - N ≥ d, the primal: ``basis`` [C, d, r] float32 (U_c), served by :class:`Kernel` as above;
 - N < d, the dual: ``dual_basis`` [C, N, r] float32 (V_c, eigenvectors of the N × N Gram
   K_c = Φ_c Φ_cᵀ), smaller and cheaper at the same r, served by
-  :class:`gradindex.store.kernel_dual.DualKernel`, which scores every row itself.
+  :class:`gradindex.store.kernel_dual.DualKernel`, which scores every row itself; with
+  ``dual_lead`` [C, N, k] float64, its leading columns again at full precision (files
+  without it are served from the float32 columns).
 
 Either with ``eigenvalues`` [C, r] and ``tail`` [C] (``_retrac`` suffixed for the ReTrac rows),
 attrs ``lambda``, ``lambda_retrac``, ``rows``, ``build_id``, ``format`` (3), readable with
@@ -49,6 +51,7 @@ from gradindex.store.kernel_factors import (
     dual_bounds,
     dual_columns,
     lambda_rule,
+    lead_columns,
     rank_bounds,
     row_set_factors,
     share_columns,
@@ -132,7 +135,8 @@ def write_kernel(
             for rows in SUFFIX
         }
     if shared:
-        factors = share_columns(factors, dual_columns(len(keep), num_ckpts), d)
+        columns = dual_columns(len(keep), num_ckpts) - lead_columns(factors)
+        factors = share_columns(factors, max(2, columns), d)
     return _write(folder, factors, len(keep), d, build_id)
 
 
@@ -163,6 +167,8 @@ def _write(
                 f.create_dataset(f"{name}{SUFFIX[r]}", data=fac.basis)
                 f.create_dataset(f"eigenvalues{SUFFIX[r]}", data=fac.eigenvalues)
                 f.create_dataset(f"tail{SUFFIX[r]}", data=fac.tail)
+                if fac.lead is not None:
+                    f.create_dataset(f"dual_lead{SUFFIX[r]}", data=fac.lead)
                 f.attrs[lambda_key(r)] = np.asarray(lambdas[r])
             f.attrs["rows"] = rows
             f.attrs["build_id"] = build_id or ""

@@ -34,22 +34,21 @@ import numpy as np
 from scipy.linalg.blas import ssymv
 
 from gradindex.store.kernel import check_lambdas
+from gradindex.store.kernel_factors import lead_count
 
-DEFLATE_ABOVE = 4.0
-"""Eigenpairs with S > DEFLATE_ABOVE · λ are applied in float64 (see ``Plan``)."""
-MAX_DEFLATED = 256
-"""At most this many: N · MAX_DEFLATED doubles per query and checkpoint."""
 SCAN_BYTES = 2**22
 """Rows widened to float64 at a time by the scan (a cache-sized buffer, not a float64 copy)."""
 
 
 @dataclass
 class Plan:
-    """How one checkpoint applies (K_c + λ)⁻¹ at one λ. The leading eigenpairs (S > DEFLATE_ABOVE
-    · λ, at most MAX_DEFLATED) go in float64: along them X_c q is large and its coefficient
-    small, and float32 rounding there, spread into the small-eigenvalue directions and
-    multiplied by 1/λ, would cost about √(S / λ) of the scores' precision. The rest of y, small
-    once they are taken out, goes through float32: V_c twice, or one N × N matrix."""
+    """How one checkpoint applies (K_c + λ)⁻¹ at one λ. The leading eigenpairs (S > 4λ, at most
+    256: ``kernel_factors.lead_count``) go in float64, with their eigenvectors as stored in
+    float64 (``dual_lead``): along them X_c q is large and its coefficient small, and float32
+    rounding there (of the sums or of the eigenvectors), spread into the small-eigenvalue
+    directions and multiplied by 1/λ, would cost about √(S / λ) of the scores' precision. The
+    rest of y, small once they are taken out, goes through float32: V_c twice, or one N × N
+    matrix."""
 
     top: np.ndarray  # [N, k] float64: the leading eigenvectors
     top_coef: np.ndarray  # [k] float64
@@ -69,6 +68,7 @@ class DualKernel:
         tail: np.ndarray,  # μ [C]: mean eigenvalue left out (0: exact)
         lambdas: Sequence[float],
         weights: Sequence[float],
+        lead: np.ndarray | None = None,  # [C, N, k] float64: V's leading columns, unrounded
     ):
         self._read_rows = rows if callable(rows) else lambda: rows
         self._rows: np.ndarray | None = None  # [N, C·d], read on first use (not at `serve`)
@@ -77,6 +77,7 @@ class DualKernel:
         self.tail = np.asarray(tail, dtype=np.float64)
         self.weights = np.asarray(weights, dtype=np.float64)
         self.lambdas = check_lambdas(list(lambdas), len(self.basis))
+        self.lead = None if lead is None else np.asarray(lead, dtype=np.float64)
         self._cached: tuple[tuple[float, ...], list[Plan]] | None = None  # the last λ asked twice
         self._asked: tuple[float, ...] | None = None  # the λ of the last scores call
 
@@ -115,12 +116,16 @@ class DualKernel:
 
     def _plan(self, c: int, lam: float, with_matrix: bool) -> Plan:
         """Checkpoint c's way to apply (K_c + λ)⁻¹ at this λ (see ``Plan``)."""
-        k = int(min(MAX_DEFLATED, np.sum(self.eigenvalues[c] > DEFLATE_ABOVE * lam)))
+        k = lead_count(self.eigenvalues[c], lam)
         coef = self._coef(c, lam)
         v = self.basis[c][:, k:]
         rest = coef[k:].astype(np.float32)
         matrix = (v * rest) @ v.T if with_matrix and 2 * v.shape[1] >= len(v) else None
-        return Plan(self.basis[c][:, :k].astype(np.float64), coef[:k], rest, matrix)
+        top = self.basis[c][:, :k].astype(np.float64)
+        if self.lead is not None:  # the stored float64 columns where there are enough
+            m = min(k, self.lead.shape[2])
+            top[:, :m] = self.lead[c][:, :m]
+        return Plan(top, coef[:k], rest, matrix)
 
     def _plans(self, lambdas: list[float]) -> list[Plan]:
         """One ``Plan`` per checkpoint; the N × N matrices are formed (and kept) only when the

@@ -46,6 +46,11 @@ ZERO = 1e-12
 KEEP_ABOVE = 0.03
 """Eigenvalues above KEEP_ABOVE · λ are kept up to the cap, past the floor: one left out
 changes its direction's coefficient 1/(Λ + λ) by up to that share (replaced by the mean)."""
+DEFLATE_ABOVE = 4.0
+"""A dual kernel applies its eigenpairs with S > DEFLATE_ABOVE · λ in float64 (``kernel_dual.Plan``)
+and ``kernel.h5`` keeps those eigenvectors in float64 too (``dual_lead``)."""
+MAX_DEFLATED = 256
+"""At most this many per checkpoint: N · MAX_DEFLATED doubles per query."""
 LAMBDA_SCALE = 3.0
 """s of the default λ_c = s · (trace(G_c) − ‖G_c‖₂) / d: the mean eigenvalue with the top one
 left out, which alone is ~99% of the trace of 'square'-loss rows and ~40-60% of 'mse' ones
@@ -67,6 +72,10 @@ class Factors:
     exact: bool
     dual: bool = False
     """basis is V [C, N, r] (eigenvectors of K_c = Φ_c Φ_cᵀ), not U [C, d, r]."""
+    lead: np.ndarray | None = None
+    """The dual's leading eigenvectors in float64, V_c[:, :k] [C, N, k], k the most of any
+    checkpoint with S > DEFLATE_ABOVE · λ_c (``lead_count``): float32 rounding of those
+    columns, times the large X_c q along them, would reach the scores through 1/λ."""
 
 
 def rank_bounds(num_rows: int, d: int, num_ckpts: int) -> tuple[int, int]:
@@ -90,6 +99,11 @@ def dual_columns(num_rows: int, num_ckpts: int) -> int:
     """The dual columns KERNEL_BYTES holds for both row sets together: each set stores V
     [C, N, width] float32, so this bounds the sum of the two widths."""
     return max(2, KERNEL_BYTES // (4 * num_rows * num_ckpts))
+
+
+def lead_columns(factors: dict[str, Factors]) -> int:
+    """The float32 columns the row sets' float64 leading eigenvectors take (two each)."""
+    return sum(2 * f.lead.shape[2] for f in factors.values() if f.lead is not None)
 
 
 def share_columns(factors: dict[str, Factors], columns: int, d: int) -> dict[str, Factors]:
@@ -126,7 +140,13 @@ def trimmed(f: Factors, width: int) -> Factors:
         left = int(np.sum(full > 0)) - int(np.sum(eig[c] > 0))
         tail[c] = max(f.trace[c] - float(eig[c].sum()), 0.0) / left if left > 0 else 0.0
     basis = np.ascontiguousarray(f.basis[:, :, :width])
-    return Factors(basis, eig, tail, f.trace, f.top, bool(np.all(tail == 0)), f.dual)
+    lead = None if f.lead is None else f.lead[:, :, :width]
+    return Factors(basis, eig, tail, f.trace, f.top, bool(np.all(tail == 0)), f.dual, lead)
+
+
+def lead_count(eigenvalues: np.ndarray, lam: float) -> int:
+    """How many leading eigenpairs a dual kernel applies in float64 at this λ."""
+    return int(min(MAX_DEFLATED, np.sum(eigenvalues > DEFLATE_ABOVE * lam)))
 
 
 def lambda_rule(trace: float, top: float, d: int) -> float:
@@ -163,7 +183,8 @@ def checkpoint_factors(
     rows, keep: np.ndarray, c: int, d: int, weight: float, bounds: tuple[int, int], dual: bool
 ) -> tuple:
     """(U [d, r] or with ``dual`` V [N, r], Λ [r], mean left-out eigenvalue, trace, top
-    eigenvalue) of checkpoint c, r within ``bounds`` = (floor, cap) (``rank_bounds``)."""
+    eigenvalue, the dual's leading eigenvectors in float64 or None) of checkpoint c, r within
+    ``bounds`` = (floor, cap) (``rank_bounds``)."""
     n, (floor, r) = len(keep), bounds
     if n <= d:  # the dual: Φ is at most d × d floats
         blocks = list(checkpoint_blocks(rows, keep, c, d, weight))
@@ -188,7 +209,8 @@ def checkpoint_factors(
     u = v[:, :kept] if phi is None or dual else phi.T @ (v[:, :kept] / np.sqrt(s_kept))
     left = nonzero - kept if full else min(n, d) - kept
     tail = max(trace - float(s_kept.sum()), 0.0) / left if left > 0 else 0.0
-    return u, s_kept, tail, trace, top
+    lead = v[:, : lead_count(s_kept, lambda_rule(trace, top, d))].copy() if dual else None
+    return u, s_kept, tail, trace, top, lead
 
 
 def row_set_factors(
@@ -201,9 +223,13 @@ def row_set_factors(
     basis = np.zeros((len(weights), side, cap), dtype=np.float32)  # each checkpoint's u, as
     eig = np.zeros((len(weights), cap))  # computed: no float64 bases held side by side
     tail, trace, top = (np.zeros(len(weights)) for _ in range(3))
+    leads = []
     for c, w in enumerate(weights):
-        u, s, tail[c], trace[c], top[c] = checkpoint_factors(rows, keep, c, d, w, bounds, dual)
+        u, s, tail[c], trace[c], top[c], lead = checkpoint_factors(
+            rows, keep, c, d, w, bounds, dual
+        )
         basis[c, :, : len(s)], eig[c, : len(s)] = u, s
+        leads.append(lead)
     width = max(1, int((eig > 0).sum(axis=1).max()))
     return Factors(
         basis=np.ascontiguousarray(basis[:, :, :width]) if width < cap else basis,
@@ -213,4 +239,17 @@ def row_set_factors(
         top=top,
         exact=bool(np.all(tail == 0)),
         dual=dual,
+        lead=stack_leads(leads) if dual else None,
     )
+
+
+def stack_leads(leads: list[np.ndarray]) -> np.ndarray | None:
+    """Per-checkpoint leading eigenvectors [N, k_c] → [C, N, max k_c] float64, zero padded;
+    None where no checkpoint has any."""
+    width = max(x.shape[1] for x in leads)
+    if width == 0:
+        return None
+    out = np.zeros((len(leads), len(leads[0]), width))
+    for c, x in enumerate(leads):
+        out[c, :, : x.shape[1]] = x
+    return out

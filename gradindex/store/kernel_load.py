@@ -174,4 +174,11 @@ def _read_dual(
             return store.vectors(rows, None if every else keep)
 
     weights = [float(c["weight"]) for c in manifest["checkpoints"]]
-    return DualKernel(read, v, eig, tail, lambdas, weights)
+    name = f"dual_lead{SUFFIX[rows]}"
+    lead = None
+    if name in f:  # absent in files written before session 10: the float32 columns serve
+        most = _plain(f, name, fix).shape[-1]
+        lead = _dataset(f, name, (num_ckpts, n, most), fix)[()]
+        if not (1 <= most <= v.shape[-1] and np.isfinite(lead).all()):
+            raise IndexStateError(f"{f.filename}: {name} does not fit the dual basis; {fix}")
+    return DualKernel(read, v, eig, tail, lambdas, weights, lead)

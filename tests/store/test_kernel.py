@@ -659,6 +659,7 @@ def test_kernel_exact_keeps_every_eigenpair_where_the_default_truncates(
     from gradindex.store import kernel_factors
 
     monkeypatch.setattr(kernel_factors, "FREE_BYTES", 1)
+    monkeypatch.setattr(kernel_factors, "MAX_DEFLATED", 0)  # the cap: float32 columns only
     monkeypatch.setattr(kernel_factors, "KERNEL_BYTES", 2 * 2 * 4 * 9 * 2)  # dual cap: 2 pairs
     folder = tmp_path / "idx"
     shutil.copytree(setup[3].path, folder)

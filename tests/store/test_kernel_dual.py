@@ -34,9 +34,11 @@ def template(tmp_path_factory):
     return out
 
 
-def grow(tmpl, out, n: int, seed: int = 0):
+def grow(tmpl, out, n: int, seed: int = 0, spike: float = 0.0):
     """An index folder of n rows (clustered, decaying spectrum, every 5th row flagged; ReTrac
-    rows of norm √Σw) written by the store's writer, with the build's own kernel writer."""
+    rows of norm √Σw) written by the store's writer, with the build's own kernel writer.
+    ``spike``: every row plus spike · a_i · u (one direction for all: a top eigenvalue far above
+    the rest, as 'square'-loss rows have)."""
     shutil.copytree(tmpl, out, ignore=shutil.ignore_patterns(VECTORS, "kernel.h5"))
     man = json.loads((out / MANIFEST).read_text())
     with VectorStore.open(tmpl / VECTORS) as t:
@@ -47,6 +49,7 @@ def grow(tmpl, out, n: int, seed: int = 0):
         * (np.arange(1, dim + 1) ** -0.7)
         @ rng.standard_normal((dim, dim))
     )
+    x = x + spike * rng.standard_normal((n, 1)) * rng.standard_normal(dim)
     x = (x * np.repeat(np.sqrt(WEIGHTS), D)).astype(np.float32)
     u = x / np.linalg.norm(x.reshape(n, 2, D), axis=2).repeat(D, 1) * np.repeat(np.sqrt(WEIGHTS), D)
     flagged = np.zeros(n, bool)
@@ -162,6 +165,7 @@ def test_at_the_byte_cap_the_dual_stays_exact_where_the_primal_truncated(
     """Issue 27's N = 2,000, 3 x 4,096 miss at small scale: a cap the primal basis d·r cannot
     fit at r = rank (it truncated: top-10 overlap 0.952) holds the dual's N·r exactly."""
     monkeypatch.setattr(kernel_factors, "FREE_BYTES", 1)
+    monkeypatch.setattr(kernel_factors, "MAX_DEFLATED", 0)  # the cap: float32 columns only
     monkeypatch.setattr(kernel_factors, "KERNEL_BYTES", 2 * 4 * 2 * 29 * 29)  # dual: r = 29
     man = grow(template, tmp_path / "idx", 37)
     assert man["kernel"]["rank"] == {"tracin": 29, "retrac": 29}
@@ -177,6 +181,7 @@ def test_a_truncated_dual_is_the_top_eigenpairs_and_the_left_out_mean(
 ):
     """Below the rank, the dual keeps K's top r eigenpairs and replaces the rest by their mean:
     the scores of the dense solve with G's spectrum treated the same way (G and K share it)."""
+    monkeypatch.setattr(kernel_factors, "MAX_DEFLATED", 0)  # the cap: float32 columns only
     monkeypatch.setattr(kernel_factors, "KERNEL_BYTES", 2 * 4 * 2 * 29 * 7)  # r = 7
     man = grow(template, tmp_path / "idx", 37)
     assert man["kernel"]["rank"] == {"tracin": 7, "retrac": 7}
@@ -338,3 +343,22 @@ def test_the_dual_byte_budget_goes_where_the_spectrum_is_flat():
     assert not out["tracin"].exact and not out["retrac"].exact
     wide = share_columns({"tracin": a, "retrac": b}, 8, 3)
     assert [f.eigenvalues.shape[1] for f in wide.values()] == [4, 4] and wide["retrac"].exact
+
+
+def test_a_dominant_direction_keeps_the_served_scores_at_float64_precision(template, tmp_path):
+    """Rows with one direction far above the rest (top eigenvalue / λ ~ 10⁴, like D-TRAK's
+    'square' rows): kernel.h5 keeps the leading eigenvectors in float64 too (``dual_lead``,
+    the columns with S > 4λ), and every kept row's served score equals the dense float64 solve
+    to 2e-6 of the largest. From the float32 columns alone they miss by ~1e-4 here."""
+    man = grow(template, tmp_path / "idx", 37, spike=30.0)
+    idx = gi.AttributionIndex.open(tmp_path / "idx")
+    with h5py.File(idx.path / "kernel.h5", "r") as f:
+        lead, eig = f["dual_lead"][()], f["eigenvalues"][()]
+        assert lead.dtype == np.float64 and eig[0, 0] / man["kernel"]["lambda"][0] > 1e3
+        width = [int(np.sum(e > 4 * lam)) for e, lam in zip(eig, man["kernel"]["lambda"])]
+        assert lead.shape == (2, 29, max(width))
+    q = queries(seed=3) + 30.0 * np.random.default_rng(4).standard_normal((4, 1)).astype(
+        np.float32
+    ) * idx.vectors("tracin")[:1]
+    for _ in range(2):
+        assert_scores(idx, idx.path, "trak", "tracin", q, dense(idx.path, q, "tracin"), rtol=2e-6)
