@@ -368,12 +368,15 @@ def markdown(r: dict) -> str:
         "the digits UNet (K = 10 timesteps); the demo index (when given) is `gradindex demo`'s "
         "own. Every figure through `AttributionIndex`; flat (exact) search for every method, "
         "k = 10, 1 thread; ratios against `tracin` in the same run. Form: `dual` (N < d: "
-        "V [N, r] per checkpoint, every row scored by (K + λ)⁻¹ X q) or `primal` (U [d, r], "
-        "a transformed query through the TracIn / ReTrac index). A dual kernel forms its N × N "
-        "products when a λ is asked the second time: one call inside its p99. Accuracy: the "
-        "scores search "
-        "serves, over every row, against the dense formula in float64 (the kernel before "
-        "session 8), 50 queries.",
+        "V [N, r] per checkpoint, every row scored by (K + λ)⁻¹ X q, X q summed in float64, "
+        "the eigenpairs above 4λ applied in float64; the 60 MiB budget shared by both row "
+        "sets by one threshold on S / λ) or `primal` (U [d, r], a transformed query through "
+        "the TracIn / ReTrac index). A dual kernel forms its N × N products when a λ is asked "
+        "the second time: one call inside its p99. Accuracy: the scores search serves, over "
+        "every row, against the dense formula in float64 (the kernel before session 8), 50 "
+        "queries; an exact kernel (rank kept = N) must be within 1e-5, a truncated one is an "
+        "approximation (top-10 overlap >= 0.99; its LDS cost in "
+        "[kernel_lds.md](kernel_lds.md)).",
         "",
         "| rows | N | C × d | kernel.h5 MiB | rows MiB (one set) | form | rank kept "
         "(trak / retrak) | kernel pass s | open + first search ms (tracin / trak / retrak) |",
