@@ -9,6 +9,7 @@ import re
 from html import unescape
 
 import numpy as np
+import pytest
 
 import gradindex as gi
 from tests import serve_helpers as sh
@@ -86,3 +87,33 @@ def test_an_index_without_factors_shows_influence_off_with_the_command(client, i
     text = unescape(r.text)
     assert r.status_code == 400 and "method 'influence' is not available for this index" in text
     assert "gradindex factors" in text
+
+
+def test_class_conditional_influence_takes_the_label(tmp_path):
+    """The form's class label reaches the influence query rows: each label answers as the
+    library's query with that label."""
+    from gradindex.query_influence import add_factors
+    from tests.conftest import scheduler, tiny_unet
+
+    model = tiny_unet(3, num_class_embeds=3)
+    train = np.random.default_rng(5).random((12, 1, 8, 8), dtype=np.float32)
+    labels = np.arange(12) % 3
+    np.savez(tmp_path / "train.npz", images=train, labels=labels)
+    spec = gi.BuildSpec(proj_dim=64, timesteps=2, batch_size=16)
+    with pytest.warns(UserWarning, match="fidelity"):
+        idx = gi.build_index(checkpoints=[(model, scheduler())], data=str(tmp_path / "train.npz"),
+                             out=tmp_path / "idx", spec=spec, progress=False)  # fmt: skip
+    add_factors(idx, train, labels=labels)
+    app = TestClient(create_app(idx))
+    pixels = query_pixels(6)
+    answers = []
+    for label in (0, 2):
+        r = app.post("/query", files={"image": ("q.png", png_of(pixels))},
+                     data={"k": "5", "method": "influence", "label": str(label)})  # fmt: skip
+        assert r.status_code == 200, r.text[-300:]
+        rows, scores = _shown(r.text, "influence")
+        want = idx.query(pixels[None, None], 5, "influence", labels=label)
+        assert rows == want.rows[0].tolist(), label
+        np.testing.assert_allclose(scores, want.scores[0], rtol=1e-5)
+        answers.append(scores)
+    assert not np.allclose(answers[0], answers[1])  # the label changes the answer
