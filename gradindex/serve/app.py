@@ -201,8 +201,7 @@ async def _run_query(request: Request) -> HTMLResponse:
         prompt=prompt,
         damping=(DAMPING if damping is None else damping) if INFLUENCE in chosen else None,
     )
-    parts = {"embed": embed_s, **{f"embed-{n}": v for n, v in out["embed_s"].items()}}
-    parts.update({f"search-{m}": v for m, v in out["search_s"].items()})
+    parts = {"embed": embed_s, **{f"search-{m}": v for m, v in out["search_s"].items()}}
     parts["total"] = time.perf_counter() - started  # the whole request, page rendered
     page.headers["Server-Timing"] = ", ".join(f"{n};dur={1e3 * v:.3f}" for n, v in parts.items())
     return page

@@ -47,7 +47,8 @@ def test_influence_is_served_as_the_library_and_cli_answer_it(with_factors, tmp_
         np.testing.assert_allclose(scores, want.scores[0], rtol=1e-5)
     assert _shown(r.text, "influence")[0] == cli_rows
     assert _shown(r.text, "influence") != _shown(r.text, "tracin")  # not TracIn's answer
-    assert "embed-influence;dur=" in r.headers["Server-Timing"]
+    assert "search-influence;dur=" in r.headers["Server-Timing"]
+    assert re.search(r'id="timing"[^>]*>embed \d+ ms \(influence \d+ ms\)', r.text)
     # the damping field: the library's lam=, and it changes the scores
     r = app.post("/query", files=files, data={"k": str(K), "method": "influence", "damping": "3"})
     assert r.status_code == 200 and 'id="damping">3.0<' in r.text
