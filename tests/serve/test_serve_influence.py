@@ -118,3 +118,21 @@ def test_class_conditional_influence_takes_the_label(tmp_path):
         np.testing.assert_allclose(scores, want.scores[0], rtol=1e-5)
         answers.append(scores)
     assert not np.allclose(answers[0], answers[1])  # the label changes the answer
+
+
+def test_results_viewer_names_influence_records(with_factors, tmp_path):
+    """A 'query --method influence --output' file opens in the viewer under its method's name,
+    with the file's rows."""
+    np.save(tmp_path / "q.npy", np.stack([query_pixels(s) for s in (4, 5)])[:, None])
+    out = tmp_path / "r.jsonl"
+    res = run(
+        "query", with_factors, tmp_path / "q.npy", "--method", "influence", "-k", 3, "-o", out
+    )
+    assert res.exit_code == 0, res.output
+    app = TestClient(create_app(with_factors, limits=Limits(reach_k=2)))
+    r = app.post("/results", files={"results": ("r.jsonl", out.read_bytes())})
+    assert r.status_code == 200
+    assert re.findall(r"<h3>([^<]*)</h3>", r.text) == ["Influence (EK-FAC)"] * 2
+    want = [json.loads(line)["rows"] for line in out.read_text().splitlines()]
+    sections = re.findall(r'<section class="query".*?</section>', r.text, re.S)
+    assert [_shown(part, "influence")[0] for part in sections] == want
