@@ -5,16 +5,19 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import socket
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import h5py
 import numpy as np
 import pytest
 
 import gradindex as gi
-from tests.conftest import scheduler, tiny_unet
+from tests.conftest import run, scheduler, tiny_unet
 
 if not os.environ.get("CI"):  # CI installs the dev extra: a missing web stack fails there
     pytest.importorskip("starlette")
@@ -75,15 +78,14 @@ def client(index):
 # -- the browser -----------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def server(index):
-    """The app served by uvicorn in a thread on a free loopback port: its base URL."""
+@contextmanager
+def running(app) -> Iterator[str]:
+    """``app`` served by uvicorn in a thread on a free loopback port: its base URL."""
     import uvicorn
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    app = create_app(index, limits=Limits(page_size=2, reach_k=2))
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
@@ -92,9 +94,28 @@ def server(index):
         if time.monotonic() > deadline or not thread.is_alive():
             pytest.fail("the test server did not start")
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    thread.join(10)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        srv.should_exit = True
+        thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def server(index):
+    """The app over the tiny index, served in a thread: its base URL."""
+    with running(create_app(index, limits=Limits(page_size=2, reach_k=2))) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def with_factors(built, tmp_path_factory):
+    """A copy of the tiny index with influence factors, added by 'gradindex factors'."""
+    folder = tmp_path_factory.mktemp("influence") / "idx"
+    shutil.copytree(built[0] / "idx", folder)
+    res = run("factors", folder, "--data", built[0] / "train.npy")
+    assert res.exit_code == 0, res.output
+    return folder
 
 
 def self_scores(built) -> dict[str, np.ndarray]:

@@ -2,7 +2,8 @@
 
 Routes (every one read-only on the index):
 
-    GET  /                  query form (image, k, methods, label / prompt for conditional models)
+    GET  /                  query form (image, k, methods, label / prompt for conditional models,
+                            influence's damping)
     POST /query             top-k training images of each method, side by side
     GET  /train/{row}       a training row's details: norm profile, reach
     GET  /thumb/{row}.png   a training row's thumbnail (row: an integer below len(index))
@@ -35,7 +36,9 @@ from starlette.routing import Route
 from starlette.templating import Jinja2Templates
 
 from gradindex.errors import GradIndexError, first_line
+from gradindex.featurize.kfac import DAMPING, check_damping
 from gradindex.query import SEARCH_METHODS, AttributionIndex
+from gradindex.query_influence import METHOD as INFLUENCE
 from gradindex.serve.chart import profile_svg
 from gradindex.serve.guard import Admission, HostCheck, SecurityHeaders, read_form
 from gradindex.serve.images import png_bytes
@@ -53,6 +56,7 @@ METHOD_NAMES = {
     "retrac": "Diffusion-ReTrac",
     "trak": "TRAK",
     "retrak": "ReTrac kernel",
+    "influence": "Influence (EK-FAC)",
 }
 TEMPLATES.env.globals["method_names"] = METHOD_NAMES
 NEIGHBOURS = 8  # training rows shown as closest to a training row
@@ -113,9 +117,11 @@ def _page(request: Request, template: str, status: int = 200, **context: Any) ->
         "index": state.index,
         "images": state.images,
         "methods": state.methods,
-        "all_methods": [m for m in SEARCH_METHODS if m != "influence"],  # CLI / library only
+        "all_methods": list(SEARCH_METHODS),
         # one reason for all kernel methods (they share kernel.h5): the first one found
         "kernel_problem": next((p for p in state.kernel_problems.values() if p), None),
+        "influence_problem": state.influence_problem,
+        "default_damping": DAMPING,
         "limits": state.limits,
         "conditioning": state.index.conditioning,
         "start_results": request.app.state.start_results,
@@ -152,11 +158,12 @@ async def _run_query(request: Request) -> HTMLResponse:
     chosen = [m for m in form.getlist("method") if isinstance(m, str)]
     bad = [m for m in chosen if m not in state.methods]
     if bad:
-        problem = state.kernel_problems.get(bad[0])
+        problem = state.problems.get(bad[0])
         why = f": {problem}" if problem else ""
         raise UploadError(f"method {bad[0]!r} is not available for this index{why}")
     if not chosen:
         raise UploadError("choose at least one method")
+    damping = _damping_field(form.get("damping"), chosen)
     upload = form.get("image")
     if not isinstance(upload, UploadFile):
         raise UploadError("no file was uploaded: pick a PNG or JPEG image, or a .npy of images")
@@ -166,7 +173,8 @@ async def _run_query(request: Request) -> HTMLResponse:
         decode_images, data, upload.filename or "", channels, state.limits
     )
     label, prompt = _conditioning_fields(form, state)
-    out = await run_in_threadpool(state.run_query, images, k, chosen, label, prompt)
+    out = await run_in_threadpool(state.run_query, images, k, chosen, label, prompt, damping)
+    embed_s = sum(out["embed_s"].values())
     name = upload.filename or "upload"
     queries = [
         {
@@ -184,14 +192,16 @@ async def _run_query(request: Request) -> HTMLResponse:
         k=k,
         filename=upload.filename,
         timing={
-            "embed_ms": 1e3 * out["embed_s"],
+            "embed_ms": 1e3 * embed_s,
+            "influence_embed_ms": 1e3 * out["embed_s"].get(INFLUENCE, 0.0),
             "search_ms": {m: 1e3 * s for m, s in out["search_s"].items()},
         },
         resized=out["resized"],
         label=label,
         prompt=prompt,
+        damping=(DAMPING if damping is None else damping) if INFLUENCE in chosen else None,
     )
-    parts = {"embed": out["embed_s"], **{f"search-{m}": v for m, v in out["search_s"].items()}}
+    parts = {"embed": embed_s, **{f"search-{m}": v for m, v in out["search_s"].items()}}
     parts["total"] = time.perf_counter() - started  # the whole request, page rendered
     page.headers["Server-Timing"] = ", ".join(f"{n};dur={1e3 * v:.3f}" for n, v in parts.items())
     return page
@@ -303,6 +313,19 @@ def _int_field(value: Any, name: str, lo: int, hi: int) -> int:
     if not text.lstrip("-").isdigit() or not lo <= int(text) <= hi:
         raise UploadError(f"{name}={text or '(empty)'}: give a whole number from {lo} to {hi}")
     return int(text)
+
+
+def _damping_field(value: Any, chosen: list[str]) -> float | None:
+    """Influence's damping from the form (empty: the library default), checked before the
+    embedding; refused when 'influence' is not among the chosen methods, not ignored."""
+    text = str(value).strip() if isinstance(value, str) else ""
+    if not text:
+        return None
+    if INFLUENCE not in chosen:
+        raise UploadError(
+            f"damping={text}: applies to method 'influence' only: tick it, or clear the field"
+        )
+    return check_damping(text)
 
 
 def _row(request: Request, state: ServeState) -> int:

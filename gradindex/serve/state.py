@@ -2,7 +2,9 @@
 
 ``ServeState`` holds the ``AttributionIndex`` (queried under a lock: one embedding at a
 time), the training images (``images.TrainingImages``), each row's label or caption, the
-"reach" of every training row, and the results files the browser uploaded.
+"reach" of every training row, the results files the browser uploaded, and why a method
+cannot be searched (``problems``: no kernel.h5 for the kernel methods, no factors.h5 for
+'influence').
 
 Reach (as ``gradindex report`` computes it): ``reach_queries`` training rows, a seeded sample,
 are queried with their own stored vectors for their top ``reach_k`` *other* training rows; a
@@ -24,6 +26,8 @@ import numpy as np
 from gradindex.errors import GradIndexError
 from gradindex.eval.report import norm_by_timestep, reach
 from gradindex.query import SEARCH_METHODS, AttributionIndex, stored_method
+from gradindex.query_influence import METHOD as INFLUENCE
+from gradindex.query_influence import check_factors, embed_influence
 from gradindex.serve.images import TrainingImages
 from gradindex.serve.limits import Limits
 from gradindex.serve.uploads import UploadError, parse_results
@@ -57,9 +61,9 @@ class ServeState:
         self.class_names = index.conditioning.get("class_names")
         # why each kernel method cannot be searched (no kernel.h5, ...), or None
         self.kernel_problems = {m: _kernel_problem(index, m) for m in KERNEL_METHODS}
-        self.methods = [  # 'influence' queries need their own rows (embed_influence): not served
-            m for m in SEARCH_METHODS if m != "influence" and self.kernel_problems.get(m) is None
-        ]
+        self.influence_problem = _influence_problem(index)  # no factors.h5, ..., or None
+        self.problems = {**self.kernel_problems, INFLUENCE: self.influence_problem}
+        self.methods = [m for m in SEARCH_METHODS if self.problems.get(m) is None]
         self.results: OrderedDict[str, tuple[str, list[dict[str, Any]]]] = OrderedDict()
         self.reach_counts, self.reach_queries = compute_reach(index, limits)
         self._norm_median: list[float] | None = None
@@ -158,20 +162,26 @@ class ServeState:
     # -- queries --------------------------------------------------------------------------
 
     def run_query(
-        self, images: np.ndarray, k: int, methods: list[str], label: Any, prompt: Any
+        self,
+        images: np.ndarray,
+        k: int,
+        methods: list[str],
+        label: Any,
+        prompt: Any,
+        damping: float | None = None,
     ) -> dict[str, Any]:
-        """Embed once, search every method: {method: [[card, ...] per image]} and the
-        seconds each part took."""
+        """Embed once per kind of query row (the stored methods' rows; 'influence''s own rows,
+        damped by ``damping`` or the library default), search every method:
+        {method: [[card, ...] per image]} and the seconds each part took."""
         idx = self.index
         cond = {"labels": label, "prompts": prompt}
         with self.lock:
-            t0 = time.perf_counter()
-            vecs = idx.embed(images, **cond)
-            embed_s = time.perf_counter() - t0
+            vecs, embed_s = self._embed(images, methods, cond, damping)
             found, search_s = {}, {}
             for m in methods:
                 t0 = time.perf_counter()
-                res = idx.search(vecs[stored_method(m)], min(k, len(idx.index_rows)), m)
+                q = vecs[INFLUENCE if m == INFLUENCE else stored_method(m)]
+                res = idx.search(q, min(k, len(idx.index_rows)), m)
                 search_s[m] = time.perf_counter() - t0
                 found[m] = [
                     [self.card(r, row, s) for r, (row, s) in enumerate(zip(rows, sc), 1)]
@@ -183,6 +193,23 @@ class ServeState:
             "search_s": search_s,
             "resized": idx.resized_from(images),
         }
+
+    def _embed(
+        self, images: np.ndarray, methods: list[str], cond: dict[str, Any], damping: Any
+    ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+        """The query rows ``methods`` search, by kind ('tracin' / 'retrac' from one embedding,
+        'influence' from its own), and the seconds each embedding took."""
+        vecs: dict[str, np.ndarray] = {}
+        seconds: dict[str, float] = {}
+        if any(m != INFLUENCE for m in methods):
+            t0 = time.perf_counter()
+            vecs.update(self.index.embed(images, **cond))
+            seconds["rows"] = time.perf_counter() - t0
+        if INFLUENCE in methods:
+            t0 = time.perf_counter()
+            vecs[INFLUENCE] = embed_influence(self.index, images, damping, **cond)
+            seconds[INFLUENCE] = time.perf_counter() - t0
+        return vecs, seconds
 
     # -- results files --------------------------------------------------------------------
 
@@ -230,6 +257,15 @@ def _kernel_problem(index: AttributionIndex, method: str) -> str | None:
     """Why kernel ``method`` cannot be searched (no kernel.h5, ...), or None."""
     try:
         index.check_kernel(method)
+    except GradIndexError as exc:
+        return str(exc)
+    return None
+
+
+def _influence_problem(index: AttributionIndex) -> str | None:
+    """Why 'influence' cannot be searched (no factors.h5, a kronecker index, ...), or None."""
+    try:
+        check_factors(index)
     except GradIndexError as exc:
         return str(exc)
     return None

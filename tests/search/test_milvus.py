@@ -215,3 +215,40 @@ def test_missing_pymilvus_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "pymilvus", None)
     with pytest.raises(MilvusError, match=r'pip install "gradindex\[milvus\]"'):
         pymilvus_module()
+
+
+def test_cli_query_influence_and_kernels_from_milvus_equal_faiss(tmp_path):
+    """An index with factors and a primal kernel (N > d), exported: 'query --milvus --method
+    influence / trak / retrak' of images answers the folder's FAISS query, and influence is a
+    brute-force search of its own query rows over the stored TracIn rows."""
+    from gradindex.query_influence import embed_influence
+
+    ckpt = tmp_path / "c1"
+    tiny_unet(1).save_pretrained(ckpt / "unet")
+    scheduler().save_pretrained(ckpt / "scheduler")
+    rng = np.random.default_rng(5)
+    np.save(tmp_path / "train.npy", rng.random((40, 1, 8, 8), dtype=np.float32))
+    np.save(tmp_path / "q.npy", rng.random((3, 1, 8, 8), dtype=np.float32))
+    out, uri = tmp_path / "idx", tmp_path / "lite.db"
+    spec = gi.BuildSpec(proj_dim=16, timesteps=2, noise_draws=1, data_range=(0.0, 1.0))
+    with pytest.warns(UserWarning, match="fidelity"):  # 16 dims: below the fidelity bar
+        gi.build_index(checkpoints=[str(ckpt)], data=str(tmp_path / "train.npy"), out=out,
+                       spec=spec, progress=False)  # fmt: skip
+    assert run("factors", out, "--data", tmp_path / "train.npy").exit_code == 0
+    assert run("export", out, "--milvus", uri).exit_code == 0
+    idx = gi.AttributionIndex.open(out)
+    answers = {}
+    for method in ("influence", "trak", "retrak"):
+        args = ("query", out, tmp_path / "q.npy", "--method", method, "-k", 5, "--json")
+        milvus, local = run(*args, "--milvus", uri), run(*args, "--exact")
+        assert milvus.exit_code == 0 and local.exit_code == 0, milvus.output + local.output
+        got, want = ([json.loads(ln) for ln in r.output.splitlines()] for r in (milvus, local))
+        assert [r["rows"] for r in got] == [r["rows"] for r in want], method
+        for g, w in zip(got, want, strict=True):
+            np.testing.assert_allclose(g["scores"], w["scores"], rtol=1e-4, atol=1e-6)
+        answers[method] = got
+    assert idx.manifest["kernel"]["form"]["tracin"] == "primal"  # queries go to the collection
+    q = embed_influence(idx, np.load(tmp_path / "q.npy")).astype(np.float64)
+    scores, rows = _brute_force(idx.vectors("tracin").astype(np.float64), q, 5)
+    assert [r["rows"] for r in answers["influence"]] == rows.tolist()
+    np.testing.assert_allclose([r["scores"] for r in answers["influence"]], scores, rtol=1e-4)

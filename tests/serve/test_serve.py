@@ -26,6 +26,7 @@ from tests.serve_helpers import (
 )
 
 built, index, client, server = sh.built, sh.index, sh.client, sh.server  # shared fixtures
+with_factors = sh.with_factors
 
 CHROMIUM = os.environ.get("GRADINDEX_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -83,7 +84,7 @@ def test_browser_query_shows_the_ids_attribution_index_query_returns(server, pag
     page.goto(server + "/")
     page.set_input_files("#image", str(tmp_path / "q.png"))
     page.fill("#k", str(K))
-    served = [m for m in SEARCH_METHODS if m != "influence"]  # influence: CLI / library only
+    served = [m for m in SEARCH_METHODS if m != "influence"]  # no factors: test_serve_influence
     for m in served:  # every served method, the kernel ones included
         page.check(f"#method-{m}")
     page.click("#submit")
@@ -95,6 +96,31 @@ def test_browser_query_shows_the_ids_attribution_index_query_returns(server, pag
         assert got == [str(i) for i in want.ids[0]], m
         np.testing.assert_allclose(np.array(scores[m], float), want.scores[0], rtol=1e-5)
     assert page.locator("#error").count() == 0
+
+
+def test_browser_influence_query_shows_the_library_answer(with_factors, page, tmp_path):
+    """An index with factors: 'influence' (damping 0.5 typed in) beside TracIn, as the library."""
+    import gradindex as gi
+    from gradindex.serve.app import create_app
+
+    pixels = query_pixels(3)
+    (tmp_path / "q.png").write_bytes(png_of(pixels))
+    with sh.running(create_app(with_factors, limits=sh.Limits(reach_k=2))) as url:
+        page.goto(url + "/")
+        page.set_input_files("#image", str(tmp_path / "q.png"))
+        page.fill("#k", str(K))
+        page.uncheck("#method-retrac")
+        page.check("#method-influence")
+        page.fill("#damping", "0.5")
+        page.click("#submit")
+        page.wait_for_selector("#query-0 .card")
+        ids, scores = shown_ids(page), shown_ids(page, attr="data-score")
+    assert set(ids) == {"tracin", "trak", "retrak", "influence"}
+    lib = gi.AttributionIndex.open(with_factors)
+    want = lib.query(pixels[None, None], K, "influence", lam=0.5)
+    assert ids["influence"] == [str(i) for i in want.ids[0]]
+    np.testing.assert_allclose(np.array(scores["influence"], float), want.scores[0], rtol=1e-5)
+    assert ids["tracin"] == [str(i) for i in lib.query(pixels[None, None], K, "tracin").ids[0]]
 
 
 def test_browser_dropped_file_is_queried(server, page, index):
