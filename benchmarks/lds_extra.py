@@ -33,10 +33,11 @@ def influence_embeddings(
     targets: np.ndarray,
     calib: np.ndarray,
     damping: float = 0.1,
+    factor_seed: int = 0,
 ) -> dict[str, np.ndarray]:
     """The 'influence' query rows of the targets and calibration digits of index ``idx``
-    (factors computed from every training digit first when the index has none), cached in
-    ``cache/embed/<name>-influence.npz``."""
+    (factors computed from every training digit first, seeded by ``factor_seed``, when the
+    index has none), cached in ``cache/embed/<name>-influence.npz``."""
     suffix = "" if damping == 0.1 else f"-d{damping:g}"
     path = cache / "embed" / f"{name}-influence{suffix}.npz"
     if path.exists():
@@ -44,7 +45,7 @@ def influence_embeddings(
             return dict(f)
     started = time.perf_counter()
     if not isinstance(idx.manifest.get("factors"), dict):
-        add_factors(idx, train, seed=0)
+        add_factors(idx, train, seed=factor_seed)
     factor_seconds = float(idx.manifest["factors"]["seconds"])
     out = {
         "target_influence": embed_influence(idx, targets, damping),
