@@ -28,12 +28,16 @@ weights equal the cached full model's.
 LDS: Spearman over subsets between Σ_{i∈s} score(i, target) and −loss(target, s), averaged over
 targets; 95% bootstrap intervals over targets. Everything is cached under
 ``benchmarks/cache/lds/`` (or ``$GRADINDEX_LDS_CACHE``) and reused, so the run resumes after a
-stop.
+stop. ``--run 2``: an independent run of the same question, every seed changed
+(``lds_runs.RUN_SEEDS``), cached in ``<cache>-run2`` (or ``$GRADINDEX_LDS_CACHE_RUN2``), results
+in lds_run2.json / .md; ``python benchmarks/lds_runs.py`` then writes the spread between the runs.
 
     python benchmarks/bench_lds.py all                       # everything, one process
     python benchmarks/bench_lds.py train --shard 1/2         # a second worker's share
     python benchmarks/bench_lds.py features --precondition none adam   # + Adam-preconditioned
     python benchmarks/bench_lds.py report                    # tables from the cache
+    python benchmarks/bench_lds.py all --run 2 --K 10 --fast # the second, independent run
+    python benchmarks/lds_runs.py                            # lds_spread.md: run 1 vs run 2
 """
 
 from __future__ import annotations

@@ -105,6 +105,13 @@ def block_spread(b1: dict, b2: dict, reference: str) -> dict:
         rows[name] = row_spread(b1["methods"][name], b2["methods"][name], vs1, vs2)
     diffs = np.array([r["all"]["abs_diff"] for r in rows.values()])
     paired = np.array([r["vs_reference"]["abs_diff"] for r in rows.values() if "vs_reference" in r])
+    half = np.array(
+        [
+            (c[1] - c[0]) / 2
+            for r in rows.values()
+            for c in (r["all"]["ci_run1"], r["all"]["ci_run2"])
+        ]
+    )  # within-run 95% interval over targets, to set the between-run |Δ| against
     lds1 = np.array([[r["all"]["run1"] for r in rows.values()]])
     lds2 = np.array([[r["all"]["run2"] for r in rows.values()]])
     summary = {
@@ -113,6 +120,11 @@ def block_spread(b1: dict, b2: dict, reference: str) -> dict:
         "max_abs_diff_all": float(diffs.max()) if len(diffs) else None,
         "median_abs_diff_vs_reference": float(np.median(paired)) if len(paired) else None,
         "max_abs_diff_vs_reference": float(paired.max()) if len(paired) else None,
+        "median_ci_halfwidth_all": float(np.median(half)) if len(half) else None,
+        "run2_inside_run1_ci_all": sum(
+            r["all"]["ci_run1"][0] <= r["all"]["run2"] <= r["all"]["ci_run1"][1]
+            for r in rows.values()
+        ),
         "vs_reference_same_sign": sum(
             r["vs_reference"]["same_sign"] for r in rows.values() if "vs_reference" in r
         ),
@@ -202,7 +214,9 @@ def spread_markdown(s: dict, files: tuple[str, str]) -> str:
             f"## {name}",
             "",
             f"{m['rows']} rows in both runs: |Δ LDS (all)| median {m['median_abs_diff_all']:.3f}, "
-            f"max {m['max_abs_diff_all']:.3f}; |Δ (− ref)| median "
+            f"max {m['max_abs_diff_all']:.3f} (a within-run 95% interval's half-width: median "
+            f"{m['median_ci_halfwidth_all']:.3f}; run 2's LDS inside run 1's interval for "
+            f"{m['run2_inside_run1_ci_all']} rows); |Δ (− ref)| median "
             f"{m['median_abs_diff_vs_reference']:.3f}, max {m['max_abs_diff_vs_reference']:.3f}; "
             f"the difference against the reference has the same sign in both runs for "
             f"{m['vs_reference_same_sign']} rows; Spearman of the rows' LDS between runs "

@@ -59,7 +59,7 @@ def two_runs() -> tuple[dict, dict]:
     )
     run2 = result(  # other order, a row run 1 lacks, A's sign against the reference flips
         {"C": row(0.10, 0.1, 0.1), "B": row(0.33, 0.31, 0.35), "A": row(0.47, 0.50, 0.44),
-         REF: row(0.48, 0.55, 0.41)},
+         REF: row(0.49, 0.55, 0.41)},
         {"B": -0.15, "A": -0.01, "C": -0.38},
         primary(-0.07, 0.02),
         0.34,
@@ -92,7 +92,9 @@ def test_paired_difference_keeps_its_sign_per_run() -> None:
     m = s["summary"]
     assert m["vs_reference_same_sign"] == 1
     assert m["max_abs_diff_all"] == pytest.approx(0.05)  # A; C (run 2 only) is not counted
-    assert m["median_abs_diff_all"] == pytest.approx(0.03)  # |Δ| 0.02, 0.05, 0.03
+    assert m["median_abs_diff_all"] == pytest.approx(0.03)  # |Δ| 0.01, 0.05, 0.03
+    assert m["median_ci_halfwidth_all"] == pytest.approx(0.02)
+    assert m["run2_inside_run1_ci_all"] == 1  # ref 0.49 in [0.48, 0.52]; A 0.47, B 0.33 not
     # rows' LDS: run 1 A > ref > B, run 2 ref > A > B: ranks (2, 3, 1) vs (3, 2, 1) → 0.5
     assert m["rank_spearman_over_rows"] == pytest.approx(0.5)
 
