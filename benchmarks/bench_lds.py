@@ -923,7 +923,7 @@ def markdown(r: dict) -> str:
         lines.append("")
     lines += [
         f"Compute: {cs['total'] / 60:.1f} min summed over the stages' processes, "
-        f"{cs.get('wall_clock_span', 0) / 60:.0f} min wall clock with 2–3 running at once (training {cs['train_total'] / 60:.1f} min, "
+        f"{cs.get('wall_clock_span', 0) / 60:.0f} min wall clock from the full model's training to this report (training {cs['train_total'] / 60:.1f} min, "
         f"{cs['train_per_model_median']:.0f} s per model; measuring {cs['measure_total'] / 60:.1f} "
         f"min; gradient features {cs['features_total'] / 60:.1f} min). Machine: "
         f"{r['machine']['platform']}, {r['machine']['note']}.",

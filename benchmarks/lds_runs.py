@@ -56,7 +56,7 @@ def run_config(config: dict, run: int) -> dict:
 def run_lines(r: dict) -> list[str]:
     """lds.md's note on which run this is and where the spread between runs is."""
     run = int(r.get("run", 1))
-    pointer = f"The spread between runs: {SPREAD_STEM}.md (`bench_lds.py spread`)."
+    pointer = f"The spread between runs: {SPREAD_STEM}.md (`python benchmarks/lds_runs.py`)."
     if run == 1:
         return [f"Run 1 of the recipe (seeds in `config`). {pointer}", ""]
     seeds = ", ".join(f"{k} {r['config'][k]}" for k in RUN_SEEDS[run])
@@ -165,6 +165,8 @@ def spread(r1: dict, r2: dict, reference: str) -> dict:
     out = {"reference": reference, "by_K": {}}
     for name in sorted(set(r1["by_K"]) & set(r2["by_K"])):
         out["by_K"][name] = block_spread(r1["by_K"][name], r2["by_K"][name], reference)
+    out["K_only_in_run1"] = sorted(set(r1["by_K"]) - set(r2["by_K"]))
+    out["K_only_in_run2"] = sorted(set(r2["by_K"]) - set(r1["by_K"]))
     if "primary" in r1 and "primary" in r2:
         out["primary"] = primary_spread(r1["primary"], r2["primary"])
     out["ceiling"] = {g: _pair(r1["ceiling"][g]["mean"], r2["ceiling"][g]["mean"]) for g in GROUPS}
@@ -243,6 +245,9 @@ def spread_markdown(s: dict, files: tuple[str, str]) -> str:
             if b[f"only_in_{run}"]:
                 lines += ["", f"Only in {run}: {'; '.join(b[f'only_in_{run}'])}."]
         lines.append("")
+    for run in ("run1", "run2"):
+        if s.get(f"K_only_in_{run}"):
+            lines += [f"Only in {run} (no spread): {', '.join(s[f'K_only_in_{run}'])}.", ""]
     return "\n".join(lines)
 
 

@@ -100,7 +100,10 @@ def test_paired_difference_keeps_its_sign_per_run() -> None:
 
 
 def test_primary_and_ceiling_per_run_and_group() -> None:
-    s = lds_runs.spread(*two_runs(), REF)
+    run1, run2 = two_runs()
+    run1["by_K"]["K100"] = run1["by_K"]["K10"]
+    s = lds_runs.spread(run1, run2, REF)
+    assert list(s["by_K"]) == ["K10"] and s["K_only_in_run1"] == ["K100"]
     p = s["primary"]
     assert (p["held_out"]["run1"], p["held_out"]["run2"]) == (-0.10, -0.07)
     assert (p["generated"]["run1"], p["generated"]["run2"]) == (0.05, 0.02)
