@@ -28,12 +28,16 @@ weights equal the cached full model's.
 LDS: Spearman over subsets between Σ_{i∈s} score(i, target) and −loss(target, s), averaged over
 targets; 95% bootstrap intervals over targets. Everything is cached under
 ``benchmarks/cache/lds/`` (or ``$GRADINDEX_LDS_CACHE``) and reused, so the run resumes after a
-stop.
+stop. ``--run 2``: an independent run of the same question, every seed changed
+(``lds_runs.RUN_SEEDS``), cached in ``<cache>-run2`` (or ``$GRADINDEX_LDS_CACHE_RUN2``), results
+in lds_run2.json / .md; ``python benchmarks/lds_runs.py`` then writes the spread between the runs.
 
     python benchmarks/bench_lds.py all                       # everything, one process
     python benchmarks/bench_lds.py train --shard 1/2         # a second worker's share
     python benchmarks/bench_lds.py features --precondition none adam   # + Adam-preconditioned
     python benchmarks/bench_lds.py report                    # tables from the cache
+    python benchmarks/bench_lds.py all --run 2 --K 10 --fast # the second, independent run
+    python benchmarks/lds_runs.py                            # lds_spread.md: run 1 vs run 2
 """
 
 from __future__ import annotations
@@ -64,8 +68,10 @@ from gradindex.store.kernel import KERNEL_METHODS, LAMBDA_RULE, LAMBDA_SCALE
 
 try:  # run as a script (benchmarks/ on sys.path) or imported as benchmarks.bench_lds
     import lds_extra as extra_mod
+    import lds_runs as runs_mod
 except ImportError:  # pragma: no cover
     from benchmarks import lds_extra as extra_mod
+    from benchmarks import lds_runs as runs_mod
 
 HERE = Path(__file__).resolve().parent
 CACHE = Path(os.environ.get("GRADINDEX_LDS_CACHE") or HERE / "cache" / "lds")
@@ -91,6 +97,11 @@ CONFIG = {
     "full_checkpoint_every": 100,
     "measure_draws": 128,  # R (timestep, noise) draws per target
     "measure_seed": 123,
+    "generation_seed": 7,  # the generated targets' sampler
+    "proj_seed": 0,  # the index's projection; feature_seed: its (t, ε) draws
+    "feature_seed": 0,
+    "factor_seed": 0,  # the EK-FAC factors' sampled targets
+    "random_seed": 0,  # the 'random' row (generator seeded by K + this)
     "proj_dim": 4096,
     "projection": "sjlt",
     "num_calibration": 100,  # unused digits (neither pool nor targets): λ is chosen on these
@@ -99,7 +110,8 @@ CONFIG = {
 }
 
 log = logging.getLogger("bench_lds")
-OPTIONS = {"fast": False}  # --fast: no λ-scale sweep, formula checks or whitened-cosine rows
+OPTIONS = {"fast": False, "run": 1}  # --fast: no λ-scale sweep, formula checks or whitened
+# cosine rows; --run r: an independent run's seeds (lds_runs.RUN_SEEDS), cache and results
 
 
 # -- data and models ------------------------------------------------------------------------
@@ -189,7 +201,12 @@ def targets() -> dict[str, np.ndarray]:
     if not path.exists():
         full = train_full()
         _, held, _ = data_split()
-        gen = sample_images(full.pipeline_dir, CONFIG["num_generated"], seed=7, sampler="ddim")
+        gen = sample_images(
+            full.pipeline_dir,
+            CONFIG["num_generated"],
+            seed=CONFIG["generation_seed"],
+            sampler="ddim",
+        )
         gen = np.clip(gen, 0.0, 1.0)
         tmp = path.with_name("targets.tmp.npz")
         np.savez(tmp, heldout=held, generated=gen)
@@ -337,6 +354,8 @@ def build(loss: str, K: int, ckpts: str = "all", precondition: str = "none"):
     spec = gi.BuildSpec(
         proj_dim=CONFIG["proj_dim"],
         projection=CONFIG["projection"],
+        proj_seed=CONFIG["proj_seed"],
+        seed=CONFIG["feature_seed"],
         timesteps=K,
         noise_draws=1,
         loss=loss,
@@ -403,7 +422,7 @@ def influence_rows(K: int, ckpts: str, damping: float = 0.1) -> dict[str, np.nda
     train, _, _ = data_split()
     return extra_mod.influence_embeddings(
         build("mse", K, ckpts), CACHE, f"mse-{variant_name(K, ckpts)}", train,
-        all_targets()[0], calibration_images(), damping,
+        all_targets()[0], calibration_images(), damping, CONFIG["factor_seed"],
     )  # fmt: skip
 
 
@@ -586,7 +605,7 @@ def method_scores(
                 lam = scaled_lambdas(idx, method, best)
                 scores[f"{label}, λ per method (s = {best:g})"] = index_scores(idx, q, method, lam)
             scores[f"{label}, whitened cosine (benchmark-side)"] = whitened_cosine(idx, q, method)
-    rng = np.random.default_rng(K)
+    rng = np.random.default_rng(K + CONFIG["random_seed"])
     scores["random"] = rng.standard_normal((len(losses), m.shape[1]))
     return scores, extra
 
@@ -730,8 +749,9 @@ def cmd_report(variants: list[tuple[int, str]], partial: bool = False) -> None:
     }
     results["subset_seeds"] = [CONFIG["subset_seed_base"] + s for s in done]
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "lds.json").write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
-    (RESULTS / "lds.md").write_text(markdown(results))
+    stem = runs_mod.results_stem(OPTIONS["run"])
+    (RESULTS / f"{stem}.json").write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+    (RESULTS / f"{stem}.md").write_text(markdown(results))
     print(markdown(results))
 
 
@@ -776,6 +796,7 @@ def markdown(r: dict) -> str:
         f"{r['num_targets']['generated']} generated by the full model.**",
         "",
     ]
+    lines += runs_mod.run_lines(r)
     if r["num_subsets"] < c["num_subsets"]:
         lines += [
             f"**Partial run: {r['num_subsets']} of the {c['num_subsets']} planned subset models "
@@ -815,7 +836,7 @@ def markdown(r: dict) -> str:
             "projection and the kernel.",
             "",
         ]
-    lines += primary_lines(r)
+    lines += extra_mod.primary_lines(r)
     for block in r["by_K"].values():
         which = "every checkpoint" if block["checkpoints"] == "all" else "final checkpoint only"
         lines += [
@@ -902,7 +923,7 @@ def markdown(r: dict) -> str:
         lines.append("")
     lines += [
         f"Compute: {cs['total'] / 60:.1f} min summed over the stages' processes, "
-        f"{cs.get('wall_clock_span', 0) / 60:.0f} min wall clock with 2–3 running at once (training {cs['train_total'] / 60:.1f} min, "
+        f"{cs.get('wall_clock_span', 0) / 60:.0f} min wall clock from the full model's training to this report (training {cs['train_total'] / 60:.1f} min, "
         f"{cs['train_per_model_median']:.0f} s per model; measuring {cs['measure_total'] / 60:.1f} "
         f"min; gradient features {cs['features_total'] / 60:.1f} min). Machine: "
         f"{r['machine']['platform']}, {r['machine']['note']}.",
@@ -912,36 +933,6 @@ def markdown(r: dict) -> str:
         "",
     ]
     return "\n".join(lines)
-
-
-def primary_lines(r: dict) -> list[str]:
-    """The declared primary comparison and the seed-noise ceiling, first in lds.md."""
-    c, p = r["ceiling"], r.get("primary", {})
-    out = [
-        f"**Seed-noise ceiling** ({c['seeds']} training seeds per subset model; {c['what']}): "
-        f"all {c['all']['mean']:.3f} [{c['all']['ci_low']:.3f}, {c['all']['ci_high']:.3f}], "
-        f"held-out {c['heldout']['mean']:.3f}, generated {c['generated']['mean']:.3f}. "
-        "The measured outputs are the mean over the seeds; a method predicting that mean can "
-        "exceed this single-retraining predictor (rows with a negative 'ceiling − LDS').",
-        "",
-        "'EK-FAC influence (mse)': method `influence` on the mse index: the query gradient "
-        "preconditioned per layer by EK-FAC factors of the GGN (sampled targets, every training "
-        "digit once, one (t, ε) draw each), damping 0.1 × the layer's mean eigenvalue, then "
-        "projected and searched on the TracIn rows.",
-        "",
-        f"**Primary comparison, declared before the run** (`results/{p.get('declared_in')}`): "
-        f"{p.get('method')} − {p.get('reference')} at {p.get('K')}, paired over targets:",
-        "",
-    ]
-    for key, label in (("held_out", "held-out digits"), ("generated", "generated")):
-        d = p.get(key)
-        if d is None:
-            out.append(f"- {label}: not computed ({', '.join(p.get('missing', []))} missing)")
-            continue
-        verdict = "goal met" if d["met"] else f"short of the +{d['goal']:.2f} goal by "
-        verdict += "" if d["met"] else f"{d['goal'] - d['diff']:.3f} (or its interval reaches 0)"
-        out.append(f"- {label}: {d['diff']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]: {verdict}")
-    return [*out, ""]
 
 
 def _shard(text: str) -> tuple[int, int]:
@@ -978,9 +969,13 @@ def main() -> None:
         help="report: every method at its default λ only (no λ-scale sweep on the calibration "
         "digits, no benchmark-side formula checks or whitened-cosine rows)",
     )
+    p.add_argument("--run", type=int, default=1, help="an independent run's seeds (lds_runs.py)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    OPTIONS["fast"] = args.fast
+    OPTIONS["fast"], OPTIONS["run"] = args.fast, args.run
+    global CACHE
+    CONFIG.update(runs_mod.run_config(CONFIG, args.run))
+    CACHE = runs_mod.run_cache(CACHE, args.run)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     CACHE.mkdir(parents=True, exist_ok=True)
     if args.stage in ("all", "train"):

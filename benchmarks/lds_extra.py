@@ -1,5 +1,5 @@
 """bench_lds.py's hardening helpers: the influence method's query rows, the seed-noise ceiling,
-the declared primary comparison and the per-row calibration LDS.
+the declared primary comparison (and its lines in lds.md) and the per-row calibration LDS.
 
 Kept apart from bench_lds.py (which is long already); every function takes what it needs.
 """
@@ -33,10 +33,11 @@ def influence_embeddings(
     targets: np.ndarray,
     calib: np.ndarray,
     damping: float = 0.1,
+    factor_seed: int = 0,
 ) -> dict[str, np.ndarray]:
     """The 'influence' query rows of the targets and calibration digits of index ``idx``
-    (factors computed from every training digit first when the index has none), cached in
-    ``cache/embed/<name>-influence.npz``."""
+    (factors computed from every training digit first, seeded by ``factor_seed``, when the
+    index has none), cached in ``cache/embed/<name>-influence.npz``."""
     suffix = "" if damping == 0.1 else f"-d{damping:g}"
     path = cache / "embed" / f"{name}-influence{suffix}.npz"
     if path.exists():
@@ -44,7 +45,7 @@ def influence_embeddings(
             return dict(f)
     started = time.perf_counter()
     if not isinstance(idx.manifest.get("factors"), dict):
-        add_factors(idx, train, seed=0)
+        add_factors(idx, train, seed=factor_seed)
     factor_seconds = float(idx.manifest["factors"]["seconds"])
     out = {
         "target_influence": embed_influence(idx, targets, damping),
@@ -122,3 +123,33 @@ def primary_record(
             "met": bool(d.mean >= declared["goal"] and d.low > 0),
         }
     return out
+
+
+def primary_lines(r: dict) -> list[str]:
+    """The declared primary comparison and the seed-noise ceiling, first in lds.md."""
+    c, p = r["ceiling"], r.get("primary", {})
+    out = [
+        f"**Seed-noise ceiling** ({c['seeds']} training seeds per subset model; {c['what']}): "
+        f"all {c['all']['mean']:.3f} [{c['all']['ci_low']:.3f}, {c['all']['ci_high']:.3f}], "
+        f"held-out {c['heldout']['mean']:.3f}, generated {c['generated']['mean']:.3f}. "
+        "The measured outputs are the mean over the seeds; a method predicting that mean can "
+        "exceed this single-retraining predictor (rows with a negative 'ceiling − LDS').",
+        "",
+        "'EK-FAC influence (mse)': method `influence` on the mse index: the query gradient "
+        "preconditioned per layer by EK-FAC factors of the GGN (sampled targets, every training "
+        "digit once, one (t, ε) draw each), damping 0.1 × the layer's mean eigenvalue, then "
+        "projected and searched on the TracIn rows.",
+        "",
+        f"**Primary comparison, declared before the run** (`results/{p.get('declared_in')}`): "
+        f"{p.get('method')} − {p.get('reference')} at {p.get('K')}, paired over targets:",
+        "",
+    ]
+    for key, label in (("held_out", "held-out digits"), ("generated", "generated")):
+        d = p.get(key)
+        if d is None:
+            out.append(f"- {label}: not computed ({', '.join(p.get('missing', []))} missing)")
+            continue
+        verdict = "goal met" if d["met"] else f"short of the +{d['goal']:.2f} goal by "
+        verdict += "" if d["met"] else f"{d['goal'] - d['diff']:.3f} (or its interval reaches 0)"
+        out.append(f"- {label}: {d['diff']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]: {verdict}")
+    return [*out, ""]
