@@ -166,3 +166,24 @@ def test_run_cache_and_results_files(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("GRADINDEX_LDS_CACHE_RUN2", str(tmp_path / "elsewhere"))
     assert lds_runs.run_cache(cache, 2) == tmp_path / "elsewhere"
     assert lds_runs.results_stem(1) == "lds" and lds_runs.results_stem(2) == "lds_run2"
+
+
+def test_every_row_says_how_far_it_is_from_the_goal_in_each_run() -> None:
+    """The goal is reference + 0.03 with the paired interval above zero: A (+0.02 / −0.01) is
+    short by 0.01 / 0.04, B (−0.20 / −0.15) by 0.23 / 0.18; a row at +0.05 whose interval
+    reaches below zero is short by nothing yet does not meet it; nearest rows first."""
+    run1, run2 = two_runs()
+    run1["by_K"]["K10"]["paired_vs_dtrak"][f"A − {REF}"] = ci(0.05, half=0.06)  # [−0.01, 0.11]
+    goal = lds_runs.spread(run1, run2, REF)["by_K"]["K10"]["goal"]
+    assert [g["method"] for g in goal] == ["A", "B"]
+    a, b = goal
+    assert a["run1"]["short_by"] == 0.0 and a["run1"]["met"] is False
+    assert a["run2"]["short_by"] == pytest.approx(0.04) and a["run2"]["met"] is False
+    assert b["run1"]["short_by"] == pytest.approx(0.23)
+    assert b["run2"]["short_by"] == pytest.approx(0.18)
+    run1["by_K"]["K10"]["paired_vs_dtrak"][f"A − {REF}"] = ci(0.05, half=0.01)
+    run2["by_K"]["K10"]["paired_vs_dtrak"][f"A − {REF}"] = ci(0.04, half=0.01)
+    s = lds_runs.spread(run1, run2, REF)
+    assert s["by_K"]["K10"]["goal"][0]["run2"]["met"] is True
+    text = lds_runs.spread_markdown(s, ("lds.json", "lds_run2.json"))
+    assert "Rows meeting the goal in both runs: A." in text
