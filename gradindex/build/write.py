@@ -94,6 +94,7 @@ def write_build(
         images=rows.images, prep=rows.prep, conditioner=plan.conditioner, cond_data=rows.cond,
         sample=fidelity_sample,
     )  # fmt: skip
+    plan.embedder.release()  # featurizing is over: its buffers are not held past this
     kind = "flat" if rows.shard else index  # the merged index gets the asked kind
     try:
         index_info = _search_indexes(store.path, out, keep, len(flagged), kind, target_recall)

@@ -206,6 +206,7 @@ def _reference_scores(
             )  # fmt: skip
             project = proj.project
         a, r = _features(feat, embedder.draws, x0, cond, spec.batch_size, project)  # [S, q]
+        embedder.release()  # the work buffers are not held beside the products of [S, q] rows
         part = scores(a.cpu().numpy()[None], r.cpu().numpy()[None], [w], slice(None), slice(None))
         out = {m: out[m] + part[m].astype(np.float64) for m in METHODS}
         del a, r

@@ -36,5 +36,9 @@ class Scratch:
         """Drop every buffer (memory back to the allocator)."""
         self._buffers.clear()
 
+    def nbytes(self) -> int:
+        """Bytes the buffers hold now."""
+        return sum(b.numel() * b.element_size() for b in self._buffers.values())
+
 
 scratch = Scratch()

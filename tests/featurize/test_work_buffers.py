@@ -1,0 +1,67 @@
+"""Featurizing's work buffers (featurize/scratch.py) are held only while batches are featurized:
+a build drops them before its fidelity products, search indexes and kernel, a query once its
+images are embedded (the demo's peak memory was those buffers, over 300 MB at a batch of 16,
+held beside every later stage)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import gradindex as gi
+import gradindex.build.write
+import gradindex.featurize.fidelity
+from gradindex.featurize.scratch import scratch
+from tests.conftest import assert_rows_close, scheduler, tiny_unet
+
+pytestmark = pytest.mark.filterwarnings("ignore:projection fidelity is below the bar")
+SPEC = gi.BuildSpec(proj_dim=64, timesteps=3, batch_size=4, checkpoint_weights=(1.0, 2.0))
+
+
+@pytest.fixture
+def build(tmp_path, images, monkeypatch):
+    """Build an index of the 7 images over two tiny UNets; {stage: scratch bytes held when that
+    stage started} for the fidelity products, the search indexes and the kernel."""
+    held: dict[str, int] = {}
+
+    def spy(name, fn):
+        def wrapped(*args, **kwargs):
+            held[name] = max(held.get(name, 0), scratch.nbytes())
+            return fn(*args, **kwargs)
+
+        return wrapped
+
+    fidelity, write = gradindex.featurize.fidelity, gradindex.build.write
+    stages = (
+        (fidelity, "scores", "fidelity"),
+        (write, "_search_indexes", "indexes"),
+        (write, "write_kernel", "kernel"),
+    )
+    for module, name, stage in stages:
+        monkeypatch.setattr(module, name, spy(stage, getattr(module, name)))
+    sched = scheduler()
+    idx = gi.build_index(
+        checkpoints=[(tiny_unet(1), sched), (tiny_unet(2), sched)],
+        data=images,
+        out=tmp_path / "idx",
+        spec=SPEC,
+        progress=False,
+    )
+    return idx, held
+
+
+def test_a_build_holds_no_work_buffers_past_featurizing(build):
+    idx, held = build
+    assert set(held) == {"fidelity", "indexes", "kernel"}  # each stage ran (exact fidelity)
+    assert held == {"fidelity": 0, "indexes": 0, "kernel": 0}
+    assert scratch.nbytes() == 0
+
+
+def test_a_query_holds_no_work_buffers_once_embedded_and_its_rows_do_not_change(build, images):
+    idx, _ = build
+    first = idx.embed(images)
+    assert scratch.nbytes() == 0
+    again = idx.embed(images)  # the buffers allocated again: the same rows, to the bit
+    for method in ("tracin", "retrac"):
+        np.testing.assert_array_equal(again[method], first[method])
+        assert_rows_close(first[method], idx.vectors(method))  # the stored rows
