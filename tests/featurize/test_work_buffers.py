@@ -20,20 +20,25 @@ SPEC = gi.BuildSpec(proj_dim=64, timesteps=3, batch_size=4, checkpoint_weights=(
 
 @pytest.fixture
 def build(tmp_path, images, monkeypatch):
-    """Build an index of the 7 images over two tiny UNets; {stage: scratch bytes held when that
-    stage started} for the fidelity products, the search indexes and the kernel."""
+    """Build an index of the 7 images over two tiny UNets; {stage: the most scratch bytes held
+    when that stage started} and {stage + ' done': ... when it returned} for the rows, the
+    fidelity check's sample rows and products, the search indexes and the kernel."""
     held: dict[str, int] = {}
 
     def spy(name, fn):
         def wrapped(*args, **kwargs):
             held[name] = max(held.get(name, 0), scratch.nbytes())
-            return fn(*args, **kwargs)
+            out = fn(*args, **kwargs)
+            held[f"{name} done"] = max(held.get(f"{name} done", 0), scratch.nbytes())
+            return out
 
         return wrapped
 
     fidelity, write = gradindex.featurize.fidelity, gradindex.build.write
     stages = (
-        (fidelity, "scores", "fidelity"),
+        (write, "_fill_rows", "rows"),
+        (fidelity, "_features", "sample"),
+        (fidelity, "scores", "products"),
         (write, "_search_indexes", "indexes"),
         (write, "write_kernel", "kernel"),
     )
@@ -52,9 +57,17 @@ def build(tmp_path, images, monkeypatch):
 
 def test_a_build_holds_no_work_buffers_past_featurizing(build):
     idx, held = build
-    assert set(held) == {"fidelity", "indexes", "kernel"}  # each stage ran (exact fidelity)
-    assert held == {"fidelity": 0, "indexes": 0, "kernel": 0}
+    assert {"rows done", "sample", "products", "indexes", "kernel"} <= set(held)  # exact fidelity
+    assert held["rows done"] > 0
+    for stage in ("sample", "products", "indexes", "kernel"):
+        assert held[stage] == 0, stage
     assert scratch.nbytes() == 0
+
+
+def test_the_fidelity_sample_is_featurized_with_half_the_work_buffers(build):
+    """Its [S, 2, p] rows are held beside the buffers, so it takes half a batch at a time."""
+    _, held = build
+    assert 0 < held["sample done"] <= 0.6 * held["rows done"]
 
 
 def test_a_query_holds_no_work_buffers_once_embedded_and_its_rows_do_not_change(build, images):
