@@ -12,6 +12,7 @@ import gradindex as gi
 import gradindex.build.write
 import gradindex.featurize.fidelity
 from gradindex.featurize.scratch import scratch
+from gradindex.query_influence import add_factors, embed_influence
 from tests.conftest import assert_rows_close, scheduler, tiny_unet
 
 pytestmark = pytest.mark.filterwarnings("ignore:projection fidelity is below the bar")
@@ -78,3 +79,11 @@ def test_a_query_holds_no_work_buffers_once_embedded_and_its_rows_do_not_change(
     for method in ("tracin", "retrac"):
         np.testing.assert_array_equal(again[method], first[method])
         assert_rows_close(first[method], idx.vectors(method))  # the stored rows
+
+
+def test_an_influence_query_holds_no_work_buffers_once_embedded(build, images):
+    idx, _ = build
+    add_factors(idx, images, seed=0)
+    rows = embed_influence(idx, images[:3])
+    assert rows.shape == (3, idx.dim) and np.isfinite(rows).all()
+    assert scratch.nbytes() == 0
