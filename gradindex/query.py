@@ -78,13 +78,7 @@ from gradindex.store.vectors import VectorStore
 
 logger = logging.getLogger(__name__)
 
-__all__ = [
-    "SEARCH_METHODS",
-    "AttributionIndex",
-    "SearchResult",
-    "result_to_json",
-    "stored_method",
-]
+__all__ = ["SEARCH_METHODS", "AttributionIndex", "SearchResult", "result_to_json", "stored_method"]
 
 SEARCH_METHODS = (*METHODS, *KERNEL_METHODS, INFLUENCE)
 """What search / query accept: the stored methods plus those served from their rows."""
@@ -301,6 +295,7 @@ class AttributionIndex:
         x0 = self.prepare(images, data_range)
         batches = self.model_batches(x0, labels, prompts, batch_size or self.spec.batch_size)
         parts = [embedder.embed(xb, kwargs) for xb, kwargs in batches]
+        embedder.release()  # its work buffers (over 300 MB for a batch of 16) not held after
         out = {m: np.concatenate([getattr(p, m) for p in parts]) for m in METHODS}
         flagged = np.concatenate([p.flagged for p in parts])
         if flagged.any():

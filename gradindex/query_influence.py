@@ -138,6 +138,7 @@ def embed_influence(
         influence_rows(embedder, factors, xb, cond, DAMPING if damping is None else damping)
         for xb, cond in idx.model_batches(x0, labels, prompts, bs)
     ]
+    embedder.release()  # featurizing's work buffers, not held after the query is embedded
     out = np.concatenate(rows).astype(np.float32)
     if not np.isfinite(out).all():
         raise IndexStateError("the influence query rows are not finite; recompute the factors")

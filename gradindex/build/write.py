@@ -89,6 +89,7 @@ def write_build(
     except _BadRead as exc:  # a decoded sample that cannot be read, named
         raise sample_error(exc.error, staged=out != target) from None
     keep = _indexed_rows(flagged)
+    plan.embedder.release()  # the rows are featurized: their buffers are not held past this
     fidelity = measure_fidelity(  # before FAISS: it sets the OpenMP thread count torch shares
         plan.embedder, ckpts, functools.partial(_stored_rows, store.path), keep,
         images=rows.images, prep=rows.prep, conditioner=plan.conditioner, cond_data=rows.cond,

@@ -19,6 +19,7 @@ from gradindex.featurize.budget import budget_bytes, choose_path, resident_bytes
 from gradindex.featurize.gradients import GradientFeaturizer
 from gradindex.featurize.kronecker import KroneckerFeaturizer
 from gradindex.featurize.projection import Projector, make_projector
+from gradindex.featurize.scratch import scratch
 from gradindex.featurize.streamed import StreamedFeaturizer, streamable
 from gradindex.inputs.models import Checkpoint
 from gradindex.spec import BuildSpec
@@ -120,6 +121,13 @@ class Embedder:
     def featurize_record(self) -> dict[str, object]:
         """The manifest's record of how rows were computed (a query repeats ``path``)."""
         return {"path": self.path, "max_memory": self.max_memory}
+
+    def release(self) -> None:
+        """Drop the work buffers featurizing keeps between batches (per-item gradients,
+        features: over 300 MB at the demo's batch of 16), once a run of batches is over, so
+        that the stages after it (search indexes, kernel, searches, pictures) do not hold
+        them; the next batch allocates them again."""
+        scratch.clear()
 
     def layer_routes(self) -> dict[str, str]:
         """How each selected parameter's gradient is projected: 'kronecker d_out x d_in, ghost

@@ -205,7 +205,9 @@ def _reference_scores(
                 device=embedder.device,
             )  # fmt: skip
             project = proj.project
-        a, r = _features(feat, embedder.draws, x0, cond, spec.batch_size, project)  # [S, q]
+        # half a batch at a time: the work buffers are half the build's beside the [S, q] rows
+        a, r = _features(feat, embedder.draws, x0, cond, max(1, spec.batch_size // 2), project)
+        embedder.release()  # and none beside their products
         part = scores(a.cpu().numpy()[None], r.cpu().numpy()[None], [w], slice(None), slice(None))
         out = {m: out[m] + part[m].astype(np.float64) for m in METHODS}
         del a, r

@@ -6,6 +6,8 @@ system on free, so a large tensor allocated per call pays that every call. The f
 (per-item gradients, the features, the aggregation's per-block parts) and the Conv2d patch
 copies take their buffers from here instead. Not thread-safe: callers run one at a time per
 process, and a buffer handed out by ``get`` is valid until the next ``get`` of the same name.
+Kept for a run of batches only: ``Embedder.release`` drops them when it is over (a build's rows
+and fidelity check, a query's images), so no later stage holds them beside its own memory.
 """
 
 from __future__ import annotations
@@ -35,6 +37,10 @@ class Scratch:
     def clear(self) -> None:
         """Drop every buffer (memory back to the allocator)."""
         self._buffers.clear()
+
+    def nbytes(self) -> int:
+        """Bytes the buffers hold now."""
+        return sum(b.numel() * b.element_size() for b in self._buffers.values())
 
 
 scratch = Scratch()
