@@ -25,6 +25,9 @@ def test_quick_demo_writes_pictures_and_summary(tmp_path):
     s = DemoSettings.quick()
     assert summary["num_train"] == s.num_train and summary["k"] == s.k
     assert len(summary["checkpoints"]) == 3
+    # the methods the demo index serves: no 'influence' column (it has no factors; that column
+    # was TracIn's answer under another name)
+    assert set(summary["distinct_in_topk"]) == {"tracin", "retrac", "trak", "retrak"}
     for m in ("trak", "retrak"):  # a column per method in the picture; kernel ones in range
         assert 1 <= summary["distinct_in_topk"][m] <= min(s.num_train, s.num_queries * s.k)
     # the distinct training images the stored methods returned, recounted by brute force: the

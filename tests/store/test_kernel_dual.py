@@ -357,8 +357,11 @@ def test_a_dominant_direction_keeps_the_served_scores_at_float64_precision(templ
         assert lead.dtype == np.float64 and eig[0, 0] / man["kernel"]["lambda"][0] > 1e3
         width = [int(np.sum(e > 4 * lam)) for e, lam in zip(eig, man["kernel"]["lambda"])]
         assert lead.shape == (2, 29, max(width))
-    q = queries(seed=3) + 30.0 * np.random.default_rng(4).standard_normal((4, 1)).astype(
-        np.float32
-    ) * idx.vectors("tracin")[:1]
+    q = (
+        queries(seed=3)
+        + 30.0
+        * np.random.default_rng(4).standard_normal((4, 1)).astype(np.float32)
+        * idx.vectors("tracin")[:1]
+    )
     for _ in range(2):
         assert_scores(idx, idx.path, "trak", "tracin", q, dense(idx.path, q, "tracin"), rtol=2e-6)
