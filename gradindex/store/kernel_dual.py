@@ -27,17 +27,33 @@ The search goes over the kept (unflagged) rows in order, which are the rows a se
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from functools import cache
 from typing import Any
 
 import numpy as np
 from scipy.linalg.blas import ssymv
+from threadpoolctl import ThreadpoolController
 
 from gradindex.store.kernel import check_lambdas
 from gradindex.store.kernel_factors import lead_count
 
 SCAN_BYTES = 2**22
 """Rows widened to float64 at a time by the scan (a cache-sized buffer, not a float64 copy)."""
+
+
+@cache
+def _blas() -> ThreadpoolController:
+    """numpy's and scipy's BLAS libraries, found once (after both are loaded)."""
+    return ThreadpoolController()
+
+
+def one_query_blas(num_queries: int) -> AbstractContextManager:
+    """One BLAS thread while one query is scored, as FAISS searches one query on one thread:
+    a query's dual arithmetic is a run of small products, and waking the other BLAS threads
+    for each of them (beside torch's and FAISS's OpenMP threads) costs more than it computes."""
+    return _blas().limit(limits=1, user_api="blas") if num_queries == 1 else nullcontext()
 
 
 @dataclass
@@ -177,11 +193,12 @@ class DualKernel:
         """Query rows [B, C·d] → kernel scores [B, N] float32 of every kept row."""
         num_ckpts = len(self.basis)
         lambdas = self.lambdas if lam is None else check_lambdas(lam, num_ckpts)
-        y = self._scan(np.asarray(queries, dtype=np.float32).reshape(len(queries), -1))
-        plans = self._plans(lambdas)
-        out = np.zeros((len(queries), self.num_rows))
-        for c in range(num_ckpts):
-            out += self._apply(c, lambdas[c], plans[c], y[c])
+        with one_query_blas(len(queries)):
+            y = self._scan(np.asarray(queries, dtype=np.float32).reshape(len(queries), -1))
+            plans = self._plans(lambdas)
+            out = np.zeros((len(queries), self.num_rows))
+            for c in range(num_ckpts):
+                out += self._apply(c, lambdas[c], plans[c], y[c])
         return out.astype(np.float32)
 
     def top_k(self, queries: np.ndarray, k: int, lam: Any = None) -> tuple[np.ndarray, np.ndarray]:
