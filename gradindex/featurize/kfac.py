@@ -85,6 +85,13 @@ def _deltas(module: nn.Module, delta: Tensor) -> Tensor:
     return delta.reshape(delta.shape[0], -1, delta.shape[-1]).transpose(1, 2)
 
 
+def _gram(x: Tensor) -> Tensor:
+    """Σ_i Σ_l x[i, :, l] x[i, :, l]ᵀ of x [I, k, L]: one float32 matrix product over the batch's
+    I·L columns (a batch's sum; the running sums over batches are float64)."""
+    m = x.transpose(1, 2).reshape(-1, x.shape[1])
+    return (m.T @ m).double()
+
+
 def ggn_loss(output: Tensor, xi: Tensor) -> Tensor:
     """Per-item pseudo-loss whose output gradient is √(2/D)·ξ: sampled-target GGN of the MSE."""
     scale = math.sqrt(2.0 / output[0].numel())
@@ -108,6 +115,7 @@ class FactorEstimator:
         self.modules: dict[str, nn.Module] = {}
         self.layers: list[LayerFactors] = []
         self.diag_slices: dict[str, tuple[int, int]] = {}
+        self._bases32: dict[str, tuple[Tensor, Tensor]] = {}  # (QS, QA) for pass 2's products
         col = 0
         for name in feat.param_names:
             p = named[name]
@@ -169,13 +177,12 @@ class FactorEstimator:
     def _cov_hook(self, lay: LayerFactors, anchor: Tensor):
         def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
             with torch.no_grad():
-                pa = _patches(module, args[0].detach().float()).double()  # [I, in, L]
-                lay.A += torch.einsum("ikl,ijl->kj", pa, pa) / pa.shape[-1]
+                pa = _patches(module, args[0].detach().float())  # [I, in, L]
+                lay.A += _gram(pa) / pa.shape[-1]
 
             def on_grad(delta: Tensor) -> None:
                 with torch.no_grad():
-                    d = _deltas(module, delta.float()).double()  # [I, out, L]
-                    lay.S += torch.einsum("ikl,ijl->kj", d, d)
+                    lay.S += _gram(_deltas(module, delta.float()))  # [I, out, L]
 
             return Tap.apply(output, anchor, on_grad, False)
 
@@ -188,18 +195,20 @@ class FactorEstimator:
             lay.S /= self.items
             lay.QA = torch.linalg.eigh(lay.A).eigenvectors
             lay.QS = torch.linalg.eigh(lay.S).eigenvectors
+            self._bases32[lay.name] = (lay.QS.float(), lay.QA.float())
             lay.eig = torch.zeros(lay.shape, dtype=torch.float64)
 
     def eigenvalues(self, x0: Tensor, seed: int, cond: dict | None = None) -> None:
         """Pass 2 (the same draws as pass 1): corrected eigenvalues and the diagonal."""
         x_t, t, xi = self._draws(x0, seed)
-        g = self.hooks.item_gradients(x_t, t, xi, cond=cond).double()  # [I, p]
-        for lay in self.layers:
+        g = self.hooks.item_gradients(x_t, t, xi, cond=cond).float()  # [I, p]
+        for lay in self.layers:  # float32 products, float64 running sums
             a, b = lay.cols
-            rot = lay.QS.T @ g[:, a:b].view(-1, *lay.shape) @ lay.QA  # [I, out, in]
-            lay.eig += rot.square().sum(0)
+            qs, qa = self._bases32[lay.name]
+            rot = qs.T @ g[:, a:b].view(-1, *lay.shape) @ qa  # [I, out, in]
+            lay.eig += rot.square().sum(0).double()
         for a, b in self.diag_slices.values():
-            self.diag[a:b] += g[:, a:b].square().sum(0)
+            self.diag[a:b] += g[:, a:b].square().sum(0).double()
         self.items_eig += x0.shape[0]
 
     def result(self) -> CheckpointFactors:
