@@ -14,7 +14,8 @@ Index: a copy of a ``gradindex demo`` index (digits UNet, its checkpoints and tr
   on all alike.
 
 The issue's bars: factor pass ≤ 1× the featurizing pass, an influence query ≤ 2× a TracIn one.
-Writes ``benchmarks/results/influence.json`` and ``influence.md``.
+Writes ``benchmarks/results/influence.json`` and ``influence.md`` (``--stem`` renames them).
+Any index folder with its training images beside it as ``train.npy`` will do as ``--demo``.
 
     python benchmarks/bench_influence.py --demo DEMO_OUT
 """
@@ -39,6 +40,7 @@ sys.path.insert(0, str(HERE))
 
 import gradindex as gi  # noqa: E402
 from gradindex.query_influence import add_factors  # noqa: E402
+from gradindex.store.layout import MANIFEST, write_json_atomic  # noqa: E402
 
 RESULTS = HERE / "results"
 METHODS = ("tracin", "retrac", "influence")
@@ -70,6 +72,10 @@ def query_times(idx: gi.AttributionIndex, images: np.ndarray, repeats: int) -> d
 def run(demo: Path, repeats: int, work: Path) -> dict:
     folder = work / "index"
     shutil.copytree(demo / "index", folder, ignore=shutil.ignore_patterns("factors.h5"))
+    man = json.loads((folder / MANIFEST).read_text())
+    if man.pop("factors", None) is not None:  # factors computed before: timed anew here
+        man["files"].pop("factors.h5", None)
+        write_json_atomic(folder / MANIFEST, man)
     train = np.load(demo / "train.npy")
     idx = gi.AttributionIndex.open(folder)
     featurize_s, _ = timed(lambda: idx.embed(train))
@@ -99,7 +105,7 @@ def markdown(r: dict, command: str) -> str:
     lines = [
         "# What the influence method costs",
         "",
-        f"A copy of a `gradindex demo` index: {ix['rows']:,} training digits, "
+        f"A copy of the index in `{r['source']}`: {ix['rows']:,} training images, "
         f"{ix['checkpoints']} checkpoints, {len(ix['timesteps'])} timesteps × "
         f"{ix['noise_draws']} draw(s), {ix['num_params']:,} parameters; one process, "
         f"{r['machine']['torch_threads']} thread. Bars (issue 26): factor pass ≤ 1× the "
@@ -133,12 +139,14 @@ def main() -> None:
     p.add_argument("--demo", required=True, help="a 'gradindex demo --out' folder")
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--stem", default="influence", help="results file names (default: %(default)s)")
     args = p.parse_args()
     torch.set_num_threads(1)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         r = run(Path(args.demo), args.repeats, Path(tmp))
     r["seconds"] = time.perf_counter() - started
+    r["source"] = args.demo
     r["machine"] = {
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
@@ -146,9 +154,11 @@ def main() -> None:
         "note": os.environ.get("BENCH_MACHINE", "machine load not recorded"),
     }
     out = Path(args.out)
-    (out / "influence.json").write_text(json.dumps(r, indent=2) + "\n")
-    text = markdown(r, "python benchmarks/bench_influence.py --demo DEMO_OUT")
-    (out / "influence.md").write_text(text)
+    (out / f"{args.stem}.json").write_text(json.dumps(r, indent=2) + "\n")
+    text = markdown(
+        r, f"python benchmarks/bench_influence.py --demo {args.demo} --stem {args.stem}"
+    )
+    (out / f"{args.stem}.md").write_text(text)
     print(text)
 
 
