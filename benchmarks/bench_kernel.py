@@ -235,7 +235,8 @@ def point(work: Path, n: int, num_ckpts: int, d: int, args: argparse.Namespace) 
         idx = gi.AttributionIndex.open(folder)
         idx.search(rows[stored_method(m)][0], 10, m)
         first[m] = (time.perf_counter() - t) * 1e3
-    idx = {m: gi.AttributionIndex.open(folder) for m in SEARCH_METHODS}
+    shared = gi.AttributionIndex.open(folder)  # one copy of the rows in memory for all methods
+    idx = {m: shared for m in SEARCH_METHODS}
     image = np.random.default_rng(3).random((1, 1, 8, 8), dtype=np.float32)
     record = idx["trak"].manifest["kernel"]
     result = {
@@ -283,7 +284,8 @@ def demo_point(folder: Path, repeats: int, dense_max_d: int) -> dict:
     t = time.perf_counter()
     create_app(folder)
     serve_s = time.perf_counter() - t
-    idx = {m: gi.AttributionIndex.open(folder) for m in SEARCH_METHODS}
+    shared = gi.AttributionIndex.open(folder)  # one copy of the rows in memory for all methods
+    idx = {m: shared for m in SEARCH_METHODS}
     rows = {r: heldout_queries(idx["trak"].vectors(r), max(repeats, 50) + 1, 5)
             for r in ("tracin", "retrac")}  # fmt: skip
     man = idx["trak"].manifest
