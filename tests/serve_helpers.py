@@ -58,6 +58,20 @@ def index(built):
     return gi.AttributionIndex.open(built[0] / "idx")
 
 
+def class_conditional_index(tmp_path) -> tuple[gi.AttributionIndex, np.ndarray, np.ndarray]:
+    """A tiny class-conditional index (3 classes, 12 training images in a .npz with their
+    labels): (index, images, labels)."""
+    model = tiny_unet(3, num_class_embeds=3)
+    train = np.random.default_rng(5).random((12, 1, 8, 8), dtype=np.float32)
+    labels = np.arange(12) % 3
+    np.savez(tmp_path / "train.npz", images=train, labels=labels)
+    spec = gi.BuildSpec(proj_dim=64, timesteps=2, batch_size=16)
+    with pytest.warns(UserWarning, match="fidelity"):
+        idx = gi.build_index(checkpoints=[(model, scheduler())], data=str(tmp_path / "train.npz"),
+                             out=tmp_path / "idx", spec=spec, progress=False)  # fmt: skip
+    return idx, train, labels
+
+
 def png_of(pixels: np.ndarray) -> bytes:
     from PIL import Image
 

@@ -9,7 +9,6 @@ import re
 from html import unescape
 
 import numpy as np
-import pytest
 
 import gradindex as gi
 from tests import serve_helpers as sh
@@ -94,16 +93,8 @@ def test_class_conditional_influence_takes_the_label(tmp_path):
     """The form's class label reaches the influence query rows: each label answers as the
     library's query with that label."""
     from gradindex.query_influence import add_factors
-    from tests.conftest import scheduler, tiny_unet
 
-    model = tiny_unet(3, num_class_embeds=3)
-    train = np.random.default_rng(5).random((12, 1, 8, 8), dtype=np.float32)
-    labels = np.arange(12) % 3
-    np.savez(tmp_path / "train.npz", images=train, labels=labels)
-    spec = gi.BuildSpec(proj_dim=64, timesteps=2, batch_size=16)
-    with pytest.warns(UserWarning, match="fidelity"):
-        idx = gi.build_index(checkpoints=[(model, scheduler())], data=str(tmp_path / "train.npz"),
-                             out=tmp_path / "idx", spec=spec, progress=False)  # fmt: skip
+    idx, train, labels = sh.class_conditional_index(tmp_path)
     add_factors(idx, train, labels=labels)
     app = TestClient(create_app(idx))
     pixels = query_pixels(6)

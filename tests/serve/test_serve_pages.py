@@ -14,7 +14,6 @@ import pytest
 
 import gradindex as gi
 from tests import serve_helpers as sh
-from tests.conftest import scheduler, tiny_unet
 from tests.serve_helpers import (
     Limits,
     N,
@@ -182,14 +181,7 @@ def test_cli_serve_binds_loopback_by_default(index, monkeypatch):
 def test_class_conditional_index_takes_a_label_and_shows_row_classes(tmp_path):
     import re
 
-    model = tiny_unet(3, num_class_embeds=3)
-    train = np.random.default_rng(5).random((12, 1, 8, 8), dtype=np.float32)
-    labels = np.arange(12) % 3
-    np.savez(tmp_path / "train.npz", images=train, labels=labels)
-    spec = gi.BuildSpec(proj_dim=64, timesteps=2, batch_size=16)
-    with pytest.warns(UserWarning, match="fidelity"):
-        idx = gi.build_index(checkpoints=[(model, scheduler())], data=str(tmp_path / "train.npz"),
-                             out=tmp_path / "idx", spec=spec, progress=False)  # fmt: skip
+    idx, _, labels = sh.class_conditional_index(tmp_path)
     client = TestClient(create_app(idx))
     assert 'name="label"' in client.get("/").text
     pixels = query_pixels(6)
