@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -37,6 +35,8 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+
+from bench_kernel import machine_record  # noqa: E402
 
 import gradindex as gi  # noqa: E402
 from gradindex.query_influence import add_factors  # noqa: E402
@@ -147,12 +147,7 @@ def main() -> None:
         r = run(Path(args.demo), args.repeats, Path(tmp))
     r["seconds"] = time.perf_counter() - started
     r["source"] = args.demo
-    r["machine"] = {
-        "platform": platform.platform(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "note": os.environ.get("BENCH_MACHINE", "machine load not recorded"),
-    }
+    r["machine"] = machine_record()
     out = Path(args.out)
     (out / f"{args.stem}.json").write_text(json.dumps(r, indent=2) + "\n")
     text = markdown(

@@ -339,12 +339,7 @@ def main() -> None:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
     results["seconds"] = time.perf_counter() - started
-    results["machine"] = {
-        "platform": platform.platform(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "note": os.environ.get("BENCH_MACHINE", "machine not described (set BENCH_MACHINE)"),
-    }
+    results["machine"] = machine_record()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "kernel.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -356,6 +351,17 @@ def _acc(a: dict | None) -> str:
     if a is None:
         return "not computed (d x d solve past --dense-max-d)"
     return f"top-10 overlap {a['top10_overlap']:.3f}, max rel. error {a['max_rel_error']:.1e}"
+
+
+def machine_record() -> dict:
+    """The machine a run's figures come from: platform, CPUs, torch threads and the
+    ``BENCH_MACHINE`` note (what else ran beside it)."""
+    return {
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "note": os.environ.get("BENCH_MACHINE", "machine not described (set BENCH_MACHINE)"),
+    }
 
 
 def markdown(r: dict) -> str:
