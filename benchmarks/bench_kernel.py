@@ -35,6 +35,7 @@ import json
 import os
 import platform
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -267,7 +268,7 @@ def point(work: Path, n: int, num_ckpts: int, d: int, args: argparse.Namespace) 
     return result
 
 
-def demo_point(folder: Path, repeats: int, dense_max_d: int) -> dict:
+def demo_point(folder: Path, repeats: int, query_repeats: int, dense_max_d: int) -> dict:
     """The issue's figures on a real demo index (``gradindex demo``'s index folder): kernel
     bytes, open + first search per method, serve start-up, search p50, accuracy on held-out
     queries (perturbed stored rows, as the build's recall check makes them)."""
@@ -289,6 +290,7 @@ def demo_point(folder: Path, repeats: int, dense_max_d: int) -> dict:
     rows = {r: heldout_queries(idx["trak"].vectors(r), max(repeats, 50) + 1, 5)
             for r in ("tracin", "retrac")}  # fmt: skip
     man = idx["trak"].manifest
+    image = np.random.default_rng(3).random((1, *man["image_shape"]), dtype=np.float32)
     num_ckpts = len(man["checkpoints"])
     return {
         "N": man["num_rows"],
@@ -302,6 +304,7 @@ def demo_point(folder: Path, repeats: int, dense_max_d: int) -> dict:
         "exact": man["kernel"].get("exact"),
         "form": man["kernel"].get("form"),
         "open_first_search_ms": first,
+        "fresh_process_first_trak_s": fresh_process_first_search(folder),
         "serve_startup_s": serve_s,
         "search": interleaved(
             {m: _call(idx[m], "search", rows, m) for m in SEARCH_METHODS}, repeats
@@ -309,8 +312,35 @@ def demo_point(folder: Path, repeats: int, dense_max_d: int) -> dict:
         "transform": interleaved(
             {m: _call(idx[m], "kernel_vectors", rows, m) for m in ("trak", "retrak")}, repeats
         ),
+        "query": interleaved(
+            {m: _call(idx[m], "query", image, m) for m in SEARCH_METHODS}, query_repeats
+        ),
         "accuracy": accuracy(idx["trak"], rows, dense_max_d),
     }
+
+
+FIRST_SEARCH = """import sys, time
+t = time.perf_counter()
+import gradindex as gi
+idx = gi.AttributionIndex.open(sys.argv[1])
+idx.search(idx.vectors("tracin")[:1], 10, sys.argv[2])
+print(time.perf_counter() - t)
+"""
+
+
+def fresh_process_first_search(folder: Path) -> dict:
+    """What a one-off ``gradindex query`` pays before its first answer, imports included, in
+    a new process: ``trak`` with numba's on-disk cache empty (the first query after an install
+    compiles the dual scan), then again with it filled, and ``tracin`` (no kernel) beside."""
+    out = {}
+    with tempfile.TemporaryDirectory() as cache:
+        env = {**os.environ, "NUMBA_CACHE_DIR": cache}
+        for case, method in (("cold_numba_cache", "trak"), ("warm_numba_cache", "trak"),
+                             ("tracin", "tracin")):  # fmt: skip
+            run = subprocess.run([sys.executable, "-c", FIRST_SEARCH, str(folder), method],
+                                 env=env, capture_output=True, text=True, check=True)  # fmt: skip
+            out[case] = float(run.stdout.split()[-1])
+    return out
 
 
 def main() -> None:
@@ -329,7 +359,9 @@ def main() -> None:
     started = time.perf_counter()
     try:
         if args.demo:
-            results["demo"] = demo_point(Path(args.demo), args.repeats, args.dense_max_d)
+            results["demo"] = demo_point(
+                Path(args.demo), args.repeats, args.query_repeats, args.dense_max_d
+            )
             print(json.dumps(results["demo"]), flush=True)
         for item in filter(None, args.grid.split(",")):
             n, num_ckpts, d = (int(v) for v in item.split(":"))
@@ -404,7 +436,18 @@ def markdown(r: dict) -> str:
             f"| {first['tracin']:.0f} / {first['trak']:.0f} / {first['retrak']:.0f} |"
         )
     if r.get("demo"):
-        lines += ["", f"`serve` start-up on the demo index: {r['demo']['serve_startup_s']:.2f} s."]
+        demo = r["demo"]
+        lines += ["", f"`serve` start-up on the demo index: {demo['serve_startup_s']:.2f} s."]
+        if "fresh_process_first_trak_s" in demo:
+            fresh = demo["fresh_process_first_trak_s"]
+            lines += [
+                "",
+                "A new process's imports, open and first `trak` search on the demo index "
+                f"(a one-off `gradindex query`): {fresh['cold_numba_cache']:.2f} s with numba's "
+                "cache empty (the first query after an install compiles the dual scan), "
+                f"{fresh['warm_numba_cache']:.2f} s after; `tracin` "
+                f"{fresh['tracin']:.2f} s.",
+            ]
     lines += [
         "",
         "| rows | N | C × d | method | search p50 ms | × tracin | p99 ms "

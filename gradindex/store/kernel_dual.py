@@ -13,7 +13,7 @@ Exact means to float64's rounding of the formula, not float32's: with λ small a
 eigenvalues, a float32 X_c q_c (or Vᵀ X_c q_c) carries rounding of the size of its large
 components into every direction, where 1/λ multiplies it (relative errors of 1e-5 to 1e-4 at
 d = 4,096); the scan therefore sums in float64 and the leading eigenpairs are applied in
-float64 (``Plan``), the rest in float32.
+float64 (``Plan``), the rest in float32; ``kernel_scan`` sums X_c q_c.
 Truncated (r < rank, where the factors would pass ``kernel_factors.KERNEL_BYTES``), the left-out
 eigenvalues take their mean μ_c: M_c = V_c diag(1/(S_c+λ) − 1/(μ_c+λ)) V_cᵀ + I / (μ_c+λ).
 V_c holds N·r floats where the primal basis U_c holds d·r, so N < d keeps more eigenpairs in the
@@ -38,9 +38,7 @@ from threadpoolctl import ThreadpoolController
 
 from gradindex.store.kernel import check_lambdas
 from gradindex.store.kernel_factors import lead_count
-
-SCAN_BYTES = 2**22
-"""Rows widened to float64 at a time by the scan (a cache-sized buffer, not a float64 copy)."""
+from gradindex.store.kernel_scan import scan_float64
 
 
 @cache
@@ -159,10 +157,12 @@ class DualKernel:
         """(K_c + λ)⁻¹ y for y [B, N] float64 (rows: queries' X_c q_c): the leading eigenpairs
         and the left-out mean in float64, what is left of y (small) through float32 V_c."""
         a = y @ plan.top
-        out = (a * plan.top_coef) @ plan.top.T
+        # one pass over the leading eigenvectors for both products with them
+        both = np.concatenate([a * plan.top_coef, a]) @ plan.top.T
+        out, lead = both[: len(y)], both[len(y) :]
         if self.tail[c] > 0:
             out += y / (lam + self.tail[c])
-        rest = (y - a @ plan.top.T).astype(np.float32)
+        rest = (y - lead).astype(np.float32)
         if plan.matrix is not None and len(rest) == 1:  # one query: read half of M (symmetric)
             return out + ssymv(1.0, plan.matrix.T, rest[0], lower=0)[None]
         if plan.matrix is not None:
@@ -170,31 +170,13 @@ class DualKernel:
         v = self.basis[c][:, len(plan.top_coef) :]
         return out + ((rest @ v) * plan.rest_coef) @ v.T
 
-    def _scan(self, queries: np.ndarray) -> np.ndarray:
-        """X_c q_c [C, B, N] float64 for every checkpoint, accumulated in float64: one pass over
-        the float32 rows, SCAN_BYTES of them widened at a time (a float32 sum's rounding, times
-        1/λ, would be most of a 1e-5 error on its own)."""
-        num_ckpts = len(self.basis)
-        n, d = self.num_rows, queries.shape[1] // num_ckpts
-        q = queries.astype(np.float64).reshape(len(queries), num_ckpts, d)
-        out = np.empty((num_ckpts, len(queries), n))
-        step = max(1, SCAN_BYTES // (8 * num_ckpts * d))
-        buf = np.empty((min(step, n), num_ckpts * d))
-        rows = self.all_rows()
-        for a in range(0, n, step):
-            b = min(n, a + step)
-            wide = buf[: b - a]
-            wide[...] = rows[a:b]
-            for c in range(num_ckpts):
-                out[c, :, a:b] = q[:, c] @ wide[:, c * d : (c + 1) * d].T
-        return out
-
     def scores(self, queries: np.ndarray, lam: Any = None) -> np.ndarray:
         """Query rows [B, C·d] → kernel scores [B, N] float32 of every kept row."""
         num_ckpts = len(self.basis)
         lambdas = self.lambdas if lam is None else check_lambdas(lam, num_ckpts)
         with one_query_blas(len(queries)):
-            y = self._scan(np.asarray(queries, dtype=np.float32).reshape(len(queries), -1))
+            q = np.asarray(queries, dtype=np.float32).reshape(len(queries), -1)
+            y = scan_float64(self.all_rows(), q, num_ckpts)
             plans = self._plans(lambdas)
             out = np.zeros((len(queries), self.num_rows))
             for c in range(num_ckpts):
