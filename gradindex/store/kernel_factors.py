@@ -90,9 +90,12 @@ def rank_bounds(num_rows: int, d: int, num_ckpts: int) -> tuple[int, int]:
 
 def dual_bounds(num_rows: int, num_ckpts: int) -> tuple[int, int]:
     """(floor, cap) of the eigenpairs a dual row set keeps when its N × N Gram is too large to
-    decompose in full (N > EIGH_MAX): an even share of KERNEL_BYTES."""
-    cap = max(1, dual_columns(num_rows, num_ckpts) // 2)
-    return cap, cap
+    decompose in full (N > EIGH_MAX): an even share of KERNEL_BYTES, less what its float64
+    leading eigenvectors may take (up to MAX_DEFLATED of the r columns, each as two float32
+    ones: r + 2 · min(MAX_DEFLATED, r) columns in all), which are known only once computed."""
+    share = max(1, dual_columns(num_rows, num_ckpts) // 2)
+    cap = share - 2 * MAX_DEFLATED if share >= 3 * MAX_DEFLATED else share // 3
+    return max(1, cap), max(1, cap)
 
 
 def dual_columns(num_rows: int, num_ckpts: int) -> int:

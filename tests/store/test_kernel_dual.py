@@ -365,3 +365,22 @@ def test_a_dominant_direction_keeps_the_served_scores_at_float64_precision(templ
     )
     for _ in range(2):
         assert_scores(idx, idx.path, "trak", "tracin", q, dense(idx.path, q, "tracin"), rtol=2e-6)
+
+
+def test_a_dual_too_large_for_a_full_eigh_keeps_its_float64_columns_inside_the_budget(
+    template, tmp_path, monkeypatch
+):
+    """Past EIGH_MAX rows (lowered here) the dual takes the top eigenpairs by subspace iteration,
+    each set an even share of KERNEL_BYTES; its float64 leading eigenvectors (``dual_lead``)
+    are stored beside the float32 columns and must fit in the same bytes (they were not
+    counted: 3,712 bytes of float32 columns and 1,856 of float64 ones in a budget of 3,712)."""
+    from gradindex.store import kernel
+
+    for module in (kernel, kernel_factors):
+        monkeypatch.setattr(module, "EIGH_MAX", 16)
+    monkeypatch.setattr(kernel_factors, "KERNEL_BYTES", 16 * 4 * 2 * 29)  # 16 columns
+    grow(template, tmp_path / "idx", 37, spike=30.0)
+    with h5py.File(tmp_path / "idx" / "kernel.h5", "r") as f:
+        factor_bytes = sum(f[k].nbytes for k in f if k.startswith(("dual_basis", "dual_lead")))
+        assert any(k.startswith("dual_lead") for k in f)  # the spike gives leading columns
+    assert factor_bytes <= kernel_factors.KERNEL_BYTES
