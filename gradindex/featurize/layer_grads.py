@@ -110,36 +110,88 @@ def _conv2d_weight_grads(
 def conv2d_item_weight_grads(
     module: nn.Conv2d, a: Tensor, delta: Tensor, view: Tensor, first: bool
 ) -> None:
-    """view [I, out, in/groups·kh·kw] (+)= g_W[i] = δ[i] · patches(a[i])ᵀ, two ways (which is
-    faster depends on the layer's shape): patches as a strided view of the padded input (copied a few
-    items at a time, a no-op for 1×1 kernels), or one convolution weight gradient whose groups
-    are the items (a as [1, I·in, H, W], δ as [1, I·out, H', W']; fast for large maps, few
-    channels)."""
-    n, c_in = a.shape[:2]
-    c_out, groups = module.out_channels, module.groups
+    """view [I, out, in/groups·kh·kw] (+)= g_W[i] = δ[i] · patches(a[i])ᵀ, by the fastest of three
+    routes for the layer's shape (they differ by up to 5× either way on CPU,
+    docs/build-speed.md): one convolution weight gradient whose groups are the items (large maps,
+    ≥ 8 channels in and out), kh·kw shifted matmuls (large maps, few output channels, stride 1), or
+    patches as a strided view of the padded input (copied a few items at a time, a no-op for 1×1
+    kernels)."""
+    c_in, c_out, groups = a.shape[1], module.out_channels, module.groups
     kh, kw = module.kernel_size
     positions = delta.shape[2] * delta.shape[3]
     if isinstance(module.padding, str):  # 'same' / 'valid': possibly asymmetric
         pad = tuple(module._reversed_padding_repeated_twice)
     else:
         pad = (module.padding[1], module.padding[1], module.padding[0], module.padding[0])
-    if any(pad):
-        a = F.pad(a, pad)
-    if groups > 1 or (kh * kw > 1 and positions >= 256 and c_in * c_out <= 8192):
-        g = torch.nn.grad.conv2d_weight(
-            a.reshape(1, n * c_in, *a.shape[2:]),
-            (n * c_out, c_in // groups, kh, kw),
-            delta.reshape(1, n * c_out, *delta.shape[2:]),
-            module.stride,
-            0,
-            module.dilation,
-            n * groups,
-        ).view(n, c_out, -1)  # [I, out, in/groups·kh·kw]
-        if first:
-            view.copy_(g)
-        else:
-            view += g
-        return
+    large = kh * kw > 1 and positions >= 256
+    if groups > 1 or (large and min(c_in, c_out) >= 8 and c_in * c_out <= 8192):
+        _grouped_weight_grads(module, a, delta, pad, view, first)
+    elif large and c_out < 8 and module.stride == (1, 1) and module.dilation == (1, 1):
+        spare = (*pad[:3], pad[3] + 1)  # one more row at the bottom: the last offset's tail
+        _shifted_weight_grads(F.pad(a, spare), delta, (kh, kw), view, first)
+    else:
+        _patch_weight_grads(module, F.pad(a, pad) if any(pad) else a, delta, view, first)
+
+
+def _accumulate(view: Tensor, g: Tensor, first: bool) -> None:
+    if first:
+        view.copy_(g)
+    else:
+        view += g
+
+
+def _grouped_weight_grads(
+    module: nn.Conv2d, a: Tensor, delta: Tensor, pad: tuple, view: Tensor, first: bool
+) -> None:
+    """The items as the groups of one convolution weight gradient (a as [1, I·in, H, W], δ as
+    [1, I·out, H', W']); symmetric padding goes to the convolution, sparing a padded copy."""
+    n, c_in = a.shape[:2]
+    c_out, groups = module.out_channels, module.groups
+    kh, kw = module.kernel_size
+    padding = (pad[2], pad[0])
+    if pad[0] != pad[1] or pad[2] != pad[3]:  # asymmetric ('same' with an even kernel)
+        a, padding = F.pad(a, pad), (0, 0)
+    g = torch.nn.grad.conv2d_weight(
+        a.reshape(1, n * c_in, *a.shape[2:]),
+        (n * c_out, c_in // groups, kh, kw),
+        delta.reshape(1, n * c_out, *delta.shape[2:]),
+        module.stride,
+        padding,
+        module.dilation,
+        n * groups,
+    )
+    _accumulate(view, g.view(n, c_out, -1), first)  # [I, out, in/groups·kh·kw]
+
+
+def _shifted_weight_grads(
+    a: Tensor, delta: Tensor, kernel: tuple[int, int], view: Tensor, first: bool
+) -> None:
+    """Stride 1, dilation 1: with a (padded, one spare row at the bottom) flattened over its
+    padded width w, kernel offset (y, x) sees a[:, :, y·w + x :][: H'·w] as its [in, H'·w] patch
+    matrix, a view; δ widened to w with zeros cancels the columns that wrap around. kh·kw batched
+    matmuls, no patch copy (a small output count would otherwise pay a copy of every patch)."""
+    n, c_in, _, w = a.shape
+    c_out, ho, wo = delta.shape[1:]
+    kh, kw = kernel
+    flat = a.reshape(n, c_in, -1)
+    d = F.pad(delta, (0, w - wo)).reshape(n, c_out, ho * w)  # [I, out, H'·w]
+    parts = torch.empty(kh * kw, n, c_out, c_in, device=a.device, dtype=a.dtype)
+    for y in range(kh):
+        for x in range(kw):
+            start = y * w + x
+            torch.bmm(d, flat[:, :, start : start + ho * w].transpose(1, 2), out=parts[y * kw + x])
+    _accumulate(view.view(n, c_out, c_in, kh * kw), parts.permute(1, 2, 3, 0), first)
+
+
+def _patch_weight_grads(
+    module: nn.Conv2d, a: Tensor, delta: Tensor, view: Tensor, first: bool
+) -> None:
+    """Patches of the padded input a as a strided view, copied a few items at a time into a kept
+    buffer, then one batched matmul with δ."""
+    n, c_in = a.shape[:2]
+    c_out = module.out_channels
+    kh, kw = module.kernel_size
+    positions = delta.shape[2] * delta.shape[3]
     d = delta.reshape(n, c_out, positions)  # [I, out, L]
     s0, s1, s2, s3 = a.stride()
     (dh, dw), (sh, sw) = module.dilation, module.stride

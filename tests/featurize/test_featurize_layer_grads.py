@@ -59,6 +59,22 @@ CASES = {
         lambda: nn.Conv2d(2, 3, 3, padding="same"),
         lambda g: torch.randn(2, 2, 18, 18, generator=g),
     ),
+    "conv few outputs, large map (shifted matmuls)": (
+        lambda: nn.Conv2d(3, 2, 3, padding=1),
+        lambda g: torch.randn(3, 3, 17, 16, generator=g),
+    ),
+    "conv few outputs, asymmetric 'same' (shifted matmuls)": (
+        lambda: nn.Conv2d(2, 1, (2, 4), padding="same"),
+        lambda g: torch.randn(2, 2, 16, 19, generator=g),
+    ),
+    "conv grouped route, symmetric padding to the convolution": (
+        lambda: nn.Conv2d(8, 8, 3, padding=(2, 1)),
+        lambda g: torch.randn(2, 8, 16, 16, generator=g),
+    ),
+    "conv one input channel, large map (patches)": (
+        lambda: nn.Conv2d(1, 9, 3, padding=1),
+        lambda g: torch.randn(3, 1, 16, 16, generator=g),
+    ),
     "groupnorm": (lambda: nn.GroupNorm(2, 4), lambda g: torch.randn(3, 4, 3, 3, generator=g)),
     "layernorm": (lambda: nn.LayerNorm(5), lambda g: torch.randn(3, 4, 5, generator=g)),
     "embedding": (
