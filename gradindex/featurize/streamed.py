@@ -123,7 +123,8 @@ class StreamedFeaturizer(GradientFeaturizer):
         )
         try:
             with self._stream_hooks(state):
-                run_taps(self.model, self._hooks.loss_fn, x_t, t, target, cond, state.anchor)
+                loss_fn, precision = self._hooks.loss_fn, self.spec.precision
+                run_taps(self.model, loss_fn, x_t, t, target, cond, state.anchor, precision)
         except HookError as exc:  # no vmap route: that would form [I, p] again
             raise ModelError(
                 f"{exc.reason}; the streamed featurize path cannot follow it: use path 'full'"
