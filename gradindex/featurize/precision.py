@@ -3,8 +3,9 @@
 'bfloat16' runs the model's forward under ``torch.autocast`` (CPU or CUDA), so its matmuls and
 convolutions, and their backward, take bfloat16 inputs: the lever that moves a per-item
 gradient's cost below float32's (docs/build-speed.md). The loss is taken in float32 of the
-output, and the hooks turn every layer input and output gradient into float32 before forming a
-per-item gradient, so norms, aggregation, projection and the stored rows stay float32.
+output; a Linear / Conv2d that ran in bfloat16 forms its per-item weight gradient from its
+bfloat16 input and output gradient, written to float32 (``layer_grads.factor_dtypes``), every
+other per-item gradient in float32, so norms, aggregation, projection and rows stay float32.
 """
 
 from __future__ import annotations

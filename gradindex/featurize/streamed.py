@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from gradindex.errors import ModelError
 from gradindex.featurize.gradients import MAX_ITEMS, GradientFeaturizer
-from gradindex.featurize.layer_grads import write_layer_grads
+from gradindex.featurize.layer_grads import factor_dtypes, write_layer_grads
 from gradindex.featurize.persample import HookGradients
 from gradindex.featurize.projection import SJLTProjector, make_projector
 from gradindex.featurize.scratch import scratch
@@ -150,8 +150,7 @@ class StreamedFeaturizer(GradientFeaturizer):
                     )
                 state.seen.add(module)
                 with torch.no_grad():
-                    a = a.float() if a.is_floating_point() else a
-                    self._fold_layer(module, a, delta.float(), slots, state)
+                    self._fold_layer(module, *factor_dtypes(module, a, delta), slots, state)
 
             return Tap.apply(output, state.anchor, on_grad, False)
 

@@ -13,6 +13,7 @@ import torch
 import gradindex as gi
 from gradindex.errors import SpecError
 from gradindex.featurize.embedding import Embedder, projection_seed
+from gradindex.featurize.layer_grads import bmm_into, factor_dtypes
 from gradindex.featurize.precision import compute_precision
 from gradindex.featurize.projection import make_projector
 from gradindex.inputs.models import load_checkpoints
@@ -89,3 +90,22 @@ def test_bad_precision_is_a_one_line_spec_error():
     assert str(err.value) == "BuildSpec.precision='float16': must be one of float32, bfloat16"
     with pytest.raises(SpecError, match="cpu or cuda"):
         compute_precision("bfloat16", "meta")
+
+
+def test_bfloat16_factors_multiply_in_bfloat16_into_float32_rows():
+    """A Linear / Conv2d that autocast ran in bfloat16 forms its per-item weight gradient from
+    bfloat16 factors, written (and accumulated) into float32: the float64 product of the same
+    factors to bfloat16 rounding; other layers and float32 ones take float32 factors."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(3, 5, 40, generator=g), torch.randn(3, 40, 7, generator=g)
+    xb, yb = factor_dtypes(torch.nn.Linear(7, 5), x, x.bfloat16())
+    assert (xb.dtype, yb.dtype) == (torch.bfloat16, torch.bfloat16)
+    view = torch.empty(3, 5, 7)
+    bmm_into(view, xb, y.bfloat16(), True)
+    bmm_into(view, xb, y.bfloat16(), False)
+    want = 2 * (xb.double() @ y.bfloat16().double())
+    assert view.dtype == torch.float32
+    assert (view.double() - want).abs().max() <= 8e-3 * want.abs().max()
+    for module, delta in ((torch.nn.GroupNorm(1, 5), x.bfloat16()), (torch.nn.Linear(7, 5), x)):
+        a, d = factor_dtypes(module, x.bfloat16(), delta)
+        assert (a.dtype, d.dtype) == (torch.float32, torch.float32)
