@@ -166,10 +166,10 @@ def conv2d_item_weight_grads(
             (chunk.shape[0], c_in, kh, kw, delta.shape[2], delta.shape[3]),
             (s0, s1, s2 * dh, s3 * dw, s2 * sh, s3 * sw),
         )
-        if kh * kw == 1 or a.dtype != torch.float32:  # 1×1, stride 1: reshape is a view
+        if kh * kw == 1:  # 1×1, stride 1: reshape is a view
             patches = windows.reshape(chunk.shape[0], c_in * kh * kw, positions)
         else:  # copied into a kept buffer: a fresh one of > 32 MiB page-faults on every call
-            patches = scratch.get("patches", windows.shape, a.device)
+            patches = scratch.get("patches", windows.shape, a.device, a.dtype)
             patches = patches.copy_(windows).view(chunk.shape[0], c_in * kh * kw, positions)
         bmm_into(view[s : s + step], d[s : s + step], patches.transpose(1, 2), first)
 
