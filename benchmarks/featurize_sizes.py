@@ -19,7 +19,8 @@ them). Contenders, per size and thread count:
 - ``kronecker``: the same build with ``projection='kronecker'`` (LoGra-style per-layer factors,
   d = 4,096, exact norms; per-item weight gradients formed only where a layer's norm needs them).
 - ``ceiling``: one batched forward + backward of the summed loss at the build's items per call
-  (no per-sample gradients at all): the most any per-sample method could reach.
+  (no per-sample gradients at all): the most any per-sample method could reach; in float32 and
+  under bfloat16 autocast (the ceiling of the ``bf16`` contender).
 
 FLOP count: ``torch.utils.flop_counter`` of one draw (forward, backward to inputs and weights)
 against the float32 matmul rate measured here: the FLOP ceiling in draws per CPU-second.
@@ -230,14 +231,18 @@ def _ceiling_worker(size: str, threads: int, items: int) -> dict:
     t = torch.full((items,), 500)
     params = list(model.parameters())
 
-    def step(n):
-        out = model(x[:n], t[:n]).sample
-        torch.autograd.grad((out - x[:n]).pow(2).mean(), params)
+    def step(n, dtype=None):
+        with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            out = model(x[:n], t[:n]).sample
+        torch.autograd.grad((out.float() - x[:n]).pow(2).mean(), params)
 
-    step(items)
-    start = _cpu()
-    step(items)
-    seconds = _cpu() - start
+    def rate(dtype=None) -> float:
+        step(items, dtype)
+        start = _cpu()
+        step(items, dtype)
+        return items / (_cpu() - start)
+
+    draws_per_cpu_s, bf16_per_cpu_s = rate(), rate(torch.bfloat16)
     with FlopCounterMode(display=False) as counter:
         step(1)
     a = torch.randn(1024, 1024)
@@ -249,7 +254,8 @@ def _ceiling_worker(size: str, threads: int, items: int) -> dict:
     flops = counter.get_total_flops()
     return {
         "items": items,
-        "draws_per_cpu_s": items / seconds,
+        "draws_per_cpu_s": draws_per_cpu_s,
+        "bf16_draws_per_cpu_s": bf16_per_cpu_s,  # the same under bfloat16 autocast
         "flops_per_draw": flops,
         "matmul_gflops": gflops,
         "flop_ceiling_draws_per_cpu_s": gflops * 1e9 / flops,
@@ -329,5 +335,6 @@ def _summarise(size: str, runs: dict) -> dict:
         }
     c = runs["ceiling"][-1]
     out["ceiling"] = {**c, "x_loop": c["draws_per_cpu_s"] / loop}
+    out["ceiling"]["bf16_x_loop"] = c["bf16_draws_per_cpu_s"] / loop
     out["flop_ceiling_x_loop"] = c["flop_ceiling_draws_per_cpu_s"] / loop
     return out

@@ -13,6 +13,12 @@ def _rss(b: dict | None) -> str:
     return f"{b['peak_rss_mb']:.0f} ({b['rss_x_loop']:.2f}×)" if b else "—"
 
 
+def _bf16_ceiling(c: dict) -> str:
+    if "bf16_draws_per_cpu_s" not in c:  # a result from before the bf16 contender
+        return "—"
+    return f"{c['bf16_draws_per_cpu_s']:.2f} ({c['bf16_x_loop']:.2f}×)"
+
+
 def sizes_markdown(res: dict) -> list[str]:
     """The section's tables: speed and memory, where the time goes, fidelity against exact."""
     lines = [
@@ -23,8 +29,9 @@ def sizes_markdown(res: dict) -> list[str]:
         "",
         "| size / threads | params | loop | default build (× loop) | path | full path (× loop) "
         "| bf16 build (× loop) | kronecker (× loop) | batched fwd+bwd ceiling (× loop) "
-        "| FLOP ceiling (× loop) | RSS MB: loop / default build / bf16 / kronecker |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| bf16 ceiling (× loop) | FLOP ceiling (× loop) "
+        "| RSS MB: loop / default build / bf16 / kronecker |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for key, r in res.items():
         b, c = r.get("build", {}), r["ceiling"]
@@ -32,7 +39,7 @@ def sizes_markdown(res: dict) -> list[str]:
             f"| {key} | {r['params'] / 1e6:.2f}M | {r['loop']['draws_per_cpu_s']:.2f} "
             f"| {b['draws_per_cpu_s']:.2f} (**{b['x_loop']:.2f}×**) | {b['featurize']['path']} "
             f"| {_rate(r.get('build_full'))} | {_rate(r.get('bf16'))} | {_rate(r.get('kronecker'))} "
-            f"| {c['draws_per_cpu_s']:.2f} ({c['x_loop']:.2f}×) "
+            f"| {c['draws_per_cpu_s']:.2f} ({c['x_loop']:.2f}×) | {_bf16_ceiling(c)} "
             f"| {c['flop_ceiling_draws_per_cpu_s']:.2f} ({r['flop_ceiling_x_loop']:.2f}×) "
             f"| {r['loop']['peak_rss_mb']:.0f} / {_rss(b)} / {_rss(r.get('bf16'))} "
             f"/ {_rss(r.get('kronecker'))} |"
