@@ -90,6 +90,11 @@ def test_bad_precision_is_a_one_line_spec_error():
     assert str(err.value) == "BuildSpec.precision='float16': must be one of float32, bfloat16"
     with pytest.raises(SpecError, match="cpu or cuda"):
         compute_precision("bfloat16", "meta")
+    ckpts = load_checkpoints([(tiny_unet(1), scheduler())], None, None, "none")
+    with pytest.raises(
+        SpecError, match=r"^precision='bfloat16' runs on cpu or cuda devices, not 'meta'$"
+    ):
+        Embedder(ckpts, SPEC.replace(precision="bfloat16"), device="meta")  # before any work
 
 
 def test_bfloat16_factors_multiply_in_bfloat16_into_float32_rows():
