@@ -14,10 +14,13 @@ them). Contenders, per size and thread count:
   featurizers, less projection and aggregation), projection, rows (aggregation into TracIn /
   ReTrac features), fidelity, and the rest (I/O: reading, storing, FAISS, manifest).
 - ``build_full`` (demo size only: at 35.7M it takes ~12 GB): the full path forced.
+- ``bf16``: the default build with ``precision='bfloat16'`` (the model's forward and backward
+  under bfloat16 autocast; per-item gradients, norms and rows float32).
 - ``kronecker``: the same build with ``projection='kronecker'`` (LoGra-style per-layer factors,
   d = 4,096, exact norms; per-item weight gradients formed only where a layer's norm needs them).
 - ``ceiling``: one batched forward + backward of the summed loss at the build's items per call
-  (no per-sample gradients at all): the most any per-sample method could reach.
+  (no per-sample gradients at all): the most any per-sample method could reach; in float32 and
+  under bfloat16 autocast (the ceiling of the ``bf16`` contender).
 
 FLOP count: ``torch.utils.flop_counter`` of one draw (forward, backward to inputs and weights)
 against the float32 matmul rate measured here: the FLOP ceiling in draws per CPU-second.
@@ -44,6 +47,7 @@ CIFAR_UNET = {
     "down_block_types": ("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
     "up_block_types": ("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
 }
+BUILDS = ("build", "build_full", "bf16", "kronecker")  # the contenders that build an index
 # per size: training images N, timesteps K, query rows for the exact scores, images the loop
 # is timed on (several CPU-seconds)
 SIZES = {
@@ -139,9 +143,11 @@ def _exact_scores(x0: torch.Tensor, queries: int, grads) -> dict:
     return {"tracin": tracin.tolist(), "retrac": retrac.tolist()}
 
 
-def _build_worker(size: str, threads: int, path: str, projection: str = "sjlt") -> dict:
-    """One build over N images (the default spec but ``projection``), its phases timed in
-    CPU-seconds."""
+def _build_worker(
+    size: str, threads: int, path: str, projection: str = "sjlt", precision: str = "float32"
+) -> dict:
+    """One build over N images (the default spec but ``projection`` and ``precision``), its
+    phases timed in CPU-seconds."""
     from diffusers import DDPMScheduler
 
     import gradindex as gi
@@ -185,7 +191,7 @@ def _build_worker(size: str, threads: int, path: str, projection: str = "sjlt") 
         checkpoints=[(model, DDPMScheduler())],
         data=images,
         out=out,
-        spec=gi.BuildSpec(timesteps=cfg["k"], projection=projection),
+        spec=gi.BuildSpec(timesteps=cfg["k"], projection=projection, precision=precision),
         progress=False,
         featurize_path=path,
     )
@@ -225,14 +231,18 @@ def _ceiling_worker(size: str, threads: int, items: int) -> dict:
     t = torch.full((items,), 500)
     params = list(model.parameters())
 
-    def step(n):
-        out = model(x[:n], t[:n]).sample
-        torch.autograd.grad((out - x[:n]).pow(2).mean(), params)
+    def step(n, dtype=None):
+        with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            out = model(x[:n], t[:n]).sample
+        torch.autograd.grad((out.float() - x[:n]).pow(2).mean(), params)
 
-    step(items)
-    start = _cpu()
-    step(items)
-    seconds = _cpu() - start
+    def rate(dtype=None) -> float:
+        step(items, dtype)
+        start = _cpu()
+        step(items, dtype)
+        return items / (_cpu() - start)
+
+    draws_per_cpu_s, bf16_per_cpu_s = rate(), rate(torch.bfloat16)
     with FlopCounterMode(display=False) as counter:
         step(1)
     a = torch.randn(1024, 1024)
@@ -244,7 +254,8 @@ def _ceiling_worker(size: str, threads: int, items: int) -> dict:
     flops = counter.get_total_flops()
     return {
         "items": items,
-        "draws_per_cpu_s": items / seconds,
+        "draws_per_cpu_s": draws_per_cpu_s,
+        "bf16_draws_per_cpu_s": bf16_per_cpu_s,  # the same under bfloat16 autocast
         "flops_per_draw": flops,
         "matmul_gflops": gflops,
         "flop_ceiling_draws_per_cpu_s": gflops * 1e9 / flops,
@@ -280,11 +291,12 @@ def section_sizes(threads_list: list[int], sizes: list[str], rounds: int = 1) ->
     res: dict = {}
     for size in sizes:
         for threads in threads_list:
-            runs: dict[str, list] = {n: [] for n in ("loop", "build", "build_full", "kronecker")}
-            runs["ceiling"] = []
+            runs: dict[str, list] = {n: [] for n in (*BUILDS, "loop", "ceiling")}
             for _ in range(rounds):
                 runs["loop"].append(_fresh(_loop_worker, size, threads))
                 runs["build"].append(_fresh(_build_worker, size, threads, "auto"))
+                bf16 = _fresh(_build_worker, size, threads, "auto", "sjlt", "bfloat16")
+                runs["bf16"].append(bf16)
                 if size == "demo":
                     runs["build_full"].append(_fresh(_build_worker, size, threads, "full"))
                 kron = _fresh(_build_worker, size, threads, "auto", "kronecker")
@@ -302,7 +314,7 @@ def _summarise(size: str, runs: dict) -> dict:
         "draws_per_cpu_s": loop,
         "peak_rss_mb": max(r["peak_rss_mb"] for r in runs["loop"]),
     }
-    for name in ("build", "build_full", "kronecker"):
+    for name in BUILDS:
         if not runs[name]:
             continue
         rate = float(np.median([r["draws"] / r["cpu_s"] for r in runs[name]]))
@@ -323,5 +335,6 @@ def _summarise(size: str, runs: dict) -> dict:
         }
     c = runs["ceiling"][-1]
     out["ceiling"] = {**c, "x_loop": c["draws_per_cpu_s"] / loop}
+    out["ceiling"]["bf16_x_loop"] = c["bf16_draws_per_cpu_s"] / loop
     out["flop_ceiling_x_loop"] = c["flop_ceiling_draws_per_cpu_s"] / loop
     return out

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-BUILDS = ("build", "build_full", "kronecker")
+from featurize_sizes import BUILDS
 
 
 def _rate(b: dict | None) -> str:
@@ -11,6 +11,12 @@ def _rate(b: dict | None) -> str:
 
 def _rss(b: dict | None) -> str:
     return f"{b['peak_rss_mb']:.0f} ({b['rss_x_loop']:.2f}×)" if b else "—"
+
+
+def _bf16_ceiling(c: dict) -> str:
+    if "bf16_draws_per_cpu_s" not in c:  # a result from before the bf16 contender
+        return "—"
+    return f"{c['bf16_draws_per_cpu_s']:.2f} ({c['bf16_x_loop']:.2f}×)"
 
 
 def sizes_markdown(res: dict) -> list[str]:
@@ -22,19 +28,21 @@ def sizes_markdown(res: dict) -> list[str]:
         "peak RSS of that process. Loop RSS is measured before its exact-score vectors.",
         "",
         "| size / threads | params | loop | default build (× loop) | path | full path (× loop) "
-        "| kronecker (× loop) | batched fwd+bwd ceiling (× loop) | FLOP ceiling (× loop) "
-        "| RSS MB: loop / default build / kronecker |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| bf16 build (× loop) | kronecker (× loop) | batched fwd+bwd ceiling (× loop) "
+        "| bf16 ceiling (× loop) | FLOP ceiling (× loop) "
+        "| RSS MB: loop / default build / bf16 / kronecker |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for key, r in res.items():
         b, c = r.get("build", {}), r["ceiling"]
         lines.append(
             f"| {key} | {r['params'] / 1e6:.2f}M | {r['loop']['draws_per_cpu_s']:.2f} "
             f"| {b['draws_per_cpu_s']:.2f} (**{b['x_loop']:.2f}×**) | {b['featurize']['path']} "
-            f"| {_rate(r.get('build_full'))} | {_rate(r.get('kronecker'))} "
-            f"| {c['draws_per_cpu_s']:.2f} ({c['x_loop']:.2f}×) "
+            f"| {_rate(r.get('build_full'))} | {_rate(r.get('bf16'))} | {_rate(r.get('kronecker'))} "
+            f"| {c['draws_per_cpu_s']:.2f} ({c['x_loop']:.2f}×) | {_bf16_ceiling(c)} "
             f"| {c['flop_ceiling_draws_per_cpu_s']:.2f} ({r['flop_ceiling_x_loop']:.2f}×) "
-            f"| {r['loop']['peak_rss_mb']:.0f} / {_rss(b)} / {_rss(r.get('kronecker'))} |"
+            f"| {r['loop']['peak_rss_mb']:.0f} / {_rss(b)} / {_rss(r.get('bf16'))} "
+            f"/ {_rss(r.get('kronecker'))} |"
         )
     lines += [
         "",
@@ -65,7 +73,7 @@ def sizes_markdown(res: dict) -> list[str]:
         "|---|---|---|---|---|---|",
     ]
     for key, r in res.items():
-        for name in ("build", "kronecker"):
+        for name in ("build", "bf16", "kronecker"):
             if name not in r:
                 continue
             b = r[name]

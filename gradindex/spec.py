@@ -30,10 +30,22 @@ hooks (``gradindex.featurize.kronecker``)."""
 LOSSES = ("mse", "l1", "square")
 METHODS = ("tracin", "retrac")  # the row sets every build stores, each with its search index
 STORE_DTYPES = ("float32", "float16")
+PRECISIONS = ("float32", "bfloat16")  # gradindex.featurize.precision
 RESIZE_MODES = ("bilinear", "nearest", "error")
 LATENT_MODES = ("mean", "sample")
 PRECONDITIONERS = ("none", "adam")
 LOSS_WEIGHTINGS = ("none", "snr", "min_snr")  # gradindex.featurize.losses.loss_weights
+CHOICES = {
+    "projection": SPEC_PROJECTIONS,
+    "loss": LOSSES,
+    "store_dtype": STORE_DTYPES,
+    "resize": RESIZE_MODES,
+    "latents": LATENT_MODES,
+    "precondition": PRECONDITIONERS,
+    "snr_weighting": LOSS_WEIGHTINGS,
+    "precision": PRECISIONS,
+}
+"""The fields that name one of a few values (the CLI's choices)."""
 MAX_ROW_DIM = 1 << 20
 """The most columns a stored row may have: FAISS (1.15) reads no index of more dimensions
 (index_read.cpp: d < 2^20 + 1) though it writes one, so a wider index would be built in full,
@@ -50,6 +62,7 @@ OMITTED_AT_DEFAULT = {
     "input_perturbation": 0.0,
     "resolution": None,
     "center_crop": False,
+    "precision": "float32",
 }
 """Fields added after indexes were built without them: left out of ``to_dict`` (so of the JSON
 and the fingerprint) at their default, so those indexes keep their fingerprint; a dict without
@@ -143,6 +156,11 @@ class BuildSpec:
         "repeated, so the centre crop is used either way; this records which it was.",
         False,
     )
+    precision: str = _help(
+        "The model's forward/backward in 'float32' or 'bfloat16' (autocast, cpu / cuda; faster "
+        "with bfloat16 units, rows off by its rounding); per-item gradients and rows stay float32.",
+        "float32",
+    )
     num_train_timesteps: int | None = _help(
         "The scheduler's training range T (filled from the scheduler at build time).", None
     )
@@ -165,10 +183,12 @@ class BuildSpec:
         def bad(name: str, why: str) -> SpecError:
             return SpecError(f"BuildSpec.{name}={getattr(self, name)!r}: {why}")
 
-        if not _is_int(self.proj_dim) or self.proj_dim <= 0:
-            raise bad("proj_dim", "must be a positive integer (e.g. 4096)")
-        if self.projection not in SPEC_PROJECTIONS:
-            raise bad("projection", f"must be one of {', '.join(SPEC_PROJECTIONS)}")
+        for name in ("proj_dim", "noise_draws", "batch_size"):
+            if not _is_int(getattr(self, name)) or getattr(self, name) <= 0:
+                raise bad(name, "must be a positive integer")
+        for name, allowed in CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise bad(name, f"must be one of {', '.join(allowed)}")
         if not _is_int(self.sjlt_nnz) or not 0 < self.sjlt_nnz <= self.proj_dim:
             raise bad("sjlt_nnz", "must be a positive integer no larger than proj_dim")
         if self.projection == "sjlt" and self.proj_dim % self.sjlt_nnz:
@@ -182,14 +202,9 @@ class BuildSpec:
             object.__setattr__(self, "timesteps", tuple(int(t) for t in self.timesteps))
         else:
             raise bad("timesteps", "must be a count or a list of integers")
-        if not _is_int(self.noise_draws) or self.noise_draws <= 0:
-            raise bad("noise_draws", "must be a positive integer")
-        if not _is_int(self.seed) or self.seed < 0:
-            raise bad("seed", "must be a non-negative integer")
-        if not _is_int(self.proj_seed) or self.proj_seed < 0:
-            raise bad("proj_seed", "must be a non-negative integer")
-        if self.loss not in LOSSES:
-            raise bad("loss", f"must be one of {', '.join(LOSSES)}")
+        for name in ("seed", "proj_seed"):
+            if not _is_int(getattr(self, name)) or getattr(self, name) < 0:
+                raise bad(name, "must be a non-negative integer")
         if self.params is not None and (
             not self.params or not all(isinstance(p, str) and p for p in self.params)
         ):
@@ -203,18 +218,10 @@ class BuildSpec:
             ):
                 raise bad("checkpoint_weights", _POSITIVE_WEIGHTS)
             object.__setattr__(self, "checkpoint_weights", tuple(float(x) for x in w))
-        if not _is_int(self.batch_size) or self.batch_size <= 0:
-            raise bad("batch_size", "must be a positive integer")
-        if self.store_dtype not in STORE_DTYPES:
-            raise bad("store_dtype", f"must be one of {', '.join(STORE_DTYPES)}")
         self._validate_images(bad)
-        if self.precondition not in PRECONDITIONERS:
-            raise bad("precondition", f"must be one of {', '.join(PRECONDITIONERS)}")
         if self.precondition == "adam" and self.projection == "kronecker":
-            raise bad(
-                "precondition",
-                "'adam' needs a dense projection, not 'kronecker' (a diagonal scaling is not Kronecker-factored)",
-            )
+            why = "'adam' needs a dense projection, not 'kronecker' (a diagonal scaling is not"
+            raise bad("precondition", f"{why} Kronecker-factored)")
         self._validate_loss_weighting(bad)
         if self.num_train_timesteps is not None:
             if not _is_int(self.num_train_timesteps) or self.num_train_timesteps <= 0:
@@ -235,20 +242,14 @@ class BuildSpec:
             if len(r) != 2 or not all(np.isfinite(v) for v in r) or not r[0] < r[1]:
                 raise bad("data_range", "must be two finite numbers (low, high) with low < high")
             object.__setattr__(self, "data_range", (float(r[0]), float(r[1])))
-        if self.resize not in RESIZE_MODES:
-            raise bad("resize", f"must be one of {', '.join(RESIZE_MODES)}")
         if self.resolution is not None and (not _is_int(self.resolution) or self.resolution <= 0):
             raise bad("resolution", "must be a positive integer (the trainer's --resolution)")
         if not isinstance(self.center_crop, bool):
             raise bad("center_crop", "must be true or false")
         if self.center_crop and self.resolution is None:
             raise bad("center_crop", "needs resolution (the size the trainer cropped to)")
-        if self.latents not in LATENT_MODES:
-            raise bad("latents", f"must be one of {', '.join(LATENT_MODES)}")
 
     def _validate_loss_weighting(self, bad: Any) -> None:
-        if self.snr_weighting not in LOSS_WEIGHTINGS:
-            raise bad("snr_weighting", f"must be one of {', '.join(LOSS_WEIGHTINGS)}")
         if self.snr_weighting == "min_snr":
             if not _is_number(self.snr_gamma) or not self.snr_gamma > 0:
                 raise bad("snr_gamma", "snr_weighting='min_snr' needs a positive finite gamma")
@@ -384,8 +385,7 @@ class BuildSpec:
 
     def diff(self, other: BuildSpec) -> dict[str, tuple[Any, Any]]:
         """Fields whose values differ, as {name: (self, other)}."""
-        a, b = self.to_dict(), other.to_dict()
-        a, b = ({**OMITTED_AT_DEFAULT, **x} for x in (a, b))
+        a, b = ({**OMITTED_AT_DEFAULT, **s.to_dict()} for s in (self, other))
         return {k: (a[k], b[k]) for k in a if a[k] != b[k]}
 
     def replace(self, **changes: Any) -> BuildSpec:

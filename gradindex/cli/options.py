@@ -16,28 +16,10 @@ from typing import Any
 import click
 
 from gradindex.errors import GradIndexError
-from gradindex.spec import (
-    LATENT_MODES,
-    LOSS_WEIGHTINGS,
-    LOSSES,
-    PRECONDITIONERS,
-    RESIZE_MODES,
-    SPEC_PROJECTIONS,
-    STORE_DTYPES,
-    BuildSpec,
-)
+from gradindex.spec import CHOICES, BuildSpec
 
 # -- spec options generated from BuildSpec fields, so its docs are the CLI's help -----------
 
-_CHOICES = {
-    "projection": SPEC_PROJECTIONS,
-    "loss": LOSSES,
-    "store_dtype": STORE_DTYPES,
-    "resize": RESIZE_MODES,
-    "latents": LATENT_MODES,
-    "precondition": PRECONDITIONERS,
-    "snr_weighting": LOSS_WEIGHTINGS,
-}
 _FLOATS = ("snr_gamma", "noise_offset", "input_perturbation")
 _SKIP = {"num_train_timesteps"}
 
@@ -108,9 +90,9 @@ def spec_options(func: Any) -> Any:
             continue
         name = "--" + f.name.replace("_", "-")
         help_text = f.metadata.get("help", "")
-        if f.name in _CHOICES:
+        if f.name in CHOICES:
             opt = click.option(
-                name, type=click.Choice(_CHOICES[f.name]), default=None, help=help_text
+                name, type=click.Choice(CHOICES[f.name]), default=None, help=help_text
             )
         elif f.name in ("timesteps", "checkpoint_weights"):
             opt = click.option(name, type=str, default=None, help=help_text + " Comma-separated.")

@@ -37,6 +37,7 @@ from gradindex.featurize.losses import (
     noisy_input_and_target,
 )
 from gradindex.featurize.persample import HookGradients
+from gradindex.featurize.precision import compute_precision
 from gradindex.featurize.scratch import scratch
 from gradindex.featurize.taps import HookError
 from gradindex.inputs.models import Checkpoint, model_output
@@ -104,6 +105,7 @@ class GradientFeaturizer:
             raise SpecError(f"max_items={max_items!r}: must be a positive integer")
         if not isinstance(max_bytes, int) or max_bytes <= 0:
             raise SpecError(f"max_bytes={max_bytes!r}: must be a positive integer")
+        compute_precision(spec.precision, device)  # a device autocast cannot run: refused now
         self.spec = spec
         self.max_items = max_items
         self.max_bytes = max_bytes
@@ -133,7 +135,8 @@ class GradientFeaturizer:
                 "use 'vmap'"
             )
         if backend != "vmap" and supported:
-            self._hooks = HookGradients(self.model, self.param_names, item_loss_fn(spec.loss))
+            loss_fn = item_loss_fn(spec.loss)
+            self._hooks = HookGradients(self.model, self.param_names, loss_fn, spec.precision)
         self.backend = "hooks" if self._hooks is not None else "vmap"
         self._auto = backend == "auto"
         # bytes the per-item work of a call may take (set by ``Embedder`` from the memory
@@ -156,13 +159,15 @@ class GradientFeaturizer:
         target: torch.Tensor,
         cond: dict[str, torch.Tensor],
     ) -> torch.Tensor:
-        out = model_output(
-            lambda x, tt, **kw: functional_call(self.model, {**self.frozen, **params}, (x, tt), kw),
-            x_t[None],
-            t[None],
-            {name: c[None] for name, c in cond.items()},
-        )
-        return diffusion_loss(out, target[None], self.spec.loss)
+        params = {**self.frozen, **params}
+        with compute_precision(self.spec.precision, self.device):
+            out = model_output(
+                lambda x, tt, **kw: functional_call(self.model, params, (x, tt), kw),
+                x_t[None],
+                t[None],
+                {name: c[None] for name, c in cond.items()},
+            )
+        return diffusion_loss(out.float(), target[None], self.spec.loss)
 
     def item_gradients(
         self,
@@ -310,8 +315,9 @@ class GradientFeaturizer:
         ``budget``) and its row in the call's buffer."""
         one = None if cond is None else {k: v[:1] for k, v in cond.items()}
         x_t, t, _, c = self._items(x0[:1], draws, range(1), one)
-        one_c = {k: v[:1] for k, v in c.items()}
-        act = activation_bytes(self.model, lambda: model_output(self.model, x_t[:1], t[:1], one_c))
+        x1, t1, one_c = x_t[:1], t[:1], {k: v[:1] for k, v in c.items()}
+        with compute_precision(self.spec.precision, self.device):  # bfloat16: smaller activations
+            act = activation_bytes(self.model, lambda: model_output(self.model, x1, t1, one_c))
         per_item = int(ACTIVATION_FACTOR * act) + 4 * self.row_dim
         assert self.memory_left is not None
         return items_per_call(self.memory_left, per_item, self.spec.noise_draws, self.budget)

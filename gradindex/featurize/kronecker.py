@@ -98,6 +98,7 @@ class KroneckerGradients:
         seed: int,
         nnz: int = 4,
         device: torch.device | str = "cpu",
+        precision: str = "float32",
     ):
         if not HookGradients.supports(model, param_names):
             raise ModelError(
@@ -107,6 +108,7 @@ class KroneckerGradients:
             )
         self.model = model
         self.loss_fn = loss_fn
+        self.precision = precision  # the forward's (BuildSpec.precision)
         device = torch.device(device)
         named = dict(model.named_parameters())
         owners = parameter_owners(model)
@@ -154,7 +156,7 @@ class KroneckerGradients:
         self._dense: HookGradients | None = None
         self._dense_proj = None
         if dense:
-            self._dense = HookGradients(model, dense, loss_fn)
+            self._dense = HookGradients(model, dense, loss_fn, precision)
             self._dense_proj = make_projector(
                 "sjlt",
                 p_dense,
@@ -194,7 +196,7 @@ class KroneckerGradients:
         call = Call(dense_out if dense_out is not None else rows[:, :0], False)
         state = _KronCall(rows, item_sq, group_sq, group)
         with self._hooks(call, state):
-            run_taps(self.model, self.loss_fn, x_t, t, target, cond, call.anchor)
+            run_taps(self.model, self.loss_fn, x_t, t, target, cond, call.anchor, self.precision)
         if dense_out is not None and self._dense_proj is not None:
             for start, stop in self._dense._all_slots - call.written:  # unused parameters
                 dense_out[:, start:stop] = 0.0
@@ -339,6 +341,7 @@ class KroneckerFeaturizer(GradientFeaturizer):
             seed,
             nnz=spec.sjlt_nnz,
             device=self.device,
+            precision=spec.precision,
         )
         self.row_dim = self.kron.out_dim
         self.backend = "kronecker"

@@ -33,18 +33,28 @@ def forward_hook(slots: dict[str, tuple[int, int]], call: Call) -> Callable:
         def on_grad(delta: Tensor) -> None:
             a = take()
             with torch.no_grad():
-                a = a.float() if a.is_floating_point() else a  # Embedding: indices stay long
-                write_layer_grads(module, a, delta.float(), slots, call)
+                write_layer_grads(module, *factor_dtypes(module, a, delta), slots, call)
 
         return Tap.apply(output, call.anchor, on_grad, call.clone)
 
     return hook
 
 
+def factor_dtypes(module: nn.Module, a: Tensor, delta: Tensor) -> tuple[Tensor, Tensor]:
+    """A layer's input and output gradient in the dtype its per-item gradient is formed in:
+    bfloat16 for a Linear / Conv2d that autocast ran in bfloat16 (its δ is bfloat16; the
+    per-item matmul at half the bytes, its result written to float32), float32 otherwise
+    (Embedding indices stay long)."""
+    if delta.dtype == torch.bfloat16 and isinstance(module, (nn.Linear, nn.Conv2d)):
+        return a.to(torch.bfloat16), delta
+    return (a.float() if a.is_floating_point() else a), delta.float()
+
+
 def write_layer_grads(
     module: nn.Module, a: Tensor, delta: Tensor, slots: dict[str, tuple[int, int]], call: Call
 ) -> None:
-    """Per-item gradients of the selected parameters of one module call, into ``call.out``."""
+    """Per-item gradients of the selected parameters of one module call, into ``call.out``
+    (a, δ as ``factor_dtypes`` gives them; sums taken in float32)."""
     n = a.shape[0]
     if isinstance(module, nn.Linear):
         d = delta.reshape(n, -1, module.out_features)  # [I, L, out]
@@ -52,12 +62,12 @@ def write_layer_grads(
             view, first = call.target(slots["weight"], (module.out_features, module.in_features))
             bmm_into(view, d.transpose(1, 2), a.reshape(n, -1, module.in_features), first)
         if "bias" in slots:
-            call.write(slots["bias"], d.sum(1))  # [I, out]
+            call.write(slots["bias"], d.sum(1, dtype=torch.float32))  # [I, out]
     elif isinstance(module, nn.Conv2d):
         if "weight" in slots:
             _conv2d_weight_grads(module, a, delta, slots["weight"], call)
         if "bias" in slots:
-            call.write(slots["bias"], delta.sum((2, 3)))  # [I, out]
+            call.write(slots["bias"], delta.sum((2, 3), dtype=torch.float32))  # [I, out]
     elif isinstance(module, nn.GroupNorm):
         d = delta.reshape(n, module.num_channels, -1)  # [I, C, L]
         if "weight" in slots:
@@ -90,8 +100,14 @@ def write_layer_grads(
 
 
 def bmm_into(view: Tensor, x: Tensor, y: Tensor, first: bool) -> None:
-    """view (+)= x @ y per item, [i, m, k] @ [i, k, n], written in place into a strided view."""
-    if first:
+    """view (+)= x @ y per item, [i, m, k] @ [i, k, n], written in place into a strided view
+    (bfloat16 x, y: multiplied in bfloat16, the result written to the float32 view)."""
+    if x.dtype != view.dtype:
+        if first:
+            view.copy_(torch.bmm(x, y))
+        else:
+            view += torch.bmm(x, y)
+    elif first:
         torch.bmm(x, y, out=view)
     else:
         view.baddbmm_(x, y)
@@ -202,10 +218,10 @@ def _patch_weight_grads(
             (chunk.shape[0], c_in, kh, kw, delta.shape[2], delta.shape[3]),
             (s0, s1, s2 * dh, s3 * dw, s2 * sh, s3 * sw),
         )
-        if kh * kw == 1 or a.dtype != torch.float32:  # 1×1, stride 1: reshape is a view
+        if kh * kw == 1:  # 1×1, stride 1: reshape is a view
             patches = windows.reshape(chunk.shape[0], c_in * kh * kw, positions)
         else:  # copied into a kept buffer: a fresh one of > 32 MiB page-faults on every call
-            patches = scratch.get("patches", windows.shape, a.device)
+            patches = scratch.get("patches", windows.shape, a.device, a.dtype)
             patches = patches.copy_(windows).view(chunk.shape[0], c_in * kh * kw, positions)
         bmm_into(view[s : s + step], d[s : s + step], patches.transpose(1, 2), first)
 

@@ -76,9 +76,11 @@ class HookGradients:
         model: nn.Module,
         param_names: list[str],
         loss_fn: Callable[[Tensor, Tensor], Tensor],
+        precision: str = "float32",
     ):
         """``loss_fn(output [I, ...], target [I, ...]) -> per-item losses [I]``; the columns of
-        ``item_gradients`` follow ``param_names``, each parameter flattened as ``p.reshape(-1)``."""
+        ``item_gradients`` follow ``param_names``, each parameter flattened as ``p.reshape(-1)``;
+        ``precision``: the forward's (``BuildSpec.precision``; gradients are float32 either way)."""
         if not self.supports(model, param_names):
             raise ModelError(
                 "HookGradients supports Linear, Conv2d (zero padding), GroupNorm, LayerNorm and "
@@ -87,6 +89,7 @@ class HookGradients:
         self.model = model
         self.param_names = list(param_names)
         self.loss_fn = loss_fn
+        self.precision = precision
         named = dict(model.named_parameters())
         owners = parameter_owners(model)
         offset = 0
@@ -194,7 +197,7 @@ class HookGradients:
         self, x_t: Tensor, t: Tensor, target: Tensor, cond: dict[str, Tensor] | None, call: Call
     ) -> None:
         with self._hooks(call):
-            run_taps(self.model, self.loss_fn, x_t, t, target, cond, call.anchor)
+            run_taps(self.model, self.loss_fn, x_t, t, target, cond, call.anchor, self.precision)
         for slot in self._all_slots - call.written:  # parameters the forward never used
             call.target(slot, (slot[1] - slot[0],))[0].zero_()
 

@@ -1,4 +1,4 @@
-"""Reusable float32 work buffers, kept between calls.
+"""Reusable work buffers (float32 unless asked), kept between calls.
 
 Fresh memory costs a page fault per 4 KiB on first touch (as much time as the arithmetic that
 fills it, docs/build-speed.md), and glibc returns blocks over 32 MiB to the
@@ -16,22 +16,28 @@ import torch
 
 
 class Scratch:
-    """Named float32 buffers per device, grown on demand, never shrunk (a grown one's old
+    """Named buffers per device and dtype, grown on demand, never shrunk (a grown one's old
     memory is released before the new allocation unless a caller still holds a view of it)."""
 
     def __init__(self) -> None:
-        self._buffers: dict[tuple[str, torch.device], torch.Tensor] = {}
+        self._buffers: dict[tuple[str, torch.device, torch.dtype], torch.Tensor] = {}
 
-    def get(self, name: str, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
-        """A contiguous float32 tensor of ``shape`` (contents undefined)."""
+    def get(
+        self,
+        name: str,
+        shape: tuple[int, ...],
+        device: torch.device,
+        dtype: torch.dtype = torch.float32,
+    ) -> torch.Tensor:
+        """A contiguous tensor of ``shape`` and ``dtype`` (contents undefined)."""
         numel = 1
         for s in shape:
             numel *= s
-        key = (name, torch.device(device))
+        key = (name, torch.device(device), dtype)
         buf = self._buffers.get(key)
         if buf is None or buf.numel() < numel:
             self._buffers.pop(key, None)  # free the old one before allocating
-            buf = self._buffers[key] = torch.empty(numel, dtype=torch.float32, device=device)
+            buf = self._buffers[key] = torch.empty(numel, dtype=dtype, device=device)
         return buf[:numel].view(shape)
 
     def clear(self) -> None:

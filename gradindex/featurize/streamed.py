@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from gradindex.errors import ModelError
 from gradindex.featurize.gradients import MAX_ITEMS, GradientFeaturizer
-from gradindex.featurize.layer_grads import write_layer_grads
+from gradindex.featurize.layer_grads import factor_dtypes, write_layer_grads
 from gradindex.featurize.persample import HookGradients
 from gradindex.featurize.projection import SJLTProjector, make_projector
 from gradindex.featurize.scratch import scratch
@@ -123,7 +123,8 @@ class StreamedFeaturizer(GradientFeaturizer):
         )
         try:
             with self._stream_hooks(state):
-                run_taps(self.model, self._hooks.loss_fn, x_t, t, target, cond, state.anchor)
+                loss_fn, precision = self._hooks.loss_fn, self.spec.precision
+                run_taps(self.model, loss_fn, x_t, t, target, cond, state.anchor, precision)
         except HookError as exc:  # no vmap route: that would form [I, p] again
             raise ModelError(
                 f"{exc.reason}; the streamed featurize path cannot follow it: use path 'full'"
@@ -149,8 +150,7 @@ class StreamedFeaturizer(GradientFeaturizer):
                     )
                 state.seen.add(module)
                 with torch.no_grad():
-                    a = a.float() if a.is_floating_point() else a
-                    self._fold_layer(module, a, delta.float(), slots, state)
+                    self._fold_layer(module, *factor_dtypes(module, a, delta), slots, state)
 
             return Tap.apply(output, state.anchor, on_grad, False)
 

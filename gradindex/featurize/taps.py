@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from gradindex.errors import ModelError
+from gradindex.featurize.precision import compute_precision
 from gradindex.inputs.models import model_output
 
 
@@ -103,12 +104,16 @@ def run_taps(
     target: Tensor,
     cond: dict[str, Tensor] | None,
     anchor: Tensor,
+    precision: str = "float32",
 ) -> None:
     """One forward and the backward of Σ_i loss_i down to ``anchor``, which runs every ``Tap``
-    the registered hooks put on module outputs (and computes no parameter gradient)."""
+    the registered hooks put on module outputs (and computes no parameter gradient). The forward
+    runs in ``precision`` (``BuildSpec.precision``), the loss in float32 of its output."""
     n = x_t.shape[0]
     with torch.enable_grad():
-        losses = loss_fn(model_output(model, x_t, t, cond), target)  # [I]
+        with compute_precision(precision, x_t.device):
+            output = model_output(model, x_t, t, cond)
+        losses = loss_fn(output.float(), target)  # [I]
         if losses.shape != (n,):
             raise ValueError(
                 f"loss_fn must return per-item losses of shape [{n}], got {tuple(losses.shape)}"

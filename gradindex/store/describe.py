@@ -61,9 +61,9 @@ def format_info(info: dict[str, Any]) -> list[str]:
     add("timesteps", _short_list(ts))
     lo, hi = spec.get("data_range") or (None, None)
     data = f"data range [{lo:g}, {hi:g}]" if lo is not None else "data range from the data"
-    add(
-        "model", f"predicts {info['prediction_type']}, {data}, rows stored as {spec['store_dtype']}"
-    )
+    computed = spec.get("precision", "float32")  # an index from before the field: float32
+    stored = f"rows stored as {spec['store_dtype']}, computed in {computed}"
+    add("model", f"predicts {info['prediction_type']}, {data}, {stored}")
     cond = info.get("conditioning") or {"kind": "none"}
     if cond["kind"] != "none" or cond.get("latent"):
         extra = [f"{cond['num_classes']} classes"] if cond["kind"] == "class" else []

@@ -204,7 +204,7 @@ def _expected_info(index_dir, saved_checkpoints):
         f"params       {params:,} (sjlt projection, seed 0)",
         "draws        2 timesteps x 1 noise draw (seed 0), loss mse",
         "timesteps    250, 750",
-        "model        predicts epsilon, data range [0, 1], rows stored as float32",
+        "model        predicts epsilon, data range [0, 1], rows stored as float32, computed in float32",
         f"checkpoint   {saved_checkpoints[0]}  w=1  {ckpts[0]['fingerprint']}",
         f"checkpoint   {saved_checkpoints[1]}  w=2  {ckpts[1]['fingerprint']}",
         "weights      raw (what the optimizer stepped) for every checkpoint of the run",
