@@ -103,10 +103,7 @@ def bmm_into(view: Tensor, x: Tensor, y: Tensor, first: bool) -> None:
     """view (+)= x @ y per item, [i, m, k] @ [i, k, n], written in place into a strided view
     (bfloat16 x, y: multiplied in bfloat16, the result written to the float32 view)."""
     if x.dtype != view.dtype:
-        if first:
-            view.copy_(torch.bmm(x, y))
-        else:
-            view += torch.bmm(x, y)
+        _accumulate(view, torch.bmm(x, y), first)
     elif first:
         torch.bmm(x, y, out=view)
     else:
@@ -150,6 +147,7 @@ def conv2d_item_weight_grads(
 
 
 def _accumulate(view: Tensor, g: Tensor, first: bool) -> None:
+    """view = g on a call's first write, view += g after (g in view's dtype or cast to it)."""
     if first:
         view.copy_(g)
     else:
