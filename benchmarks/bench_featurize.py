@@ -52,6 +52,7 @@ import numpy as np
 import torch
 from featurize_sizes import section_sizes
 from featurize_sizes_md import sizes_markdown
+from timing import time_calls
 
 from gradindex.demo.training import load_digits_images, small_unet_config
 
@@ -492,21 +493,12 @@ def _profile_worker(threads: int, batches: int) -> dict:
     x0 = torch.from_numpy(images).float() * 2 - 1  # the digits' [0, 1] → the model's [-1, 1]
     spent = {"gradients": 0.0, "featurize": 0.0, "project": 0.0}
 
-    def timed(cls, name, key):
-        original = getattr(cls, name)
-
-        def wrapper(*args, **kwargs):
-            start = time.perf_counter()
-            try:
-                return original(*args, **kwargs)
-            finally:
-                spent[key] += time.perf_counter() - start
-
-        setattr(cls, name, wrapper)
-
-    timed(gradients.GradientFeaturizer, "_draw_rows", "gradients")
-    timed(gradients.GradientFeaturizer, "featurize", "featurize")
-    timed(projection.SJLTProjector, "project", "project")
+    for owner, name, key in (
+        (gradients.GradientFeaturizer, "_draw_rows", "gradients"),
+        (gradients.GradientFeaturizer, "featurize", "featurize"),
+        (projection.SJLTProjector, "project", "project"),
+    ):
+        time_calls(owner, name, key, spent, time.perf_counter)
     emb.embed(x0)  # warm: buffers touched, oneDNN primitives made
     for key in spent:
         spent[key] = 0.0

@@ -25,6 +25,8 @@ import sys
 import time
 from pathlib import Path
 
+from timing import time_calls
+
 HERE = Path(__file__).resolve().parent
 IMAGES, BATCH = 64, 16
 
@@ -54,21 +56,12 @@ def worker(threads: int, profile: bool = False) -> dict:
     x0 = torch.from_numpy(load_digits_images(16)[:IMAGES]).float() * 2 - 1
     spent = {"gradients": 0.0, "featurize": 0.0, "project": 0.0}
 
-    def timed(cls: type, name: str, key: str) -> None:
-        original = getattr(cls, name)
-
-        def wrapper(*args, **kwargs):
-            start = time.process_time()
-            try:
-                return original(*args, **kwargs)
-            finally:
-                spent[key] += time.process_time() - start
-
-        setattr(cls, name, wrapper)
-
-    timed(gradients.GradientFeaturizer, "_draw_rows", "gradients")
-    timed(gradients.GradientFeaturizer, "featurize", "featurize")
-    timed(projection.SJLTProjector, "project", "project")
+    for owner, name, key in (
+        (gradients.GradientFeaturizer, "_draw_rows", "gradients"),
+        (gradients.GradientFeaturizer, "featurize", "featurize"),
+        (projection.SJLTProjector, "project", "project"),
+    ):
+        time_calls(owner, name, key, spent)
     emb.embed(x0[:BATCH])  # warm: buffers touched, oneDNN primitives made
     spent.update(dict.fromkeys(spent, 0.0))
     start = time.process_time()

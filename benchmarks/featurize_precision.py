@@ -19,7 +19,6 @@ import json
 import os
 import platform
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from featurize_sizes import SIZES, _build_worker, _fidelity, _fresh, _images, _loop_worker, _model
+from timing import time_calls
 
 HERE = Path(__file__).resolve().parent
 PRECISIONS = ("float32", "bfloat16")
@@ -50,28 +50,19 @@ def _profile_worker(size: str, precision: str) -> dict:
     torch.set_num_threads(1)
     spent: dict[str, float] = {}
 
-    def wrap(owner, name: str, key: str) -> None:
-        fn = getattr(owner, name)
-
-        def timed(*args, **kwargs):
-            start = time.process_time()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                spent[key] = spent.get(key, 0.0) + time.process_time() - start
-
-        setattr(owner, name, staticmethod(timed) if owner is taps.Tap else timed)
-
-    wrap(taps, "model_output", "forward")
-    wrap(ps, "run_taps", "call")
-    wrap(st, "run_taps", "call")
-    wrap(taps.Tap, "backward", "hooks")
-    wrap(lg, "write_layer_grads", "weight_grads")
-    wrap(st, "write_layer_grads", "weight_grads")
-    wrap(pr.SJLTProjector, "add_columns", "projection")
-    wrap(pr.SJLTProjector, "project", "projection")
-    wrap(gr, "accumulate", "aggregation")
-    wrap(Embedder, "embed", "total")
+    for owner, name, key in (
+        (taps, "model_output", "forward"),
+        (ps, "run_taps", "call"),
+        (st, "run_taps", "call"),
+        (taps.Tap, "backward", "hooks"),
+        (lg, "write_layer_grads", "weight_grads"),
+        (st, "write_layer_grads", "weight_grads"),
+        (pr.SJLTProjector, "add_columns", "projection"),
+        (pr.SJLTProjector, "project", "projection"),
+        (gr, "accumulate", "aggregation"),
+        (Embedder, "embed", "total"),
+    ):
+        time_calls(owner, name, key, spent)
     n, k, reps = PROFILE[size]
     ckpts = load_checkpoints([(_model(size), DDPMScheduler())], None, None, "none")
     spec = gi.BuildSpec(timesteps=k, num_train_timesteps=1000, precision=precision, batch_size=n)
