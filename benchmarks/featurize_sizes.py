@@ -8,22 +8,25 @@ them). Contenders, per size and thread count:
 - ``loop``: the reference approach, one forward and one ``torch.autograd.grad`` per draw, no
   projection; its process then computes exact full-space TracIn / ReTrac scores of a few query
   rows against all N (the fidelity reference; not timed).
-- ``build``: ``build_index`` with the default spec (sjlt, d = 4,096, batch 16) at K timesteps,
-  its default featurize path (``auto``: full at the demo size, streamed at 35.7M) and default
-  fidelity check; the phases timed by wrapping the functions that do them: gradients (the
-  featurizers, less projection and aggregation), projection, rows (aggregation into TracIn /
-  ReTrac features), fidelity, and the rest (I/O: reading, storing, FAISS, manifest).
+- ``build``: ``build_index`` with the default spec (d = 4,096, batch 16, ``projection`` and
+  ``precision`` 'auto': at the demo size sjlt over exact full-space gradients in float32, at
+  35.7M Kronecker factors with projected norms, bfloat16 where the CPU has bfloat16 units) at K
+  timesteps, its default featurize path and default fidelity check; the phases timed by
+  wrapping the functions that do them: gradients (the featurizers, less projection and
+  aggregation), projection, rows (aggregation into TracIn / ReTrac features), fidelity, and the
+  rest (I/O: reading, storing, FAISS, manifest).
 - ``build_full`` (demo size only: at 35.7M it takes ~12 GB): the full path forced.
-- ``bf16``: the default build with ``precision='bfloat16'`` (the model's forward and backward
-  under bfloat16 autocast; per-item gradients, norms and rows float32).
-- ``kronecker``: the same build with ``projection='kronecker'`` (LoGra-style per-layer factors,
-  d = 4,096, exact norms; per-item weight gradients formed only where a layer's norm needs them).
+- ``sjlt`` (35.7M only): the default before 'auto' (sjlt, exact norms, float32; the streamed
+  path at this size).
+- ``kron_f32`` (35.7M only): the default build in float32 (Kronecker, projected norms).
 - ``ceiling``: one batched forward + backward of the summed loss at the build's items per call
-  (no per-sample gradients at all): the most any per-sample method could reach; in float32 and
-  under bfloat16 autocast (the ceiling of the ``bf16`` contender).
+  (no per-sample gradients at all), in float32 and under bfloat16 autocast; and the same
+  backward to the inputs only (no weight gradient: all that Kronecker factors with projected
+  norms need besides their small projections).
 
-FLOP count: ``torch.utils.flop_counter`` of one draw (forward, backward to inputs and weights)
-against the float32 matmul rate measured here: the FLOP ceiling in draws per CPU-second.
+FLOP count: ``torch.utils.flop_counter`` of one draw (forward, backward to inputs and weights;
+and without the weights) against the float32 matmul rate measured here: the FLOP ceilings in
+draws per CPU-second.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ CIFAR_UNET = {
     "down_block_types": ("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
     "up_block_types": ("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
 }
-BUILDS = ("build", "build_full", "bf16", "kronecker")  # the contenders that build an index
+BUILDS = ("build", "build_full", "sjlt", "kron_f32")  # the contenders that build an index
 # per size: training images N, timesteps K, query rows for the exact scores, images the loop
 # is timed on (several CPU-seconds)
 SIZES = {
@@ -144,7 +147,7 @@ def _exact_scores(x0: torch.Tensor, queries: int, grads) -> dict:
 
 
 def _build_worker(
-    size: str, threads: int, path: str, projection: str = "sjlt", precision: str = "float32"
+    size: str, threads: int, path: str, projection: str = "auto", precision: str = "auto"
 ) -> dict:
     """One build over N images (the default spec but ``projection`` and ``precision``), its
     phases timed in CPU-seconds."""
@@ -200,7 +203,7 @@ def _build_worker(
     record = idx.manifest.get("featurize")
     fidelity = idx.info()["fidelity"]
     shutil.rmtree(out.parent)
-    inside = phases["projection"] if record and record["path"] == "streamed" else 0.0
+    inside = phases["projection"] if record and record["path"] != "full" else 0.0
     times = {
         "gradients": phases["featurize"] - phases["rows"] - inside,
         "projection": phases["projection"],
@@ -215,6 +218,7 @@ def _build_worker(
         "phases": times,
         "peak_rss_mb": _rss_mb(),
         "featurize": record,
+        "spec": {k: getattr(idx.spec, k) for k in ("projection", "norms", "precision")},
         "fidelity": {k: fidelity.get(k) for k in ("reference", "tracin", "retrac", "ok")},
         "rows": rows,
     }
@@ -231,20 +235,24 @@ def _ceiling_worker(size: str, threads: int, items: int) -> dict:
     t = torch.full((items,), 500)
     params = list(model.parameters())
 
-    def step(n, dtype=None):
+    def step(n, dtype=None, weights=True):
+        xs = x[:n].clone().requires_grad_(not weights)
         with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-            out = model(x[:n], t[:n]).sample
-        torch.autograd.grad((out.float() - x[:n]).pow(2).mean(), params)
+            out = model(xs, t[:n]).sample
+        torch.autograd.grad((out.float() - x[:n]).pow(2).mean(), params if weights else [xs])
 
-    def rate(dtype=None) -> float:
-        step(items, dtype)
+    def rate(dtype=None, weights=True) -> float:
+        step(items, dtype, weights)
         start = _cpu()
-        step(items, dtype)
+        step(items, dtype, weights)
         return items / (_cpu() - start)
 
     draws_per_cpu_s, bf16_per_cpu_s = rate(), rate(torch.bfloat16)
+    inputs_per_cpu_s, inputs_bf16 = rate(weights=False), rate(torch.bfloat16, weights=False)
     with FlopCounterMode(display=False) as counter:
         step(1)
+    with FlopCounterMode(display=False) as no_weights:
+        step(1, weights=False)
     a = torch.randn(1024, 1024)
     a @ a
     start = _cpu()
@@ -256,9 +264,13 @@ def _ceiling_worker(size: str, threads: int, items: int) -> dict:
         "items": items,
         "draws_per_cpu_s": draws_per_cpu_s,
         "bf16_draws_per_cpu_s": bf16_per_cpu_s,  # the same under bfloat16 autocast
+        "inputs_draws_per_cpu_s": inputs_per_cpu_s,  # backward to the inputs only
+        "inputs_bf16_draws_per_cpu_s": inputs_bf16,
         "flops_per_draw": flops,
+        "flops_per_draw_no_weight_grads": no_weights.get_total_flops(),
         "matmul_gflops": gflops,
         "flop_ceiling_draws_per_cpu_s": gflops * 1e9 / flops,
+        "flop_ceiling_no_weight_grads": gflops * 1e9 / no_weights.get_total_flops(),
         "peak_rss_mb": _rss_mb(),
     }
 
@@ -295,12 +307,13 @@ def section_sizes(threads_list: list[int], sizes: list[str], rounds: int = 1) ->
             for _ in range(rounds):
                 runs["loop"].append(_fresh(_loop_worker, size, threads))
                 runs["build"].append(_fresh(_build_worker, size, threads, "auto"))
-                bf16 = _fresh(_build_worker, size, threads, "auto", "sjlt", "bfloat16")
-                runs["bf16"].append(bf16)
                 if size == "demo":
                     runs["build_full"].append(_fresh(_build_worker, size, threads, "full"))
-                kron = _fresh(_build_worker, size, threads, "auto", "kronecker")
-                runs["kronecker"].append(kron)
+                else:
+                    sjlt = _fresh(_build_worker, size, threads, "auto", "sjlt", "float32")
+                    runs["sjlt"].append(sjlt)
+                    f32 = _fresh(_build_worker, size, threads, "auto", "auto", "float32")
+                    runs["kron_f32"].append(f32)
                 runs["ceiling"].append(_fresh(_ceiling_worker, size, threads, 16))
             res[f"{size}/{threads}"] = _summarise(size, runs)
             print(f"sizes {size} threads={threads}: done", flush=True)
@@ -328,6 +341,7 @@ def _summarise(size: str, runs: dict) -> dict:
             "setup_cpu_s": last["setup_cpu_s"],
             "phases_cpu_s": last["phases"],
             "featurize": last["featurize"],
+            "spec": last["spec"],
             "fidelity_record": last["fidelity"],
             "fidelity_vs_exact": _fidelity(
                 runs["loop"][-1]["exact"], last["rows"], SIZES[size]["queries"]
@@ -336,5 +350,8 @@ def _summarise(size: str, runs: dict) -> dict:
     c = runs["ceiling"][-1]
     out["ceiling"] = {**c, "x_loop": c["draws_per_cpu_s"] / loop}
     out["ceiling"]["bf16_x_loop"] = c["bf16_draws_per_cpu_s"] / loop
+    out["ceiling"]["inputs_x_loop"] = c["inputs_draws_per_cpu_s"] / loop
+    out["ceiling"]["inputs_bf16_x_loop"] = c["inputs_bf16_draws_per_cpu_s"] / loop
     out["flop_ceiling_x_loop"] = c["flop_ceiling_draws_per_cpu_s"] / loop
+    out["flop_ceiling_no_weight_grads_x_loop"] = c["flop_ceiling_no_weight_grads"] / loop
     return out

@@ -13,10 +13,9 @@ def _rss(b: dict | None) -> str:
     return f"{b['peak_rss_mb']:.0f} ({b['rss_x_loop']:.2f}×)" if b else "—"
 
 
-def _bf16_ceiling(c: dict) -> str:
-    if "bf16_draws_per_cpu_s" not in c:  # a result from before the bf16 contender
-        return "—"
-    return f"{c['bf16_draws_per_cpu_s']:.2f} ({c['bf16_x_loop']:.2f}×)"
+def _pair(c: dict, a: str, b: str) -> str:
+    """Two ceilings as × loop ('—' where a result from before them lacks one)."""
+    return " / ".join(f"{c[k]:.2f}×" if k in c else "—" for k in (a, b))
 
 
 def sizes_markdown(res: dict) -> list[str]:
@@ -25,24 +24,33 @@ def sizes_markdown(res: dict) -> list[str]:
         "## Model sizes: whole builds against the per-sample loop (`--sections sizes`)",
         "",
         "Draws per CPU-second (higher is better), each contender a fresh process, interleaved; "
-        "peak RSS of that process. Loop RSS is measured before its exact-score vectors.",
+        "peak RSS of that process. Loop RSS is measured before its exact-score vectors. "
+        "Ceilings: one batched forward + backward of a summed loss (no per-sample gradients), "
+        "to the weights and inputs, or to the inputs only (all a Kronecker build with projected "
+        "norms needs besides its small factor projections).",
         "",
-        "| size / threads | params | loop | default build (× loop) | path | full path (× loop) "
-        "| bf16 build (× loop) | kronecker (× loop) | batched fwd+bwd ceiling (× loop) "
-        "| bf16 ceiling (× loop) | FLOP ceiling (× loop) "
-        "| RSS MB: loop / default build / bf16 / kronecker |",
+        "| size / threads | params | loop | default build (× loop) | what 'auto' chose "
+        "| full path (× loop) | sjlt, exact, float32 (× loop) | default in float32 (× loop) "
+        "| ceiling fwd+bwd f32 / bf16 (× loop) | ceiling fwd+bwd-to-inputs f32 / bf16 (× loop) "
+        "| FLOP ceiling, with / without weight grads (× loop) "
+        "| RSS MB: loop / default build / sjlt |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for key, r in res.items():
         b, c = r.get("build", {}), r["ceiling"]
+        chose = b.get("spec") or {}
+        chose = ", ".join(str(v) for v in chose.values()) + f" ({b['featurize']['path']})"
+        flops = f"{r['flop_ceiling_x_loop']:.2f}× / " + (
+            f"{r['flop_ceiling_no_weight_grads_x_loop']:.2f}×"
+            if "flop_ceiling_no_weight_grads_x_loop" in r
+            else "—"
+        )
         lines.append(
             f"| {key} | {r['params'] / 1e6:.2f}M | {r['loop']['draws_per_cpu_s']:.2f} "
-            f"| {b['draws_per_cpu_s']:.2f} (**{b['x_loop']:.2f}×**) | {b['featurize']['path']} "
-            f"| {_rate(r.get('build_full'))} | {_rate(r.get('bf16'))} | {_rate(r.get('kronecker'))} "
-            f"| {c['draws_per_cpu_s']:.2f} ({c['x_loop']:.2f}×) | {_bf16_ceiling(c)} "
-            f"| {c['flop_ceiling_draws_per_cpu_s']:.2f} ({r['flop_ceiling_x_loop']:.2f}×) "
-            f"| {r['loop']['peak_rss_mb']:.0f} / {_rss(b)} / {_rss(r.get('bf16'))} "
-            f"/ {_rss(r.get('kronecker'))} |"
+            f"| {b['draws_per_cpu_s']:.2f} (**{b['x_loop']:.2f}×**) | {chose} "
+            f"| {_rate(r.get('build_full'))} | {_rate(r.get('sjlt'))} | {_rate(r.get('kron_f32'))} "
+            f"| {_pair(c, 'x_loop', 'bf16_x_loop')} | {_pair(c, 'inputs_x_loop', 'inputs_bf16_x_loop')} "
+            f"| {flops} | {r['loop']['peak_rss_mb']:.0f} / {_rss(b)} / {_rss(r.get('sjlt'))} |"
         )
     lines += [
         "",
@@ -73,7 +81,7 @@ def sizes_markdown(res: dict) -> list[str]:
         "|---|---|---|---|---|---|",
     ]
     for key, r in res.items():
-        for name in ("build", "bf16", "kronecker"):
+        for name in ("build", "sjlt", "kron_f32"):
             if name not in r:
                 continue
             b = r[name]

@@ -109,7 +109,7 @@ class AttributionIndex:
         self._base_model = base_model
         self._conditioner: Conditioner | None = None
         self.manifest = manifest
-        self.spec = BuildSpec.from_dict(manifest["spec"])
+        self.spec = BuildSpec.from_stored(manifest["spec"])
         self.device = resolve_device(device)
         check_given_sources(manifest, checkpoints)  # count and folders now, weights when loaded
         self._checkpoint_sources = checkpoints

@@ -27,6 +27,7 @@ import torch
 from gradindex.errors import IndexStateError, SearchError
 from gradindex.featurize.gradients import GradientFeaturizer
 from gradindex.featurize.kfac import DAMPING, check_damping, estimate_factors, influence_rows
+from gradindex.spec import HOOK_PROJECTIONS
 from gradindex.store.factors import load_factors, record_factors, write_factors
 
 METHOD = "influence"
@@ -34,9 +35,10 @@ METHOD = "influence"
 
 def check_influence_index(idx: Any) -> None:
     """Refuse the index kinds 'influence' cannot serve (before any embedding)."""
-    if idx.spec.projection == "kronecker":
+    if idx.spec.projection in HOOK_PROJECTIONS:
         raise SearchError(
-            "method 'influence' needs a full-space query gradient; the kronecker projection "
+            f"method 'influence' needs a full-space query gradient; the {idx.spec.projection} "
+            "projection "
             "never forms one: build the index with projection='sjlt' (or gaussian / identity)"
         )
     if idx.spec.precondition != "none":

@@ -22,28 +22,42 @@ import torch
 
 from gradindex.draws import draw_noise, draw_seed, grid_timesteps
 from gradindex.errors import SpecError
+from gradindex.spec_checks import (
+    check_images,
+    check_loss_weighting,
+    check_timesteps,
+    check_train_range,
+    is_int,
+)
 
-SPEC_PROJECTIONS: tuple[str, ...] = ("identity", "gaussian", "sjlt", "kronecker")
+SPEC_PROJECTIONS: tuple[str, ...] = ("identity", "gaussian", "sjlt", "kronecker", "kronecker-sjlt")
 """What a BuildSpec may name: the maps of full gradient vectors in
-``gradindex.featurize.projection``, plus "kronecker", applied layer by layer inside the gradient
-hooks (``gradindex.featurize.kronecker``)."""
+``gradindex.featurize.projection``, and the ``HOOK_PROJECTIONS`` applied layer by layer inside
+the gradient hooks (``gradindex.featurize.kronecker``): 'kronecker' splits d over the layers,
+'kronecker-sjlt' gives each layer its own outputs and maps them all to d by sparse JL."""
+HOOK_PROJECTIONS = ("kronecker", "kronecker-sjlt")
 LOSSES = ("mse", "l1", "square")
 METHODS = ("tracin", "retrac")  # the row sets every build stores, each with its search index
 STORE_DTYPES = ("float32", "float16")
 PRECISIONS = ("float32", "bfloat16")  # gradindex.featurize.precision
+NORMS = ("exact", "projected")  # gradindex.featurize.kronecker
+AUTO = "auto"
+"""``projection`` / ``precision`` value resolved by the build from the model's size and the
+device (``gradindex.featurize.auto``); a stored spec never holds it."""
 RESIZE_MODES = ("bilinear", "nearest", "error")
 LATENT_MODES = ("mean", "sample")
 PRECONDITIONERS = ("none", "adam")
 LOSS_WEIGHTINGS = ("none", "snr", "min_snr")  # gradindex.featurize.losses.loss_weights
 CHOICES = {
-    "projection": SPEC_PROJECTIONS,
+    "projection": (AUTO, *SPEC_PROJECTIONS),
     "loss": LOSSES,
     "store_dtype": STORE_DTYPES,
     "resize": RESIZE_MODES,
     "latents": LATENT_MODES,
     "precondition": PRECONDITIONERS,
     "snr_weighting": LOSS_WEIGHTINGS,
-    "precision": PRECISIONS,
+    "precision": (AUTO, *PRECISIONS),
+    "norms": NORMS,
 }
 """The fields that name one of a few values (the CLI's choices)."""
 MAX_ROW_DIM = 1 << 20
@@ -63,10 +77,12 @@ OMITTED_AT_DEFAULT = {
     "resolution": None,
     "center_crop": False,
     "precision": "float32",
+    "norms": "exact",
 }
 """Fields added after indexes were built without them: left out of ``to_dict`` (so of the JSON
-and the fingerprint) at their default, so those indexes keep their fingerprint; a dict without
-them reads as the default."""
+and the fingerprint) at these values, so those indexes keep their fingerprint; a stored dict
+without them reads as these values (``BuildSpec.from_stored``; 'precision' now defaults to
+'auto', which a stored spec never holds)."""
 _POSITIVE_WEIGHTS = (
     "must be 'auto' or positive finite numbers, one per checkpoint (a checkpoint that should not "
     "count is left out, not weighted 0)"
@@ -85,8 +101,11 @@ class BuildSpec:
     proj_dim: int = _help("Projected dimension d per checkpoint (rows have C·d columns).", 4096)
     projection: str = _help(
         "Random projection: 'sjlt' (sparse JL, fast), 'kronecker' (per-layer factors inside the "
-        "gradient hooks, never forming most per-sample gradients), 'gaussian', 'identity'.",
-        "sjlt",
+        "gradient hooks, never forming most per-sample gradients), 'kronecker-sjlt' (per-layer "
+        "factors, then sparse JL: closer to sjlt's fidelity), 'gaussian', 'identity'; 'auto': "
+        "sjlt with exact norms for models whose per-sample gradients fit the full path, "
+        "kronecker-sjlt with projected norms above (decided at build time, stored resolved).",
+        AUTO,
     )
     proj_seed: int = _help("Seed of the random projection (checkpoint c uses its own map).", 0)
     sjlt_nnz: int = _help("Nonzeros per input coordinate of the sparse JL projection.", 4)
@@ -158,8 +177,15 @@ class BuildSpec:
     )
     precision: str = _help(
         "The model's forward/backward in 'float32' or 'bfloat16' (autocast, cpu / cuda; faster "
-        "with bfloat16 units, rows off by its rounding); per-item gradients and rows stay float32.",
-        "float32",
+        "with bfloat16 units, rows off by its rounding); per-item gradients and rows stay float32. "
+        "'auto': bfloat16 where projection='auto' picks the large-model path and the device has "
+        "bfloat16 units, else float32.",
+        AUTO,
+    )
+    norms: str = _help(
+        "Each draw's gradient norm (ReTrac's normalization, the stored norms): 'exact' (full "
+        "space) or 'projected' (of its projection; Kronecker only: no full-space work).",
+        "exact",
     )
     num_train_timesteps: int | None = _help(
         "The scheduler's training range T (filled from the scheduler at build time).", None
@@ -184,26 +210,18 @@ class BuildSpec:
             return SpecError(f"BuildSpec.{name}={getattr(self, name)!r}: {why}")
 
         for name in ("proj_dim", "noise_draws", "batch_size"):
-            if not _is_int(getattr(self, name)) or getattr(self, name) <= 0:
+            if not is_int(getattr(self, name)) or getattr(self, name) <= 0:
                 raise bad(name, "must be a positive integer")
         for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise bad(name, f"must be one of {', '.join(allowed)}")
-        if not _is_int(self.sjlt_nnz) or not 0 < self.sjlt_nnz <= self.proj_dim:
+        if not is_int(self.sjlt_nnz) or not 0 < self.sjlt_nnz <= self.proj_dim:
             raise bad("sjlt_nnz", "must be a positive integer no larger than proj_dim")
-        if self.projection == "sjlt" and self.proj_dim % self.sjlt_nnz:
+        if self.projection in ("sjlt", AUTO) and self.proj_dim % self.sjlt_nnz:
             raise bad("proj_dim", f"must be a multiple of sjlt_nnz={self.sjlt_nnz} for 'sjlt'")
-        if _is_int(self.timesteps):
-            if self.timesteps <= 0:
-                raise bad("timesteps", "a count must be a positive integer")
-        elif isinstance(self.timesteps, tuple):
-            if not self.timesteps or not all(_is_int(t) and t >= 0 for t in self.timesteps):
-                raise bad("timesteps", "an explicit list must hold non-negative integers")
-            object.__setattr__(self, "timesteps", tuple(int(t) for t in self.timesteps))
-        else:
-            raise bad("timesteps", "must be a count or a list of integers")
+        check_timesteps(self, bad)
         for name in ("seed", "proj_seed"):
-            if not _is_int(getattr(self, name)) or getattr(self, name) < 0:
+            if not is_int(getattr(self, name)) or getattr(self, name) < 0:
                 raise bad(name, "must be a non-negative integer")
         if self.params is not None and (
             not self.params or not all(isinstance(p, str) and p for p in self.params)
@@ -218,54 +236,19 @@ class BuildSpec:
             ):
                 raise bad("checkpoint_weights", _POSITIVE_WEIGHTS)
             object.__setattr__(self, "checkpoint_weights", tuple(float(x) for x in w))
-        self._validate_images(bad)
-        if self.precondition == "adam" and self.projection == "kronecker":
-            why = "'adam' needs a dense projection, not 'kronecker' (a diagonal scaling is not"
-            raise bad("precondition", f"{why} Kronecker-factored)")
-        self._validate_loss_weighting(bad)
-        if self.num_train_timesteps is not None:
-            if not _is_int(self.num_train_timesteps) or self.num_train_timesteps <= 0:
-                raise bad("num_train_timesteps", "must be a positive integer")
-            if (
-                isinstance(self.timesteps, tuple)
-                and max(self.timesteps) >= self.num_train_timesteps
-            ):
-                raise bad("timesteps", f"must lie in [0, {self.num_train_timesteps - 1}]")
-            if _is_int(self.timesteps) and self.timesteps > self.num_train_timesteps:
-                raise bad(
-                    "timesteps", f"count exceeds the {self.num_train_timesteps} training timesteps"
-                )
-
-    def _validate_images(self, bad: Any) -> None:
-        if self.data_range is not None:
-            r = self.data_range
-            if len(r) != 2 or not all(np.isfinite(v) for v in r) or not r[0] < r[1]:
-                raise bad("data_range", "must be two finite numbers (low, high) with low < high")
-            object.__setattr__(self, "data_range", (float(r[0]), float(r[1])))
-        if self.resolution is not None and (not _is_int(self.resolution) or self.resolution <= 0):
-            raise bad("resolution", "must be a positive integer (the trainer's --resolution)")
-        if not isinstance(self.center_crop, bool):
-            raise bad("center_crop", "must be true or false")
-        if self.center_crop and self.resolution is None:
-            raise bad("center_crop", "needs resolution (the size the trainer cropped to)")
-
-    def _validate_loss_weighting(self, bad: Any) -> None:
-        if self.snr_weighting == "min_snr":
-            if not _is_number(self.snr_gamma) or not self.snr_gamma > 0:
-                raise bad("snr_gamma", "snr_weighting='min_snr' needs a positive finite gamma")
-            object.__setattr__(self, "snr_gamma", float(self.snr_gamma))
-        elif self.snr_gamma is not None:
-            raise bad("snr_gamma", "is the gamma of snr_weighting='min_snr'; set that too")
-        for name in ("noise_offset", "input_perturbation"):
-            value = getattr(self, name)
-            if not _is_number(value) or value < 0:
-                raise bad(name, "must be a finite number >= 0 (0: off)")
-            object.__setattr__(self, name, float(value))
+        check_images(self, bad)
+        if self.precondition == "adam" and self.projection in HOOK_PROJECTIONS:
+            why = f"'adam' needs a dense projection, not {self.projection!r} (a diagonal scaling"
+            raise bad("precondition", f"{why} is not Kronecker-factored)")
+        if self.norms == "projected" and self.projection not in HOOK_PROJECTIONS:
+            raise bad("norms", "'projected' needs a 'kronecker' projection (others form g anyway)")
+        check_loss_weighting(self, bad)
+        check_train_range(self, bad)
 
     @property
     def num_timesteps(self) -> int:
         """K."""
-        return self.timesteps if _is_int(self.timesteps) else len(self.timesteps)
+        return self.timesteps if is_int(self.timesteps) else len(self.timesteps)
 
     @property
     def num_draws(self) -> int:
@@ -333,14 +316,16 @@ class BuildSpec:
         return dim
 
     def to_dict(self) -> dict[str, Any]:
+        """Every field but those at their ``OMITTED_AT_DEFAULT`` value while that is still the
+        default (a float32 precision is written: 'auto' is the default now)."""
+        return self._as_dict(lambda k: _FIELD_DEFAULTS[k] == OMITTED_AT_DEFAULT[k])
+
+    def _as_dict(self, omit: Any) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        for k, default in OMITTED_AT_DEFAULT.items():
-            if d[k] == default:
+        for k, value in OMITTED_AT_DEFAULT.items():
+            if d[k] == value and omit(k):
                 del d[k]
-        for k, v in d.items():
-            if isinstance(v, tuple):
-                d[k] = list(v)
-        return d
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
     def to_json(self) -> str:
         """Canonical JSON: sorted keys, indented, so specs diff cleanly."""
@@ -359,6 +344,20 @@ class BuildSpec:
         return cls(**data)
 
     @classmethod
+    def from_stored(cls, data: dict[str, Any]) -> BuildSpec:
+        """A spec as an index stored it: a field left out (``OMITTED_AT_DEFAULT``) holds the
+        value it had when left out, whatever the field's default is now ('auto')."""
+        return cls.from_dict({**OMITTED_AT_DEFAULT, **data})
+
+    def answers(self, request: BuildSpec) -> bool:
+        """Whether this (built, resolved) spec is what ``request`` asks for, the fields it
+        leaves to 'auto' taking whatever the build decided."""
+        free = [f for f in ("projection", "precision") if getattr(request, f) == AUTO]
+        if request.projection == AUTO:
+            free.append("norms")
+        return self.replace(**{f: getattr(request, f) for f in free}) == request
+
+    @classmethod
     def from_json(cls, text: str) -> BuildSpec:
         try:
             data = json.loads(text)
@@ -370,7 +369,8 @@ class BuildSpec:
 
     def identity(self) -> dict[str, Any]:
         """The fields that determine the stored vectors (all but ``NOT_IDENTITY``)."""
-        return {k: v for k, v in self.to_dict().items() if k not in NOT_IDENTITY}
+        canonical = self._as_dict(lambda k: True)  # as indexes from before the fields had it
+        return {k: v for k, v in canonical.items() if k not in NOT_IDENTITY}
 
     def fingerprint(self) -> str:
         """sha256 of the canonical JSON of :meth:`identity`: specs that give the same vectors
@@ -381,7 +381,8 @@ class BuildSpec:
     def fingerprints(self) -> tuple[str, str]:
         """The fingerprint and the one indexes built before ``NOT_IDENTITY`` recorded (the
         hash of the whole spec, batch size included): both name this spec."""
-        return self.fingerprint(), hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
+        text = json.dumps(self._as_dict(lambda k: True), sort_keys=True, indent=2)
+        return self.fingerprint(), hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def diff(self, other: BuildSpec) -> dict[str, tuple[Any, Any]]:
         """Fields whose values differ, as {name: (self, other)}."""
@@ -392,9 +393,4 @@ class BuildSpec:
         return dataclasses.replace(self, **changes)
 
 
-def _is_number(x: Any) -> bool:
-    return (_is_int(x) or isinstance(x, (float, np.floating))) and bool(np.isfinite(x))
-
-
-def _is_int(x: Any) -> bool:
-    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+_FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(BuildSpec)}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -114,3 +115,14 @@ def test_fingerprints_include_the_one_older_indexes_recorded():
     old = hashlib.sha256(spec.to_json().encode()).hexdigest()[:16]
     assert spec.fingerprints() == (spec.fingerprint(), old)
     assert spec.fingerprint() != old
+
+
+def test_field_checks_take_integers_and_finite_numbers_only():
+    """spec_checks: a bool is not an int (True would pass as 1), NaN / inf are not numbers."""
+    from gradindex.spec_checks import is_int, is_number
+
+    assert is_int(3) and is_int(np.int64(3)) and not is_int(True) and not is_int(3.0)
+    assert is_number(0.5) and is_number(np.float32(2)) and is_number(4)
+    assert not is_number(float("nan")) and not is_number(float("inf")) and not is_number(False)
+    with pytest.raises(gi.SpecError, match="timesteps"):
+        gi.BuildSpec(timesteps=True)

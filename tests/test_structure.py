@@ -20,7 +20,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "gradindex"
 # Layers, lowest first: a module may import only from its own layer or lower ones.
 LAYERS = [
     ("gradindex.errors", "gradindex.ranking"),
-    ("gradindex.spec", "gradindex.draws"),
+    ("gradindex.spec", "gradindex.spec_checks", "gradindex.draws"),
     ("gradindex.inputs",),
     ("gradindex.featurize",),
     ("gradindex.store",),

@@ -97,7 +97,7 @@ def _add(
     """``add_samples`` holding the index's lock."""
     started = time.perf_counter()
     manifest = _addable(target)
-    spec = BuildSpec.from_dict(manifest["spec"])
+    spec = BuildSpec.from_stored(manifest["spec"])
     ckpts = _checkpoints(manifest, checkpoints, scheduler)
     channels = manifest.get("image_shape", manifest["sample_shape"])[0]
     images = open_source(data, channels, resolution=spec.resolution, center_crop=spec.center_crop)

@@ -34,6 +34,7 @@ import torch
 from gradindex.build.state import Plan, build_state, prepare_folder
 from gradindex.build.write import write_build
 from gradindex.errors import ModelError, SpecError
+from gradindex.featurize.auto import resolve_auto
 from gradindex.featurize.budget import parse_memory
 from gradindex.featurize.embedding import Embedder
 from gradindex.featurize.fidelity import DEFAULT_SAMPLE, check_sample
@@ -144,16 +145,24 @@ def _load_models(
         with_model(checkpoints, model), scheduler, base_model, spec.precondition, weights
     )
     spec, run = resolve_from_run(spec, ckpts, run_records)
-    spec = _check_checkpoints(spec, ckpts)
+    spec = _check_checkpoints(spec, ckpts, device)
     conditioner = Conditioner.for_checkpoints(ckpts, base_model, spec.latents, spec.seed, device)
     return spec, ckpts, conditioner, run
 
 
-def _check_checkpoints(spec: BuildSpec, ckpts: list[Checkpoint]) -> BuildSpec:
+def _check_checkpoints(spec: BuildSpec, ckpts: list[Checkpoint], device: str) -> BuildSpec:
     """Check the checkpoints against the spec before any data is read (finite weights, their
-    count against the spec's weights, the row width FAISS takes); fills num_train_timesteps."""
+    count against the spec's weights, the row width FAISS takes); fills num_train_timesteps and
+    decides what 'auto' leaves open (``resolve_auto``: by the model's size)."""
     _check_finite(ckpts)
     spec = _resolve_timesteps(spec, ckpts[0].num_train_timesteps)
+    model = ckpts[0].model
+    asked, spec = spec, resolve_auto(spec, model, select_parameters(model, spec.params), device)
+    if spec != asked:
+        logger.info(
+            "auto for %s parameters: projection %s, norms %s, precision %s",
+            f"{_num_params(model, spec):,}", spec.projection, spec.norms, spec.precision,
+        )  # fmt: skip
     spec.weights(len(ckpts))  # checks the count
     spec.check_row_dim(_num_params(ckpts[0].model, spec), len(ckpts))  # FAISS's width limit
     return spec

@@ -169,9 +169,8 @@ def _open_or_build(path: Path, checkpoints: list[Path], images: np.ndarray, spec
     """Reuse a finished index built with the same spec; otherwise (re)build it."""
     try:
         idx = AttributionIndex.open(path)
-        if idx.spec.replace(num_train_timesteps=None, data_range=None) == spec and len(idx) == len(
-            images
-        ):
+        built = idx.spec.replace(num_train_timesteps=None, data_range=None)
+        if built.answers(spec) and len(idx) == len(images):
             logger.info("reusing the finished index in %s", path)
             return idx
     except IndexStateError:

@@ -15,14 +15,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from gradindex.featurize.auto import resolve_auto
 from gradindex.featurize.budget import budget_bytes, choose_path, resident_bytes
-from gradindex.featurize.gradients import GradientFeaturizer
+from gradindex.featurize.gradients import GradientFeaturizer, select_parameters
 from gradindex.featurize.kronecker import KroneckerFeaturizer
 from gradindex.featurize.projection import Projector, make_projector
 from gradindex.featurize.scratch import scratch
 from gradindex.featurize.streamed import StreamedFeaturizer, streamable
 from gradindex.inputs.models import Checkpoint
-from gradindex.spec import BuildSpec
+from gradindex.spec import HOOK_PROJECTIONS, BuildSpec
 
 
 @dataclass
@@ -57,14 +58,18 @@ class Embedder:
         path: str = "auto",
         max_memory: int | None = None,
     ):
-        self.spec = spec
         self.device = torch.device(device)
+        names = select_parameters(checkpoints[0].model, spec.params)
+        spec = resolve_auto(spec, checkpoints[0].model, names, self.device)  # a build's is already
+        self.spec = spec
         self.weights = spec.weights(len(checkpoints))
         self.max_memory = max_memory
         budget = budget_bytes(max_memory)
         seeds = [projection_seed(spec.proj_seed, c) for c in range(len(checkpoints))]
         self.featurizers: list[GradientFeaturizer]
-        if spec.projection == "kronecker":  # projected inside the hooks: rows are already [B, d]
+        if (
+            spec.projection in HOOK_PROJECTIONS
+        ):  # projected inside the hooks: rows are already [B, d]
             self.path = "kronecker"
             self.featurizers = [
                 KroneckerFeaturizer(c, spec, seed, self.device)
@@ -87,7 +92,7 @@ class Embedder:
         self.num_params = self.featurizers[0].num_params
         kind = (
             "identity"
-            if spec.projection == "kronecker" or self.path == "streamed"
+            if spec.projection in HOOK_PROJECTIONS or self.path == "streamed"
             else spec.projection
         )
         self.projectors: list[Projector] = [

@@ -71,7 +71,7 @@ from gradindex.inputs.labels import ConditioningData
 from gradindex.inputs.models import Checkpoint
 from gradindex.inputs.pixels import to_model_input
 from gradindex.ranking import spearman_rows
-from gradindex.spec import METHODS, BuildSpec
+from gradindex.spec import HOOK_PROJECTIONS, METHODS, BuildSpec
 
 logger = logging.getLogger(__name__)
 
@@ -219,7 +219,7 @@ def split_columns(spec: BuildSpec) -> int | None:
     (the first nnz // 2 count sketches of an sjlt map, half a Gaussian map's columns), or None
     when the map does not split so (kronecker, sjlt with nnz = 1, identity)."""
     d = spec.proj_dim
-    if spec.projection == "sjlt" and spec.sjlt_nnz >= 2:
+    if spec.projection in ("sjlt", "kronecker-sjlt") and spec.sjlt_nnz >= 2:
         nnz = spec.sjlt_nnz
         return sum(d // nnz + (j < d % nnz) for j in range(nnz // 2))  # SJLTProjector's blocks
     if spec.projection == "gaussian" and d >= 2:
@@ -365,7 +365,9 @@ def suggested_proj_dim(record: dict[str, Any], nnz: int = 1) -> int:
 def _warning(record: dict[str, Any], projection: str, num_params: int) -> str:
     d = record["suggested_proj_dim"]
     fix = f"rebuild with --proj-dim {d}"
-    if d >= num_params and projection != "kronecker":  # no sketch that wide beats exact rows
+    if (
+        d >= num_params and projection not in HOOK_PROJECTIONS
+    ):  # no sketch that wide beats exact rows
         fix = (
             f"rebuild with --projection identity (exact: a sketch would need a --proj-dim of at "
             f"least the model's {num_params} parameters)"

@@ -29,6 +29,7 @@ from torch.func import functional_call, grad, vmap
 
 from gradindex.errors import ModelError, SpecError
 from gradindex.featurize.aggregate import accumulate, norm_over_blocks
+from gradindex.featurize.auto import resolve_auto
 from gradindex.featurize.budget import ACTIVATION_FACTOR, activation_bytes, items_per_call
 from gradindex.featurize.losses import (
     diffusion_loss,
@@ -105,8 +106,6 @@ class GradientFeaturizer:
             raise SpecError(f"max_items={max_items!r}: must be a positive integer")
         if not isinstance(max_bytes, int) or max_bytes <= 0:
             raise SpecError(f"max_bytes={max_bytes!r}: must be a positive integer")
-        compute_precision(spec.precision, device)  # a device autocast cannot run: refused now
-        self.spec = spec
         self.max_items = max_items
         self.max_bytes = max_bytes
         self.device = torch.device(device)
@@ -114,6 +113,9 @@ class GradientFeaturizer:
         self.prediction_type = checkpoint.prediction_type
         self.alphas_cumprod = checkpoint.scheduler.alphas_cumprod.to(self.device, torch.float32)
         self.param_names = select_parameters(self.model, spec.params)
+        spec = resolve_auto(spec, self.model, self.param_names, self.device)
+        compute_precision(spec.precision, device)  # a device autocast cannot run: refused now
+        self.spec = spec
         named = dict(self.model.named_parameters())
         self.params = {n: named[n].detach() for n in self.param_names}
         chosen = set(self.param_names)

@@ -16,6 +16,13 @@ ReTrac needs each draw's gradient norm in full space. Per layer it is exact eith
 The cheaper one is chosen per layer. The norm of a mean over M noise draws uses the same
 identity over the M·L positions of the draws (or the sum of the formed gradients).
 
+Either costs about what the layer's weight gradient costs wherever maps are large, so exact
+norms keep a build at the per-sample loop's FLOPs. ``norms='projected'`` (``BuildSpec.norms``,
+chosen by ``projection='auto'`` for large models) takes each draw's norm as that of its
+projected row instead (‖P g‖, unbiased for ‖g‖² like every inner product of the rows): ReTrac
+becomes the mean of projected unit vectors, and no layer does any full-space work beyond the
+forward and the backward to its inputs.
+
 Parameters it cannot factor (biases, GroupNorm / LayerNorm / Embedding weights, grouped
 convolutions) take the dense path: per-item gradients via ``gradindex.featurize.persample`` hooks in the
 same forward/backward, projected by a sparse JL map into their share of the output.
@@ -37,7 +44,8 @@ from torch import Tensor, nn
 
 from gradindex.errors import ModelError
 from gradindex.featurize.gradients import MAX_ITEMS, GradientFeaturizer
-from gradindex.featurize.layer_grads import conv2d_item_weight_grads, factorable, forward_hook
+from gradindex.featurize.kron_norms import formed_norms, ghost_norms
+from gradindex.featurize.layer_grads import factorable, forward_hook
 from gradindex.featurize.losses import item_loss_fn
 from gradindex.featurize.persample import HookGradients
 from gradindex.featurize.projection import derived_seed, make_projector
@@ -55,7 +63,10 @@ from gradindex.spec import BuildSpec
 
 # share of the output dimension kept for the dense (unfactored) parameters, at most their count
 DENSE_SHARE = 1 / 8
-_FORMED_BYTES = 64 * 2**20  # cap on one layer's formed per-item gradients held at once
+# 'kronecker-sjlt': each factored layer's outputs before the final sparse JL map (splitting d
+# evenly, 'kronecker', leaves ~30 per layer on a 113-layer UNet: too few where a few layers
+# hold most of a gradient; docs/build-speed.md has the fidelity of both)
+LAYER_DIM = 1024
 # a formed norm's cost per FLOP against the ghost identity's (batched Gram matmuls): measured
 # at one thread, 1.5-2 made the per-layer choice the fastest of the two on every layer of the
 # 35.7M CIFAR-10 DDPM UNet (norms 1.19 instead of 1.40 CPU-s per 8 items) and the demo UNet
@@ -85,6 +96,15 @@ def _factorable(module: nn.Module, attr: str) -> bool:
     return attr == "weight" and factorable(module)
 
 
+def _factor_shape(budget: int, c_out: int, a_dim: int, cost_aware: bool) -> tuple[int, int]:
+    """(d_out, d_in) with d_out·d_in ≤ budget within the layer's [c_out, a_dim] shape: about
+    square, or (``cost_aware``) shaped so projecting the inputs (a_dim per output) and the output
+    gradients (c_out per output) cost alike, d_out / d_in ≈ a_dim / c_out."""
+    ratio = a_dim / c_out if cost_aware else 1.0
+    d_out = max(1, min(c_out, budget, round(math.sqrt(budget * ratio))))
+    return d_out, max(1, min(a_dim, budget // d_out))
+
+
 class KroneckerGradients:
     """Projected per-item gradients [I, out_dim] and exact per-item / per-group squared norms,
     from one batched forward/backward over a batch-independent model (see persample)."""
@@ -99,6 +119,8 @@ class KroneckerGradients:
         nnz: int = 4,
         device: torch.device | str = "cpu",
         precision: str = "float32",
+        norms: str = "exact",
+        layer_dim: int | None = None,
     ):
         if not HookGradients.supports(model, param_names):
             raise ModelError(
@@ -109,6 +131,7 @@ class KroneckerGradients:
         self.model = model
         self.loss_fn = loss_fn
         self.precision = precision  # the forward's (BuildSpec.precision)
+        self.norms = norms  # BuildSpec.norms: 'exact' (full space) or 'projected' (the rows')
         device = torch.device(device)
         named = dict(model.named_parameters())
         owners = parameter_owners(model)
@@ -121,22 +144,69 @@ class KroneckerGradients:
             else:
                 dense.append(name)
         p_dense = sum(named[n].numel() for n in dense)
-        d_dense = min(p_dense, max(1, int(out_dim * DENSE_SHARE))) if dense else 0
-        if factored and out_dim - d_dense < len(factored):
+        # layer_dim (kronecker-sjlt): each layer gets layer_dim outputs, the dense gradients
+        # stay as they are, and one sparse JL map takes the whole to out_dim (below)
+        d_dense = p_dense if layer_dim else min(p_dense, max(1, int(out_dim * DENSE_SHARE)))
+        d_dense = d_dense if dense else 0
+        if not layer_dim and factored and out_dim - d_dense < len(factored):
             raise ModelError(
                 f"proj_dim={out_dim} is too small for {len(factored)} Kronecker-factored layers "
                 f"(at least one output per layer); raise proj_dim to >= {len(factored) + d_dense}"
             )
-        budget = max(1, (out_dim - d_dense) // max(1, len(factored)))  # outputs per layer
+        per_layer = max(1, (out_dim - d_dense) // max(1, len(factored)))
+        budget = layer_dim or per_layer  # outputs per layer
         self.plan: list[LayerPlan] = []
         self._layers: dict[nn.Module, dict] = {}
+        offset = self._plan_factored(factored, budget, seed, device, bool(layer_dim))
+        if not layer_dim:
+            d_dense = out_dim - offset if dense else 0  # the dense block takes what is left
+            if dense and d_dense <= 0:
+                raise ModelError(f"proj_dim={out_dim} leaves no room for the dense parameters")
+        self.kron_dim = offset
+        self.inner_dim = offset + d_dense  # the rows before the final map (if any)
+        self.out_dim = out_dim if layer_dim else self.inner_dim
+        self.plan += [LayerPlan(n, "dense", tuple(named[n].shape)) for n in dense]
+        self._dense: HookGradients | None = None
+        self._dense_proj = None
+        if dense:
+            self._dense = HookGradients(model, dense, loss_fn, precision)
+        if dense and not layer_dim:
+            self._dense_proj = make_projector(
+                "sjlt",
+                p_dense,
+                d_dense,
+                derived_seed("kronecker-dense", seed) >> 2,
+                nnz=min(nnz, d_dense),
+                device=device,
+            )
+        self._final = None
+        if layer_dim:  # E[SᵀS] = I, so S ∘ (P_out ⊗ P_in ⊕ I) stays unbiased
+            self._final = make_projector(
+                "sjlt",
+                self.inner_dim,
+                out_dim,
+                derived_seed("kronecker-sjlt", seed) >> 2,
+                nnz=nnz,
+                device=device,
+            )
+
+    def _plan_factored(
+        self,
+        factored: list[tuple[str, nn.Module]],
+        budget: int,
+        seed: int,
+        device: torch.device,
+        cost_aware: bool,
+    ) -> int:
+        """Each factored layer's Gaussian P_out [d_out, c_out] and P_in [d_in, a_dim] (seeded by
+        its place), its LayerPlan and its columns; returns the columns taken."""
         offset = 0
         for j, (name, module) in enumerate(factored):
-            w = named[name]
+            w = module.weight
             c_out, a_dim = w.shape[0], w[0].numel()
-            d_out = min(c_out, math.isqrt(budget))  # about square, within the layer's shape
-            d_in = min(a_dim, budget // d_out)
-            plan = LayerPlan(name, "kronecker", tuple(w.shape), d_out, d_in, "", offset)
+            d_out, d_in = _factor_shape(budget, c_out, a_dim, cost_aware)
+            norm = "projected" if self.norms == "projected" else ""  # else chosen at first call
+            plan = LayerPlan(name, "kronecker", tuple(w.shape), d_out, d_in, norm, offset)
             gen = torch.Generator().manual_seed(derived_seed("kronecker", seed, j))
             p_out = torch.randn(d_out, c_out, generator=gen) / math.sqrt(d_out)
             p_in = torch.randn(d_in, a_dim, generator=gen) / math.sqrt(d_in)
@@ -147,24 +217,7 @@ class KroneckerGradients:
             }
             self.plan.append(plan)
             offset += d_out * d_in
-        d_dense = out_dim - offset if dense else 0  # the dense block takes what is left
-        if dense and d_dense <= 0:
-            raise ModelError(f"proj_dim={out_dim} leaves no room for the dense parameters")
-        self.kron_dim = offset
-        self.out_dim = offset + d_dense
-        self.plan += [LayerPlan(n, "dense", tuple(named[n].shape)) for n in dense]
-        self._dense: HookGradients | None = None
-        self._dense_proj = None
-        if dense:
-            self._dense = HookGradients(model, dense, loss_fn, precision)
-            self._dense_proj = make_projector(
-                "sjlt",
-                p_dense,
-                d_dense,
-                derived_seed("kronecker-dense", seed) >> 2,
-                nnz=min(nnz, d_dense),
-                device=device,
-            )
+        return offset
 
     def item_rows(
         self,
@@ -177,32 +230,44 @@ class KroneckerGradients:
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Items [I, ...] in consecutive groups of ``group`` (the noise draws of one (timestep,
         sample)) → projected per-item gradients [I, out_dim] (into ``out`` when given, e.g. the
-        featurizer's reusable buffer), their full-space squared norms [I], and the squared norms
-        of each group's gradient sum [I / group]."""
+        featurizer's reusable buffer), their squared norms [I], and the squared norms of each
+        group's gradient sum [I / group]: in full space, or (``norms='projected'``) of the rows
+        themselves, which spares every layer's full-space work."""
         n = x_t.shape[0]
         if n % group:
             raise ValueError(f"{n} items do not split into groups of {group}")
-        if out is None:
-            rows = torch.zeros(n, self.out_dim, device=x_t.device)
-        elif out.shape != (n, self.out_dim) or out.dtype != torch.float32:
+        if out is not None and (out.shape != (n, self.out_dim) or out.dtype != torch.float32):
             raise ValueError(f"out must be a float32 [{n}, {self.out_dim}] tensor")
-        else:
-            rows = out.zero_()
+        if self._final is None and out is not None:
+            inner = out.zero_()
+        else:  # kronecker-sjlt: layers' factors and dense gradients, before the final map
+            inner = torch.zeros(n, self.inner_dim, device=x_t.device)
         item_sq = torch.zeros(n, device=x_t.device)
         group_sq = torch.zeros(n // group, device=x_t.device)
         dense_out = None
         if self._dense is not None:
             dense_out = torch.empty(n, self._dense.num_params, device=x_t.device)
-        call = Call(dense_out if dense_out is not None else rows[:, :0], False)
-        state = _KronCall(rows, item_sq, group_sq, group)
+        call = Call(dense_out if dense_out is not None else inner[:, :0], False)
+        state = _KronCall(inner, item_sq, group_sq, group)
         with self._hooks(call, state):
             run_taps(self.model, self.loss_fn, x_t, t, target, cond, call.anchor, self.precision)
-        if dense_out is not None and self._dense_proj is not None:
+        if dense_out is not None and self._dense is not None:
             for start, stop in self._dense._all_slots - call.written:  # unused parameters
                 dense_out[:, start:stop] = 0.0
-            item_sq += dense_out.pow(2).sum(1)
-            group_sq += dense_out.view(n // group, group, -1).sum(1).pow(2).sum(1)
-            rows[:, self.kron_dim :] = self._dense_proj.project(dense_out)
+            if self.norms == "exact":
+                item_sq += dense_out.pow(2).sum(1)
+                group_sq += dense_out.view(n // group, group, -1).sum(1).pow(2).sum(1)
+            dense = dense_out if self._dense_proj is None else self._dense_proj.project(dense_out)
+            inner[:, self.kron_dim :] = dense
+        if self.norms == "projected":  # of the widest projection held: inner
+            item_sq = inner.pow(2).sum(1)
+            sums = inner.view(n // group, group, -1).sum(1) if group > 1 else inner
+            group_sq = sums.pow(2).sum(1)
+        if self._final is None:
+            return inner, item_sq, group_sq
+        rows = self._final.project(inner)
+        if out is not None:
+            rows = out.copy_(rows)
         return rows, item_sq, group_sq
 
     def _hooks(self, call: Call, state: _KronCall) -> AbstractContextManager[None]:
@@ -227,7 +292,7 @@ def _kron_hook(module: nn.Module, layer: dict, call: Call, state: _KronCall) -> 
 
         def on_grad(delta: Tensor) -> None:
             with torch.no_grad():
-                _project_layer(mod, layer, take().float(), delta.float(), state)
+                _project_layer(mod, layer, take(), delta, state)
 
         return Tap.apply(output, call.anchor, on_grad, False)
 
@@ -245,23 +310,31 @@ def _project_layer(module: nn.Module, layer: dict, a: Tensor, delta: Tensor, s: 
             "projection cannot follow; build with --projection sjlt (BuildSpec(projection='sjlt'))"
         )
     s.seen.add(plan.name)
+    if plan.norm != "projected":  # exact norms: float32 factors
+        a, delta = a.float(), delta.float()
+    # the factors' projections in the dtype the layer ran in (bfloat16 under autocast), summed
+    # over positions in float32
+    p_in, p_out = layer["p_in"].to(a.dtype), layer["p_out"].to(delta.dtype)
     n = a.shape[0]
     if isinstance(module, nn.Linear):
         a2 = a.reshape(n, -1, a.shape[-1])  # [I, L, in]
         d2 = delta.reshape(n, -1, delta.shape[-1])  # [I, L, out]
-        a_proj = a2 @ layer["p_in"].T  # [I, L, d_in]
-        d_proj = d2 @ layer["p_out"].T  # [I, L, d_out]
+        a_proj = (a2 @ p_in.T).float().transpose(1, 2)  # [I, d_in, L]
+        d_proj = (d2 @ p_out.T).float().transpose(1, 2)  # [I, d_out, L]
         patches_t = a2  # [I, L, in]
         d_t = d2  # [I, L, out]
     else:  # Conv2d (groups 1, numeric zero padding)
-        a_proj = F.conv2d(a, layer["p_in"], None, module.stride, module.padding, module.dilation)
-        a_proj = a_proj.flatten(2).transpose(1, 2)  # [I, L, d_in]
-        d_t = delta.flatten(2).transpose(1, 2)  # [I, L, out]
-        d_proj = d_t @ layer["p_out"].T  # [I, L, d_out]
+        a_proj = F.conv2d(a, p_in, None, module.stride, module.padding, module.dilation)
+        a_proj = a_proj.float().flatten(2)  # [I, d_in, L]
+        d_flat = delta.flatten(2)  # [I, out, L]
+        d_proj = torch.matmul(p_out, d_flat).float()  # [I, d_out, L]: no transposed copy
+        d_t = d_flat.transpose(1, 2)  # [I, L, out], a view (the norms' layout)
         patches_t = None
-    g_proj = torch.bmm(d_proj.transpose(1, 2), a_proj)  # [I, d_out, d_in]
+    g_proj = torch.bmm(d_proj, a_proj.transpose(1, 2))  # [I, d_out, d_in]
     cols = slice(plan.offset, plan.offset + plan.d_out * plan.d_in)
     s.rows[:, cols] += g_proj.reshape(n, -1)
+    if plan.norm == "projected":  # the rows' own norms, taken once the call is done
+        return
     positions = d_t.shape[1]
     a_dim = layer["p_in"][0].numel()
     c_out = d_t.shape[2]
@@ -273,55 +346,14 @@ def _project_layer(module: nn.Module, layer: dict, a: Tensor, delta: Tensor, s: 
             patches_t = F.unfold(
                 a, module.kernel_size, module.dilation, module.padding, module.stride
             ).transpose(1, 2)  # [I, L, in·kh·kw]
-        _ghost_norms(patches_t, d_t, s)
+        ghost_norms(patches_t, d_t, s)
     else:
-        _formed_norms(module, a, delta, patches_t, d_t, s)
-
-
-def _ghost_norms(patches_t: Tensor, d_t: Tensor, s: _KronCall) -> None:
-    """‖Σ_pos δ_pos a_posᵀ‖² = Σ_{pos,pos'} (a_pos·a_pos')(δ_pos·δ_pos'), per item and over each
-    group's concatenated positions (the norm of the group's gradient sum)."""
-    n, positions = d_t.shape[:2]
-    groups = n // s.group
-    a_g = patches_t.reshape(groups, s.group * positions, -1)  # [G, M·L, a]
-    d_g = d_t.reshape(groups, s.group * positions, -1)  # [G, M·L, out]
-    prod = torch.bmm(a_g, a_g.transpose(1, 2)).mul_(torch.bmm(d_g, d_g.transpose(1, 2)))
-    total = prod.sum((1, 2))  # [G]
-    s.group_sq += total
-    if s.group == 1:
-        s.item_sq += total
-        return
-    blocks = prod.view(groups, s.group, positions, s.group, positions)
-    diag = torch.diagonal(blocks, dim1=1, dim2=3)  # [G, L, L, M]
-    s.item_sq += diag.sum((1, 2)).reshape(n)
-
-
-def _formed_norms(
-    module: nn.Module, a: Tensor, delta: Tensor, patches_t: Tensor | None, d_t: Tensor, s: _KronCall
-) -> None:
-    """Squared norms from this layer's per-item gradients, formed a few groups at a time."""
-    n = a.shape[0]
-    c_out = d_t.shape[2]
-    a_dim = module.weight[0].numel()
-    per_group = s.group * c_out * a_dim * 4
-    step = max(1, _FORMED_BYTES // per_group) * s.group  # items per chunk, whole groups
-    for start in range(0, n, step):
-        stop = min(n, start + step)
-        if isinstance(module, nn.Linear):
-            g = torch.bmm(d_t[start:stop].transpose(1, 2), patches_t[start:stop])  # [i, out, in]
-        else:
-            g = torch.empty(stop - start, c_out, a_dim, device=a.device)
-            conv2d_item_weight_grads(module, a[start:stop], delta[start:stop], g, True)
-        sq = g.pow(2).sum((1, 2))
-        s.item_sq[start:stop] += sq
-        if s.group > 1:
-            sq = g.view(-1, s.group, c_out, a_dim).sum(1).pow(2).sum((1, 2))
-        s.group_sq[start // s.group : stop // s.group] += sq
+        formed_norms(module, a, delta, patches_t, d_t, s)
 
 
 class KroneckerFeaturizer(GradientFeaturizer):
-    """A ``GradientFeaturizer`` whose rows are Kronecker-projected gradients [I, d] with exact
-    full-space norms, so TracIn / ReTrac aggregation runs unchanged in projected space (both are
+    """A ``GradientFeaturizer`` whose rows are Kronecker-projected gradients [I, d] with their
+    norms (full-space or projected, ``BuildSpec.norms``), so TracIn / ReTrac aggregation runs unchanged in projected space (both are
     linear in the rows once each draw's norm is known)."""
 
     def __init__(
@@ -341,7 +373,9 @@ class KroneckerFeaturizer(GradientFeaturizer):
             seed,
             nnz=spec.sjlt_nnz,
             device=self.device,
-            precision=spec.precision,
+            precision=self.spec.precision,  # 'auto' decided
+            norms=self.spec.norms,
+            layer_dim=LAYER_DIM if spec.projection == "kronecker-sjlt" else None,
         )
         self.row_dim = self.kron.out_dim
         self.backend = "kronecker"

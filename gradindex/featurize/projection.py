@@ -27,11 +27,11 @@ import numpy as np
 import torch
 
 from gradindex.errors import DataError, SpecError
-from gradindex.spec import SPEC_PROJECTIONS
+from gradindex.spec import HOOK_PROJECTIONS, SPEC_PROJECTIONS
 
 logger = logging.getLogger(__name__)
 
-PROJECTIONS: tuple[str, ...] = tuple(p for p in SPEC_PROJECTIONS if p != "kronecker")
+PROJECTIONS: tuple[str, ...] = tuple(p for p in SPEC_PROJECTIONS if p not in HOOK_PROJECTIONS)
 
 # Input rows per seeded Gaussian block. Part of the map's definition (the block index seeds the
 # generator), so changing it changes every gaussian projection ever stored.

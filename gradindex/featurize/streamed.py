@@ -82,6 +82,7 @@ class StreamedFeaturizer(GradientFeaturizer):
         max_items: int = MAX_ITEMS,
     ):
         super().__init__(checkpoint, spec, device, backend="hooks", max_items=max_items)
+        spec = self.spec  # 'auto' decided
         if not streamable(self.model, self.param_names, spec):
             raise ModelError(
                 "the streamed featurize path needs projection='sjlt' and a model whose selected "

@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from gradindex.featurize.fidelity import format_fidelity
+from gradindex.spec import HOOK_PROJECTIONS
 
 # keys of AttributionIndex.info() that format_info lays out itself; any other key is rendered
 # generically, so a key added later still shows
@@ -52,7 +53,9 @@ def format_info(info: dict[str, Any]) -> list[str]:
     if (info.get("featurize") or {}).get("path") == "streamed":
         projection += ", streamed per layer"
     add("params", f"{info['num_params']:,} ({chosen}{projection})")
-    if spec["projection"] == "kronecker":
+    if spec["projection"] in HOOK_PROJECTIONS:
+        if spec.get("norms") == "projected":
+            add("norms", "of the projected rows (ReTrac: mean of projected unit vectors)")
         for name, route in (info.get("layers") or {}).items():
             add("layer", f"{name}: {route}")
     ts = info["timesteps"]

@@ -262,7 +262,7 @@ def check_spec(mpath: Path, manifest: dict[str, Any]) -> None:
     """The manifest's spec must parse and match the fingerprint recorded beside it at build
     time: a spec edited by hand would embed queries unlike the stored rows."""
     try:
-        spec = BuildSpec.from_dict(manifest["spec"])
+        spec = BuildSpec.from_stored(manifest["spec"])
     except (SpecError, KeyError, TypeError) as exc:
         raise IndexStateError(f"{mpath}: unreadable spec ({exc}); rebuild the index") from None
     recorded = manifest.get("spec_fingerprint")

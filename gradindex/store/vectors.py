@@ -276,10 +276,10 @@ class VectorStore:
         if text is None:
             return
         try:
-            mine = BuildSpec.from_json(str(text))
-        except SpecError as exc:
+            mine = BuildSpec.from_stored(json.loads(str(text)))
+        except (SpecError, ValueError, TypeError) as exc:
             raise IndexStateError(where + f"unreadable spec attribute ({exc})") from None
-        theirs = BuildSpec.from_dict(manifest["spec"])
+        theirs = BuildSpec.from_stored(manifest["spec"])
         if mine.fingerprint() != theirs.fingerprint():
             diff = ", ".join(f"{k} {a!r} vs {b!r}" for k, (a, b) in mine.diff(theirs).items())
             raise IndexStateError(

@@ -65,11 +65,12 @@ def test_manifest_and_info_record_the_precision_and_old_indexes_read_float32(
     assert spec["precision"] == "bfloat16"
     assert gi.AttributionIndex.open(idx.path).spec.precision == "bfloat16"
     assert any(line.endswith("computed in bfloat16") for line in format_info(idx.info()))
-    # an index written before the field: float32 (the field is omitted at its default, so
-    # such indexes keep their fingerprint)
+    # an index written before the field had no precision in its manifest: float32 (and its
+    # fingerprint leaves a float32 precision out, so such indexes keep theirs)
     old = _build(tmp_path, saved_checkpoints, images[:2], SPEC.replace(precision="float32"), "old")
-    spec = json.loads((old.path / MANIFEST).read_text())["spec"]
-    assert "precision" not in spec
+    manifest = json.loads((old.path / MANIFEST).read_text())
+    assert manifest["spec"].pop("precision") == "float32"  # written: 'auto' is the default now
+    (old.path / MANIFEST).write_text(json.dumps(manifest))
     assert gi.AttributionIndex.open(old.path).spec.precision == "float32"
     assert any(line.endswith("computed in float32") for line in format_info(old.info()))
     assert SPEC.fingerprint() != SPEC.replace(precision="float32").fingerprint()
@@ -91,7 +92,7 @@ def test_cli_records_precision_and_refuses_a_bad_one(tmp_path, saved_checkpoints
     res = run("build", *common, "--out", tmp_path / "c", "--config", config)
     assert error_line(res) == (
         "Error: --config " + str(config) + ": BuildSpec.precision='half': must be one of "
-        "float32, bfloat16"
+        "auto, float32, bfloat16"
     )
     assert not (tmp_path / "c").exists()
 
@@ -99,6 +100,6 @@ def test_cli_records_precision_and_refuses_a_bad_one(tmp_path, saved_checkpoints
 @pytest.mark.parametrize("value", ["float16", "", None, 16])
 def test_a_bad_precision_value_is_a_spec_error(value):
     with pytest.raises(
-        gi.SpecError, match=r"^BuildSpec\.precision=.*must be one of float32, bfloat16$"
+        gi.SpecError, match=r"^BuildSpec\.precision=.*must be one of auto, float32, bfloat16$"
     ):
         gi.BuildSpec(precision=value)

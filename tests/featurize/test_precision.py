@@ -87,7 +87,7 @@ def test_kronecker_rows_honour_bfloat16_too():
 def test_bad_precision_is_a_one_line_spec_error():
     with pytest.raises(SpecError) as err:
         gi.BuildSpec(precision="float16")
-    assert str(err.value) == "BuildSpec.precision='float16': must be one of float32, bfloat16"
+    assert str(err.value) == "BuildSpec.precision='float16': must be one of auto, float32, bfloat16"
     with pytest.raises(SpecError, match="cpu or cuda"):
         compute_precision("bfloat16", "meta")
     ckpts = load_checkpoints([(tiny_unet(1), scheduler())], None, None, "none")

@@ -205,7 +205,9 @@ def test_defaults_keep_existing_fingerprints():
     assert not {"snr_weighting", "snr_gamma", "noise_offset", "input_perturbation"} & set(
         spec.to_dict()
     )
-    assert BuildSpec().fingerprint() == "fbc156a204638712"  # as gradindex 0.x recorded it
+    # a default build of a small model stores projection 'sjlt', precision 'float32' (auto)
+    resolved = BuildSpec(projection="sjlt", precision="float32")
+    assert resolved.fingerprint() == "fbc156a204638712"  # as gradindex 0.x recorded it
     assert BuildSpec.from_dict(spec.to_dict()).fingerprint() == spec.fingerprint()
     full = BuildSpec(snr_weighting="min_snr", snr_gamma=5, noise_offset=0.1, input_perturbation=0.2)
     back = BuildSpec.from_json(full.to_json())

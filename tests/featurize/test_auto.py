@@ -1,0 +1,220 @@
+"""'auto' projection / precision, and Kronecker rows with projected norms, against plain autograd."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import gradindex as gi
+import gradindex.featurize.auto as auto
+from gradindex.featurize.auto import resolve_auto
+from gradindex.featurize.embedding import projection_seed
+from gradindex.featurize.kronecker import KroneckerGradients
+from gradindex.featurize.losses import item_loss_fn
+from tests.conftest import scheduler, tiny_unet
+from tests.featurize.test_kronecker import _kronecker_project
+
+
+def _draw_gradients(model, sched, x0, spec) -> list[dict[str, torch.Tensor]]:
+    """Per draw (k, m), in the spec's order: name -> [N, *shape] gradients of the plain DDPM
+    loss, one torch.autograd.grad per sample and draw (no hooks, no projection)."""
+    names = [n for n, _ in model.named_parameters()]
+    params = list(model.parameters())
+    out = []
+    for t, eps in spec.draws(x0.shape[1:]):
+        per_sample = []
+        for z in x0:
+            x_t = sched.add_noise(z[None], eps[None], torch.tensor([t]))
+            loss = (model(x_t, torch.tensor([t])).sample - eps[None]).pow(2).mean()
+            per_sample.append(torch.autograd.grad(loss, params))
+        out.append(
+            {n: torch.stack([g[j] for g in per_sample]).double() for j, n in enumerate(names)}
+        )
+    return out
+
+
+def test_projected_norms_are_the_rows_own_and_retrac_averages_projected_unit_vectors(
+    tmp_path, images
+):
+    """norms='projected': each draw's stored norm is ‖P g‖ of its Kronecker-projected gradient,
+    ReTrac the mean over timesteps of P ḡ_k / ‖P ḡ_k‖ (ḡ_k: the mean of timestep k's noise
+    draws), TracIn unchanged (the mean of P g): all from autograd gradients projected here."""
+    model, sched = tiny_unet(4), scheduler()
+    spec = gi.BuildSpec(
+        projection="kronecker", norms="projected", timesteps=3, noise_draws=2, proj_dim=1024
+    )
+    idx = gi.build_index(checkpoints=[(model, sched)], data=images, out=tmp_path / "i", spec=spec)
+    assert idx.spec.norms == "projected" and idx.spec.precision == "float32"
+    assert all("projected norm" in r for r in idx.info()["layers"].values() if r != "dense")
+    names = [n for n, _ in model.named_parameters()]
+    kron = KroneckerGradients(
+        model, names, item_loss_fn("mse"), spec.proj_dim, projection_seed(spec.proj_seed, 0)
+    )
+    x0 = torch.from_numpy(images) * 2 - 1
+    projected = torch.stack(
+        [_kronecker_project(kron, g) for g in _draw_gradients(model, sched, x0, idx.spec)], 1
+    )  # [N, K·M, d]
+    n, K, M = len(images), 3, 2
+    np.testing.assert_allclose(idx.norms[:, 0], projected.norm(dim=2), rtol=1e-4)
+    per_t = projected.view(n, K, M, -1).mean(2)  # P ḡ_k
+    retrac = (per_t / per_t.norm(dim=2, keepdim=True)).mean(1)
+    want = {"tracin": projected.mean(1), "retrac": retrac / retrac.norm(dim=1, keepdim=True)}
+    for method, w in want.items():
+        w = w.numpy()
+        got = idx.vectors(method)
+        np.testing.assert_allclose(got, w, rtol=1e-3, atol=1e-5 * np.abs(w).max())
+    # and not the full-space norms an exact build stores
+    exact = gi.build_index(
+        checkpoints=[(model, sched)],
+        data=images,
+        out=tmp_path / "e",
+        spec=spec.replace(norms="exact"),
+    )
+    assert np.abs(exact.norms / idx.norms - 1).max() > 1e-3
+    np.testing.assert_allclose(exact.vectors("tracin"), idx.vectors("tracin"), rtol=1e-4, atol=1e-6)
+
+
+def _kronecker_sjlt_project(kron, grads) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows [N, d], inner [N, U]): each factored layer's P_out G P_inᵀ and the dense
+    parameters' own gradients side by side (inner), then the final sparse JL map (rows)."""
+    cols = []
+    for plan in kron.plan:
+        g = grads[plan.name]
+        if plan.route == "dense":
+            continue
+        layer = kron._layers[kron.model.get_submodule(plan.name.rsplit(".", 1)[0])]
+        p_out, p_in = layer["p_out"].double(), layer["p_in"].reshape(plan.d_in, -1).double()
+        cols.append((p_out @ g.reshape(len(g), plan.shape[0], -1) @ p_in.T).flatten(1))
+    cols += [grads[p.name].flatten(1) for p in kron.plan if p.route == "dense"]
+    inner = torch.cat(cols, 1)
+    return kron._final.project(inner.float()).double(), inner
+
+
+def test_kronecker_sjlt_rows_are_the_sparse_map_of_layer_factors(tmp_path, images):
+    """'kronecker-sjlt': every layer gets LAYER_DIM outputs (cost-shaped factors), the dense
+    gradients stay whole, one sparse JL map takes them to d; projected norms are the layer
+    outputs' (inner) norms, ReTrac normalizes by them, all against autograd gradients."""
+    from gradindex.featurize.kronecker import LAYER_DIM
+
+    model, sched = tiny_unet(6), scheduler()
+    spec = gi.BuildSpec(
+        projection="kronecker-sjlt", norms="projected", timesteps=2, noise_draws=2, proj_dim=256
+    )
+    idx = gi.build_index(checkpoints=[(model, sched)], data=images, out=tmp_path / "i", spec=spec)
+    names = [n for n, _ in model.named_parameters()]
+    kron = KroneckerGradients(
+        model,
+        names,
+        item_loss_fn("mse"),
+        256,
+        projection_seed(spec.proj_seed, 0),
+        layer_dim=LAYER_DIM,
+    )
+    shapes = [(p.d_out, p.d_in) for p in kron.plan if p.route != "dense"]
+    assert all(a * b <= LAYER_DIM for a, b in shapes) and kron.out_dim == 256
+    x0 = torch.from_numpy(images) * 2 - 1
+    rows, inner = zip(
+        *(_kronecker_sjlt_project(kron, g) for g in _draw_gradients(model, sched, x0, idx.spec))
+    )
+    rows, inner = torch.stack(rows, 1), torch.stack(inner, 1)  # [N, K·M, d] / [N, K·M, U]
+    np.testing.assert_allclose(idx.norms[:, 0], inner.norm(dim=2), rtol=1e-4)
+    n = len(images)
+    per_t, scale = rows.view(n, 2, 2, -1).mean(2), inner.view(n, 2, 2, -1).mean(2).norm(dim=2)
+    retrac = (per_t / scale[..., None]).mean(1)
+    want = {"tracin": rows.mean(1), "retrac": retrac / retrac.norm(dim=1, keepdim=True)}
+    for method, w in want.items():
+        w = w.numpy()
+        np.testing.assert_allclose(idx.vectors(method), w, rtol=1e-3, atol=1e-5 * np.abs(w).max())
+
+
+def test_norms_projected_needs_kronecker():
+    with pytest.raises(gi.SpecError, match="norms='projected'.*'kronecker' projection"):
+        gi.BuildSpec(projection="sjlt", norms="projected")
+
+
+def test_auto_picks_sjlt_exact_float32_for_a_small_model():
+    model = tiny_unet(0)
+    names = [n for n, _ in model.named_parameters()]
+    spec = resolve_auto(gi.BuildSpec(), model, names, "cpu")
+    assert (spec.projection, spec.norms, spec.precision) == ("sjlt", "exact", "float32")
+    # the stored form of that spec is the one indexes had before 'auto': same fingerprint
+    assert "precision" not in spec.identity() and "norms" not in spec.to_dict()
+    assert gi.BuildSpec.from_json(spec.to_json()) == spec  # float32 written: "auto" is the default
+    assert spec.fingerprint() == gi.BuildSpec(projection="sjlt", precision="float32").fingerprint()
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_auto_picks_kronecker_projected_for_a_large_model(monkeypatch, bf16):
+    """Above the full path's buffer line: kronecker with projected norms, bfloat16 only where
+    the device has bfloat16 units; explicit choices and Adam preconditioning are kept."""
+    model = tiny_unet(0)
+    names = [n for n, _ in model.named_parameters()]
+    monkeypatch.setattr(auto, "FULL_PATH_BYTES", 0)  # every model is "large"
+    monkeypatch.setattr(auto, "native_bfloat16", lambda device: bf16)
+    spec = resolve_auto(gi.BuildSpec(), model, names, "cpu")
+    assert (spec.projection, spec.norms) == ("kronecker-sjlt", "projected")
+    assert spec.precision == ("bfloat16" if bf16 else "float32")
+    kept = resolve_auto(gi.BuildSpec(precision="float32"), model, names, "cpu")
+    assert (kept.projection, kept.precision) == ("kronecker-sjlt", "float32")
+    explicit = resolve_auto(gi.BuildSpec(projection="sjlt"), model, names, "cpu")
+    assert (explicit.projection, explicit.norms, explicit.precision) == ("sjlt", "exact", "float32")
+    adam = resolve_auto(gi.BuildSpec(precondition="adam"), model, names, "cpu")
+    assert adam.projection == "sjlt"
+    batchnorm = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2))
+    bn_names = [n for n, _ in batchnorm.named_parameters()]
+    assert resolve_auto(gi.BuildSpec(), batchnorm, bn_names, "cpu").projection == "sjlt"
+
+
+def test_large_model_line_is_the_full_paths_buffer_size():
+    spec = gi.BuildSpec()  # batch 16, one noise draw: 48 floats per parameter
+    assert not auto.large_model(spec, 620_000)  # the demo UNet: 0.12 GB
+    assert auto.large_model(spec, 35_700_000)  # the CIFAR-10 DDPM: 6.9 GB
+
+
+def test_a_default_build_of_a_large_model_stores_its_choice_and_queries_repeat_it(
+    monkeypatch, tmp_path, images
+):
+    monkeypatch.setattr(auto, "FULL_PATH_BYTES", 0)
+    monkeypatch.setattr(auto, "native_bfloat16", lambda device: False)
+    model, sched = tiny_unet(2), scheduler()
+    idx = gi.build_index(
+        checkpoints=[(model, sched)],
+        data=images,
+        out=tmp_path / "i",
+        spec=gi.BuildSpec(timesteps=2, proj_dim=512),
+    )
+    assert (idx.spec.projection, idx.spec.norms, idx.spec.precision) == (
+        "kronecker-sjlt",
+        "projected",
+        "float32",
+    )
+    monkeypatch.setattr(auto, "FULL_PATH_BYTES", 1 << 40)  # the query must not decide again
+    reopened = gi.AttributionIndex.open(tmp_path / "i", checkpoints=[(model, sched)])
+    again = reopened.embed(images[:3])
+    for method in ("tracin", "retrac"):
+        want = idx.vectors(method)[:3]
+        np.testing.assert_allclose(again[method], want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+
+
+def test_stored_specs_without_precision_read_as_float32():
+    """Indexes built before 'auto' stored no precision (float32 was left out): reading them must
+    not turn it into 'auto'."""
+    old = gi.BuildSpec(projection="sjlt", precision="float32").to_dict()
+    del old["precision"]  # as gradindex 0.x and session 11 stored a float32 spec
+    assert gi.BuildSpec.from_stored(old).precision == "float32"
+    assert gi.BuildSpec.from_dict(old).precision == "auto"  # why stored specs use from_stored
+
+
+def test_a_built_spec_answers_a_request_whose_auto_fields_it_decided():
+    """The demo reuses a finished index when its stored spec answers the request: 'auto' takes
+    any decided value, every other field must be equal."""
+    small = gi.BuildSpec(projection="sjlt", precision="float32")
+    large = gi.BuildSpec(projection="kronecker", norms="projected", precision="bfloat16")
+    for built in (small, large):
+        assert built.answers(gi.BuildSpec())
+        assert not built.answers(gi.BuildSpec(timesteps=3))
+    assert small.answers(gi.BuildSpec(projection="sjlt"))
+    assert not small.answers(gi.BuildSpec(projection="kronecker"))
+    assert not large.answers(gi.BuildSpec(precision="float32"))
+    assert not large.answers(gi.BuildSpec(projection="kronecker"))  # asks for exact norms
