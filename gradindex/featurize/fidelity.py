@@ -63,6 +63,7 @@ import torch
 from gradindex.errors import SpecError
 from gradindex.featurize.embedding import Embedder
 from gradindex.featurize.gradients import GradientFeaturizer
+from gradindex.featurize.halves import Halves, half_scores, noise_from_halves, split_halves
 from gradindex.featurize.kronecker import KroneckerFeaturizer
 from gradindex.featurize.projection import make_projector
 from gradindex.featurize.streamed import StreamedFeaturizer
@@ -71,7 +72,7 @@ from gradindex.inputs.labels import ConditioningData
 from gradindex.inputs.models import Checkpoint
 from gradindex.inputs.pixels import to_model_input
 from gradindex.ranking import spearman_rows
-from gradindex.spec import METHODS, BuildSpec
+from gradindex.spec import METHODS
 
 logger = logging.getLogger(__name__)
 
@@ -151,9 +152,9 @@ def measure_fidelity(
     rows = np.sort(gen.choice(keep, min(sample, len(keep)), replace=False))
     exact = 2 * len(rows) * embedder.num_params * 4 <= FULL_SPACE_BUDGET
     cheap_sketch = len(rows) <= SECOND_SKETCH_SHARE * len(keep)
-    halves = None if exact or cheap_sketch else split_columns(spec)
+    halves = None if exact or cheap_sketch else split_halves(embedder)
     if halves is not None:
-        reference, served = _half_scores(embedder, stored_rows, rows, halves)
+        reference, served = half_scores(embedder, stored_rows, rows, halves)
         kind = "halves"
     else:
         x0 = conditioner.encode_images(to_model_input(images[rows], **prep))
@@ -214,51 +215,6 @@ def _reference_scores(
     return out
 
 
-def split_columns(spec: BuildSpec) -> int | None:
-    """d_A: the columns of each checkpoint's block that form a sketch independent of the rest
-    (the first nnz // 2 count sketches of an sjlt map, half a Gaussian map's columns), or None
-    when the map does not split so (kronecker, sjlt with nnz = 1, identity)."""
-    d = spec.proj_dim
-    if spec.projection == "sjlt" and spec.sjlt_nnz >= 2:
-        nnz = spec.sjlt_nnz
-        return sum(d // nnz + (j < d % nnz) for j in range(nnz // 2))  # SJLTProjector's blocks
-    if spec.projection == "gaussian" and d >= 2:
-        return d // 2
-    return None
-
-
-def _half_scores(
-    embedder: Embedder,
-    stored_rows: Callable[[str, np.ndarray], np.ndarray],
-    rows: np.ndarray,
-    d_a: int,
-) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """[S, S] scores of both methods from the stored rows' first d_A and last d - d_A columns of
-    every checkpoint block: two independent sketches (ReTrac blocks are P_c r_c times a positive
-    number, so their halves' cosines are those of the halves of P_c r_c)."""
-    d = embedder.block_dim
-    parts: list[dict[str, np.ndarray]] = [{}, {}]
-    for m in METHODS:
-        x = stored_rows(m, rows).astype(np.float64)  # [S, C·d]
-        for h, cols in enumerate((slice(0, d_a), slice(d_a, d))):
-            total = np.zeros((len(x), len(x)))
-            for c, w in enumerate(embedder.weights):
-                block = x[:, c * d : (c + 1) * d][:, cols]
-                if m == "retrac":
-                    block = w**0.5 * block / np.linalg.norm(block, axis=1, keepdims=True)
-                total += block @ block.T  # TracIn blocks carry √w_c already
-            parts[h][m] = total
-    return parts[0], parts[1]
-
-
-def _noise_from_halves(rho: float, d: int, d_a: int) -> float:
-    """q (the full sketch's relative score noise) from its halves' corr(A, B) = rho:
-    (1 + q·d/d_A)(1 + q·d/d_B) = 1/rho², solved for q ≥ 0."""
-    a, b = d / d_a, d / (d - d_a)
-    c = 1.0 - 1.0 / max(rho, 1e-6) ** 2  # ≤ 0
-    return (-(a + b) + math.sqrt((a + b) ** 2 - 4 * a * b * c)) / (2 * a * b)
-
-
 def _second_seed(proj_seed: int, checkpoint_index: int) -> int:
     """A projection seed independent of every P_c of the build (see ``projection_seed``)."""
     seq = np.random.SeedSequence([int(proj_seed), int(checkpoint_index), 0x5EC0])
@@ -309,11 +265,11 @@ def _record(
     kind: str,
     emb: Embedder,
     rows: list[int],
-    d_a: int | None = None,
+    halves: Halves | None = None,
 ) -> dict[str, Any]:
     """The manifest record: per method the agreement of the stored rows' scores with the
-    reference's (``kind``: a key of REFERENCES; 'halves' compares the first d_A columns with
-    the rest), the bar, and the suggested d when below it."""
+    reference's (``kind``: a key of REFERENCES; 'halves' compares the two ``halves``), the
+    bar, and the suggested d when below it."""
     n = len(served["tracin"])
     k = min(10, (n - 1) // 2)
     d = emb.block_dim
@@ -325,6 +281,8 @@ def _record(
         "bar": dict(FIDELITY_BAR),
         "proj_dim": d,
     }
+    if kind == "halves" and halves is not None:
+        record["halves"] = halves.record()
     for m in METHODS:
         got = agreement(_off_diagonal(reference[m]), _off_diagonal(served[m]), (k,))
         row = {"spearman": got["spearman"], "spearman_min": got["spearman_min"]}
@@ -332,10 +290,11 @@ def _record(
             row = {f"{key}_between_sketches": v for key, v in row.items()}
             row["spearman"] = math.sqrt(max(got["spearman"], 0.0))
             row["spearman_min"] = math.sqrt(max(got["spearman_min"], 0.0))
-        elif kind == "halves" and d_a is not None:  # 1/√(1 + q), q from corr(A, B)
+        elif kind == "halves" and halves is not None:  # 1/√(1 + q), q from corr(A, B)
             row = {f"{key}_between_halves": v for key, v in row.items()}
             for key in ("spearman", "spearman_min"):
-                row[key] = 1.0 / math.sqrt(1.0 + _noise_from_halves(got[key], d, d_a))
+                q = noise_from_halves(got[key], d, len(halves.a), len(halves.b))
+                row[key] = 1.0 / math.sqrt(1.0 + q)
         row.update(topk=got[f"top{k}"], topk_min=got[f"top{k}_min"])
         record[m] = row
     record["ok"] = all(
