@@ -4,6 +4,7 @@ record as featurizing again gives."""
 
 from __future__ import annotations
 
+import errno
 import warnings
 
 import numpy as np
@@ -11,9 +12,11 @@ import pytest
 import torch
 
 import gradindex as gi
+import gradindex.build.write
 import gradindex.featurize.fidelity
 from gradindex.featurize.fidelity_sample import HeldSample, draw_sample
 from gradindex.featurize.gradients import GradientFeaturizer
+from gradindex.store.vectors import VectorStore
 from tests.conftest import scheduler, tiny_unet
 
 WEIGHTS = (1.0, 2.0)
@@ -96,3 +99,66 @@ def test_held_sample_keeps_exactly_the_sampled_rows_of_each_batch():
     np.testing.assert_array_equal(held.tracin, full[:, rows].numpy())
     np.testing.assert_array_equal(held.retrac, -full[:, rows].numpy())
     assert HeldSample.nbytes(2, 4, 5) == held.tracin.nbytes + held.retrac.nbytes
+
+
+def _assert_same_record(got: dict, want: dict) -> None:
+    assert got["reference"] == want["reference"] == "exact" and got["rows"] == want["rows"]
+    for m in ("tracin", "retrac"):
+        for key, value in want[m].items():
+            assert got[m][key] == pytest.approx(value, abs=1e-6), (m, key)
+
+
+def test_a_resumed_build_featurizes_the_sample_rows_it_did_not_keep(tmp_path, monkeypatch):
+    """Killed after its first batch (disk full), the resumed build featurizes only the other
+    rows, so it holds only some of the sample: it featurizes the sample again, and its record
+    is the uninterrupted build's."""
+    models = [tiny_unet(s) for s in (1, 2)]
+    whole, calls = _counted_build(tmp_path / "whole", monkeypatch, SPEC, models, 7)
+    assert len(calls) == 6
+    original = VectorStore.write_rows
+    writes = {"n": 0}
+
+    def failing(self, *args):
+        writes["n"] += 1
+        if writes["n"] == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return original(self, *args)
+
+    monkeypatch.setattr(VectorStore, "write_rows", failing)
+    with pytest.raises(gi.IndexStateError, match="disk full"):
+        _counted_build(tmp_path / "resumed", monkeypatch, SPEC, models, 7)
+    monkeypatch.setattr(VectorStore, "write_rows", original)
+    resumed, calls = _counted_build(tmp_path / "resumed", monkeypatch, SPEC, models, 7, resume=True)
+    assert sum(calls) > 2 * 5  # rows 4..8 of both checkpoints, and the sample again
+    _assert_same_record(resumed, whole)
+
+
+def test_a_flagged_row_changes_the_draw_and_the_sample_is_featurized_again(tmp_path, monkeypatch):
+    """A flagged row leaves the usable rows, so the sample drawn from them is not the one
+    drawn from all rows before featurizing: the kept features are not used, and the record
+    is that of the same build that never kept any."""
+    original = GradientFeaturizer.featurize
+
+    def poisoned(self, x0, draws, cond=None, **kw):
+        f = original(self, x0, draws, cond, **kw)
+        f.tracin[x0.flatten(1)[:, 0] > 0.9] = float("nan")  # a bright first pixel: flagged
+        return f
+
+    imgs = np.random.default_rng(3).random((9, 1, 8, 8), dtype=np.float32) * 0.9
+    imgs[4, 0, 0, 0] = 1.0
+    models = [tiny_unet(s) for s in (1, 2)]
+    got = {}
+    for mode in ("kept", "never kept"):
+        if mode == "never kept":
+            monkeypatch.setattr(gradindex.build.write, "hold_sample", lambda *args: None)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            monkeypatch.setattr(GradientFeaturizer, "featurize", poisoned)
+            idx = gi.build_index(
+                checkpoints=[(m, scheduler()) for m in models], data=imgs,
+                out=tmp_path / mode, spec=SPEC, progress=False, fidelity_sample=7,
+            )  # fmt: skip
+        assert idx.info()["num_flagged"] == 1
+        got[mode] = idx.info()["fidelity"]
+    assert 4 not in got["kept"]["rows"]
+    _assert_same_record(got["kept"], got["never kept"])
