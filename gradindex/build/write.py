@@ -30,7 +30,8 @@ from gradindex.build.state import (
 )
 from gradindex.errors import DataError, GradIndexError, IndexStateError, WriteError
 from gradindex.featurize.embedding import Embedder
-from gradindex.featurize.fidelity import measure_fidelity
+from gradindex.featurize.fidelity import hold_sample, measure_fidelity
+from gradindex.featurize.fidelity_sample import HeldSample
 from gradindex.inputs.encoders import Conditioner
 from gradindex.inputs.labels import ConditioningData
 from gradindex.inputs.pixels import to_model_input
@@ -77,8 +78,11 @@ def write_build(
     spec, ckpts, rows = plan.spec, plan.ckpts, plan.rows
     try:
         store = _open_store(out / VECTORS, plan, resume)
+        held = hold_sample(plan.embedder, len(rows.images), fidelity_sample)  # small builds
         try:
-            data_seconds = _fill_rows(store, plan.embedder, rows, spec, progress, plan.conditioner)
+            data_seconds = _fill_rows(
+                store, plan.embedder, rows, spec, progress, plan.conditioner, held
+            )
             flagged, build_id = store.flagged, store.build_id
         finally:
             store.close()
@@ -90,11 +94,9 @@ def write_build(
         raise sample_error(exc.error, staged=out != target) from None
     keep = _indexed_rows(flagged)
     plan.embedder.release()  # the rows are featurized: their buffers are not held past this
-    fidelity = measure_fidelity(  # before FAISS: it sets the OpenMP thread count torch shares
-        plan.embedder, ckpts, functools.partial(_stored_rows, store.path), keep,
-        images=rows.images, prep=rows.prep, conditioner=plan.conditioner, cond_data=rows.cond,
-        sample=fidelity_sample,
-    )  # fmt: skip
+    # before FAISS: it sets the OpenMP thread count torch shares
+    fidelity = _fidelity(plan, store.path, keep, fidelity_sample, held)
+    del held  # up to FULL_SPACE_BUDGET, not held past the check
     kind = "flat" if rows.shard else index  # the merged index gets the asked kind
     try:
         index_info = _search_indexes(store.path, out, keep, len(flagged), kind, target_recall)
@@ -136,6 +138,18 @@ def write_build(
         swap_in(out, target)
 
 
+def _fidelity(
+    plan: Plan, store_path: Path, keep: np.ndarray, sample: int, held: HeldSample | None
+) -> dict[str, Any]:
+    """The build's projection-fidelity record (``measure_fidelity`` on the written rows)."""
+    rows = plan.rows
+    return measure_fidelity(
+        plan.embedder, plan.ckpts, functools.partial(_stored_rows, store_path), keep,
+        images=rows.images, prep=rows.prep, conditioner=plan.conditioner, cond_data=rows.cond,
+        sample=sample, held=held,
+    )  # fmt: skip
+
+
 def _open_store(path: Path, plan: Plan, resume: bool) -> VectorStore:
     """``vectors.h5`` to fill: a resumed build's (its shape checked), or a new one with the
     rows' ids, labels / captions and room for latents."""
@@ -174,9 +188,11 @@ def _fill_rows(
     spec: BuildSpec,
     progress: bool,
     conditioner: Conditioner,
+    held: HeldSample | None = None,
 ) -> dict[str, float]:
     """Embed every row not yet done, batch by batch, committing each batch to disk (a latent
-    model's latents first, so a row marked done has its latent too). Returns the seconds spent
+    model's latents first, so a row marked done has its latent too), keeping the fidelity
+    sample's full-space features in ``held`` when given. Returns the seconds spent
     reading the data and featurizing (this run's rows) and waiting for the data. A sample that
     cannot be read raises ``_BadRead``, apart from errors of featurizing what was read."""
     images, prep, cond_data = rows.images, rows.prep, rows.cond
@@ -207,7 +223,8 @@ def _fill_rows(
             if conditioner.vae is not None:  # a latent model: its latents, stored with the row
                 x0 = conditioner.encode_images(x0)
                 store.write_column("latents", start, x0.cpu().numpy())
-            emb = embedder.embed(x0, cond)
+            keep = None if held is None else functools.partial(held.take, start)
+            emb = embedder.embed(x0, cond, keep)
             store.write_rows(start, emb.tracin, emb.retrac, emb.norms, emb.flagged)
             bar.update(stop - start)
     timing["featurizing_s"] = round(time.perf_counter() - started, 3)

@@ -10,6 +10,7 @@ Holds ``Embedder``, the one code path shared by the builder (training rows) and 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -142,13 +143,24 @@ class Embedder:
             return {plan.name: plan.describe() for plan in feat.kron.plan}
         return dict.fromkeys(feat.param_names, "dense")
 
-    def embed(self, x0: torch.Tensor, cond: dict[str, torch.Tensor] | None = None) -> Embedding:
+    def embed(
+        self,
+        x0: torch.Tensor,
+        cond: dict[str, torch.Tensor] | None = None,
+        keep: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+    ) -> Embedding:
         """x0: [B, C, H, W] already in the model's range (latents for a latent model) → rows for
         both methods. cond: the model's per-sample conditioning keyword arguments
-        (``gradindex.inputs.labels``), samples first."""
+        (``gradindex.inputs.labels``), samples first. keep(c, tracin, retrac): shown each
+        checkpoint's features [B, q] before projection (full space on the 'full' path), e.g.
+        to keep the fidelity sample's (``fidelity_sample.HeldSample.take``)."""
         tracin_blocks, retrac_blocks, norm_blocks = [], [], []
-        for feat, proj, w in zip(self.featurizers, self.projectors, self.weights, strict=True):
+        for c, (feat, proj, w) in enumerate(
+            zip(self.featurizers, self.projectors, self.weights, strict=True)
+        ):
             f = feat.featurize(x0, self.draws, cond, reuse=True)  # projected into new tensors
+            if keep is not None:
+                keep(c, f.tracin, f.retrac)
             sw = math.sqrt(w)
             tracin_blocks.append(sw * proj.project(f.tracin))  # [B, d]
             pr = proj.project(f.retrac)  # [B, d]

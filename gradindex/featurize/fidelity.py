@@ -7,13 +7,10 @@ So each build measures its own fidelity on a small sample of its rows and record
 manifest (``fidelity``), ``info`` shows it, and the build warns with the ``--proj-dim`` that
 should reach the bar when it falls below.
 
-Holds:
-
-- ``scores`` / ``agreement``: score matrices of both methods and their rank agreement
-  (mean Spearman, top-k overlap), shared with ``benchmarks/bench_attribution.py``.
-- ``measure_fidelity``: ``build_index``'s one call; the sample's stored-row scores against a
-  reference, as a manifest record.
-- ``suggested_proj_dim``, ``format_fidelity``, ``check_sample``.
+Holds ``scores`` / ``agreement`` (score matrices of both methods and their rank agreement,
+shared with ``benchmarks/bench_attribution.py``), ``measure_fidelity`` (the build's record of
+its sample's stored-row scores against a reference), ``hold_sample`` (whether the build keeps
+the sample's features), ``suggested_proj_dim``, ``format_fidelity``, ``check_sample``.
 
 The sample: S rows (default 32) drawn with the spec's seed from the unflagged rows; each is a
 query against the other S - 1, and agreement is averaged over the S queries (top-k with
@@ -21,18 +18,22 @@ k = min(10, (S - 1) // 2): among only S - 1 candidates the overlap is higher tha
 index, so the Spearman is the figure that carries over to any size).
 
 The reference: exact full-space scores Σ_c w_c ⟨a_c, a_c'⟩ and Σ_c w_c cos(r_c, r_c') (DESIGN
-§1) when two [S, p] float32 matrices fit in ``FULL_SPACE_BUDGET``. Otherwise an estimate:
+§1) when two [S, p] float32 matrices fit in ``FULL_SPACE_BUDGET``: on the full featurize path,
+where featurizing the sample again would be over ``SECOND_SKETCH_SHARE`` of the build (S > 10%
+of the rows), from the sample's features the build kept as it went (``fidelity_sample``, when
+all C checkpoints' fit too), else featurized again (≤ 10% of the build's gradients). Otherwise
+an estimate:
 
-- ``sjlt`` (nnz ≥ 2) and ``gaussian``, when featurizing the sample again would cost more than
-  ``SECOND_SKETCH_SHARE`` of the build (S > 10% of the usable rows): the stored rows' own two
-  halves. An sjlt map is nnz
-  independent count sketches side by side (``SJLTProjector``), a Gaussian map d independent
-  columns, so each checkpoint block's first and last column groups are independent sketches
-  of d_A and d_B outputs: nothing is featurized again. Split-half reliability (Spearman-Brown,
-  below): noisier than a second sketch, low where the sketch is poor (tiny test UNet: within
-  0.04 of the exact Spearman at d = 1,024, up to 0.2 below it at d = 256).
-- otherwise (a large build, ``kronecker``, sjlt with nnz = 1): a second, independent sketch
-  (same kind and d, another seed), featurized again: at most 10% of the build's gradients.
+- when S > 10% of the usable rows and the map splits: the stored rows' own two halves, two
+  independent sketches inside each checkpoint block (``halves``: sjlt's count sketches, a
+  Gaussian map's columns, a Kronecker map's diagonal quarter blocks of each layer and its
+  dense block's count sketches), so nothing is featurized again. Split-half reliability
+  (Spearman-Brown, below): noisier than a second sketch, low where the sketch is poor (tiny
+  test UNet, sjlt: within 0.04 of the exact Spearman at d = 1,024, up to 0.2 below it at
+  d = 256; kronecker, whose halves keep a quarter of each layer's columns: within 0.1 at
+  d = 4,096, off by up to 0.43 at d = 1,024).
+- otherwise (a large build, sjlt with nnz = 1): a second, independent sketch (same kind and
+  d, another seed), featurized again: at most 10% of the build's gradients.
 
 Sketches with independent errors agree with each other less than each agrees with the exact
 scores: with score noise of relative variance q at d outputs (∝ 1/d), corr(sketch, exact) =
@@ -62,7 +63,9 @@ import torch
 
 from gradindex.errors import SpecError
 from gradindex.featurize.embedding import Embedder
+from gradindex.featurize.fidelity_sample import HeldSample, draw_sample
 from gradindex.featurize.gradients import GradientFeaturizer
+from gradindex.featurize.halves import Halves, half_scores, noise_from_halves, split_halves
 from gradindex.featurize.kronecker import KroneckerFeaturizer
 from gradindex.featurize.projection import make_projector
 from gradindex.featurize.streamed import StreamedFeaturizer
@@ -71,7 +74,7 @@ from gradindex.inputs.labels import ConditioningData
 from gradindex.inputs.models import Checkpoint
 from gradindex.inputs.pixels import to_model_input
 from gradindex.ranking import spearman_rows
-from gradindex.spec import HOOK_PROJECTIONS, METHODS, BuildSpec
+from gradindex.spec import HOOK_PROJECTIONS, METHODS
 
 logger = logging.getLogger(__name__)
 
@@ -134,11 +137,14 @@ def measure_fidelity(
     conditioner: Conditioner,
     cond_data: ConditioningData,
     sample: int = DEFAULT_SAMPLE,
+    held: HeldSample | None = None,
 ) -> dict[str, Any]:
     """Fidelity record of a finished store: stored-row scores of ``sample`` of the ``keep``
     rows against exact (or second-sketch) scores; warns when below ``FIDELITY_BAR``.
     stored_rows(method, rows): the store's rows (the store itself is a later stage).
-    images / prep / conditioner / cond_data: what the build embedded the rows from."""
+    images / prep / conditioner / cond_data: what the build embedded the rows from.
+    held: the sample's full-space features kept by the build (``hold_sample``), used when
+    they are the rows drawn here."""
     spec = embedder.spec
     if sample == 0:
         return {"skipped": "fidelity_sample=0"}
@@ -147,30 +153,32 @@ def measure_fidelity(
     if len(keep) < 3:
         return {"skipped": f"{len(keep)} usable row(s): too few to rank"}
     started = time.perf_counter()
-    gen = np.random.default_rng(np.random.SeedSequence([int(spec.seed), 0xF1DE]))
-    rows = np.sort(gen.choice(keep, min(sample, len(keep)), replace=False))
+    rows = draw_sample(spec.seed, keep, sample)
     exact = 2 * len(rows) * embedder.num_params * 4 <= FULL_SPACE_BUDGET
     cheap_sketch = len(rows) <= SECOND_SKETCH_SHARE * len(keep)
-    halves = None if exact or cheap_sketch else split_columns(spec)
+    halves = None if exact or cheap_sketch else split_halves(embedder)
     if halves is not None:
-        reference, served = _half_scores(embedder, stored_rows, rows, halves)
+        reference, served = half_scores(embedder, stored_rows, rows, halves)
         kind = "halves"
     else:
-        x0 = conditioner.encode_images(to_model_input(images[rows], **prep))
-        sub = ConditioningData(
-            None if cond_data.labels is None else cond_data.labels[rows],
-            None if cond_data.prompts is None else [cond_data.prompts[i] for i in rows],
-            cond_data.class_names,
-        )
-        cond = conditioner.model_kwargs(sub, len(rows))
-        reference = _reference_scores(embedder, checkpoints, x0, cond, exact)
+        if exact and held is not None and held.covers(rows):  # kept by the build: exact too
+            reference = _exact_scores(held.tracin, held.retrac, embedder.weights)
+        else:
+            x0 = conditioner.encode_images(to_model_input(images[rows], **prep))
+            sub = ConditioningData(
+                None if cond_data.labels is None else cond_data.labels[rows],
+                None if cond_data.prompts is None else [cond_data.prompts[i] for i in rows],
+                cond_data.class_names,
+            )
+            cond = conditioner.model_kwargs(sub, len(rows))
+            reference = _reference_scores(embedder, checkpoints, x0, cond, exact)
         served = {m: _gram(stored_rows(m, rows)) for m in METHODS}
         kind = "exact" if exact else "sketch"
     record = _record(reference, served, kind, embedder, rows.tolist(), halves)
     record["seconds"] = round(time.perf_counter() - started, 3)
     logger.info("projection fidelity: %s", format_fidelity(record))
     if not record["ok"]:
-        warnings.warn(_warning(record, spec.projection, embedder.num_params), stacklevel=3)
+        warnings.warn(_warning(record, spec.projection, embedder.num_params), stacklevel=4)
     return record
 
 
@@ -208,55 +216,43 @@ def _reference_scores(
         # half a batch at a time: the work buffers are half the build's beside the [S, q] rows
         a, r = _features(feat, embedder.draws, x0, cond, max(1, spec.batch_size // 2), project)
         embedder.release()  # and none beside their products
-        part = scores(a.cpu().numpy()[None], r.cpu().numpy()[None], [w], slice(None), slice(None))
-        out = {m: out[m] + part[m].astype(np.float64) for m in METHODS}
+        part = _exact_scores(a.cpu().numpy()[None], r.cpu().numpy()[None], [w])
+        out = {m: out[m] + part[m] for m in METHODS}
         del a, r
     return out
 
 
-def split_columns(spec: BuildSpec) -> int | None:
-    """d_A: the columns of each checkpoint's block that form a sketch independent of the rest
-    (the first nnz // 2 count sketches of an sjlt map, half a Gaussian map's columns), or None
-    when the map does not split so (kronecker, sjlt with nnz = 1, identity)."""
-    d = spec.proj_dim
-    if spec.projection in ("sjlt", "kronecker-sjlt") and spec.sjlt_nnz >= 2:
-        nnz = spec.sjlt_nnz
-        return sum(d // nnz + (j < d % nnz) for j in range(nnz // 2))  # SJLTProjector's blocks
-    if spec.projection == "gaussian" and d >= 2:
-        return d // 2
-    return None
+def _exact_scores(A: np.ndarray, R: np.ndarray, weights: list[float]) -> dict[str, np.ndarray]:
+    """[S, S] scores of both methods from features [C, S, q], summed in float64."""
+    out: dict[str, Any] = dict.fromkeys(METHODS, 0.0)
+    for c, w in enumerate(weights):
+        part = scores(A[c : c + 1], R[c : c + 1], [w], slice(None), slice(None))
+        out = {m: out[m] + part[m].astype(np.float64) for m in METHODS}
+    return out
 
 
-def _half_scores(
-    embedder: Embedder,
-    stored_rows: Callable[[str, np.ndarray], np.ndarray],
-    rows: np.ndarray,
-    d_a: int,
-) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """[S, S] scores of both methods from the stored rows' first d_A and last d - d_A columns of
-    every checkpoint block: two independent sketches (ReTrac blocks are P_c r_c times a positive
-    number, so their halves' cosines are those of the halves of P_c r_c)."""
-    d = embedder.block_dim
-    parts: list[dict[str, np.ndarray]] = [{}, {}]
-    for m in METHODS:
-        x = stored_rows(m, rows).astype(np.float64)  # [S, C·d]
-        for h, cols in enumerate((slice(0, d_a), slice(d_a, d))):
-            total = np.zeros((len(x), len(x)))
-            for c, w in enumerate(embedder.weights):
-                block = x[:, c * d : (c + 1) * d][:, cols]
-                if m == "retrac":
-                    block = w**0.5 * block / np.linalg.norm(block, axis=1, keepdims=True)
-                total += block @ block.T  # TracIn blocks carry √w_c already
-            parts[h][m] = total
-    return parts[0], parts[1]
-
-
-def _noise_from_halves(rho: float, d: int, d_a: int) -> float:
-    """q (the full sketch's relative score noise) from its halves' corr(A, B) = rho:
-    (1 + q·d/d_A)(1 + q·d/d_B) = 1/rho², solved for q ≥ 0."""
-    a, b = d / d_a, d / (d - d_a)
-    c = 1.0 - 1.0 / max(rho, 1e-6) ** 2  # ≤ 0
-    return (-(a + b) + math.sqrt((a + b) ** 2 - 4 * a * b * c)) / (2 * a * b)
+def hold_sample(embedder: Embedder, num_rows: int, sample: int) -> HeldSample | None:
+    """Where the build's own featurizing should keep the sample's full-space features: on the
+    full path (the others project inside), when featurizing the sample again would be over
+    ``SECOND_SKETCH_SHARE`` of the build and all C checkpoints' features fit ``FULL_SPACE_BUDGET``
+    and half of what the memory budget leaves for per-item work (then taken from it)."""
+    n, checkpoints, p = min(sample, num_rows), len(embedder.weights), embedder.num_params
+    size = HeldSample.nbytes(checkpoints, n, p)
+    left = [f.memory_left for f in embedder.featurizers]
+    if (
+        embedder.path != "full"
+        or embedder.spec.projection == "identity"  # not measured
+        or n < 3
+        or n <= SECOND_SKETCH_SHARE * num_rows
+        or size > FULL_SPACE_BUDGET
+        or any(x is not None and size > x // 2 for x in left)
+    ):
+        return None
+    for feat in embedder.featurizers:
+        if feat.memory_left is not None:
+            feat.memory_left -= size
+    rows = draw_sample(embedder.spec.seed, np.arange(num_rows), sample)
+    return HeldSample.empty(rows, checkpoints, p)
 
 
 def _second_seed(proj_seed: int, checkpoint_index: int) -> int:
@@ -309,11 +305,11 @@ def _record(
     kind: str,
     emb: Embedder,
     rows: list[int],
-    d_a: int | None = None,
+    halves: Halves | None = None,
 ) -> dict[str, Any]:
     """The manifest record: per method the agreement of the stored rows' scores with the
-    reference's (``kind``: a key of REFERENCES; 'halves' compares the first d_A columns with
-    the rest), the bar, and the suggested d when below it."""
+    reference's (``kind``: a key of REFERENCES; 'halves' compares the two ``halves``), the
+    bar, and the suggested d when below it."""
     n = len(served["tracin"])
     k = min(10, (n - 1) // 2)
     d = emb.block_dim
@@ -325,6 +321,8 @@ def _record(
         "bar": dict(FIDELITY_BAR),
         "proj_dim": d,
     }
+    if kind == "halves" and halves is not None:
+        record["halves"] = halves.record()
     for m in METHODS:
         got = agreement(_off_diagonal(reference[m]), _off_diagonal(served[m]), (k,))
         row = {"spearman": got["spearman"], "spearman_min": got["spearman_min"]}
@@ -332,10 +330,11 @@ def _record(
             row = {f"{key}_between_sketches": v for key, v in row.items()}
             row["spearman"] = math.sqrt(max(got["spearman"], 0.0))
             row["spearman_min"] = math.sqrt(max(got["spearman_min"], 0.0))
-        elif kind == "halves" and d_a is not None:  # 1/√(1 + q), q from corr(A, B)
+        elif kind == "halves" and halves is not None:  # 1/√(1 + q), q from corr(A, B)
             row = {f"{key}_between_halves": v for key, v in row.items()}
             for key in ("spearman", "spearman_min"):
-                row[key] = 1.0 / math.sqrt(1.0 + _noise_from_halves(got[key], d, d_a))
+                q = noise_from_halves(got[key], d, len(halves.a), len(halves.b))
+                row[key] = 1.0 / math.sqrt(1.0 + q)
         row.update(topk=got[f"top{k}"], topk_min=got[f"top{k}_min"])
         record[m] = row
     record["ok"] = all(

@@ -45,9 +45,14 @@ def build(tmp_path, images, monkeypatch):
     )
     for module, name, stage in stages:
         monkeypatch.setattr(module, name, spy(stage, getattr(module, name)))
+    models = [tiny_unet(1), tiny_unet(2)]
+    # room for one checkpoint's [7, 2, p] sample features, not both: the exact check featurizes
+    # its sample again (with both, the build keeps them as it featurizes: fidelity_sample.py)
+    p = sum(x.numel() for x in models[0].parameters())
+    monkeypatch.setattr(fidelity, "FULL_SPACE_BUDGET", 2 * len(images) * p * 4)
     sched = scheduler()
     idx = gi.build_index(
-        checkpoints=[(tiny_unet(1), sched), (tiny_unet(2), sched)],
+        checkpoints=[(m, sched) for m in models],
         data=images,
         out=tmp_path / "idx",
         spec=SPEC,
