@@ -364,9 +364,7 @@ def suggested_proj_dim(record: dict[str, Any], nnz: int = 1) -> int:
 def _warning(record: dict[str, Any], projection: str, num_params: int) -> str:
     d = record["suggested_proj_dim"]
     fix = f"rebuild with --proj-dim {d}"
-    if (
-        d >= num_params and projection not in HOOK_PROJECTIONS
-    ):  # no sketch that wide beats exact rows
+    if d >= num_params and projection not in HOOK_PROJECTIONS:  # no wider sketch beats exact
         fix = (
             f"rebuild with --projection identity (exact: a sketch would need a --proj-dim of at "
             f"least the model's {num_params} parameters)"

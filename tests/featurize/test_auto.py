@@ -218,3 +218,26 @@ def test_a_built_spec_answers_a_request_whose_auto_fields_it_decided():
     assert not small.answers(gi.BuildSpec(projection="kronecker"))
     assert not large.answers(gi.BuildSpec(precision="float32"))
     assert not large.answers(gi.BuildSpec(projection="kronecker"))  # asks for exact norms
+
+
+def test_native_bfloat16_reads_the_cpu_flags(tmp_path, monkeypatch):
+    """True only with a bfloat16 dot-product flag in /proc/cpuinfo (or a CUDA device that
+    supports it); a device type without bfloat16 units is False."""
+    import builtins
+
+    real_open = builtins.open
+    for flags, want in (
+        ("fpu avx512f avx512_bf16", True),
+        ("fpu amx_bf16 sse", True),
+        ("fpu avx512f", False),
+    ):
+        info = tmp_path / f"cpuinfo{want}"
+        info.write_text(f"processor : 0\nflags\t\t: {flags}\n")
+        monkeypatch.setattr(
+            builtins,
+            "open",
+            lambda p, *a, _info=info, **k: real_open(_info if p == "/proc/cpuinfo" else p, *a, **k),
+        )
+        assert auto.native_bfloat16("cpu") is want
+    monkeypatch.setattr(builtins, "open", real_open)
+    assert auto.native_bfloat16("meta") is False
