@@ -16,6 +16,8 @@ them). Contenders, per size and thread count:
   aggregation), projection, rows (aggregation into TracIn / ReTrac features), fidelity, and the
   rest (I/O: reading, storing, FAISS, manifest).
 - ``build_full`` (demo size only: at 35.7M it takes ~12 GB): the full path forced.
+- ``large_cfg`` (demo size only): what 'auto' picks for large models (kronecker-sjlt,
+  projected norms, bfloat16), forced at the demo size.
 - ``sjlt`` (35.7M only): the default before 'auto' (sjlt, exact norms, float32; the streamed
   path at this size).
 - ``kron_f32`` (35.7M only): the default build in float32 (Kronecker, projected norms).
@@ -50,7 +52,8 @@ CIFAR_UNET = {
     "down_block_types": ("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
     "up_block_types": ("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
 }
-BUILDS = ("build", "build_full", "sjlt", "kron_f32")  # the contenders that build an index
+# the contenders that build an index
+BUILDS = ("build", "build_full", "large_cfg", "sjlt", "kron_f32")
 # per size: training images N, timesteps K, query rows for the exact scores, images the loop
 # is timed on (several CPU-seconds)
 SIZES = {
@@ -147,7 +150,12 @@ def _exact_scores(x0: torch.Tensor, queries: int, grads) -> dict:
 
 
 def _build_worker(
-    size: str, threads: int, path: str, projection: str = "auto", precision: str = "auto"
+    size: str,
+    threads: int,
+    path: str,
+    projection: str = "auto",
+    precision: str = "auto",
+    norms: str = "exact",
 ) -> dict:
     """One build over N images (the default spec but ``projection`` and ``precision``), its
     phases timed in CPU-seconds."""
@@ -194,7 +202,9 @@ def _build_worker(
         checkpoints=[(model, DDPMScheduler())],
         data=images,
         out=out,
-        spec=gi.BuildSpec(timesteps=cfg["k"], projection=projection, precision=precision),
+        spec=gi.BuildSpec(
+            timesteps=cfg["k"], projection=projection, precision=precision, norms=norms
+        ),
         progress=False,
         featurize_path=path,
     )
@@ -237,6 +247,7 @@ def _ceiling_worker(size: str, threads: int, items: int) -> dict:
 
     def step(n, dtype=None, weights=True):
         xs = x[:n].clone().requires_grad_(not weights)
+        xs = xs + 0 if not weights else xs  # not a leaf: the FLOP counter's hooks refuse one
         with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
             out = model(xs, t[:n]).sample
         torch.autograd.grad((out.float() - x[:n]).pow(2).mean(), params if weights else [xs])
@@ -309,6 +320,8 @@ def section_sizes(threads_list: list[int], sizes: list[str], rounds: int = 1) ->
                 runs["build"].append(_fresh(_build_worker, size, threads, "auto"))
                 if size == "demo":
                     runs["build_full"].append(_fresh(_build_worker, size, threads, "full"))
+                    large = ("auto", "kronecker-sjlt", "bfloat16", "projected")
+                    runs["large_cfg"].append(_fresh(_build_worker, size, threads, *large))
                 else:
                     sjlt = _fresh(_build_worker, size, threads, "auto", "sjlt", "float32")
                     runs["sjlt"].append(sjlt)

@@ -30,11 +30,12 @@ def sizes_markdown(res: dict) -> list[str]:
         "norms needs besides its small factor projections).",
         "",
         "| size / threads | params | loop | default build (× loop) | what 'auto' chose "
-        "| full path (× loop) | sjlt, exact, float32 (× loop) | default in float32 (× loop) "
+        "| full path (× loop) | large-model config (× loop) | sjlt, exact, float32 (× loop) "
+        "| default in float32 (× loop) "
         "| ceiling fwd+bwd f32 / bf16 (× loop) | ceiling fwd+bwd-to-inputs f32 / bf16 (× loop) "
         "| FLOP ceiling, with / without weight grads (× loop) "
         "| RSS MB: loop / default build / sjlt |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for key, r in res.items():
         b, c = r.get("build", {}), r["ceiling"]
@@ -48,7 +49,8 @@ def sizes_markdown(res: dict) -> list[str]:
         lines.append(
             f"| {key} | {r['params'] / 1e6:.2f}M | {r['loop']['draws_per_cpu_s']:.2f} "
             f"| {b['draws_per_cpu_s']:.2f} (**{b['x_loop']:.2f}×**) | {chose} "
-            f"| {_rate(r.get('build_full'))} | {_rate(r.get('sjlt'))} | {_rate(r.get('kron_f32'))} "
+            f"| {_rate(r.get('build_full'))} | {_rate(r.get('large_cfg'))} | {_rate(r.get('sjlt'))} "
+            f"| {_rate(r.get('kron_f32'))} "
             f"| {_pair(c, 'x_loop', 'bf16_x_loop')} | {_pair(c, 'inputs_x_loop', 'inputs_bf16_x_loop')} "
             f"| {flops} | {r['loop']['peak_rss_mb']:.0f} / {_rss(b)} / {_rss(r.get('sjlt'))} |"
         )
@@ -81,7 +83,7 @@ def sizes_markdown(res: dict) -> list[str]:
         "|---|---|---|---|---|---|",
     ]
     for key, r in res.items():
-        for name in ("build", "sjlt", "kron_f32"):
+        for name in ("build", "large_cfg", "sjlt", "kron_f32"):
             if name not in r:
                 continue
             b = r[name]

@@ -8,24 +8,25 @@ separately, then multiply the small factors — [d_out, d_in] per item instead o
 With independent Gaussian factors, E[P_outᵀP_out] = I and E[P_inᵀP_in] = I, so
 E[⟨P g, P h⟩] = ⟨g, h⟩ (unbiased, like every gradindex projector).
 
-ReTrac needs each draw's gradient norm in full space. Per layer it is exact either way:
-- ghost: ‖G_i‖² = Σ_{pos,pos'} (a_pos·a_pos')(δ_pos·δ_pos'), costing L²·(in·kh·kw + out) for L
-  positions — cheap for small maps (late UNet blocks, attention projections over few tokens);
-- formed: G_i built one layer at a time (in a small scratch buffer, then dropped), costing
-  L·in·kh·kw·out — cheaper for large maps.
-The cheaper one is chosen per layer. The norm of a mean over M noise draws uses the same
-identity over the M·L positions of the draws (or the sum of the formed gradients).
-
-Either costs about what the layer's weight gradient costs wherever maps are large, so exact
-norms keep a build at the per-sample loop's FLOPs. ``norms='projected'`` (``BuildSpec.norms``,
+ReTrac needs each draw's gradient norm. ``norms='exact'``: in full space, per layer by the
+ghost identity or the layer's gradient formed, whichever is cheaper (``kron_norms``); either
+costs about the layer's weight gradient wherever maps are large, so exact norms keep a build at
+the per-sample loop's FLOPs. ``norms='projected'`` (``BuildSpec.norms``,
 chosen by ``projection='auto'`` for large models) takes each draw's norm as that of its
-projected row instead (‖P g‖, unbiased for ‖g‖² like every inner product of the rows): ReTrac
+projection instead (‖P g‖², unbiased for ‖g‖² like every inner product of the rows): ReTrac
 becomes the mean of projected unit vectors, and no layer does any full-space work beyond the
 forward and the backward to its inputs.
 
+Two layouts: ``'kronecker'`` splits d over the layers (~30 outputs each on a 113-layer UNet at
+d = 4,096: a poor sketch where a few layers hold most of a gradient). ``'kronecker-sjlt'``
+gives every layer ``LAYER_DIM`` outputs (d_out / d_in shaped so both factor projections cost
+alike), keeps the dense parameters' gradients whole beside them, and maps that whole vector to
+d with one sparse JL map S: P = S ∘ (⊕_l P_out,l ⊗ P_in,l ⊕ I), still unbiased. Its projected
+norms are those of the vector before S (1,024 outputs per layer, not d spread thin).
+
 Parameters it cannot factor (biases, GroupNorm / LayerNorm / Embedding weights, grouped
-convolutions) take the dense path: per-item gradients via ``gradindex.featurize.persample`` hooks in the
-same forward/backward, projected by a sparse JL map into their share of the output.
+convolutions) take the dense path: per-item gradients via ``persample`` hooks in the same
+forward/backward ('kronecker': projected by a sparse JL map into their share of d).
 
 Holds ``KroneckerGradients`` (the hooks and the plan), ``LayerPlan`` (one parameter's route) and
 ``KroneckerFeaturizer`` (a ``GradientFeaturizer`` whose rows are these projections).
@@ -44,7 +45,7 @@ from torch import Tensor, nn
 
 from gradindex.errors import ModelError
 from gradindex.featurize.gradients import MAX_ITEMS, GradientFeaturizer
-from gradindex.featurize.kron_norms import formed_norms, ghost_norms
+from gradindex.featurize.kron_norms import cheaper_norm, formed_norms, ghost_norms
 from gradindex.featurize.layer_grads import factorable, forward_hook
 from gradindex.featurize.losses import item_loss_fn
 from gradindex.featurize.persample import HookGradients
@@ -67,10 +68,6 @@ DENSE_SHARE = 1 / 8
 # evenly, 'kronecker', leaves ~30 per layer on a 113-layer UNet: too few where a few layers
 # hold most of a gradient; docs/build-speed.md has the fidelity of both)
 LAYER_DIM = 1024
-# a formed norm's cost per FLOP against the ghost identity's (batched Gram matmuls): measured
-# at one thread, 1.5-2 made the per-layer choice the fastest of the two on every layer of the
-# 35.7M CIFAR-10 DDPM UNet (norms 1.19 instead of 1.40 CPU-s per 8 items) and the demo UNet
-FORMED_COST = 2.0
 
 
 @dataclass
@@ -100,8 +97,10 @@ def _factor_shape(budget: int, c_out: int, a_dim: int, cost_aware: bool) -> tupl
     """(d_out, d_in) with d_out·d_in ≤ budget within the layer's [c_out, a_dim] shape: about
     square, or (``cost_aware``) shaped so projecting the inputs (a_dim per output) and the output
     gradients (c_out per output) cost alike, d_out / d_in ≈ a_dim / c_out."""
-    ratio = a_dim / c_out if cost_aware else 1.0
-    d_out = max(1, min(c_out, budget, round(math.sqrt(budget * ratio))))
+    if cost_aware:
+        d_out = max(1, min(c_out, budget, round(math.sqrt(budget * a_dim / c_out))))
+    else:  # as 'kronecker' indexes were built: their factors must not change
+        d_out = min(c_out, math.isqrt(budget))
     return d_out, max(1, min(a_dim, budget // d_out))
 
 
@@ -339,8 +338,7 @@ def _project_layer(module: nn.Module, layer: dict, a: Tensor, delta: Tensor, s: 
     a_dim = layer["p_in"][0].numel()
     c_out = d_t.shape[2]
     if not plan.norm:  # choose once, by cost per item
-        ghost = s.group * positions * (a_dim + c_out) < FORMED_COST * a_dim * c_out
-        plan.norm = "ghost" if ghost else "formed"
+        plan.norm = cheaper_norm(s.group * positions, a_dim, c_out)
     if plan.norm == "ghost":
         if patches_t is None:
             patches_t = F.unfold(

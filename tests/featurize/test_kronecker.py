@@ -260,3 +260,22 @@ def test_exact_layer_norms_ghost_and_formed_equal_brute_force(group):
             fill(conv, a, delta, None, d_t, s)
         np.testing.assert_allclose(s.item_sq, want_item, rtol=1e-4)
         np.testing.assert_allclose(s.group_sq, want_group, rtol=1e-4)
+
+
+def test_kronecker_layer_shapes_stay_as_indexes_were_built():
+    """'kronecker' (d split over the layers) keeps the factor shapes its indexes were built with,
+    d_out = min(c_out, ⌊√budget⌋), d_in = min(a_dim, budget // d_out): a changed shape would
+    make every query of such an index disagree with its rows."""
+    import math
+
+    model = tiny_unet(0)
+    names = [n for n, _ in model.named_parameters()]
+    for out_dim in (256, 300, 1000):
+        kron = KroneckerGradients(model, names, _loss, out_dim=out_dim, seed=0)
+        layers = [p for p in kron.plan if p.route == "kronecker"]
+        dense = sum(int(np.prod(p.shape)) for p in kron.plan if p.route == "dense")
+        budget = (out_dim - min(dense, max(1, int(out_dim / 8)))) // len(layers)
+        for p in layers:
+            c_out, a_dim = p.shape[0], int(np.prod(p.shape[1:]))
+            d_out = min(c_out, math.isqrt(budget))
+            assert (p.d_out, p.d_in) == (d_out, min(a_dim, budget // d_out)), (out_dim, p.name)
