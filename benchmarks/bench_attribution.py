@@ -600,7 +600,8 @@ def stage_replay_rows() -> None:
     ckpt_dirs, weights = _full_checkpoints()
     digits = load_digits_images(16)
     rows = np.sort(np.random.default_rng(SEED).choice(N_MAIN, FIDELITY_N, replace=False))
-    spec = BuildSpec(num_train_timesteps=1000)  # the projection fields of the index's spec
+    # the projection fields of the index's spec ('auto' resolves to these at the demo size)
+    spec = BuildSpec(num_train_timesteps=1000, projection="sjlt", precision="float32")
     t0 = time.perf_counter()
     rep = _replay_rows(ckpt_dirs, weights, digits, rows, spec)
     np.savez(CACHE / "replay_rows.npz", seconds=time.perf_counter() - t0, rows=rows, **rep)

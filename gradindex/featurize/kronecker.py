@@ -18,18 +18,17 @@ becomes the mean of projected unit vectors, and no layer does any full-space wor
 forward and the backward to its inputs.
 
 Two layouts: ``'kronecker'`` splits d over the layers (~30 outputs each on a 113-layer UNet at
-d = 4,096: a poor sketch where a few layers hold most of a gradient). ``'kronecker-sjlt'``
-gives every layer ``LAYER_DIM`` outputs (d_out / d_in shaped so both factor projections cost
-alike), keeps the dense parameters' gradients whole beside them, and maps that whole vector to
-d with one sparse JL map S: P = S ∘ (⊕_l P_out,l ⊗ P_in,l ⊕ I), still unbiased. Its projected
-norms are those of the vector before S (1,024 outputs per layer, not d spread thin).
+d = 4,096: poor where a few layers hold most of a gradient). ``'kronecker-sjlt'`` gives every
+layer ``LAYER_DIM`` outputs (d_out / d_in shaped so both projections cost alike; a layer of at
+most ``LAYER_DIM`` weights kept whole, a factor keeping its whole side the identity), keeps the
+dense gradients whole too, and maps all of it to d by one sparse JL map S: P = S ∘
+(⊕_l P_out,l ⊗ P_in,l ⊕ I), still unbiased. Its projected norms are those before S.
 
 Parameters it cannot factor (biases, GroupNorm / LayerNorm / Embedding weights, grouped
 convolutions) take the dense path: per-item gradients via ``persample`` hooks in the same
 forward/backward ('kronecker': projected by a sparse JL map into their share of d).
 
-Holds ``KroneckerGradients`` (the hooks and the plan), ``LayerPlan`` (one parameter's route) and
-``KroneckerFeaturizer`` (a ``GradientFeaturizer`` whose rows are these projections).
+Holds ``KroneckerGradients`` (hooks, plan), ``LayerPlan``, ``KroneckerFeaturizer`` (its rows).
 """
 
 from __future__ import annotations
@@ -138,13 +137,13 @@ class KroneckerGradients:
         dense: list[str] = []
         for name in param_names:
             holders = owners[id(named[name])]
-            if len(holders) == 1 and _factorable(*holders[0]):
+            small = bool(layer_dim) and named[name].numel() <= layer_dim  # kept whole: exact
+            if len(holders) == 1 and _factorable(*holders[0]) and not small:
                 factored.append((name, holders[0][0]))
             else:
                 dense.append(name)
         p_dense = sum(named[n].numel() for n in dense)
-        # layer_dim (kronecker-sjlt): each layer gets layer_dim outputs, the dense gradients
-        # stay as they are, and one sparse JL map takes the whole to out_dim (below)
+        # kronecker-sjlt: layer_dim outputs per layer, dense gradients whole, then S to out_dim
         d_dense = p_dense if layer_dim else min(p_dense, max(1, int(out_dim * DENSE_SHARE)))
         d_dense = d_dense if dense else 0
         if not layer_dim and factored and out_dim - d_dense < len(factored):
@@ -209,6 +208,9 @@ class KroneckerGradients:
             gen = torch.Generator().manual_seed(derived_seed("kronecker", seed, j))
             p_out = torch.randn(d_out, c_out, generator=gen) / math.sqrt(d_out)
             p_in = torch.randn(d_in, a_dim, generator=gen) / math.sqrt(d_in)
+            if cost_aware:  # kronecker-sjlt: a factor keeping its whole side is exact
+                p_out = torch.eye(c_out) if d_out == c_out else p_out
+                p_in = torch.eye(a_dim) if d_in == a_dim else p_in
             self._layers[module] = {
                 "plan": plan,
                 "p_out": p_out.to(device),

@@ -113,6 +113,12 @@ def test_kronecker_sjlt_rows_are_the_sparse_map_of_layer_factors(tmp_path, image
     )
     shapes = [(p.d_out, p.d_in) for p in kron.plan if p.route != "dense"]
     assert all(a * b <= LAYER_DIM for a, b in shapes) and kron.out_dim == 256
+    for plan in kron.plan:  # layers of at most LAYER_DIM weights are kept whole (exact)
+        small = int(np.prod(plan.shape)) <= LAYER_DIM
+        assert (plan.route == "dense") == (small or not plan.name.endswith("weight")), plan.name
+        if plan.route == "kronecker" and plan.d_out == plan.shape[0]:  # a whole side: identity
+            layer = kron._layers[kron.model.get_submodule(plan.name.rsplit(".", 1)[0])]
+            assert torch.equal(layer["p_out"], torch.eye(plan.d_out))
     x0 = torch.from_numpy(images) * 2 - 1
     rows, inner = zip(
         *(_kronecker_sjlt_project(kron, g) for g in _draw_gradients(model, sched, x0, idx.spec))
