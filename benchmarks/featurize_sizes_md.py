@@ -39,8 +39,9 @@ def sizes_markdown(res: dict) -> list[str]:
     ]
     for key, r in res.items():
         b, c = r.get("build", {}), r["ceiling"]
-        chose = b.get("spec") or {}
-        chose = ", ".join(str(v) for v in chose.values()) + f" ({b['featurize']['path']})"
+        spec = b.get("spec") or {}
+        keys = ("projection", "norms", "precision")
+        chose = ", ".join(str(spec[k]) for k in keys if k in spec) + f" ({b['featurize']['path']})"
         flops = f"{r['flop_ceiling_x_loop']:.2f}× / " + (
             f"{r['flop_ceiling_no_weight_grads_x_loop']:.2f}×"
             if "flop_ceiling_no_weight_grads_x_loop" in r
