@@ -55,7 +55,7 @@ def format_info(info: dict[str, Any]) -> list[str]:
     add("params", f"{info['num_params']:,} ({chosen}{projection})")
     if spec["projection"] in HOOK_PROJECTIONS:
         if spec.get("norms") == "projected":
-            add("norms", "of the projected rows (ReTrac: mean of projected unit vectors)")
+            add("norms", "of the projections (ReTrac: the mean of projected unit vectors)")
         for name, route in (info.get("layers") or {}).items():
             add("layer", f"{name}: {route}")
     ts = info["timesteps"]

@@ -12,6 +12,7 @@ from gradindex.featurize.auto import resolve_auto
 from gradindex.featurize.embedding import projection_seed
 from gradindex.featurize.kronecker import KroneckerGradients
 from gradindex.featurize.losses import item_loss_fn
+from gradindex.store.describe import format_info
 from tests.conftest import scheduler, tiny_unet
 from tests.featurize.test_kronecker import _kronecker_project
 
@@ -47,6 +48,9 @@ def test_projected_norms_are_the_rows_own_and_retrac_averages_projected_unit_vec
     idx = gi.build_index(checkpoints=[(model, sched)], data=images, out=tmp_path / "i", spec=spec)
     assert idx.spec.norms == "projected" and idx.spec.precision == "float32"
     assert all("projected norm" in r for r in idx.info()["layers"].values() if r != "dense")
+    assert any(
+        line.startswith("norms") and "projections" in line for line in format_info(idx.info())
+    )
     names = [n for n, _ in model.named_parameters()]
     kron = KroneckerGradients(
         model, names, item_loss_fn("mse"), spec.proj_dim, projection_seed(spec.proj_seed, 0)
