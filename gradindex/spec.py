@@ -42,7 +42,8 @@ STORE_DTYPES = ("float32", "float16")
 PRECISIONS = ("float32", "bfloat16")  # gradindex.featurize.precision
 NORMS = ("exact", "projected")  # gradindex.featurize.kronecker
 AUTO = "auto"
-"""``projection`` / ``precision`` value resolved by the build from the model's size and the
+AUTO_FIELDS = ("projection", "precision")
+"""The fields whose value may be ``AUTO``, resolved by the build from the model's size and the
 device (``gradindex.featurize.auto``); a stored spec never holds it."""
 RESIZE_MODES = ("bilinear", "nearest", "error")
 LATENT_MODES = ("mean", "sample")
@@ -318,12 +319,12 @@ class BuildSpec:
     def to_dict(self) -> dict[str, Any]:
         """Every field but those at their ``OMITTED_AT_DEFAULT`` value while that is still the
         default (a float32 precision is written: 'auto' is the default now)."""
-        return self._as_dict(lambda k: _FIELD_DEFAULTS[k] == OMITTED_AT_DEFAULT[k])
+        return self._as_dict(every_omitted=False)
 
-    def _as_dict(self, omit: Any) -> dict[str, Any]:
+    def _as_dict(self, every_omitted: bool) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         for k, value in OMITTED_AT_DEFAULT.items():
-            if d[k] == value and omit(k):
+            if d[k] == value and (every_omitted or _FIELD_DEFAULTS[k] == value):
                 del d[k]
         return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
@@ -352,7 +353,7 @@ class BuildSpec:
     def answers(self, request: BuildSpec) -> bool:
         """Whether this (built, resolved) spec is what ``request`` asks for, the fields it
         leaves to 'auto' taking whatever the build decided."""
-        free = [f for f in ("projection", "precision") if getattr(request, f) == AUTO]
+        free = [f for f in AUTO_FIELDS if getattr(request, f) == AUTO]
         if request.projection == AUTO:
             free.append("norms")
         return self.replace(**{f: getattr(request, f) for f in free}) == request
@@ -369,7 +370,7 @@ class BuildSpec:
 
     def identity(self) -> dict[str, Any]:
         """The fields that determine the stored vectors (all but ``NOT_IDENTITY``)."""
-        canonical = self._as_dict(lambda k: True)  # as indexes from before the fields had it
+        canonical = self._as_dict(every_omitted=True)  # as indexes before the fields had it
         return {k: v for k, v in canonical.items() if k not in NOT_IDENTITY}
 
     def fingerprint(self) -> str:
@@ -381,7 +382,7 @@ class BuildSpec:
     def fingerprints(self) -> tuple[str, str]:
         """The fingerprint and the one indexes built before ``NOT_IDENTITY`` recorded (the
         hash of the whole spec, batch size included): both name this spec."""
-        text = json.dumps(self._as_dict(lambda k: True), sort_keys=True, indent=2)
+        text = json.dumps(self._as_dict(every_omitted=True), sort_keys=True, indent=2)
         return self.fingerprint(), hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def diff(self, other: BuildSpec) -> dict[str, tuple[Any, Any]]:

@@ -25,7 +25,7 @@ from torch import nn
 
 from gradindex.featurize.budget import FULL_PATH_BYTES, full_path_bytes
 from gradindex.featurize.persample import HookGradients
-from gradindex.spec import AUTO, BuildSpec
+from gradindex.spec import AUTO, AUTO_FIELDS, BuildSpec
 
 CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of bfloat16 dot products
 
@@ -59,7 +59,7 @@ def resolve_auto(
 ) -> BuildSpec:
     """``spec`` with 'auto' projection / precision decided for ``model`` (its selected
     ``param_names``) on ``device``; a spec without 'auto' comes back unchanged."""
-    if AUTO not in (spec.projection, spec.precision):
+    if all(getattr(spec, f) != AUTO for f in AUTO_FIELDS):
         return spec
     named = dict(model.named_parameters())
     num_params = sum(named[n].numel() for n in param_names)

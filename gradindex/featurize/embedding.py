@@ -68,9 +68,7 @@ class Embedder:
         budget = budget_bytes(max_memory)
         seeds = [projection_seed(spec.proj_seed, c) for c in range(len(checkpoints))]
         self.featurizers: list[GradientFeaturizer]
-        if (
-            spec.projection in HOOK_PROJECTIONS
-        ):  # projected inside the hooks: rows are already [B, d]
+        if spec.projection in HOOK_PROJECTIONS:  # projected in the hooks: rows are [B, d]
             self.path = "kronecker"
             self.featurizers = [
                 KroneckerFeaturizer(c, spec, seed, self.device)

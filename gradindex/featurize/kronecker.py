@@ -232,8 +232,8 @@ class KroneckerGradients:
         """Items [I, ...] in consecutive groups of ``group`` (the noise draws of one (timestep,
         sample)) → projected per-item gradients [I, out_dim] (into ``out`` when given, e.g. the
         featurizer's reusable buffer), their squared norms [I], and the squared norms of each
-        group's gradient sum [I / group]: in full space, or (``norms='projected'``) of the rows
-        themselves, which spares every layer's full-space work."""
+        group's gradient sum [I / group]: in full space, or (``norms='projected'``) of the
+        projections before any final map, which spares every layer's full-space work."""
         n = x_t.shape[0]
         if n % group:
             raise ValueError(f"{n} items do not split into groups of {group}")
@@ -280,7 +280,7 @@ class KroneckerGradients:
 
 @dataclass
 class _KronCall:
-    rows: Tensor  # [I, out_dim]
+    rows: Tensor  # [I, inner_dim]: the layers' projected gradients, before any final map
     item_sq: Tensor  # [I]
     group_sq: Tensor  # [I / group]
     group: int
@@ -352,9 +352,8 @@ def _project_layer(module: nn.Module, layer: dict, a: Tensor, delta: Tensor, s: 
 
 
 class KroneckerFeaturizer(GradientFeaturizer):
-    """A ``GradientFeaturizer`` whose rows are Kronecker-projected gradients [I, d] with their
-    norms (full-space or projected, ``BuildSpec.norms``), so TracIn / ReTrac aggregation runs unchanged in projected space (both are
-    linear in the rows once each draw's norm is known)."""
+    """A ``GradientFeaturizer`` whose rows are Kronecker-projected gradients [I, d] and their
+    norms (``BuildSpec.norms``): TracIn / ReTrac aggregate in projected space unchanged."""
 
     def __init__(
         self,
@@ -365,6 +364,7 @@ class KroneckerFeaturizer(GradientFeaturizer):
         max_items: int = MAX_ITEMS,
     ):
         super().__init__(checkpoint, spec, device, max_items=max_items)
+        spec = self.spec  # 'auto' decided
         self.kron = KroneckerGradients(
             self.model,
             self.param_names,
@@ -373,8 +373,8 @@ class KroneckerFeaturizer(GradientFeaturizer):
             seed,
             nnz=spec.sjlt_nnz,
             device=self.device,
-            precision=self.spec.precision,  # 'auto' decided
-            norms=self.spec.norms,
+            precision=spec.precision,
+            norms=spec.norms,
             layer_dim=LAYER_DIM if spec.projection == "kronecker-sjlt" else None,
         )
         self.row_dim = self.kron.out_dim
