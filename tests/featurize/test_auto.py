@@ -251,3 +251,17 @@ def test_native_bfloat16_reads_the_cpu_flags(tmp_path, monkeypatch):
         assert auto.native_bfloat16("cpu") is want
     monkeypatch.setattr(builtins, "open", real_open)
     assert auto.native_bfloat16("meta") is False
+
+
+def test_a_featurizer_given_an_auto_spec_takes_the_layout_auto_picks(monkeypatch):
+    """KroneckerFeaturizer handed an unresolved spec for a large model builds the
+    kronecker-sjlt layout (a final sparse JL map, projected norms), as the build would."""
+    from gradindex.featurize.kronecker import KroneckerFeaturizer
+    from gradindex.inputs.models import load_checkpoints
+
+    monkeypatch.setattr(auto, "FULL_PATH_BYTES", 0)
+    monkeypatch.setattr(auto, "native_bfloat16", lambda device: False)
+    ckpt = load_checkpoints([(tiny_unet(3), scheduler())])[0]
+    feat = KroneckerFeaturizer(ckpt, gi.BuildSpec(proj_dim=256), seed=0)
+    assert feat.spec.projection == "kronecker-sjlt" and feat.kron.norms == "projected"
+    assert feat.kron._final is not None and feat.row_dim == 256
