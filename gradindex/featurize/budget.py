@@ -9,7 +9,9 @@ Two paths compute the same rows (up to float32 summation order):
   (``streamed.StreamedFeaturizer``); memory scales with activations, not items × parameters.
 
 The automatic budget is what is resident once the models and maps are built plus
-``AUTO_WORK_BYTES`` of per-item work (at most 70% of the available memory). ``choose_path``
+``AUTO_WORK_BYTES`` of per-item work (at most 70% of the available memory); when one sample
+needs more, the whole 70% (a preference for speed, not a limit). On a CUDA device it is the
+device's memory: what is allocated plus 70% of what is free, no per-item cap. ``choose_path``
 takes ``streamed`` when the full path's buffers for one batch would pass ``FULL_PATH_BYTES`` or
 half the budget (by model size: the demo UNet's are 0.5 GB, a 35.7M-
 parameter DDPM's 6.9 GB). The build records the path in the manifest and a query repeats it.
@@ -86,12 +88,28 @@ def parse_memory(text: str | int | None) -> int | None:
     return int(value * units[unit])
 
 
-def budget_bytes(max_memory: int | None, resident: int | None = None) -> int:
+def device_memory(device: torch.device) -> tuple[int, int] | None:
+    """(allocated, free) bytes of a CUDA device, whose memory bounds featurizing there; None
+    for other devices (the host's memory bounds theirs)."""
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    return torch.cuda.memory_allocated(device), int(free)
+
+
+def budget_bytes(
+    max_memory: int | None, resident: int | None = None, gpu_free: int | None = None
+) -> int:
     """The budget: ``max_memory`` when given, else AUTO_SHARE of the memory still available
     (8 GiB when the system does not say); with ``resident`` (what the process already holds,
-    which the available memory does not include), that plus at most AUTO_WORK_BYTES of it."""
+    which the available memory does not include), that plus at most AUTO_WORK_BYTES of it.
+    ``gpu_free``: featurizing on a CUDA device with this much free: AUTO_SHARE of it, with no
+    AUTO_WORK_BYTES cap (a GPU gains from every item per call it can hold)."""
     if max_memory is not None:
         return max_memory
+    if gpu_free is not None:
+        share = int(AUTO_SHARE * gpu_free)
+        return share if resident is None else resident + share
     avail = available_memory()
     share = int(AUTO_SHARE * avail) if avail else 8 << 30
     return share if resident is None else resident + min(share, AUTO_WORK_BYTES)
@@ -141,16 +159,30 @@ def activation_bytes(model: nn.Module, run_one: Callable[[], object]) -> int:
     return total
 
 
-def items_per_call(left: int, per_item: int, group: int, budget: int) -> int:
+def items_per_call(
+    left: int, per_item: int, group: int, budget: int, spare: int | None = None
+) -> int:
     """Items one gradient call may hold in ``left`` bytes at ``per_item`` each, whole groups of
-    ``group`` (one sample's M noise draws); refuses a budget without room for one group."""
+    ``group`` (one sample's M noise draws); refuses a budget without room for one group.
+    ``spare``: None for a budget the user gave; for an automatic one, what it may add beyond
+    its preferred per-item work when one group needs it (and a refusal then names the
+    machine, not a --max-memory nobody set)."""
+    automatic = spare is not None
+    if automatic and left < group * per_item:
+        left, budget = left + spare, budget + spare
     items = (max(left, 0) // max(per_item, 1)) // group * group
     if items < group:
         need = budget - left + group * per_item
+        what = f"the model, projection and {group} item(s) of activations"
+        if automatic:
+            raise MemoryBudgetError(
+                f"this machine cannot hold one sample: featurizing needs about {_size(need)} "
+                f"({what}) and {int(AUTO_SHARE * 100)}% of the memory available gives "
+                f"{_size(budget)}; free memory, lower --batch-size, or run where there is more"
+            )
         raise MemoryBudgetError(
             f"max_memory={_size(budget)} cannot hold one sample: featurizing needs about "
-            f"{_size(need)} (the model, projection and {group} item(s) of activations); "
-            f"raise --max-memory to at least {_size(int(need * 1.1))}"
+            f"{_size(need)} ({what}); raise --max-memory to at least {_size(int(need * 1.1))}"
         )
     return items
 

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from gradindex.featurize.auto import resolve_auto
-from gradindex.featurize.budget import budget_bytes, choose_path, resident_bytes
+from gradindex.featurize.budget import budget_bytes, choose_path, device_memory, resident_bytes
 from gradindex.featurize.gradients import GradientFeaturizer, select_parameters
 from gradindex.featurize.kronecker import KroneckerFeaturizer
 from gradindex.featurize.projection import Projector, make_projector
@@ -65,7 +65,8 @@ class Embedder:
         self.spec = spec
         self.weights = spec.weights(len(checkpoints))
         self.max_memory = max_memory
-        budget = budget_bytes(max_memory)
+        gpu = device_memory(self.device)
+        budget = budget_bytes(max_memory, gpu_free=None if gpu is None else gpu[1])
         seeds = [projection_seed(spec.proj_seed, c) for c in range(len(checkpoints))]
         self.featurizers: list[GradientFeaturizer]
         if spec.projection in HOOK_PROJECTIONS:  # projected in the hooks: rows are [B, d]
@@ -113,14 +114,21 @@ class Embedder:
 
     def _set_budget(self) -> None:
         """What the budget leaves for per-item work once models and projections are in memory
-        (the process's resident size now) and, on the full path, the [B, 2, p] features."""
-        resident = resident_bytes()
-        budget = budget_bytes(self.max_memory, resident)
+        (the process's resident size now; on a GPU, the device's allocated memory) and, on the
+        full path, the [B, 2, p] features; and what an automatic budget on the CPU could add when
+        one sample needs more than its preferred per-item share (``memory_spare``; None for a
+        budget the user gave)."""
+        gpu = device_memory(self.device)
+        resident = resident_bytes() if gpu is None else gpu[0]
+        budget = budget_bytes(self.max_memory, resident, None if gpu is None else gpu[1])
         left = budget - resident
+        spare = None  # a budget the user gave: a limit
+        if self.max_memory is None:
+            spare = 0 if gpu is not None else max(0, budget_bytes(None) - left)
         if self.path == "full":
             left -= 8 * self.num_params * self.spec.batch_size
         for feat in self.featurizers:
-            feat.memory_left, feat.budget = left, budget
+            feat.memory_left, feat.budget, feat.memory_spare = left, budget, spare
 
     def featurize_record(self) -> dict[str, object]:
         """The manifest's record of how rows were computed (a query repeats ``path``)."""

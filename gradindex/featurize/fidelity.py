@@ -207,6 +207,7 @@ def _reference_scores(
                 else inside(checkpoints[c], spec, seed, embedder.device)
             )
             feat.memory_left, feat.budget = own.memory_left, own.budget  # the build's items/call
+            feat.memory_spare = own.memory_spare
         elif not exact:
             proj = make_projector(
                 spec.projection, feat.row_dim, spec.proj_dim, seed, nnz=spec.sjlt_nnz,

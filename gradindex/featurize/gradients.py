@@ -145,6 +145,7 @@ class GradientFeaturizer:
         # budget; None: no budget) and the items per call that fit it, measured on first use
         self.memory_left: int | None = None
         self.budget = 0
+        self.memory_spare: int | None = None  # an automatic budget's room (budget.items_per_call)
         self._fitted_items: int | None = None
         logger.info(
             "%s: per-item gradients via %s (%d parameters)",
@@ -322,7 +323,8 @@ class GradientFeaturizer:
             act = activation_bytes(self.model, lambda: model_output(self.model, x1, t1, one_c))
         per_item = int(ACTIVATION_FACTOR * act) + 4 * self.row_dim
         assert self.memory_left is not None
-        return items_per_call(self.memory_left, per_item, self.spec.noise_draws, self.budget)
+        M, left, spare = self.spec.noise_draws, self.memory_left, self.memory_spare
+        return items_per_call(left, per_item, M, self.budget, spare)
 
     def _featurize(
         self,
