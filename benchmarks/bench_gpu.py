@@ -1,4 +1,4 @@
-"""GPU check: CUDA featurizing, projection and FAISS search against the CPU, one machine, one run.
+r"""GPU check: CUDA featurizing, projection and FAISS search against the CPU, one machine, one run.
 
 Run where there is a CUDA GPU (CI has none; this is the one short check a GPU machine gets):
 
@@ -20,9 +20,18 @@ Writes ``gpu.json`` and ``gpu.md`` (``cifar``: ``gpu_cifar.json`` and ``gpu_cifa
 
     python benchmarks/bench_gpu.py --out /tmp/gpu
 
-The GPU session's command for ``cifar`` (one H100 or H200; the parts stop before 420 s):
+The GPU session's command for ``cifar`` (one H100 or H200; the parts stop before 360 s). The
+device image has no diffusers or faiss: fetch their wheels here into an ignored ``.whl``
 
-    python benchmarks/bench_gpu.py --sections cifar --budget-s 420 --out benchmarks/results
+    python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+        --implementation cp --platform manylinux_2_28_x86_64 -d .whl \
+        diffusers==0.42.1 faiss-cpu==1.15.1
+
+then run there (carry ``.whl``, timeout 480 s; copy what comes back to benchmarks/results):
+
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
+        && PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 python3 benchmarks/bench_gpu.py \
+        --sections cifar --budget-s 360 --out $OUT
 
 and on a CPU, the same parts on a tiny UNet in seconds (``gpu_cifar_tiny.*``; the test):
 
