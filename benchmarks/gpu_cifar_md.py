@@ -42,7 +42,7 @@ def cifar_markdown(res: dict) -> str:
         rate, feat = r.get("draws_per_s"), r.get("featurize_draws_per_s")
         spec = r.get("spec")
         peak = r.get("gpu_peak_mb")
-        note = r.get("reason", "")
+        note = r.get("reason", "").replace("|", "/")  # a table cell
         if "rel_error" in str(r.get("tracin")):
             t, q = r["tracin"], r["retrac"]
             note = (
