@@ -1,4 +1,4 @@
-"""GPU check: CUDA featurizing, projection and FAISS search against the CPU, one machine, one run.
+r"""GPU check: CUDA featurizing, projection and FAISS search against the CPU, one machine, one run.
 
 Run where there is a CUDA GPU (CI has none; this is the one short check a GPU machine gets):
 
@@ -10,10 +10,32 @@ Run where there is a CUDA GPU (CI has none; this is the one short check a GPU ma
 2. ``projection``: SJLT throughput and agreement for p ∈ {10⁶, 10⁷}, d = 4096, CPU vs CUDA.
 3. ``faiss``: when faiss-gpu is importable and sees a GPU, flat and IVF indexes cloned to it
    answer like the CPU ones (top-10), with the speedup; otherwise the reason it did not run.
+4. ``cifar`` (not in the default sections; ``gpu_cifar.py``): issue 29's GPU item, the
+   35.7M-parameter CIFAR-10 DDPM architecture on one device: the per-sample loop, the default
+   build at batch 16 / 64 / 128, sjlt on the full path, TRAK's CUDA projector if it imports,
+   the rows against a CPU build; each part guarded, under ``--budget-s``.
 
-Writes ``gpu.json`` and ``gpu.md`` to ``--out`` (default ``benchmarks/results``).
+Writes ``gpu.json`` and ``gpu.md`` (``cifar``: ``gpu_cifar.json`` and ``gpu_cifar.md``) to
+``--out`` (default ``benchmarks/results``).
 
     python benchmarks/bench_gpu.py --out /tmp/gpu
+
+The GPU session's command for ``cifar`` (one H100 or H200; the parts stop before 360 s). The
+device image has no diffusers or faiss: fetch their wheels here into an ignored ``.whl``
+
+    python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+        --implementation cp --platform manylinux_2_28_x86_64 -d .whl \
+        diffusers==0.42.1 faiss-cpu==1.15.1
+
+then run there (carry ``.whl``, timeout 480 s; copy what comes back to benchmarks/results):
+
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
+        && PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 python3 benchmarks/bench_gpu.py \
+        --sections cifar --budget-s 360 --out $OUT
+
+and on a CPU, the same parts on a tiny UNet in seconds (``gpu_cifar_tiny.*``; the test):
+
+    python benchmarks/bench_gpu.py --sections cifar --device cpu --tiny --out /tmp/gpu
 """
 
 from __future__ import annotations
@@ -29,6 +51,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from bench_featurize import DEMO_UNET, LARGE_UNET, _timed, _unet, loop_draw_rows
+from gpu_cifar import section_cifar
 
 from gradindex.demo.training import load_digits_images
 
@@ -299,17 +322,32 @@ def to_markdown(res: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--sections", nargs="*", default=["build", "projection", "faiss"])
+    ap.add_argument(
+        "--sections",
+        nargs="*",
+        default=["build", "projection", "faiss"],
+        choices=["build", "projection", "faiss", "cifar"],
+    )
     ap.add_argument("--demo-images", type=int, default=256)
     ap.add_argument("--large-images", type=int, default=128)
     ap.add_argument("--loop-images", type=int, default=64, help="images in the per-item loop build")
     ap.add_argument("--faiss-note", default="", help="why faiss-gpu is absent, for the table")
     ap.add_argument("--out", type=Path, default=HERE / "results")
+    ap.add_argument("--device", default="cuda", help="cifar: the device (cpu with --tiny)")
+    ap.add_argument("--tiny", action="store_true", help="cifar: a tiny UNet instead of 35.7M")
+    ap.add_argument("--budget-s", type=float, default=420.0, help="cifar: seconds for all parts")
     args = ap.parse_args()
-    if not torch.cuda.is_available():
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("bench_gpu.py needs a CUDA GPU; torch sees none here")
+    gpu_sections = [s for s in args.sections if s != "cifar"]
+    if gpu_sections and not args.device.startswith("cuda"):
+        raise SystemExit(f"--device {args.device}: only --sections cifar runs without CUDA")
     res: dict = {"machine": machine(), "faiss_note": args.faiss_note}
     args.out.mkdir(parents=True, exist_ok=True)
+    if "cifar" in args.sections:
+        section_cifar(args.device, args.tiny, args.budget_s, args.out, machine())
+    if not gpu_sections:
+        return
 
     def write() -> None:  # after every section, so a timeout still leaves what finished
         (args.out / "gpu.json").write_text(json.dumps(res, indent=2) + "\n")
