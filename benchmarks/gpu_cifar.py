@@ -13,16 +13,17 @@ one runs); ``gpu_cifar.json`` and ``gpu_cifar.md`` are rewritten after every par
    and precision 'auto', recorded as resolved) at 16, 64 and 128 images per batch: draws/s of
    the whole build and of its featurizing, peak GPU memory, items per gradient call, seconds in
    the fidelity check.
-4. ``auto_b128_mem``: the same at batch 128 with ``max_memory`` = ``BIG_MEMORY``: the automatic
-   budget counts host memory, which caps the items per gradient call on a GPU too, whatever
-   the batch.
+4. ``auto_b128_mem``: the same at batch 128 with ``max_memory`` = ``BIG_MEMORY``: since session
+   13 the automatic budget on CUDA is the device's free memory (before, the host's, capped at
+   768 MiB of per-item work: ~15 items per call whatever the batch), so its items per call
+   should match ``auto_b128``'s.
 5. ``trak``: TRAK's ``CudaProjector`` (``traker`` and its ``fast_jl`` CUDA extension) on
    per-draw gradients from ``torch.func`` ``vmap(grad)`` (TRAK's functional gradient computer),
    and gradindex's sparse JL on the same gradients; where it cannot run, why.
 6. ``cpu_auto``: the first images built on the CPU with ``auto_b16``'s resolved spec: relative
    error of the rows and norms against the device's.
 7. ``sjlt_full_b16``: sjlt over full-space per-item gradients, float32, the full path forced
-   (with ``max_memory`` = ``BIG_MEMORY``: the automatic host-memory budget refuses it at 35.7M).
+   (with ``max_memory`` = ``BIG_MEMORY``, as a user forcing the path would give it).
 8. ``cpu_sjlt``: as ``cpu_auto``, against ``sjlt_full_b16`` (the CPU takes the path 'auto'
    picks: streamed at 35.7M; the same rows up to float32 rounding).
 
@@ -335,7 +336,7 @@ def _plan(cfg: dict, device: str, images: np.ndarray, kept: dict) -> list[tuple[
 
     default = {b: gi.BuildSpec(timesteps=k, batch_size=b) for b in BATCHES}
     sjlt = gi.BuildSpec(timesteps=k, batch_size=16, projection="sjlt", precision="float32")
-    full = {"featurize_path": "full", "max_memory": BIG_MEMORY}  # else refused at 35.7M
+    full = {"featurize_path": "full", "max_memory": BIG_MEMORY}
     plan = [
         ("loop", lambda: part_loop(cfg, device, images)),
         ("warmup", build("warmup", 16, default[16])),
