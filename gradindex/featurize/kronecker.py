@@ -119,9 +119,9 @@ class KroneckerGradients:
     ):
         if not HookGradients.supports(model, param_names):
             raise ModelError(
-                "projection='kronecker' needs a batch-independent model (no BatchNorm) whose "
-                "selected parameters belong to Linear, Conv2d, GroupNorm, LayerNorm or Embedding "
-                "modules; use projection='sjlt'"
+                f"projection={'kronecker-sjlt' if layer_dim else 'kronecker'!r} needs a batch-"
+                "independent model (no BatchNorm) whose selected parameters belong to Linear, "
+                "Conv2d, GroupNorm, LayerNorm or Embedding modules; use projection='sjlt'"
             )
         self.model = model
         self.loss_fn = loss_fn

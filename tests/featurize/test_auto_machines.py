@@ -200,3 +200,13 @@ def test_nonsense_combinations_are_one_line_errors(tmp_path, saved_checkpoints, 
     assert error_line(res).endswith("or norms='exact'")
     help_text = run("build", "--help").output
     assert "--norms [auto|exact|projected]" in help_text
+
+
+def test_kronecker_sjlt_on_a_batchnorm_model_is_refused_by_its_own_name():
+    """The message names the projection asked for (it said 'kronecker' for 'kronecker-sjlt')."""
+    from gradindex.featurize.kronecker import KroneckerFeaturizer
+    from tests.featurize.test_persample import BNDenoiser, checkpoint
+
+    spec = gi.BuildSpec(projection="kronecker-sjlt", proj_dim=16, timesteps=2)
+    with pytest.raises(gi.ModelError, match=r"^projection='kronecker-sjlt' needs a batch-indep"):
+        KroneckerFeaturizer(checkpoint(BNDenoiser().eval()), spec, seed=0)
