@@ -210,3 +210,15 @@ def test_kronecker_sjlt_on_a_batchnorm_model_is_refused_by_its_own_name():
     spec = gi.BuildSpec(projection="kronecker-sjlt", proj_dim=16, timesteps=2)
     with pytest.raises(gi.ModelError, match=r"^projection='kronecker-sjlt' needs a batch-indep"):
         KroneckerFeaturizer(checkpoint(BNDenoiser().eval()), spec, seed=0)
+
+
+def test_build_help_states_the_line_auto_draws():
+    """--projection's help gives the parameter count where 'auto' switches, which is the
+    code's line (at one noise draw), and names the choices of --norms and --precision."""
+    help_text = " ".join(run("build", "--help").output.split())
+    line = FULL_PATH_BYTES / full_path_bytes(1, auto.LINE_BATCH, 1)  # parameters
+    assert f"up to {line / 1e6:.1f}M parameters at one noise draw" in help_text
+    spec = gi.BuildSpec()
+    assert not auto.large_model(spec, int(line)) and auto.large_model(spec, int(line) + 1)
+    assert "--norms [auto|exact|projected]" in help_text
+    assert "--precision [auto|float32|bfloat16]" in help_text
