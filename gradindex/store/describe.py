@@ -128,7 +128,8 @@ def _layer_summary(routes: list[str]) -> list[tuple[str, str]]:
         return []
     shapes = Counter(f[0] for f in factored).most_common()
     text = ", ".join(f"{n} at {shape}" for shape, n in shapes[:4])
-    text += f", {sum(n for _, n in shapes[4:])} other shapes" if len(shapes) > 4 else ""
+    if len(shapes) > 4:
+        text += f", {sum(n for _, n in shapes[4:])} in {len(shapes) - 4} other shapes"
     norms = Counter(f[1] if len(f) > 1 else "?" for f in factored).most_common()
     lines = []
     if factored:

@@ -15,6 +15,7 @@ import gradindex as gi
 import gradindex.featurize.auto as auto
 from gradindex.featurize.auto import resolve_auto
 from gradindex.featurize.budget import FULL_PATH_BYTES, full_path_bytes
+from gradindex.store.describe import format_info
 from gradindex.store.layout import MANIFEST
 from gradindex.store.vectors import VectorStore
 from tests.conftest import assert_rows_close, error_line, run, scheduler, tiny_unet
@@ -175,6 +176,16 @@ def test_info_of_a_kronecker_index_says_what_auto_chose_and_why_in_a_few_lines(
     assert len(out) < 30, out
     every = [ln for ln in run("info", tmp_path / "i", "--layers").output.splitlines()]
     assert sum(ln.startswith("layer ") for ln in every) == num_tensors
+    # 113 factored layers (the 35.7M DDPM's count) in 20 shapes: four named, the rest counted
+    info = gi.AttributionIndex.open(tmp_path / "i").info()
+    shapes = [f"kronecker {i}x{2 * i}, projected norm" for i in range(1, 21)]
+    info["layers"] = {f"l{j}": shapes[j % 20] for j in range(113)} | {"b": "dense", "c": "dense"}
+    summary = [ln for ln in format_info(info) if ln.startswith("layers")]
+    assert summary[0].endswith(
+        "113 factored P_out x P_in: 6 at 1x2, 6 at 2x4, 6 at 3x6, 6 at 4x8, 89 in 16 other shapes "
+        "(norms: 113 projected norm)"
+    ), summary
+    assert "2 of 115 parameter tensors kept whole" in summary[1]
     manifest = json.loads((tmp_path / "i" / MANIFEST).read_text())
     assert manifest["auto"]["decided"] == {
         "projection": "kronecker-sjlt",
