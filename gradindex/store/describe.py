@@ -236,7 +236,14 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def _factors_line(info: dict[str, Any]) -> str:
     """gradindex info's line about the influence factors."""
-    fac = info.get("factors")
+    fac, spec = info.get("factors"), info["spec"]
+    if not fac and spec["projection"] in HOOK_PROJECTIONS:
+        return (
+            f"none: --method influence needs a full-space query gradient, which a "
+            f"{spec['projection']} index never forms (build with --projection sjlt for it)"
+        )
+    if not fac and spec.get("precondition", "none") != "none":
+        return f"none: --method influence needs plain gradients, not {spec['precondition']!r} ones"
     if not fac:
         return (
             f"none; add them for --method influence with: gradindex factors {info['path']} "

@@ -186,6 +186,17 @@ def test_info_of_a_kronecker_index_says_what_auto_chose_and_why_in_a_few_lines(
         "(norms: 113 projected norm)"
     ), summary
     assert "2 of 115 parameter tensors kept whole" in summary[1]
+    # no advice that would fail: 'gradindex factors' refuses a Kronecker index
+    factors = [ln for ln in out if ln.startswith("factors")]
+    assert factors == [
+        "factors      none: --method influence needs a full-space query gradient, which a "
+        "kronecker-sjlt index never forms (build with --projection sjlt for it)"
+    ]
+    assert "full-space query gradient" in error_line(run("factors", tmp_path / "i", "--data", data))
+    info["spec"] = {**info["spec"], "projection": "sjlt", "precondition": "adam"}
+    assert "factors      none: --method influence needs plain gradients, not 'adam' ones" in (
+        format_info(info)
+    )
     manifest = json.loads((tmp_path / "i" / MANIFEST).read_text())
     assert manifest["auto"]["decided"] == {
         "projection": "kronecker-sjlt",
