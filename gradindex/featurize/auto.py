@@ -107,6 +107,9 @@ def decide_auto(
     decided = {f: decided[f] for f in asked}
     stored = {**OMITTED_AT_DEFAULT, **resumed} if resumed is not None else {}
     kept = [f for f in asked if stored.get(f, AUTO) in CHOICES[f][1:] and stored[f] != decided[f]]
+    final = stored.get("projection") if "projection" in kept else projection
+    if final != stored.get("projection"):
+        kept = []  # another projection than the resumed build's: its settings refuse the resume
     decided.update({f: stored[f] for f in kept})
     record = {"asked": asked, "decided": decided, **facts}
     if kept:

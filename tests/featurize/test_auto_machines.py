@@ -115,6 +115,12 @@ def test_a_build_resumed_on_a_machine_without_bfloat16_units_finishes_in_bfloat1
     assert done.info()["auto"]["kept"] == ["precision"]
     for method in ("tracin", "retrac"):
         assert_rows_close(done.vectors(method), whole.vectors(method))
+    # another projection asked: the build's settings differ (its decided norms and precision
+    # are not forced onto sjlt, which refused them as a bad spec)
+    with pytest.raises(gi.IndexStateError, match=r"different settings \(.*spec\.projection"):
+        gi.build_index(
+            out=tmp_path / "r", resume=True, **{**kw, "spec": SPEC.replace(projection="sjlt")}
+        )
 
 
 def _cli_build(checkpoints, data, out, *extra):
