@@ -13,6 +13,7 @@ import torch
 
 import gradindex as gi
 import gradindex.featurize.auto as auto
+import gradindex.featurize.embedding as embedding
 from gradindex.featurize.auto import resolve_auto
 from gradindex.featurize.budget import FULL_PATH_BYTES, full_path_bytes
 from gradindex.store.describe import format_info
@@ -29,6 +30,7 @@ def _machine(monkeypatch, large: bool, bf16: bool) -> None:
     units (or none)."""
     monkeypatch.setattr(auto, "FULL_PATH_BYTES", 0 if large else FULL_PATH_BYTES)
     monkeypatch.setattr(auto, "native_bfloat16", lambda device: bf16)
+    monkeypatch.setattr(embedding, "native_bfloat16", lambda device: bf16)
 
 
 def test_an_explicit_norms_choice_is_kept_when_auto_picks_the_projection(monkeypatch):
@@ -121,6 +123,27 @@ def test_a_build_resumed_on_a_machine_without_bfloat16_units_finishes_in_bfloat1
         gi.build_index(
             out=tmp_path / "r", resume=True, **{**kw, "spec": SPEC.replace(projection="sjlt")}
         )
+
+
+def test_a_bfloat16_index_queried_without_bfloat16_units_warns_and_gives_its_rows(
+    monkeypatch, tmp_path, images, caplog
+):
+    """A default large-model index built where there are bfloat16 units, queried where there
+    are none: the query computes in bfloat16 as the index did (emulated: the same rows) and
+    says it will be slower (it said nothing)."""
+    pair = (tiny_unet(6), scheduler())
+    _machine(monkeypatch, large=True, bf16=True)
+    idx = gi.build_index(
+        checkpoints=[pair], data=images[:4], out=tmp_path / "i", spec=SPEC, progress=False,
+        fidelity_sample=0,
+    )  # fmt: skip
+    assert idx.spec.precision == "bfloat16"
+    _machine(monkeypatch, large=False, bf16=False)
+    with caplog.at_level("WARNING", logger="gradindex.featurize.embedding"):
+        emb = gi.AttributionIndex.open(tmp_path / "i", checkpoints=[pair]).embed(images[:4])
+    assert "bfloat16 on cpu, which has no bfloat16 units: emulated" in caplog.text
+    for method in ("tracin", "retrac"):
+        assert_rows_close(emb[method], idx.vectors(method))
 
 
 def _cli_build(checkpoints, data, out, *extra):
