@@ -1,6 +1,7 @@
 """BuildSpec's field checks that need no choice list: timesteps, image preparation, loss
-weighting, the row width FAISS takes (``row_dim``) (``gradindex.spec`` calls them from ``BuildSpec._validate``). Each takes the spec and
-``bad(field, why)``, which makes the one-line SpecError, and normalises numbers in place."""
+weighting, the row width FAISS takes (``row_dim``). ``gradindex.spec`` calls them from
+``BuildSpec._validate``; each takes the spec and ``bad(field, why)``, which makes the one-line
+SpecError, and normalises numbers in place."""
 
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """What ``'auto'`` means in a BuildSpec: the featurize configuration, chosen by the model's size.
 
 - **Small models** (the full path's per-item gradients for a batch of ``LINE_BATCH`` within
-  ``FULL_PATH_BYTES``: the demo UNet's take 0.12 GB): ``projection='sjlt'`` over the full-space gradients with exact
-  norms, float32: DESIGN §1's formulas as the papers write them.
+  ``FULL_PATH_BYTES``: the demo UNet's take 0.12 GB): ``projection='sjlt'`` over the full-space
+  gradients with exact norms, float32: DESIGN §1's formulas as the papers write them.
 - **Large models** (a 35.7M-parameter CIFAR-10 DDPM's take 6.9 GB): any path that forms
   per-item gradients does the per-sample loop's FLOPs (the weight gradients; at 32×32 even the
   ghost-norm identity costs as much), so a build cannot beat the loop by much. Above the line:
