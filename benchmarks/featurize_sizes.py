@@ -155,7 +155,7 @@ def _build_worker(
     path: str,
     projection: str = "auto",
     precision: str = "auto",
-    norms: str = "exact",
+    norms: str = "auto",
 ) -> dict:
     """One build over N images (the default spec but ``projection`` and ``precision``), its
     phases timed in CPU-seconds."""

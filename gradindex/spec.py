@@ -28,6 +28,7 @@ from gradindex.spec_checks import (
     check_timesteps,
     check_train_range,
     is_int,
+    row_dim,
 )
 
 SPEC_PROJECTIONS: tuple[str, ...] = ("identity", "gaussian", "sjlt", "kronecker", "kronecker-sjlt")
@@ -42,7 +43,7 @@ STORE_DTYPES = ("float32", "float16")
 PRECISIONS = ("float32", "bfloat16")  # gradindex.featurize.precision
 NORMS = ("exact", "projected")  # gradindex.featurize.kronecker
 AUTO = "auto"
-AUTO_FIELDS = ("projection", "precision")
+AUTO_FIELDS = ("projection", "precision", "norms")
 """The fields whose value may be ``AUTO``, resolved by the build from the model's size and the
 device (``gradindex.featurize.auto``); a stored spec never holds it."""
 RESIZE_MODES = ("bilinear", "nearest", "error")
@@ -58,13 +59,9 @@ CHOICES = {
     "precondition": PRECONDITIONERS,
     "snr_weighting": LOSS_WEIGHTINGS,
     "precision": (AUTO, *PRECISIONS),
-    "norms": NORMS,
+    "norms": (AUTO, *NORMS),
 }
 """The fields that name one of a few values (the CLI's choices)."""
-MAX_ROW_DIM = 1 << 20
-"""The most columns a stored row may have: FAISS (1.15) reads no index of more dimensions
-(index_read.cpp: d < 2^20 + 1) though it writes one, so a wider index would be built in full,
-then fail to open."""
 NOT_IDENTITY = ("batch_size",)
 """Fields that change how rows are computed, not what they are (equal up to float32 summation
 order): left out of the fingerprint, so a build resumed or a shard rebuilt with another batch
@@ -82,8 +79,8 @@ OMITTED_AT_DEFAULT = {
 }
 """Fields added after indexes were built without them: left out of ``to_dict`` (so of the JSON
 and the fingerprint) at these values, so those indexes keep their fingerprint; a stored dict
-without them reads as these values (``BuildSpec.from_stored``; 'precision' now defaults to
-'auto', which a stored spec never holds)."""
+without them reads as these values (``BuildSpec.from_stored``; 'precision' and 'norms' now
+default to 'auto', which a stored spec never holds)."""
 _POSITIVE_WEIGHTS = (
     "must be 'auto' or positive finite numbers, one per checkpoint (a checkpoint that should not "
     "count is left out, not weighted 0)"
@@ -104,8 +101,9 @@ class BuildSpec:
         "Random projection: 'sjlt' (sparse JL, fast), 'kronecker' (per-layer factors inside the "
         "gradient hooks, never forming most per-sample gradients), 'kronecker-sjlt' (per-layer "
         "factors, then sparse JL: closer to sjlt's fidelity), 'gaussian', 'identity'; 'auto': "
-        "sjlt with exact norms for models whose per-sample gradients fit the full path, "
-        "kronecker-sjlt with projected norms above (decided at build time, stored resolved).",
+        "sjlt while a batch of 16's per-sample gradients fit in 1 GiB (up to 5.6M parameters "
+        "at one noise draw: the 0.62M demo UNet), kronecker-sjlt above (a 35.7M DDPM), with "
+        "projected norms where norms is 'auto'; decided at build time, stored, shown by info.",
         AUTO,
     )
     proj_seed: int = _help("Seed of the random projection (checkpoint c uses its own map).", 0)
@@ -179,14 +177,15 @@ class BuildSpec:
     precision: str = _help(
         "The model's forward/backward in 'float32' or 'bfloat16' (autocast, cpu / cuda; faster "
         "with bfloat16 units, rows off by its rounding); per-item gradients and rows stay float32. "
-        "'auto': bfloat16 where projection='auto' picks the large-model path and the device has "
-        "bfloat16 units, else float32.",
+        "'auto': bfloat16 where projection='auto' picks kronecker-sjlt and the device has "
+        "bfloat16 units (CPU flag avx512_bf16 / amx_bf16, or a CUDA GPU), else float32.",
         AUTO,
     )
     norms: str = _help(
         "Each draw's gradient norm (ReTrac's normalization, the stored norms): 'exact' (full "
-        "space) or 'projected' (of its projection; Kronecker only: no full-space work).",
-        "exact",
+        "space) or 'projected' (of its projection; Kronecker only: no full-space work); "
+        "'auto': projected where projection='auto' picks kronecker-sjlt, else exact.",
+        AUTO,
     )
     num_train_timesteps: int | None = _help(
         "The scheduler's training range T (filled from the scheduler at build time).", None
@@ -241,8 +240,9 @@ class BuildSpec:
         if self.precondition == "adam" and self.projection in HOOK_PROJECTIONS:
             why = f"'adam' needs a dense projection, not {self.projection!r} (a diagonal scaling"
             raise bad("precondition", f"{why} is not Kronecker-factored)")
-        if self.norms == "projected" and self.projection not in HOOK_PROJECTIONS:
-            raise bad("norms", "'projected' needs a 'kronecker' projection (others form g anyway)")
+        if self.norms == "projected" and self.projection not in (*HOOK_PROJECTIONS, AUTO):
+            why = f"a 'kronecker' projection (or 'kronecker-sjlt'), not {self.projection!r}"
+            raise bad("norms", f"'projected' needs {why} (it forms g anyway); or norms='exact'")
         check_loss_weighting(self, bad)
         check_train_range(self, bad)
 
@@ -298,27 +298,13 @@ class BuildSpec:
         return self.checkpoint_weights
 
     def check_row_dim(self, num_params: int, num_checkpoints: int) -> int:
-        """D, the columns of a stored row (d per checkpoint, all ``num_params`` gradient
-        coordinates for 'identity'; at most d for 'kronecker'), refused above MAX_ROW_DIM
-        before anything is computed."""
-        per = num_params if self.projection == "identity" else self.proj_dim
-        dim = per * num_checkpoints
-        if dim > MAX_ROW_DIM:
-            fix = (
-                "use a random projection (e.g. projection='sjlt', proj_dim=4096)"
-                if self.projection == "identity"
-                else f"lower proj_dim to at most {MAX_ROW_DIM // num_checkpoints}"
-            )
-            raise SpecError(
-                f"rows would have {num_checkpoints} checkpoint(s) x {per:,} = {dim:,} columns "
-                f"({self.projection!r} projection), more than the {MAX_ROW_DIM:,} a FAISS index "
-                f"can hold; {fix}, or select fewer parameters (params)"
-            )
-        return dim
+        """D, the columns of a stored row, refused above MAX_ROW_DIM before anything is
+        computed (``spec_checks.row_dim``)."""
+        return row_dim(self.projection, self.proj_dim, num_params, num_checkpoints)
 
     def to_dict(self) -> dict[str, Any]:
         """Every field but those at their ``OMITTED_AT_DEFAULT`` value while that is still the
-        default (a float32 precision is written: 'auto' is the default now)."""
+        default (a float32 precision and exact norms are written: 'auto' is the default now)."""
         return self._as_dict(every_omitted=False)
 
     def _as_dict(self, every_omitted: bool) -> dict[str, Any]:
@@ -353,10 +339,16 @@ class BuildSpec:
     def answers(self, request: BuildSpec) -> bool:
         """Whether this (built, resolved) spec is what ``request`` asks for, the fields it
         leaves to 'auto' taking whatever the build decided."""
+        request = request.settled()
         free = [f for f in AUTO_FIELDS if getattr(request, f) == AUTO]
-        if request.projection == AUTO:
-            free.append("norms")
-        return self.replace(**{f: getattr(request, f) for f in free}) == request
+        return self.settled().replace(**{f: getattr(request, f) for f in free}) == request
+
+    def settled(self) -> BuildSpec:
+        """This spec with norms 'auto' beside a chosen projection as the build decides it
+        ('exact'), so such a spec fingerprints and compares as the built one."""
+        if self.norms == AUTO and self.projection != AUTO:
+            return self.replace(norms="exact")
+        return self
 
     @classmethod
     def from_json(cls, text: str) -> BuildSpec:
@@ -370,7 +362,7 @@ class BuildSpec:
 
     def identity(self) -> dict[str, Any]:
         """The fields that determine the stored vectors (all but ``NOT_IDENTITY``)."""
-        canonical = self._as_dict(every_omitted=True)  # as indexes before the fields had it
+        canonical = self.settled()._as_dict(every_omitted=True)  # as before the fields were
         return {k: v for k, v in canonical.items() if k not in NOT_IDENTITY}
 
     def fingerprint(self) -> str:

@@ -1,6 +1,7 @@
 """BuildSpec's field checks that need no choice list: timesteps, image preparation, loss
-weighting (``gradindex.spec`` calls them from ``BuildSpec._validate``). Each takes the spec and
-``bad(field, why)``, which makes the one-line SpecError, and normalises numbers in place."""
+weighting, the row width FAISS takes (``row_dim``). ``gradindex.spec`` calls them from
+``BuildSpec._validate``; each takes the spec and ``bad(field, why)``, which makes the one-line
+SpecError, and normalises numbers in place."""
 
 from __future__ import annotations
 
@@ -12,6 +13,10 @@ import numpy as np
 from gradindex.errors import SpecError
 
 Bad = Callable[[str, str], SpecError]
+MAX_ROW_DIM = 1 << 20
+"""The most columns a stored row may have: FAISS (1.15) reads no index of more dimensions
+(index_read.cpp: d < 2^20 + 1) though it writes one, so a wider index would be built in full,
+then fail to open."""
 
 
 def is_number(x: Any) -> bool:
@@ -76,3 +81,22 @@ def check_loss_weighting(spec: Any, bad: Bad) -> None:
         if not is_number(value) or value < 0:
             raise bad(name, "must be a finite number >= 0 (0: off)")
         object.__setattr__(spec, name, float(value))
+
+
+def row_dim(projection: str, proj_dim: int, num_params: int, num_checkpoints: int) -> int:
+    """D, the columns of a stored row (d per checkpoint, all ``num_params`` gradient
+    coordinates for 'identity'; at most d for 'kronecker'), refused above MAX_ROW_DIM."""
+    per = num_params if projection == "identity" else proj_dim
+    dim = per * num_checkpoints
+    if dim > MAX_ROW_DIM:
+        fix = (
+            "use a random projection (e.g. projection='sjlt', proj_dim=4096)"
+            if projection == "identity"
+            else f"lower proj_dim to at most {MAX_ROW_DIM // num_checkpoints}"
+        )
+        raise SpecError(
+            f"rows would have {num_checkpoints} checkpoint(s) x {per:,} = {dim:,} columns "
+            f"({projection!r} projection), more than the {MAX_ROW_DIM:,} a FAISS index "
+            f"can hold; {fix}, or select fewer parameters (params)"
+        )
+    return dim

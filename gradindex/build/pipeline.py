@@ -31,10 +31,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from gradindex.build.state import Plan, build_state, prepare_folder
+from gradindex.build.state import Plan, build_state, prepare_folder, resumed_spec
 from gradindex.build.write import write_build
 from gradindex.errors import ModelError, SpecError
-from gradindex.featurize.auto import resolve_auto
+from gradindex.featurize.auto import decide_auto, describe_auto
 from gradindex.featurize.budget import parse_memory
 from gradindex.featurize.embedding import Embedder
 from gradindex.featurize.fidelity import DEFAULT_SAMPLE, check_sample
@@ -107,6 +107,8 @@ def build_index(
             checkpoints, model, scheduler, base_model, spec or BuildSpec(), run_records, weights,
             device,
         )  # fmt: skip
+        resumed = resumed_spec(target, resume, overwrite)
+        spec, auto = _decide_auto(spec, ckpts, device, resumed)
         spec, rows = open_training(
             parse_data(data), ids, {"labels": labels, "prompts": prompts}, spec, conditioner,
             ckpts[0].sample_shape(), shard, dict(data_options or {}),
@@ -115,7 +117,7 @@ def build_index(
         check_kind(index, embedder.dim, target_recall)
         plan = Plan(
             spec, ckpts, conditioner, rows, embedder, base_model, conditioner.record(rows.cond),
-            run, weights,
+            run, weights, auto,
         )  # fmt: skip
         state = build_state(plan)
         out = prepare_folder(target, state, resume=resume, overwrite=overwrite)
@@ -145,27 +147,31 @@ def _load_models(
         with_model(checkpoints, model), scheduler, base_model, spec.precondition, weights
     )
     spec, run = resolve_from_run(spec, ckpts, run_records)
-    spec = _check_checkpoints(spec, ckpts, device)
+    spec = _check_checkpoints(spec, ckpts)
     conditioner = Conditioner.for_checkpoints(ckpts, base_model, spec.latents, spec.seed, device)
     return spec, ckpts, conditioner, run
 
 
-def _check_checkpoints(spec: BuildSpec, ckpts: list[Checkpoint], device: str) -> BuildSpec:
+def _check_checkpoints(spec: BuildSpec, ckpts: list[Checkpoint]) -> BuildSpec:
     """Check the checkpoints against the spec before any data is read (finite weights, their
-    count against the spec's weights, the row width FAISS takes); fills num_train_timesteps and
-    decides what 'auto' leaves open (``resolve_auto``: by the model's size)."""
+    count against the spec's weights); fills num_train_timesteps."""
     _check_finite(ckpts)
     spec = _resolve_timesteps(spec, ckpts[0].num_train_timesteps)
-    model = ckpts[0].model
-    asked, spec = spec, resolve_auto(spec, model, select_parameters(model, spec.params), device)
-    if spec != asked:
-        logger.info(
-            "auto for %s parameters: projection %s, norms %s, precision %s",
-            f"{_num_params(model, spec):,}", spec.projection, spec.norms, spec.precision,
-        )  # fmt: skip
     spec.weights(len(ckpts))  # checks the count
-    spec.check_row_dim(_num_params(ckpts[0].model, spec), len(ckpts))  # FAISS's width limit
     return spec
+
+
+def _decide_auto(
+    spec: BuildSpec, ckpts: list[Checkpoint], device: str, resumed: dict[str, Any] | None
+) -> tuple[BuildSpec, dict[str, Any] | None]:
+    """What 'auto' leaves open, decided by the model's size and the device (a resumed build
+    keeps its own decisions), logged; then the row width FAISS takes is checked."""
+    model = ckpts[0].model
+    spec, record = decide_auto(spec, model, select_parameters(model, spec.params), device, resumed)
+    if record is not None:
+        logger.info("auto: %s", describe_auto(record))
+    spec.check_row_dim(_num_params(model, spec), len(ckpts))  # FAISS's width limit
+    return spec, record
 
 
 def _check_finite(ckpts: list[Any]) -> None:

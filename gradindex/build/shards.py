@@ -134,15 +134,10 @@ def check_same(parts: list[tuple[Path, dict[str, Any]]]) -> None:
     for path, m in rest:
         for key, what in SAME_KEYS.items():
             if m.get(key) != m0.get(key):
-                detail = ""
+                detail, fix = "", "build every part with the same settings"
                 if key == "spec_fingerprint":
-                    a, b = ({**OMITTED_AT_DEFAULT, **x["spec"]} for x in (m0, m))
-                    diff = sorted(k for k in a if b.get(k) != a[k] and k not in NOT_IDENTITY)
-                    detail = f" ({', '.join('spec.' + k for k in diff)})" if diff else ""
-                raise IndexStateError(
-                    f"{path}: {what} differs from {p0}{detail}; build every part with the same "
-                    "settings"
-                )
+                    detail, fix = _spec_diff(m0, m, path) or (detail, fix)
+                raise IndexStateError(f"{path}: {what} differs from {p0}{detail}; {fix}")
         fp = [c["fingerprint"] for c in m["checkpoints"]]
         if fp != fp0:
             raise IndexStateError(
@@ -164,6 +159,25 @@ def check_same(parts: list[tuple[Path, dict[str, Any]]]) -> None:
                 f"{m0['shard']['total_rows']}; shard the same dataset"
             )
     _check_same_data(parts)
+
+
+def _spec_diff(m0: dict[str, Any], m: dict[str, Any], path: Path) -> tuple[str, str] | None:
+    """The spec fields two parts differ in, with their values, and how to fix it: a field
+    'auto' decided on each part's machine (e.g. bfloat16 units on one only) is pinned to the
+    first part's value for a rebuild of the other."""
+    a, b = ({**OMITTED_AT_DEFAULT, **x["spec"]} for x in (m0, m))
+    diff = sorted(k for k in a if b.get(k) != a[k] and k not in NOT_IDENTITY)
+    if not diff:
+        return None
+    detail = f" ({', '.join(f'spec.{k} {b.get(k)!r} vs {a[k]!r}' for k in diff)})"
+    decided = {f for x in (m0, m) for f in (x.get("auto") or {}).get("asked", ())}
+    if not decided or not set(diff) <= decided:
+        return detail, "build every part with the same settings"
+    pins = " ".join(f"--{k} {a[k]}" for k in diff)
+    return detail, (
+        f"'auto' decided {', '.join(diff)} otherwise on the machines that built them; "
+        f"rebuild {path} with {pins} (or every part with the same pinned values)"
+    )
 
 
 def _check_same_data(parts: list[tuple[Path, dict[str, Any]]]) -> None:

@@ -58,6 +58,7 @@ class Plan:
     cond_record: dict[str, Any]  # conditioner.record(rows.cond): what a query repeats
     run: dict[str, Any] | None = None  # what came from the run's records (run_records.py)
     weights: str = "raw"  # which weights of a training run's folders: raw / ema
+    auto: dict[str, Any] | None = None  # what 'auto' decided and why (featurize.auto)
 
 
 def build_state(plan: Plan) -> dict[str, Any]:
@@ -75,6 +76,22 @@ def build_state(plan: Plan) -> dict[str, Any]:
     if plan.conditioner.kind != "none" or plan.conditioner.vae is not None:
         state["conditioning"] = {**plan.cond_record, "data": plan.rows.cond.digest()}
     return state
+
+
+def resumed_spec(out: Path, resume: bool, overwrite: bool) -> dict[str, Any] | None:
+    """The stored spec of the build ``resume`` finishes in ``out`` (its ``build.json``, the
+    staging folder's with ``overwrite``, or a finished manifest), or None; unreadable: None
+    (``prepare_folder`` says what is wrong)."""
+    if not resume:
+        return None
+    folder = staging_path(out) if overwrite else out
+    for name in (BUILD_STATE, MANIFEST):
+        try:
+            spec = json.loads((folder / name).read_text()).get("spec")
+        except (OSError, ValueError, AttributeError):
+            continue
+        return spec if isinstance(spec, dict) else None
+    return None
 
 
 def prepare_folder(
@@ -172,6 +189,7 @@ def model_record(plan: Plan) -> dict[str, Any]:
         "prediction_type": ckpts[0].prediction_type,
         "timesteps": spec.timestep_values(),
         "run_records": plan.run,
+        "auto": plan.auto,
     }
 
 

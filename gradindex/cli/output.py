@@ -10,14 +10,15 @@ import click
 import numpy as np
 
 
-def print_info(info: dict[str, Any], as_json: bool) -> None:
-    """``AttributionIndex.info()``: every key as JSON, or the lines ``gradindex info`` shows."""
+def print_info(info: dict[str, Any], as_json: bool, layers: bool = False) -> None:
+    """``AttributionIndex.info()``: every key as JSON, or the lines ``gradindex info`` shows
+    (``layers``: a Kronecker index's every layer)."""
     if as_json:
         click.echo(json.dumps(info, indent=2, sort_keys=True, default=json_default))
         return
     from gradindex.store.describe import format_info
 
-    click.echo("\n".join(format_info(info)))
+    click.echo("\n".join(format_info(info, layers)))
 
 
 def json_default(obj: Any) -> Any:

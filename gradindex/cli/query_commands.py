@@ -260,7 +260,13 @@ def _query_vectors(
 @click.argument("index_dir", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print the full manifest summary as JSON.")
 @click.option("--verify", is_flag=True, help="Recompute file checksums against the manifest.")
-def info(index_dir: str, as_json: bool, verify: bool) -> None:
+@click.option(
+    "--layers",
+    is_flag=True,
+    help="A Kronecker index: one line per parameter tensor (its factor shape and norm, or "
+    "'dense': kept whole) instead of the two-line summary.",
+)
+def info(index_dir: str, as_json: bool, verify: bool, layers: bool) -> None:
     """Describe an index: rows, dimensions, spec, checkpoints, search settings."""
     from gradindex.query import AttributionIndex
     from gradindex.store.layout import check_files, read_manifest
@@ -271,7 +277,7 @@ def info(index_dir: str, as_json: bool, verify: bool) -> None:
         if problems:
             raise click.ClickException("; ".join(problems))
     idx = AttributionIndex.open(index_dir)
-    print_info(idx.info(), as_json)
+    print_info(idx.info(), as_json, layers)
     if verify and not as_json:
         click.echo(f"verified     {len(idx.manifest['files'])} files match their checksums")
 

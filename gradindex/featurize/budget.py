@@ -13,7 +13,7 @@ The automatic budget is what is resident once the models and maps are built plus
 needs more, the whole 70% (a preference for speed, not a limit). On a CUDA device it is the
 device's memory: what is allocated plus 70% of what is free, no per-item cap. ``choose_path``
 takes ``streamed`` when the full path's buffers for one batch would pass ``FULL_PATH_BYTES`` or
-half the budget (by model size: the demo UNet's are 0.5 GB, a 35.7M-
+half the budget (at batch 16, one noise draw: the demo UNet's are 0.12 GB, a 35.7M-
 parameter DDPM's 6.9 GB). The build records the path in the manifest and a query repeats it.
 
 Per-item memory (``item_bytes``): the activations autograd keeps, estimated from one no-grad

@@ -9,6 +9,7 @@ Holds ``Embedder``, the one code path shared by the builder (training rows) and 
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from gradindex.featurize.auto import resolve_auto
+from gradindex.featurize.auto import native_bfloat16, resolve_auto
 from gradindex.featurize.budget import budget_bytes, choose_path, device_memory, resident_bytes
 from gradindex.featurize.gradients import GradientFeaturizer, select_parameters
 from gradindex.featurize.kronecker import KroneckerFeaturizer
@@ -25,6 +26,8 @@ from gradindex.featurize.scratch import scratch
 from gradindex.featurize.streamed import StreamedFeaturizer, streamable
 from gradindex.inputs.models import Checkpoint
 from gradindex.spec import HOOK_PROJECTIONS, BuildSpec
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -62,6 +65,11 @@ class Embedder:
         self.device = torch.device(device)
         names = select_parameters(checkpoints[0].model, spec.params)
         spec = resolve_auto(spec, checkpoints[0].model, names, self.device)  # a build's is already
+        if spec.precision == "bfloat16" and not native_bfloat16(self.device):  # e.g. a query
+            logger.warning(  # of an index built where there were bfloat16 units
+                "bfloat16 on %s, which has no bfloat16 units: emulated, so slower (same rows)",
+                self.device,
+            )
         self.spec = spec
         self.weights = spec.weights(len(checkpoints))
         self.max_memory = max_memory

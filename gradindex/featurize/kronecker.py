@@ -11,22 +11,20 @@ E[⟨P g, P h⟩] = ⟨g, h⟩ (unbiased, like every gradindex projector).
 ReTrac needs each draw's gradient norm. ``norms='exact'``: in full space, per layer by the
 ghost identity or the layer's gradient formed, whichever is cheaper (``kron_norms``); either
 costs about the layer's weight gradient wherever maps are large, so exact norms keep a build at
-the per-sample loop's FLOPs. ``norms='projected'`` (``BuildSpec.norms``,
-chosen by ``projection='auto'`` for large models) takes each draw's norm as that of its
-projection instead (‖P g‖², unbiased for ‖g‖² like every inner product of the rows): ReTrac
-becomes the mean of projected unit vectors, and no layer does any full-space work beyond the
-forward and the backward to its inputs.
+the per-sample loop's FLOPs. ``norms='projected'`` ('auto' for large models) takes each draw's
+norm as that of its projection (‖P g‖², unbiased for ‖g‖²): ReTrac becomes the mean of
+projected unit vectors, and no layer does full-space work beyond the backward to its inputs.
 
 Two layouts: ``'kronecker'`` splits d over the layers (~30 outputs each on a 113-layer UNet at
 d = 4,096: poor where a few layers hold most of a gradient). ``'kronecker-sjlt'`` gives every
 layer ``LAYER_DIM`` outputs (d_out / d_in shaped so both projections cost alike; a layer of at
 most ``LAYER_DIM`` weights kept whole, a factor keeping its whole side the identity), keeps the
-dense gradients whole too, and maps all of it to d by one sparse JL map S: P = S ∘
-(⊕_l P_out,l ⊗ P_in,l ⊕ I), still unbiased. Its projected norms are those before S.
+dense gradients whole, and maps all of it (at least d) to d by one sparse JL map S:
+P = S ∘ (⊕_l P_out,l ⊗ P_in,l ⊕ I), unbiased. Its projected norms are those before S.
 
 Parameters it cannot factor (biases, GroupNorm / LayerNorm / Embedding weights, grouped
-convolutions) take the dense path: per-item gradients via ``persample`` hooks in the same
-forward/backward ('kronecker': projected by a sparse JL map into their share of d).
+convolutions) take the dense path: per-item gradients via ``persample`` hooks in the same pass
+('kronecker': projected by a sparse JL map into their share of d).
 
 Holds ``KroneckerGradients`` (hooks, plan), ``LayerPlan``, ``KroneckerFeaturizer`` (its rows).
 """
@@ -63,9 +61,8 @@ from gradindex.spec import BuildSpec
 
 # share of the output dimension kept for the dense (unfactored) parameters, at most their count
 DENSE_SHARE = 1 / 8
-# 'kronecker-sjlt': each factored layer's outputs before the final sparse JL map (splitting d
-# evenly, 'kronecker', leaves ~30 per layer on a 113-layer UNet: too few where a few layers
-# hold most of a gradient; docs/build-speed.md has the fidelity of both)
+# 'kronecker-sjlt': each factored layer's outputs before the final sparse JL map ('kronecker''s
+# even split of d leaves ~30 per layer on a 113-layer UNet; docs/build-speed.md compares them)
 LAYER_DIM = 1024
 
 
@@ -122,9 +119,9 @@ class KroneckerGradients:
     ):
         if not HookGradients.supports(model, param_names):
             raise ModelError(
-                "projection='kronecker' needs a batch-independent model (no BatchNorm) whose "
-                "selected parameters belong to Linear, Conv2d, GroupNorm, LayerNorm or Embedding "
-                "modules; use projection='sjlt'"
+                f"projection={'kronecker-sjlt' if layer_dim else 'kronecker'!r} needs a batch-"
+                "independent model (no BatchNorm) whose selected parameters belong to Linear, "
+                "Conv2d, GroupNorm, LayerNorm or Embedding modules; use projection='sjlt'"
             )
         self.model = model
         self.loss_fn = loss_fn
@@ -379,6 +376,9 @@ class KroneckerFeaturizer(GradientFeaturizer):
         )
         self.row_dim = self.kron.out_dim
         self.backend = "kronecker"
+        if self.kron.inner_dim < self.row_dim:  # S would widen the rows, adding only noise
+            why = f"is more than the {self.kron.inner_dim:,} layer outputs it maps from here"
+            raise ModelError(f"proj_dim={self.row_dim} {why}; lower it or use projection='sjlt'")
 
     def _draw_rows(
         self,

@@ -4,8 +4,10 @@ as the lines ``info`` and ``gradindex kernel`` print. ``--json`` prints the summ
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
+from gradindex.featurize.auto import describe_auto
 from gradindex.featurize.fidelity import format_fidelity
 from gradindex.spec import HOOK_PROJECTIONS
 
@@ -34,11 +36,13 @@ _INFO_KEYS = {
     "kernel",
     "run_records",
     "factors",
+    "auto",
 }
 
 
-def format_info(info: dict[str, Any]) -> list[str]:
-    """``AttributionIndex.info()`` for people: one aligned line per fact (``--json``: all)."""
+def format_info(info: dict[str, Any], layers: bool = False) -> list[str]:
+    """``AttributionIndex.info()`` for people: one aligned line per fact (``--json``: all);
+    a Kronecker index's layers summed up in two lines, or one line each with ``layers``."""
     spec = info["spec"]
     lines: list[str] = []
 
@@ -53,11 +57,15 @@ def format_info(info: dict[str, Any]) -> list[str]:
     if (info.get("featurize") or {}).get("path") == "streamed":
         projection += ", streamed per layer"
     add("params", f"{info['num_params']:,} ({chosen}{projection})")
+    if info.get("auto"):
+        add("auto", describe_auto(info["auto"]))
     if spec["projection"] in HOOK_PROJECTIONS:
         if spec.get("norms") == "projected":
             add("norms", "of the projections (ReTrac: the mean of projected unit vectors)")
-        for name, route in (info.get("layers") or {}).items():
-            add("layer", f"{name}: {route}")
+        routes = info.get("layers") or {}
+        each = [("layer", f"{name}: {route}") for name, route in routes.items()]
+        for label, text in each if layers else _layer_summary(list(routes.values())):
+            add(label, text)
     ts = info["timesteps"]
     draws = f"{spec['noise_draws']} noise draw{'s' if spec['noise_draws'] != 1 else ''}"
     add("draws", f"{len(ts)} timesteps x {draws} (seed {spec['seed']}), loss {spec['loss']}")
@@ -109,6 +117,29 @@ def format_info(info: dict[str, Any]) -> list[str]:
             f" s), which waited {data['waiting_s']:g} s for it")  # fmt: skip
     for key in sorted(set(info) - _INFO_KEYS):
         add(key, _render(info[key]))
+    return lines
+
+
+def _layer_summary(routes: list[str]) -> list[tuple[str, str]]:
+    """A Kronecker index's per-tensor routes ('kronecker 16x64, formed norm', 'dense') in two
+    lines: the factored tensors by factor shape and norm, the count kept whole."""
+    factored = [r.removeprefix("kronecker ").split(", ") for r in routes if r != "dense"]
+    if not routes:
+        return []
+    shapes = Counter(f[0] for f in factored).most_common()
+    text = ", ".join(f"{n} at {shape}" for shape, n in shapes[:4])
+    if len(shapes) > 4:
+        text += f", {sum(n for _, n in shapes[4:])} in {len(shapes) - 4} other shapes"
+    norms = Counter(f[1] if len(f) > 1 else "?" for f in factored).most_common()
+    lines = []
+    if factored:
+        how = ", ".join(f"{n} {kind}" for kind, n in norms)
+        lines.append(("layers", f"{len(factored)} factored P_out x P_in: {text} (norms: {how})"))
+    kept = len(routes) - len(factored)
+    lines.append(
+        ("layers", f"{kept} of {len(routes)} parameter tensors kept whole (biases, norms, small "
+         "layers); each tensor's route: gradindex info --layers")
+    )  # fmt: skip
     return lines
 
 
@@ -205,7 +236,14 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def _factors_line(info: dict[str, Any]) -> str:
     """gradindex info's line about the influence factors."""
-    fac = info.get("factors")
+    fac, spec = info.get("factors"), info["spec"]
+    if not fac and spec["projection"] in HOOK_PROJECTIONS:
+        return (
+            f"none: --method influence needs a full-space query gradient, which a "
+            f"{spec['projection']} index never forms (build with --projection sjlt for it)"
+        )
+    if not fac and spec.get("precondition", "none") != "none":
+        return f"none: --method influence needs plain gradients, not {spec['precondition']!r} ones"
     if not fac:
         return (
             f"none; add them for --method influence with: gradindex factors {info['path']} "

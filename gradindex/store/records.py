@@ -94,6 +94,7 @@ def summary(path: Path, manifest: dict[str, Any], conditioning: dict[str, Any]) 
         "kernel": m.get("kernel"),  # None for indexes built before it (gradindex kernel)
         "run_records": m.get("run_records"),  # what the build took from the run's records
         "factors": m.get("factors"),  # method 'influence' (gradindex factors), None without
+        "auto": m.get("auto"),  # what 'auto' decided and why; None: nothing was left to it
     }
 
 

@@ -202,6 +202,11 @@ def _expected_info(index_dir, saved_checkpoints):
         "rows         7 (0 flagged, left out of search)",
         "dim          128 = 2 checkpoint(s) x 64",
         f"params       {params:,} (sjlt projection, seed 0)",
+        # 'auto' decided, and why: a batch of 16's float32 per-item gradients and two feature
+        # rows per item, 48 floats per parameter, within 1 GiB
+        f"auto         projection sjlt, precision float32, norms exact ({params:,} parameters x "
+        f"batch 16: {4 * params * 48 / 2**30:.2g} GiB of per-item gradients per batch, within "
+        "the 1 GiB line)",
         "draws        2 timesteps x 1 noise draw (seed 0), loss mse",
         "timesteps    250, 750",
         "model        predicts epsilon, data range [0, 1], rows stored as float32, computed in float32",

@@ -149,8 +149,9 @@ def test_auto_picks_sjlt_exact_float32_for_a_small_model():
     spec = resolve_auto(gi.BuildSpec(), model, names, "cpu")
     assert (spec.projection, spec.norms, spec.precision) == ("sjlt", "exact", "float32")
     # the stored form of that spec is the one indexes had before 'auto': same fingerprint
-    assert "precision" not in spec.identity() and "norms" not in spec.to_dict()
-    assert gi.BuildSpec.from_json(spec.to_json()) == spec  # float32 written: "auto" is the default
+    assert "precision" not in spec.identity() and "norms" not in spec.identity()
+    # float32 and exact written: "auto" is their default now
+    assert gi.BuildSpec.from_json(spec.to_json()) == spec
     assert spec.fingerprint() == gi.BuildSpec(projection="sjlt", precision="float32").fingerprint()
 
 
