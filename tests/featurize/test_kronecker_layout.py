@@ -1,15 +1,22 @@
-"""The Kronecker layouts' factor shapes, identity factors and final sparse JL map, against
-numbers worked out by hand (gradindex.featurize.kronecker): a changed shape or map changes
+"""The Kronecker layouts' factor shapes, identity factors, final sparse JL map and factor dtypes,
+against numbers worked out by hand (gradindex.featurize.kronecker): a changed shape or map changes
 every row of an index, and queries of an existing index would disagree with its rows."""
 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import gradindex as gi
-from gradindex.featurize.kronecker import KroneckerFeaturizer, KroneckerGradients
+from gradindex.featurize.kronecker import (
+    KroneckerFeaturizer,
+    KroneckerGradients,
+    _KronCall,
+    _project_layer,
+)
 from gradindex.featurize.losses import item_losses
 from gradindex.inputs.models import load_checkpoints
 from tests.conftest import scheduler, tiny_unet
@@ -112,3 +119,36 @@ def test_a_kronecker_sjlt_featurizer_gives_each_layer_1024_outputs():
     conv = plan["up_blocks.1.resnets.0.conv1.weight"]
     assert (conv.d_out, conv.d_in) == (8, 128)
     assert plan["conv_in.weight"].route == "dense"
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_bfloat16_factors_are_projected_in_bfloat16_and_summed_in_float32(kind):
+    """A layer that ran in bfloat16: its inputs and output gradients are projected by the
+    factors rounded to bfloat16 (a bfloat16 product, as the layer's own matmuls), and the
+    per-position outer products summed in float32: against those bfloat16 products summed in
+    float64 here (an all-bfloat16 sum errs by ~1e-2)."""
+    torch.manual_seed(0)
+    module = nn.Linear(200, 100) if kind == "linear" else nn.Conv2d(16, 64, 3, padding=1)
+    kron = _kron(nn.Sequential(module), 256, norms="projected", layer_dim=1024)
+    layer = kron._layers[module]
+    plan = layer["plan"]
+    assert plan.d_out < plan.shape[0] and plan.d_in < int(np.prod(plan.shape[1:]))  # no identity
+    gen = torch.Generator().manual_seed(2)
+    a_shape, d_shape = (
+        ((3, 5, 200), (3, 5, 100)) if kind == "linear" else ((3, 16, 6, 6), (3, 64, 6, 6))
+    )
+    a = torch.randn(a_shape, generator=gen).bfloat16()
+    delta = torch.randn(d_shape, generator=gen).bfloat16()
+    p_out, p_in = layer["p_out"].bfloat16(), layer["p_in"].bfloat16()
+    if kind == "linear":
+        a_proj = (a @ p_in.T).double()  # [I, L, d_in]
+        d_proj = (delta @ p_out.T).double()  # [I, L, d_out]
+    else:
+        a_proj = F.conv2d(a, p_in, None, 1, 1).double().flatten(2).transpose(1, 2)
+        d_proj = (p_out @ delta.flatten(2)).double().transpose(1, 2)
+    want = (d_proj.transpose(1, 2) @ a_proj).flatten(1)  # [I, d_out·d_in]
+    state = _KronCall(torch.zeros(3, kron.inner_dim), torch.zeros(3), torch.zeros(3), 1)
+    _project_layer(module, layer, a, delta, state)
+    got = state.rows[:, plan.offset : plan.offset + plan.d_out * plan.d_in]
+    assert got.dtype == torch.float32
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
