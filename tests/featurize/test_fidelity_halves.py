@@ -180,3 +180,16 @@ def test_each_kronecker_half_is_an_unbiased_sketch_on_its_own():
     # nnz above the dense block's 194 columns: its map has 194 one-column sketches, split 97 / 97
     parts_a, parts_b, _ = _kronecker_halves(_kron(_hand_model(), 1050, nnz=200), 200)
     assert (len(parts_a[-1][0]), len(parts_b[-1][0])) == (97, 97)
+
+
+def test_a_kronecker_map_with_no_part_that_splits_measures_against_a_second_sketch(
+    tmp_path, monkeypatch
+):
+    """proj_dim 64 over the tiny UNet's 51 factored layers: 8 dense columns, then 56 // 51 = 1
+    output per layer (1 × 1 factors: none splits), and a dense map of one count sketch
+    (sjlt_nnz = 1): no halves, so the record is a second sketch's."""
+    monkeypatch.setattr(gradindex.featurize.fidelity, "FULL_SPACE_BUDGET", 0)
+    spec = gi.BuildSpec(projection="kronecker", proj_dim=64, sjlt_nnz=1, timesteps=1)
+    idx = _build(tmp_path / "idx", [tiny_unet(1)], _images(6), spec, 4)
+    fid = idx.info()["fidelity"]
+    assert fid["reference"] == "second sketch (estimate)" and "halves" not in fid
