@@ -1,7 +1,7 @@
 """What ``'auto'`` means in a BuildSpec: the featurize configuration, chosen by the model's size.
 
-- **Small models** (one batch's per-item gradients on the full path within ``FULL_PATH_BYTES``:
-  the demo UNet's take 0.12 GB): ``projection='sjlt'`` over the full-space gradients with exact
+- **Small models** (one batch's per-item gradients on the full path within ``FULL_PATH_BYTES``
+  at the default batch size, ``LINE_BATCH``: the demo UNet's take 0.12 GB): ``projection='sjlt'`` over the full-space gradients with exact
   norms, float32: DESIGN §1's formulas as the papers write them.
 - **Large models** (a 35.7M-parameter CIFAR-10 DDPM's take 6.9 GB): any path that forms
   per-item gradients does the per-sample loop's FLOPs (the weight gradients; at 32×32 even the
@@ -13,9 +13,10 @@
   bfloat16 units (``native_bfloat16``). Models the layer hooks cannot follow, and Adam
   preconditioning (not Kronecker-factored), stay on sjlt (the streamed path, ``budget``).
 
-The choice depends on the spec and the model only (not on the memory free now), so the same
-spec gives the same index on any machine but for the bfloat16 units; the build stores the
-resolved spec, which queries repeat. docs/build-speed.md has the measurements behind the line.
+The choice depends on the spec's identity and the model only (not on the memory free now, nor
+on ``batch_size``, which a resumed build or a rebuilt shard may change), so the same spec gives
+the same index on any machine but for the bfloat16 units; the build stores the resolved spec,
+which queries repeat. docs/build-speed.md has the measurements behind the line.
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ from gradindex.featurize.persample import HookGradients
 from gradindex.spec import AUTO, AUTO_FIELDS, BuildSpec
 
 CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of bfloat16 dot products
+# the batch the line is drawn at: BuildSpec's default, whatever batch_size a build runs (how much
+# memory a batch takes is the featurize path's choice, budget.choose_path)
+LINE_BATCH = BuildSpec().batch_size
 
 
 def native_bfloat16(device: torch.device | str) -> bool:
@@ -49,8 +53,9 @@ def native_bfloat16(device: torch.device | str) -> bool:
 
 
 def large_model(spec: BuildSpec, num_params: int) -> bool:
-    """Whether the full path's buffers for one batch would pass ``FULL_PATH_BYTES``."""
-    need = full_path_bytes(num_params, spec.batch_size, spec.noise_draws)
+    """Whether the full path's buffers for a batch of ``LINE_BATCH`` would pass
+    ``FULL_PATH_BYTES`` (not ``spec.batch_size``: it is no part of an index's identity)."""
+    need = full_path_bytes(num_params, LINE_BATCH, spec.noise_draws)
     return need > FULL_PATH_BYTES
 
 

@@ -204,6 +204,41 @@ def test_auto_decides_by_the_selected_parameters(monkeypatch):
     assert resolve_auto(gi.BuildSpec(), model, few, "cpu").projection == "sjlt"
 
 
+def test_shards_built_with_other_batch_sizes_take_the_same_choice_and_merge(
+    monkeypatch, tmp_path, images
+):
+    """batch_size is not part of an index's identity (a shard rebuilt with a smaller batch
+    after running out of memory is the same index), so it must not move auto's line: the tiny
+    UNet (44,969 parameters) past a 1 MiB line at the default batch 16 (8.6 MB of buffers) is
+    large at batch 1 too (0.54 MB), and shards built at batches 4 and 1 merge into the rows of
+    a one-piece build."""
+    from gradindex.build.shards import merge_shards
+
+    monkeypatch.setattr(auto, "FULL_PATH_BYTES", 1 << 20)
+    monkeypatch.setattr(auto, "native_bfloat16", lambda device: False)
+    model, sched = tiny_unet(1), scheduler()
+    names = [n for n, _ in model.named_parameters()]
+    small_batch = resolve_auto(gi.BuildSpec(batch_size=1), model, names, "cpu")
+    assert (small_batch.projection, small_batch.norms) == ("kronecker-sjlt", "projected")
+    spec = gi.BuildSpec(timesteps=2, proj_dim=64)
+    parts = []
+    for k, batch in enumerate((4, 1)):
+        parts.append(tmp_path / f"s{k}")
+        gi.build_index(
+            checkpoints=[(model, sched)], data=images, out=parts[-1], progress=False,
+            spec=spec.replace(batch_size=batch), shard=(k, 2), fidelity_sample=0,
+        )  # fmt: skip
+    merged = merge_shards(tmp_path / "all", parts)
+    whole = gi.build_index(
+        checkpoints=[(model, sched)], data=images, out=tmp_path / "one", spec=spec,
+        progress=False, fidelity_sample=0,
+    )  # fmt: skip
+    assert merged.spec.projection == whole.spec.projection == "kronecker-sjlt"
+    for method in ("tracin", "retrac"):
+        want = whole.vectors(method)
+        np.testing.assert_allclose(merged.vectors(method), want, rtol=1e-4, atol=1e-6)
+
+
 def test_native_bfloat16_on_cuda_needs_bfloat16_support(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     for supported in (False, True):
