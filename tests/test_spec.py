@@ -56,6 +56,14 @@ def test_fingerprint_changes_with_any_field():
         (dict(proj_dim=1000, sjlt_nnz=3), "proj_dim"),
         (dict(timesteps=(10, 1000), num_train_timesteps=1000), "timesteps"),
         (dict(params=()), "params"),
+        (dict(timesteps=(-1,)), "timesteps"),
+        (dict(timesteps=()), "timesteps"),
+        (dict(num_train_timesteps=0), "num_train_timesteps"),
+        (dict(data_range=(1.0, 1.0)), "data_range"),
+        (dict(data_range=(0.0, float("inf"))), "data_range"),
+        (dict(snr_weighting="min_snr", snr_gamma=0.0), "snr_gamma"),
+        (dict(resolution=32, center_crop="yes"), "center_crop"),
+        (dict(precondition="adam", projection="kronecker-sjlt"), "precondition"),
     ],
 )
 def test_invalid_fields_name_the_field(kwargs, field):
@@ -126,3 +134,26 @@ def test_field_checks_take_integers_and_finite_numbers_only():
     assert not is_number(float("nan")) and not is_number(float("inf")) and not is_number(False)
     with pytest.raises(gi.SpecError, match="timesteps"):
         gi.BuildSpec(timesteps=True)
+
+
+def test_a_timestep_count_may_take_the_whole_training_range():
+    assert len(gi.BuildSpec(timesteps=1000, num_train_timesteps=1000).timestep_values()) == 1000
+
+
+def test_the_older_fingerprint_of_a_float32_spec_leaves_precision_out():
+    """Indexes built before 'auto' hashed the whole spec without precision (float32 omitted)."""
+    import hashlib
+    import json
+
+    spec = gi.BuildSpec(proj_dim=64, batch_size=3, projection="sjlt", precision="float32")
+    stored = json.loads(spec.to_json())
+    del stored["precision"]  # as session 11 wrote it
+    old = hashlib.sha256(json.dumps(stored, sort_keys=True, indent=2).encode()).hexdigest()[:16]
+    assert spec.fingerprints()[1] == old
+
+
+def test_diff_names_a_field_left_out_at_its_old_default():
+    """A reopened index whose spec differs in a field omitted at its default is told which."""
+    base = gi.BuildSpec(projection="sjlt")
+    assert base.diff(base.replace(precondition="adam")) == {"precondition": ("none", "adam")}
+    assert base.replace(noise_offset=0.1).diff(base) == {"noise_offset": (0.1, 0.0)}

@@ -34,7 +34,9 @@ from gradindex.featurize.persample import HookGradients
 from gradindex.spec import AUTO, AUTO_FIELDS, CHOICES, OMITTED_AT_DEFAULT, BuildSpec
 
 CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of bfloat16 dot products
-LINE_BATCH = 16  # the batch the line is drawn at (BuildSpec's default), whatever the spec's is
+# the batch the line is drawn at: BuildSpec's default, whatever batch_size a build runs (how much
+# memory a batch takes is the featurize path's choice, budget.choose_path)
+LINE_BATCH = BuildSpec().batch_size
 
 
 def native_bfloat16(device: torch.device | str) -> bool:

@@ -143,9 +143,11 @@ def test_norms_projected_needs_kronecker():
         gi.BuildSpec(projection="sjlt", norms="projected")
 
 
-def test_auto_picks_sjlt_exact_float32_for_a_small_model():
+def test_auto_picks_sjlt_exact_float32_for_a_small_model(monkeypatch):
+    """float32 even on a device with bfloat16 units: bfloat16 only comes with the large path."""
     model = tiny_unet(0)
     names = [n for n, _ in model.named_parameters()]
+    monkeypatch.setattr(auto, "native_bfloat16", lambda device: True)
     spec = resolve_auto(gi.BuildSpec(), model, names, "cpu")
     assert (spec.projection, spec.norms, spec.precision) == ("sjlt", "exact", "float32")
     # the stored form of that spec is the one indexes had before 'auto': same fingerprint
@@ -181,6 +183,68 @@ def test_large_model_line_is_the_full_paths_buffer_size():
     spec = gi.BuildSpec()  # batch 16, one noise draw: 48 floats per parameter
     assert not auto.large_model(spec, 620_000)  # the demo UNet: 0.12 GB
     assert auto.large_model(spec, 35_700_000)  # the CIFAR-10 DDPM: 6.9 GB
+
+
+def test_the_large_model_line_is_crossed_only_past_it():
+    """The full path's buffers, 4 bytes × p × (B·M + 2·B): batch 16 with 2 noise draws is 64
+    floats, 256 bytes per parameter, so 2^22 parameters fill the 1 GiB line (not past it)."""
+    spec = gi.BuildSpec(noise_draws=2)
+    assert not auto.large_model(spec, 1 << 22)
+    assert auto.large_model(spec, (1 << 22) + 1)
+
+
+def test_auto_decides_by_the_selected_parameters(monkeypatch):
+    """A model past the line whose selected parameters (conv_in, conv_out: 153) are under it
+    keeps the full path: the line counts what gradients are taken over."""
+    model = tiny_unet(0)  # 44,969 parameters
+    names = [n for n, _ in model.named_parameters()]
+    few = [n for n in names if n.startswith(("conv_in.", "conv_out."))]
+    monkeypatch.setattr(auto, "FULL_PATH_BYTES", 192 * 10_000)  # batch 16: 192 bytes a parameter
+    monkeypatch.setattr(auto, "native_bfloat16", lambda device: False)
+    assert resolve_auto(gi.BuildSpec(), model, names, "cpu").projection == "kronecker-sjlt"
+    assert resolve_auto(gi.BuildSpec(), model, few, "cpu").projection == "sjlt"
+
+
+def test_shards_built_with_other_batch_sizes_take_the_same_choice_and_merge(
+    monkeypatch, tmp_path, images
+):
+    """batch_size is not part of an index's identity (a shard rebuilt with a smaller batch
+    after running out of memory is the same index), so it must not move auto's line: the tiny
+    UNet (44,969 parameters) past a 1 MiB line at the default batch 16 (8.6 MB of buffers) is
+    large at batch 1 too (0.54 MB), and shards built at batches 4 and 1 merge into the rows of
+    a one-piece build."""
+    from gradindex.build.shards import merge_shards
+
+    monkeypatch.setattr(auto, "FULL_PATH_BYTES", 1 << 20)
+    monkeypatch.setattr(auto, "native_bfloat16", lambda device: False)
+    model, sched = tiny_unet(1), scheduler()
+    names = [n for n, _ in model.named_parameters()]
+    small_batch = resolve_auto(gi.BuildSpec(batch_size=1), model, names, "cpu")
+    assert (small_batch.projection, small_batch.norms) == ("kronecker-sjlt", "projected")
+    spec = gi.BuildSpec(timesteps=2, proj_dim=64)
+    parts = []
+    for k, batch in enumerate((4, 1)):
+        parts.append(tmp_path / f"s{k}")
+        gi.build_index(
+            checkpoints=[(model, sched)], data=images, out=parts[-1], progress=False,
+            spec=spec.replace(batch_size=batch), shard=(k, 2), fidelity_sample=0,
+        )  # fmt: skip
+    merged = merge_shards(tmp_path / "all", parts)
+    whole = gi.build_index(
+        checkpoints=[(model, sched)], data=images, out=tmp_path / "one", spec=spec,
+        progress=False, fidelity_sample=0,
+    )  # fmt: skip
+    assert merged.spec.projection == whole.spec.projection == "kronecker-sjlt"
+    for method in ("tracin", "retrac"):
+        want = whole.vectors(method)
+        np.testing.assert_allclose(merged.vectors(method), want, rtol=1e-4, atol=1e-6)
+
+
+def test_native_bfloat16_on_cuda_needs_bfloat16_support(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for supported in (False, True):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, s=supported, **k: s)
+        assert auto.native_bfloat16("cuda") is supported
 
 
 def test_a_default_build_of_a_large_model_stores_its_choice_and_queries_repeat_it(

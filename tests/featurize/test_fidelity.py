@@ -128,7 +128,10 @@ def _q_from_halves(rho: float, d: int, d_a: int) -> float:
     return lo
 
 
-@pytest.mark.parametrize(("projection", "nnz"), [("sjlt", 4), ("sjlt", 3), ("gaussian", 1)])
+@pytest.mark.parametrize(
+    ("projection", "nnz"),
+    [("sjlt", 4), ("sjlt", 3), ("sjlt", 2), ("gaussian", 1), ("kronecker-sjlt", 4)],
+)
 def test_without_room_for_exact_scores_the_stored_halves_estimate_fidelity(
     tmp_path, monkeypatch, projection, nnz
 ):
@@ -150,8 +153,9 @@ def test_without_room_for_exact_scores_the_stored_halves_estimate_fidelity(
     assert fid["reference"].startswith("split-half estimate")
     rows = np.asarray(fid["rows"])
     # the map's independent column groups: sjlt's first nnz // 2 count sketches (d split in nnz
-    # blocks of sizes differing by at most one), half a Gaussian map's columns
-    d_a = {("sjlt", 4): 30, ("sjlt", 3): 20, ("gaussian", 1): 30}[(projection, nnz)]
+    # blocks of sizes differing by at most one; kronecker-sjlt: its final map's), half a
+    # Gaussian map's columns
+    d_a = {"sjlt": 60 // nnz * (nnz // 2), "gaussian": 30, "kronecker-sjlt": 30}[projection]
     for m in ("tracin", "retrac"):
         x = idx.vectors(m)[rows].astype(np.float64)
         half = []

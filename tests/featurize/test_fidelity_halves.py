@@ -159,3 +159,37 @@ def test_noise_from_unequal_halves_solves_the_documented_equation(d, d_a, d_b, r
     assert noise_from_halves(rho, d, d_a, d_b) == pytest.approx(
         _q_from_halves(rho, d, d_a, d_b), rel=1e-6
     )
+
+
+def test_each_kronecker_half_is_an_unbiased_sketch_on_its_own():
+    """A column of P_out ⊗ P_in (d_out × d_in Gaussian) carries ‖g‖² / (d_out·d_in) in
+    expectation, so a half keeping c of a layer's columns needs scale² = d_out·d_in / c; a half
+    of the dense sparse JL block keeping k of its nnz count sketches needs nnz / k. Layers with
+    odd d_out (13 = 6 + 7) make the two halves' scales differ. Worked out by hand for
+    test_kronecker_layout's model in the 'kronecker' layout at d = 1,050 (test_kronecker_layout
+    pins those shapes): its dense block has 1050 - 856 = 194 columns, sketches of 49, 49, 48, 48."""
+    from gradindex.featurize.halves import _kronecker_halves
+    from tests.featurize.test_kronecker_layout import _hand_model, _kron
+
+    parts_a, parts_b, left_out = _kronecker_halves(_kron(_hand_model(), 1050, nnz=4), 4)
+    got = [[(len(cols), round(s * s, 9)) for cols, s in part] for part in (parts_a, parts_b)]
+    layers = [(182, 6 * 7, 7 * 7), (180, 5 * 9, 5 * 9), (130, 6 * 5, 7 * 5)] + [(182, 42, 49)] * 2
+    assert got[0] == [(a, round(full / a, 9)) for full, a, _ in layers] + [(98, 2.0)]
+    assert got[1] == [(b, round(full / b, 9)) for full, _, b in layers] + [(96, 2.0)]
+    assert not left_out
+    # nnz above the dense block's 194 columns: its map has 194 one-column sketches, split 97 / 97
+    parts_a, parts_b, _ = _kronecker_halves(_kron(_hand_model(), 1050, nnz=200), 200)
+    assert (len(parts_a[-1][0]), len(parts_b[-1][0])) == (97, 97)
+
+
+def test_a_kronecker_map_with_no_part_that_splits_measures_against_a_second_sketch(
+    tmp_path, monkeypatch
+):
+    """proj_dim 64 over the tiny UNet's 51 factored layers: 8 dense columns, then 56 // 51 = 1
+    output per layer (1 × 1 factors: none splits), and a dense map of one count sketch
+    (sjlt_nnz = 1): no halves, so the record is a second sketch's."""
+    monkeypatch.setattr(gradindex.featurize.fidelity, "FULL_SPACE_BUDGET", 0)
+    spec = gi.BuildSpec(projection="kronecker", proj_dim=64, sjlt_nnz=1, timesteps=1)
+    idx = _build(tmp_path / "idx", [tiny_unet(1)], _images(6), spec, 4)
+    fid = idx.info()["fidelity"]
+    assert fid["reference"] == "second sketch (estimate)" and "halves" not in fid

@@ -235,3 +235,31 @@ def test_the_fidelity_check_keeps_the_builds_items_per_call(
     record_ = idx.manifest["fidelity"]
     assert record_["reference"] == ("exact" if reference == "exact" else "second sketch (estimate)")
     assert len(calls) > n // 4 and max(calls) == 2, calls
+
+
+def test_the_path_choice_by_hand():
+    """'auto' streams past the full path's buffers, 4 bytes × p × (B·M + 2·B), against the
+    smaller of FULL_PATH_BYTES and half the budget; at the line it stays full; a model the hooks
+    cannot stream stays full."""
+    p = 1 << 22  # batch 16, M = 2: 64 floats per parameter, 2^30 bytes at p = 2^22
+    assert budget.full_path_bytes(p, 16, 2) == 1 << 30
+    assert budget.choose_path("auto", True, p, 16, 2, 8 << 30) == "full"
+    assert budget.choose_path("auto", True, p + 1, 16, 2, 8 << 30) == "streamed"
+    assert budget.choose_path("auto", False, p + 1, 16, 2, 8 << 30) == "full"
+    # a budget of 1 MiB: the buffers of 4,096 parameters (1 MiB) pass half of it
+    assert budget.choose_path("auto", True, 4096, 16, 2, 1 << 20) == "streamed"
+    assert budget.choose_path("auto", True, 2048, 16, 2, 1 << 20) == "full"
+
+
+def test_items_per_call_holds_whole_samples_by_hand():
+    """1,000 bytes at 100 per item hold 10 items: 9 as three samples of 3 noise draws (a
+    sample's draws never split across calls), 10 as five of 2."""
+    assert budget.items_per_call(1000, 100, 3, 4000) == 9
+    assert budget.items_per_call(1000, 100, 2, 4000) == 10
+
+
+def test_activation_bytes_counts_each_leaf_output_once():
+    """Linear(4, 8) then ReLU on one item: two [1, 8] float32 outputs, 64 bytes (the
+    Sequential's own output is the ReLU's, not counted again)."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU())
+    assert budget.activation_bytes(model, lambda: model(torch.zeros(1, 4))) == 64
