@@ -71,6 +71,10 @@ CASES = {
         lambda: nn.Conv2d(8, 8, 3, padding=(2, 1)),
         lambda g: torch.randn(2, 8, 16, 16, generator=g),
     ),
+    "conv grouped route, asymmetric 'same' padded first": (
+        lambda: nn.Conv2d(8, 8, (2, 4), padding="same"),
+        lambda g: torch.randn(2, 8, 16, 17, generator=g),
+    ),
     "conv one input channel, large map (patches)": (
         lambda: nn.Conv2d(1, 9, 3, padding=1),
         lambda g: torch.randn(3, 1, 16, 16, generator=g),

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from gradindex.errors import ModelError
+from gradindex.featurize import streamed
 from gradindex.featurize.streamed import StreamedFeaturizer, streamable
 from gradindex.inputs.models import Checkpoint
 from gradindex.spec import BuildSpec
@@ -18,7 +19,12 @@ from tests.conftest import scheduler, tiny_unet
 from tests.diffusion_refs import reference_rows
 
 
-def test_streamed_rows_are_the_sjlt_map_of_loop_features():
+@pytest.mark.parametrize("layer_bytes", [None, 1])
+def test_streamed_rows_are_the_sjlt_map_of_loop_features(layer_bytes, monkeypatch):
+    """layer_bytes=1: every layer folds its items one group of M draws at a time, as a layer
+    too large for ``LAYER_BYTES`` does (group sums must not straddle two chunks)."""
+    if layer_bytes is not None:
+        monkeypatch.setattr(streamed, "LAYER_BYTES", layer_bytes)
     model, sched = tiny_unet(3), scheduler()
     spec = BuildSpec(proj_dim=64, timesteps=2, noise_draws=2, num_train_timesteps=1000)
     feat = StreamedFeaturizer(
@@ -54,3 +60,28 @@ def test_streamable_needs_sjlt_hookable_layers_and_unshared_weights():
             BuildSpec(projection="gaussian", num_train_timesteps=1000),
             seed=0,
         )
+
+
+class _Twice(nn.Module):
+    """A denoiser over 1x4x4 images that runs its one Linear twice per forward."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        h = x.flatten(1) + t[:, None].float() / 1000
+        return self.lin(torch.tanh(self.lin(h))).view_as(x)
+
+
+def test_a_module_run_twice_per_forward_is_refused_naming_the_full_path():
+    """Its norm needs both calls' gradients summed first: one-line ModelError, not rows that
+    hold each call's norm and projection apart."""
+    spec = BuildSpec(proj_dim=8, timesteps=1, num_train_timesteps=1000)
+    feat = StreamedFeaturizer(Checkpoint(_Twice(), scheduler(), "memory:0", "fp"), spec, seed=0)
+    x0 = torch.zeros(2, 1, 4, 4)
+    with pytest.raises(
+        ModelError, match=r"^a Linear runs more than once per forward.*path 'full'$"
+    ):
+        feat.featurize(x0, spec.draws(x0.shape[1:]))

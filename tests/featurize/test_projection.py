@@ -243,6 +243,8 @@ def test_identity_returns_x_and_ignores_out_dim() -> None:
         ({"out_dim": 0}, "out_dim"),
         ({"out_dim": -3}, "out_dim"),
         ({"out_dim": True}, "out_dim"),
+        ({"in_dim": True}, "in_dim must be an int, got bool"),
+        ({"seed": False}, "seed must be an int, got bool"),
         ({"nnz": 0}, "nnz"),
         ({"nnz": 17}, "nnz"),
         ({"seed": -1}, "seed"),
@@ -282,3 +284,15 @@ def test_bad_input_raises_data_error(kind: str, x: torch.Tensor) -> None:
     proj = make_projector(kind, 10, 16, 0)
     with pytest.raises(DataError, match="x must"):
         proj.project(x)
+
+
+def test_add_columns_refuses_a_range_off_the_maps_chunks() -> None:
+    """The streamed path projects layer blocks between the breaks the map was built with; a
+    range that starts or ends inside a chunk would take a wrong slice of the map."""
+    proj = make_projector("sjlt", 10, 4, 0, nnz=2, breaks=(4,))
+    x = torch.ones(2, 10)
+    whole = proj.add_columns(x[:, :4], 0) + proj.add_columns(x[:, 4:], 4)
+    torch.testing.assert_close(whole.T, proj.project(x))
+    for start, stop in ((0, 3), (1, 4), (4, 9)):
+        with pytest.raises(ValueError, match=rf"^columns \[{start}, {stop}\) do not fall on"):
+            proj.add_columns(x[:, start:stop], start)
