@@ -103,3 +103,22 @@ def test_explicit_timesteps_and_param_globs(tmp_path, images):
 def test_unknown_param_glob_is_an_error():
     with pytest.raises(gi.SpecError, match="matches no parameter"):
         select_parameters(tiny_unet(0), ("nope.*",))
+
+
+def test_bad_featurizer_arguments_and_draw_counts_are_spec_errors():
+    """A zero item cap and a draw list of the wrong length (too few or too many) are refused
+    before any gradient is taken."""
+    ckpt = load_checkpoints([(tiny_unet(0), scheduler())])[0]
+    spec = gi.BuildSpec(projection="identity", timesteps=2, num_train_timesteps=1000)
+    for kwargs, message in (
+        ({"backend": "jax"}, "backend='jax'"),
+        ({"max_items": 0}, "max_items=0"),
+        ({"max_bytes": 0}, "max_bytes=0"),
+    ):
+        with pytest.raises(gi.SpecError, match=f"^{message}: must be"):
+            GradientFeaturizer(ckpt, spec, **kwargs)
+    feat = GradientFeaturizer(ckpt, spec)
+    x0, draws = torch.zeros(1, 1, 8, 8), spec.draws((1, 8, 8))
+    for wrong in (draws[:1], draws + draws[:1]):
+        with pytest.raises(gi.SpecError, match=f"^expected 2 draws, got {len(wrong)}$"):
+            feat.featurize(x0, wrong)

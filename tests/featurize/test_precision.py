@@ -105,6 +105,10 @@ def test_bfloat16_factors_multiply_in_bfloat16_into_float32_rows():
     x, y = torch.randn(3, 5, 40, generator=g), torch.randn(3, 40, 7, generator=g)
     xb, yb = factor_dtypes(torch.nn.Linear(7, 5), x, x.bfloat16())
     assert (xb.dtype, yb.dtype) == (torch.bfloat16, torch.bfloat16)
+    conv_a, conv_d = factor_dtypes(
+        torch.nn.Conv2d(5, 3, 3), x[:, :, :, None], x[:, :3, :, None].bfloat16()
+    )
+    assert (conv_a.dtype, conv_d.dtype) == (torch.bfloat16, torch.bfloat16)  # Conv2d alike
     view = torch.empty(3, 5, 7)
     bmm_into(view, xb, y.bfloat16(), True)
     bmm_into(view, xb, y.bfloat16(), False)
@@ -114,3 +118,19 @@ def test_bfloat16_factors_multiply_in_bfloat16_into_float32_rows():
     for module, delta in ((torch.nn.GroupNorm(1, 5), x.bfloat16()), (torch.nn.Linear(7, 5), x)):
         a, d = factor_dtypes(module, x.bfloat16(), delta)
         assert (a.dtype, d.dtype) == (torch.float32, torch.float32)
+
+
+def test_compute_precision_runs_a_linear_in_the_named_dtype_and_refuses_others():
+    """bfloat16 is autocast to bfloat16 (not float16), float32 is no autocast; a device autocast
+    does not cover and an unknown name are one-line SpecErrors."""
+    lin, x = torch.nn.Linear(3, 2), torch.randn(4, 3)
+    with compute_precision("bfloat16", "cpu"):
+        assert lin(x).dtype == torch.bfloat16
+    with compute_precision("float32", "cpu"):
+        assert lin(x).dtype == torch.float32
+    with pytest.raises(
+        SpecError, match=r"^precision='bfloat16' runs on cpu or cuda devices, not 'mps'$"
+    ):
+        compute_precision("bfloat16", "mps")
+    with pytest.raises(SpecError, match=r"^precision='float16': must be one of float32, bfloat16$"):
+        compute_precision("float16", "cpu")

@@ -264,3 +264,21 @@ def test_a_weight_that_is_not_finite_at_a_chosen_timestep_is_refused():
     ac = sched.alphas_cumprod
     snr = ac / (1 - ac)
     torch.testing.assert_close(weights[500], torch.minimum(snr[500], torch.tensor(5.0)) / snr[500])
+
+
+def test_an_infinite_snr_weight_is_refused_too():
+    """A schedule whose first beta is 0 has ᾱ_0 = 1: snr(0) = 1/0 = inf, the weight of
+    snr_weighting='snr' there (not a NaN, which the zero-terminal case above gives)."""
+    from diffusers import DDPMScheduler
+
+    from gradindex.errors import ModelError
+    from gradindex.featurize.losses import loss_weights
+
+    betas = [0.02 * i for i in range(10)]  # ᾱ_t = Π (1 - β_s): 1 at t = 0
+    sched = DDPMScheduler(num_train_timesteps=10, trained_betas=betas)
+    spec = BuildSpec(timesteps=(0, 5), snr_weighting="snr", num_train_timesteps=10)
+    with pytest.raises(ModelError, match=r"not finite at timestep\(s\) \[0\]"):
+        loss_weights(spec, sched, "sample")
+    weights = loss_weights(spec.replace(timesteps=(3, 5)), sched, "sample")
+    ac = torch.tensor([1.0 - b for b in betas], dtype=torch.float64).cumprod(0)
+    torch.testing.assert_close(weights[5].double(), ac[5] / (1 - ac[5]), rtol=1e-5, atol=0)
