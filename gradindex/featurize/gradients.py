@@ -51,8 +51,8 @@ BACKENDS = ("auto", "hooks", "vmap")
 
 
 def select_parameters(model: torch.nn.Module, patterns: tuple[str, ...] | None) -> list[str]:
-    """Names of the trainable parameters matching any glob pattern (all when None), in
-    ``named_parameters`` order — the order of the flattened gradient vector."""
+    """Names of the parameters matching any glob pattern, frozen ones too, or the trainable ones
+    (None); in ``named_parameters`` order — the order of the flattened gradient vector."""
     names = [n for n, p in model.named_parameters() if p.requires_grad or patterns is not None]
     if patterns is None:
         chosen = names

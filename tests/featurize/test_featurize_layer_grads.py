@@ -75,6 +75,14 @@ CASES = {
         lambda: nn.Conv2d(8, 8, (2, 4), padding="same"),
         lambda g: torch.randn(2, 8, 16, 17, generator=g),
     ),
+    "conv few outputs, large map, stride 2 (patches, not shifted)": (
+        lambda: nn.Conv2d(2, 3, 3, stride=2, padding=1),
+        lambda g: torch.randn(2, 2, 32, 32, generator=g),
+    ),
+    "conv few outputs, large map, dilation 2 (patches, not shifted)": (
+        lambda: nn.Conv2d(2, 3, 3, dilation=2, padding=2),
+        lambda g: torch.randn(2, 2, 16, 16, generator=g),
+    ),
     "conv one input channel, large map (patches)": (
         lambda: nn.Conv2d(1, 9, 3, padding=1),
         lambda g: torch.randn(3, 1, 16, 16, generator=g),

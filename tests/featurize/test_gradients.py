@@ -122,3 +122,13 @@ def test_bad_featurizer_arguments_and_draw_counts_are_spec_errors():
     for wrong in (draws[:1], draws + draws[:1]):
         with pytest.raises(gi.SpecError, match=f"^expected 2 draws, got {len(wrong)}$"):
             feat.featurize(x0, wrong)
+
+
+def test_frozen_parameters_are_left_out_by_default_and_taken_when_a_pattern_names_them():
+    """A run that froze part of the model (a LoRA base layer): the default takes the trainable
+    parameters; an explicit pattern reaches frozen ones too."""
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    model[0].requires_grad_(False)
+    assert select_parameters(model, None) == ["1.weight", "1.bias"]
+    assert select_parameters(model, ("0.*",)) == ["0.weight", "0.bias"]
+    assert select_parameters(model, ("*.weight",)) == ["0.weight", "1.weight"]

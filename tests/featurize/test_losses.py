@@ -7,7 +7,13 @@ import torch
 import torch.nn.functional as F
 
 from gradindex.errors import SpecError
-from gradindex.featurize.losses import ELEMENTWISE, diffusion_loss, item_loss_fn, item_losses
+from gradindex.featurize.losses import (
+    ELEMENTWISE,
+    diffusion_loss,
+    item_loss_fn,
+    item_losses,
+    noisy_input_and_target,
+)
 from gradindex.spec import LOSSES, BuildSpec
 
 # independent definitions: torch.nn.functional, one sample at a time
@@ -41,3 +47,9 @@ def test_unknown_loss_is_a_spec_error():
         diffusion_loss(torch.zeros(1, 2), torch.zeros(1, 2), "huber")
     with pytest.raises(SpecError):
         BuildSpec(loss="huber")
+
+
+def test_unknown_prediction_type_is_a_spec_error():
+    x = torch.zeros(1, 1, 2, 2)
+    with pytest.raises(SpecError, match=r"^scheduler prediction_type 'flow' is not supported$"):
+        noisy_input_and_target(x, x, torch.zeros(1, dtype=torch.long), torch.ones(3) / 2, "flow")
