@@ -132,3 +132,15 @@ def test_frozen_parameters_are_left_out_by_default_and_taken_when_a_pattern_name
     assert select_parameters(model, None) == ["1.weight", "1.bias"]
     assert select_parameters(model, ("0.*",)) == ["0.weight", "0.bias"]
     assert select_parameters(model, ("*.weight",)) == ["0.weight", "1.weight"]
+
+
+def test_float64_images_give_the_float32_features(images):
+    """Images given in float64 are taken in float32, the model's dtype."""
+    ckpt = load_checkpoints([(tiny_unet(2), scheduler())])[0]
+    spec = gi.BuildSpec(projection="identity", timesteps=2, num_train_timesteps=1000)
+    feat = GradientFeaturizer(ckpt, spec)
+    x0 = torch.from_numpy(images[:2]) * 2 - 1
+    want = feat.featurize(x0, spec.draws(x0.shape[1:]))
+    got = feat.featurize(x0.double(), spec.draws(x0.shape[1:]))
+    assert got.tracin.dtype == torch.float32
+    torch.testing.assert_close(got.tracin, want.tracin)

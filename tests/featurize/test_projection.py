@@ -296,3 +296,19 @@ def test_add_columns_refuses_a_range_off_the_maps_chunks() -> None:
     for start, stop in ((0, 3), (1, 4), (4, 9)):
         with pytest.raises(ValueError, match=rf"^columns \[{start}, {stop}\) do not fall on"):
             proj.add_columns(x[:, start:stop], start)
+
+
+def test_stored_maps_keep_their_numbers() -> None:
+    """An index stores rows projected by these seeded maps and a later query projects with the
+    map rebuilt from the seed: a change to the seeding (derived_seed's text or byte order, the
+    Gaussian block size) would score new queries against old rows silently. Numbers pinned
+    from the map as shipped (sjlt: signs of P e_i · √nnz; gaussian: rows 0, 5000, 8200 of G,
+    in its first and second block of 8192 rows)."""
+    sjlt = make_projector("sjlt", 5, 4, 123, nnz=2).project(torch.eye(5)) * math.sqrt(2)
+    want = [[0, -1, 0, -1], [0, 1, 0, 1], [0, -1, 0, 1], [1, 0, 1, 0], [1, 0, -1, 0]]
+    torch.testing.assert_close(sjlt, torch.tensor(want, dtype=torch.float32))
+    x = torch.zeros(3, 8300)
+    x[0, 0], x[1, 5000], x[2, 8200] = 1.0, 1.0, 1.0
+    gauss = make_projector("gaussian", 8300, 2, 7).project(x)
+    want_g = [[-0.386894, -0.353211], [-0.184343, -0.512251], [1.30782, 1.27453]]
+    torch.testing.assert_close(gauss, torch.tensor(want_g), rtol=1e-5, atol=1e-6)
