@@ -1,5 +1,5 @@
-"""ChunkedRows (store/vectors.py) over a row subset, against numpy fancy indexing of the array:
-the subsets a chunked read gets wrong (one row missing from a chunk, a chunk with none)."""
+"""store/vectors.py: ChunkedRows over a row subset, against numpy fancy indexing of the array
+(one row missing from a chunk, a chunk with none), and a store of another shape refused."""
 
 from __future__ import annotations
 
@@ -38,3 +38,16 @@ def test_rows_by_number_go_through_the_subset():
 def test_repeated_unordered_or_out_of_range_rows_are_refused(rows):
     with pytest.raises(SearchError, match="increasing row numbers below 10"):
         ChunkedRows(_x(), np.array(rows))
+
+
+def test_a_store_of_another_width_than_the_manifest_is_refused(tmp_path):
+    from gradindex.errors import IndexStateError
+    from gradindex.store.vectors import VectorStore
+
+    ids = np.arange(3)
+    with VectorStore.create(tmp_path / "v.h5", ids, 4, 1, 1, "float32", {}) as store:
+        store.check_manifest({"num_rows": 3, "dim": 4})
+        with pytest.raises(IndexStateError, match="holds 3x4 rows but the manifest says 3x5"):
+            store.check_manifest({"num_rows": 3, "dim": 5})
+        with pytest.raises(IndexStateError, match="holds 3x4 rows but the manifest says 2x4"):
+            store.check_manifest({"num_rows": 2, "dim": 4})
