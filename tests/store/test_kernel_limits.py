@@ -4,6 +4,7 @@ kernel, and a dual kernel left alone when its search index holds other rows."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from gradindex.search.faiss_index import VectorIndex
 from gradindex.search.kernel_recall import share_rows
@@ -37,3 +38,11 @@ def test_share_rows_leaves_a_dual_kernel_alone_when_the_index_holds_other_rows()
     share_rows(kern, same)
     assert kern.all_rows() is not x and np.shares_memory(kern.all_rows(), same.flat_rows())
     np.testing.assert_allclose(kern.scores(q), want, rtol=1e-6)
+
+
+def test_a_dual_kernel_refuses_rows_that_are_not_float32():
+    kern, x = _dual(6, 10)
+    with pytest.raises(ValueError, match="are not this kernel's kept rows"):
+        kern.use_rows(x.astype(np.float64))
+    with pytest.raises(ValueError, match="are not this kernel's kept rows"):
+        kern.use_rows(x[:5])
