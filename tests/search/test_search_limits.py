@@ -183,3 +183,19 @@ def test_a_zero_thread_setting_in_the_environment_is_ignored(monkeypatch):
     assert fc.batch_threads() == 3
     monkeypatch.setenv("GRADINDEX_NUM_THREADS", "0")
     assert fc.batch_threads() >= 1
+
+
+@pytest.mark.parametrize("key, value", [("dim", 5), ("n", 4)])
+def test_load_refuses_a_sidecar_of_another_shape(tmp_path, key, value):
+    import json
+
+    from gradindex.errors import IndexStateError
+    from gradindex.search.faiss_index import VectorIndex
+
+    path = tmp_path / "tracin.faiss"
+    VectorIndex.build(np.eye(3, 4, dtype=np.float32), "tracin", "flat").save(path)
+    side = json.loads((tmp_path / "tracin.faiss.json").read_text())
+    side["info"][key] = value
+    (tmp_path / "tracin.faiss.json").write_text(json.dumps(side))
+    with pytest.raises(IndexStateError, match="holds 3x4 vectors but its sidecar says"):
+        VectorIndex.load(path)
