@@ -118,6 +118,9 @@ class LazyColumn:
         those rows (negative ones counted from the end, as numpy does)."""
         n = len(self)
         with h5py.File(self.path, "r") as f:
+            if isinstance(index, slice) and (index.step or 1) < 0:  # HDF5 reads ascending
+                r = range(*index.indices(n))
+                return self._read(f, slice(r[-1], r[0] + 1, -r.step) if r else slice(0, 0))[::-1]
             if isinstance(index, slice):
                 return self._read(f, index)
             if isinstance(index, (int, np.integer)):

@@ -162,6 +162,7 @@ def test_missed_target_falls_back_to_flat() -> None:
         vi = VectorIndex.build(x, "tracin", kind="ivf", target_recall=0.999)
     info = vi.info
     assert info["kind"] == "flat" and info["meets_target"] and info["recall_at_10"] == 1.0
+    assert info["factory"] == "Flat" and info["knobs"] == {}  # the missed knobs: in fallback
     assert info["fallback"]["from"].startswith("IVF") and info["fallback"]["recall_at_10"] < 0.999
     assert info["ladder"][-1]["knobs"]["nprobe"] == info["fallback"]["knobs"]["nprobe"]
     q = np.random.default_rng(2).standard_normal((6, 16)).astype(np.float32)
@@ -323,3 +324,9 @@ def test_tuner_accepts_only_settings_whose_validation_half_meets_the_target() ->
     early = [v for v in lower if both_halves(v)[0] >= target + margin]
     assert early, "the tuning half must pass below the chosen rung, or this test proves nothing"
     assert all(both_halves(v)[1] < target for v in early)  # each rejected for its validation half
+
+
+def test_tune_queries_need_two_rows_to_split() -> None:
+    x = np.random.default_rng(0).standard_normal((300, 8)).astype(np.float32)
+    with pytest.raises(SearchError, match="tune_queries needs at least 2 rows"):
+        VectorIndex.build(x, "tracin", kind="hnsw", tune_queries=x[:1])

@@ -12,7 +12,9 @@ import pytest
 from gradindex.errors import IndexStateError, ModelError
 from gradindex.spec import BuildSpec
 from gradindex.store.records import (
+    check_configs,
     check_fingerprints,
+    check_given_sources,
     check_records,
     check_shapes,
     config_changes,
@@ -128,3 +130,31 @@ def test_summary_keeps_the_records_and_fills_none_for_older_builds():
     assert s["num_rows"] == 7 and s["num_flagged"] == 0 and s["kernel"] == {"rows": 7}
     assert s["fidelity"] is None and s["factors"] is None and s["path"] == "p"
     assert s["conditioning"] == {"labels": None}
+
+
+def test_a_weight_edited_by_a_few_percent_is_refused():
+    # 0.5 -> 0.51: 2% off, far beyond JSON round-off (rtol 1e-6)
+    with pytest.raises(IndexStateError, match="records checkpoint weights"):
+        check_records(
+            MPATH,
+            _manifest(checkpoints=[{"weight": 0.51}, {"weight": 2.0}]),
+            SPEC,
+            np.arange(3) < 1,
+        )
+
+
+@pytest.mark.parametrize("given", [["a"], ["a", "b", "c"]])
+def test_checkpoints_given_must_be_one_per_recorded_checkpoint(given):
+    manifest = {"checkpoints": [{"source": "x"}, {"source": "y"}]}
+    with pytest.raises(
+        ModelError, match=f"the index has 2 checkpoints but {len(given)} were given"
+    ):
+        check_given_sources(manifest, given)
+
+
+def test_one_record_without_a_config_skips_the_config_check_with_a_warning():
+    # an index whose first checkpoint record predates configs: nothing to compare against
+    ckpts = [SimpleNamespace(model=None, scheduler=None)] * 2
+    records = [{"config": None}, {"config": {"model": {}, "noise_schedule": "x"}}]
+    with pytest.warns(UserWarning, match="built before checkpoint configs were recorded"):
+        check_configs(ckpts, records)
