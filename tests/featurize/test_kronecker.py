@@ -228,40 +228,6 @@ def test_build_with_kronecker_projection(tmp_path, images):
     assert set(dense.info()["layers"].values()) == {"dense"}
 
 
-@pytest.mark.parametrize("group", [1, 2])
-def test_exact_layer_norms_ghost_and_formed_equal_brute_force(group):
-    """kron_norms: ‖Σ_pos δ_pos a_posᵀ‖² per item and per group sum, by the ghost identity and
-    by forming the gradient, against the per-item weight gradient of one conv from autograd."""
-    from types import SimpleNamespace
-
-    import torch.nn.functional as F
-
-    from gradindex.featurize.kron_norms import formed_norms, ghost_norms
-
-    conv = torch.nn.Conv2d(3, 5, 3, padding=1)
-    gen = torch.Generator().manual_seed(0)
-    a = torch.randn(4, 3, 6, 6, generator=gen)
-    delta = torch.randn(4, 5, 6, 6, generator=gen)
-    grads = []
-    for i in range(4):
-        w = conv.weight.detach().clone().requires_grad_()
-        out = F.conv2d(a[i : i + 1], w, None, 1, 1)
-        grads.append(torch.autograd.grad((out * delta[i : i + 1]).sum(), w)[0].flatten())
-    g = torch.stack(grads).double()
-    want_item = g.pow(2).sum(1)
-    want_group = g.view(4 // group, group, -1).sum(1).pow(2).sum(1)
-    patches_t = F.unfold(a, 3, padding=1).transpose(1, 2)
-    d_t = delta.flatten(2).transpose(1, 2)
-    for fill in (ghost_norms, formed_norms):
-        s = SimpleNamespace(item_sq=torch.zeros(4), group_sq=torch.zeros(4 // group), group=group)
-        if fill is ghost_norms:
-            fill(patches_t, d_t, s)
-        else:
-            fill(conv, a, delta, None, d_t, s)
-        np.testing.assert_allclose(s.item_sq, want_item, rtol=1e-4)
-        np.testing.assert_allclose(s.group_sq, want_group, rtol=1e-4)
-
-
 def test_kronecker_layer_shapes_stay_as_indexes_were_built():
     """'kronecker' (d split over the layers) keeps the factor shapes its indexes were built with,
     d_out = min(c_out, ⌊√budget⌋), d_in = min(a_dim, budget // d_out): a changed shape would
