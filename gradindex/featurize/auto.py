@@ -108,10 +108,12 @@ def decide_auto(
         decided["precision"] = "bfloat16" if facts["native_bfloat16"] else "float32"
     decided = {f: decided[f] for f in asked}
     stored = {**OMITTED_AT_DEFAULT, **resumed} if resumed is not None else {}
-    kept = [f for f in asked if stored.get(f, AUTO) in CHOICES[f][1:] and stored[f] != decided[f]]
-    final = stored.get("projection") if "projection" in kept else projection
-    if final != stored.get("projection"):
-        kept = []  # another projection than the resumed build's: its settings refuse the resume
+    # a resume keeps its build's decisions when it asks for that build's projection ('auto'
+    # or the same one); asked for another, the build's settings refuse the resume
+    same = CHOICES["projection"][1:] if spec.projection == AUTO else (spec.projection,)
+    resumes = stored.get("projection") in same
+    kept = [f for f in asked if resumes and stored.get(f, AUTO) in CHOICES[f][1:]]
+    kept = [f for f in kept if stored[f] != decided[f]]
     decided.update({f: stored[f] for f in kept})
     record = {"asked": asked, "decided": decided, **facts}
     if kept:

@@ -123,9 +123,9 @@ def format_info(info: dict[str, Any], layers: bool = False) -> list[str]:
 def _layer_summary(routes: list[str]) -> list[tuple[str, str]]:
     """A Kronecker index's per-tensor routes ('kronecker 16x64, formed norm', 'dense') in two
     lines: the factored tensors by factor shape and norm, the count kept whole."""
-    factored = [r.removeprefix("kronecker ").split(", ") for r in routes if r != "dense"]
     if not routes:
         return []
+    factored = [r.removeprefix("kronecker ").split(", ") for r in routes if r != "dense"]
     shapes = Counter(f[0] for f in factored).most_common()
     text = ", ".join(f"{n} at {shape}" for shape, n in shapes[:4])
     if len(shapes) > 4:
