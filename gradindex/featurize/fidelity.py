@@ -3,14 +3,12 @@
 A random projection keeps inner products only up to an error ~ 1/√d, and whether that error
 reorders a query's top results depends on the model and the data (on the demo digits, sjlt at
 d = 4,096 gave TracIn a Spearman of 0.999 on a trained model but 0.949 on a barely trained one).
-So each build measures its own fidelity on a small sample of its rows and records it in the
-manifest (``fidelity``), ``info`` shows it, and the build warns with the ``--proj-dim`` that
-should reach the bar when it falls below.
+So each build measures its fidelity on a sample of its rows, records it in the manifest
+(``info`` shows it), and warns with the ``--proj-dim`` that should reach the bar when below.
 
-Holds ``scores`` / ``agreement`` (score matrices of both methods and their rank agreement,
-shared with ``benchmarks/bench_attribution.py``), ``measure_fidelity`` (the build's record of
-its sample's stored-row scores against a reference), ``hold_sample`` (whether the build keeps
-the sample's features), ``suggested_proj_dim``, ``format_fidelity``, ``check_sample``.
+Holds ``scores`` / ``agreement`` (shared with ``benchmarks/bench_attribution.py``),
+``measure_fidelity`` (the build's record), ``hold_sample``, ``suggested_proj_dim``,
+``format_fidelity``, ``check_sample``.
 
 The sample: S rows (default 32) drawn with the spec's seed from the unflagged rows; each is a
 query against the other S - 1, and agreement is averaged over the S queries (top-k with
@@ -28,10 +26,9 @@ an estimate:
   independent sketches inside each checkpoint block (``halves``: sjlt's count sketches, a
   Gaussian map's columns, a Kronecker map's diagonal quarter blocks of each layer and its
   dense block's count sketches), so nothing is featurized again. Split-half reliability
-  (Spearman-Brown, below): noisier than a second sketch, low where the sketch is poor (tiny
-  test UNet, sjlt: within 0.04 of the exact Spearman at d = 1,024, up to 0.2 below it at
-  d = 256; kronecker, whose halves keep a quarter of each layer's columns: within 0.1 at
-  d = 4,096, off by up to 0.43 at d = 1,024).
+  (below): noisier than a second sketch, low where the sketch is poor (tiny test UNet: sjlt
+  within 0.04 of the exact Spearman at d = 1,024, up to 0.2 below at d = 256; kronecker,
+  halves of a quarter of each layer's columns: within 0.1 at d = 4,096, 0.43 at d = 1,024).
 - otherwise (a large build, sjlt with nnz = 1): a second, independent sketch (same kind and
   d, another seed), featurized again: at most 10% of the build's gradients.
 
@@ -217,18 +214,21 @@ def _reference_scores(
         # half a batch at a time: the work buffers are half the build's beside the [S, q] rows
         a, r = _features(feat, embedder.draws, x0, cond, max(1, spec.batch_size // 2), project)
         embedder.release()  # and none beside their products
-        part = _exact_scores(a.cpu().numpy()[None], r.cpu().numpy()[None], [w])
+        part = _exact_scores(a[None], r[None], [w])
         out = {m: out[m] + part[m] for m in METHODS}
         del a, r
     return out
 
 
-def _exact_scores(A: np.ndarray, R: np.ndarray, weights: list[float]) -> dict[str, np.ndarray]:
-    """[S, S] scores of both methods from features [C, S, q], summed in float64."""
+def _exact_scores(A: torch.Tensor, R: torch.Tensor, weights: list[float]) -> dict[str, np.ndarray]:
+    """[S, S] scores of both methods from features [C, S, q], from each checkpoint's Gram
+    matrices (one product each, no copy of the features), summed in float64."""
     out: dict[str, Any] = dict.fromkeys(METHODS, 0.0)
     for c, w in enumerate(weights):
-        part = scores(A[c : c + 1], R[c : c + 1], [w], slice(None), slice(None))
-        out = {m: out[m] + part[m].astype(np.float64) for m in METHODS}
+        tracin, gram = ((x[c] @ x[c].T).double().cpu().numpy() for x in (A, R))
+        norms = np.sqrt(np.diag(gram))  # cos(r_i, r_j) = r_i·r_j / (|r_i| |r_j|)
+        retrac = gram / np.outer(norms, norms)
+        out = {"tracin": out["tracin"] + w * tracin, "retrac": out["retrac"] + w * retrac}
     return out
 
 

@@ -30,20 +30,17 @@ def draw_sample(seed: int, candidates: np.ndarray, sample: int) -> np.ndarray:
 @dataclass
 class HeldSample:
     """Full-space features of the sample's ``rows``, filled batch by batch by the build:
-    tracin / retrac [C, S, p] float32 (unweighted a_c, r_c), ``filled`` [C, S]."""
+    tracin / retrac [C, S, p] float32 in host memory (unweighted a_c, r_c), ``filled`` [C, S]."""
 
     rows: np.ndarray  # [S] sorted row numbers
-    tracin: np.ndarray  # [C, S, p]
-    retrac: np.ndarray  # [C, S, p]
+    tracin: torch.Tensor  # [C, S, p]
+    retrac: torch.Tensor  # [C, S, p]
     filled: np.ndarray  # [C, S] bool
 
     @classmethod
     def empty(cls, rows: np.ndarray, checkpoints: int, num_params: int) -> HeldSample:
         shape = (checkpoints, len(rows), num_params)
-        return cls(
-            rows, np.zeros(shape, np.float32), np.zeros(shape, np.float32),
-            np.zeros(shape[:2], bool),
-        )  # fmt: skip
+        return cls(rows, torch.empty(shape), torch.empty(shape), np.zeros(shape[:2], bool))
 
     @staticmethod
     def nbytes(checkpoints: int, rows: int, num_params: int) -> int:
@@ -57,8 +54,11 @@ class HeldSample:
         if lo == hi:
             return
         at = torch.as_tensor(self.rows[lo:hi] - start, device=tracin.device)
-        self.tracin[checkpoint, lo:hi] = tracin[at].cpu().numpy()
-        self.retrac[checkpoint, lo:hi] = retrac[at].cpu().numpy()
+        for held, features in ((self.tracin, tracin), (self.retrac, retrac)):
+            if features.device == held.device and features.dtype == held.dtype:
+                torch.index_select(features, 0, at, out=held[checkpoint, lo:hi])  # one copy
+            else:
+                held[checkpoint, lo:hi] = features[at].to(held)
         self.filled[checkpoint, lo:hi] = True
 
     def covers(self, rows: np.ndarray) -> bool:

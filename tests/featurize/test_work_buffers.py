@@ -39,7 +39,7 @@ def build(tmp_path, images, monkeypatch):
     stages = (
         (write, "_fill_rows", "rows"),
         (fidelity, "_features", "sample"),
-        (fidelity, "scores", "products"),
+        (fidelity, "_exact_scores", "products"),
         (write, "_search_indexes", "indexes"),
         (write, "write_kernel", "kernel"),
     )
