@@ -29,6 +29,7 @@ from gradindex.store.layout import (
     check_files,
     file_digest,
     read_manifest,
+    recorded_digest,
     write_json_atomic,
 )
 
@@ -76,7 +77,8 @@ def record_factors(folder: Path, record: dict[str, Any]) -> None:
 
 
 def load_factors(folder: Path, manifest: dict[str, Any]) -> list[CheckpointFactors]:
-    """The factors of a finished index, refused when missing, stale or of another shape."""
+    """The factors of a finished index, refused when missing, stale, of another shape or
+    altered (checksum against the manifest, checked once per opened index)."""
     path = folder / FACTORS
     if not isinstance(manifest.get("factors"), dict) or not path.exists():
         raise IndexStateError(
@@ -88,7 +90,9 @@ def load_factors(folder: Path, manifest: dict[str, Any]) -> list[CheckpointFacto
         check_build_id(path, str(f.attrs.get("build_id", "")), manifest, _recompute(folder))
         if [k for k in f if k.startswith("c")] != [f"c{c}" for c in range(num_ckpts)]:
             raise IndexStateError(f"{path}: not {num_ckpts} checkpoints; {_recompute(folder)}")
-        return [_read_checkpoint(f[f"c{c}"], int(f.attrs["samples"])) for c in range(num_ckpts)]
+        factors = [_read_checkpoint(f[f"c{c}"], int(f.attrs["samples"])) for c in range(num_ckpts)]
+    recorded_digest(folder, manifest, FACTORS, _recompute(folder))  # a flipped byte: other scores
+    return factors
 
 
 def _read_checkpoint(g: h5py.Group, samples: int) -> CheckpointFactors:

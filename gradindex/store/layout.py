@@ -317,14 +317,19 @@ def file_records(folder: Path) -> dict[str, dict[str, Any]]:
     return records
 
 
-def recorded_digest(folder: Path, manifest: dict[str, Any], name: str) -> None:
+def recorded_digest(
+    folder: Path,
+    manifest: dict[str, Any],
+    name: str,
+    fix: str = "restore the index's own file or rebuild the index",
+) -> None:
     """Refuse a file whose sha256 differs from the manifest's record of it (a file that the
     answer of every query relies on, checked when it is loaded); no record: nothing to check."""
     rec = manifest.get("files", {}).get(name)
     if isinstance(rec, dict) and "sha256" in rec and file_digest(folder / name) != rec["sha256"]:
         raise IndexStateError(
             f"{folder / name}: its checksum differs from the manifest's (the file was altered "
-            "or corrupted); restore the index's own file or rebuild the index"
+            f"or corrupted); {fix}"
         )
 
 

@@ -202,6 +202,25 @@ def test_missing_and_stale_factors_are_refused_naming_the_command(setup, tmp_pat
         idx.query(train[:1], k=2, method="influence")
 
 
+def test_factors_with_a_flipped_byte_are_refused_naming_the_command(setup, tmp_path):
+    """Session 14 probe: a byte flipped inside factors.h5 (size unchanged) changed the
+    influence scores without a word; now the query is refused naming 'gradindex factors'."""
+    import shutil
+
+    ckpts, train, out = setup
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    with h5py.File(copy / FACTORS, "r") as f:
+        found = []
+        f.visititems(lambda n, o: found.append(o.id.get_offset()) if n.endswith("/A") else None)
+    data = bytearray((copy / FACTORS).read_bytes())
+    data[found[0] + 7] ^= 0x40  # the first float64's exponent
+    (copy / FACTORS).write_bytes(bytes(data))
+    idx = gi.AttributionIndex.open(copy, checkpoints=ckpts)
+    with pytest.raises(IndexStateError, match="factors.h5: its checksum .*gradindex factors"):
+        idx.query(train[:1], k=2, method="influence")
+
+
 def test_kronecker_index_is_refused(tmp_path):
     ckpts = [(tiny_unet(1), scheduler())]
     train = np.random.default_rng(0).random((4, 1, 8, 8), dtype=np.float32)

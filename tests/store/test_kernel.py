@@ -562,6 +562,31 @@ def test_a_truncated_kernel_names_the_kernel_command_and_spares_other_methods(se
     np.testing.assert_array_equal(res.rows, setup[3].search(q, k=3, method="trak").rows)
 
 
+def test_a_kernel_with_a_flipped_byte_is_refused_naming_the_kernel_command(setup, tmp_path):
+    """Session 14 probe: a byte flipped inside kernel.h5's factors (size unchanged) changed every
+    trak score without a word. Now the kernel methods refuse it, naming 'gradindex kernel DIR'
+    (which repairs it); tracin still answers."""
+    bad = tmp_path / "bad"
+    shutil.copytree(setup[3].path, bad)
+    with h5py.File(bad / "kernel.h5", "r") as f:
+        name = next(n for n in f if "basis" in n and not n.endswith("_retrac"))
+        offset = f[name].id.get_offset()
+    data = bytearray((bad / "kernel.h5").read_bytes())
+    data[offset + 3] ^= 0x40  # the first float's exponent
+    (bad / "kernel.h5").write_bytes(bytes(data))
+    idx = gi.AttributionIndex.open(bad)
+    q = queries()
+    with pytest.raises(
+        gi.IndexStateError, match=f"kernel.h5: its checksum .*gradindex kernel {bad}$"
+    ):
+        idx.search(q, k=3, method="trak")
+    want = setup[3].search(q, k=3, method="tracin").rows
+    np.testing.assert_array_equal(idx.search(q, k=3, method="tracin").rows, want)
+    assert run("kernel", bad).exit_code == 0
+    res = gi.AttributionIndex.open(bad).search(q, k=3, method="trak")
+    np.testing.assert_array_equal(res.rows, setup[3].search(q, k=3, method="trak").rows)
+
+
 def decaying_rows(n, d, num_ckpts, seed=0):
     """Rows like projected gradients: a power-law spectrum in every checkpoint's block."""
     scale = np.tile(np.arange(1, d + 1) ** -1.0, num_ckpts)
