@@ -202,6 +202,14 @@ def test_a_file_that_is_no_npy_is_not_called_pickled(tmp_path, saved_checkpoints
         assert line.startswith(f"Error: {tmp_path / name}: not a numpy array file"), line
 
 
+def test_an_empty_query_array_is_not_called_a_dataset_to_index(tmp_path, uint8_index):
+    """Session 14 probe: 'gradindex query IDX empty.npy' said 'the dataset is empty: no images
+    to index' of the query images."""
+    np.save(tmp_path / "empty.npy", np.zeros((0, 1, 8, 8), np.uint8))
+    line = error_line(run("query", uint8_index.path, tmp_path / "empty.npy"))
+    assert line == "Error: images have shape (0, 1, 8, 8): empty, no images at all"
+
+
 def test_object_captions_in_npz_are_one_line(tmp_path):
     from gradindex.inputs.training_data import open_source
 
