@@ -587,6 +587,21 @@ def test_a_kernel_with_a_flipped_byte_is_refused_naming_the_kernel_command(setup
     np.testing.assert_array_equal(res.rows, setup[3].search(q, k=3, method="trak").rows)
 
 
+def test_kernel_command_on_a_folder_without_manifest_says_what_it_is(setup, tmp_path):
+    """Session 14 probe: 'gradindex kernel DIR' (and 'factors') on an index whose manifest was
+    deleted, or on a folder that is no index, said another process (its own pid) was building
+    it. Now it says what the folder is."""
+    lost = tmp_path / "lost"
+    shutil.copytree(setup[3].path, lost)
+    (lost / "manifest.json").unlink()
+    (tmp_path / "plain").mkdir()
+    for folder, says in ((lost, "no manifest.json (deleted?)"), (tmp_path / "plain", "not a")):
+        for args in (("kernel", folder), ("factors", folder, "--data", tmp_path / "x.npy")):
+            line = run(*args).output.splitlines()[-1]
+            assert line.startswith(f"Error: {folder}: ") and says in line, line
+            assert "pid" not in line, line
+
+
 def decaying_rows(n, d, num_ckpts, seed=0):
     """Rows like projected gradients: a power-law spectrum in every checkpoint's block."""
     scale = np.tile(np.arange(1, d + 1) ** -1.0, num_ckpts)
