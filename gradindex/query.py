@@ -60,8 +60,10 @@ from gradindex.store.kernel import KERNEL_METHODS, Kernel, check_lambdas
 from gradindex.store.kernel_dual import DualKernel
 from gradindex.store.kernel_load import DenseKernel, load_kernel
 from gradindex.store.layout import (
+    FACTORS,
     KERNEL,
     MANIFEST,
+    RESTORE,
     VECTORS,
     check_files,
     ids_digests,
@@ -71,6 +73,7 @@ from gradindex.store.records import (
     check_given_sources,
     check_records,
     check_shapes,
+    check_structure,
     recorded_checkpoints,
     summary,
 )
@@ -115,7 +118,7 @@ class AttributionIndex:
         self._checkpoint_sources = checkpoints
         self._scheduler = scheduler
         self._embedder: Embedder | None = None
-        if problems := check_files(path, manifest, checksums=False, skip=(KERNEL,)):  # sizes
+        if problems := check_files(path, manifest, checksums=False, skip=(KERNEL, FACTORS)):
             more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
             raise IndexStateError(f"{problems[0]}; rebuild the index{more}")
         with VectorStore.open(path / VECTORS) as store:
@@ -123,6 +126,7 @@ class AttributionIndex:
             digests = ids_digests(path, manifest)  # ids read on demand, each block checked
             self.ids: LazyColumn = LazyColumn(path / VECTORS, "ids", digests=digests)
             self.flagged: LazyColumn = LazyColumn(path / VECTORS, "flagged", as_bool=True)
+            check_structure(path / MANIFEST, manifest)
             check_records(path / MANIFEST, manifest, self.spec, self.flagged)
             if not all_done(path / VECTORS):
                 raise IndexStateError(f"{path / VECTORS}: rows never written; resume the build")
@@ -214,7 +218,7 @@ class AttributionIndex:
 
     def verify(self) -> None:
         """Recompute every file's checksum against the manifest; raise naming the bad files."""
-        problems = check_files(self.path, self.manifest, checksums=True)
+        problems = check_files(self.path, self.manifest, checksums=True, fix=RESTORE)
         if problems:
             raise IndexStateError("; ".join(problems))
 

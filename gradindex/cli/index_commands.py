@@ -291,8 +291,10 @@ def kernel(index_dir: str, exact: bool) -> None:
     Checks every other file's checksum first, then records the new file in the manifest."""
     from gradindex.search.kernel_recall import add_kernel
     from gradindex.store.describe import kernel_line, kernel_search_line
+    from gradindex.store.layout import read_manifest
     from gradindex.store.lifecycle import folder_lock
 
+    read_manifest(Path(index_dir))  # no finished index here: said before our own lock is taken
     with folder_lock(Path(index_dir).resolve()):  # one writer per folder, as build/add/merge
         record = add_kernel(index_dir, exact=exact)
     click.echo(f"kernel       {kernel_line(record)}")
@@ -313,8 +315,10 @@ def factors(index_dir: str, data: str, samples: int | None, seed: int) -> None:
     from gradindex.inputs.query_images import query_inputs
     from gradindex.query import AttributionIndex
     from gradindex.query_influence import add_factors
+    from gradindex.store.layout import read_manifest
     from gradindex.store.lifecycle import folder_lock
 
+    read_manifest(Path(index_dir))  # no finished index here: said before our own lock is taken
     with folder_lock(Path(index_dir).resolve()):  # one writer per folder, as build/add/merge
         idx = AttributionIndex.open(index_dir)
         arr, _, cond = query_inputs(data, idx.image_shape[0], idx.conditioning["kind"])

@@ -11,10 +11,13 @@ from typing import Any
 
 import click
 
-from gradindex.cli.app_commands import demo, export, serve
-from gradindex.cli.index_commands import add, build, factors, kernel, merge
-from gradindex.cli.query_commands import info, query, report
-from gradindex.errors import GradIndexError, first_line
+try:  # the commands' options load torch: a Ctrl-C in those seconds started nothing
+    from gradindex.cli.app_commands import demo, export, serve
+    from gradindex.cli.index_commands import add, build, factors, kernel, merge
+    from gradindex.cli.query_commands import info, query, report
+    from gradindex.errors import GradIndexError, first_line
+except KeyboardInterrupt:
+    raise SystemExit("Error: interrupted before the command started; nothing was written") from None
 
 
 class _Group(click.Group):

@@ -269,11 +269,11 @@ def _query_vectors(
 def info(index_dir: str, as_json: bool, verify: bool, layers: bool) -> None:
     """Describe an index: rows, dimensions, spec, checkpoints, search settings."""
     from gradindex.query import AttributionIndex
-    from gradindex.store.layout import check_files, read_manifest
+    from gradindex.store.layout import RESTORE, check_files, read_manifest
 
     if verify:  # before opening, so a corrupted file is named rather than half-loaded
         path = Path(index_dir)
-        problems = check_files(path, read_manifest(path), checksums=True)
+        problems = check_files(path, read_manifest(path), checksums=True, fix=RESTORE)
         if problems:
             raise click.ClickException("; ".join(problems))
     idx = AttributionIndex.open(index_dir)

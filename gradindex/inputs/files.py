@@ -173,11 +173,13 @@ def array_file_errors(path: Path) -> Iterator[None]:
     except DataError:  # already says what is wrong (a ValueError too)
         raise
     except (ValueError, EOFError, zipfile.BadZipFile) as exc:
-        raise DataError(f"{path}: {_array_file_problem(exc)}") from None
+        raise DataError(f"{path}: {_array_file_problem(exc, path)}") from None
 
 
-def _array_file_problem(exc: Exception) -> str:
+def _array_file_problem(exc: Exception, path: Path) -> str:
     text = str(exc)
+    if "pickled" in text and not _numpy_magic(path):  # numpy takes any other file for a pickle
+        return "not a numpy array file (no .npy or .npz header); save the images with np.save"
     if "allow_pickle" in text or "pickled" in text:
         return (
             "holds Python objects (an object-dtype or pickled array), which are never "
@@ -185,3 +187,13 @@ def _array_file_problem(exc: Exception) -> str:
         )
     first = text.splitlines()[0] if text else type(exc).__name__
     return f"not a readable numpy array file ({first})"
+
+
+def _numpy_magic(path: Path) -> bool:
+    """Whether the file starts as a ``.npy`` does (or as an ``.npz``: a zip)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(6)
+    except OSError:
+        return True  # unreadable: the error numpy gave stands
+    return head == b"\x93NUMPY" or head.startswith(b"PK")

@@ -94,7 +94,7 @@ def to_nchw(arr: np.ndarray) -> np.ndarray:
             f"images have shape {tuple(arr.shape)}; expected [N, H, W], [N, H, W, C] or [N, C, H, W]"
         )
     if arr.shape[0] == 0:
-        raise DataError("the dataset is empty: no images to index")
+        raise DataError(f"images have shape {tuple(arr.shape)}: empty, no images at all")
     return arr
 
 

@@ -25,16 +25,18 @@ from gradindex.featurize.kfac import CheckpointFactors, LayerFactors
 from gradindex.store.layout import (
     FACTORS,
     MANIFEST,
+    REPAIRS,
     check_build_id,
     check_files,
     file_digest,
     read_manifest,
+    recorded_digest,
     write_json_atomic,
 )
 
 
 def _recompute(folder: Path) -> str:
-    return f"compute them with: gradindex factors {folder} --data TRAINING_DATA"
+    return REPAIRS[FACTORS].format(folder=folder)
 
 
 def write_factors(folder: Path, factors: list[CheckpointFactors], build_id: str | None) -> Path:
@@ -76,19 +78,29 @@ def record_factors(folder: Path, record: dict[str, Any]) -> None:
 
 
 def load_factors(folder: Path, manifest: dict[str, Any]) -> list[CheckpointFactors]:
-    """The factors of a finished index, refused when missing, stale or of another shape."""
+    """The factors of a finished index, refused when missing, stale, of another shape or
+    altered (checksum against the manifest, checked once per opened index)."""
     path = folder / FACTORS
     if not isinstance(manifest.get("factors"), dict) or not path.exists():
         raise IndexStateError(
             f"{folder}: this index has no influence factors (needed by method 'influence'); "
             + _recompute(folder)
         )
+    recorded = {k: v for k, v in manifest.get("files", {}).items() if k == FACTORS}
+    if problems := check_files(folder, {"files": recorded}, checksums=False):
+        raise IndexStateError(problems[0])  # truncated: opening the index left it to this
     num_ckpts = len(manifest["checkpoints"])
-    with h5py.File(path, "r") as f:
-        check_build_id(path, str(f.attrs.get("build_id", "")), manifest, _recompute(folder))
-        if [k for k in f if k.startswith("c")] != [f"c{c}" for c in range(num_ckpts)]:
-            raise IndexStateError(f"{path}: not {num_ckpts} checkpoints; {_recompute(folder)}")
-        return [_read_checkpoint(f[f"c{c}"], int(f.attrs["samples"])) for c in range(num_ckpts)]
+    try:
+        with h5py.File(path, "r") as f:
+            check_build_id(path, str(f.attrs.get("build_id", "")), manifest, _recompute(folder))
+            if [k for k in f if k.startswith("c")] != [f"c{c}" for c in range(num_ckpts)]:
+                raise IndexStateError(f"{path}: not {num_ckpts} checkpoints; {_recompute(folder)}")
+            samples = int(f.attrs["samples"])
+            factors = [_read_checkpoint(f[f"c{c}"], samples) for c in range(num_ckpts)]
+    except (OSError, KeyError) as err:  # not HDF5, or damaged past its header
+        raise IndexStateError(f"{path}: unreadable ({err}); {_recompute(folder)}") from None
+    recorded_digest(folder, manifest, FACTORS, _recompute(folder))  # a flipped byte: other scores
+    return factors
 
 
 def _read_checkpoint(g: h5py.Group, samples: int) -> CheckpointFactors:

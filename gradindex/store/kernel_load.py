@@ -28,7 +28,7 @@ from gradindex.store.kernel import (
     lambda_key,
 )
 from gradindex.store.kernel_dual import DualKernel
-from gradindex.store.layout import KERNEL, VECTORS, check_build_id
+from gradindex.store.layout import KERNEL, VECTORS, check_build_id, recorded_digest
 from gradindex.store.vectors import VectorStore
 
 logger = logging.getLogger(__name__)
@@ -68,8 +68,18 @@ def load_kernel(
     folder: Path, manifest: dict[str, Any], rows: str
 ) -> Kernel | DualKernel | DenseKernel:
     """The kernel of a finished index's ``rows`` ("tracin": method 'trak', "retrac":
-    'retrak'); a missing, truncated, foreign or malformed kernel.h5 is refused in one line
-    naming ``gradindex kernel DIR``."""
+    'retrak'); a missing, truncated, foreign, malformed or altered kernel.h5 is refused in one
+    line naming ``gradindex kernel DIR``. Its checksum is checked once its shapes are (a
+    flipped byte in the factors would change every kernel score without a word)."""
+    kernel = _load(folder, manifest, rows)
+    recorded = manifest.get("files", {}).get(KERNEL)
+    if isinstance(recorded, dict) and recorded.get("sha256"):  # "": a format-1 record
+        recorded_digest(folder, manifest, KERNEL, f"recompute it with: gradindex kernel {folder}")
+    return kernel
+
+
+def _load(folder: Path, manifest: dict[str, Any], rows: str) -> Kernel | DualKernel | DenseKernel:
+    """``load_kernel`` before the checksum: the record, size, build id and shapes checked."""
     path = folder / KERNEL
     record = manifest.get("kernel")
     method = next(m for m, r in KERNEL_METHODS.items() if r == rows)

@@ -317,14 +317,18 @@ def file_records(folder: Path) -> dict[str, dict[str, Any]]:
     return records
 
 
-def recorded_digest(folder: Path, manifest: dict[str, Any], name: str) -> None:
+RESTORE = "restore the index's own file or rebuild the index"
+"""What to do about a damaged file that only a build writes."""
+
+
+def recorded_digest(folder: Path, manifest: dict[str, Any], name: str, fix: str = RESTORE) -> None:
     """Refuse a file whose sha256 differs from the manifest's record of it (a file that the
     answer of every query relies on, checked when it is loaded); no record: nothing to check."""
     rec = manifest.get("files", {}).get(name)
     if isinstance(rec, dict) and "sha256" in rec and file_digest(folder / name) != rec["sha256"]:
         raise IndexStateError(
             f"{folder / name}: its checksum differs from the manifest's (the file was altered "
-            "or corrupted); restore the index's own file or rebuild the index"
+            f"or corrupted); {fix}"
         )
 
 
@@ -348,12 +352,25 @@ def ids_digests(folder: Path, manifest: dict[str, Any]) -> list[str] | None:
     return digests
 
 
+REPAIRS = {
+    KERNEL: "recompute it with: gradindex kernel {folder}",
+    FACTORS: "compute them with: gradindex factors {folder} --data TRAINING_DATA",
+}
+"""The files a command rewrites from the rows in seconds, and that command (not a rebuild)."""
+
+
 def check_files(
-    folder: Path, manifest: dict[str, Any], *, checksums: bool, skip: tuple[str, ...] = ()
+    folder: Path,
+    manifest: dict[str, Any],
+    *,
+    checksums: bool,
+    skip: tuple[str, ...] = (),
+    fix: str = "",
 ) -> list[str]:
     """Problems with the index's files, one line each naming the file: missing, wrong size
     (truncated or grown), and with ``checksums`` a content mismatch (flipped bytes); the
-    files named in ``skip`` are left to whoever reads them."""
+    files named in ``skip`` are left to whoever reads them. Each problem ends with the
+    command that rewrites the file, or ``fix``."""
     files = manifest.get("files", {})
     if not isinstance(files, dict):
         raise IndexStateError(f"{folder / MANIFEST}: 'files' is not a mapping; rebuild the index")
@@ -374,6 +391,7 @@ def check_files(
             )
         elif checksums and file_digest(path) != rec.get("sha256"):
             problems.append(f"{path}: checksum mismatch (file corrupted)")
-        if name == KERNEL and problems and problems[-1].startswith(str(path)):
-            problems[-1] += f"; recompute it with: gradindex kernel {folder}"
+        repair = REPAIRS[name].format(folder=folder) if name in REPAIRS else fix
+        if repair and problems and problems[-1].startswith(str(path)):
+            problems[-1] += "; " + repair
     return problems

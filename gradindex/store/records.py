@@ -17,6 +17,39 @@ from gradindex.inputs.models import Checkpoint, CheckpointSource, load_checkpoin
 from gradindex.spec import BuildSpec
 from gradindex.store.layout import show_value
 
+REQUIRED = {"indexes": dict, "versions": dict, "prediction_type": str}
+"""Records every index of this format has, with their types."""
+OPTIONAL = ("conditioning", "kernel", "factors", "run_records", "auto", "fidelity", "featurize")
+"""Records an older build may lack (absent or null), each a mapping where present."""
+
+
+def check_structure(mpath: Path, manifest: dict[str, Any]) -> None:
+    """The records ``info`` and a query read must have their types (an edited manifest with a
+    record removed, or a number where a mapping belongs, ended ``info`` in a traceback)."""
+
+    def refuse(key: str, what: str) -> None:
+        raise IndexStateError(
+            f"{mpath}: {key} is {show_value(manifest.get(key))}, not {what}; the manifest was "
+            "altered: restore it or rebuild the index"
+        )
+
+    for key, kind in REQUIRED.items():
+        if not isinstance(manifest.get(key), kind):
+            refuse(key, "a mapping" if kind is dict else "a string")
+    if not all(isinstance(v, dict) for v in manifest["indexes"].values()):
+        refuse("indexes", "a mapping of records")
+    for key in OPTIONAL:
+        if manifest.get(key) is not None and not isinstance(manifest[key], dict):
+            refuse(key, "a mapping")
+    cond = manifest.get("conditioning") or {"kind": "none"}
+    if not isinstance(cond.get("kind"), str):
+        refuse("conditioning", "a record with its kind")
+    kernel = manifest.get("kernel") or {"skipped": ""}
+    if "skipped" not in kernel and not (
+        isinstance(kernel.get("rows"), int) and isinstance(kernel.get("rule"), str)
+    ):
+        refuse("kernel", "a record with its rows and rule")
+
 
 def check_records(
     mpath: Path, manifest: dict[str, Any], spec: BuildSpec, flagged: np.ndarray

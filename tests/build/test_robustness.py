@@ -129,6 +129,8 @@ def test_damaged_files_are_named(tmp_path, small_index, damage):
         res = CliRunner().invoke(main, ["info", str(copy), "--verify"])
         assert res.exit_code == 1, (name, res.output)
         assert f"{copy / name}:" in res.output and res.output.startswith("Error:")
+        fix = f"gradindex kernel {copy}" if name == "kernel.h5" else "or rebuild the index"
+        assert res.output.rstrip().endswith(fix), res.output  # what to do (session 14 probe)
         if damage is _truncate and name == "kernel.h5":  # only the kernel methods read it
             opened = gi.AttributionIndex.open(copy)
             with pytest.raises(gi.IndexStateError, match=f"{copy / name}.*gradindex kernel"):

@@ -83,3 +83,23 @@ def test_every_command_of_the_command_modules_is_attached_to_the_group():
         *("export", "serve", "demo"),
     }
     assert set(main.commands) == defined
+
+
+def test_ctrl_c_while_the_commands_load_is_one_line():
+    """Session 14 probe: Ctrl-C in the first seconds of any command (while torch loads, before
+    the group's error boundary exists) printed a long KeyboardInterrupt traceback."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\n"
+        "class Stop:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'gradindex.cli.index_commands':\n"
+        "            raise KeyboardInterrupt\n"
+        "sys.meta_path.insert(0, Stop())\n"
+        "from gradindex.cli.main import main\n"
+    )
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert (res.returncode, res.stdout) == (1, "")
+    assert res.stderr == "Error: interrupted before the command started; nothing was written\n"

@@ -202,6 +202,43 @@ def test_missing_and_stale_factors_are_refused_naming_the_command(setup, tmp_pat
         idx.query(train[:1], k=2, method="influence")
 
 
+def test_factors_with_a_flipped_byte_are_refused_naming_the_command(setup, tmp_path):
+    """Session 14 probe: a byte flipped inside factors.h5 (size unchanged) changed the
+    influence scores without a word; now the query is refused naming 'gradindex factors'."""
+    import shutil
+
+    ckpts, train, out = setup
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    with h5py.File(copy / FACTORS, "r") as f:
+        found = []
+        f.visititems(lambda n, o: found.append(o.id.get_offset()) if n.endswith("/A") else None)
+    data = bytearray((copy / FACTORS).read_bytes())
+    data[found[0] + 7] ^= 0x40  # the first float64's exponent
+    (copy / FACTORS).write_bytes(bytes(data))
+    idx = gi.AttributionIndex.open(copy, checkpoints=ckpts)
+    with pytest.raises(IndexStateError, match="factors.h5: its checksum .*gradindex factors"):
+        idx.query(train[:1], k=2, method="influence")
+
+
+def test_truncated_factors_name_the_factors_command_and_spare_other_methods(setup, tmp_path):
+    """Session 14 probe: a truncated factors.h5 refused opening the index ('rebuild the index'),
+    so even tracin stopped. Now tracin answers and influence names 'gradindex factors'."""
+    import shutil
+
+    ckpts, train, out = setup
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    data = (copy / FACTORS).read_bytes()
+    (copy / FACTORS).write_bytes(data[: len(data) // 2])
+    idx = gi.AttributionIndex.open(copy, checkpoints=ckpts)
+    want = gi.AttributionIndex.open(out, checkpoints=ckpts).query(train[:2], k=3, method="tracin")
+    np.testing.assert_array_equal(idx.query(train[:2], k=3, method="tracin").rows, want.rows)
+    with pytest.raises(IndexStateError, match="truncated.*gradindex factors") as err:
+        idx.query(train[:1], k=2, method="influence")
+    assert "rebuild" not in str(err.value)
+
+
 def test_kronecker_index_is_refused(tmp_path):
     ckpts = [(tiny_unet(1), scheduler())]
     train = np.random.default_rng(0).random((4, 1, 8, 8), dtype=np.float32)

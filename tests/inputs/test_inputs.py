@@ -187,6 +187,29 @@ def test_object_and_broken_npy_files_are_one_line(tmp_path, uint8_index, saved_c
         query_images.load_images(obj)
 
 
+def test_a_file_that_is_no_npy_is_not_called_pickled(tmp_path, saved_checkpoints):
+    """Session 14 probe: training data named .npy that is no numpy file at all (text, junk)
+    was refused as 'holds Python objects (an object-dtype or pickled array)'."""
+    from gradindex.inputs.training_data import open_source
+
+    for name, data in (("text.npy", b"hello\n"), ("junk.npy", bytes(range(7, 200)))):
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(gi.DataError, match=f"{name}: not a numpy array file") as err:
+            open_source(tmp_path / name, 1)
+        assert "Python objects" not in str(err.value)
+        args = ("build", "-c", saved_checkpoints[0], "--data", tmp_path / name)
+        line = error_line(run(*args, "--out", tmp_path / "out"))
+        assert line.startswith(f"Error: {tmp_path / name}: not a numpy array file"), line
+
+
+def test_an_empty_query_array_is_not_called_a_dataset_to_index(tmp_path, uint8_index):
+    """Session 14 probe: 'gradindex query IDX empty.npy' said 'the dataset is empty: no images
+    to index' of the query images."""
+    np.save(tmp_path / "empty.npy", np.zeros((0, 1, 8, 8), np.uint8))
+    line = error_line(run("query", uint8_index.path, tmp_path / "empty.npy"))
+    assert line == "Error: images have shape (0, 1, 8, 8): empty, no images at all"
+
+
 def test_object_captions_in_npz_are_one_line(tmp_path):
     from gradindex.inputs.training_data import open_source
 

@@ -562,6 +562,46 @@ def test_a_truncated_kernel_names_the_kernel_command_and_spares_other_methods(se
     np.testing.assert_array_equal(res.rows, setup[3].search(q, k=3, method="trak").rows)
 
 
+def test_a_kernel_with_a_flipped_byte_is_refused_naming_the_kernel_command(setup, tmp_path):
+    """Session 14 probe: a byte flipped inside kernel.h5's factors (size unchanged) changed every
+    trak score without a word. Now the kernel methods refuse it, naming 'gradindex kernel DIR'
+    (which repairs it); tracin still answers."""
+    bad = tmp_path / "bad"
+    shutil.copytree(setup[3].path, bad)
+    with h5py.File(bad / "kernel.h5", "r") as f:
+        name = next(n for n in f if "basis" in n and not n.endswith("_retrac"))
+        offset = f[name].id.get_offset()
+    data = bytearray((bad / "kernel.h5").read_bytes())
+    data[offset + 3] ^= 0x40  # the first float's exponent
+    (bad / "kernel.h5").write_bytes(bytes(data))
+    idx = gi.AttributionIndex.open(bad)
+    q = queries()
+    with pytest.raises(
+        gi.IndexStateError, match=f"kernel.h5: its checksum .*gradindex kernel {bad}$"
+    ):
+        idx.search(q, k=3, method="trak")
+    want = setup[3].search(q, k=3, method="tracin").rows
+    np.testing.assert_array_equal(idx.search(q, k=3, method="tracin").rows, want)
+    assert run("kernel", bad).exit_code == 0
+    res = gi.AttributionIndex.open(bad).search(q, k=3, method="trak")
+    np.testing.assert_array_equal(res.rows, setup[3].search(q, k=3, method="trak").rows)
+
+
+def test_kernel_command_on_a_folder_without_manifest_says_what_it_is(setup, tmp_path):
+    """Session 14 probe: 'gradindex kernel DIR' (and 'factors') on an index whose manifest was
+    deleted, or on a folder that is no index, said another process (its own pid) was building
+    it. Now it says what the folder is."""
+    lost = tmp_path / "lost"
+    shutil.copytree(setup[3].path, lost)
+    (lost / "manifest.json").unlink()
+    (tmp_path / "plain").mkdir()
+    for folder, says in ((lost, "no manifest.json (deleted?)"), (tmp_path / "plain", "not a")):
+        for args in (("kernel", folder), ("factors", folder, "--data", tmp_path / "x.npy")):
+            line = run(*args).output.splitlines()[-1]
+            assert line.startswith(f"Error: {folder}: ") and says in line, line
+            assert "pid" not in line, line
+
+
 def decaying_rows(n, d, num_ckpts, seed=0):
     """Rows like projected gradients: a power-law spectrum in every checkpoint's block."""
     scale = np.tile(np.arange(1, d + 1) ** -1.0, num_ckpts)

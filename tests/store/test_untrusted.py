@@ -300,3 +300,27 @@ def test_huge_numbers_in_manifest_records_are_shown_short(folder):
     (line,) = res.output.splitlines()
     assert "records timesteps [1e+30, 5, 7, 9, ...] but the index's spec / vectors say [" in line
     assert len(line) < 250 + len(str(folder))
+
+
+@pytest.mark.parametrize(
+    "key,value,shown,what",
+    [
+        ("versions", None, "null", "a mapping"),
+        ("indexes", {"tracin": 3}, '{"tracin": 3}', "a mapping of records"),
+        ("conditioning", 5, "5", "a mapping"),
+        ("run_records", 5, "5", "a mapping"),
+        ("kernel", "x", "'x'", "a mapping"),
+        ("kernel", {"rule": "r"}, '{"rule": "r"}', "a record with its rows and rule"),
+    ],
+)
+def test_a_manifest_record_of_the_wrong_type_is_one_line(folder, key, value, shown, what):
+    """Session 14 probe: a manifest with a record removed or of another type ended 'info' (and
+    some queries) in a KeyError / TypeError traceback."""
+    _edit(folder, **{key: value})
+    line = (
+        f"Error: {folder / 'manifest.json'}: {key} is {shown}, not {what}; the manifest was "
+        "altered: restore it or rebuild the index"
+    )
+    for args in (("info", folder), ("query", folder, folder / "none.npy")):
+        res = cli(*args)
+        assert (res.exit_code, res.output.splitlines()) == (1, [line])
