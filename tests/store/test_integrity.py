@@ -358,3 +358,14 @@ def test_sample_rows_are_the_rows_given(kind):
     rows, stored = vi.sample_rows()
     assert len(rows) >= 1
     np.testing.assert_array_equal(stored, x[rows])
+
+
+@pytest.mark.parametrize("name", ["retrac.faiss", "vectors.h5"])
+def test_a_truncated_file_is_refused_naming_its_sizes(ab, name):
+    """A copy cut short (an interrupted transfer) is named as such, not as a read error."""
+    a, _ = ab
+    size = (a / name).stat().st_size
+    with open(a / name, "r+b") as f:
+        f.truncate(size - 4)
+    with pytest.raises(IndexStateError, match=rf"{name}: {size - 4} bytes, expected {size} "):
+        gi.AttributionIndex.open(a)
