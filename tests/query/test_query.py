@@ -216,3 +216,13 @@ def test_a_store_with_rows_never_written_is_refused(built):
         f["done"][3] = 0  # in place: the file keeps its size
     with pytest.raises(gi.IndexStateError, match="rows never written; resume the build"):
         gi.AttributionIndex.open(built.path)
+
+
+def test_a_torch_tensor_that_requires_grad_embeds_like_its_array(built, images):
+    """A tensor straight from a model (still in the autograd graph, maybe on a GPU) is taken
+    as its values."""
+    import torch
+
+    tensor = torch.from_numpy(images[:2].copy()).requires_grad_()
+    emb = built.embed(tensor * 1.0)
+    np.testing.assert_array_equal(emb["retrac"], built.embed(images[:2])["retrac"])
