@@ -287,3 +287,48 @@ def test_cli_factors_then_query_influence(tmp_path):
     )
     lines = [ln for ln in r.output.splitlines() if ln.startswith("Error:")]
     assert r.exit_code == 1 and len(lines) == 1 and "needs its own query rows" in lines[0], r.output
+
+
+@pytest.mark.filterwarnings("ignore:projection fidelity is below the bar")
+def test_adam_preconditioned_index_is_refused(tmp_path):
+    """Its rows are Adam-scaled gradients, not the plain ones the EK-FAC solve assumes."""
+    from tests.featurize.test_precondition import adam_run
+
+    train = np.random.default_rng(0).random((4, 1, 8, 8), dtype=np.float32)
+    folders, _, _ = adam_run(tmp_path / "run", train, seeds=(1,), steps=1)
+    idx = gi.build_index(
+        checkpoints=folders, data=train, out=tmp_path / "a", progress=False,
+        spec=_spec(projection="sjlt", precondition="adam"),
+    )  # fmt: skip
+    with pytest.raises(SearchError, match="plain gradients, not precondition='adam'"):
+        add_factors(idx, train)
+    assert not (tmp_path / "a" / FACTORS).exists()
+
+
+@pytest.mark.parametrize("samples", [0, -2, 1.5])
+def test_factor_samples_must_be_a_positive_integer(setup, samples):
+    ckpts, train, out = setup
+    idx = gi.AttributionIndex.open(out, checkpoints=ckpts)
+    with pytest.raises(SearchError, match=f"samples={samples!r}: must be a positive integer"):
+        add_factors(idx, train, samples=samples)
+
+
+def test_factors_of_a_sample_then_of_all_images_serve_the_new_ones(tmp_path):
+    """samples=5 with one label for all keeps that label (5 recorded); factors added again to
+    the open index answer its next query (as a fresh open of the folder does), not the old;
+    an influence query says when its images were resized."""
+    from tests.serve_helpers import class_conditional_index
+
+    idx, train, labels = class_conditional_index(tmp_path)
+    q = train[:2]
+    assert add_factors(idx, train, samples=5, seed=4, labels=1)["samples"] == 5
+    first = embed_influence(idx, q, labels=[0, 1])
+    assert add_factors(idx, train, labels=labels)["samples"] == len(train)
+    again = embed_influence(idx, q, labels=[0, 1])
+    fresh = gi.AttributionIndex.open(idx.path, checkpoints=idx._checkpoint_sources)
+    np.testing.assert_allclose(again, embed_influence(fresh, q, labels=[0, 1]), rtol=1e-5)
+    assert np.abs(again - first).max() > 1e-3 * np.abs(first).max()
+    big = np.repeat(np.repeat(q, 2, axis=2), 2, axis=3)[:, :, :12, :12]  # 12x12: resized to 8x8
+    with pytest.warns(UserWarning, match="resized from 12x12"):
+        res = idx.query(big, k=3, method="influence", labels=0)
+    assert res.resized == (12, 12) and res.rows.shape == (2, 3)

@@ -153,3 +153,76 @@ def test_float16_store_is_close_to_float32(tmp_path, images):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         np.testing.assert_allclose(b.vectors("retrac"), a.vectors("retrac"), rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("method", ["tracin", "retrac"])
+def test_query_scores_the_images_rows_of_that_method(built, images, method):
+    """query(images, method) is brute force of embed(images)[method] over vectors(method)."""
+    test = 1.0 - images[:3]  # not training images
+    res = built.query(test, k=4, method=method)
+    scores, order = brute_force(built.vectors(method), built.embed(test)[method], 4)
+    np.testing.assert_allclose(res.scores, scores, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(res.rows, order)
+    np.testing.assert_array_equal(res.ids, built.ids[order])
+    assert res.resized is None  # the model's own size
+
+
+def test_query_images_with_non_finite_gradients_are_refused(tmp_path, images):
+    """A model that diverges on the queries (NaN output here) gives rows that cannot be
+    scored: refused in one line, not ranked."""
+    model, sched = tiny_unet(5), scheduler()
+    spec = gi.BuildSpec(proj_dim=64, timesteps=2)
+    out = tmp_path / "m"
+    gi.build_index(checkpoints=[(model, sched)], data=images[:3], out=out, spec=spec,
+                   progress=False)  # fmt: skip
+    model.conv_out.register_forward_hook(lambda mod, args, y: y * float("nan"))
+    idx = gi.AttributionIndex.open(out, checkpoints=[(model, sched)])
+    with pytest.raises(gi.SearchError, match=r"^2 query image\(s\) gave non-finite"):
+        idx.query(images[3:5], k=2, method="tracin")
+
+
+def test_labels_or_prompts_on_an_unconditional_index_are_refused(built, images):
+    for given in ({"labels": [0]}, {"prompts": "a cat"}):
+        with pytest.raises(gi.SearchError, match="unconditional: drop labels / prompts"):
+            built.query(images[:1], k=1, **given)
+
+
+def test_stored_rows_of_a_served_method_are_refused_naming_the_stored_ones(built):
+    with pytest.raises(gi.SearchError, match="no stored rows for method 'trak'; use one of"):
+        built.vectors("trak")
+
+
+def test_verify_finds_a_file_changed_in_place(built):
+    """A flipped bit keeps the file's size, and open never reads the norms: only verify's
+    checksum finds it."""
+    built.verify()
+    path = built.path / "vectors.h5"
+    data = bytearray(path.read_bytes())
+    at = bytes(data).find(built.norms[1].tobytes())
+    assert at > 0
+    data[at] ^= 1  # the lowest mantissa bit of one stored norm
+    path.write_bytes(data)
+    idx = gi.AttributionIndex.open(built.path)  # sizes agree: it opens
+    with pytest.raises(gi.IndexStateError, match="vectors.h5: checksum mismatch"):
+        idx.verify()
+
+
+def test_a_store_with_rows_never_written_is_refused(built):
+    """vectors.h5 of a build that stopped part way (its done mask not all set): its unwritten
+    rows are zeros that would rank as real samples."""
+    import h5py
+
+    with h5py.File(built.path / "vectors.h5", "r+") as f:
+        f["done"][3] = 0  # in place: the file keeps its size
+    with pytest.raises(gi.IndexStateError, match="rows never written; resume the build"):
+        gi.AttributionIndex.open(built.path)
+
+
+def test_a_torch_tensor_that_requires_grad_embeds_like_its_array(built, images):
+    """A tensor straight from a model (still in the autograd graph, maybe on a GPU) is taken
+    as its values."""
+    import torch
+
+    tensor = torch.from_numpy(images[:2].copy()).requires_grad_()
+    emb = built.embed(tensor * 1.0)
+    np.testing.assert_array_equal(emb["retrac"], built.embed(images[:2])["retrac"])

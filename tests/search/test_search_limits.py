@@ -199,3 +199,57 @@ def test_load_refuses_a_sidecar_of_another_shape(tmp_path, key, value):
     (tmp_path / "tracin.faiss.json").write_text(json.dumps(side))
     with pytest.raises(IndexStateError, match="holds 3x4 vectors but its sidecar says"):
         VectorIndex.load(path)
+
+
+@pytest.mark.parametrize("key", ["method", "n", "dim"])
+def test_load_refuses_a_sidecar_missing_a_required_key(tmp_path, key):
+    import json
+
+    from gradindex.errors import IndexStateError
+    from gradindex.search.faiss_index import VectorIndex
+
+    path = tmp_path / "tracin.faiss"
+    VectorIndex.build(np.eye(3, 4, dtype=np.float32), "tracin", "flat").save(path)
+    side = json.loads((tmp_path / "tracin.faiss.json").read_text())
+    del side["info"][key]
+    (tmp_path / "tracin.faiss.json").write_text(json.dumps(side))
+    with pytest.raises(IndexStateError, match=f"corrupt sidecar .*KeyError: '{key}'"):
+        VectorIndex.load(path)
+
+
+@pytest.mark.parametrize("fmt", [None, 0, 999])
+def test_load_refuses_a_sidecar_of_another_format(tmp_path, fmt):
+    import json
+
+    from gradindex.errors import IndexStateError
+    from gradindex.search.faiss_index import VectorIndex
+
+    path = tmp_path / "tracin.faiss"
+    VectorIndex.build(np.eye(3, 4, dtype=np.float32), "tracin", "flat").save(path)
+    side = json.loads((tmp_path / "tracin.faiss.json").read_text())
+    side["format"] = fmt
+    (tmp_path / "tracin.faiss.json").write_text(json.dumps(side))
+    with pytest.raises(IndexStateError, match=f"has format {fmt!r}, this gradindex reads"):
+        VectorIndex.load(path)
+
+
+def test_a_failed_save_leaves_no_temporary_file(tmp_path):
+    """The target is a folder: the FAISS file is written beside it, then cannot replace it."""
+    from gradindex.errors import IndexStateError
+    from gradindex.search.faiss_index import VectorIndex
+
+    path = tmp_path / "tracin.faiss"
+    (path / "inside").mkdir(parents=True)
+    vi = VectorIndex.build(np.eye(3, 4, dtype=np.float32), "tracin", "flat")
+    with pytest.raises(IndexStateError, match="tracin.faiss: Is a directory"):
+        vi.save(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tracin.faiss"]
+
+
+@pytest.mark.parametrize("kind", ["", "   ", None, 3])
+def test_a_blank_or_non_string_kind_is_refused_naming_the_kinds(kind):
+    from gradindex.errors import SearchError
+    from gradindex.search.faiss_index import VectorIndex
+
+    with pytest.raises(SearchError, match=r"kind must be one of \('flat', 'ivf', 'hnsw', 'auto'\)"):
+        VectorIndex.build(np.eye(3, 4, dtype=np.float32), "tracin", kind=kind)

@@ -140,6 +140,26 @@ def test_records_edited_in_the_manifest_are_refused(ab, edit, what):
     assert res.exit_code == 1 and res.output.startswith("Error: ") and "Traceback" not in res.output
 
 
+@pytest.mark.parametrize(
+    ("edit", "what"),
+    [
+        (lambda m: m.update(complete=False), r"manifest\.json: index is not marked complete"),
+        (lambda m: m.pop("complete"), r"manifest\.json: index is not marked complete"),
+        (lambda m: m["files"]["vectors.h5"].update(ids_sha256="x"), "unreadable ids digests"),
+        (lambda m: m["files"]["vectors.h5"].update(ids_sha256=[1]), "unreadable ids digests"),
+        (lambda m: m["files"]["tracin.faiss"].pop("bytes"), "tracin.faiss: no size recorded"),
+        (lambda m: m["files"]["retrac.faiss"].update(bytes="9"), "retrac.faiss: no size recorded"),
+    ],
+)
+def test_an_unfinished_manifest_or_unreadable_file_records_are_refused(ab, edit, what):
+    a, _ = ab
+    manifest = json.loads((a / "manifest.json").read_text())
+    edit(manifest)
+    (a / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(IndexStateError, match=what):
+        gi.AttributionIndex.open(a)
+
+
 @pytest.mark.parametrize("name", ["../outside.bin", "absolute"])
 def test_manifest_naming_a_file_outside_the_folder_is_refused(ab, tmp_path, name):
     a, _ = ab
@@ -338,3 +358,14 @@ def test_sample_rows_are_the_rows_given(kind):
     rows, stored = vi.sample_rows()
     assert len(rows) >= 1
     np.testing.assert_array_equal(stored, x[rows])
+
+
+@pytest.mark.parametrize("name", ["retrac.faiss", "vectors.h5"])
+def test_a_truncated_file_is_refused_naming_its_sizes(ab, name):
+    """A copy cut short (an interrupted transfer) is named as such, not as a read error."""
+    a, _ = ab
+    size = (a / name).stat().st_size
+    with open(a / name, "r+b") as f:
+        f.truncate(size - 4)
+    with pytest.raises(IndexStateError, match=rf"{name}: {size - 4} bytes, expected {size} "):
+        gi.AttributionIndex.open(a)

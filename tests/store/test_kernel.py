@@ -177,9 +177,13 @@ def test_lambda_override_per_query(setup, lam):
     q = queries(seed=2)
     res = whole.search(q, k=9, method="trak", lam=lam)
     lams = [lam, lam] if np.ndim(lam) == 0 else lam
-    scores, order = top_k(dense_trak(whole.path, q, lams), 9)
+    dense = dense_trak(whole.path, q, lams)
+    scores, order = top_k(dense, 9)
     np.testing.assert_allclose(res.scores, scores, rtol=1e-4, atol=1e-4 * np.abs(scores).max())
     np.testing.assert_array_equal(res.rows, order)
+    # the public transform takes the same λ
+    mine = whole.kernel_vectors(q, "trak", lam).astype(np.float64) @ plain_rows(whole.path).T
+    assert np.abs(mine - dense).max() <= 1e-4 * np.abs(dense).max()
 
 
 @pytest.mark.parametrize("lam", [0, -1.0, float("nan"), float("inf"), [1.0], "x"])
