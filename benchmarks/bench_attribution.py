@@ -219,10 +219,12 @@ def _featurize_full_space(ckpt_dirs: list[Path], images: np.ndarray, spec: Any) 
 
 
 def _scores(A: np.ndarray, R: np.ndarray, w: list[float], q: slice, t: slice) -> dict:
-    """TracIn and ReTrac scores of queries x train rows (``gradindex.featurize.fidelity.scores``)."""
-    from gradindex.featurize.fidelity import scores
-
-    return scores(A, R, w, q, t)
+    """TracIn Σ_c w_c ⟨a_c, a_c'⟩ and ReTrac Σ_c w_c cos(r_c, r_c') of rows ``q`` (queries)
+    against rows ``t``. A, R: [C, N, p] full-space (or equally projected) features."""
+    tr = sum(wc * A[c, q] @ A[c, t].T for c, wc in enumerate(w))
+    rn = [R[c] / np.linalg.norm(R[c], axis=1, keepdims=True) for c in range(len(w))]
+    re = sum(wc * rn[c][q] @ rn[c][t].T for c, wc in enumerate(w))
+    return {"tracin": tr, "retrac": re}  # each [Q, N]
 
 
 def _agreement(exact: np.ndarray, approx: np.ndarray) -> dict[str, float]:

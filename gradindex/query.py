@@ -189,7 +189,7 @@ class AttributionIndex:
         dual kernel scores the rows its search index holds (``share_rows``)."""
         rows = KERNEL_METHODS[method]
         if rows not in self._kernels:
-            kernel = load_kernel(self.path, self.manifest, rows)
+            kernel = load_kernel(self.path, self.manifest, rows, verify=not self._kernels)
             self._kernels[rows] = share_rows(kernel, self.backends[rows])
         return self._kernels[rows]
 

@@ -6,7 +6,7 @@ d = 4,096 gave TracIn a Spearman of 0.999 on a trained model but 0.949 on a bare
 So each build measures its fidelity on a sample of its rows, records it in the manifest
 (``info`` shows it), and warns with the ``--proj-dim`` that should reach the bar when below.
 
-Holds ``scores`` / ``agreement`` (shared with ``benchmarks/bench_attribution.py``),
+Holds ``agreement`` (shared with ``benchmarks/bench_attribution.py``),
 ``measure_fidelity`` (the build's record), ``hold_sample``, ``suggested_proj_dim``,
 ``format_fidelity``, ``check_sample``.
 
@@ -94,16 +94,7 @@ def check_sample(sample: Any) -> int:
     return int(sample)
 
 
-# -- scores and their agreement -------------------------------------------------------------
-
-
-def scores(A: np.ndarray, R: np.ndarray, weights: list[float], q: Any, t: Any) -> dict:
-    """TracIn Σ_c w_c ⟨a_c, a_c'⟩ and ReTrac Σ_c w_c cos(r_c, r_c') of rows ``q`` (queries)
-    against rows ``t``. A, R: [C, N, p] full-space (or equally projected) features."""
-    tr = sum(w * A[c, q] @ A[c, t].T for c, w in enumerate(weights))
-    rn = [R[c] / np.linalg.norm(R[c], axis=1, keepdims=True) for c in range(len(weights))]
-    re = sum(w * rn[c][q] @ rn[c][t].T for c, w in enumerate(weights))
-    return {"tracin": tr, "retrac": re}  # each [Q, N]
+# -- rank agreement ---------------------------------------------------------------------------
 
 
 def agreement(exact: np.ndarray, approx: np.ndarray, ks: tuple[int, ...] = (10,)) -> dict:

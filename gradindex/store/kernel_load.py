@@ -28,7 +28,7 @@ from gradindex.store.kernel import (
     lambda_key,
 )
 from gradindex.store.kernel_dual import DualKernel
-from gradindex.store.layout import KERNEL, VECTORS, check_build_id, recorded_digest
+from gradindex.store.layout import KERNEL, REPAIRS, VECTORS, check_build_id, recorded_digest
 from gradindex.store.vectors import VectorStore
 
 logger = logging.getLogger(__name__)
@@ -65,16 +65,17 @@ class DenseKernel:
 
 
 def load_kernel(
-    folder: Path, manifest: dict[str, Any], rows: str
+    folder: Path, manifest: dict[str, Any], rows: str, verify: bool = True
 ) -> Kernel | DualKernel | DenseKernel:
     """The kernel of a finished index's ``rows`` ("tracin": method 'trak', "retrac":
     'retrak'); a missing, truncated, foreign, malformed or altered kernel.h5 is refused in one
-    line naming ``gradindex kernel DIR``. Its checksum is checked once its shapes are (a
-    flipped byte in the factors would change every kernel score without a word)."""
+    line naming ``gradindex kernel DIR``. With ``verify``, its checksum is checked once its
+    shapes are (a flipped byte in the factors would change every kernel score without a word;
+    a caller that verified the file for the other rows passes False: one hash per file)."""
     kernel = _load(folder, manifest, rows)
     recorded = manifest.get("files", {}).get(KERNEL)
-    if isinstance(recorded, dict) and recorded.get("sha256"):  # "": a format-1 record
-        recorded_digest(folder, manifest, KERNEL, f"recompute it with: gradindex kernel {folder}")
+    if verify and isinstance(recorded, dict) and recorded.get("sha256"):  # "": format-1 record
+        recorded_digest(folder, manifest, KERNEL, REPAIRS[KERNEL].format(folder=folder))
     return kernel
 
 
@@ -83,7 +84,7 @@ def _load(folder: Path, manifest: dict[str, Any], rows: str) -> Kernel | DualKer
     path = folder / KERNEL
     record = manifest.get("kernel")
     method = next(m for m, r in KERNEL_METHODS.items() if r == rows)
-    fix = f"recompute it with: gradindex kernel {folder}"
+    fix = REPAIRS[KERNEL].format(folder=folder)
     if isinstance(record, dict) and "skipped" in record:
         raise IndexStateError(f"{folder}: this index has no kernel: {record['skipped']}")
     if not isinstance(record, dict) or not path.exists() or lambda_key(rows) not in record:
